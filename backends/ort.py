@@ -1,0 +1,277 @@
+"""ONNX Runtime backend: sessions on the CPU or CUDA execution provider.
+
+- ``compile`` builds an ``InferenceSession`` with a chosen graph-optimization level
+  (``disable`` is the reference runtime gcomp verifies against).
+- CUDA is requested only when a GPU is really present, so a CPU machine with
+  onnxruntime-gpu installed never prints CUDA loading errors.
+- ``profile`` times whole runs (warm-up excluded) on the plain session and per-node
+  kernel times from ORT's own profiling trace (a second session, so profiling overhead
+  does not pollute the latency figures).
+- ``export`` writes ORT's offline-optimized model, with its own external data file.
+"""
+
+from __future__ import annotations
+
+__all__ = ["OrtBackend", "OrtExecutable", "cuda_available", "OPTIMIZATION_LEVELS"]
+
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from gcomp import io
+from gcomp.errors import BackendError
+from gcomp.profile import LatencyStats, OpRow, Profile, environment, model_identity
+
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+_NO_KERNEL = re.compile(
+    r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'"
+)
+
+
+def _ort():
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+    return onnxruntime
+
+
+@functools.cache
+def cuda_available() -> bool:
+    """True when a CUDA device is present and ONNX Runtime has its CUDA provider."""
+    if not (Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()):
+        return False
+    return "CUDAExecutionProvider" in _ort().get_available_providers()
+
+
+class OrtBackend:
+    name = "ort"
+    targets = ("cpu", "cuda")
+
+    def available_targets(self) -> list[str]:
+        return ["cpu"] + (["cuda"] if cuda_available() else [])
+
+    def compile(
+        self,
+        model: ir.Model | str | os.PathLike,
+        target: str = "cpu",
+        *,
+        optimization: str = "all",
+        threads: int | None = None,
+    ) -> OrtExecutable:
+        if target not in self.targets:
+            raise BackendError(f"ort: unknown target '{target}' (targets: {', '.join(self.targets)})")
+        if target == "cuda" and not cuda_available():
+            raise BackendError("ort: target 'cuda' needs a CUDA GPU and onnxruntime-gpu; none found")
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise BackendError(
+                f"ort: unknown optimization level '{optimization}' ({', '.join(OPTIMIZATION_LEVELS)})"
+            )
+        return OrtExecutable(model, target, optimization, threads)
+
+
+class OrtExecutable:
+    """A model loaded into ONNX Runtime. Keeps the source so it can re-open sessions."""
+
+    def __init__(self, model, target: str, optimization: str, threads: int | None) -> None:
+        self.target = target
+        self.optimization = optimization
+        self.threads = threads
+        self._tmp: str | None = None
+        self._ir = model if isinstance(model, ir.Model) else None
+        self._path = None if isinstance(model, ir.Model) else str(model)
+        self._source = self._materialize(model)
+        self._session = self._new_session()
+        self.input_names = [i.name for i in self._session.get_inputs()]
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def __del__(self) -> None:
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _materialize(self, model) -> str | bytes:
+        if not isinstance(model, ir.Model):
+            return str(model)
+        if io.initializer_bytes(model) < io.PROTOBUF_LIMIT_BYTES // 2:
+            return io.serialize(model)
+        # Too large for one protobuf: give ORT a file with external data.
+        self._tmp = tempfile.mkdtemp(prefix="gcomp-ort-")
+        path = Path(self._tmp) / "model.onnx"
+        io.save(model, path, external_data=True)
+        return str(path)
+
+    def _providers(self) -> list[str]:
+        if self.target == "cuda":
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    def _options(self, **extra):
+        ort = _ort()
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.optimization]
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        for key, value in extra.items():
+            setattr(so, key, value)
+        return so
+
+    def _new_session(self, options=None):
+        ort = _ort()
+        try:
+            return ort.InferenceSession(
+                self._source, sess_options=options or self._options(), providers=self._providers()
+            )
+        except Exception as e:
+            raise _backend_error("cannot load the model", e) from None
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._run(self._session, feeds)
+
+    def _run(self, session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise BackendError(f"ort: missing inputs: {', '.join(missing)}")
+        try:
+            outputs = session.run(None, {k: feeds[k] for k in self.input_names})
+        except Exception as e:
+            raise _backend_error("run failed", e) from None
+        return dict(zip(self.output_names, outputs))
+
+    def profile(
+        self, feeds: Mapping[str, np.ndarray], *, iters: int = 50, warmup: int = 5, profile_runs: int = 10
+    ) -> Profile:
+        if iters < 1 or warmup < 0:
+            raise BackendError("ort: profile needs iters >= 1 and warmup >= 0")
+        for _ in range(warmup):
+            self.run(feeds)
+        samples = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            self.run(feeds)
+            samples.append((time.perf_counter() - t0) * 1e3)
+        ops = self._node_times(feeds, max(1, min(profile_runs, iters)))
+        model = self._ir if self._ir is not None else io.load(self._path, check=False)
+        return Profile(
+            model=model_identity(model, self._path),
+            environment=environment(),
+            backend={
+                "name": "ort",
+                "target": self.target,
+                "providers": self._session.get_providers(),
+                "optimization": self.optimization,
+                "threads": self.threads,
+            },
+            latency=LatencyStats.from_samples(samples, warmup),
+            ops=ops,
+            memory=_memory(),
+        ).finish()
+
+    def _node_times(self, feeds, runs: int) -> list[OpRow]:
+        tmp = tempfile.mkdtemp(prefix="gcomp-prof-")
+        try:
+            options = self._options(enable_profiling=True, profile_file_prefix=str(Path(tmp) / "ort"))
+            session = self._new_session(options)
+            self._run(session, feeds)  # the first run initialises kernels: not counted
+            for _ in range(runs):
+                self._run(session, feeds)
+            trace_path = session.end_profiling()
+            events = json.loads(Path(trace_path).read_text())
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return _parse_trace(events, runs)
+
+    def export(self, path: str | os.PathLike) -> Path:
+        """Write ONNX Runtime's offline-optimized model (its own external data beside it)."""
+        out = Path(path)
+        src = Path(self._path).resolve() if self._path else None
+        if src is not None and out.resolve() == src:
+            raise BackendError(f"{out}: refusing to write over the input model")
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
+        try:
+            options = self._options(optimized_model_filepath=str(tmpdir / out.name))
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", out.name + ".data"
+            )
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes", str(1 << 20)
+            )
+            self._new_session(options)
+            if (tmpdir / (out.name + ".data")).exists():
+                os.replace(tmpdir / (out.name + ".data"), out.resolve().parent / (out.name + ".data"))
+            os.replace(tmpdir / out.name, out)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        return out
+
+
+def _parse_trace(events: list, runs: int) -> list[OpRow]:
+    """Per-node kernel times from ORT's Chrome trace, averaged over the timed runs.
+
+    ORT records every run after the first; kernel events are ``cat == "Node"`` with
+    names ``<node>_kernel_time``. The first run's events are dropped by keeping the
+    last ``runs`` occurrences of each node.
+    """
+    per_node: dict[str, list[float]] = {}
+    meta: dict[str, tuple[str, str | None]] = {}
+    for ev in events:
+        if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
+            continue
+        node = ev["name"][: -len("_kernel_time")]
+        args = ev.get("args", {})
+        per_node.setdefault(node, []).append(float(ev.get("dur", 0)) / 1e3)
+        meta[node] = (args.get("op_name", "?"), args.get("provider"))
+    rows = []
+    for node, durs in per_node.items():
+        timed = durs[-runs:]
+        calls_per_run = max(1, len(timed) // runs) if len(durs) >= runs else 1
+        op_type, provider = meta[node]
+        rows.append(
+            OpRow(
+                node=node,
+                op_type=op_type,
+                time_ms=sum(timed) / runs,
+                calls=calls_per_run,
+                provider=provider,
+            )
+        )
+    return rows
+
+
+def _memory() -> dict:
+    try:
+        import resource
+
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"peak_rss_bytes": int(peak_kb) * 1024}
+    except (ImportError, OSError):
+        return {}
+
+
+def _backend_error(what: str, e: Exception) -> BackendError:
+    text = str(e).strip()
+    m = _NO_KERNEL.search(text)
+    if m:
+        err = BackendError(
+            f"ONNX Runtime has no kernel for {m.group(1)} (opset {m.group(2)}), node '{m.group(3)}'"
+        )
+        err.missing_kernel = m.group(1)
+        return err
+    first = text.splitlines()[0] if text else type(e).__name__
+    first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
+    err = BackendError(f"ONNX Runtime: {what}: {first}")
+    err.missing_kernel = None
+    return err

@@ -1,0 +1,3 @@
+from gcomp.cli import main
+
+main()

@@ -1,0 +1,460 @@
+"""The ``gcomp`` command line.
+
+Every error a user can cause prints one line, ``gcomp: error: ...``, and exits
+non-zero (2 for usage/option errors, 1 otherwise); ``--debug`` shows tracebacks.
+Tables and summaries go to stdout, progress to stderr.
+"""
+
+from __future__ import annotations
+
+__all__ = ["main", "cli"]
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from gcomp import __version__
+from gcomp.errors import GcompError, OptionError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+PathIn = click.Path(path_type=Path)  # existence is checked by gcomp.io with a clearer message
+
+
+def _stdout():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="gcomp")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def cli(debug: bool) -> None:
+    """gcomp: a graph-optimizing compiler toolchain for ONNX models.
+
+    Optimize with verified passes, inspect, verify and profile models.
+    """
+
+
+def _input_options(f):
+    f = click.option(
+        "--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
+        help="Shape of a generated input (repeatable); also fixes its symbolic dims everywhere.",
+    )(f)
+    f = click.option(
+        "--inputs", "inputs", type=click.Path(path_type=Path), default=None,
+        help="Inputs: an .npz file or an ONNX test_data_set folder of input_*.pb.",
+    )(f)
+    return f
+
+
+def _load_plugins(plugins: tuple[Path, ...]) -> None:
+    import importlib.util
+
+    for i, path in enumerate(plugins):
+        if not path.is_file():
+            raise OptionError(f"--plugin {path}: no such file")
+        spec = importlib.util.spec_from_file_location(f"gcomp_plugin_{i}_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            raise OptionError(f"--plugin {path}: failed to import: {e}") from None
+
+
+def _parse_sets(pipeline, sets: tuple[str, ...]) -> dict:
+    from gcomp import registry
+
+    declared: dict[str, registry.OptionInfo] = {}
+    for step in registry.resolve(pipeline):
+        if isinstance(step, registry.Stage):
+            for name in step.passes:
+                for opt in registry.get_pass(name).options:
+                    declared.setdefault(opt.name, opt)
+    options = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise OptionError(f"--set '{item}': expected OPTION=VALUE")
+        if key not in declared:
+            known = ", ".join(sorted(declared)) or "none"
+            raise OptionError(f"--set {key}: no pass in this pipeline has that option (options: {known})")
+        options[key] = declared[key].parse(value)
+    return options
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=PathIn)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the optimized model.")
+@click.option("-O", "level", default="1", show_default=True, metavar="LEVEL", help="Pipeline level: 0 or 1 (see `gcomp passes`).")
+@click.option("--passes", "pass_spec", default=None, metavar="SPEC",
+              help="Explicit pipeline instead of -O: comma-separated pipeline and pass names, e.g. O1,my-pass.")
+@click.option("--set", "sets", multiple=True, metavar="OPTION=VALUE", help="Set a pass option (repeatable).")
+@click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path),
+              help="A Python file that registers extra passes (repeatable).")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check outputs against the original on ONNX Runtime.")
+@_input_options
+@click.option("--bisect/--no-bisect", default=True, show_default=True, help="On a mismatch, name the first pass that broke it.")
+@click.option("--strict", is_flag=True, help="Fail (exit 1, write nothing) when verification is not possible.")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Write weights to OUTPUT.data. [default: when the input had external data or weights exceed 1 GiB]")
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="Write a report: .json or .md.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or tables; errors only.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (implies --quiet).")
+def optimize(model, output, level, pass_spec, sets, plugins, verify, inputs, input_shapes, bisect, strict,
+             external_data, report, quiet, as_json):
+    """Optimize MODEL with a verified pass pipeline and write OUTPUT."""
+    from gcomp import io
+    from gcomp import report as reports
+    from gcomp.inputs import parse_input_shapes
+    from gcomp.pipeline import optimize as run_optimize
+
+    quiet = quiet or as_json
+    _load_plugins(plugins)
+    pipeline = pass_spec or level
+    options = _parse_sets(pipeline, sets)
+    shapes = parse_input_shapes(input_shapes)
+    if report is not None:
+        reports.check_report_path(report)
+    io.check_writable(output, source=model)
+
+    err = _stderr()
+    result = _run_with_progress(
+        lambda on_pass: run_optimize(model, pipeline, verify=verify, inputs=inputs, input_shapes=shapes,
+                                     bisect=bisect, progress=on_pass, **options),
+        quiet,
+        err,
+    )
+    v = result.verification
+    if v is not None and v.status == "failed":
+        if not quiet:
+            _print_summary(result, None)
+        raise GcompError(f"{v.summary()}; nothing written")
+    if v is not None and v.status == "unverified":
+        if strict:
+            raise GcompError(f"{v.summary()} (--strict); nothing written")
+        err.print(f"[yellow]warning:[/] {v.summary()}; writing the output marked unverified", soft_wrap=True)
+    result.save(output, external_data=external_data)
+    doc = reports.optimize_document(result, output=str(output), input_path=str(model))
+    if report is not None:
+        reports.write_report(doc, report)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+    elif not quiet:
+        _print_summary(result, doc)
+        err.print(f"wrote {output}" + (f" and {report}" if report else ""))
+
+
+def _run_with_progress(work, quiet: bool, err):
+    """Run ``work(on_pass)``; a transient rich spinner names the current step.
+
+    The spinner starts on the first callback, after the model has loaded, so load
+    errors print as one clean line.
+    """
+    if quiet:
+        return work(None)
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                        transient=True)
+    task = None
+
+    def on_pass(name, round_, stats):
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task("", total=None)
+        if stats is None:
+            text = f"pass [bold]{name}[/] (round {round_})" if round_ else name
+            progress.update(task, description=text)
+
+    try:
+        return work(on_pass)
+    finally:
+        if task is not None:
+            progress.stop()
+
+
+def _print_summary(result, doc) -> None:
+    from rich.table import Table
+
+    from gcomp.report import human_bytes
+
+    out = _stdout()
+    before, after = result.before, result.after
+    table = Table(title=f"gcomp optimize — pipeline {result.pipeline}", title_justify="left")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    table.add_row("nodes", str(before.nodes), str(after.nodes), f"{after.nodes - before.nodes:+d}")
+    table.add_row("initializers", str(before.initializers), str(after.initializers),
+                  f"{after.initializers - before.initializers:+d}")
+    table.add_row("initializer bytes", human_bytes(before.initializer_bytes), human_bytes(after.initializer_bytes),
+                  f"{after.initializer_bytes - before.initializer_bytes:+d}")
+    if doc and doc.get("input") and doc.get("output"):
+        table.add_row("file size", human_bytes(doc["input"]["file_bytes"]), human_bytes(doc["output"]["file_bytes"]), "")
+    ops = sorted(set(before.op_types) | set(after.op_types))
+    for op in ops:
+        b, a = before.op_types.get(op, 0), after.op_types.get(op, 0)
+        if a != b:
+            table.add_row(f"  {op}", str(b), str(a), f"{a - b:+d}")
+    v = result.verification
+    if v is None:
+        table.add_row("verification", "", "skipped", "")
+    elif v.status == "passed":
+        table.add_row("verification", "", "[green]passed[/]", f"max abs err {v.max_abs_error:.2g}")
+    elif v.status == "unverified":
+        table.add_row("verification", "", "[yellow]not possible[/]", "")
+    else:
+        table.add_row("verification", "", "[red]FAILED[/]", v.first_bad_pass or "")
+    out.print(table)
+    passes = Table(title="passes", title_justify="left")
+    for col in ("pass", "round", "ms", "nodes", "op changes"):
+        passes.add_column(col, justify="right" if col in ("round", "ms", "nodes") else "left")
+    for p in result.passes:
+        if p.modified:
+            passes.add_row(p.name, str(p.round), f"{p.seconds * 1e3:.1f}", f"{p.nodes_before}→{p.nodes_after}",
+                           ", ".join(f"{k} {v:+d}" for k, v in p.op_delta.items()) or "-")
+    total_ms = sum(p.seconds for p in result.passes) * 1e3
+    passes.caption = f"{len(result.passes)} pass runs in {total_ms:.1f} ms; unchanged runs not shown"
+    out.print(passes)
+    if v is not None and v.status == "failed":
+        out.print(f"[red]{v.summary()}[/]")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def passes(as_json):
+    """List the registered passes, their options, and the pipelines."""
+    from gcomp import registry
+
+    ps, pls = registry.passes(), registry.pipelines()
+    if as_json:
+        click.echo(json.dumps({
+            "pipelines": {n: {"summary": p.summary, "stages": [{"passes": list(s.passes), "repeat": s.repeat} for s in p.stages]} for n, p in pls.items()},
+            "passes": {n: {"summary": p.summary, "options": [{"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help} for o in p.options]} for n, p in ps.items()},
+        }, indent=2, default=str))
+        return
+    from rich.table import Table
+
+    out = _stdout()
+    t = Table(title="pipelines", title_justify="left")
+    t.add_column("name")
+    t.add_column("passes")
+    t.add_column("summary")
+    for name, p in pls.items():
+        stages = " → ".join(
+            ("(" + ", ".join(s.passes) + f")×≤{s.repeat}") if s.repeat > 1 else ", ".join(s.passes) for s in p.stages
+        )
+        t.add_row(name, stages, p.summary)
+    out.print(t)
+    t = Table(title="passes", title_justify="left")
+    t.add_column("name")
+    t.add_column("summary")
+    t.add_column("options (--set NAME=VALUE)")
+    for name in sorted(ps):
+        p = ps[name]
+        opts = "\n".join(f"{o.name}: {o.type.__name__} = {o.default!r} — {o.help}" for o in p.options) or "-"
+        t.add_row(name, p.summary, opts)
+    out.print(t)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=PathIn)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(model, as_json):
+    """Print MODEL's opsets, inputs/outputs, op histogram and parameter bytes."""
+    import onnx_ir as ir
+
+    from gcomp import io
+    from gcomp.report import human_bytes
+    from gcomp.stats import model_stats
+
+    m = io.load(model)
+    stats = model_stats(m)
+
+    def describe(v):
+        t = v.type
+        dtype = t.dtype.name if isinstance(t, ir.TensorType) else str(t)
+        shape = [d if isinstance(d, int) else (d.value or "?") for d in v.shape] if v.shape is not None else None
+        return {"name": v.name, "dtype": dtype, "shape": shape}
+
+    info = {
+        "path": str(model),
+        "file_bytes": Path(model).stat().st_size,
+        "ir_version": m.ir_version,
+        "producer": f"{m.producer_name or ''} {m.producer_version or ''}".strip(),
+        "opsets": dict(m.opset_imports),
+        "inputs": [describe(v) for v in m.graph.inputs if v.const_value is None],
+        "outputs": [describe(v) for v in m.graph.outputs],
+        "external_data": sorted({str(t.location) for t in io.external_tensors(m)}),
+        **stats.to_dict(),
+    }
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    from rich.table import Table
+
+    out = _stdout()
+    out.print(f"[bold]{model}[/]  ir_version {m.ir_version}  producer {info['producer'] or '-'}  "
+              f"file {human_bytes(info['file_bytes'])}")
+    out.print("opsets: " + ", ".join(f"{d or 'ai.onnx'}={v}" for d, v in info["opsets"].items()))
+    io_table = Table(title="inputs / outputs", title_justify="left")
+    for col in ("", "name", "dtype", "shape"):
+        io_table.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            io_table.add_row(kind[:-1], v["name"], v["dtype"], str(v["shape"]))
+    out.print(io_table)
+    hist = Table(title=f"{stats.nodes} nodes", title_justify="left")
+    hist.add_column("op type")
+    hist.add_column("count", justify="right")
+    for op, n in info["op_types"].items():
+        hist.add_row(op, str(n))
+    out.print(hist)
+    out.print(f"parameters: {stats.parameters:,} in {stats.initializers} initializers, "
+              f"{human_bytes(stats.initializer_bytes)}" + (f"; external data: {', '.join(info['external_data'])}" if info["external_data"] else ""))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("original", type=PathIn)
+@click.argument("candidate", type=PathIn)
+@_input_options
+@click.option("--rtol", type=float, default=None, help="Relative tolerance for float32 outputs.")
+@click.option("--atol", type=float, default=None, help="Absolute tolerance for float32 outputs.")
+@click.option("--strict", is_flag=True, help="Exit 1 when verification is not possible.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def verify(original, candidate, inputs, input_shapes, rtol, atol, strict, as_json):
+    """Compare CANDIDATE's outputs with ORIGINAL's on ONNX Runtime (optimizations off)."""
+    from gcomp import io
+    from gcomp.inputs import parse_input_shapes
+    from gcomp.verify import TOLERANCES, Tolerance
+    from gcomp.verify import verify as run_verify
+
+    io.load(original)
+    io.load(candidate)
+    tolerances = None
+    if rtol is not None or atol is not None:
+        base = TOLERANCES["float32"]
+        tolerances = {"float32": Tolerance(rtol if rtol is not None else base.rtol, atol if atol is not None else base.atol)}
+    v = run_verify(original, candidate, inputs=inputs, input_shapes=parse_input_shapes(input_shapes),
+                   tolerances=tolerances)
+    if as_json:
+        click.echo(json.dumps(v.to_dict(), indent=2))
+    else:
+        from rich.table import Table
+
+        out = _stdout()
+        if v.outputs:
+            t = Table(title="outputs", title_justify="left")
+            for col in ("output", "dtype", "shape", "max abs error", "max rel error", "ok"):
+                t.add_column(col)
+            for o in v.outputs:
+                t.add_row(o.name, o.dtype, str(o.shape), f"{o.max_abs_error:.3g}", f"{o.max_rel_error:.3g}",
+                          "[green]yes[/]" if o.ok else "[red]NO[/]")
+            out.print(t)
+        for note in v.notes:
+            out.print(f"note: {note}")
+        out.print(v.summary())
+    if v.status == "failed":
+        sys.exit(1)
+    if v.status == "unverified" and strict:
+        sys.exit(1)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=PathIn)
+@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True, help="Runtime to profile on.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
+@click.option("--optimization", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
+              show_default=True, help="ONNX Runtime graph optimization level.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads (0: runtime default).")
+@_input_options
+@click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Ops to list.")
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the profile: .json or .md.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON on stdout.")
+def profile(model, backend, device, iters, warmup, optimization, threads, inputs, input_shapes, top, report, as_json):
+    """Measure MODEL's latency and per-op times on a backend."""
+    from gcomp import io
+    from gcomp import report as reports
+    from gcomp.backends import get_backend
+    from gcomp.inputs import generate_inputs, load_inputs, parse_input_shapes
+
+    if report is not None:
+        reports.check_report_path(report)
+    m = io.load(model)
+    given = load_inputs(inputs, m) if inputs else None
+    feeds, notes = generate_inputs(m, shapes=parse_input_shapes(input_shapes), given=given)
+    be = get_backend(backend)
+    exe = be.compile(model, device, optimization=optimization, threads=threads or None)
+    prof = exe.profile(feeds, iters=iters, warmup=warmup)
+    doc = prof.to_dict()
+    if report is not None:
+        reports.write_report(doc, report)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    from rich.table import Table
+
+    out = _stdout()
+    for note in notes:
+        out.print(f"note: {note}")
+    lat = prof.latency
+    t = Table(title=f"{model} on {backend}/{device} ({optimization} optimizations)", title_justify="left")
+    for col in ("mean ms", "p50", "p90", "p99", "min", "stdev", "iters", "per s"):
+        t.add_column(col, justify="right")
+    t.add_row(f"{lat.mean_ms:.3f}", f"{lat.p50_ms:.3f}", f"{lat.p90_ms:.3f}", f"{lat.p99_ms:.3f}",
+              f"{lat.min_ms:.3f}", f"{lat.stdev_ms:.3f}", str(lat.iterations), f"{lat.throughput_per_s:.1f}")
+    out.print(t)
+    ops = Table(title=f"top {min(top, len(prof.ops))} of {len(prof.ops)} ops", title_justify="left")
+    for col in ("node", "op type", "ms", "share"):
+        ops.add_column(col, justify="right" if col in ("ms", "share") else "left")
+    for o in prof.ops[:top]:
+        ops.add_row(o.node, o.op_type, f"{o.time_ms:.4f}", f"{o.share * 100:.1f}%")
+    out.print(ops)
+    if report:
+        _stderr().print(f"wrote {report}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors, exit codes, no tracebacks unless --debug."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="gcomp", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("gcomp: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        if debug:
+            raise
+        click.echo(f"gcomp: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except GcompError as e:
+        if debug:
+            raise
+        click.echo(f"gcomp: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("gcomp: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # a bug in gcomp: still one line unless --debug
+        if debug:
+            raise
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        click.echo(f"gcomp: internal error: {type(e).__name__}: {text} (run with --debug for the traceback)", err=True)
+        sys.exit(3)

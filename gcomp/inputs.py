@@ -1,0 +1,217 @@
+"""Inputs for running a model: read from files, or generated from the model's input types.
+
+Files (``--inputs``):
+- an ``.npz`` archive whose keys are input names;
+- an ONNX ``test_data_set_N`` folder of ``input_<i>.pb`` TensorProtos (names taken from
+  each tensor, or from the model's input order when a tensor has none).
+
+Generated inputs (seeded, so every run and every model variant sees the same values):
+- symbolic or unknown dims: ``--input-shape NAME=D1,D2,...`` fixes an input's shape and
+  every dim name it binds (so ``seq`` fixed on one input holds for all inputs);
+  otherwise a leading dim or a dim named like ``batch`` / ``N`` is 1, any other is 32;
+- floats: uniform in [0, 1) (like Polygraphy: no NaN from Log/Sqrt of negatives);
+- bool: random True/False;
+- integers: bounded by what the model does with them: indices of a ``Gather`` on a
+  constant table stay inside the table; names containing ``mask`` get ones,
+  ``token_type``/``segment`` zeros, ``position`` 0..n-1 along the last axis; other
+  integers are drawn from [0, 2). An integer input used as a shape, a size or slice
+  bounds gets a note: generated values may be meaningless there, pass ``--inputs``.
+- strings: the string ``"a"``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "load_inputs",
+    "generate_inputs",
+    "parse_input_shapes",
+    "DEFAULT_BATCH_DIM",
+    "DEFAULT_DIM",
+]
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from gcomp.errors import OptionError
+
+DEFAULT_BATCH_DIM = 1
+DEFAULT_DIM = 32
+_BATCH_NAMES = re.compile(r"^(n|b|bs|batch.*|.*_batch|.*batch_size.*|unk__\d+)$", re.IGNORECASE)
+# Inputs of these ops are shapes, sizes or positions: random values are meaningless there.
+_SHAPE_LIKE_USES = {
+    ("Reshape", 1), ("Expand", 1), ("ConstantOfShape", 0), ("Tile", 1), ("Slice", 1),
+    ("Slice", 2), ("Slice", 3), ("Slice", 4), ("Range", 0), ("Range", 1), ("Range", 2),
+    ("Resize", 3), ("TopK", 1), ("Pad", 1), ("OneHot", 1), ("Unsqueeze", 1), ("Squeeze", 1),
+    ("ReduceSum", 1), ("ReduceMean", 1), ("ReduceMax", 1), ("ReduceMin", 1), ("Split", 1),
+    ("Loop", 0), ("Upsample", 1), ("CumSum", 1),
+}
+
+
+def parse_input_shapes(specs: list[str] | tuple[str, ...] | None) -> dict[str, tuple[int, ...]]:
+    """Parse ``NAME=D1,D2,...`` strings (``NAME=`` alone means a scalar)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs or ():
+        name, sep, dims = spec.partition("=")
+        if not sep or not name:
+            raise OptionError(f"--input-shape '{spec}': expected NAME=D1,D2,...")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            raise OptionError(f"--input-shape '{spec}': dims must be integers") from None
+        if any(d < 0 for d in shape):
+            raise OptionError(f"--input-shape '{spec}': dims must be non-negative")
+        shapes[name.strip()] = shape
+    return shapes
+
+
+def load_inputs(path: str | os.PathLike, model: ir.Model | None = None) -> dict[str, np.ndarray]:
+    """Read inputs from an ``.npz`` file or a ``test_data_set`` folder of ``input_*.pb``."""
+    p = Path(path)
+    if not p.exists():
+        raise OptionError(f"--inputs {p}: no such file or folder")
+    if p.is_dir():
+        return _load_pb_folder(p, model)
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise OptionError(f"--inputs {p}: expected an .npz archive of named arrays")
+            return {k: data[k] for k in data.files}
+    except OptionError:
+        raise
+    except Exception as e:
+        raise OptionError(f"--inputs {p}: not a readable .npz file ({e})") from None
+
+
+def _load_pb_folder(folder: Path, model: ir.Model | None) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    files = sorted(folder.glob("input_*.pb"), key=lambda f: int(re.sub(r"\D", "", f.stem) or 0))
+    if not files:
+        raise OptionError(f"--inputs {folder}: no input_*.pb files in the folder")
+    names = [v.name for v in model.graph.inputs if not v.const_value] if model is not None else []
+    feeds: dict[str, np.ndarray] = {}
+    for i, f in enumerate(files):
+        tensor = onnx.TensorProto()
+        try:
+            tensor.ParseFromString(f.read_bytes())
+            array = numpy_helper.to_array(tensor)
+        except Exception as e:
+            raise OptionError(f"--inputs {f}: not a TensorProto ({e})") from None
+        name = tensor.name or (names[i] if i < len(names) else f"input_{i}")
+        feeds[name] = array
+    return feeds
+
+
+def runtime_inputs(model: ir.Model) -> list[ir.Value]:
+    """Graph inputs a caller must feed (initializers that are also inputs have defaults)."""
+    return [v for v in model.graph.inputs if v.const_value is None]
+
+
+def generate_inputs(
+    model: ir.Model,
+    *,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    given: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Seeded inputs for every runtime input not in ``given``; returns (feeds, notes)."""
+    shapes = dict(shapes or {})
+    feeds = dict(given or {})
+    notes: list[str] = []
+    inputs = runtime_inputs(model)
+    known = {v.name for v in inputs}
+    for name in list(shapes) + list(feeds):
+        if name not in known:
+            raise OptionError(
+                f"the model has no input '{name}' (inputs: {', '.join(sorted(known)) or 'none'})"
+            )
+    # Bind symbolic dims from explicit shapes and given arrays first.
+    bound: dict[str, int] = {}
+    for value in inputs:
+        fixed = shapes.get(value.name)
+        if fixed is None and value.name in feeds:
+            fixed = tuple(np.shape(feeds[value.name]))
+        if fixed is not None and value.shape is not None and len(value.shape) == len(fixed):
+            for dim, size in zip(value.shape, fixed):
+                if isinstance(dim, ir.SymbolicDim) and dim.value:
+                    bound.setdefault(dim.value, size)
+    rng = np.random.default_rng(seed)
+    for value in inputs:
+        if value.name in feeds:
+            continue
+        shape = shapes.get(value.name) or _concrete_shape(value, bound)
+        feeds[value.name] = _generate(value, shape, rng, notes)
+    return feeds, notes
+
+
+def _concrete_shape(value: ir.Value, bound: dict[str, int]) -> tuple[int, ...]:
+    if value.shape is None:
+        return ()
+    dims: list[int] = []
+    for i, dim in enumerate(value.shape):
+        if isinstance(dim, int):
+            dims.append(dim)
+            continue
+        name = dim.value if isinstance(dim, ir.SymbolicDim) else None
+        if name and name in bound:
+            size = bound[name]
+        elif i == 0 or (name and _BATCH_NAMES.match(name)):
+            size = DEFAULT_BATCH_DIM
+        else:
+            size = DEFAULT_DIM
+        if name:
+            bound[name] = size
+        dims.append(size)
+    return tuple(dims)
+
+
+def _generate(value: ir.Value, shape: tuple[int, ...], rng, notes: list[str]) -> np.ndarray:
+    type_ = value.type
+    if not isinstance(type_, ir.TensorType):
+        raise OptionError(
+            f"input '{value.name}' is a {type_}: gcomp generates tensors only; pass --inputs"
+        )
+    dtype = type_.dtype
+    if dtype.is_floating_point():
+        array = rng.random(shape, dtype=np.float64)
+        return array.astype(dtype.numpy())
+    if dtype == ir.DataType.BOOL:
+        return rng.random(shape) < 0.5
+    if dtype == ir.DataType.STRING:
+        return np.full(shape, "a", dtype=object)
+    if dtype.is_integer():
+        return _generate_integer(value, shape, dtype.numpy(), rng, notes)
+    raise OptionError(f"input '{value.name}' has type {dtype}: cannot generate it; pass --inputs")
+
+
+def _generate_integer(value: ir.Value, shape, np_dtype, rng, notes: list[str]) -> np.ndarray:
+    name = value.name.lower()
+    if "mask" in name:
+        return np.ones(shape, dtype=np_dtype)
+    if "token_type" in name or "segment" in name:
+        return np.zeros(shape, dtype=np_dtype)
+    if "position" in name and len(shape) >= 1:
+        return np.broadcast_to(np.arange(shape[-1], dtype=np_dtype), shape).copy()
+    high = None
+    for node, index in value.uses():
+        if node.op_type in ("Gather", "GatherElements") and index == 1 and node.domain == "":
+            table = node.inputs[0]
+            axis = node.attributes.get_int("axis", 0)
+            if table is not None and table.shape is not None and len(table.shape) > 0:
+                dim = table.shape[axis]
+                if isinstance(dim, int):
+                    high = dim if high is None else min(high, dim)
+        elif (node.op_type, index) in _SHAPE_LIKE_USES:
+            notes.append(
+                f"input '{value.name}' is used as {node.op_type} input {index} "
+                "(a shape, size or bound): generated values may not make sense; pass --inputs"
+            )
+    if high is not None and high > 0:
+        return rng.integers(0, high, size=shape).astype(np_dtype)
+    low = 0
+    return rng.integers(low, 2, size=shape).astype(np_dtype)

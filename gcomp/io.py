@@ -1,0 +1,267 @@
+"""Reading and writing ONNX files: the only module of gcomp that touches model files.
+
+- :func:`load` reads a model into an :class:`onnx_ir.Model` without reading its
+  external data (onnx-ir memory-maps it on first use), so models over 2 GB load
+  in the time it takes to parse the graph. Every failure is a
+  :class:`~gcomp.errors.ModelLoadError` whose message names the file and the problem:
+  missing file, a directory, not ONNX, truncated protobuf, checker failure,
+  external data that is missing, too short, or outside the model's folder.
+- :func:`save` writes atomically: into a temporary folder beside the target, then
+  renamed into place, so a failure never leaves a half-written output. It refuses to
+  write over the input model or over any data file the model still reads from.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "load",
+    "save",
+    "check_writable",
+    "serialize",
+    "external_tensors",
+    "initializer_bytes",
+    "source_path",
+    "EXTERNAL_DATA_AUTO_BYTES",
+    "PROTOBUF_LIMIT_BYTES",
+]
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx_ir as ir
+
+from gcomp.errors import ModelLoadError, ModelSaveError
+
+# A serialized ModelProto cannot exceed 2 GiB; stay clear of it.
+PROTOBUF_LIMIT_BYTES = 2**31 - 1
+# Above this many bytes of weights, save() writes external data even if the input had none.
+EXTERNAL_DATA_AUTO_BYTES = 1 << 30
+# Tensors smaller than this stay inline when writing external data.
+EXTERNAL_DATA_MIN_TENSOR_BYTES = 1024
+
+_SOURCE_KEY = "gcomp.source_path"
+
+
+def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
+    """Load an ONNX model file into onnx-ir, validating it.
+
+    Args:
+        path: the ``.onnx`` file. External data is resolved relative to its folder.
+        check: run the ONNX checker on the graph (not on external data) and verify
+            that every external tensor's file exists, stays inside the model's folder,
+            and is long enough.
+
+    Raises:
+        ModelLoadError: with a one-line message naming the file and the problem.
+    """
+    import onnx  # protobuf lives only at this edge
+    from google.protobuf.message import DecodeError
+
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelLoadError(f"{p}: is a directory, expected an .onnx file")
+    if not os.access(p, os.R_OK):
+        raise ModelLoadError(f"{p}: permission denied")
+    if p.stat().st_size == 0:
+        raise ModelLoadError(f"{p}: empty file, not an ONNX model")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(
+            f"{p}: not a valid ONNX protobuf (truncated or corrupt file?): {_first_line(e)}"
+        ) from None
+    if proto.ir_version == 0 or not proto.HasField("graph"):
+        raise ModelLoadError(f"{p}: not an ONNX model (no ir_version or graph)")
+    if check:
+        try:
+            onnx.checker.check_model(proto)
+        except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"{p}: fails the ONNX checker: {_first_line(e)}") from None
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:  # onnx-ir raises assorted types on malformed protos
+        raise ModelLoadError(f"{p}: cannot be read into the IR: {_first_line(e)}") from None
+    del proto
+    base_dir = p.resolve().parent
+    ir.external_data.set_base_dir(model.graph, base_dir)
+    _check_external_data(model, p, base_dir)
+    model.meta[_SOURCE_KEY] = str(p.resolve())
+    return model
+
+
+def source_path(model: ir.Model) -> Path | None:
+    """The file a model was loaded from by :func:`load`, if any."""
+    src = model.meta.get(_SOURCE_KEY)
+    return Path(src) if src else None
+
+
+def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    """Every external tensor of the model: initializers of all graphs and subgraphs."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield value.const_value
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Total bytes of the initializers of all graphs (no data is read)."""
+    total = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is not None:
+                total += tensor.nbytes
+    return total
+
+
+def _check_external_data(model: ir.Model, path: Path, base_dir: Path) -> None:
+    sizes: dict[str, int] = {}
+    for tensor in external_tensors(model):
+        location = str(tensor.location)
+        where = f"{path}: tensor '{tensor.name}'"
+        if os.path.isabs(location):
+            raise ModelLoadError(f"{where}: external data location '{location}' is absolute")
+        data_path = (base_dir / location).resolve()
+        if not data_path.is_relative_to(base_dir):
+            raise ModelLoadError(
+                f"{where}: external data location '{location}' escapes the model's folder"
+            )
+        key = str(data_path)
+        if key not in sizes:
+            if not data_path.is_file():
+                raise ModelLoadError(f"{where}: external data file '{location}' is missing")
+            sizes[key] = data_path.stat().st_size
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if end > sizes[key]:
+            raise ModelLoadError(
+                f"{where}: external data file '{location}' is too short "
+                f"({sizes[key]} bytes, tensor ends at {end})"
+            )
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    source: str | os.PathLike | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically.
+
+    Args:
+        model: the model; it is not modified.
+        path: the ``.onnx`` file to write. Its external data, when written, goes to
+            ``<name>.data`` beside it (tensors under 1 KiB stay inline).
+        external_data: ``True`` to write weights as external data, ``False`` to embed
+            them, ``None`` (default) to decide: external when the model already reads
+            external data or its weights exceed 1 GiB.
+        source: the input file, if not recorded by :func:`load`; never overwritten.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ModelSaveError: the output is the input, would overwrite data the model reads,
+            its folder is missing or unwritable, or serialization failed.
+    """
+    out = Path(path)
+    externals = list(external_tensors(model))
+    check_writable(out, source, model)
+    out_abs = out.resolve()
+    folder = out_abs.parent
+    data_name = out.name + ".data"
+    data_abs = folder / data_name
+
+    if external_data is None:
+        external_data = bool(externals) or initializer_bytes(model) > EXTERNAL_DATA_AUTO_BYTES
+
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder))
+    except OSError as e:
+        raise ModelSaveError(f"{out}: cannot write in '{folder}': {e.strerror}") from None
+    try:
+        if external_data:
+            ir.save(
+                model,
+                tmp / out.name,
+                external_data=data_name,
+                size_threshold_bytes=EXTERNAL_DATA_MIN_TENSOR_BYTES,
+            )
+        else:
+            if externals:
+                model = _with_tensors_in_memory(model)
+            ir.save(model, tmp / out.name)
+        if (tmp / data_name).exists():
+            os.replace(tmp / data_name, data_abs)
+        os.replace(tmp / out.name, out_abs)
+    except ModelSaveError:
+        raise
+    except Exception as e:
+        hint = ""
+        if "2GiB" in str(e) or "2 GB" in str(e) or "larger than" in str(e):
+            hint = " (over protobuf's 2 GB limit: save with external data)"
+        raise ModelSaveError(f"{out}: cannot write model: {_first_line(e)}{hint}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def check_writable(
+    path: str | os.PathLike, source: str | os.PathLike | None = None, model: ir.Model | None = None
+) -> None:
+    """Raise :class:`ModelSaveError` unless ``path`` can receive a model safely.
+
+    Refused: the input itself (``source`` or the file ``model`` was loaded from), a
+    data file ``model`` still reads weights from, a directory, a missing or
+    unwritable folder. Call it before long work so a bad ``-o`` fails fast.
+    """
+    out = Path(path)
+    out_abs = out.resolve()
+    data_abs = out_abs.parent / (out.name + ".data")
+    sources = {Path(s).resolve() for s in (source, source_path(model) if model else None) if s}
+    for src in sources:
+        if out_abs == src or (out.exists() and src.exists() and os.path.samefile(out, src)):
+            raise ModelSaveError(f"{out}: refusing to write over the input model")
+    if model is not None:
+        read_from = {Path(t.path).resolve() for t in external_tensors(model)}
+        for target in (out_abs, data_abs):
+            if target in read_from:
+                raise ModelSaveError(
+                    f"{out}: refusing to write '{target.name}', the model reads its weights from it"
+                )
+    if out.is_dir():
+        raise ModelSaveError(f"{out}: is a directory")
+    folder = out_abs.parent
+    if not folder.is_dir():
+        raise ModelSaveError(f"{out}: folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ModelSaveError(f"{out}: folder '{folder}' is not writable")
+
+
+def _with_tensors_in_memory(model: ir.Model) -> ir.Model:
+    clone = model.clone()
+    ir.external_data.load_to_model(clone)
+    return clone
+
+
+def serialize(model: ir.Model) -> bytes:
+    """The model as ONNX protobuf bytes (weights included), for in-memory runtimes.
+
+    Raises:
+        ModelSaveError: the model is too large for one protobuf (over 2 GB).
+    """
+    if initializer_bytes(model) >= PROTOBUF_LIMIT_BYTES:
+        raise ModelSaveError("model weights exceed protobuf's 2 GB limit; use a file with external data")
+    if any(True for _ in external_tensors(model)):
+        model = _with_tensors_in_memory(model)
+    return ir.serde.serialize_model(model).SerializeToString()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0].strip()

@@ -1,0 +1,267 @@
+"""Running a pipeline of passes over a model, with per-pass figures and verification.
+
+:func:`optimize` is the Python entry point and what ``gcomp optimize`` calls::
+
+    result = gcomp.optimize("model.onnx", pipeline="O1")
+    result.verification.passed  # outputs equal the original's on ONNX Runtime
+    result.save("model.opt.onnx")
+"""
+
+from __future__ import annotations
+
+__all__ = ["PassStats", "Result", "optimize"]
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from gcomp import io, registry
+from gcomp.errors import GcompError, OptionError, PassFailedError
+from gcomp.stats import ModelStats, model_stats
+from gcomp.verify import CannotVerify, Reference, Tolerance, Verification
+
+
+@dataclass
+class PassStats:
+    """What one run of one pass did."""
+
+    name: str
+    round: int
+    seconds: float
+    modified: bool
+    nodes_before: int
+    nodes_after: int
+    initializer_bytes_before: int
+    initializer_bytes_after: int
+    op_delta: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    """The outcome of :func:`optimize`: the model, what each pass did, and verification."""
+
+    model: ir.Model
+    pipeline: str
+    passes: list[PassStats]
+    before: ModelStats
+    after: ModelStats
+    verification: Verification | None
+    seconds: float
+    source: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+        """Write the model atomically; refuses to overwrite the input."""
+        return io.save(self.model, path, external_data=external_data, source=self.source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.pipeline,
+            "options": self.options,
+            "source": self.source,
+            "seconds": self.seconds,
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "passes": [asdict(p) for p in self.passes],
+            "verification": self.verification.to_dict() if self.verification else None,
+        }
+
+
+# Called before each pass (stats=None) and after it (with its stats); also before the
+# verification runs, with round 0.
+ProgressCallback = Callable[[str, int, "PassStats | None"], None]
+
+
+def optimize(
+    model: ir.Model | str | os.PathLike,
+    pipeline: str | Sequence[str | ir.passes.PassBase] = "O1",
+    *,
+    verify: bool = True,
+    inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+    tolerances: Mapping[str, Tolerance] | None = None,
+    bisect: bool = True,
+    progress: ProgressCallback | None = None,
+    **options: Any,
+) -> Result:
+    """Run ``pipeline`` over ``model`` and verify the result against the original.
+
+    Args:
+        model: a path (loaded and checked) or an ``ir.Model``, transformed in place.
+        pipeline: a pipeline name (``"O0"``, ``"O1"``, ``"1"``), a comma-separated list
+            of pipeline and pass names, or a list of names and onnx-ir pass instances.
+        verify: run original and result on ONNX Runtime (optimizations off) and compare.
+        inputs: an ``.npz`` path, a ``test_data_set`` folder or a dict of arrays;
+            missing inputs are generated (see :mod:`gcomp.inputs`).
+        input_shapes: shapes for generated inputs, ``{"x": (1, 3, 224, 224)}``.
+        bisect: on a mismatch, replay the passes to name the first one that broke it.
+        progress: callback ``(pass_name, round, stats_or_None)``.
+        **options: pass options by name; each goes to every pass declaring it.
+
+    Returns:
+        A :class:`Result`. A verification failure is reported in
+        ``result.verification``, not raised: the caller decides.
+    """
+    t_start = time.perf_counter()
+    source: str | None = None
+    if isinstance(model, ir.Model):
+        ir_model = model
+        source_path = io.source_path(model)
+        source = str(source_path) if source_path else None
+    else:
+        source = str(Path(model))
+        ir_model = io.load(model)
+    steps = _instantiate(pipeline, options)
+
+    reference: Reference | None = None
+    verification: Verification | None = None
+    original_bytes: bytes | None = None
+    if verify:
+        from_file = not isinstance(model, ir.Model)
+        if progress:
+            progress("verify: running the original model", 0, None)
+        try:
+            reference = Reference.build(
+                Path(source) if from_file else ir_model,
+                inputs=inputs,
+                input_shapes=input_shapes,
+                seed=seed,
+                tolerances=tolerances,
+            )
+        except CannotVerify as e:
+            verification = Verification("unverified", str(e))
+        if reference is not None and bisect and not from_file:
+            if io.initializer_bytes(ir_model) < io.PROTOBUF_LIMIT_BYTES // 2:
+                original_bytes = io.serialize(ir_model)
+
+    before = model_stats(ir_model)
+    executed: list[tuple[str, ir.passes.PassBase]] = []
+    stats = _run_steps(ir_model, steps, progress, executed)
+    after = model_stats(ir_model)
+
+    if reference is not None:
+        if progress:
+            progress("verify: running the optimized model", 0, None)
+        verification = reference.check(ir_model)
+        if not verification.passed and bisect:
+            original = (
+                io.load(source, check=False)
+                if original_bytes is None and source
+                else _from_bytes(original_bytes)
+            )
+            if original is not None:
+                verification.first_bad_pass = _bisect(original, executed, reference)
+
+    return Result(
+        model=ir_model,
+        pipeline=",".join(registry.canonical_name(p) for p in pipeline.split(","))
+        if isinstance(pipeline, str)
+        else ",".join(_label(p) for p in pipeline),
+        passes=stats,
+        before=before,
+        after=after,
+        verification=verification,
+        seconds=time.perf_counter() - t_start,
+        source=source,
+        options=dict(options),
+    )
+
+
+def _label(item: str | ir.passes.PassBase) -> str:
+    return item if isinstance(item, str) else type(item).__name__
+
+
+def _instantiate(pipeline, options: Mapping[str, Any]) -> list[tuple[list[tuple[str, ir.passes.PassBase]], int]]:
+    """Resolve the pipeline and build pass objects; every option must be used by some pass."""
+    steps = []
+    used: set[str] = set()
+    for step in registry.resolve(pipeline):
+        if isinstance(step, ir.passes.PassBase):
+            steps.append(([(type(step).__name__, step)], 1))
+            continue
+        group = []
+        for name in step.passes:
+            info = registry.get_pass(name)
+            mine = {o.name: options[o.name] for o in info.options if o.name in options}
+            used.update(mine)
+            group.append((name, info.create(**mine)))
+        steps.append((group, step.repeat))
+    unused = sorted(set(options) - used)
+    if unused:
+        declared = sorted(
+            {o.name for s in registry.resolve(pipeline) if isinstance(s, registry.Stage) for n in s.passes for o in registry.get_pass(n).options}
+        )
+        raise OptionError(
+            f"unknown option(s) {', '.join(unused)} for this pipeline"
+            + (f" (options: {', '.join(declared)})" if declared else " (its passes take no options)")
+        )
+    return steps
+
+
+def _run_steps(model, steps, progress, executed) -> list[PassStats]:
+    stats: list[PassStats] = []
+    current = model_stats(model)
+    for group, repeat in steps:
+        for round_ in range(1, repeat + 1):
+            changed = False
+            for name, pass_ in group:
+                if progress:
+                    progress(name, round_, None)
+                t0 = time.perf_counter()
+                try:
+                    result = pass_(model)
+                except GcompError:
+                    raise
+                except Exception as e:
+                    done = ", ".join(n for n, _ in executed) or "none"
+                    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise PassFailedError(f"pass '{name}' failed (after: {done}): {text}") from e
+                if result.model is not model:
+                    raise PassFailedError(f"pass '{name}' returned a new model; gcomp pipelines run in place")
+                seconds = time.perf_counter() - t0
+                executed.append((name, pass_))
+                new = model_stats(model) if result.modified else current
+                delta = {
+                    op: new.op_types.get(op, 0) - current.op_types.get(op, 0)
+                    for op in set(new.op_types) | set(current.op_types)
+                    if new.op_types.get(op, 0) != current.op_types.get(op, 0)
+                }
+                s = PassStats(
+                    name, round_, seconds, bool(result.modified), current.nodes, new.nodes,
+                    current.initializer_bytes, new.initializer_bytes, dict(sorted(delta.items())),
+                )
+                stats.append(s)
+                current = new
+                changed |= bool(result.modified)
+                if progress:
+                    progress(name, round_, s)
+            if not changed:
+                break
+    return stats
+
+
+def _from_bytes(data: bytes | None) -> ir.Model | None:
+    if data is None:
+        return None
+    import onnx
+
+    return ir.serde.deserialize_model(onnx.load_from_string(data))
+
+
+def _bisect(original: ir.Model, executed: list[tuple[str, ir.passes.PassBase]], reference: Reference) -> str | None:
+    """Replay the executed passes on a fresh copy; the first whose result fails is named."""
+    for index, (name, pass_) in enumerate(executed):
+        try:
+            result = pass_(original)
+        except Exception:
+            return f"{name} (step {index + 1})"
+        if result.modified and not reference.check(original).passed:
+            return f"{name} (step {index + 1})"
+    return None

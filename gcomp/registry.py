@@ -1,0 +1,290 @@
+"""The one registry of passes and pipelines.
+
+The CLI (``gcomp passes``, ``-O``, ``--passes``, ``--set``), the Python API
+(:func:`gcomp.optimize`) and the docs all read it, so an option is declared exactly
+once: as a keyword-only parameter of the pass's ``__init__``, annotated with
+``Annotated[type, "help"]``::
+
+    @register_pass("my-pass")
+    class MyPass(ir.passes.InPlacePass):
+        \"\"\"One line that `gcomp passes` shows.\"\"\"
+
+        def __init__(self, *, limit: Annotated[int, "largest tensor touched"] = 1024):
+            super().__init__()
+            self.limit = limit
+
+A pipeline is a named sequence of stages; a stage is a group of passes run in order
+and, when ``repeat > 1``, re-run until no pass in it reports a change (at most
+``repeat`` rounds). Later pipelines extend earlier ones (``O1`` = ``O0`` + cleanup).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "OptionInfo",
+    "PassInfo",
+    "Stage",
+    "Pipeline",
+    "register_pass",
+    "register_pipeline",
+    "get_pass",
+    "get_pipeline",
+    "passes",
+    "pipelines",
+    "resolve",
+    "parse_option_value",
+    "canonical_name",
+]
+
+import inspect
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+
+from gcomp.errors import OptionError
+
+_PASSES: dict[str, PassInfo] = {}
+_PIPELINES: dict[str, Pipeline] = {}
+_builtins_loaded = False
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """One keyword-only option of a pass."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+
+    def parse(self, text: str) -> Any:
+        return parse_option_value(self, text)
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    """A registered pass: its name, class, one-line summary and options."""
+
+    name: str
+    cls: type[ir.passes.PassBase]
+    summary: str
+    options: tuple[OptionInfo, ...]
+
+    def create(self, **options: Any) -> ir.passes.PassBase:
+        known = {o.name: o for o in self.options}
+        for key, value in options.items():
+            if key not in known:
+                raise OptionError(
+                    f"pass '{self.name}' has no option '{key}'"
+                    + (f" (options: {', '.join(known)})" if known else " (it takes none)")
+                )
+            _check_type(known[key], value, self.name)
+        return self.cls(**options)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Passes run in order; with ``repeat > 1`` the group re-runs until nothing changes."""
+
+    passes: tuple[str, ...]
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    summary: str
+    stages: tuple[Stage, ...] = field(default_factory=tuple)
+
+    def pass_names(self) -> list[str]:
+        names: list[str] = []
+        for stage in self.stages:
+            names.extend(n for n in stage.passes if n not in names)
+        return names
+
+
+def register_pass(name: str, *, summary: str | None = None) -> Callable[[type], type]:
+    """Class decorator: register an onnx-ir pass under ``name``.
+
+    The summary defaults to the first line of the class docstring; options are read
+    from the keyword-only parameters of ``__init__`` (``Annotated[type, "help"]``).
+    """
+
+    def decorate(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, ir.passes.PassBase)):
+            raise TypeError(f"register_pass('{name}'): {cls!r} is not an onnx-ir pass class")
+        if name in _PIPELINES:
+            raise ValueError(f"pass name '{name}' clashes with a pipeline")
+        doc = inspect.getdoc(cls) or ""
+        text = summary or (doc.splitlines()[0] if doc else cls.__name__)
+        _PASSES[name] = PassInfo(name, cls, text, _options_of(cls))
+        return cls
+
+    return decorate
+
+
+def register_pipeline(name: str, summary: str, *stages: Stage | Sequence[str]) -> Pipeline:
+    """Register (or replace) a named pipeline made of stages of registered pass names."""
+    if name in _PASSES:
+        raise ValueError(f"pipeline name '{name}' clashes with a pass")
+    built = tuple(s if isinstance(s, Stage) else Stage(tuple(s)) for s in stages)
+    pipeline = Pipeline(name, summary, built)
+    _PIPELINES[name] = pipeline
+    return pipeline
+
+
+def passes() -> dict[str, PassInfo]:
+    _load_builtins()
+    return dict(_PASSES)
+
+
+def pipelines() -> dict[str, Pipeline]:
+    _load_builtins()
+    return dict(_PIPELINES)
+
+
+def get_pass(name: str) -> PassInfo:
+    _load_builtins()
+    try:
+        return _PASSES[name]
+    except KeyError:
+        raise OptionError(
+            f"unknown pass '{name}' (passes: {', '.join(sorted(_PASSES))})"
+        ) from None
+
+
+def get_pipeline(name: str) -> Pipeline:
+    _load_builtins()
+    key = canonical_name(name)
+    try:
+        return _PIPELINES[key]
+    except KeyError:
+        raise OptionError(
+            f"unknown pipeline '{name}' (pipelines: {', '.join(_PIPELINES)})"
+        ) from None
+
+
+def resolve(spec: str | Sequence[str | ir.passes.PassBase]) -> Pipeline | list:
+    """Turn a pipeline spec into stages.
+
+    ``spec`` is a pipeline name (``"O1"``, ``"1"``), a comma-separated string of
+    pipeline and pass names (``"O1,my-pass"``), or a list mixing names and pass
+    instances. Returns a list of :class:`Stage` or pass instances, in order.
+    """
+    _load_builtins()
+    items: list[str | ir.passes.PassBase]
+    if isinstance(spec, str):
+        items = [s.strip() for s in spec.split(",") if s.strip()]
+        if not items:
+            raise OptionError("empty pipeline")
+    else:
+        items = list(spec)
+    steps: list = []
+    for item in items:
+        if isinstance(item, ir.passes.PassBase):
+            steps.append(item)
+        elif not isinstance(item, str):
+            raise OptionError(f"pipeline entries must be names or onnx-ir passes, got {item!r}")
+        elif canonical_name(item) in _PIPELINES:
+            steps.extend(_PIPELINES[canonical_name(item)].stages)
+        elif item in _PASSES:
+            steps.append(Stage((item,)))
+        else:
+            raise OptionError(
+                f"unknown pipeline or pass '{item}' "
+                f"(pipelines: {', '.join(_PIPELINES)}; passes: {', '.join(sorted(_PASSES))})"
+            )
+    return steps
+
+
+def parse_option_value(option: OptionInfo, text: str) -> Any:
+    """Parse a CLI string into the option's declared type."""
+    t = option.type
+    try:
+        if t is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if t is int:
+            return int(float(text)) if "e" in text.lower() else int(text, 0)
+        if t is float:
+            return float(text)
+        if t in (tuple, list) or typing.get_origin(t) in (tuple, list):
+            return tuple(s.strip() for s in text.split(",") if s.strip())
+        return t(text)
+    except (TypeError, ValueError):
+        raise OptionError(
+            f"option '{option.name}' expects {getattr(t, '__name__', t)}, got '{text}'"
+        ) from None
+
+
+def _check_type(option: OptionInfo, value: Any, pass_name: str) -> None:
+    t = option.type
+    ok = True
+    if t is bool:
+        ok = isinstance(value, bool)
+    elif t is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif t is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(t, type):
+        ok = isinstance(value, t)
+    if not ok:
+        raise OptionError(
+            f"option '{option.name}' of pass '{pass_name}' expects "
+            f"{getattr(t, '__name__', t)}, got {value!r}"
+        )
+
+
+def _options_of(cls: type) -> tuple[OptionInfo, ...]:
+    init = cls.__init__
+    if init is object.__init__:
+        return ()
+    sig = inspect.signature(init)
+    try:
+        hints = typing.get_type_hints(init, include_extras=True)
+    except Exception:
+        hints = {}
+    options = []
+    for p in sig.parameters.values():
+        if p.name == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        if p.kind is not p.KEYWORD_ONLY:
+            raise TypeError(
+                f"{cls.__name__}.__init__: option '{p.name}' must be keyword-only (put it after *)"
+            )
+        if p.default is p.empty:
+            raise TypeError(f"{cls.__name__}.__init__: option '{p.name}' needs a default")
+        hint = hints.get(p.name, type(p.default))
+        help_text = ""
+        if typing.get_origin(hint) is typing.Annotated:
+            base, *extras = typing.get_args(hint)
+            help_text = next((e for e in extras if isinstance(e, str)), "")
+            hint = base
+        if not isinstance(hint, type):
+            hint = type(p.default)
+        options.append(OptionInfo(p.name, hint, p.default, help_text))
+    return tuple(options)
+
+
+def canonical_name(name: str) -> str:
+    """``"1"``, ``"o1"`` -> ``"O1"``; other names unchanged."""
+    name = name.strip()
+    if name.isdigit():
+        return f"O{name}"
+    if len(name) == 2 and name[0] in "oO" and name[1].isdigit():
+        return "O" + name[1]
+    return name
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        import gcomp.passes  # noqa: F401  (registers the built-in passes and pipelines)

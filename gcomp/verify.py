@@ -1,0 +1,256 @@
+"""Numerical verification: the original and the transformed model, same inputs, same runtime.
+
+The reference runtime is ONNX Runtime on the CPU with its own graph optimizations off,
+so what is compared is gcomp's transformation, not ORT's. Every output is compared
+with explicit tolerances by dtype (:data:`TOLERANCES`):
+
+    |actual - expected| <= atol + rtol * |expected|      element-wise,
+
+NaN must sit where NaN sat, infinities must match exactly, integers, bools and strings
+must be equal, and shapes and dtypes must match. A model that cannot run on the
+inputs (no ORT kernel for an op, inputs gcomp cannot guess) is *unverified*, never
+*passed*: the reason says why and what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Tolerance",
+    "TOLERANCES",
+    "OutputCheck",
+    "Verification",
+    "Reference",
+    "CannotVerify",
+    "verify",
+    "compare_outputs",
+]
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from gcomp import inputs as _inputs
+from gcomp import io
+from gcomp.errors import BackendError
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+
+
+# Chosen for passes that reorder floating-point work (folding, fusion): a handful of
+# ulps of accumulated rounding on values of order one, never "rtol=1" equality.
+TOLERANCES: dict[str, Tolerance] = {
+    "float64": Tolerance(rtol=1e-9, atol=1e-12),
+    "float32": Tolerance(rtol=1e-4, atol=1e-5),
+    "float16": Tolerance(rtol=1e-2, atol=1e-3),
+    "bfloat16": Tolerance(rtol=2e-2, atol=1e-2),
+}
+EXACT = Tolerance(rtol=0.0, atol=0.0)
+
+
+@dataclass
+class OutputCheck:
+    name: str
+    dtype: str
+    shape: list[int]
+    ok: bool
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    mismatched: int = 0
+    detail: str = ""
+
+
+@dataclass
+class Verification:
+    """Outcome of comparing a transformed model with its original."""
+
+    status: str  # "passed" | "failed" | "unverified"
+    reason: str = ""
+    outputs: list[OutputCheck] = field(default_factory=list)
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    first_bad_pass: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((o.max_abs_error for o in self.outputs), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["max_abs_error"] = self.max_abs_error
+        return d
+
+    def summary(self) -> str:
+        if self.status == "passed":
+            return f"verified: {len(self.outputs)} output(s) match, max abs error {self.max_abs_error:.3g}"
+        if self.status == "unverified":
+            return f"not verified: {self.reason}"
+        where = f" (first bad pass: {self.first_bad_pass})" if self.first_bad_pass else ""
+        return f"verification FAILED: {self.reason}{where}"
+
+
+class CannotVerify(Exception):
+    """The original model cannot be run on these inputs; carries the reason."""
+
+
+def _reference_runtime(model: ir.Model | str | Path):
+    from gcomp.backends.ort import OrtBackend
+
+    return OrtBackend().compile(model, "cpu", optimization="disable")
+
+
+class Reference:
+    """The original model's outputs on a fixed set of inputs, to check candidates against."""
+
+    def __init__(
+        self,
+        feeds: dict[str, np.ndarray],
+        outputs: dict[str, Any],
+        notes: list[str],
+        tolerances: Mapping[str, Tolerance] | None = None,
+    ) -> None:
+        self.feeds = feeds
+        self.outputs = outputs
+        self.notes = notes
+        self.tolerances = dict(TOLERANCES, **(tolerances or {}))
+
+    @classmethod
+    def build(
+        cls,
+        original: ir.Model | str | Path,
+        *,
+        inputs: str | Path | Mapping[str, np.ndarray] | None = None,
+        input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        seed: int = 0,
+        tolerances: Mapping[str, Tolerance] | None = None,
+    ) -> Reference:
+        """Run the original model once; raise :class:`CannotVerify` when it cannot run."""
+        model = original if isinstance(original, ir.Model) else io.load(original, check=False)
+        if isinstance(inputs, (str, Path)):
+            given = _inputs.load_inputs(inputs, model)
+        else:
+            given = dict(inputs or {})
+        feeds, notes = _inputs.generate_inputs(model, shapes=dict(input_shapes or {}), given=given, seed=seed)
+        try:
+            runner = _reference_runtime(original)
+        except BackendError as e:
+            raise CannotVerify(f"the original model does not load in ONNX Runtime: {_strip(e)}") from None
+        try:
+            outputs = runner.run(feeds)
+        except BackendError as e:
+            hint = "" if inputs is not None else " (pass real inputs with --inputs or shapes with --input-shape)"
+            raise CannotVerify(
+                f"the original model does not run on the {'given' if inputs is not None else 'generated'} inputs: {_strip(e)}{hint}"
+            ) from None
+        return cls(feeds, outputs, notes, tolerances)
+
+    def check(self, candidate: ir.Model | str | Path) -> Verification:
+        """Run ``candidate`` on the reference inputs and compare every output."""
+        info = {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)} for k, v in self.feeds.items()}
+        try:
+            runner = _reference_runtime(candidate)
+            actual = runner.run(self.feeds)
+        except BackendError as e:
+            return Verification("failed", f"the transformed model does not run: {_strip(e)}", inputs=info, notes=list(self.notes))
+        checks = compare_outputs(self.outputs, actual, self.tolerances)
+        bad = [c for c in checks if not c.ok]
+        if bad:
+            reason = "; ".join(f"output '{c.name}': {c.detail}" for c in bad[:3])
+            return Verification("failed", reason, checks, info, list(self.notes))
+        return Verification("passed", "", checks, info, list(self.notes))
+
+
+def verify(
+    original: ir.Model | str | Path,
+    candidate: ir.Model | str | Path,
+    *,
+    inputs: str | Path | Mapping[str, np.ndarray] | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+    tolerances: Mapping[str, Tolerance] | None = None,
+) -> Verification:
+    """Compare two models on the same inputs; never raises for a model that cannot run."""
+    try:
+        ref = Reference.build(original, inputs=inputs, input_shapes=input_shapes, seed=seed, tolerances=tolerances)
+    except CannotVerify as e:
+        return Verification("unverified", str(e))
+    return ref.check(candidate)
+
+
+def compare_outputs(
+    expected: Mapping[str, Any], actual: Mapping[str, Any], tolerances: Mapping[str, Tolerance]
+) -> list[OutputCheck]:
+    checks = []
+    for name, exp in expected.items():
+        if name not in actual:
+            checks.append(OutputCheck(name, "?", [], False, detail="missing from the transformed model"))
+            continue
+        checks.append(_compare(name, exp, actual[name], tolerances))
+    for name in actual:
+        if name not in expected:
+            checks.append(OutputCheck(name, "?", [], False, detail="not an output of the original model"))
+    return checks
+
+
+def _compare(name: str, exp: Any, act: Any, tolerances: Mapping[str, Tolerance]) -> OutputCheck:
+    if isinstance(exp, list) or isinstance(act, list):  # sequence outputs
+        if not (isinstance(exp, list) and isinstance(act, list)) or len(exp) != len(act):
+            return OutputCheck(name, "sequence", [], False, detail="sequence length or kind differs")
+        parts = [_compare(f"{name}[{i}]", e, a, tolerances) for i, e in enumerate(exp) for a in [act[i]]]
+        bad = [p for p in parts if not p.ok]
+        return OutputCheck(
+            name, "sequence", [len(exp)], not bad,
+            max((p.max_abs_error for p in parts), default=0.0),
+            max((p.max_rel_error for p in parts), default=0.0),
+            sum(p.mismatched for p in parts), bad[0].detail if bad else "",
+        )
+    e = np.asarray(exp)
+    a = np.asarray(act)
+    dtype = str(e.dtype)
+    if e.dtype != a.dtype:
+        return OutputCheck(name, dtype, list(e.shape), False, detail=f"dtype {a.dtype} != {e.dtype}")
+    if e.shape != a.shape:
+        return OutputCheck(name, dtype, list(e.shape), False, detail=f"shape {list(a.shape)} != {list(e.shape)}")
+    if e.dtype.kind not in "fc" and dtype != "bfloat16":
+        diff = e != a
+        n = int(np.count_nonzero(diff))
+        err = 0.0
+        if n and e.dtype.kind in "iub":
+            err = float(np.max(np.abs(e.astype(np.float64) - a.astype(np.float64))))
+        return OutputCheck(name, dtype, list(e.shape), n == 0, err, 0.0, n, f"{n} element(s) differ (exact compare)" if n else "")
+    tol = tolerances.get(dtype, tolerances.get("float32"))
+    e64 = e.astype(np.float64)
+    a64 = a.astype(np.float64)
+    nan_e, nan_a = np.isnan(e64), np.isnan(a64)
+    inf_e, inf_a = np.isinf(e64), np.isinf(a64)
+    bad = (nan_e != nan_a) | ((inf_e | inf_a) & ~(nan_e | nan_a) & (e64 != a64))
+    finite = np.isfinite(e64) & np.isfinite(a64)
+    absdiff = np.where(finite, np.abs(a64 - e64), 0.0)
+    bad |= absdiff > tol.atol + tol.rtol * np.abs(np.where(finite, e64, 0.0))
+    rel = absdiff / np.maximum(np.abs(np.where(finite, e64, 0.0)), np.finfo(np.float64).tiny)
+    rel = np.where(absdiff > 0, rel, 0.0)
+    n = int(np.count_nonzero(bad))
+    max_abs = float(absdiff.max()) if absdiff.size else 0.0
+    max_rel = float(rel.max()) if rel.size else 0.0
+    detail = ""
+    if n:
+        detail = (
+            f"{n} of {e.size} element(s) beyond rtol={tol.rtol:g}, atol={tol.atol:g} "
+            f"(max abs error {max_abs:.3g}, max rel error {max_rel:.3g})"
+        )
+    return OutputCheck(name, dtype, list(e.shape), n == 0, max_abs, max_rel, n, detail)
+
+
+def _strip(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,15 @@
+"""gcomp's passes, one module per family; importing this package registers them.
+
+- ``validate``: the ONNX checker as a pass (pipeline O0).
+- ``cleanup``: housekeeping built on onnx-ir's common passes (unused nodes,
+  functions, opsets; identity elimination; initializer dedup; topological sort).
+- ``cse``: common-subexpression elimination that walks subgraphs and functions.
+- ``pipelines``: the named pipelines O0, O1, ... built from the passes above.
+"""
+
+from __future__ import annotations
+
+from gcomp.passes import cleanup, cse, validate  # noqa: F401
+from gcomp.passes import pipelines  # noqa: F401  (after the passes it names)
+
+__all__ = ["cleanup", "cse", "validate", "pipelines"]
