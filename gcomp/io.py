@@ -77,19 +77,22 @@ def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
         ) from None
     if proto.ir_version == 0 or not proto.HasField("graph"):
         raise ModelLoadError(f"{p}: not an ONNX model (no ir_version or graph)")
-    if check:
-        try:
-            onnx.checker.check_model(proto)
-        except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
-            raise ModelLoadError(f"{p}: fails the ONNX checker: {_first_line(e)}") from None
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:  # onnx-ir raises assorted types on malformed protos
         raise ModelLoadError(f"{p}: cannot be read into the IR: {_first_line(e)}") from None
-    del proto
     base_dir = p.resolve().parent
     ir.external_data.set_base_dir(model.graph, base_dir)
     _check_external_data(model, p, base_dir)
+    if check:
+        try:
+            # With external data, check by path: the checker resolves data files against
+            # the model's folder only when it knows the path (else against the cwd).
+            has_external = any(True for _ in external_tensors(model))
+            onnx.checker.check_model(str(p) if has_external else proto)
+        except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"{p}: fails the ONNX checker: {_first_line(e)}") from None
+    del proto
     model.meta[_SOURCE_KEY] = str(p.resolve())
     return model
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["GraphBuilder", "IR_VERSION", "OPSET", "PRODUCER_NAME", "PRODUCER_VERSION"]
+__all__ = ["IR_VERSION", "OPSET", "PRODUCER_NAME", "PRODUCER_VERSION", "GraphBuilder"]
 
 IR_VERSION = 10
 OPSET = 17

@@ -48,7 +48,11 @@ def write_default(path: str | Path = DEFAULT_PATH) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "-o", "--output", type=Path, default=DEFAULT_PATH, help="where to write (default: %(default)s)"
+        "-o",
+        "--output",
+        type=Path,
+        default=DEFAULT_PATH,
+        help="where to write (default: %(default)s)",
     )
     args = parser.parse_args(argv)
     path = write_default(args.output)

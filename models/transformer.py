@@ -106,9 +106,7 @@ def _split_heads(
     return g.op("Transpose", [y], {"perm": perm})
 
 
-def _attention(
-    g: GraphBuilder, x: ir.Value, prefix: str, hidden: int, heads: int
-) -> ir.Value:
+def _attention(g: GraphBuilder, x: ir.Value, prefix: str, hidden: int, heads: int) -> ir.Value:
     head_dim = hidden // heads
     with g.scope("self"):
         q = _linear(g, x, f"{prefix}.self.query", hidden, hidden)

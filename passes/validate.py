@@ -13,6 +13,7 @@ from typing import Annotated
 
 import onnx_ir as ir
 
+from gcomp import io
 from gcomp.errors import GcompError
 from gcomp.registry import register_pass
 
@@ -37,9 +38,41 @@ class ValidatePass(ir.passes.InPlacePass):
         import onnx  # the checker works on protobuf; this is the I/O edge
 
         proto = ir.serde.serialize_model(model)
+        externals = list(io.external_tensors(model))
         try:
-            onnx.checker.check_model(proto, full_check=self.full_check)
+            if externals:
+                _check_with_external_data(proto, externals, self.full_check)
+            else:
+                onnx.checker.check_model(proto, full_check=self.full_check)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelInvalidError(f"model fails the ONNX checker: {first}") from None
         return ir.passes.PassResult(model, modified=False)
+
+
+def _check_with_external_data(proto, externals: list[ir.ExternalTensor], full_check: bool) -> None:
+    """Check a model whose weights live in files elsewhere, without reading them.
+
+    The checker resolves external data against the folder of the file it checks (or
+    the cwd for an in-memory proto) and refuses symlinks, so it cannot check data
+    files in place; :func:`gcomp.io.load` already checked them (existence, bounds,
+    containment). Here each external initializer of the main graph becomes a graph
+    input of the same type and shape: structure, schemas and (with ``full_check``)
+    shape inference are checked exactly as before.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = proto.graph
+    inputs = {i.name for i in graph.input}
+    kept = []
+    for init in graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL:
+            if init.name not in inputs:
+                graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            kept.append(init)
+    if len(kept) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    onnx.checker.check_model(proto, full_check=full_check)

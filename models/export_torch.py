@@ -1,0 +1,424 @@
+"""Export real architectures with random weights to ONNX (needs the ``export`` extra).
+
+Usage::
+
+    python models/export_torch.py {bert,gpt2,resnet,vit,mobilenetv2} [...] -o DIR [--dynamo]
+
+Each model is built from a small ``transformers`` config with random initialisation
+(seeded), put in eval mode, wrapped so that it takes and returns plain tensors, and
+exported with ``torch.onnx.export`` (the TorchScript exporter, ``dynamo=False``, opset
+17 by default; ``--dynamo`` uses the ``torch.export``-based exporter). The file is
+written to ``DIR/<name>.onnx`` without external data, then checked with ``onnx`` and
+compared against PyTorch with ONNX Runtime when those are importable.
+
+Requires ``pip install torch==2.13.0 transformers`` (``pip install -e .[export]``);
+torch and transformers are imported inside functions so this module imports without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EXPORTERS", "ExportSpec", "export", "main"]
+
+INSTALL_HINT = "install the export extra: pip install torch==2.13.0 transformers"
+TORCH_VERSION = "2.13.0"
+
+
+@dataclass
+class ExportSpec:
+    """A module ready for export: example inputs and the ONNX signature."""
+
+    module: Any  # torch.nn.Module
+    args: tuple  # example inputs, in forward() order
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+
+
+def _require_torch() -> tuple[Any, Any]:
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        print(INSTALL_HINT, file=sys.stderr)
+        raise SystemExit(2) from None
+    return torch, transformers
+
+
+def _generator(torch: Any, seed: int) -> Any:
+    return torch.Generator().manual_seed(seed)
+
+
+def _recalibrate_batchnorm(torch: Any, model: Any, image_shape: tuple, seed: int, steps: int = 4):
+    """Recompute BatchNorm running statistics on random images (cumulative average).
+
+    With random weights the stored statistics (0 / 1) do not match the activations, which
+    then shrink or blow up layer after layer; recalibrating keeps every BN output near
+    zero mean and unit variance, so the exported model's outputs are meaningful.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average over the calibration batches
+    gen = _generator(torch, seed + 1)
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(8, *image_shape, generator=gen))
+    model.eval()
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+
+
+# --------------------------------------------------------------------------- models
+def bert(*, seed: int = 0, batch: int = 2, seq: int = 128) -> ExportSpec:
+    torch, transformers = _require_torch()
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=8192,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        max_position_embeddings=512,
+        hidden_act="gelu",
+        attn_implementation="eager",
+    )
+    model = transformers.BertModel(config).eval()
+
+    class Bert(torch.nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                return_dict=False,
+            )
+            return out[0], out[1]
+
+    gen = _generator(torch, seed)
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
+    attention_mask = torch.ones(batch, seq, dtype=torch.int64)
+    token_type_ids = torch.zeros(batch, seq, dtype=torch.int64)
+    axes = {0: "batch", 1: "seq"}
+    return ExportSpec(
+        module=Bert(model).eval(),
+        args=(input_ids, attention_mask, token_type_ids),
+        input_names=["input_ids", "attention_mask", "token_type_ids"],
+        output_names=["last_hidden_state", "pooler_output"],
+        dynamic_axes={
+            "input_ids": axes,
+            "attention_mask": axes,
+            "token_type_ids": axes,
+            "last_hidden_state": axes,
+            "pooler_output": {0: "batch"},
+        },
+    )
+
+
+def gpt2(*, seed: int = 0, batch: int = 2, seq: int = 128) -> ExportSpec:
+    torch, transformers = _require_torch()
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        vocab_size=8192,
+        n_positions=512,
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        use_cache=False,
+        attn_implementation="eager",
+    )
+    model = transformers.GPT2Model(config).eval()
+
+    class GPT2(torch.nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            # GPT2Model's second positional parameter is past_key_values: the mask must be
+            # passed by keyword.
+            return self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                return_dict=False,
+            )[0]
+
+    gen = _generator(torch, seed)
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
+    attention_mask = torch.ones(batch, seq, dtype=torch.int64)
+    axes = {0: "batch", 1: "seq"}
+    return ExportSpec(
+        module=GPT2(model).eval(),
+        args=(input_ids, attention_mask),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["last_hidden_state"],
+        dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
+    )
+
+
+def _image_classifier(
+    torch: Any, model: Any, *, seed: int, batch: int, image_size: int
+) -> ExportSpec:
+    class ImageClassifier(torch.nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: Any) -> Any:
+            return self.model(pixel_values=pixel_values, return_dict=False)[0]  # logits
+
+    gen = _generator(torch, seed)
+    pixel_values = torch.randn(batch, 3, image_size, image_size, generator=gen)
+    return ExportSpec(
+        module=ImageClassifier(model).eval(),
+        args=(pixel_values,),
+        input_names=["pixel_values"],
+        output_names=["logits"],
+        dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+    )
+
+
+def resnet(*, seed: int = 0, batch: int = 2, image_size: int = 224) -> ExportSpec:
+    torch, transformers = _require_torch()
+    torch.manual_seed(seed)
+    config = transformers.ResNetConfig(
+        num_channels=3,
+        embedding_size=32,
+        hidden_sizes=[32, 64, 128, 256],
+        depths=[2, 2, 2, 2],
+        layer_type="basic",
+        hidden_act="relu",
+        num_labels=10,
+    )
+    model = transformers.ResNetForImageClassification(config)
+    _recalibrate_batchnorm(torch, model, (3, image_size, image_size), seed)
+    return _image_classifier(torch, model.eval(), seed=seed, batch=batch, image_size=image_size)
+
+
+def vit(*, seed: int = 0, batch: int = 2, image_size: int = 224) -> ExportSpec:
+    torch, transformers = _require_torch()
+    torch.manual_seed(seed)
+    config = transformers.ViTConfig(
+        image_size=image_size,
+        patch_size=16,
+        num_channels=3,
+        hidden_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=3,
+        intermediate_size=768,
+        num_labels=10,
+        attn_implementation="eager",
+    )
+    model = transformers.ViTForImageClassification(config).eval()
+    return _image_classifier(torch, model, seed=seed, batch=batch, image_size=image_size)
+
+
+def mobilenetv2(*, seed: int = 0, batch: int = 2, image_size: int = 224) -> ExportSpec:
+    torch, transformers = _require_torch()
+    torch.manual_seed(seed)
+    config = transformers.MobileNetV2Config(
+        num_channels=3,
+        image_size=image_size,
+        depth_multiplier=1.0,
+        num_labels=10,
+    )
+    model = transformers.MobileNetV2ForImageClassification(config)
+    # The library's random init (normal, std 0.02, for every conv) makes the activations
+    # vanish within a few blocks: use He init for convs, identity BNs, then recalibrate.
+    nn = torch.nn
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+                m.reset_running_stats()
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+    _recalibrate_batchnorm(torch, model, (3, image_size, image_size), seed)
+    return _image_classifier(torch, model.eval(), seed=seed, batch=batch, image_size=image_size)
+
+
+EXPORTERS: dict[str, Callable[..., ExportSpec]] = {
+    "bert": bert,
+    "gpt2": gpt2,
+    "resnet": resnet,
+    "vit": vit,
+    "mobilenetv2": mobilenetv2,
+}
+
+
+# --------------------------------------------------------------------------- export
+def _to_numpy(tensor: Any) -> Any:
+    return tensor.detach().cpu().numpy()
+
+
+def _check(path: Path, spec: ExportSpec, expected: list[Any]) -> None:
+    """Check the file with onnx and compare ONNX Runtime against PyTorch (best effort)."""
+    try:
+        import numpy as np
+        import onnx
+    except ImportError:
+        return
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    print(
+        f"  {len(proto.graph.node)} nodes, {len(proto.graph.initializer)} initializers, opset {opset}"
+    )
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {name: _to_numpy(arg) for name, arg in zip(spec.input_names, spec.args)}
+    got = sess.run(None, feed)
+    for name, ref, out in zip(spec.output_names, expected, got):
+        ref = _to_numpy(ref)
+        diff = float(np.max(np.abs(ref - out))) if ref.size else 0.0
+        finite = bool(np.isfinite(out).all())
+        print(
+            f"  {name}: shape {list(out.shape)}, std {float(np.std(out)):.4g}, "
+            f"max |ort - torch| {diff:.3g}, finite {finite}"
+        )
+        if not finite:
+            raise RuntimeError(f"{path}: output {name} is not finite")
+
+
+def _dynamic_shapes(torch: Any, spec: ExportSpec) -> dict[str, dict[int, Any]]:
+    """``dynamic_axes`` of the inputs as ``torch.export`` dynamic shapes."""
+    limits = {"seq": 512}  # positions are embedded from a table of 512 rows
+    dims: dict[str, Any] = {}
+    shapes: dict[str, dict[int, Any]] = {}
+    for name in spec.input_names:
+        shapes[name] = {}
+        for axis, axis_name in spec.dynamic_axes.get(name, {}).items():
+            if axis_name not in dims:
+                dims[axis_name] = torch.export.Dim(axis_name, max=limits.get(axis_name, 1024))
+            shapes[name][axis] = dims[axis_name]
+    return shapes
+
+
+def export(
+    name: str,
+    out_dir: str | Path,
+    *,
+    dynamo: bool = False,
+    opset: int = 17,
+    seed: int = 0,
+    check: bool = True,
+) -> Path:
+    """Export model ``name`` (a key of :data:`EXPORTERS`) to ``out_dir/<name>.onnx``."""
+    torch, _ = _require_torch()
+    if not torch.__version__.startswith(TORCH_VERSION):
+        print(
+            f"warning: tested with torch {TORCH_VERSION}, found {torch.__version__}",
+            file=sys.stderr,
+        )
+    spec = EXPORTERS[name](seed=seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.onnx"
+
+    with torch.no_grad():
+        expected = spec.module(*spec.args)
+    expected = list(expected) if isinstance(expected, (tuple, list)) else [expected]
+
+    common = {
+        "input_names": spec.input_names,
+        "output_names": spec.output_names,
+        "opset_version": opset,
+    }
+    if dynamo:
+        # torch.export wants dynamic_shapes keyed by forward() parameter (named like the
+        # inputs); one Dim object per axis name ties equal dimensions across inputs.
+        torch.onnx.export(
+            spec.module,
+            spec.args,
+            str(path),
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes=_dynamic_shapes(torch, spec),
+            **common,
+        )
+    else:
+        torch.onnx.export(
+            spec.module,
+            spec.args,
+            str(path),
+            dynamo=False,
+            dynamic_axes=spec.dynamic_axes,
+            **common,
+        )
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+    if check:
+        _check(path, spec, expected)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Export real architectures with random weights to ONNX."
+    )
+    parser.add_argument(
+        "models",
+        nargs="+",
+        choices=sorted(EXPORTERS),
+        metavar="MODEL",
+        help=f"one or more of: {', '.join(EXPORTERS)}",
+    )
+    parser.add_argument(
+        "-o",
+        "--output-dir",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="folder to write <model>.onnx into",
+    )
+    parser.add_argument(
+        "--dynamo",
+        action="store_true",
+        help="use the torch.export-based exporter (default: TorchScript)",
+    )
+    parser.add_argument("--opset", type=int, default=17, help="opset version (default: 17)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the onnx checker and the ONNX Runtime comparison",
+    )
+    args = parser.parse_args(argv)
+
+    _require_torch()  # fail fast with the install hint
+    for name in args.models:
+        export(
+            name,
+            args.output_dir,
+            dynamo=args.dynamo,
+            opset=args.opset,
+            seed=args.seed,
+            check=not args.no_check,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

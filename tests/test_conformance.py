@@ -1,0 +1,294 @@
+"""Conformance: gcomp's pipelines keep every ONNX backend node test case correct.
+
+The ONNX backend node test cases (``onnx.backend.test.case.node``, ~1,900 one-op
+models with inputs and expected outputs) are run in-process on ONNX Runtime (CPU,
+graph optimizations off). The cases ORT itself gets right on the original model form
+the *ORT-passing set*; the others are excluded and counted by reason (load error, run
+error, mismatch). Every case of that set must still match its expected outputs, with
+the case's own tolerances, after each pipeline in :data:`PIPELINES`.
+
+Run::
+
+    .venv/bin/python -m pytest tests/test_conformance.py -q -s
+
+The summary line is printed even on success (and recorded with ``record_property``).
+A later pipeline joins by being added to :data:`PIPELINES`; the ORT-passing set is
+computed once per session for all of them.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+# Pipelines checked against the ORT-passing set; O2/O3 join here.
+PIPELINES = ["O1"]
+
+# A harness that excludes (nearly) everything must not pass vacuously.
+MIN_ORT_PASSING = 1500
+
+# How many failures the assertion message lists.
+MAX_LISTED = 20
+
+ort = pytest.importorskip("onnxruntime")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@functools.lru_cache(maxsize=1)
+def node_cases() -> tuple[Any, ...]:
+    """The ONNX backend node test cases, collected once per process (~5-10 s)."""
+    from onnx.backend.test.case.node import collect_testcases
+
+    with warnings.catch_warnings():
+        # The case generators overflow/divide by zero on purpose (inf/NaN cases).
+        warnings.simplefilter("ignore")
+        return tuple(collect_testcases(None))
+
+
+def _session_options() -> Any:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    return so
+
+
+def _normalize(value: Any) -> Any:
+    """A test-case value as ORT takes/returns it: ndarray, list of them, or None."""
+    if value is None:
+        return None
+    if isinstance(value, onnx.TensorProto):
+        return onnx.numpy_helper.to_array(value)
+    if isinstance(value, (list, tuple)):
+        return [_normalize(v) for v in value]
+    if isinstance(value, dict):  # maps (not in the node cases today)
+        return {k: _normalize(v) for k, v in value.items()}
+    return np.asarray(value)
+
+
+def _one_line(text: object, limit: int = 200) -> str:
+    s = str(text).strip()
+    s = s.splitlines()[0] if s else ""
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _float_like(dtype: np.dtype) -> bool:
+    """Floating dtypes, including ml_dtypes' (bfloat16, float8*, float4*)."""
+    if np.issubdtype(dtype, np.floating):
+        return True
+    return dtype.kind == "V" or dtype.name.startswith(("bfloat", "float"))
+
+
+def _compare(expected: Any, actual: Any, rtol: float, atol: float, where: str) -> str | None:
+    """None when ``actual`` matches ``expected``; else a one-line reason.
+
+    Floats: numpy ``assert_allclose`` semantics (``|a-e| <= atol + rtol*|e|``, NaN
+    where NaN, inf equal); bfloat16/float8/float4 are compared in float32 with at
+    least two bfloat16 ulps of rtol (as onnx's own backend runner does). Everything
+    else (ints, bools, strings): exact. Shapes and dtypes must match. Sequences
+    compare element-wise; an optional is None on both sides or matches.
+    """
+    if expected is None or actual is None:
+        if expected is None and actual is None:
+            return None
+        return f"{where}: expected {type(expected).__name__}, got {type(actual).__name__}"
+    if isinstance(expected, list):
+        if not isinstance(actual, list):
+            return f"{where}: expected a sequence, got {type(actual).__name__}"
+        if len(expected) != len(actual):
+            return f"{where}: sequence length {len(actual)} != expected {len(expected)}"
+        for j, (e, a) in enumerate(zip(expected, actual)):
+            reason = _compare(e, a, rtol, atol, f"{where}[{j}]")
+            if reason:
+                return reason
+        return None
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict) or set(expected) != set(actual):
+            return f"{where}: map keys differ"
+        for k in expected:
+            reason = _compare(expected[k], actual[k], rtol, atol, f"{where}[{k!r}]")
+            if reason:
+                return reason
+        return None
+    if not isinstance(actual, np.ndarray):
+        actual = np.asarray(actual)
+    if actual.shape != expected.shape:
+        return f"{where}: shape {actual.shape} != expected {expected.shape}"
+    if expected.dtype == object or expected.dtype.kind in "US":
+        # Strings: exact, element-wise (ORT returns object arrays of str).
+        if actual.dtype != object and actual.dtype.kind not in "US":
+            return f"{where}: dtype {actual.dtype} != expected strings"
+        if expected.tolist() != actual.tolist():
+            return f"{where}: strings differ"
+        return None
+    if actual.dtype != expected.dtype:
+        return f"{where}: dtype {actual.dtype} != expected {expected.dtype}"
+    if _float_like(expected.dtype):
+        e, a, r = expected, actual, rtol
+        if expected.dtype.name not in ("float16", "float32", "float64"):
+            e, a, r = expected.astype(np.float32), actual.astype(np.float32), max(rtol, 2**-6)
+        try:
+            np.testing.assert_allclose(a, e, rtol=r, atol=atol)
+        except AssertionError as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            detail = "; ".join(ln for ln in lines if ln.startswith(("Mismatched", "Max")))
+            return f"{where}: values differ ({detail or 'allclose failed'})"
+        return None
+    if not np.array_equal(actual, expected):
+        n = int(np.count_nonzero(actual != expected))
+        return f"{where}: {n} of {expected.size} elements differ (exact compare)"
+    return None
+
+
+@dataclass
+class Outcome:
+    """One run of one model on one case: ``category`` is None when it matched."""
+
+    category: str | None  # None | "load error" | "run error" | "mismatch"
+    reason: str = ""
+
+
+def run_case(model_bytes: bytes, case: Any) -> Outcome:
+    """Run ``model_bytes`` on ORT (CPU, optimizations off) on each data set of ``case``."""
+    model = onnx.ModelProto.FromString(model_bytes)
+    initializers = {t.name for t in model.graph.initializer}
+    feed_names = [i.name for i in model.graph.input if i.name not in initializers]
+    try:
+        sess = ort.InferenceSession(
+            model_bytes, sess_options=_session_options(), providers=["CPUExecutionProvider"]
+        )
+    except Exception as e:  # noqa: BLE001  (ORT raises several unrelated types)
+        return Outcome("load error", f"{type(e).__name__}: {_one_line(e)}")
+    for k, (inputs, expected) in enumerate(case.data_sets):
+        if len(inputs) != len(feed_names):
+            return Outcome(
+                "run error", f"data set {k}: {len(inputs)} inputs for {len(feed_names)} graph inputs"
+            )
+        feeds = {name: _normalize(v) for name, v in zip(feed_names, inputs)}
+        try:
+            actual = sess.run(None, feeds)
+        except Exception as e:  # noqa: BLE001
+            return Outcome("run error", f"{type(e).__name__}: {_one_line(e)}")
+        expected = [_normalize(v) for v in expected]
+        if len(actual) != len(expected):
+            return Outcome("mismatch", f"{len(actual)} outputs, expected {len(expected)}")
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            reason = _compare(e, a, case.rtol, case.atol, f"output {i}")
+            if reason:
+                return Outcome("mismatch", reason)
+    return Outcome(None)
+
+
+@dataclass
+class Baseline:
+    """The node cases split into the ORT-passing set and the excluded ones."""
+
+    total: int
+    passing: list[tuple[Any, bytes]]  # (case, serialized original model)
+    excluded: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # category -> (name, reason)
+    seconds: float = 0.0
+
+    def excluded_counts(self) -> dict[str, int]:
+        return {k: len(v) for k, v in sorted(self.excluded.items())}
+
+
+@functools.lru_cache(maxsize=1)
+def ort_baseline() -> Baseline:
+    t0 = time.perf_counter()
+    cases = node_cases()
+    passing: list[tuple[Any, bytes]] = []
+    excluded: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+    for case in cases:
+        data = case.model.SerializeToString()
+        outcome = run_case(data, case)
+        if outcome.category is None:
+            passing.append((case, data))
+        else:
+            excluded[outcome.category].append((case.name, outcome.reason))
+    return Baseline(len(cases), passing, dict(excluded), time.perf_counter() - t0)
+
+
+def optimize_and_run(pipeline: str, case: Any, model_bytes: bytes) -> str | None:
+    """None when ``case`` still passes after ``pipeline``; else a one-line reason."""
+    import gcomp
+
+    original = onnx.ModelProto.FromString(model_bytes)
+    try:
+        model = ir.serde.deserialize_model(onnx.ModelProto.FromString(model_bytes))
+        result = gcomp.optimize(model, pipeline, verify=False)
+        optimized = ir.serde.serialize_model(result.model)
+        data = optimized.SerializeToString()
+    except Exception as e:  # noqa: BLE001  (GcompError or a gcomp bug: both fail the case)
+        return f"gcomp raised {type(e).__name__}: {_one_line(e)}"
+    # The interface must survive: same graph input and output names, in order.
+    inits = lambda m: {t.name for t in m.graph.initializer}  # noqa: E731
+    ins = lambda m: [i.name for i in m.graph.input if i.name not in inits(m)]  # noqa: E731
+    outs = lambda m: [o.name for o in m.graph.output]  # noqa: E731
+    if ins(optimized) != ins(original):
+        return f"graph inputs changed: {ins(original)} -> {ins(optimized)}"
+    if outs(optimized) != outs(original):
+        return f"graph outputs changed: {outs(original)} -> {outs(optimized)}"
+    outcome = run_case(data, case)
+    if outcome.category is None:
+        return None
+    return f"{outcome.category} after {pipeline}: {outcome.reason}"
+
+
+# --------------------------------------------------------------------------- the test
+
+
+@pytest.fixture(scope="module")
+def baseline() -> Baseline:
+    return ort_baseline()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_node_cases_still_pass(pipeline: str, baseline: Baseline, record_property, capsys) -> None:
+    t0 = time.perf_counter()
+    failures: list[tuple[str, str]] = []
+    for case, data in baseline.passing:
+        reason = optimize_and_run(pipeline, case, data)
+        if reason is not None:
+            failures.append((case.name, reason))
+    seconds = time.perf_counter() - t0
+
+    n, p = baseline.total, len(baseline.passing)
+    q = p - len(failures)
+    excluded = baseline.excluded_counts()
+    record_property("pipeline", pipeline)
+    record_property("node_cases", n)
+    record_property("ort_passing", p)
+    record_property("still_passing", q)
+    record_property("excluded", excluded)
+    pct = 100.0 * q / p if p else 0.0
+    excl = ", ".join(f"{k}: {v}" for k, v in excluded.items()) or "none"
+    with capsys.disabled():
+        print(
+            f"\nconformance: {n} node cases, {p} pass on ORT (original), "
+            f"{q} of {p} still pass after {pipeline} ({pct:.2f}%)"
+            f"\nconformance: excluded {n - p} ({excl}); "
+            f"baseline {baseline.seconds:.1f}s, {pipeline} {seconds:.1f}s"
+        )
+
+    assert p >= MIN_ORT_PASSING, (
+        f"only {p} of {n} node cases pass on ORT unoptimized (need {MIN_ORT_PASSING}): "
+        f"the harness is likely broken; excluded: {excl}"
+    )
+    listed = "\n".join(f"  {name}: {reason}" for name, reason in failures[:MAX_LISTED])
+    more = f"\n  ... and {len(failures) - MAX_LISTED} more" if len(failures) > MAX_LISTED else ""
+    assert not failures, (
+        f"{len(failures)} of {p} ORT-passing node cases fail after {pipeline}:\n{listed}{more}"
+    )
