@@ -90,8 +90,8 @@ class CommonSubexpressionElimination(ir.passes.InPlacePass):
         )
 
 
-def _attr_key(attr: ir.Attr | ir.RefAttr, size_limit: int) -> Any:
-    if isinstance(attr, ir.RefAttr):
+def _attr_key(attr: ir.Attr, size_limit: int) -> Any:
+    if attr.is_ref():
         return ("ref", attr.ref_attr_name)
     t = attr.type
     if t in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):

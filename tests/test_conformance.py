@@ -78,6 +78,49 @@ def _normalize(value: Any) -> Any:
     return np.asarray(value)
 
 
+# ml_dtypes types numpy cannot hand to ORT but whose bytes ORT takes as they are (one
+# element per byte or per two bytes). Sub-byte types (int4, uint4, int2, uint2, float4)
+# are packed in ORT and not fed; their cases stay excluded as run errors.
+_BYTE_SIZED_ML_TYPES = frozenset(
+    {"BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0"}
+)
+
+
+def _onnx_type_name(dtype: np.dtype) -> str | None:
+    """'FLOAT8E4M3FN' for an ml_dtypes dtype ORT takes byte-for-byte; else None."""
+    if dtype.kind != "V":
+        return None
+    try:
+        name = onnx.TensorProto.DataType.Name(onnx.helper.np_dtype_to_tensor_dtype(dtype))
+    except (KeyError, ValueError, TypeError):
+        return None
+    return name if name in _BYTE_SIZED_ML_TYPES else None
+
+
+def _feed(value: Any) -> Any:
+    """``value`` as ORT's ``run`` takes it; bfloat16/float8 arrays go in as OrtValues."""
+    if isinstance(value, np.ndarray) and _onnx_type_name(value.dtype):
+        raw = np.ascontiguousarray(value).view(np.uint8 if value.dtype.itemsize == 1 else np.uint16)
+        onnx_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, onnx_type)
+    return value
+
+
+def _as_expected_type(actual: Any, expected: Any, ort_type: str) -> Any:
+    """ORT returns bfloat16/float8 outputs as raw uint16/uint8: view them as ``expected``'s type."""
+    if not (isinstance(actual, np.ndarray) and isinstance(expected, np.ndarray)):
+        return actual
+    name = _onnx_type_name(expected.dtype)
+    if (
+        name
+        and ort_type == f"tensor({name.lower()})"
+        and actual.dtype.kind == "u"
+        and actual.dtype.itemsize == expected.dtype.itemsize
+    ):
+        return actual.view(expected.dtype)
+    return actual
+
+
 def _one_line(text: object, limit: int = 200) -> str:
     s = str(text).strip()
     s = s.splitlines()[0] if s else ""
@@ -176,7 +219,9 @@ def run_case(model_bytes: bytes, case: Any) -> Outcome:
             return Outcome(
                 "run error", f"data set {k}: {len(inputs)} inputs for {len(feed_names)} graph inputs"
             )
-        feeds = {name: _normalize(v) for name, v in zip(feed_names, inputs)}
+        # Kept alive for the run: OrtValues made by _feed point into these arrays.
+        arrays = [_normalize(v) for v in inputs]
+        feeds = {name: _feed(v) for name, v in zip(feed_names, arrays)}
         try:
             actual = sess.run(None, feeds)
         except Exception as e:  # noqa: BLE001
@@ -184,7 +229,9 @@ def run_case(model_bytes: bytes, case: Any) -> Outcome:
         expected = [_normalize(v) for v in expected]
         if len(actual) != len(expected):
             return Outcome("mismatch", f"{len(actual)} outputs, expected {len(expected)}")
+        ort_types = [o.type for o in sess.get_outputs()]
         for i, (e, a) in enumerate(zip(expected, actual)):
+            a = _as_expected_type(a, e, ort_types[i])
             reason = _compare(e, a, case.rtol, case.atol, f"output {i}")
             if reason:
                 return Outcome("mismatch", reason)

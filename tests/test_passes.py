@@ -1,0 +1,190 @@
+"""Every O1 pass proven numerically on ORT (optimizations off), plus structure and no-op cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from gcomp import registry
+from tests.conftest import assert_same_outputs, make_model, tensor, vinfo
+
+FEEDS = {"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)}
+
+
+def run_pass(name: str, proto: onnx.ModelProto, **options):
+    model = ir.from_proto(proto)
+    result = registry.get_pass(name).create(**options)(model)
+    return result, ir.to_proto(result.model)
+
+
+def ops(proto: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in proto.graph.node]
+
+
+def test_cse_merges_duplicates_and_is_exact(small_model):
+    result, after = run_pass("cse", small_model)
+    assert result.modified
+    assert ops(after).count("Relu") == 1
+    assert_same_outputs(small_model, after, FEEDS, rtol=0, atol=0)
+
+
+def test_cse_no_op_reports_unmodified():
+    proto = make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [vinfo("x")], [vinfo("y")])
+    result, _ = run_pass("cse", proto)
+    assert not result.modified
+
+
+@pytest.mark.parametrize("op", ["RandomNormalLike", "RandomUniformLike", "Bernoulli"])
+def test_cse_refuses_nondeterministic_ops(op):
+    nodes = [
+        helper.make_node(op, ["x"], ["a"], name="r1"),
+        helper.make_node(op, ["x"], ["b"], name="r2"),
+        helper.make_node("Add", ["a", "b"], ["y"], name="add"),
+    ]
+    proto = make_model(nodes, [vinfo("x")], [vinfo("y")], opset=17)
+    result, after = run_pass("cse", proto)
+    assert not result.modified
+    assert ops(after).count(op) == 2
+
+
+def test_cse_refuses_custom_domain_ops():
+    nodes = [
+        helper.make_node("Sample", ["x"], ["a"], name="s1", domain="com.example"),
+        helper.make_node("Sample", ["x"], ["b"], name="s2", domain="com.example"),
+        helper.make_node("Add", ["a", "b"], ["y"], name="add"),
+    ]
+    proto = make_model(nodes, [vinfo("x")], [vinfo("y")], extra_opsets=[helper.make_opsetid("com.example", 1)])
+    result, after = run_pass("cse", proto)
+    assert not result.modified
+
+
+def test_cse_keeps_both_graph_output_names():
+    nodes = [
+        helper.make_node("Relu", ["x"], ["y1"], name="r1"),
+        helper.make_node("Relu", ["x"], ["y2"], name="r2"),
+    ]
+    proto = make_model(nodes, [vinfo("x")], [vinfo("y1"), vinfo("y2")])
+    result, after = run_pass("cse", proto)
+    assert result.modified
+    assert [o.name for o in after.graph.output] == ["y1", "y2"]
+    assert ops(after).count("Relu") == 1
+    onnx.checker.check_model(after, full_check=True)
+    assert_same_outputs(proto, after, FEEDS, rtol=0, atol=0)
+
+
+def test_cse_inside_if_branches():
+    def branch(name):
+        return helper.make_graph(
+            [
+                helper.make_node("Relu", ["x"], ["a"], name=f"{name}_r1"),
+                helper.make_node("Relu", ["x"], ["b"], name=f"{name}_r2"),
+                helper.make_node("Add", ["a", "b"], [f"{name}_out"], name=f"{name}_add"),
+            ],
+            name, [], [vinfo(f"{name}_out")],
+        )
+
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
+        helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+        helper.make_node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("else"), name="if"),
+    ]
+    proto = make_model(nodes, [vinfo("x")], [vinfo("y")], [tensor("zero", np.float32(0))])
+    result, after = run_pass("cse", proto)
+    assert result.modified
+    then = next(a.g for a in after.graph.node[2].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then.node].count("Relu") == 1
+    for sign in (1, -1):
+        assert_same_outputs(proto, after, {"x": sign * np.abs(FEEDS["x"])}, rtol=0, atol=0)
+
+
+def test_eliminate_identity(small_model):
+    result, after = run_pass("eliminate-identity", small_model)
+    assert result.modified and "Identity" not in ops(after)
+    assert_same_outputs(small_model, after, FEEDS, rtol=0, atol=0)
+    again, _ = run_pass("eliminate-identity", after)
+    assert not again.modified
+
+
+def test_remove_unused_nodes(small_model):
+    result, after = run_pass("remove-unused-nodes", small_model)
+    assert result.modified and "Neg" not in ops(after)
+    assert_same_outputs(small_model, after, FEEDS, rtol=0, atol=0)
+
+
+def test_dedup_initializers(small_model):
+    result, after = run_pass("dedup-initializers", small_model)
+    assert result.modified
+    assert len(after.graph.initializer) == 1
+    assert_same_outputs(small_model, after, FEEDS, rtol=0, atol=0)
+
+
+def test_dedup_keeps_initializers_that_are_inputs():
+    w = np.ones((4, 4), np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["a"], name="m1"),
+        helper.make_node("MatMul", ["x", "W2"], ["b"], name="m2"),
+        helper.make_node("Add", ["a", "b"], ["y"], name="add"),
+    ]
+    proto = make_model(nodes, [vinfo("x"), vinfo("W", shape=(4, 4))], [vinfo("y")], [tensor("W", w), tensor("W2", w)])
+    result, after = run_pass("dedup-initializers", proto)
+    assert {i.name for i in after.graph.initializer} == {"W", "W2"}  # W may be overridden by a caller
+
+
+def test_remove_unused_opsets():
+    proto = make_model(
+        [helper.make_node("Relu", ["x"], ["y"], name="r")], [vinfo("x")], [vinfo("y")],
+        extra_opsets=[helper.make_opsetid("com.example", 1)],
+    )
+    result, after = run_pass("remove-unused-opsets", proto)
+    assert result.modified
+    assert {o.domain for o in after.opset_import} == {""}
+    assert_same_outputs(proto, after, FEEDS, rtol=0, atol=0)
+
+
+def test_topological_sort():
+    nodes = [
+        helper.make_node("Add", ["a", "x"], ["y"], name="add"),
+        helper.make_node("Relu", ["x"], ["a"], name="r"),
+    ]
+    graph = helper.make_graph(nodes, "g", [vinfo("x")], [vinfo("y")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 10
+    result, after = run_pass("topological-sort", proto)
+    assert result.modified and ops(after) == ["Relu", "Add"]
+    onnx.checker.check_model(after, full_check=True)
+    assert_same_outputs(after, after, FEEDS)
+
+
+def test_validate_rejects_invalid_model():
+    from gcomp.errors import GcompError
+
+    model = ir.from_proto(make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [vinfo("x")], [vinfo("y")]))
+    model.graph.node(0).op_type = "NoSuchOp"
+    with pytest.raises(GcompError, match="fails the ONNX checker"):
+        registry.get_pass("validate").create()(model)
+
+
+@pytest.mark.parametrize("builder", ["cnn", "transformer", "mlp"])
+def test_o1_on_zoo_models_is_verified(builder):
+    import gcomp
+    import models
+
+    model = models.build(builder)
+    before = ir.to_proto(model)
+    result = gcomp.optimize(model, "O1")
+    assert result.verification.passed, result.verification.summary()
+    assert result.after.nodes <= result.before.nodes
+    after = ir.to_proto(result.model)
+    onnx.checker.check_model(after, full_check=True)
+    assert_same_outputs(before, after, dict(result_feeds(result)), rtol=1e-5, atol=1e-6)
+
+
+def result_feeds(result):
+    """Feeds equal to what verification used: regenerate them from the same seed."""
+    from gcomp.inputs import generate_inputs
+
+    feeds, _ = generate_inputs(result.model, seed=0)
+    return feeds
