@@ -58,10 +58,29 @@ RTOL, ATOL = 1e-3, 1e-4
 # --------------------------------------------------------------------------- worker
 
 
-def _worker(tool: str, src: str, dst: str) -> int:
-    """Run one tool on one model in this (fresh) process; print one JSON line."""
+def _peak_rss_kb() -> tuple[int, str]:
+    """This process's peak resident set size in KiB, and where it was read from.
+
+    On Linux ``getrusage(RUSAGE_SELF).ru_maxrss`` survives fork+exec: a worker started
+    by a parent holding 300 MB reports at least 300 MB. ``VmHWM`` in /proc/self/status is
+    the high-water mark of the current address space only, which exec replaces, so it is
+    the worker's own peak. ru_maxrss is the fallback elsewhere (bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]), "VmHWM"
+    except OSError:
+        pass
     import resource
 
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak // 1024 if sys.platform == "darwin" else peak), "ru_maxrss"
+
+
+def _worker(tool: str, src: str, dst: str) -> int:
+    """Run one tool on one model in this (fresh) process; print one JSON line."""
     t_start = time.perf_counter()
     out: dict = {"tool": tool}
     real_stdout = sys.stdout
@@ -128,7 +147,7 @@ def _worker(tool: str, src: str, dst: str) -> int:
 
         t_imported = time.perf_counter()
         out["import_s"] = t_imported - t_start
-        out["rss_after_import_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["rss_after_import_kb"], out["rss_source"] = _peak_rss_kb()
         t0 = time.perf_counter()
         model = load()
         t1 = time.perf_counter()
@@ -139,7 +158,7 @@ def _worker(tool: str, src: str, dst: str) -> int:
         save(model)
         t3 = time.perf_counter()
         out.update(load_s=t1 - t0, optimize_s=t2 - t1, save_s=t3 - t2, total_s=t3 - t0)
-        out["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["peak_rss_kb"], _ = _peak_rss_kb()
         out["ok"] = True
     except BaseException as e:  # report, don't crash: the parent shows the error
         out["ok"] = False
@@ -512,7 +531,7 @@ def markdown(results: dict, command: str | None = None) -> str:
     lines.append(
         "`(N×)` after a peer's time = peer time / gcomp time (above 1: gcomp is faster). "
         "`(±N)` after a peer's node count = peer nodes − gcomp nodes (negative: the peer's "
-        "output is smaller). MB = peak RSS of the worker process (ru_maxrss), imports included. "
+        "output is smaller). MB = peak RSS of the worker process (VmHWM), interpreter and imports included. "
         f"match = allclose(rtol={RTOL:g}, atol={ATOL:g}) against the original on ONNX Runtime "
         "(ORT_DISABLE_ALL), with the largest absolute difference."
     )
@@ -625,9 +644,11 @@ def main(argv=None) -> int:
         args.md.write_text(md + "\n")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    # Exit 1 only when gcomp itself failed or its output does not match; the peers'
+    # failures and mismatches are results, shown in the table.
     failed = any(
         not t.get("ok") or (t.get("verify") and not t["verify"]["match"])
-        for e in results["models"] for t in e["tools"].values()
+        for e in results["models"] for name, t in e["tools"].items() if name == "gcomp"
     )
     return 1 if failed else 0
 

@@ -432,6 +432,12 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, exit codes, no tracebacks unless --debug."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    if not debug:
+        import logging
+
+        # Libraries log warnings about the models they read; gcomp reports problems itself.
+        for name in ("onnx_ir", "onnxscript"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         cli.main(args=args, prog_name="gcomp", standalone_mode=False)
     except click.exceptions.Exit as e:

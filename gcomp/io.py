@@ -265,6 +265,7 @@ def serialize(model: ir.Model) -> bytes:
     return ir.serde.serialize_model(model).SerializeToString()
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0].strip()
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line (whitespace collapsed, at most ``limit`` chars)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
