@@ -232,7 +232,8 @@ def _random_weights(src: Path, dst: Path, seed: int = 0) -> None:
     ``ConstantOfShape(shape, value=0.02)``. That makes every output constant (a softmax
     of 1000 equal logits), so comparing outputs proves little, and it is not what an
     exported model looks like. This variant stores weights the usual way: 2-D and larger
-    tensors ~ N(0, 2/fan_in), 1-D tensors (biases, BN scale/mean/var) ~ U(0.5, 1.5).
+    tensors ~ N(0, 1/fan_in), 1-D tensors (biases, BN scale/mean/var) ~ U(0.5, 1.5).
+    (With 2/fan_in the logits grow so large that the softmax outputs are one-hot.)
     The graph is otherwise unchanged (IR version 3 keeps initializers listed as inputs).
     """
     import numpy as np
@@ -249,7 +250,7 @@ def _random_weights(src: Path, dst: Path, seed: int = 0) -> None:
             shape = [int(d) for d in numpy_helper.to_array(inits[node.input[0]])]
             if len(shape) >= 2:
                 fan_in = int(np.prod(shape[1:])) or 1
-                data = rng.normal(0.0, math.sqrt(2.0 / fan_in), size=shape)
+                data = rng.normal(0.0, math.sqrt(1.0 / fan_in), size=shape)
             else:
                 data = rng.uniform(0.5, 1.5, size=shape)
             value = node.attribute[0].t if node.attribute else None
@@ -692,7 +693,9 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    command = "python bench/bench_optimize.py " + " ".join(argv) if argv else "python bench/bench_optimize.py"
+    exe = Path(sys.executable)
+    exe_text = os.path.relpath(exe, REPO) if exe.is_relative_to(REPO) else "python"
+    command = " ".join([exe_text, "bench/bench_optimize.py", *argv])
     t0 = time.perf_counter()
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)

@@ -4,12 +4,13 @@
 - ``cleanup``: housekeeping built on onnx-ir's common passes (unused nodes,
   functions, opsets; identity elimination; initializer dedup; topological sort).
 - ``cse``: common-subexpression elimination that walks subgraphs and functions.
+- ``identity``: Identity elimination that never renames or breaks a graph interface.
 - ``pipelines``: the named pipelines O0, O1, ... built from the passes above.
 """
 
 from __future__ import annotations
 
-from gcomp.passes import cleanup, cse, validate  # noqa: F401
+from gcomp.passes import cleanup, cse, identity, validate  # noqa: F401
 from gcomp.passes import pipelines  # noqa: F401  (after the passes it names)
 
-__all__ = ["cleanup", "cse", "validate", "pipelines"]
+__all__ = ["cleanup", "cse", "identity", "validate", "pipelines"]

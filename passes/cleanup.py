@@ -1,5 +1,8 @@
 """Housekeeping passes, thin named wrappers of onnx-ir's common passes.
 
+(Identity elimination is ours, in ``identity.py``: onnx-ir 1.1's version renames graph
+outputs and returns outer-scope values from subgraphs, which ORT rejects.)
+
 Each keeps onnx-ir's behaviour and honest ``modified`` flag; the wrapper only gives
 it a registry name, keyword-only options and a statement of scope.
 """
@@ -10,7 +13,6 @@ __all__ = [
     "RemoveUnusedNodes",
     "RemoveUnusedFunctions",
     "RemoveUnusedOpsets",
-    "EliminateIdentity",
     "DeduplicateInitializers",
     "TopologicalSort",
     "FixNames",
@@ -52,18 +54,6 @@ class RemoveUnusedOpsets(common.RemoveUnusedOpsetsPass):
 
     def __init__(self) -> None:
         super().__init__(process_functions=True)
-
-
-@register_pass("eliminate-identity")
-class EliminateIdentity(common.IdentityEliminationPass):
-    """Bypass Identity nodes, keeping graph input and output names intact.
-
-    Scopes: main graph, If/Loop/Scan bodies, model functions. An Identity between a
-    graph input and a graph output stays (removing it would rename one of them).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
 
 
 @register_pass("dedup-initializers")

@@ -34,8 +34,14 @@ import pytest
 # Pipelines checked against the ORT-passing set; O2/O3 join here.
 PIPELINES = ["O1"]
 
-# A harness that excludes (nearly) everything must not pass vacuously.
-MIN_ORT_PASSING = 1500
+# A harness that excludes (nearly) everything must not pass vacuously. Measured with
+# onnx 1.23.2 and onnxruntime 1.31.1: 1,450 of 1,884 cases pass on ORT. 289 of the
+# excluded ones are models ORT refuses to load by version alone (IR version 14, or
+# the unreleased opset 27), so a floor of 1,500 is out of reach with this ORT; a newer
+# ORT raises the count. Below 1,400 something in the harness (feeding, reading
+# outputs, comparing) broke, or the installed onnx/ORT pair drifted: look before
+# lowering this.
+MIN_ORT_PASSING = 1400
 
 # How many failures the assertion message lists.
 MAX_LISTED = 20
@@ -89,7 +95,7 @@ _BYTE_SIZED_ML_TYPES = frozenset(
 
 def _onnx_type_name(dtype: np.dtype) -> str | None:
     """'FLOAT8E4M3FN' for an ml_dtypes dtype ORT takes byte-for-byte; else None."""
-    if dtype.isbuiltin:  # numpy's own dtypes; ml_dtypes' are user-defined (0)
+    if dtype.num < 256:  # numpy's own dtypes; ml_dtypes' are user-defined (NPY_USERDEF+)
         return None
     try:
         name = onnx.TensorProto.DataType.Name(onnx.helper.np_dtype_to_tensor_dtype(dtype))
@@ -153,10 +159,14 @@ def _ortvalue_to_numpy(value: Any) -> Any:
         return np.frombuffer(raw, dtype=dtype).reshape(value.shape()).copy()
 
 
-def _one_line(text: object, limit: int = 200) -> str:
+def _one_line(text: object, limit: int = 240) -> str:
+    """The first line, shortened in the middle (ORT puts the reason at the end)."""
     s = str(text).strip()
     s = s.splitlines()[0] if s else ""
-    return s if len(s) <= limit else s[: limit - 3] + "..."
+    if len(s) <= limit:
+        return s
+    head = limit // 3
+    return s[:head] + " ... " + s[-(limit - head - 5) :]
 
 
 def _float_like(dtype: np.dtype) -> bool:
@@ -237,10 +247,10 @@ class Outcome:
 
 def run_case(model_bytes: bytes, case: Any) -> Outcome:
     """Run ``model_bytes`` on ORT (CPU, optimizations off) on each data set of ``case``."""
-    model = onnx.ModelProto.FromString(model_bytes)
-    initializers = {t.name for t in model.graph.initializer}
-    feed_names = [i.name for i in model.graph.input if i.name not in initializers]
     try:
+        model = onnx.ModelProto.FromString(model_bytes)
+        initializers = {t.name for t in model.graph.initializer}
+        feed_names = [i.name for i in model.graph.input if i.name not in initializers]
         sess = ort.InferenceSession(
             model_bytes, sess_options=_session_options(), providers=["CPUExecutionProvider"]
         )
@@ -249,7 +259,8 @@ def run_case(model_bytes: bytes, case: Any) -> Outcome:
     for k, (inputs, expected) in enumerate(case.data_sets):
         if len(inputs) != len(feed_names):
             return Outcome(
-                "run error", f"data set {k}: {len(inputs)} inputs for {len(feed_names)} graph inputs"
+                "run error",
+                f"data set {k}: {len(inputs)} inputs for {len(feed_names)} graph inputs",
             )
         # Kept alive for the run: OrtValues made by _feed point into these arrays.
         arrays = [_normalize(v) for v in inputs]
@@ -275,9 +286,15 @@ class Baseline:
     """The node cases split into the ORT-passing set and the excluded ones."""
 
     total: int
-    passing: list[tuple[Any, bytes]]  # (case, serialized original model)
-    excluded: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # category -> (name, reason)
+    # (case, serialized original model)
+    passing: list[tuple[Any, bytes]] = field(repr=False)
+    # category ("load error", "run error", "mismatch") -> [(case name, reason)]
+    excluded: dict[str, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
     seconds: float = 0.0
+
+    def __repr__(self) -> str:  # short: pytest prints it in failure headers
+        counts = self.excluded_counts()
+        return f"Baseline(total={self.total}, passing={len(self.passing)}, excluded={counts})"
 
     def excluded_counts(self) -> dict[str, int]:
         return {k: len(v) for k, v in sorted(self.excluded.items())}
@@ -299,6 +316,14 @@ def ort_baseline() -> Baseline:
     return Baseline(len(cases), passing, dict(excluded), time.perf_counter() - t0)
 
 
+def _interface(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """Names of the fed graph inputs (not initializers) and of the graph outputs."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits], [
+        o.name for o in model.graph.output
+    ]
+
+
 def optimize_and_run(pipeline: str, case: Any, model_bytes: bytes) -> str | None:
     """None when ``case`` still passes after ``pipeline``; else a one-line reason."""
     import gcomp
@@ -312,13 +337,11 @@ def optimize_and_run(pipeline: str, case: Any, model_bytes: bytes) -> str | None
     except Exception as e:  # noqa: BLE001  (GcompError or a gcomp bug: both fail the case)
         return f"gcomp raised {type(e).__name__}: {_one_line(e)}"
     # The interface must survive: same graph input and output names, in order.
-    inits = lambda m: {t.name for t in m.graph.initializer}  # noqa: E731
-    ins = lambda m: [i.name for i in m.graph.input if i.name not in inits(m)]  # noqa: E731
-    outs = lambda m: [o.name for o in m.graph.output]  # noqa: E731
-    if ins(optimized) != ins(original):
-        return f"graph inputs changed: {ins(original)} -> {ins(optimized)}"
-    if outs(optimized) != outs(original):
-        return f"graph outputs changed: {outs(original)} -> {outs(optimized)}"
+    (ins_before, outs_before), (ins_after, outs_after) = _interface(original), _interface(optimized)
+    if ins_after != ins_before:
+        return f"graph inputs changed: {ins_before} -> {ins_after}"
+    if outs_after != outs_before:
+        return f"graph outputs changed: {outs_before} -> {outs_after}"
     outcome = run_case(data, case)
     if outcome.category is None:
         return None
@@ -352,6 +375,7 @@ def test_node_cases_still_pass(pipeline: str, baseline: Baseline, record_propert
     record_property("ort_passing", p)
     record_property("still_passing", q)
     record_property("excluded", excluded)
+    record_property("failures", [name for name, _ in failures])
     pct = 100.0 * q / p if p else 0.0
     excl = ", ".join(f"{k}: {v}" for k, v in excluded.items()) or "none"
     with capsys.disabled():
@@ -371,3 +395,54 @@ def test_node_cases_still_pass(pipeline: str, baseline: Baseline, record_propert
     assert not failures, (
         f"{len(failures)} of {p} ORT-passing node cases fail after {pipeline}:\n{listed}{more}"
     )
+
+
+# --------------------------------------------------------------------------- harness self-test
+
+
+def _tiny_case(op: str, expected: np.ndarray) -> Any:
+    """A node-test-like case: ``y = op(x)`` on a float32 [2, 3] input, with ``expected``."""
+    from types import SimpleNamespace
+
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = np.array([[-1.0, 2.0, -3.0], [4.0, -5.0, 6.0]], np.float32)
+    return SimpleNamespace(
+        name=f"tiny_{op}", model=model, data_sets=[([x], [expected])], rtol=1e-3, atol=1e-7
+    )
+
+
+def test_harness_tells_pass_from_mismatch_and_load_error() -> None:
+    x = np.array([[-1.0, 2.0, -3.0], [4.0, -5.0, 6.0]], np.float32)
+    good = _tiny_case("Abs", np.abs(x))
+    assert run_case(good.model.SerializeToString(), good).category is None
+    wrong = _tiny_case("Neg", np.abs(x))
+    assert run_case(wrong.model.SerializeToString(), wrong).category == "mismatch"
+    assert run_case(b"not a model", good).category == "load error"
+    assert optimize_and_run("O1", good, good.model.SerializeToString()) is None
+
+
+def test_harness_compare_semantics() -> None:
+    f = np.array([1.0, np.nan, np.inf], np.float32)
+    assert _compare(f, f.copy(), 1e-3, 1e-7, "o") is None  # NaN where NaN, inf equal
+    assert _compare(f, np.array([1.0005, np.nan, np.inf], np.float32), 1e-3, 1e-7, "o") is None
+    assert _compare(f, np.array([1.01, np.nan, np.inf], np.float32), 1e-3, 1e-7, "o")
+    assert _compare(f, np.array([1.0, 0.0, np.inf], np.float32), 1e-3, 1e-7, "o")
+    assert _compare(f, f.astype(np.float64), 1e-3, 1e-7, "o")  # dtype must match
+    assert _compare(f, f[:2], 1e-3, 1e-7, "o")  # shape must match
+    i = np.array([1000, 2000], np.int64)
+    assert _compare(i, np.array([1000, 2001], np.int64), 1e-3, 1e-7, "o")  # ints: exact
+    s = np.array(["a", "b"], dtype=object)
+    assert _compare(s, np.array(["a", "b"], dtype=object), 1e-3, 1e-7, "o") is None
+    assert _compare(s, np.array(["a", "c"], dtype=object), 1e-3, 1e-7, "o")
+    assert _compare([i, i], [i, i.copy()], 1e-3, 1e-7, "o") is None  # sequences
+    assert _compare([i, i], [i], 1e-3, 1e-7, "o")
+    assert _compare(None, None, 1e-3, 1e-7, "o") is None  # empty optional
+    assert _compare(None, i, 1e-3, 1e-7, "o")

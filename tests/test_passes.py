@@ -188,3 +188,41 @@ def result_feeds(result):
 
     feeds, _ = generate_inputs(result.model, seed=0)
     return feeds
+
+
+def test_identity_between_two_outputs_keeps_both_names():
+    nodes = [helper.make_node("Add", ["x", "x"], ["y"], name="add"), helper.make_node("Identity", ["y"], ["z"], name="id")]
+    proto = make_model(nodes, [vinfo("x")], [vinfo("y"), vinfo("z")])
+    result, after = run_pass("eliminate-identity", proto)
+    assert not result.modified
+    assert [o.name for o in after.graph.output] == ["y", "z"]
+    assert_same_outputs(proto, after, FEEDS, rtol=0, atol=0)
+
+
+def test_identity_to_output_renames_the_producer():
+    nodes = [helper.make_node("Add", ["x", "x"], ["t"], name="add"), helper.make_node("Identity", ["t"], ["y"], name="id")]
+    proto = make_model(nodes, [vinfo("x")], [vinfo("y")])
+    result, after = run_pass("eliminate-identity", proto)
+    assert result.modified and ops(after) == ["Add"]
+    assert [o.name for o in after.graph.output] == ["y"]
+    assert_same_outputs(proto, after, FEEDS, rtol=0, atol=0)
+
+
+def test_identity_returning_outer_value_from_subgraph_is_kept():
+    then = helper.make_graph([helper.make_node("Identity", ["s"], ["t"], name="tid")], "then", [], [vinfo("t")])
+    other = helper.make_graph([helper.make_node("Sub", ["x", "x"], ["e"], name="sub")], "else", [], [vinfo("e")])
+    nodes = [
+        helper.make_node("Add", ["x", "x"], ["s"], name="add"),
+        helper.make_node("ReduceSum", ["x"], ["sum"], keepdims=0, name="rs"),
+        helper.make_node("Greater", ["sum", "zero"], ["c"], name="gt"),
+        helper.make_node("If", ["c"], ["r"], then_branch=then, else_branch=other, name="if"),
+    ]
+    proto = make_model(nodes, [vinfo("x")], [vinfo("s"), vinfo("r")], [tensor("zero", np.float32(0))])
+    model = ir.from_proto(proto)
+    import gcomp
+
+    result = gcomp.optimize(model, "O1", inputs={"x": np.abs(FEEDS["x"])})
+    assert result.verification.passed, result.verification.summary()
+    after = ir.to_proto(result.model)
+    onnx.checker.check_model(after, full_check=True)
+    assert [o.name for o in after.graph.output] == ["s", "r"]

@@ -1,0 +1,67 @@
+"""Identity elimination that keeps every graph's interface intact.
+
+``y = Identity(x)`` is removed by pointing every use of ``y`` at ``x``. When ``y`` is
+an output of its graph, the output must keep its name and must be produced by a node of
+that graph, so the Identity is removed only when ``x`` is made by a node of the same
+graph and is not itself an output or input: then ``x`` takes ``y``'s name and place.
+
+Kept (the Identity is the only correct form): ``y`` is a graph output and ``x`` is a
+graph input, an initializer, another output of the same graph, or a value from an outer
+scope (a subgraph may not return an outer value directly; ORT rejects it).
+Scopes: main graph, every If/Loop/Scan body, model functions.
+Guarantees: outputs bit-identical; graph input and output names unchanged.
+"""
+
+from __future__ import annotations
+
+__all__ = ["EliminateIdentity"]
+
+import onnx_ir as ir
+
+from gcomp.registry import register_pass
+
+
+@register_pass("eliminate-identity")
+class EliminateIdentity(ir.passes.InPlacePass):
+    """Bypass Identity nodes, keeping every graph's input and output names intact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        scopes: list[ir.Graph | ir.Function] = list(model.graphs())
+        for function in model.functions.values():
+            scopes.append(function)
+            for node in ir.traversal.RecursiveGraphIterator(function):
+                for attr in node.attributes.values():
+                    if attr.type == ir.AttributeType.GRAPH:
+                        scopes.append(attr.as_graph())
+                    elif attr.type == ir.AttributeType.GRAPHS:
+                        scopes.extend(attr.as_graphs())
+        for graph in scopes:
+            for node in list(graph):
+                if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and _eliminate(graph, node):
+                    modified = True
+        return ir.passes.PassResult(model, modified=modified)
+
+
+def _eliminate(graph: ir.Graph | ir.Function, node: ir.Node) -> bool:
+    if len(node.inputs) != 1 or node.inputs[0] is None or len(node.outputs) != 1:
+        return False
+    x, y = node.inputs[0], node.outputs[0]
+    outputs = list(graph.outputs)
+    if y in outputs:
+        producer = x.producer()
+        made_here = producer is not None and producer.graph is graph
+        if not made_here or x in outputs or x in graph.inputs or x.is_initializer():
+            return False
+        name = y.name
+        graph.outputs[outputs.index(y)] = x
+        ir.convenience.replace_all_uses_with(y, x)
+        graph.remove(node, safe=True)
+        x.name = name
+        return True
+    ir.convenience.replace_all_uses_with(y, x)
+    graph.remove(node, safe=True)
+    return True
