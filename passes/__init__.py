@@ -2,15 +2,16 @@
 
 - ``validate``: the ONNX checker as a pass (pipeline O0).
 - ``cleanup``: housekeeping built on onnx-ir's common passes (unused nodes,
-  functions, opsets; identity elimination; initializer dedup; topological sort).
+  functions, opsets; topological sort; name fixing).
 - ``cse``: common-subexpression elimination that walks subgraphs and functions.
 - ``identity``: Identity elimination that never renames or breaks a graph interface.
+- ``dedup``: initializer dedup that reads only weights that could be duplicates.
 - ``pipelines``: the named pipelines O0, O1, ... built from the passes above.
 """
 
 from __future__ import annotations
 
-from gcomp.passes import cleanup, cse, identity, validate  # noqa: F401
+from gcomp.passes import cleanup, cse, dedup, identity, validate  # noqa: F401
 from gcomp.passes import pipelines  # noqa: F401  (after the passes it names)
 
-__all__ = ["cleanup", "cse", "identity", "validate", "pipelines"]
+__all__ = ["cleanup", "cse", "dedup", "identity", "validate", "pipelines"]

@@ -1,7 +1,9 @@
 """Housekeeping passes, thin named wrappers of onnx-ir's common passes.
 
-(Identity elimination is ours, in ``identity.py``: onnx-ir 1.1's version renames graph
-outputs and returns outer-scope values from subgraphs, which ORT rejects.)
+(Identity elimination and initializer dedup are ours, in ``identity.py`` and
+``dedup.py``: onnx-ir 1.1's Identity elimination renames graph outputs and returns
+outer-scope values from subgraphs, which ORT rejects; its hashed dedup reads every
+weight, even those no other tensor could equal.)
 
 Each keeps onnx-ir's behaviour and honest ``modified`` flag; the wrapper only gives
 it a registry name, keyword-only options and a statement of scope.
@@ -13,12 +15,9 @@ __all__ = [
     "RemoveUnusedNodes",
     "RemoveUnusedFunctions",
     "RemoveUnusedOpsets",
-    "DeduplicateInitializers",
     "TopologicalSort",
     "FixNames",
 ]
-
-from typing import Annotated
 
 from onnx_ir.passes import common
 
@@ -54,20 +53,6 @@ class RemoveUnusedOpsets(common.RemoveUnusedOpsetsPass):
 
     def __init__(self) -> None:
         super().__init__(process_functions=True)
-
-
-@register_pass("dedup-initializers")
-class DeduplicateInitializers(common.DeduplicateHashedInitializersPass):
-    """Merge initializers with equal dtype, shape and bytes (compared by hash, then bytes).
-
-    Scopes: each graph separately (main graph and subgraphs). Never merges an
-    initializer that is also a graph input (a caller may override it) or output.
-    """
-
-    def __init__(
-        self, *, dedup_size_limit: Annotated[int, "skip initializers with more elements"] = 1 << 30
-    ) -> None:
-        super().__init__(size_limit=dedup_size_limit)
 
 
 @register_pass("topological-sort")

@@ -226,3 +226,24 @@ def test_identity_returning_outer_value_from_subgraph_is_kept():
     after = ir.to_proto(result.model)
     onnx.checker.check_model(after, full_check=True)
     assert [o.name for o in after.graph.output] == ["s", "r"]
+
+
+def test_dedup_never_reads_weights_of_unique_shape(tmp_path):
+    """Grouping by (dtype, shape) first: a weight no other could equal is never read."""
+    from gcomp import io
+
+    w = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    b = np.ones((4,), np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x8", "W"], ["a"], name="mm"),
+        helper.make_node("Add", ["a", "B1"], ["c"], name="add1"),
+        helper.make_node("Add", ["c", "B2"], ["y"], name="add2"),
+    ]
+    proto = make_model(nodes, [vinfo("x8", shape=("batch", 8))], [vinfo("y")], [tensor("W", w), tensor("B1", b), tensor("B2", b.copy())])
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path, save_as_external_data=True, location="w.bin", size_threshold=64)  # only W is external
+    model = io.load(path)
+    (tmp_path / "w.bin").unlink()  # reading W now would fail
+    result = registry.get_pass("dedup-initializers").create()(model)
+    assert result.modified
+    assert sorted(model.graph.initializers) == ["B1", "W"]
