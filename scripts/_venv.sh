@@ -6,5 +6,9 @@ PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-.venv/bin/python -m pip install -q -e ".[${GCOMP_EXTRAS:-}]"
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
+if [ -n "${GCOMP_EXTRAS:-}" ]; then
+  .venv/bin/python -m pip install -q -e ".[${GCOMP_EXTRAS}]"
+else
+  .venv/bin/python -m pip install -q -e .
+fi
