@@ -135,6 +135,9 @@ def optimize(model, output, level, pass_spec, sets, plugins, verify, inputs, inp
         err,
     )
     v = result.verification
+    if v is not None and not quiet:
+        for note in v.notes:
+            err.print(f"note: {note}", soft_wrap=True)
     if v is not None and v.status == "failed":
         if not quiet:
             _print_summary(result, None)
