@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark ``gcomp optimize -O1`` against onnxslim and onnxscript's optimizer.
 
 Usage (from the repository root)::
@@ -89,7 +88,7 @@ def _worker(tool: str, src: str, dst: str) -> int:
         if tool == "gcomp":
             import gcomp
             import gcomp.io
-            import gcomp.pipeline  # noqa: F401  (import cost belongs to "import", not "optimize")
+            import gcomp.pipeline  # import cost belongs to "import", not "optimize"
 
             def load():
                 # gcomp.optimize(path) does exactly gcomp.io.load(path) and then runs the
@@ -160,7 +159,7 @@ def _worker(tool: str, src: str, dst: str) -> int:
         out.update(load_s=t1 - t0, optimize_s=t2 - t1, save_s=t3 - t2, total_s=t3 - t0)
         out["peak_rss_kb"], _ = _peak_rss_kb()
         out["ok"] = True
-    except BaseException as e:  # report, don't crash: the parent shows the error
+    except BaseException as e:  # noqa: BLE001  (report, don't crash: the parent shows it)
         out["ok"] = False
         text = str(e).strip().splitlines()
         out["error"] = f"{type(e).__name__}: {text[0] if text else ''}"[:300]
@@ -386,13 +385,15 @@ def run_worker(tool: str, src: Path, dst: Path, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, str(src), str(dst)]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False
+        )
     except subprocess.TimeoutExpired:
         return {"tool": tool, "ok": False, "error": f"timed out after {timeout:.0f} s"}
     wall = time.perf_counter() - t0
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_MARK):
-            res = json.loads(line[len(RESULT_MARK):])
+            res = json.loads(line[len(RESULT_MARK) :])
             res["process_wall_s"] = wall
             return res
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -436,7 +437,7 @@ def bench(model_names, tools, repeat, timeout, workdir: Path, seed: int, log) ->
         try:
             reference = run_ort(src, feeds)
             entry["reference_error"] = None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (any ORT failure: report it, skip verification)
             reference = None
             entry["reference_error"] = f"{type(e).__name__}: {str(e).strip()[:200]}"
             log(f"  original does not run on ORT: {entry['reference_error']}")
@@ -456,7 +457,14 @@ def bench(model_names, tools, repeat, timeout, workdir: Path, seed: int, log) ->
                 t["error"] = next(r["error"] for r in runs if not r["ok"])
                 log(f"  {tool:<11} FAILED: {t['error']}")
             if good:
-                for key in ("import_s", "load_s", "optimize_s", "save_s", "total_s", "process_wall_s"):
+                for key in (
+                    "import_s",
+                    "load_s",
+                    "optimize_s",
+                    "save_s",
+                    "total_s",
+                    "process_wall_s",
+                ):
                     t[key] = _median([r.get(key) for r in good])
                 t["peak_rss_mb"] = _median([r["peak_rss_kb"] / 1024 for r in good])
                 t["rss_after_import_mb"] = _median([r["rss_after_import_kb"] / 1024 for r in good])
@@ -466,7 +474,7 @@ def bench(model_names, tools, repeat, timeout, workdir: Path, seed: int, log) ->
                 if reference is not None:
                     try:
                         t["verify"] = compare(reference, run_ort(dst, feeds))
-                    except Exception as e:
+                    except Exception as e:  # noqa: BLE001  (an output ORT rejects is a mismatch)
                         t["verify"] = {
                             "match": False,
                             "max_abs_err": None,
@@ -514,7 +522,16 @@ def _versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for dist in ("gcomp", "onnx", "onnx-ir", "onnxscript", "onnxslim", "onnxruntime-gpu", "onnxruntime", "numpy"):
+    for dist in (
+        "gcomp",
+        "onnx",
+        "onnx-ir",
+        "onnxscript",
+        "onnxslim",
+        "onnxruntime-gpu",
+        "onnxruntime",
+        "numpy",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -598,7 +615,8 @@ def markdown(results: dict, command: str | None = None) -> str:
     lines.append(
         "`(N×)` after a peer's time = peer time / gcomp time (above 1: gcomp is faster). "
         "`(±N)` after a peer's node count = peer nodes − gcomp nodes (negative: the peer's "
-        "output is smaller). MB = peak RSS of the worker process (VmHWM), interpreter and imports included. "
+        "output is smaller). MB = peak RSS of the worker process (VmHWM), interpreter and "
+        "imports included. "
         f"match = allclose(rtol={RTOL:g}, atol={ATOL:g}) against the original on ONNX Runtime "
         "(ORT_DISABLE_ALL), with the largest absolute difference."
     )
@@ -608,9 +626,21 @@ def markdown(results: dict, command: str | None = None) -> str:
     lines.append("### Details (medians, seconds)")
     lines.append("")
     head = [
-        "model", "tool", "import", "load", "optimize", "save", "load+opt+save",
-        "process wall", "× gcomp (l+o+s)", "× gcomp (opt)", "RSS after import MB",
-        "peak RSS MB", "nodes", "out MB", "match (max abs err)",
+        "model",
+        "tool",
+        "import",
+        "load",
+        "optimize",
+        "save",
+        "load+opt+save",
+        "process wall",
+        "× gcomp (l+o+s)",
+        "× gcomp (opt)",
+        "RSS after import MB",
+        "peak RSS MB",
+        "nodes",
+        "out MB",
+        "match (max abs err)",
     ]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|")
@@ -619,16 +649,27 @@ def markdown(results: dict, command: str | None = None) -> str:
             x = e["tools"].get(t, {})
             r = x.get("vs_gcomp", {})
             if not x.get("ok") and "total_s" not in x:
-                lines.append(f"| {e['model']} | {t} | " + " | ".join(["—"] * (len(head) - 3))
-                             + f" | error: {x.get('error', '?')[:80]} |")
+                lines.append(
+                    f"| {e['model']} | {t} | "
+                    + " | ".join(["—"] * (len(head) - 3))
+                    + f" | error: {x.get('error', '?')[:80]} |"
+                )
                 continue
             row = [
-                e["model"], t, _f(x.get("import_s")), _f(x.get("load_s")), _f(x.get("optimize_s")),
-                _f(x.get("save_s")), _f(x.get("total_s")), _f(x.get("process_wall_s")),
+                e["model"],
+                t,
+                _f(x.get("import_s")),
+                _f(x.get("load_s")),
+                _f(x.get("optimize_s")),
+                _f(x.get("save_s")),
+                _f(x.get("total_s")),
+                _f(x.get("process_wall_s")),
                 _f(r.get("total_s"), "{:.2f}") if t != "gcomp" else "1",
                 _f(r.get("optimize_s"), "{:.2f}") if t != "gcomp" else "1",
-                _f(x.get("rss_after_import_mb"), "{:.0f}"), _f(x.get("peak_rss_mb"), "{:.0f}"),
-                str(x.get("nodes", "—")) + (f" (+{x['function_nodes']} in functions)" if x.get("function_nodes") else ""),
+                _f(x.get("rss_after_import_mb"), "{:.0f}"),
+                _f(x.get("peak_rss_mb"), "{:.0f}"),
+                str(x.get("nodes", "—"))
+                + (f" (+{x['function_nodes']} in functions)" if x.get("function_nodes") else ""),
                 _f(x["output_bytes"] / 1e6 if "output_bytes" in x else None, "{:.2f}"),
                 _match_cell(x),
             ]
@@ -642,11 +683,9 @@ def markdown(results: dict, command: str | None = None) -> str:
         lines.append("|---|---:|---:|---:|---:|---:|")
         for t in peers:
             g = gm.get(t, {})
-            lines.append(
-                f"| {t} | {_f(g.get('total_s'), '{:.2f}×')} | {_f(g.get('optimize_s'), '{:.2f}×')} | "
-                f"{_f(g.get('process_wall_s'), '{:.2f}×')} | {_f(g.get('peak_rss_mb'), '{:.2f}×')} | "
-                f"{_f(g.get('nodes'), '{:.2f}×')} |"
-            )
+            keys = ("total_s", "optimize_s", "process_wall_s", "peak_rss_mb", "nodes")
+            cells = [_f(g.get(k), "{:.2f}×") for k in keys]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -663,15 +702,24 @@ def main(argv=None) -> int:
 
     zoo = _zoo()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(zoo), help="comma-separated model names (see --list)")
-    p.add_argument("--tools", default=",".join(TOOLS),
-                   help="comma-separated: gcomp, onnxslim, onnxscript, noop (onnx-ir load+save floor)")
-    p.add_argument("--repeat", type=int, default=3, help="fresh-process runs per cell; the median is reported")
+    p.add_argument(
+        "--models", default=",".join(zoo), help="comma-separated model names (see --list)"
+    )
+    p.add_argument(
+        "--tools",
+        default=",".join(TOOLS),
+        help="comma-separated: gcomp, onnxslim, onnxscript, noop (onnx-ir load+save floor)",
+    )
+    p.add_argument(
+        "--repeat", type=int, default=3, help="fresh-process runs per cell; the median is reported"
+    )
     p.add_argument("--timeout", type=float, default=300, help="seconds per worker process")
     p.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     p.add_argument("--md", type=Path, help="also write the Markdown report here")
     p.add_argument("--json", type=Path, help="write all measurements as JSON here")
-    p.add_argument("--workdir", type=Path, help="keep models and outputs here (default: a temp dir)")
+    p.add_argument(
+        "--workdir", type=Path, help="keep models and outputs here (default: a temp dir)"
+    )
     p.add_argument("--list", action="store_true", help="list the model names and exit")
     args = p.parse_args(argv)
 
@@ -717,7 +765,9 @@ def main(argv=None) -> int:
     # failures and mismatches are results, shown in the table.
     failed = any(
         not t.get("ok") or (t.get("verify") and not t["verify"]["match"])
-        for e in results["models"] for name, t in e["tools"].items() if name == "gcomp"
+        for e in results["models"]
+        for name, t in e["tools"].items()
+        if name == "gcomp"
     )
     return 1 if failed else 0
 

@@ -86,10 +86,9 @@ def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     _check_external_data(model, p, base_dir)
     if check:
         try:
-            # With external data, check by path: the checker resolves data files against
-            # the model's folder only when it knows the path (else against the cwd).
-            has_external = any(True for _ in external_tensors(model))
-            onnx.checker.check_model(str(p) if has_external else proto)
+            # By path: the C++ checker reads the file itself (no Python re-serialization of
+            # the weights) and resolves external data against the model's folder.
+            onnx.checker.check_model(str(p))
         except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
             raise ModelLoadError(f"{p}: fails the ONNX checker: {_first_line(e)}") from None
     del proto

@@ -40,6 +40,7 @@ class PassStats:
     initializer_bytes_before: int
     initializer_bytes_after: int
     op_delta: dict[str, int] = field(default_factory=dict)
+    note: str | None = None
 
 
 @dataclass
@@ -143,7 +144,9 @@ def optimize(
 
     before = model_stats(ir_model)
     executed: list[tuple[str, ir.passes.PassBase]] = []
-    stats = _run_steps(ir_model, steps, progress, executed)
+    # A model gcomp loaded itself was checked by io.load; until a pass modifies it,
+    # check-only passes (``validates = True``) would repeat that work.
+    stats = _run_steps(ir_model, steps, progress, executed, checked=not isinstance(model, ir.Model))
     after = model_stats(ir_model)
 
     if reference is not None:
@@ -205,13 +208,19 @@ def _instantiate(pipeline, options: Mapping[str, Any]) -> list[tuple[list[tuple[
     return steps
 
 
-def _run_steps(model, steps, progress, executed) -> list[PassStats]:
+def _run_steps(model, steps, progress, executed, checked: bool = False) -> list[PassStats]:
     stats: list[PassStats] = []
     current = model_stats(model)
     for group, repeat in steps:
         for round_ in range(1, repeat + 1):
             changed = False
             for name, pass_ in group:
+                if checked and getattr(pass_, "validates", False):
+                    stats.append(PassStats(
+                        name, round_, 0.0, False, current.nodes, current.nodes, current.initializer_bytes,
+                        current.initializer_bytes, note="skipped: the model is unchanged since the check at load",
+                    ))
+                    continue
                 if progress:
                     progress(name, round_, None)
                 t0 = time.perf_counter()
@@ -240,6 +249,7 @@ def _run_steps(model, steps, progress, executed) -> list[PassStats]:
                 stats.append(s)
                 current = new
                 changed |= bool(result.modified)
+                checked = checked and not result.modified
                 if progress:
                     progress(name, round_, s)
             if not changed:

@@ -137,7 +137,7 @@ def _optimize_md(doc: dict[str, Any]) -> str:
         [[p["name"], p["round"], f"{p['seconds'] * 1e3:.1f}", "yes" if p["modified"] else "no",
           f"{p['nodes_before']} → {p['nodes_after']}",
           f"{human_bytes(p['initializer_bytes_before'])} → {human_bytes(p['initializer_bytes_after'])}",
-          ", ".join(f"{k} {v:+d}" for k, v in p["op_delta"].items()) or "-"] for p in doc["passes"]],
+          ", ".join(f"{k} {v:+d}" for k, v in p["op_delta"].items()) or p.get("note") or "-"] for p in doc["passes"]],
     ))
     v = doc.get("verification")
     out.append("\n## Verification\n")

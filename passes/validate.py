@@ -26,6 +26,10 @@ class ModelInvalidError(GcompError):
 class ValidatePass(ir.passes.InPlacePass):
     """Run the ONNX checker; fail with its first message when the model is invalid."""
 
+    # A pure check: gcomp.optimize skips it while the model is exactly as gcomp.io.load
+    # checked it (no pass has modified it yet), instead of checking the same model twice.
+    validates = True
+
     def __init__(
         self,
         *,

@@ -100,4 +100,14 @@ def test_a_crashing_pass_is_named():
             raise RuntimeError("kaboom")
 
     with pytest.raises(PassFailedError, match=r"pass 'Crash' failed \(after: validate\): kaboom"):
-        gcomp.optimize(REPO / "models" / "default.onnx", ["O0", Crash()], verify=False)
+        gcomp.optimize(gcomp.load(REPO / "models" / "default.onnx"), ["O0", Crash()], verify=False)
+
+
+def test_validation_is_not_repeated_on_a_freshly_loaded_model():
+    path = REPO / "models" / "default.onnx"
+    fresh = gcomp.optimize(path, "O1,validate", verify=False)
+    first, last = fresh.passes[0], fresh.passes[-1]
+    assert first.name == "validate" and first.note and "unchanged since the check at load" in first.note
+    assert last.name == "validate" and last.note is None  # cleanup modified the model: checked again
+    given = gcomp.optimize(gcomp.load(path), "O0", verify=False)
+    assert given.passes[0].note is None  # a caller's model may have been edited: always checked
