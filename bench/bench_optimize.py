@@ -91,13 +91,13 @@ def _worker(tool: str, src: str, dst: str) -> int:
             import gcomp.pipeline  # import cost belongs to "import", not "optimize"
 
             def load():
-                # gcomp.optimize(path) does exactly gcomp.io.load(path) and then runs the
-                # pipeline on the loaded model; split here so load and optimize are timed apart.
-                return gcomp.load(src)
+                # Time what `gcomp optimize` does: gcomp.optimize(path) loads (and checks)
+                # the file itself, which lets it skip re-checking the unchanged model;
+                # Result.load_seconds splits load from optimize below.
+                return src
 
-            def optimize(model):
-                result = gcomp.optimize(model, pipeline="O1", verify=False)
-                return result
+            def optimize(path):
+                return gcomp.optimize(path, pipeline="O1", verify=False)
 
             def save(result):
                 result.save(dst)
@@ -157,6 +157,9 @@ def _worker(tool: str, src: str, dst: str) -> int:
         save(model)
         t3 = time.perf_counter()
         out.update(load_s=t1 - t0, optimize_s=t2 - t1, save_s=t3 - t2, total_s=t3 - t0)
+        inner_load = getattr(model, "load_seconds", None)  # gcomp: load happened inside optimize
+        if inner_load:
+            out.update(load_s=t1 - t0 + inner_load, optimize_s=t2 - t1 - inner_load)
         out["peak_rss_kb"], _ = _peak_rss_kb()
         out["ok"] = True
     except BaseException as e:  # noqa: BLE001  (report, don't crash: the parent shows it)

@@ -56,6 +56,7 @@ class Result:
     seconds: float
     source: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    load_seconds: float = 0.0  # time in gcomp.io.load when optimize() read the file itself
 
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
         """Write the model atomically; refuses to overwrite the input."""
@@ -67,6 +68,7 @@ class Result:
             "options": self.options,
             "source": self.source,
             "seconds": self.seconds,
+            "load_seconds": self.load_seconds,
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
             "passes": [asdict(p) for p in self.passes],
@@ -112,13 +114,16 @@ def optimize(
     """
     t_start = time.perf_counter()
     source: str | None = None
+    load_seconds = 0.0
     if isinstance(model, ir.Model):
         ir_model = model
         source_path = io.source_path(model)
         source = str(source_path) if source_path else None
     else:
         source = str(Path(model))
+        t_load = time.perf_counter()
         ir_model = io.load(model)
+        load_seconds = time.perf_counter() - t_load
     steps = _instantiate(pipeline, options)
 
     reference: Reference | None = None
@@ -174,6 +179,7 @@ def optimize(
         seconds=time.perf_counter() - t_start,
         source=source,
         options=dict(options),
+        load_seconds=load_seconds,
     )
 
 
