@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import onnx_ir as ir
 
+from gcomp.passes.scopes import all_scopes
 from gcomp.registry import register_pass
 
 _NON_DETERMINISTIC = frozenset(
@@ -41,17 +42,8 @@ class CommonSubexpressionElimination(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        for graph in model.graphs():
-            modified |= self._run(graph)
-        for function in model.functions.values():
-            modified |= self._run(function)
-            for node in ir.traversal.RecursiveGraphIterator(function):
-                for attr in node.attributes.values():
-                    if attr.type == ir.AttributeType.GRAPH:
-                        modified |= self._run(attr.as_graph())
-                    elif attr.type == ir.AttributeType.GRAPHS:
-                        for g in attr.as_graphs():
-                            modified |= self._run(g)
+        for scope in all_scopes(model):
+            modified |= self._run(scope)
         return ir.passes.PassResult(model, modified=modified)
 
     def _run(self, graph: ir.Graph | ir.Function) -> bool:

@@ -18,6 +18,7 @@ __all__ = ["EliminateIdentity"]
 
 import onnx_ir as ir
 
+from gcomp.passes.scopes import all_scopes
 from gcomp.registry import register_pass
 
 
@@ -30,16 +31,7 @@ class EliminateIdentity(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        scopes: list[ir.Graph | ir.Function] = list(model.graphs())
-        for function in model.functions.values():
-            scopes.append(function)
-            for node in ir.traversal.RecursiveGraphIterator(function):
-                for attr in node.attributes.values():
-                    if attr.type == ir.AttributeType.GRAPH:
-                        scopes.append(attr.as_graph())
-                    elif attr.type == ir.AttributeType.GRAPHS:
-                        scopes.extend(attr.as_graphs())
-        for graph in scopes:
+        for graph in all_scopes(model):
             for node in list(graph):
                 if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and _eliminate(graph, node):
                     modified = True

@@ -247,3 +247,26 @@ def test_dedup_never_reads_weights_of_unique_shape(tmp_path):
     result = registry.get_pass("dedup-initializers").create()(model)
     assert result.modified
     assert sorted(model.graph.initializers) == ["B1", "W"]
+
+
+def test_cse_and_identity_inside_model_functions():
+    fn = helper.make_function(
+        "local", "Twice", ["a"], ["out"],
+        [
+            helper.make_node("Identity", ["a"], ["ai"], name="fid"),
+            helper.make_node("Relu", ["ai"], ["r1"], name="fr1"),
+            helper.make_node("Relu", ["ai"], ["r2"], name="fr2"),
+            helper.make_node("Add", ["r1", "r2"], ["out"], name="fadd"),
+        ],
+        [helper.make_opsetid("", 17)],
+    )
+    proto = make_model(
+        [helper.make_node("Twice", ["x"], ["y"], domain="local", name="call")],
+        [vinfo("x")], [vinfo("y")], functions=[fn], extra_opsets=[helper.make_opsetid("local", 1)],
+    )
+    import gcomp
+
+    result = gcomp.optimize(ir.from_proto(proto), "O1", inputs=FEEDS)
+    assert result.verification.passed, result.verification.summary()
+    body = ir.to_proto(result.model).functions[0].node
+    assert [n.op_type for n in body] == ["Relu", "Add"]
