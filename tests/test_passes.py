@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 from gcomp import registry
 from tests.conftest import assert_same_outputs, make_model, tensor, vinfo
