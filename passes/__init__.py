@@ -6,12 +6,15 @@
 - ``cse``: common-subexpression elimination that walks subgraphs and functions.
 - ``identity``: Identity elimination that never renames or breaks a graph interface.
 - ``dedup``: initializer dedup that reads only weights that could be duplicates.
+- ``shapes``: ONNX shape inference on the weightless model (types and dims for folding).
+- ``fold``: constant folding and shape folding with size limits.
+- ``simplify``: no-op removal, merges, exact identities, constant-If inlining.
 - ``pipelines``: the named pipelines O0, O1, ... built from the passes above.
 """
 
 from __future__ import annotations
 
-from gcomp.passes import cleanup, cse, dedup, identity, validate  # noqa: F401
+from gcomp.passes import cleanup, cse, dedup, fold, identity, shapes, simplify, validate  # noqa: F401
 from gcomp.passes import pipelines  # noqa: F401  (after the passes it names)
 
-__all__ = ["cleanup", "cse", "dedup", "identity", "validate", "pipelines"]
+__all__ = ["cleanup", "cse", "dedup", "fold", "identity", "shapes", "simplify", "validate", "pipelines"]

@@ -18,6 +18,7 @@ __all__ = ["EliminateIdentity"]
 
 import onnx_ir as ir
 
+from gcomp.passes.rewire import bypass
 from gcomp.passes.scopes import all_scopes
 from gcomp.registry import register_pass
 
@@ -41,19 +42,7 @@ class EliminateIdentity(ir.passes.InPlacePass):
 def _eliminate(graph: ir.Graph | ir.Function, node: ir.Node) -> bool:
     if len(node.inputs) != 1 or node.inputs[0] is None or len(node.outputs) != 1:
         return False
-    x, y = node.inputs[0], node.outputs[0]
-    outputs = list(graph.outputs)
-    if y in outputs:
-        producer = x.producer()
-        made_here = producer is not None and producer.graph is graph
-        if not made_here or x in outputs or x in graph.inputs or x.is_initializer():
-            return False
-        name = y.name
-        graph.outputs[outputs.index(y)] = x
-        ir.convenience.replace_all_uses_with(y, x)
-        graph.remove(node, safe=True)
-        x.name = name
-        return True
-    ir.convenience.replace_all_uses_with(y, x)
+    if not bypass(graph, node.outputs[0], node.inputs[0]):
+        return False
     graph.remove(node, safe=True)
     return True

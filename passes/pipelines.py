@@ -1,9 +1,10 @@
 """The named pipelines. Each level extends the one below it.
 
 - ``O0``: validate only (load, check, save): proves gcomp round-trips the model.
-- ``O1``: O0, then housekeeping to a fixed point: identity elimination, CSE,
-  initializer dedup, unused nodes/functions/opsets; then a topological sort.
-  (The constant-folding issue extends O1; fusion adds O2/O3.)
+- ``O1``: O0, shape inference, then to a fixed point: constant and shape folding,
+  simplification (no-ops, merges, exact identities, constant Ifs), identity
+  elimination, CSE, initializer dedup, unused nodes/functions/opsets; then a
+  topological sort. (Fusion adds O2/O3.)
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from gcomp.registry import Stage, register_pipeline
 
 CLEANUP = Stage(
     (
+        "fold-constants",
+        "simplify",
         "eliminate-identity",
         "cse",
         "dedup-initializers",
@@ -27,8 +30,9 @@ CLEANUP = Stage(
 O0 = register_pipeline("O0", "validate only: load, check, save", Stage(("validate",)))
 O1 = register_pipeline(
     "O1",
-    "O0 + cleanup to a fixed point (identity, CSE, dedup, unused nodes/functions/opsets) + sort",
+    "O0 + shape inference + to a fixed point: constant/shape folding, simplify, identity, CSE, dedup, unused removal + sort",
     *O0.stages,
+    Stage(("infer-shapes",)),
     CLEANUP,
-    Stage(("topological-sort",)),
+    Stage(("forget-inferred-shapes", "topological-sort")),
 )

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import onnx_ir as ir
 
-from gcomp import io
+from gcomp.passes.weightless import call_without_weights
 from gcomp.errors import GcompError
 from gcomp.registry import register_pass
 
@@ -41,42 +41,14 @@ class ValidatePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         import onnx  # the checker works on protobuf; this is the I/O edge
 
-        proto = ir.serde.serialize_model(model)
-        externals = list(io.external_tensors(model))
+        def check(proto) -> None:
+            onnx.checker.check_model(proto, full_check=self.full_check)
+
         try:
-            if externals:
-                _check_with_external_data(proto, externals, self.full_check)
-            else:
-                onnx.checker.check_model(proto, full_check=self.full_check)
+            # Weights become typed inputs for the call: the checker never reads their bytes,
+            # and external data needs no resolving (gcomp.io.load checked those files).
+            call_without_weights(check, model)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = " ".join(str(e).split())[:300] or type(e).__name__
             raise ModelInvalidError(f"model fails the ONNX checker: {first}") from None
         return ir.passes.PassResult(model, modified=False)
-
-
-def _check_with_external_data(proto, externals: list[ir.ExternalTensor], full_check: bool) -> None:
-    """Check a model whose weights live in files elsewhere, without reading them.
-
-    The checker resolves external data against the folder of the file it checks (or
-    the cwd for an in-memory proto) and refuses symlinks, so it cannot check data
-    files in place; :func:`gcomp.io.load` already checked them (existence, bounds,
-    containment). Here each external initializer of the main graph becomes a graph
-    input of the same type and shape: structure, schemas and (with ``full_check``)
-    shape inference are checked exactly as before.
-    """
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = proto.graph
-    inputs = {i.name for i in graph.input}
-    kept = []
-    for init in graph.initializer:
-        if init.data_location == TensorProto.EXTERNAL:
-            if init.name not in inputs:
-                graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-        else:
-            kept.append(init)
-    if len(kept) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-    onnx.checker.check_model(proto, full_check=full_check)

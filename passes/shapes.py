@@ -1,0 +1,98 @@
+"""Shape inference: ONNX's, run on the weightless model, merged back into the IR.
+
+Guarantees: only fills in or refines value types and shapes; never changes a node.
+Inferred annotations serve the passes that follow; ``forget-inferred-shapes`` (the last
+step of O1) puts back what the model declared before, because writing ONNX's inferences
+into the saved model can make a runtime reject a model it used to run: ORT then checks
+the annotation (e.g. an If output inferred as ``[1]`` feeding Range, which ORT requires
+to be a scalar at load time but accepts as one element at run time).
+Refuses: nothing — when ONNX's inference fails on a model, the model is left as is
+and the pass reports no change. Scopes: main graph and subgraphs (as ONNX infers them).
+"""
+
+from __future__ import annotations
+
+__all__ = ["InferShapes", "ForgetInferredShapes"]
+
+from typing import Annotated
+
+import onnx_ir as ir
+
+from gcomp.passes.weightless import call_without_weights
+from gcomp.registry import register_pass
+
+
+@register_pass("infer-shapes")
+class InferShapes(ir.passes.InPlacePass):
+    """Infer value types and shapes with ONNX shape inference (weights never serialized)."""
+
+    def __init__(self, *, data_prop: Annotated[bool, "propagate small constant values through shape ops"] = True) -> None:
+        super().__init__()
+        self.data_prop = data_prop
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        import onnx
+
+        def infer(proto):
+            return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=self.data_prop)
+
+        try:
+            inferred = ir.serde.deserialize_model(call_without_weights(infer, model))
+        except Exception:  # inference is best effort: an unknown op or bad annotation stops it
+            return ir.passes.PassResult(model, modified=False)
+        modified = False
+        for graph, other in zip(model.graphs(), inferred.graphs()):
+            known = {v.name: v for v in _values(other)}
+            for value in _values(graph):
+                twin = known.get(value.name)
+                if twin is None:
+                    continue
+                new_type = value.type is None and twin.type is not None
+                new_shape = twin.shape is not None and (value.shape is None or _more_specific(twin.shape, value.shape))
+                if new_type or new_shape:
+                    value.meta.setdefault(_KEY, (value.type, value.shape))
+                    modified = True
+                if new_type:
+                    value.type = twin.type  # whole type: a sequence stays a sequence
+                if new_shape:
+                    value.shape = twin.shape
+        return ir.passes.PassResult(model, modified=modified)
+
+
+@register_pass("forget-inferred-shapes")
+class ForgetInferredShapes(ir.passes.InPlacePass):
+    """Restore the types and shapes the model declared before ``infer-shapes`` refined them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for graph in model.graphs():
+            for value in _values(graph):
+                if _KEY in value.meta:
+                    value.type, value.shape = value.meta.pop(_KEY)
+                    modified = True
+        return ir.passes.PassResult(model, modified=modified)
+
+
+_KEY = "gcomp.inferred_from"
+
+
+def _values(graph: ir.Graph):
+    yield from graph.inputs
+    for node in graph:
+        yield from node.outputs
+
+
+def _more_specific(new: ir.Shape, old: ir.Shape) -> bool:
+    if len(new) != len(old):
+        return False
+    gained = False
+    for a, b in zip(new, old):
+        if isinstance(b, int):
+            if a != b:
+                return False
+        elif isinstance(a, int):
+            gained = True
+    return gained

@@ -1,0 +1,401 @@
+"""Graph simplification: no-op removal, merges and exact algebraic identities.
+
+The rules are a table, ``op_type -> [rule, ...]``; a rule returns True when it rewrote
+the node. Each is exact (bit-identical outputs) under the stated conditions:
+
+- no-ops: ``Cast`` to the input's own type; ``Reshape``/``Expand`` to the input's own
+  static shape; ``Transpose`` with the identity permutation; ``Dropout`` in inference
+  (its mask output unused); ``Pad`` whose pads are all zero; ``Slice`` covering every
+  element with step 1; ``Squeeze``/``Unsqueeze`` with no axes to change.
+- merges: ``Transpose(Transpose(x, p), q) = Transpose(x, p∘q)``;
+  ``Reshape(Reshape(x, a), b) = Reshape(x, b)`` when ``b`` is constant without zeros
+  (a zero would copy a dim of the intermediate shape); ``Unsqueeze(Squeeze(x, a), a)``
+  and ``Squeeze(Unsqueeze(x, a), a)`` = ``x``.
+- identities: ``x*1``, ``1*x``, ``x+0``, ``0+x``, ``x-0``, ``x/1``, ``x**1`` when the constant
+  is that value everywhere, the output has ``x``'s dtype and broadcasting cannot change
+  ``x``'s shape (every dim of the constant is 1 and ``x``'s rank is known and at least the
+  constant's). ``x+0`` maps ``-0.0`` to ``+0.0`` in IEEE arithmetic; dropping it keeps
+  ``-0.0``, which compares equal.
+- ``If`` with a constant condition: the taken branch's nodes move into the parent graph.
+
+Scopes: main graph, every If/Loop/Scan body, functions. Graph interfaces never change:
+an output that cannot be rewired keeps its node (see :mod:`gcomp.passes.rewire`).
+"""
+
+from __future__ import annotations
+
+__all__ = ["Simplify", "RULES"]
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from gcomp.passes.fold import _constant
+from gcomp.passes.rewire import bypass
+from gcomp.passes.scopes import all_scopes
+from gcomp.registry import register_pass
+
+@dataclass(frozen=True)
+class Context:
+    """What a rule may need to know about the model beyond the node."""
+
+    opset: int
+
+
+Rule = Callable[[ir.Graph | ir.Function, ir.Node, Context], bool]
+
+
+@register_pass("simplify")
+class Simplify(ir.passes.InPlacePass):
+    """Remove no-op nodes, merge Transpose/Reshape/Squeeze chains, apply exact identities, inline constant Ifs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        ctx = Context(opset=model.opset_imports.get("", model.opset_imports.get("ai.onnx", 17)))
+        for scope in all_scopes(model):
+            for node in list(scope):
+                if node.graph is not scope or node.domain not in ("", "ai.onnx"):
+                    continue
+                for rule in RULES.get(node.op_type, ()):
+                    if rule(scope, node, ctx):
+                        modified = True
+                        break
+        return ir.passes.PassResult(model, modified=modified)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _drop(scope, node: ir.Node, replacement: ir.Value, output: int = 0) -> bool:
+    """Replace ``node.outputs[output]`` by ``replacement``; remove the node when unused."""
+    out = node.outputs[output]
+    if not bypass(scope, out, replacement):
+        return False
+    if all(not o.uses() and not o.is_graph_output() for o in node.outputs):
+        scope.remove(node, safe=True)
+    return True
+
+
+def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    if value is None or value.shape is None or not value.shape.is_static():
+        return None
+    return tuple(value.shape.numpy())
+
+
+def _const(node: ir.Node, index: int) -> np.ndarray | None:
+    if index >= len(node.inputs) or node.inputs[index] is None:
+        return None
+    return _constant(node.inputs[index])
+
+
+def _ints(node: ir.Node, index: int, attr: str | None = None) -> list[int] | None:
+    """Integer list from input ``index`` (opset >= 13 style) or from attribute ``attr``."""
+    if attr is not None and attr in node.attributes:
+        return list(node.attributes[attr].as_ints())
+    array = _const(node, index)
+    if array is None:
+        return None
+    return [int(v) for v in np.asarray(array).reshape(-1)]
+
+
+def _single_use(value: ir.Value) -> bool:
+    return len(value.uses()) == 1 and not value.is_graph_output()
+
+
+# ------------------------------------------------------------------ no-ops
+
+
+def _cast_same_type(scope, node, ctx: Context) -> bool:
+    x = node.inputs[0]
+    to = node.attributes.get_int("to", -1)
+    if x is None or x.dtype is None or int(x.dtype) != to:
+        return False
+    return _drop(scope, node, x)
+
+
+def _reshape_same_shape(scope, node, ctx: Context) -> bool:
+    x = node.inputs[0]
+    shape = _static_shape(x)
+    target = _ints(node, 1)
+    if shape is None or target is None or len(target) != len(shape):
+        return False
+    allowzero = node.attributes.get_int("allowzero", 0)
+    resolved = []
+    for i, t in enumerate(target):
+        if t == 0 and not allowzero:
+            t = shape[i]
+        resolved.append(t)
+    if resolved.count(-1) == 1:
+        known = int(np.prod([d for d in resolved if d != -1]))
+        if known == 0:
+            return False
+        resolved[resolved.index(-1)] = int(np.prod(shape)) // known
+    if tuple(resolved) != shape:
+        return False
+    return _drop(scope, node, x)
+
+
+def _expand_same_shape(scope, node, ctx: Context) -> bool:
+    x = node.inputs[0]
+    shape = _static_shape(x)
+    target = _ints(node, 1)
+    if shape is None or target is None or len(target) > len(shape):
+        return False
+    padded = [1] * (len(shape) - len(target)) + target
+    if any(t not in (1, d) for t, d in zip(padded, shape)):
+        return False
+    return _drop(scope, node, x)
+
+
+def _transpose_identity(scope, node, ctx: Context) -> bool:
+    x = node.inputs[0]
+    perm = node.attributes.get_ints("perm", None)
+    if x is None:
+        return False
+    rank = len(x.shape) if x.shape is not None else None
+    if perm is None:
+        if rank is None or rank > 1:
+            return False
+    elif list(perm) != list(range(len(perm))):
+        return False
+    return _drop(scope, node, x)
+
+
+def _dropout_inference(scope, node, ctx: Context) -> bool:
+    if len(node.inputs) >= 3 and node.inputs[2] is not None:
+        training = _const(node, 2)
+        if training is None or np.asarray(training).any():
+            return False
+    if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+        return False
+    return _drop(scope, node, node.inputs[0])
+
+
+def _pad_zero(scope, node, ctx: Context) -> bool:
+    pads = _ints(node, 1, "pads")
+    if pads is None or any(pads):
+        return False
+    return _drop(scope, node, node.inputs[0])
+
+
+def _slice_everything(scope, node, ctx: Context) -> bool:
+    x = node.inputs[0]
+    shape = _static_shape(x)
+    starts, ends = _ints(node, 1, "starts"), _ints(node, 2, "ends")
+    if shape is None or starts is None or ends is None or len(starts) != len(ends):
+        return False
+    has_axes = "axes" in node.attributes or (len(node.inputs) > 3 and node.inputs[3] is not None)
+    axes = _ints(node, 3, "axes") if has_axes else list(range(len(starts)))
+    has_steps = len(node.inputs) > 4 and node.inputs[4] is not None
+    steps = _ints(node, 4) if has_steps else [1] * len(starts)
+    if axes is None or steps is None:
+        return False
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        dim = shape[axis]
+        s = min(max(start + dim if start < 0 else start, 0), dim)
+        e = min(max(end + dim if end < 0 else end, 0), dim)
+        if step != 1 or s != 0 or e != dim:
+            return False
+    return _drop(scope, node, x)
+
+
+def _squeeze_nothing(scope, node, ctx: Context) -> bool:
+    axes = _ints(node, 1, "axes")
+    if axes is None or axes:  # no axes means "every dim of size 1": not a no-op in general
+        return False
+    if node.op_type == "Unsqueeze":
+        return _drop(scope, node, node.inputs[0])
+    return False
+
+
+# ------------------------------------------------------------------ merges
+
+
+def _transpose_transpose(scope, node, ctx: Context) -> bool:
+    inner = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if inner is None or inner.op_type != "Transpose" or inner.domain not in ("", "ai.onnx"):
+        return False
+    p, q = inner.attributes.get_ints("perm", None), node.attributes.get_ints("perm", None)
+    if p is None or q is None or len(p) != len(q):
+        return False
+    composed = [p[i] for i in q]
+    x = inner.inputs[0]
+    if composed == list(range(len(composed))):
+        return _drop(scope, node, x)
+    node.replace_input_with(0, x)
+    node.attributes["perm"] = ir.AttrInt64s("perm", composed)
+    if not inner.outputs[0].uses() and not inner.outputs[0].is_graph_output():
+        inner.graph.remove(inner, safe=True)
+    return True
+
+
+def _reshape_reshape(scope, node, ctx: Context) -> bool:
+    inner = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if inner is None or inner.op_type != "Reshape" or inner.domain not in ("", "ai.onnx") or inner.graph is not scope:
+        return False
+    target = _ints(node, 1)
+    if target is None or (0 in target and not node.attributes.get_int("allowzero", 0)):
+        return False
+    node.replace_input_with(0, inner.inputs[0])
+    if not inner.outputs[0].uses() and not inner.outputs[0].is_graph_output():
+        scope.remove(inner, safe=True)
+    return True
+
+
+def _squeeze_pair(scope, node, ctx: Context) -> bool:
+    inverse = {"Squeeze": "Unsqueeze", "Unsqueeze": "Squeeze"}[node.op_type]
+    inner = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if inner is None or inner.op_type != inverse or inner.domain not in ("", "ai.onnx"):
+        return False
+    a, b = _ints(inner, 1, "axes"), _ints(node, 1, "axes")
+    if not a or not b:
+        return False
+    x = inner.inputs[0]
+    rank = len(x.shape) if x is not None and x.shape is not None else None
+    if rank is None:
+        return False
+    # Normalise negative axes against the rank each op sees.
+    r_inner = rank if inner.op_type == "Squeeze" else rank + len(a)
+    if sorted(v % r_inner for v in a) != sorted(v % r_inner for v in b):
+        return False
+    return _drop(scope, node, x)
+
+
+# ------------------------------------------------------------------ identities
+
+
+def _identity_operand(value: float):
+    def rule(scope, node, ctx: Context) -> bool:
+        if len(node.inputs) != 2 or node.outputs[0].dtype is None:
+            return False
+        positions = (0, 1) if node.op_type in ("Mul", "Add") else (1,)
+        for ci in positions:
+            c = _const(node, ci)
+            x = node.inputs[1 - ci]
+            if c is None or x is None or c.dtype.kind not in "biuf" or c.size == 0:
+                continue
+            if not np.all(c == value) or x.dtype != node.outputs[0].dtype:
+                continue
+            if x.shape is None or len(x.shape) < c.ndim or any(d != 1 for d in c.shape):
+                continue
+            return _drop(scope, node, x)
+        return False
+
+    return rule
+
+
+# ------------------------------------------------------------------ If inlining
+
+
+def _inline_constant_if(scope, node, ctx: Context) -> bool:
+    cond = _const(node, 0)
+    if cond is None or cond.size != 1:
+        return False
+    branch = node.attributes.get("then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")
+    if branch is None:
+        return False
+    body: ir.Graph = branch.as_graph()
+    if len(body.outputs) != len(node.outputs) or body.inputs or len(set(body.outputs)) != len(body.outputs):
+        return False
+    if not _consumers_accept(node, list(body.outputs), ctx.opset):
+        return False
+    prefix = node.name or "if"
+    existing = {v.name for n in scope for v in n.outputs if v.name} | {v.name for v in scope.inputs if v.name}
+    if isinstance(scope, ir.Graph):
+        existing |= set(scope.initializers)
+    # Branch initializers become Constant nodes (valid in any parent scope).
+    for name, value in list(body.initializers.items()):
+        body.initializers.pop(name)
+        const = ir.node("Constant", inputs=[], attributes={"value": value.const_value}, name=f"{prefix}/{name}")
+        scope.insert_before(node, const)
+        outputs = list(body.outputs)
+        ir.convenience.replace_all_uses_with(value, const.outputs[0])
+        for i, v in enumerate(outputs):
+            if v is value:
+                body.outputs[i] = const.outputs[0]
+        const.outputs[0].name = name
+    for inner in list(body):
+        body.remove(inner)
+        inner.name = f"{prefix}/{inner.name}" if inner.name else None
+        for v in inner.outputs:
+            if v.name in existing:
+                v.name = f"{v.name}__{prefix}"
+            existing.add(v.name)
+        scope.insert_before(node, inner)
+    sources = list(body.outputs)
+    body.outputs.clear()
+    for out, src in zip(list(node.outputs), sources):
+        if not bypass(scope, out, src):
+            # A graph output cannot take an input's or outer value's place: keep an Identity.
+            ident = ir.node("Identity", inputs=[src], name=f"{prefix}/output")
+            scope.insert_before(node, ident)
+            bypass(scope, out, ident.outputs[0])
+    scope.remove(node, safe=True)
+    return True
+
+
+def _consumers_accept(node: ir.Node, sources: list[ir.Value], opset: int) -> bool:
+    """Whether every consumer of the If's outputs passes ONNX's own per-node shape
+    inference with the branch outputs' (possibly more precise) types in their place.
+
+    An If hides its branches' shapes from a runtime's load-time checks; once inlined,
+    ORT checks them (e.g. Range refuses a ``[1]`` tensor it accepted at run time).
+    """
+    from onnx import defs, numpy_helper, shape_inference
+
+    swap = dict(zip(node.outputs, sources))
+    seen = set()
+    for out in node.outputs:
+        for consumer, _ in out.uses():
+            if id(consumer) in seen or consumer.domain not in ("", "ai.onnx") or consumer.graph is None:
+                continue
+            seen.add(id(consumer))
+            try:
+                schema = defs.get_schema(consumer.op_type, opset, "")
+            except Exception:
+                continue
+            proto = ir.serde.serialize_node(consumer)
+            names = [f"i{i}" if v is not None else "" for i, v in enumerate(consumer.inputs)]
+            del proto.input[:]
+            proto.input.extend(names)
+            types, data = {}, {}
+            for name, v in zip(names, consumer.inputs):
+                v = swap.get(v, v)
+                if v is None or v.type is None:
+                    continue
+                type_proto = ir.serde.serialize_type(v.type)
+                if v.shape is not None:
+                    ir.serde.serialize_shape_into(type_proto, v.shape)
+                types[name] = type_proto
+                array = _constant(v)  # with data, as ORT checks initializers at load time
+                if array is not None and array.size <= 4096 and array.dtype.kind in "biuf":
+                    data[name] = numpy_helper.from_array(np.asarray(array), name)
+            try:
+                shape_inference.infer_node_outputs(schema, proto, types, data)
+            except Exception:
+                return False
+    return True
+
+
+RULES: dict[str, list[Rule]] = {
+    "Cast": [_cast_same_type],
+    "Reshape": [_reshape_same_shape, _reshape_reshape],
+    "Expand": [_expand_same_shape],
+    "Transpose": [_transpose_identity, _transpose_transpose],
+    "Dropout": [_dropout_inference],
+    "Pad": [_pad_zero],
+    "Slice": [_slice_everything],
+    "Squeeze": [_squeeze_pair],
+    "Unsqueeze": [_squeeze_nothing, _squeeze_pair],
+    "Mul": [_identity_operand(1)],
+    "Div": [_identity_operand(1)],
+    "Pow": [_identity_operand(1)],
+    "Add": [_identity_operand(0)],
+    "Sub": [_identity_operand(0)],
+    "If": [_inline_constant_if],
+}
