@@ -228,6 +228,10 @@ def _print_summary(result, doc) -> None:
         if p.modified:
             passes.add_row(p.name, str(p.round), f"{p.seconds * 1e3:.1f}", f"{p.nodes_before}→{p.nodes_after}",
                            ", ".join(f"{k} {v:+d}" for k, v in p.op_delta.items()) or "-")
+    folds = [p for p in result.passes if p.name == "fold-constants" and p.details]
+    if folds and folds[-1].details.get("unfolded"):
+        reasons = ", ".join(f"{k}: {n}" for k, n in folds[-1].details["unfolded_by_reason"].items())
+        out.print(f"left unfolded: {folds[-1].details['unfolded']} node(s) ({reasons}); the report lists them")
     total_ms = sum(p.seconds for p in result.passes) * 1e3
     passes.caption = f"{len(result.passes)} pass runs in {total_ms:.1f} ms; unchanged runs not shown"
     out.print(passes)

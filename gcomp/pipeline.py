@@ -41,6 +41,7 @@ class PassStats:
     initializer_bytes_after: int
     op_delta: dict[str, int] = field(default_factory=dict)
     note: str | None = None
+    details: dict[str, Any] | None = None  # what a pass reports beyond counts (e.g. unfolded nodes)
 
 
 @dataclass
@@ -251,6 +252,7 @@ def _run_steps(model, steps, progress, executed, checked: bool = False) -> list[
                 s = PassStats(
                     name, round_, seconds, bool(result.modified), current.nodes, new.nodes,
                     current.initializer_bytes, new.initializer_bytes, dict(sorted(delta.items())),
+                    details=getattr(result, "details", None) or None,
                 )
                 stats.append(s)
                 current = new

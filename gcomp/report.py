@@ -139,6 +139,10 @@ def _optimize_md(doc: dict[str, Any]) -> str:
           f"{human_bytes(p['initializer_bytes_before'])} → {human_bytes(p['initializer_bytes_after'])}",
           ", ".join(f"{k} {v:+d}" for k, v in p["op_delta"].items()) or p.get("note") or "-"] for p in doc["passes"]],
     ))
+    unfolded = _unfolded(doc["passes"])
+    if unfolded:
+        out.append("\n### Left unfolded\n")
+        out.append(_table(["node", "op type", "reason"], [[u["node"], u["op_type"], u["reason"]] for u in unfolded]))
     v = doc.get("verification")
     out.append("\n## Verification\n")
     if v is None:
@@ -157,6 +161,12 @@ def _optimize_md(doc: dict[str, Any]) -> str:
             out.append(f"\n- note: {note}")
         out.append("\n")
     return "\n".join(out)
+
+
+def _unfolded(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Nodes constant folding left alone in its last run, with the reason."""
+    runs = [p for p in passes if p["name"] == "fold-constants" and p.get("details")]
+    return runs[-1]["details"].get("unfolded_nodes", []) if runs else []
 
 
 def _profile_md(doc: dict[str, Any], top: int = 20) -> str:

@@ -81,6 +81,12 @@ def _drop(scope, node: ir.Node, replacement: ir.Value, output: int = 0) -> bool:
     return True
 
 
+def _remove_if_dead(scope, node: ir.Node) -> None:
+    """Remove a node of ``scope`` left with no used output (an absorbed inner node)."""
+    if node.graph is scope and all(not o.uses() and not o.is_graph_output() for o in node.outputs):
+        scope.remove(node, safe=True)
+
+
 def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     if value is None or value.shape is None or not value.shape.is_static():
         return None
@@ -226,11 +232,12 @@ def _transpose_transpose(scope, node, ctx: Context) -> bool:
     composed = [p[i] for i in q]
     x = inner.inputs[0]
     if composed == list(range(len(composed))):
-        return _drop(scope, node, x)
-    node.replace_input_with(0, x)
-    node.attributes["perm"] = ir.AttrInt64s("perm", composed)
-    if not inner.outputs[0].uses() and not inner.outputs[0].is_graph_output():
-        inner.graph.remove(inner, safe=True)
+        if not _drop(scope, node, x):
+            return False
+    else:
+        node.replace_input_with(0, x)
+        node.attributes["perm"] = ir.AttrInt64s("perm", composed)
+    _remove_if_dead(scope, inner)
     return True
 
 
@@ -242,8 +249,7 @@ def _reshape_reshape(scope, node, ctx: Context) -> bool:
     if target is None or (0 in target and not node.attributes.get_int("allowzero", 0)):
         return False
     node.replace_input_with(0, inner.inputs[0])
-    if not inner.outputs[0].uses() and not inner.outputs[0].is_graph_output():
-        scope.remove(inner, safe=True)
+    _remove_if_dead(scope, inner)
     return True
 
 
@@ -263,7 +269,10 @@ def _squeeze_pair(scope, node, ctx: Context) -> bool:
     r_inner = rank if inner.op_type == "Squeeze" else rank + len(a)
     if sorted(v % r_inner for v in a) != sorted(v % r_inner for v in b):
         return False
-    return _drop(scope, node, x)
+    if not _drop(scope, node, x):
+        return False
+    _remove_if_dead(scope, inner)
+    return True
 
 
 # ------------------------------------------------------------------ identities
@@ -279,7 +288,9 @@ def _identity_operand(value: float):
             x = node.inputs[1 - ci]
             if c is None or x is None or c.dtype.kind not in "biuf" or c.size == 0:
                 continue
-            if not np.all(c == value) or x.dtype != node.outputs[0].dtype:
+            # The op's type constraint makes the output x's dtype (both operands share T;
+            # Pow's output is the base's type): only the value and the shape need checking.
+            if not np.all(c == value):
                 continue
             if x.shape is None or len(x.shape) < c.ndim or any(d != 1 for d in c.shape):
                 continue

@@ -1,0 +1,184 @@
+"""Constant and shape folding: numeric before/after on ORT, no-op cases, structure, size limits."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+import gcomp
+from gcomp import registry
+from tests.conftest import assert_same_outputs, make_model, tensor, vinfo
+
+X = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+
+
+def fold(proto, **options):
+    model = ir.from_proto(proto)
+    result = registry.get_pass("fold-constants").create(**options)(model)
+    return result, ir.to_proto(model)
+
+
+def ops(proto):
+    return [n.op_type for n in proto.graph.node]
+
+
+def test_folds_constant_chains_into_initializers():
+    nodes = [
+        helper.make_node("Constant", [], ["two"], value=helper.make_tensor("v", TensorProto.FLOAT, [], [2.0]), name="c"),
+        helper.make_node("Mul", ["W", "two"], ["W2"], name="scale"),
+        helper.make_node("Transpose", ["W2"], ["W2t"], perm=[1, 0], name="t"),
+        helper.make_node("Sqrt", ["W2t"], ["Ws"], name="sqrt"),
+        helper.make_node("MatMul", ["x", "Ws"], ["y"], name="mm"),
+    ]
+    w = np.abs(np.random.default_rng(1).standard_normal((4, 4))).astype(np.float32)
+    proto = make_model(nodes, [vinfo("x")], [vinfo("y")], [tensor("W", w)])
+    result, after = fold(proto)
+    assert result.modified
+    assert ops(after) == ["MatMul"]
+    assert result.details["folded"] == 3 and result.details["folded_by_op"] == {"Mul": 1, "Transpose": 1, "Sqrt": 1}
+    assert_same_outputs(proto, after, {"x": X}, rtol=1e-6, atol=1e-6)
+
+
+def test_no_op_when_nothing_is_constant():
+    proto = make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [vinfo("x")], [vinfo("y")])
+    result, after = fold(proto)
+    assert not result.modified and ops(after) == ["Relu"]
+
+
+def test_never_folds_random_ops_or_overridable_initializers():
+    nodes = [
+        helper.make_node("RandomUniform", [], ["r"], shape=[3, 4], name="rand"),
+        helper.make_node("Add", ["x", "r"], ["a"], name="add"),
+        helper.make_node("Neg", ["B"], ["nb"], name="neg"),  # B is an initializer *and* an input
+        helper.make_node("Add", ["a", "nb"], ["y"], name="add2"),
+    ]
+    proto = make_model(
+        nodes, [vinfo("x", shape=(3, 4)), vinfo("B", shape=(3, 4))], [vinfo("y", shape=(3, 4))],
+        [tensor("B", np.ones((3, 4), np.float32))],
+    )
+    result, after = fold(proto)
+    assert not result.modified
+    assert ops(after) == ["RandomUniform", "Add", "Neg", "Add"]
+
+
+def test_size_limit_keeps_constant_of_shape_weights_small():
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["w"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5]), name="cos"),
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+    ]
+    proto = make_model(nodes, [vinfo("x", shape=(3, 256))], [vinfo("y", shape=(3, 256))], [tensor("shape", np.array([256, 256], np.int64))])
+    result, after = fold(proto)
+    assert not result.modified and "ConstantOfShape" in ops(after)
+    assert result.details["unfolded_by_reason"] == {"size": 1}
+    assert "max_fold_bytes" in result.details["unfolded_nodes"][0]["reason"]
+    assert after.ByteSize() < 2000
+    # Asked for, it folds (and the model grows by the 256 KiB weight).
+    result, big = fold(proto, max_fold_bytes=1 << 20)
+    assert result.modified and ops(big) == ["MatMul"] and big.ByteSize() > 256 * 1024
+    feeds = {"x": np.ones((3, 256), np.float32)}
+    assert_same_outputs(proto, big, feeds, rtol=1e-6, atol=1e-6)
+
+
+def test_huge_outputs_are_never_allocated():
+    # 10^12 elements: folding must refuse from the predicted size, before evaluating.
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["big"], name="cos"),
+        helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0, name="sum"),
+        helper.make_node("Add", ["x", "s"], ["y"], name="add"),
+    ]
+    proto = make_model(nodes, [vinfo("x", shape=())], [vinfo("y", shape=())], [tensor("shape", np.array([10**6, 10**6], np.int64))])
+    result, _ = fold(proto)
+    assert not result.modified
+    assert result.details["unfolded_by_reason"]["size"] == 1
+
+
+def test_shape_folding_keeps_symbolic_dims_symbolic():
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("Gather", ["s", "one"], ["d1"], axis=0, name="g1"),  # static dim 4
+        helper.make_node("Gather", ["s", "zero"], ["d0"], axis=0, name="g0"),  # symbolic batch
+        helper.make_node("Unsqueeze", ["d0", "axes"], ["d0u"], name="u0"),
+        helper.make_node("Unsqueeze", ["d1", "axes"], ["d1u"], name="u1"),
+        helper.make_node("Mul", ["d1u", "two"], ["d1x2"], name="m"),
+        helper.make_node("Concat", ["d0u", "d1x2"], ["target"], axis=0, name="cat"),
+        helper.make_node("Concat", ["x", "x"], ["xx"], axis=1, name="xx"),
+        helper.make_node("Reshape", ["xx", "target"], ["y"], name="reshape"),
+    ]
+    proto = make_model(
+        nodes, [vinfo("x", shape=("batch", 4))], [vinfo("y", shape=("batch", 8))],
+        [tensor("one", np.array(1, np.int64)), tensor("zero", np.array(0, np.int64)),
+         tensor("axes", np.array([0], np.int64)), tensor("two", np.array([2], np.int64))],
+    )
+    result, after = fold(proto)
+    assert result.modified
+    remaining = ops(after)
+    assert "Mul" not in remaining and remaining.count("Unsqueeze") == 1  # the static side folded
+    assert "Shape" in remaining  # the batch dim stays symbolic
+    for batch in (1, 5):
+        xb = np.random.default_rng(batch).standard_normal((batch, 4)).astype(np.float32)
+        assert_same_outputs(proto, after, {"x": xb}, rtol=0, atol=0)
+
+
+def test_fully_static_shape_chain_folds_away():
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("Size", ["x"], ["n"], name="size"),
+        helper.make_node("Reshape", ["x", "s"], ["y"], name="reshape"),
+        helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("Add", ["y", "nf"], ["z"], name="add"),
+    ]
+    proto = make_model(nodes, [vinfo("x", shape=(3, 4))], [vinfo("z", shape=(3, 4))])
+    result, after = fold(proto)
+    assert result.modified and ops(after) == ["Reshape", "Add"]
+    assert_same_outputs(proto, after, {"x": X}, rtol=0, atol=0)
+
+
+def test_folds_inside_subgraphs_with_outer_constants():
+    body = helper.make_graph(
+        [helper.make_node("Mul", ["W", "W"], ["w2"], name="sq"), helper.make_node("Add", ["x", "w2"], ["out"], name="add")],
+        "then", [], [vinfo("out", shape=(3, 4))],
+    )
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["o2"], name="neg")], "else", [], [vinfo("o2", shape=(3, 4))])
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
+        helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
+        helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=other, name="if"),
+    ]
+    proto = make_model(nodes, [vinfo("x", shape=(3, 4))], [vinfo("y", shape=(3, 4))],
+                       [tensor("W", np.full((3, 4), 3, np.float32)), tensor("zero", np.float32(0))])
+    result, after = fold(proto)
+    assert result.modified
+    then = next(a.g for a in after.graph.node[2].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then.node] == ["Constant", "Add"]  # subgraphs hold Constant nodes
+    onnx.checker.check_model(after, full_check=True)
+    for sign in (1, -1):
+        assert_same_outputs(proto, after, {"x": sign * np.abs(X)}, rtol=0, atol=0)
+
+
+def test_constant_nodes_become_initializers_but_outputs_stay_nodes():
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=helper.make_tensor("v", TensorProto.FLOAT, [4], [1, 2, 3, 4]), name="c"),
+        helper.make_node("Add", ["x", "c"], ["y"], name="add"),
+        helper.make_node("Constant", [], ["k"], value_int=7, name="k"),
+    ]
+    proto = make_model(nodes, [vinfo("x")], [vinfo("y"), vinfo("k", TensorProto.INT64, ())])
+    result, after = fold(proto)
+    assert result.modified and ops(after) == ["Add", "Constant"]
+    assert [i.name for i in after.graph.initializer] == ["c"]
+    assert [o.name for o in after.graph.output] == ["y", "k"]
+    assert_same_outputs(proto, after, {"x": X}, rtol=0, atol=0)
+
+
+def test_o1_reports_unfolded_nodes(tmp_path):
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["w"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5]), name="cos"),
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+    ]
+    proto = make_model(nodes, [vinfo("x", shape=(3, 256))], [vinfo("y", shape=(3, 256))], [tensor("shape", np.array([256, 256], np.int64))])
+    result = gcomp.optimize(ir.from_proto(proto), "O1")
+    assert result.verification.passed
+    fold_rows = [p for p in result.passes if p.name == "fold-constants"]
+    assert fold_rows and fold_rows[0].details["unfolded_nodes"][0]["node"] == "cos"

@@ -1,0 +1,165 @@
+"""Simplification rules: each proven on ORT before/after, with structure and no-op checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from gcomp import registry
+from gcomp.passes.simplify import RULES
+from tests.conftest import assert_same_outputs, make_model, tensor, vinfo
+
+X = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+X3 = vinfo("x", shape=(2, 3, 4))
+
+
+def simplify(proto):
+    """infer-shapes then simplify, as O1 runs them (rules read dtypes and static shapes)."""
+    model = ir.from_proto(proto)
+    registry.get_pass("infer-shapes").create()(model)
+    result = registry.get_pass("simplify").create()(model)
+    return result, ir.to_proto(model)
+
+
+def ops(proto):
+    return [n.op_type for n in proto.graph.node]
+
+
+def with_tail(node, inits=(), out_shape=(2, 3, 4)):
+    """``node`` followed by Relu, so the rewritten value is not itself a graph output."""
+    return make_model([node, helper.make_node("Relu", ["t"], ["y"], name="tail")], [X3], [vinfo("y", shape=out_shape)], list(inits))
+
+
+CASES = {
+    "cast-same": (helper.make_node("Cast", ["x"], ["t"], to=TensorProto.FLOAT, name="n"), []),
+    "reshape-same": (helper.make_node("Reshape", ["x", "s"], ["t"], name="n"), [tensor("s", np.array([2, 0, -1], np.int64))]),
+    "expand-same": (helper.make_node("Expand", ["x", "s"], ["t"], name="n"), [tensor("s", np.array([3, 1], np.int64))]),
+    "transpose-identity": (helper.make_node("Transpose", ["x"], ["t"], perm=[0, 1, 2], name="n"), []),
+    "dropout-inference": (helper.make_node("Dropout", ["x", "r"], ["t"], name="n"), [tensor("r", np.float32(0.5))]),
+    "pad-zero": (helper.make_node("Pad", ["x", "p"], ["t"], name="n"), [tensor("p", np.zeros(6, np.int64))]),
+    "slice-all": (
+        helper.make_node("Slice", ["x", "st", "en"], ["t"], name="n"),
+        [tensor("st", np.array([0, -3], np.int64)), tensor("en", np.array([2**62, 3], np.int64))],
+    ),
+    "mul-one": (helper.make_node("Mul", ["one", "x"], ["t"], name="n"), [tensor("one", np.ones((1, 1), np.float32))]),
+    "add-zero": (helper.make_node("Add", ["x", "zero"], ["t"], name="n"), [tensor("zero", np.zeros(1, np.float32))]),
+    "sub-zero": (helper.make_node("Sub", ["x", "zero"], ["t"], name="n"), [tensor("zero", np.float32(0))]),
+    "div-one": (helper.make_node("Div", ["x", "one"], ["t"], name="n"), [tensor("one", np.float32(1))]),
+    "pow-one": (helper.make_node("Pow", ["x", "one"], ["t"], name="n"), [tensor("one", np.float32(1))]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_no_op_is_removed_exactly(case):
+    node, inits = CASES[case]
+    proto = with_tail(node, inits)
+    result, after = simplify(proto)
+    assert result.modified, case
+    assert ops(after) == ["Relu"], ops(after)
+    onnx.checker.check_model(after, full_check=True)
+    assert_same_outputs(proto, after, {"x": X}, rtol=0, atol=0)
+
+
+KEPT = {
+    # The constant is not the identity everywhere.
+    "mul-not-one": (helper.make_node("Mul", ["x", "c"], ["t"], name="n"), [tensor("c", np.array([1, 1, 1, 2], np.float32))], (2, 3, 4)),
+    # Broadcasting would change x's shape.
+    "add-broadcasts": (helper.make_node("Add", ["x", "z"], ["t"], name="n"), [tensor("z", np.zeros((5, 1, 1, 1), np.float32))], (5, 2, 3, 4)),
+    # 0 - x is not x.
+    "zero-minus-x": (helper.make_node("Sub", ["z", "x"], ["t"], name="n"), [tensor("z", np.float32(0))], (2, 3, 4)),
+    "reshape-changes": (helper.make_node("Reshape", ["x", "s"], ["t"], name="n"), [tensor("s", np.array([6, 4], np.int64))], (6, 4)),
+    "slice-part": (helper.make_node("Slice", ["x", "st", "en"], ["t"], name="n"), [tensor("st", np.array([1], np.int64)), tensor("en", np.array([2], np.int64))], (1, 3, 4)),
+    "cast-other": (helper.make_node("Cast", ["x"], ["t"], to=TensorProto.DOUBLE, name="n"), [], (2, 3, 4)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KEPT))
+def test_non_identities_are_kept(case):
+    node, inits, shape = KEPT[case]
+    out_type = TensorProto.DOUBLE if case == "cast-other" else TensorProto.FLOAT
+    proto = make_model([node, helper.make_node("Relu", ["t"], ["y"], name="tail")], [X3], [vinfo("y", out_type, shape)], inits)
+    result, after = simplify(proto)
+    assert not result.modified
+    assert len(after.graph.node) == 2
+
+
+def test_transpose_chain_merges_and_cancels():
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["a"], perm=[1, 0, 2], name="t1"),
+        helper.make_node("Transpose", ["a"], ["b"], perm=[0, 2, 1], name="t2"),
+        helper.make_node("Relu", ["b"], ["y"], name="tail"),
+    ]
+    proto = make_model(nodes, [X3], [vinfo("y", shape=(3, 4, 2))])
+    result, after = simplify(proto)
+    assert result.modified and ops(after) == ["Transpose", "Relu"]
+    assert list(after.graph.node[0].attribute[0].ints) == [1, 2, 0]
+    assert_same_outputs(proto, after, {"x": X}, rtol=0, atol=0)
+    back = make_model(
+        [helper.make_node("Transpose", ["x"], ["a"], perm=[2, 0, 1], name="t1"),
+         helper.make_node("Transpose", ["a"], ["b"], perm=[1, 2, 0], name="t2"),
+         helper.make_node("Relu", ["b"], ["y"], name="tail")],
+        [X3], [vinfo("y", shape=(2, 3, 4))],
+    )
+    _, after = simplify(back)
+    assert ops(after) == ["Relu"]
+    assert_same_outputs(back, after, {"x": X}, rtol=0, atol=0)
+
+
+def test_reshape_chain_merges_and_squeeze_pairs_cancel():
+    nodes = [
+        helper.make_node("Reshape", ["x", "s1"], ["a"], name="r1"),
+        helper.make_node("Reshape", ["a", "s2"], ["b"], name="r2"),
+        helper.make_node("Unsqueeze", ["b", "ax"], ["c"], name="u"),
+        helper.make_node("Squeeze", ["c", "ax"], ["d"], name="s"),
+        helper.make_node("Relu", ["d"], ["y"], name="tail"),
+    ]
+    proto = make_model(
+        nodes, [X3], [vinfo("y", shape=(4, 6))],
+        [tensor("s1", np.array([6, 4], np.int64)), tensor("s2", np.array([4, 6], np.int64)), tensor("ax", np.array([1], np.int64))],
+    )
+    result, after = simplify(proto)
+    assert result.modified and ops(after) == ["Reshape", "Relu"]
+    assert_same_outputs(proto, after, {"x": X}, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cond", [True, False])
+def test_constant_if_is_inlined(cond):
+    then = helper.make_graph([helper.make_node("Add", ["x", "x"], ["o1"], name="tadd")], "then", [], [vinfo("o1", shape=(2, 3, 4))])
+    other = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["o2"], name="emul")], "else", [], [vinfo("o2", shape=(2, 3, 4))],
+        [tensor("k", np.float32(3))],
+    )
+    nodes = [
+        helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other, name="if"),
+    ]
+    proto = make_model(nodes, [X3], [vinfo("y", shape=(2, 3, 4))], [tensor("c", np.array(cond))])
+    result, after = simplify(proto)
+    assert result.modified
+    assert ops(after) == (["Add"] if cond else ["Constant", "Mul"])
+    assert [o.name for o in after.graph.output] == ["y"]
+    onnx.checker.check_model(after, full_check=True)
+    assert_same_outputs(proto, after, {"x": X}, rtol=0, atol=0)
+
+
+def test_rewritten_graph_output_keeps_its_name():
+    # y = Cast(x) to its own type, and y is a graph output fed by a graph input:
+    # the node must stay (a graph input cannot take an output's name).
+    proto = make_model([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT, name="n")], [X3], [vinfo("y", shape=(2, 3, 4))])
+    result, after = simplify(proto)
+    assert not result.modified and [o.name for o in after.graph.output] == ["y"]
+    # Fed by a node, the producer takes the output's place and name.
+    proto = make_model(
+        [helper.make_node("Relu", ["x"], ["r"], name="r"), helper.make_node("Cast", ["r"], ["y"], to=TensorProto.FLOAT, name="n")],
+        [X3], [vinfo("y", shape=(2, 3, 4))],
+    )
+    result, after = simplify(proto)
+    assert result.modified and ops(after) == ["Relu"] and [o.name for o in after.graph.output] == ["y"]
+    assert_same_outputs(proto, after, {"x": X}, rtol=0, atol=0)
+
+
+def test_every_rule_is_exercised():
+    covered = {"Cast", "Reshape", "Expand", "Transpose", "Dropout", "Pad", "Slice", "Squeeze", "Unsqueeze", "Mul", "Div", "Pow", "Add", "Sub", "If"}
+    assert set(RULES) == covered
