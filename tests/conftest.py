@@ -30,9 +30,12 @@ def ort_run(model, feeds):
     """Outputs of ``model`` (ModelProto, ir.Model or path) on ORT with optimizations off."""
     import onnxruntime as ort
 
+    from gcomp import io
+
     if isinstance(model, ir.Model):
-        model = ir.to_proto(model)
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+        src = io.serialize(model)  # external weights are read in
+    else:
+        src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3

@@ -270,3 +270,29 @@ def test_cse_and_identity_inside_model_functions():
     assert result.verification.passed, result.verification.summary()
     body = ir.to_proto(result.model).functions[0].node
     assert [n.op_type for n in body] == ["Relu", "Add"]
+
+
+def test_dedup_merges_equal_external_weights_and_keeps_different_ones(tmp_path):
+    """Fingerprints split by first/last 64 KiB, then whole-tensor digests decide."""
+    from gcomp import io
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((256, 256)).astype(np.float32)  # 256 KiB: sampled, then hashed whole
+    b = a.copy()
+    c = a.copy()
+    c[128, 128] += 1.0  # differs only in the middle: same sample, different digest
+    nodes = [
+        helper.make_node("MatMul", ["x", "A"], ["p"], name="ma"),
+        helper.make_node("MatMul", ["x", "B"], ["q"], name="mb"),
+        helper.make_node("MatMul", ["x", "C"], ["r"], name="mc"),
+        helper.make_node("Sum", ["p", "q", "r"], ["y"], name="sum"),
+    ]
+    proto = make_model(nodes, [vinfo("x", shape=(2, 256))], [vinfo("y", shape=(2, 256))], [tensor("A", a), tensor("B", b), tensor("C", c)])
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path, save_as_external_data=True, location="m.bin", size_threshold=0)
+    model = io.load(path)
+    result = registry.get_pass("dedup-initializers").create()(model)
+    assert result.modified
+    assert sorted(model.graph.initializers) == ["A", "C"]
+    feeds = {"x": rng.standard_normal((2, 256)).astype(np.float32)}
+    assert_same_outputs(proto, model, feeds, rtol=1e-6, atol=1e-5)
