@@ -289,10 +289,13 @@ def test_dedup_merges_equal_external_weights_and_keeps_different_ones(tmp_path):
     ]
     proto = make_model(nodes, [vinfo("x", shape=(2, 256))], [vinfo("y", shape=(2, 256))], [tensor("A", a), tensor("B", b), tensor("C", c)])
     path = tmp_path / "m.onnx"
+    reference = onnx.ModelProto()
+    reference.CopyFrom(proto)  # onnx.save rewrites its argument to point at the data file
     onnx.save(proto, path, save_as_external_data=True, location="m.bin", size_threshold=0)
     model = io.load(path)
     result = registry.get_pass("dedup-initializers").create()(model)
     assert result.modified
     assert sorted(model.graph.initializers) == ["A", "C"]
+    proto = reference
     feeds = {"x": rng.standard_normal((2, 256)).astype(np.float32)}
     assert_same_outputs(proto, model, feeds, rtol=1e-6, atol=1e-5)
