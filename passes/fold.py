@@ -40,6 +40,7 @@ import onnx_ir as ir
 
 from gcomp.passes.rewire import bypass
 from gcomp.passes.scopes import all_scopes
+from gcomp.passes.symbolic import SymbolicShapes
 from gcomp.registry import register_pass
 
 NON_DETERMINISTIC = frozenset(
@@ -86,11 +87,15 @@ class FoldConstants(ir.passes.InPlacePass):
         self._model = model
         self._folded: Counter[str] = Counter()
         self._unfolded: dict[tuple[str, str], str] = {}
-        self._shape_values: dict[ir.Value, tuple[list[int | None], bool]] = {}
+        # Partial values of small int tensors computed from shapes: each entry is an int, a
+        # token naming a symbolic dim (equal tokens are equal dims), or None (unknown).
+        self._shape_values: dict[ir.Value, tuple[list[Dim], bool]] = {}
+        self._sym = SymbolicShapes(_constant, self._shape_values)
         modified = False
         for scope in all_scopes(model):
             for node in list(scope):
                 if node.graph is scope:  # not removed by an earlier fold in this scope
+                    self._sym.visit(node)
                     modified |= self._visit(scope, node)
         reasons = Counter(r.split(":")[0] for r in self._unfolded.values())
         details = {
@@ -118,7 +123,46 @@ class FoldConstants(ir.passes.InPlacePass):
         arrays = [None if v is None else _constant(v) for v in node.inputs]
         if all(v is None or a is not None for v, a in zip(node.inputs, arrays)) and node.inputs:
             return self._fold(scope, node, arrays)
+        if node.op_type == "Reshape" and self._constant_reshape_target(scope, node, arrays):
+            return True
         return self._fold_shape(scope, node, arrays)
+
+    def _constant_reshape_target(self, scope, node: ir.Node, arrays) -> bool:
+        """Reshape(x, Concat(..., dim i of x, ...)): a dim copied from x's own dim at the same
+        position becomes 0 ("copy this dim"), so the target is constant and the Shape/Gather/
+        Concat chain that computed it falls away. Exact: Reshape with allowzero=0 defines 0
+        as "the input's dim here"."""
+        if arrays[1] is not None or node.attributes.get_int("allowzero", 0):
+            return False
+        known = self._shape_values.get(node.inputs[1])
+        x = node.inputs[0]
+        if known is None or known[1] or x is None:
+            return False
+        target = []
+        for i, d in enumerate(known[0]):
+            if isinstance(d, int):
+                target.append(d)
+            elif d is not None and self._sym.token(x, i) == d:
+                target.append(0)
+            else:
+                return False
+        if target.count(-1) > 1:
+            return False
+        const = np.array(target, dtype=np.int64)
+        new = ir.Value(name=None, shape=ir.Shape(const.shape), type=ir.TensorType(ir.DataType.INT64), const_value=ir.tensor(const))
+        if scope is self._model.graph:
+            new.name = f"{node.name or 'reshape'}_target"
+            if new.name in scope.initializers:
+                return False
+            new.const_value.name = new.name
+            scope.initializers.add(new)
+        else:
+            c = ir.node("Constant", inputs=[], attributes={"value": ir.tensor(const, name="target")}, name=_unique_node_name(node, "target"))
+            scope.insert_before(node, c)
+            new = c.outputs[0]
+        node.replace_input_with(1, new)
+        self._folded["Reshape target"] += 1
+        return True
 
     def _skip(self, node: ir.Node, reason: str) -> bool:
         self._unfolded[(node.name or f"<{node.op_type}>", node.op_type)] = reason
@@ -159,12 +203,12 @@ class FoldConstants(ir.passes.InPlacePass):
         return self._replace(scope, node, results)
 
     def _fold_shape(self, scope, node: ir.Node, arrays) -> bool:
-        value = _shape_value(node, arrays, self._shape_values)
+        value = _shape_value(node, arrays, self._shape_values, self._sym)
         if value is None:
             return False
         dims, scalar = value
         out = node.outputs[0]
-        if any(d is None for d in dims):
+        if not all(isinstance(d, int) for d in dims):
             self._shape_values[out] = value
             return False
         dtype = out.dtype.numpy() if out.dtype in _INT_TYPES else np.int64
@@ -392,8 +436,13 @@ def _run_ort(fold_model, feeds) -> list:
 # ---------------------------------------------------------------- shape values
 
 
-def _shape_value(node: ir.Node, arrays, known) -> tuple[list[int | None], bool] | None:
-    """Partial value (dims, is_scalar) of a 1-D/scalar int tensor computed from shapes."""
+Dim = int | tuple | None  # an entry of a shape value: size, symbolic-dim token, or unknown
+
+
+def _shape_value(node: ir.Node, arrays, known, sym: SymbolicShapes) -> tuple[list, bool] | None:
+    """Partial value (dims, is_scalar) of a 1-D/scalar int tensor computed from shapes.
+
+    Entries are ints, symbolic-dim tokens (see :func:`_dim_token`) or None."""
     op = node.op_type
 
     def get(i):
@@ -407,13 +456,12 @@ def _shape_value(node: ir.Node, arrays, known) -> tuple[list[int | None], bool] 
         return known.get(node.inputs[i])
 
     if op == "Shape":
-        x = node.inputs[0]
-        if x is None or x.shape is None:
+        dims = sym.dims(node.inputs[0])
+        if dims is None:
             return None
-        dims = [d if isinstance(d, int) else None for d in x.shape]
         start = node.attributes.get_int("start", 0)
         end = node.attributes.get_int("end", len(dims))
-        return (dims[slice(start, end)], False)
+        return (list(dims)[slice(start, end)], False)
     if op == "Size":
         x = node.inputs[0]
         if x is None or x.shape is None or not x.shape.is_static():
@@ -475,8 +523,14 @@ def _shape_value(node: ir.Node, arrays, known) -> tuple[list[int | None], bool] 
         ys = b[0] * n if len(b[0]) == 1 else b[0]
         out: list[int | None] = []
         for x, y in zip(xs, ys):
-            if x is None or y is None:
-                out.append(None)
+            if not isinstance(x, int) or not isinstance(y, int):
+                # dim * 1, dim + 0 keep the dim; anything else of a symbolic dim is unknown
+                if op == "Mul" and (x == 1 or y == 1):
+                    out.append(y if x == 1 else x)
+                elif op in ("Add", "Sub") and y == 0:
+                    out.append(x)
+                else:
+                    out.append(None)
             elif op == "Div":  # integer Div truncates toward zero
                 out.append(None if y == 0 else (abs(x) // abs(y)) * (1 if (x < 0) == (y < 0) else -1))
             else:

@@ -182,3 +182,47 @@ def test_o1_reports_unfolded_nodes(tmp_path):
     assert result.verification.passed
     fold_rows = [p for p in result.passes if p.name == "fold-constants"]
     assert fold_rows and fold_rows[0].details["unfolded_nodes"][0]["node"] == "cos"
+
+
+def _reshape_by_shape_of(source: str):
+    """Reshape(MatMul(x, W), Concat(dim0(source), dim1(source), [-1]))."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+        helper.make_node("Shape", [source], ["s"], name="shape"),
+        helper.make_node("Gather", ["s", "i0"], ["d0"], axis=0, name="g0"),
+        helper.make_node("Gather", ["s", "i1"], ["d1"], axis=0, name="g1"),
+        helper.make_node("Unsqueeze", ["d0", "ax"], ["u0"], name="u0"),
+        helper.make_node("Unsqueeze", ["d1", "ax"], ["u1"], name="u1"),
+        helper.make_node("Concat", ["u0", "u1", "minus1"], ["target"], axis=0, name="cat"),
+        helper.make_node("Reshape", ["h", "target"], ["r"], name="reshape"),
+        helper.make_node("Add", ["r", "z"], ["y"], name="add"),
+    ]
+    inits = [
+        tensor("W", np.random.default_rng(2).standard_normal((8, 8)).astype(np.float32)),
+        tensor("i0", np.array(0, np.int64)), tensor("i1", np.array(1, np.int64)),
+        tensor("ax", np.array([0], np.int64)), tensor("minus1", np.array([-1], np.int64)),
+    ]
+    inputs = [vinfo("x", shape=("batch", "seq", 8)), vinfo("z", shape=("other", "seq", 8))]
+    return make_model(nodes, inputs, [vinfo("y", shape=("batch", "seq", 8))], inits)
+
+
+def test_reshape_target_of_own_symbolic_dims_becomes_constant():
+    proto = _reshape_by_shape_of("x")
+    result = gcomp.optimize(ir.from_proto(proto), "O1", verify=False)
+    after = ir.to_proto(result.model)
+    remaining = ops(after)
+    assert "Shape" not in remaining and "Concat" not in remaining and "Gather" not in remaining
+    target = next(i for i in after.graph.initializer if i.name.endswith("target"))
+    assert list(onnx.numpy_helper.to_array(target)) == [0, 0, -1]
+    for b, s in ((1, 1), (2, 5), (3, 7)):
+        rng = np.random.default_rng(b)
+        feeds = {"x": rng.standard_normal((b, s, 8)).astype(np.float32), "z": rng.standard_normal((1, s, 8)).astype(np.float32)}
+        assert_same_outputs(proto, after, feeds, rtol=1e-6, atol=1e-6)
+
+
+def test_reshape_target_of_another_tensors_dims_is_left_alone():
+    # Reshape(h, dims of z): z's first dim is a different symbolic dim ("other"), so 0
+    # ("copy h's dim") would be wrong whenever other != batch.
+    proto = _reshape_by_shape_of("z")
+    result = gcomp.optimize(ir.from_proto(proto), "O1", verify=False)
+    assert "Shape" in ops(ir.to_proto(result.model))
