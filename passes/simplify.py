@@ -286,7 +286,8 @@ def _identity_operand(value: float):
         for ci in positions:
             c = _const(node, ci)
             x = node.inputs[1 - ci]
-            if c is None or x is None or c.dtype.kind not in "biuf" or c.size == 0:
+            # A large operand is a weight, not an identity: don't read it from disk to find out.
+            if c is None or x is None or c.dtype.kind not in "biuf" or c.size == 0 or c.size > 65536:
                 continue
             # The op's type constraint makes the output x's dtype (both operands share T;
             # Pow's output is the base's type): only the value and the shape need checking.
