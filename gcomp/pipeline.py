@@ -256,7 +256,8 @@ def _run_steps(model, steps, progress, executed, checked: bool = False) -> list[
                 )
                 stats.append(s)
                 current = new
-                changed |= bool(result.modified)
+                # Annotation-only passes (``analysis = True``) don't call for another round.
+                changed |= bool(result.modified) and not getattr(pass_, "analysis", False)
                 checked = checked and not result.modified
                 if progress:
                     progress(name, round_, s)

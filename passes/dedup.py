@@ -76,7 +76,20 @@ _CHUNK = 1 << 20
 
 
 def _digest(tensor: ir.TensorProtocol, *, sample: bool) -> str:
-    """SHA-256 of the tensor's bytes, or of its first and last 64 KiB when ``sample``."""
+    """SHA-256 of the tensor's bytes, or of its first and last 64 KiB when ``sample``.
+
+    Remembered on the tensor (tensors are immutable), so later rounds of a pipeline
+    don't read the weights again."""
+    key = "gcomp.sha256.sample" if sample else "gcomp.sha256"
+    cached = tensor.meta.get(key) if hasattr(tensor, "meta") else None
+    if cached is None:
+        cached = _compute_digest(tensor, sample=sample)
+        if hasattr(tensor, "meta"):
+            tensor.meta[key] = cached
+    return cached
+
+
+def _compute_digest(tensor: ir.TensorProtocol, *, sample: bool) -> str:
     h = hashlib.sha256()
     if tensor.dtype == ir.DataType.STRING:
         strings = tensor.string_data()

@@ -29,7 +29,7 @@ Scopes: main graph, every If/Loop/Scan body (with outer-scope constants), functi
 
 from __future__ import annotations
 
-__all__ = ["FoldConstants", "FoldResult"]
+__all__ = ["FoldConstants", "FoldResult", "constant_lookup"]
 
 from collections import Counter
 from dataclasses import dataclass, field
@@ -90,7 +90,8 @@ class FoldConstants(ir.passes.InPlacePass):
         # Partial values of small int tensors computed from shapes: each entry is an int, a
         # token naming a symbolic dim (equal tokens are equal dims), or None (unknown).
         self._shape_values: dict[ir.Value, tuple[list[Dim], bool]] = {}
-        self._sym = SymbolicShapes(_constant, self._shape_values)
+        self._const = constant_lookup(model)
+        self._sym = SymbolicShapes(self._const, self._shape_values)
         modified = False
         for scope in all_scopes(model):
             for node in list(scope):
@@ -120,7 +121,7 @@ class FoldConstants(ir.passes.InPlacePass):
             return False
         if node.op_type == "Dropout" and not _dropout_is_inference(node):
             return False
-        arrays = [None if v is None else _constant(v) for v in node.inputs]
+        arrays = [None if v is None else self._const(v) for v in node.inputs]
         if all(v is None or a is not None for v, a in zip(node.inputs, arrays)) and node.inputs:
             return self._fold(scope, node, arrays)
         if node.op_type == "Reshape" and self._constant_reshape_target(scope, node, arrays):
@@ -174,7 +175,7 @@ class FoldConstants(ir.passes.InPlacePass):
         out = node.outputs[0]
         if out.is_graph_output():
             return False
-        array = _constant(out)
+        array = self._const(out)
         if array is None:
             return False
         return self._replace(scope, node, [array], count=False)
@@ -271,6 +272,12 @@ class _CannotEvaluate(Exception):
     pass
 
 
+def constant_lookup(model: ir.Model):
+    """``value -> array | None`` with the model's rule for initializers listed as inputs."""
+    ir3 = model.ir_version is not None and model.ir_version < 4
+    return lambda value: _constant(value, inputs_are_constant=ir3)
+
+
 def _has_subgraph(node: ir.Node) -> bool:
     return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
 
@@ -278,13 +285,18 @@ def _has_subgraph(node: ir.Node) -> bool:
 def _dropout_is_inference(node: ir.Node) -> bool:
     if len(node.inputs) < 3 or node.inputs[2] is None:
         return True
-    training = _constant(node.inputs[2])
+    training = _constant(node.inputs[2], inputs_are_constant=False)
     return training is not None and not bool(np.asarray(training).any())
 
 
-def _constant(value: ir.Value) -> np.ndarray | None:
-    """The value's constant contents, or None when it is not a constant."""
-    if value.const_value is not None and value.is_initializer() and not value.is_graph_input():
+def _constant(value: ir.Value, *, inputs_are_constant: bool = False) -> np.ndarray | None:
+    """The value's constant contents, or None when it is not a constant.
+
+    An initializer that is also a graph input is a default a caller may override, so it
+    is not a constant, except with ``inputs_are_constant``: in IR version 3 every
+    initializer had to be listed as an input, and ONNX Runtime refuses to override them.
+    """
+    if value.const_value is not None and value.is_initializer() and (inputs_are_constant or not value.is_graph_input()):
         return _to_numpy(value.const_value)
     producer = value.producer()
     if producer is None or producer.op_type != "Constant" or producer.domain not in ("", "ai.onnx"):

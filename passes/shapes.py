@@ -26,6 +26,9 @@ from gcomp.registry import register_pass
 class InferShapes(ir.passes.InPlacePass):
     """Infer value types and shapes with ONNX shape inference (weights never serialized)."""
 
+    # Annotates, never transforms: its changes alone don't make a pipeline stage run again.
+    analysis = True
+
     def __init__(self, *, data_prop: Annotated[bool, "propagate small constant values through shape ops"] = True) -> None:
         super().__init__()
         self.data_prop = data_prop
@@ -62,6 +65,8 @@ class InferShapes(ir.passes.InPlacePass):
 @register_pass("forget-inferred-shapes")
 class ForgetInferredShapes(ir.passes.InPlacePass):
     """Restore the types and shapes the model declared before ``infer-shapes`` refined them."""
+
+    analysis = True
 
     def __init__(self) -> None:
         super().__init__()

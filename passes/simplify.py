@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from gcomp.passes.fold import _constant
+from gcomp.passes.fold import constant_lookup
 from gcomp.passes.rewire import bypass
 from gcomp.passes.scopes import all_scopes
 from gcomp.registry import register_pass
@@ -42,6 +42,7 @@ class Context:
     """What a rule may need to know about the model beyond the node."""
 
     opset: int
+    constant: Callable[[ir.Value], np.ndarray | None]
 
 
 Rule = Callable[[ir.Graph | ir.Function, ir.Node, Context], bool]
@@ -56,7 +57,10 @@ class Simplify(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        ctx = Context(opset=model.opset_imports.get("", model.opset_imports.get("ai.onnx", 17)))
+        ctx = Context(
+            opset=model.opset_imports.get("", model.opset_imports.get("ai.onnx", 17)),
+            constant=constant_lookup(model),
+        )
         for scope in all_scopes(model):
             for node in list(scope):
                 if node.graph is not scope or node.domain not in ("", "ai.onnx"):
@@ -93,17 +97,17 @@ def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     return tuple(value.shape.numpy())
 
 
-def _const(node: ir.Node, index: int) -> np.ndarray | None:
+def _const(ctx: Context, node: ir.Node, index: int) -> np.ndarray | None:
     if index >= len(node.inputs) or node.inputs[index] is None:
         return None
-    return _constant(node.inputs[index])
+    return ctx.constant(node.inputs[index])
 
 
-def _ints(node: ir.Node, index: int, attr: str | None = None) -> list[int] | None:
+def _ints(ctx: Context, node: ir.Node, index: int, attr: str | None = None) -> list[int] | None:
     """Integer list from input ``index`` (opset >= 13 style) or from attribute ``attr``."""
     if attr is not None and attr in node.attributes:
         return list(node.attributes[attr].as_ints())
-    array = _const(node, index)
+    array = _const(ctx, node, index)
     if array is None:
         return None
     return [int(v) for v in np.asarray(array).reshape(-1)]
@@ -125,23 +129,24 @@ def _cast_same_type(scope, node, ctx: Context) -> bool:
 
 
 def _reshape_same_shape(scope, node, ctx: Context) -> bool:
+    """Reshape to the input's own shape, static or symbolic: every target entry is 0
+    ("copy this dim", without allowzero) or the input's static dim there, with at most
+    one -1 (which must then be the one remaining dim)."""
     x = node.inputs[0]
-    shape = _static_shape(x)
-    target = _ints(node, 1)
-    if shape is None or target is None or len(target) != len(shape):
+    target = _ints(ctx, node, 1)
+    if x is None or x.shape is None or target is None or len(target) != len(x.shape):
         return False
     allowzero = node.attributes.get_int("allowzero", 0)
-    resolved = []
-    for i, t in enumerate(target):
+    minus_one = 0
+    for t, d in zip(target, x.shape):
         if t == 0 and not allowzero:
-            t = shape[i]
-        resolved.append(t)
-    if resolved.count(-1) == 1:
-        known = int(np.prod([d for d in resolved if d != -1]))
-        if known == 0:
+            continue
+        if t == -1:
+            minus_one += 1
+            continue
+        if not (isinstance(d, int) and d == t):
             return False
-        resolved[resolved.index(-1)] = int(np.prod(shape)) // known
-    if tuple(resolved) != shape:
+    if minus_one > 1:
         return False
     return _drop(scope, node, x)
 
@@ -149,7 +154,7 @@ def _reshape_same_shape(scope, node, ctx: Context) -> bool:
 def _expand_same_shape(scope, node, ctx: Context) -> bool:
     x = node.inputs[0]
     shape = _static_shape(x)
-    target = _ints(node, 1)
+    target = _ints(ctx, node, 1)
     if shape is None or target is None or len(target) > len(shape):
         return False
     padded = [1] * (len(shape) - len(target)) + target
@@ -174,7 +179,7 @@ def _transpose_identity(scope, node, ctx: Context) -> bool:
 
 def _dropout_inference(scope, node, ctx: Context) -> bool:
     if len(node.inputs) >= 3 and node.inputs[2] is not None:
-        training = _const(node, 2)
+        training = _const(ctx, node, 2)
         if training is None or np.asarray(training).any():
             return False
     if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
@@ -183,7 +188,7 @@ def _dropout_inference(scope, node, ctx: Context) -> bool:
 
 
 def _pad_zero(scope, node, ctx: Context) -> bool:
-    pads = _ints(node, 1, "pads")
+    pads = _ints(ctx, node, 1, "pads")
     if pads is None or any(pads):
         return False
     return _drop(scope, node, node.inputs[0])
@@ -192,13 +197,13 @@ def _pad_zero(scope, node, ctx: Context) -> bool:
 def _slice_everything(scope, node, ctx: Context) -> bool:
     x = node.inputs[0]
     shape = _static_shape(x)
-    starts, ends = _ints(node, 1, "starts"), _ints(node, 2, "ends")
+    starts, ends = _ints(ctx, node, 1, "starts"), _ints(ctx, node, 2, "ends")
     if shape is None or starts is None or ends is None or len(starts) != len(ends):
         return False
     has_axes = "axes" in node.attributes or (len(node.inputs) > 3 and node.inputs[3] is not None)
-    axes = _ints(node, 3, "axes") if has_axes else list(range(len(starts)))
+    axes = _ints(ctx, node, 3, "axes") if has_axes else list(range(len(starts)))
     has_steps = len(node.inputs) > 4 and node.inputs[4] is not None
-    steps = _ints(node, 4) if has_steps else [1] * len(starts)
+    steps = _ints(ctx, node, 4) if has_steps else [1] * len(starts)
     if axes is None or steps is None:
         return False
     for start, end, axis, step in zip(starts, ends, axes, steps):
@@ -211,7 +216,7 @@ def _slice_everything(scope, node, ctx: Context) -> bool:
 
 
 def _squeeze_nothing(scope, node, ctx: Context) -> bool:
-    axes = _ints(node, 1, "axes")
+    axes = _ints(ctx, node, 1, "axes")
     if axes is None or axes:  # no axes means "every dim of size 1": not a no-op in general
         return False
     if node.op_type == "Unsqueeze":
@@ -245,7 +250,7 @@ def _reshape_reshape(scope, node, ctx: Context) -> bool:
     inner = node.inputs[0].producer() if node.inputs[0] is not None else None
     if inner is None or inner.op_type != "Reshape" or inner.domain not in ("", "ai.onnx") or inner.graph is not scope:
         return False
-    target = _ints(node, 1)
+    target = _ints(ctx, node, 1)
     if target is None or (0 in target and not node.attributes.get_int("allowzero", 0)):
         return False
     node.replace_input_with(0, inner.inputs[0])
@@ -258,7 +263,7 @@ def _squeeze_pair(scope, node, ctx: Context) -> bool:
     inner = node.inputs[0].producer() if node.inputs[0] is not None else None
     if inner is None or inner.op_type != inverse or inner.domain not in ("", "ai.onnx"):
         return False
-    a, b = _ints(inner, 1, "axes"), _ints(node, 1, "axes")
+    a, b = _ints(ctx, inner, 1, "axes"), _ints(ctx, node, 1, "axes")
     if not a or not b:
         return False
     x = inner.inputs[0]
@@ -284,7 +289,7 @@ def _identity_operand(value: float):
             return False
         positions = (0, 1) if node.op_type in ("Mul", "Add") else (1,)
         for ci in positions:
-            c = _const(node, ci)
+            c = _const(ctx, node, ci)
             x = node.inputs[1 - ci]
             # A large operand is a weight, not an identity: don't read it from disk to find out.
             if c is None or x is None or c.dtype.kind not in "biuf" or c.size == 0 or c.size > 65536:
@@ -305,7 +310,7 @@ def _identity_operand(value: float):
 
 
 def _inline_constant_if(scope, node, ctx: Context) -> bool:
-    cond = _const(node, 0)
+    cond = _const(ctx, node, 0)
     if cond is None or cond.size != 1:
         return False
     branch = node.attributes.get("then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")
@@ -314,7 +319,7 @@ def _inline_constant_if(scope, node, ctx: Context) -> bool:
     body: ir.Graph = branch.as_graph()
     if len(body.outputs) != len(node.outputs) or body.inputs or len(set(body.outputs)) != len(body.outputs):
         return False
-    if not _consumers_accept(node, list(body.outputs), ctx.opset):
+    if not _consumers_accept(node, list(body.outputs), ctx.opset, ctx.constant):
         return False
     prefix = node.name or "if"
     existing = {v.name for n in scope for v in n.outputs if v.name} | {v.name for v in scope.inputs if v.name}
@@ -351,7 +356,7 @@ def _inline_constant_if(scope, node, ctx: Context) -> bool:
     return True
 
 
-def _consumers_accept(node: ir.Node, sources: list[ir.Value], opset: int) -> bool:
+def _consumers_accept(node: ir.Node, sources: list[ir.Value], opset: int, constant) -> bool:
     """Whether every consumer of the If's outputs passes ONNX's own per-node shape
     inference with the branch outputs' (possibly more precise) types in their place.
 
@@ -384,7 +389,7 @@ def _consumers_accept(node: ir.Node, sources: list[ir.Value], opset: int) -> boo
                 if v.shape is not None:
                     ir.serde.serialize_shape_into(type_proto, v.shape)
                 types[name] = type_proto
-                array = _constant(v)  # with data, as ORT checks initializers at load time
+                array = constant(v)  # with data, as ORT checks initializers at load time
                 if array is not None and array.size <= 4096 and array.dtype.kind in "biuf":
                     data[name] = numpy_helper.from_array(np.asarray(array), name)
             try:

@@ -183,8 +183,8 @@ def test_o1_reports_unfolded_nodes(tmp_path):
     assert fold_rows and fold_rows[0].details["unfolded_nodes"][0]["node"] == "cos"
 
 
-def _reshape_by_shape_of(source: str):
-    """Reshape(MatMul(x, W), Concat(dim0(source), dim1(source), [-1]))."""
+def _reshape_by_shape_of(source: str, tail=(2, -1)):
+    """Reshape(MatMul(x, W), Concat(dim0(source), dim1(source), tail))."""
     nodes = [
         helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
         helper.make_node("Shape", [source], ["s"], name="shape"),
@@ -192,17 +192,18 @@ def _reshape_by_shape_of(source: str):
         helper.make_node("Gather", ["s", "i1"], ["d1"], axis=0, name="g1"),
         helper.make_node("Unsqueeze", ["d0", "ax"], ["u0"], name="u0"),
         helper.make_node("Unsqueeze", ["d1", "ax"], ["u1"], name="u1"),
-        helper.make_node("Concat", ["u0", "u1", "minus1"], ["target"], axis=0, name="cat"),
+        helper.make_node("Concat", ["u0", "u1", "tail"], ["target"], axis=0, name="cat"),
         helper.make_node("Reshape", ["h", "target"], ["r"], name="reshape"),
         helper.make_node("Add", ["r", "z"], ["y"], name="add"),
     ]
     inits = [
         tensor("W", np.random.default_rng(2).standard_normal((8, 8)).astype(np.float32)),
         tensor("i0", np.array(0, np.int64)), tensor("i1", np.array(1, np.int64)),
-        tensor("ax", np.array([0], np.int64)), tensor("minus1", np.array([-1], np.int64)),
+        tensor("ax", np.array([0], np.int64)), tensor("tail", np.array(tail, np.int64)),
     ]
-    inputs = [vinfo("x", shape=("batch", "seq", 8)), vinfo("z", shape=("other", "seq", 8))]
-    return make_model(nodes, inputs, [vinfo("y", shape=("batch", "seq", 8))], inits)
+    out_tail = [8] if len(tail) == 1 else [2, 4]
+    inputs = [vinfo("x", shape=("batch", "seq", 8)), vinfo("z", shape=("other", "seq", *out_tail))]
+    return make_model(nodes, inputs, [vinfo("y", shape=("batch", "seq", *out_tail))], inits)
 
 
 def test_reshape_target_of_own_symbolic_dims_becomes_constant():
@@ -212,11 +213,20 @@ def test_reshape_target_of_own_symbolic_dims_becomes_constant():
     remaining = ops(after)
     assert "Shape" not in remaining and "Concat" not in remaining and "Gather" not in remaining
     target = next(i for i in after.graph.initializer if i.name.endswith("target"))
-    assert list(onnx.numpy_helper.to_array(target)) == [0, 0, -1]
+    assert list(onnx.numpy_helper.to_array(target)) == [0, 0, 2, -1]
     for b, s in ((1, 1), (2, 5), (3, 7)):
         rng = np.random.default_rng(b)
-        feeds = {"x": rng.standard_normal((b, s, 8)).astype(np.float32), "z": rng.standard_normal((1, s, 8)).astype(np.float32)}
+        feeds = {"x": rng.standard_normal((b, s, 8)).astype(np.float32), "z": rng.standard_normal((1, s, 2, 4)).astype(np.float32)}
         assert_same_outputs(proto, after, feeds, rtol=1e-6, atol=1e-6)
+
+
+def test_reshape_to_its_own_symbolic_shape_is_removed():
+    proto = _reshape_by_shape_of("x", tail=(-1,))
+    result = gcomp.optimize(ir.from_proto(proto), "O1", verify=False)
+    after = ir.to_proto(result.model)
+    assert ops(after) == ["MatMul", "Add"]
+    feeds = {"x": np.ones((2, 3, 8), np.float32), "z": np.ones((1, 3, 8), np.float32)}
+    assert_same_outputs(proto, after, feeds, rtol=1e-6, atol=1e-6)
 
 
 def test_reshape_target_of_another_tensors_dims_is_left_alone():
