@@ -345,3 +345,22 @@ def test_export_torch_without_torch(tmp_path):
     assert result.returncode == 2
     assert "install the export extra: pip install torch==2.13.0 transformers" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
+    reason="needs the export extra (torch==2.13.0, transformers)",
+)
+def test_export_torch_resnet_and_optimize(tmp_path):
+    """The exporter runs (it checks ORT against PyTorch itself) and O1 verifies on its output."""
+    import gcomp
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "models" / "export_torch.py"), "resnet", "-o", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    (path,) = tmp_path.glob("*.onnx")
+    optimized = gcomp.optimize(path, "O1")
+    assert optimized.verification.passed, optimized.verification.summary()
