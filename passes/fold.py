@@ -29,7 +29,7 @@ Scopes: main graph, every If/Loop/Scan body (with outer-scope constants), functi
 
 from __future__ import annotations
 
-__all__ = ["FoldConstants", "FoldResult", "constant_lookup"]
+__all__ = ["FoldConstants", "FoldResult", "constant_lookup", "standalone_node_proto"]
 
 from collections import Counter
 from dataclasses import dataclass, field
@@ -337,6 +337,20 @@ def _opset(model: ir.Model, domain: str = "") -> int:
     return model.opset_imports.get(domain, model.opset_imports.get("ai.onnx", 17))
 
 
+def standalone_node_proto(node: ir.Node, present: list[bool]):
+    """The node as a NodeProto with inputs renamed ``i0, i1, ...`` (``""`` where absent)
+    and outputs ``o0, o1, ...``: what ONNX's per-node tools and one-node models need."""
+    names = [f"i{i}" if p else "" for i, p in enumerate(present)]
+    outs = [f"o{i}" for i in range(len(node.outputs))]
+    proto = ir.serde.serialize_node(node)
+    del proto.input[:]
+    proto.input.extend(names)
+    del proto.output[:]
+    proto.output.extend(outs)
+    proto.name = "standalone"
+    return proto, names, outs
+
+
 def _predict_output_bytes(node: ir.Node, arrays, model: ir.Model) -> list[int] | None:
     """Each output's size in bytes from ONNX per-node shape inference, or None if unknown."""
     import onnx
@@ -346,7 +360,7 @@ def _predict_output_bytes(node: ir.Node, arrays, model: ir.Model) -> list[int] |
         schema = defs.get_schema(node.op_type, _opset(model), "")
     except Exception:
         return None
-    names = [f"i{i}" if a is not None else "" for i, a in enumerate(arrays)]
+    proto, names, outs = standalone_node_proto(node, [a is not None for a in arrays])
     types, data = {}, {}
     for name, a in zip(names, arrays):
         if a is None:
@@ -358,12 +372,6 @@ def _predict_output_bytes(node: ir.Node, arrays, model: ir.Model) -> list[int] |
         types[name] = helper.make_tensor_type_proto(elem, list(a.shape))
         if a.size <= 4096 and a.dtype.kind in "biuf":
             data[name] = numpy_helper.from_array(a, name)
-    proto = ir.serde.serialize_node(node)
-    del proto.input[:]
-    proto.input.extend(names)
-    outs = [f"o{i}" for i in range(len(node.outputs))]
-    del proto.output[:]
-    proto.output.extend(outs)
     try:
         inferred = shape_inference.infer_node_outputs(schema, proto, types, data)
     except Exception:
@@ -390,14 +398,7 @@ def _evaluate(node: ir.Node, arrays, model: ir.Model, heavy: bool) -> list[np.nd
     import onnx
     from onnx import helper
 
-    names = [f"i{i}" if a is not None else "" for i, a in enumerate(arrays)]
-    proto = ir.serde.serialize_node(node)
-    del proto.input[:]
-    proto.input.extend(names)
-    outs = [f"o{i}" for i in range(len(node.outputs))]
-    del proto.output[:]
-    proto.output.extend(outs)
-    proto.name = "fold"
+    proto, names, outs = standalone_node_proto(node, [a is not None for a in arrays])
     inputs = []
     feeds = {}
     for name, a in zip(names, arrays):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from gcomp.passes.fold import constant_lookup
+from gcomp.passes.fold import constant_lookup, standalone_node_proto
 from gcomp.passes.rewire import bypass
 from gcomp.passes.scopes import all_scopes
 from gcomp.registry import register_pass
@@ -376,10 +376,7 @@ def _consumers_accept(node: ir.Node, sources: list[ir.Value], opset: int, consta
                 schema = defs.get_schema(consumer.op_type, opset, "")
             except Exception:
                 continue
-            proto = ir.serde.serialize_node(consumer)
-            names = [f"i{i}" if v is not None else "" for i, v in enumerate(consumer.inputs)]
-            del proto.input[:]
-            proto.input.extend(names)
+            proto, names, _ = standalone_node_proto(consumer, [v is not None for v in consumer.inputs])
             types, data = {}, {}
             for name, v in zip(names, consumer.inputs):
                 v = swap.get(v, v)
