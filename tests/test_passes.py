@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 
 from gcomp import registry
 from tests.conftest import assert_same_outputs, make_model, tensor, vinfo
@@ -299,3 +299,35 @@ def test_dedup_merges_equal_external_weights_and_keeps_different_ones(tmp_path):
     proto = reference
     feeds = {"x": rng.standard_normal((2, 256)).astype(np.float32)}
     assert_same_outputs(proto, model, feeds, rtol=1e-6, atol=1e-5)
+
+
+def test_infer_shapes_annotates_and_forget_restores():
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="r"), helper.make_node("Neg", ["a"], ["y"], name="n")]
+    proto = make_model(nodes, [vinfo("x", shape=(3, 4))], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = ir.from_proto(proto)
+    inferred = registry.get_pass("infer-shapes").create()(model)
+    assert inferred.modified
+    a = model.graph.node(0).outputs[0]
+    assert a.shape == ir.Shape([3, 4]) and a.dtype == ir.DataType.FLOAT
+    assert not registry.get_pass("infer-shapes").create()(model).modified  # nothing new the second time
+    restored = registry.get_pass("forget-inferred-shapes").create()(model)
+    assert restored.modified and a.shape is None and model.graph.outputs[0].shape is None
+    assert_same_outputs(proto, ir.to_proto(model), FEEDS, rtol=0, atol=0)
+    again = registry.get_pass("forget-inferred-shapes").create()(model)
+    assert not again.modified
+
+
+def test_call_without_weights_restores_the_model_exactly():
+    from gcomp.passes.weightless import call_without_weights
+
+    w = np.ones((64, 64), np.float32)
+    nodes = [helper.make_node("MatMul", ["x64", "W"], ["a"], name="mm"), helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    proto = make_model(nodes, [vinfo("x64", shape=(2, 64))], [vinfo("y", shape=(2, 64))], [tensor("W", w), tensor("b", np.zeros(64, np.float32))])
+    model = ir.from_proto(proto)
+    before = ir.to_proto(model).SerializeToString()
+    seen = call_without_weights(lambda p: ([i.name for i in p.graph.input], [t.name for t in p.graph.initializer]), model)
+    assert seen == (["x64", "W"], ["b"])  # the 16 KiB weight became a typed input; the bias stayed
+    assert ir.to_proto(model).SerializeToString() == before
+    with pytest.raises(RuntimeError):
+        call_without_weights(lambda p: (_ for _ in ()).throw(RuntimeError("boom")), model)
+    assert ir.to_proto(model).SerializeToString() == before
