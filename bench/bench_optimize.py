@@ -145,7 +145,8 @@ def _worker(tool: str, src: str, dst: str, external: bool = False) -> int:
         if tool in ("gcomp", VERIFY_TOOL):
             import gcomp
             import gcomp.io
-            import gcomp.pipeline  # import cost belongs to "import", not "optimize"
+            import gcomp.passes  # the pass registry: import cost belongs to "import", as for the peers
+            import gcomp.pipeline
 
             verify = tool == VERIFY_TOOL
             marks: dict[str, float] = {}

@@ -1,11 +1,13 @@
 """Initializer deduplication that reads only the weights that could be duplicates.
 
 Initializers are grouped by (dtype, shape) first, which costs no I/O. Within a group of
-two or more, a fingerprint of each tensor's first and last 64 KiB splits the group, and
-only tensors whose fingerprints collide are hashed whole (SHA-256); equal digests merge.
+two or more, a fingerprint of 16 blocks of 4 KiB spread evenly over each tensor splits
+the group; tensors whose fingerprints collide are compared 1 MiB at a time (by SHA-256
+of each chunk), each dropping out at its first difference; what stays equal to the end
+merges.
 External data is read with plain file reads in 1 MiB chunks, never memory-mapped, so
 the pass's resident memory stays small however large the model: a model whose weights
-all differ is read 128 KiB per weight at most.
+all differ is read 64 KiB per weight.
 
 Refuses: initializers that are graph inputs (a caller may override them) or graph
 outputs, and tensors over ``dedup_size_limit`` elements.
@@ -59,24 +61,23 @@ class DeduplicateInitializers(ir.passes.InPlacePass):
             for candidates in by_sample.values():
                 if len(candidates) < 2:
                     continue
-                kept: dict[str, ir.Value] = {}
-                for value in candidates:
-                    digest = _digest(value.const_value, sample=False)
-                    twin = kept.setdefault(digest, value)
-                    if twin is value:
-                        continue
-                    ir.convenience.replace_all_uses_with(value, twin)
-                    graph.initializers.pop(value.name)
-                    modified = True
+                for same in _identical_groups(candidates):
+                    keep = same[0]
+                    for value in same[1:]:
+                        ir.convenience.replace_all_uses_with(value, keep)
+                        graph.initializers.pop(value.name)
+                        modified = True
         return modified
 
 
-_SAMPLE = 64 * 1024
+_BLOCK = 4096
+_BLOCKS = 16
+_SAMPLE = _BLOCK * _BLOCKS  # 64 KiB read per tensor to tell most weights apart
 _CHUNK = 1 << 20
 
 
 def _digest(tensor: ir.TensorProtocol, *, sample: bool) -> str:
-    """SHA-256 of the tensor's bytes, or of its first and last 64 KiB when ``sample``.
+    """SHA-256 of the tensor's bytes, or of 16 spread 4 KiB blocks when ``sample``.
 
     Remembered on the tensor (tensors are immutable), so later rounds of a pipeline
     don't read the weights again."""
@@ -101,11 +102,10 @@ def _compute_digest(tensor: ir.TensorProtocol, *, sample: bool) -> str:
         length = tensor.length if tensor.length is not None else tensor.nbytes
         with open(tensor.path, "rb") as f:
             base = tensor.offset or 0
-            if sample and length > 2 * _SAMPLE:
-                f.seek(base)
-                h.update(f.read(_SAMPLE))
-                f.seek(base + length - _SAMPLE)
-                h.update(f.read(_SAMPLE))
+            if sample and length > _SAMPLE:
+                for start in _sample_offsets(length):
+                    f.seek(base + start)
+                    h.update(f.read(_BLOCK))
             else:
                 f.seek(base)
                 left = length
@@ -117,7 +117,52 @@ def _compute_digest(tensor: ir.TensorProtocol, *, sample: bool) -> str:
                     left -= len(chunk)
         return h.hexdigest()
     data = tensor.tobytes()
-    if sample and len(data) > 2 * _SAMPLE:
-        data = data[:_SAMPLE] + data[-_SAMPLE:]
-    h.update(data)
+    if sample and len(data) > _SAMPLE:
+        for start in _sample_offsets(len(data)):
+            h.update(data[start : start + _BLOCK])
+    else:
+        h.update(data)
     return h.hexdigest()
+
+
+def _identical_groups(values: list[ir.Value]) -> list[list[ir.Value]]:
+    """Split same-size tensors into groups of byte-identical ones, 1 MiB at a time: a
+    tensor leaves as soon as no other matches it so far, so different weights are read
+    only up to their first difference. Chunk digests are remembered on the tensors."""
+    length = values[0].const_value.nbytes
+    groups = [values]
+    start = 0
+    while groups and start < max(length, 1):
+        refined: list[list[ir.Value]] = []
+        for group in groups:
+            by_chunk: dict[str, list[ir.Value]] = defaultdict(list)
+            for value in group:
+                by_chunk[_chunk_digest(value.const_value, start)].append(value)
+            refined.extend(g for g in by_chunk.values() if len(g) > 1)
+        groups = refined
+        start += _CHUNK
+    return groups
+
+
+def _chunk_digest(tensor: ir.TensorProtocol, start: int) -> str:
+    cache = tensor.meta.setdefault("gcomp.chunk_sha256", {}) if hasattr(tensor, "meta") else {}
+    if start not in cache:
+        cache[start] = hashlib.sha256(_read(tensor, start, _CHUNK)).hexdigest()
+    return cache[start]
+
+
+def _read(tensor: ir.TensorProtocol, start: int, size: int) -> bytes:
+    if tensor.dtype == ir.DataType.STRING:
+        return _digest(tensor, sample=False).encode() if start == 0 else b""
+    if isinstance(tensor, ir.ExternalTensor):
+        length = tensor.length if tensor.length is not None else tensor.nbytes
+        with open(tensor.path, "rb") as f:
+            f.seek((tensor.offset or 0) + start)
+            return f.read(max(0, min(size, length - start)))
+    return tensor.tobytes()[start : start + size]
+
+
+def _sample_offsets(length: int) -> list[int]:
+    """Start of 16 blocks of 4 KiB spread evenly from the first byte to the last block."""
+    last = length - _BLOCK
+    return [last * i // (_BLOCKS - 1) for i in range(_BLOCKS)]

@@ -152,10 +152,13 @@ class FoldConstants(ir.passes.InPlacePass):
         const = np.array(target, dtype=np.int64)
         new = ir.Value(name=None, shape=ir.Shape(const.shape), type=ir.TensorType(ir.DataType.INT64), const_value=ir.tensor(const))
         if scope is self._model.graph:
-            new.name = f"{node.name or 'reshape'}_target"
-            if new.name in scope.initializers:
-                return False
-            new.const_value.name = new.name
+            base = f"{node.inputs[1].name or node.name or 'reshape'}_const"
+            name, k = base, 0
+            while name in scope.initializers:
+                k += 1
+                name = f"{base}_{k}"
+            new.name = name
+            new.const_value.name = name
             scope.initializers.add(new)
         else:
             c = ir.node("Constant", inputs=[], attributes={"value": ir.tensor(const, name="target")}, name=_unique_node_name(node, "target"))
