@@ -46,6 +46,10 @@ def cli(debug: bool) -> None:
 
 def _input_options(f):
     f = click.option(
+        "--max-tensor-bytes", type=click.IntRange(min=1), default=4 << 30, show_default=True,
+        help="Verification refuses to run a model whose inputs or constant-sized tensors exceed this.",
+    )(f)
+    f = click.option(
         "--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
         help="Shape of a generated input (repeatable); also fixes its symbolic dims everywhere.",
     )(f)
@@ -110,8 +114,8 @@ def _parse_sets(pipeline, sets: tuple[str, ...]) -> dict:
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write a report: .json or .md.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or tables; errors only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (implies --quiet).")
-def optimize(model, output, level, pass_spec, sets, plugins, verify, inputs, input_shapes, bisect, strict,
-             external_data, report, quiet, as_json):
+def optimize(model, output, level, pass_spec, sets, plugins, verify, inputs, input_shapes, max_tensor_bytes, bisect,
+             strict, external_data, report, quiet, as_json):
     """Optimize MODEL with a verified pass pipeline and write OUTPUT."""
     from gcomp import io
     from gcomp import report as reports
@@ -130,7 +134,7 @@ def optimize(model, output, level, pass_spec, sets, plugins, verify, inputs, inp
     err = _stderr()
     result = _run_with_progress(
         lambda on_pass: run_optimize(model, pipeline, verify=verify, inputs=inputs, input_shapes=shapes,
-                                     bisect=bisect, progress=on_pass, **options),
+                                     bisect=bisect, progress=on_pass, max_tensor_bytes=max_tensor_bytes, **options),
         quiet,
         err,
     )
@@ -341,7 +345,7 @@ def inspect(model, as_json):
 @click.option("--atol", type=float, default=None, help="Absolute tolerance for float32 outputs.")
 @click.option("--strict", is_flag=True, help="Exit 1 when verification is not possible.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def verify(original, candidate, inputs, input_shapes, rtol, atol, strict, as_json):
+def verify(original, candidate, inputs, input_shapes, max_tensor_bytes, rtol, atol, strict, as_json):
     """Compare CANDIDATE's outputs with ORIGINAL's on ONNX Runtime (optimizations off)."""
     from gcomp import io
     from gcomp.inputs import parse_input_shapes
@@ -355,7 +359,7 @@ def verify(original, candidate, inputs, input_shapes, rtol, atol, strict, as_jso
         base = TOLERANCES["float32"]
         tolerances = {"float32": Tolerance(rtol if rtol is not None else base.rtol, atol if atol is not None else base.atol)}
     v = run_verify(original, candidate, inputs=inputs, input_shapes=parse_input_shapes(input_shapes),
-                   tolerances=tolerances)
+                   tolerances=tolerances, max_tensor_bytes=max_tensor_bytes)
     if as_json:
         click.echo(json.dumps(v.to_dict(), indent=2))
     else:
@@ -392,7 +396,8 @@ def verify(original, candidate, inputs, input_shapes, rtol, atol, strict, as_jso
 @click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Ops to list.")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the profile: .json or .md.")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON on stdout.")
-def profile(model, backend, device, iters, warmup, optimization, threads, inputs, input_shapes, top, report, as_json):
+def profile(model, backend, device, iters, warmup, optimization, threads, inputs, input_shapes, max_tensor_bytes, top,
+            report, as_json):
     """Measure MODEL's latency and per-op times on a backend."""
     from gcomp import io
     from gcomp import report as reports
@@ -403,7 +408,7 @@ def profile(model, backend, device, iters, warmup, optimization, threads, inputs
         reports.check_report_path(report)
     m = io.load(model)
     given = load_inputs(inputs, m) if inputs else None
-    feeds, notes = generate_inputs(m, shapes=parse_input_shapes(input_shapes), given=given)
+    feeds, notes = generate_inputs(m, shapes=parse_input_shapes(input_shapes), given=given, max_bytes=max_tensor_bytes)
     be = get_backend(backend)
     exe = be.compile(model, device, optimization=optimization, threads=threads or None)
     prof = exe.profile(feeds, iters=iters, warmup=warmup)
@@ -435,10 +440,31 @@ def profile(model, backend, device, iters, warmup, optimization, threads, inputs
         _stderr().print(f"wrote {report}")
 
 
+class _Stopped(BaseException):
+    """Ctrl-C or SIGTERM, raised where the program is so every ``finally`` (temp files)
+    runs before exit. A BaseException that is not KeyboardInterrupt: click would turn
+    that into Abort and print a blank line."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    raise _Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one-line errors, exit codes, no tracebacks unless --debug."""
+    """Console entry point: one-line errors, exit codes, no tracebacks unless --debug.
+
+    Ctrl-C and SIGTERM interrupt cleanly: partial outputs and temp files are removed
+    (gcomp writes into a temporary folder and renames at the end), exit 130 / 143.
+    """
+    import signal
+
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     if not debug:
         import logging
 
@@ -449,8 +475,12 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=args, prog_name="gcomp", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except _Stopped as e:
+        what = "interrupted" if e.signum == signal.SIGINT else "terminated"
+        click.echo(f"gcomp: {what}; nothing written", err=True)
+        sys.exit(128 + e.signum)
     except click.exceptions.Abort:
-        click.echo("gcomp: interrupted", err=True)
+        click.echo("gcomp: interrupted; nothing written", err=True)
         sys.exit(130)
     except click.ClickException as e:
         if debug:
@@ -463,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"gcomp: error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("gcomp: interrupted", err=True)
+        click.echo("gcomp: interrupted; nothing written", err=True)
         sys.exit(130)
     except Exception as e:  # a bug in gcomp: still one line unless --debug
         if debug:
@@ -471,3 +501,6 @@ def main(argv: list[str] | None = None) -> None:
         text = str(e).strip().splitlines()[0] if str(e).strip() else ""
         click.echo(f"gcomp: internal error: {type(e).__name__}: {text} (run with --debug for the traceback)", err=True)
         sys.exit(3)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -24,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "load_inputs",
     "generate_inputs",
+    "InputsTooLarge",
     "parse_input_shapes",
     "DEFAULT_BATCH_DIM",
     "DEFAULT_DIM",
@@ -107,6 +108,10 @@ def _load_pb_folder(folder: Path, model: ir.Model | None) -> dict[str, np.ndarra
     return feeds
 
 
+class InputsTooLarge(OptionError):
+    """Generated inputs would exceed the size bound."""
+
+
 def runtime_inputs(model: ir.Model) -> list[ir.Value]:
     """Graph inputs a caller must feed (initializers that are also inputs have defaults)."""
     return [v for v in model.graph.inputs if v.const_value is None]
@@ -118,8 +123,12 @@ def generate_inputs(
     shapes: dict[str, tuple[int, ...]] | None = None,
     given: dict[str, np.ndarray] | None = None,
     seed: int = 0,
+    max_bytes: int | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Seeded inputs for every runtime input not in ``given``; returns (feeds, notes)."""
+    """Seeded inputs for every runtime input not in ``given``; returns (feeds, notes).
+
+    Raises :class:`InputsTooLarge` (before allocating) when the inputs would take more
+    than ``max_bytes`` in all."""
     shapes = dict(shapes or {})
     feeds = dict(given or {})
     notes: list[str] = []
@@ -141,11 +150,21 @@ def generate_inputs(
                 if isinstance(dim, ir.SymbolicDim) and dim.value:
                     bound.setdefault(dim.value, size)
     rng = np.random.default_rng(seed)
+    planned = {}
     for value in inputs:
-        if value.name in feeds:
-            continue
-        shape = shapes.get(value.name) or _concrete_shape(value, bound)
-        feeds[value.name] = _generate(value, shape, rng, notes)
+        if value.name not in feeds:
+            planned[value.name] = shapes.get(value.name) or _concrete_shape(value, bound)
+    if max_bytes is not None:
+        total = 0
+        for value in inputs:
+            if value.name in planned and isinstance(value.type, ir.TensorType):
+                itemsize = 8 if value.type.dtype == ir.DataType.STRING else max(1, int(value.type.dtype.itemsize))
+                total += int(np.prod(np.asarray(planned[value.name], dtype=np.float64))) * itemsize
+        if total > max_bytes:
+            raise InputsTooLarge(f"generated inputs would take {total:,} bytes, over the limit of {max_bytes:,}")
+    for value in inputs:
+        if value.name in planned:
+            feeds[value.name] = _generate(value, planned[value.name], rng, notes)
     return feeds, notes
 
 

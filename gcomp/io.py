@@ -23,8 +23,10 @@ __all__ = [
     "source_path",
     "EXTERNAL_DATA_AUTO_BYTES",
     "PROTOBUF_LIMIT_BYTES",
+    "MAX_SUBGRAPH_DEPTH",
 ]
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -39,6 +41,9 @@ from gcomp.errors import ModelLoadError, ModelSaveError
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 # Above this many bytes of weights, save() writes external data even if the input had none.
 EXTERNAL_DATA_AUTO_BYTES = 1 << 30
+# Deeper nesting of subgraphs is refused at load: real models nest a few levels, and
+# every recursive walk (checker, IR, passes) would otherwise risk Python's stack.
+MAX_SUBGRAPH_DEPTH = 64
 # Tensors smaller than this stay inline when writing external data.
 EXTERNAL_DATA_MIN_TENSOR_BYTES = 1024
 
@@ -72,11 +77,20 @@ def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
+        if "MaxDepth" in str(e) or "recursion" in str(e).lower():
+            raise ModelLoadError(
+                f"{p}: nested too deeply for the protobuf parser (subgraphs within subgraphs)"
+            ) from None
         raise ModelLoadError(
             f"{p}: not a valid ONNX protobuf (truncated or corrupt file?): {_first_line(e)}"
         ) from None
     if proto.ir_version == 0 or not proto.HasField("graph"):
         raise ModelLoadError(f"{p}: not an ONNX model (no ir_version or graph)")
+    depth = _subgraph_depth(proto)
+    if depth > MAX_SUBGRAPH_DEPTH:
+        raise ModelLoadError(
+            f"{p}: subgraphs nested {depth} deep (gcomp's limit is {MAX_SUBGRAPH_DEPTH})"
+        )
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:  # onnx-ir raises assorted types on malformed protos
@@ -94,6 +108,26 @@ def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     del proto
     model.meta[_SOURCE_KEY] = str(p.resolve())
     return model
+
+
+def _subgraph_depth(proto) -> int:
+    """How deeply If/Loop/Scan bodies nest (graphs in functions too), without recursion."""
+    from onnx import AttributeProto
+
+    deepest = 0
+    stack = [(proto.graph, 0)] + [(f, 0) for f in proto.functions]
+    while stack:
+        graph, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_SUBGRAPH_DEPTH:
+            break
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == AttributeProto.GRAPH:
+                    stack.append((attr.g, depth + 1))
+                elif attr.type == AttributeProto.GRAPHS:
+                    stack.extend((g, depth + 1) for g in attr.graphs)
+    return deepest
 
 
 def source_path(model: ir.Model) -> Path | None:
@@ -198,9 +232,12 @@ def save(
             if externals:
                 model = _with_tensors_in_memory(model)
             ir.save(model, tmp / out.name)
-        if (tmp / data_name).exists():
-            os.replace(tmp / data_name, data_abs)
-        os.replace(tmp / out.name, out_abs)
+        with _folder_lock(folder):
+            # Two writers of the same output take turns here, so a model file never
+            # lands beside the other writer's data file.
+            if (tmp / data_name).exists():
+                os.replace(tmp / data_name, data_abs)
+            os.replace(tmp / out.name, out_abs)
     except ModelSaveError:
         raise
     except Exception as e:
@@ -211,6 +248,22 @@ def save(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive advisory lock on a folder (flock on its descriptor; no lock file)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: renames stay atomic one by one
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_writable(

@@ -93,6 +93,7 @@ def optimize(
     tolerances: Mapping[str, Tolerance] | None = None,
     bisect: bool = True,
     progress: ProgressCallback | None = None,
+    max_tensor_bytes: int | None = None,
     **options: Any,
 ) -> Result:
     """Run ``pipeline`` over ``model`` and verify the result against the original.
@@ -107,6 +108,8 @@ def optimize(
         input_shapes: shapes for generated inputs, ``{"x": (1, 3, 224, 224)}``.
         bisect: on a mismatch, replay the passes to name the first one that broke it.
         progress: callback ``(pass_name, round, stats_or_None)``.
+        max_tensor_bytes: verification does not run a model whose inputs or
+            constant-sized tensors would exceed this (default 4 GiB); it says so instead.
         **options: pass options by name; each goes to every pass declaring it.
 
     Returns:
@@ -141,6 +144,8 @@ def optimize(
                 input_shapes=input_shapes,
                 seed=seed,
                 tolerances=tolerances,
+                model=ir_model,
+                **({"max_tensor_bytes": max_tensor_bytes} if max_tensor_bytes is not None else {}),
             )
         except CannotVerify as e:
             verification = Verification("unverified", str(e))

@@ -100,6 +100,46 @@ class Verification:
         return f"verification FAILED: {self.reason}{where}"
 
 
+# Verification refuses to run a model that would allocate a tensor larger than this.
+DEFAULT_MAX_TENSOR_BYTES = 4 << 30
+
+
+def _huge_tensor(model: ir.Model, limit: int) -> str | None:
+    """A node whose output size follows from constants alone and exceeds ``limit``.
+
+    Lower bounds from the constant inputs of the ops that make big tensors from small
+    ones (a 16-byte shape can ask for terabytes): gcomp never asks ORT to try.
+    """
+    from gcomp.passes.fold import constant_lookup
+
+    const = constant_lookup(model)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain not in ("", "ai.onnx") or not node.inputs:
+            continue
+        op = node.op_type
+
+        def value(i):
+            v = node.inputs[i] if i < len(node.inputs) else None
+            return None if v is None else const(v)
+
+        elements = None
+        if op in ("ConstantOfShape", "Expand"):
+            shape = value(0 if op == "ConstantOfShape" else 1)
+            if shape is not None and shape.size and shape.dtype.kind in "iu":
+                elements = int(np.prod(np.maximum(shape.astype(np.float64), 0)))
+        elif op == "Tile":
+            reps = value(1)
+            if reps is not None and reps.dtype.kind in "iu":
+                elements = int(np.prod(np.maximum(reps.astype(np.float64), 0)))
+        elif op == "Range":
+            start, limit_, delta = value(0), value(1), value(2)
+            if start is not None and limit_ is not None and delta is not None and float(delta) != 0:
+                elements = max(0, int(np.ceil((float(limit_) - float(start)) / float(delta))))
+        if elements is not None and elements > limit:
+            return f"node '{node.name or op}' ({op}) would make a tensor of at least {elements:,} elements"
+    return None
+
+
 class CannotVerify(Exception):
     """The original model cannot be run on these inputs; carries the reason."""
 
@@ -134,14 +174,29 @@ class Reference:
         input_shapes: Mapping[str, tuple[int, ...]] | None = None,
         seed: int = 0,
         tolerances: Mapping[str, Tolerance] | None = None,
+        model: ir.Model | None = None,
+        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
     ) -> Reference:
-        """Run the original model once; raise :class:`CannotVerify` when it cannot run."""
-        model = original if isinstance(original, ir.Model) else io.load(original, check=False)
+        """Run the original model once; raise :class:`CannotVerify` when it cannot run.
+
+        ``model`` is ``original`` already loaded, when the caller has it. Nothing is run
+        when an input or a constant-sized tensor would exceed ``max_tensor_bytes``.
+        """
+        if model is None:
+            model = original if isinstance(original, ir.Model) else io.load(original, check=False)
         if isinstance(inputs, (str, Path)):
             given = _inputs.load_inputs(inputs, model)
         else:
             given = dict(inputs or {})
-        feeds, notes = _inputs.generate_inputs(model, shapes=dict(input_shapes or {}), given=given, seed=seed)
+        too_big = _huge_tensor(model, max_tensor_bytes)
+        if too_big:
+            raise CannotVerify(f"{too_big}, over the {max_tensor_bytes} byte limit for verification (--max-tensor-bytes)")
+        try:
+            feeds, notes = _inputs.generate_inputs(
+                model, shapes=dict(input_shapes or {}), given=given, seed=seed, max_bytes=max_tensor_bytes
+            )
+        except _inputs.InputsTooLarge as e:
+            raise CannotVerify(f"{e} (--max-tensor-bytes; or smaller --input-shape)") from None
         try:
             runner = _reference_runtime(original)
         except BackendError as e:
@@ -179,10 +234,14 @@ def verify(
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     seed: int = 0,
     tolerances: Mapping[str, Tolerance] | None = None,
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
 ) -> Verification:
     """Compare two models on the same inputs; never raises for a model that cannot run."""
     try:
-        ref = Reference.build(original, inputs=inputs, input_shapes=input_shapes, seed=seed, tolerances=tolerances)
+        ref = Reference.build(
+            original, inputs=inputs, input_shapes=input_shapes, seed=seed, tolerances=tolerances,
+            max_tensor_bytes=max_tensor_bytes,
+        )
     except CannotVerify as e:
         return Verification("unverified", str(e))
     return ref.check(candidate)
