@@ -25,6 +25,7 @@ __all__ = [
     "load_inputs",
     "generate_inputs",
     "InputsTooLarge",
+    "CannotGenerate",
     "parse_input_shapes",
     "DEFAULT_BATCH_DIM",
     "DEFAULT_DIM",
@@ -108,7 +109,12 @@ def _load_pb_folder(folder: Path, model: ir.Model | None) -> dict[str, np.ndarra
     return feeds
 
 
-class InputsTooLarge(OptionError):
+class CannotGenerate(OptionError):
+    """The model's inputs cannot be generated (an unusable type or shape): verification
+    is then not possible, which is not an error of the user's options."""
+
+
+class InputsTooLarge(CannotGenerate):
     """Generated inputs would exceed the size bound."""
 
 
@@ -158,7 +164,8 @@ def generate_inputs(
         total = 0
         for value in inputs:
             if value.name in planned and isinstance(value.type, ir.TensorType):
-                itemsize = 8 if value.type.dtype == ir.DataType.STRING else max(1, int(value.type.dtype.itemsize))
+                dtype = value.type.dtype
+                itemsize = 8 if dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED) else max(1, int(dtype.itemsize))
                 total += int(np.prod(np.asarray(planned[value.name], dtype=np.float64))) * itemsize
         if total > max_bytes:
             raise InputsTooLarge(f"generated inputs would take {total:,} bytes, over the limit of {max_bytes:,}")
@@ -173,10 +180,10 @@ def _concrete_shape(value: ir.Value, bound: dict[str, int]) -> tuple[int, ...]:
         return ()
     dims: list[int] = []
     for i, dim in enumerate(value.shape):
-        if isinstance(dim, int):
+        if isinstance(dim, int) and dim >= 0:
             dims.append(dim)
             continue
-        name = dim.value if isinstance(dim, ir.SymbolicDim) else None
+        name = dim.value if isinstance(dim, ir.SymbolicDim) else None  # a negative dim: unknown
         if name and name in bound:
             size = bound[name]
         elif i == 0 or (name and _BATCH_NAMES.match(name)):
@@ -192,20 +199,31 @@ def _concrete_shape(value: ir.Value, bound: dict[str, int]) -> tuple[int, ...]:
 def _generate(value: ir.Value, shape: tuple[int, ...], rng, notes: list[str]) -> np.ndarray:
     type_ = value.type
     if not isinstance(type_, ir.TensorType):
-        raise OptionError(
+        raise CannotGenerate(
             f"input '{value.name}' is a {type_}: gcomp generates tensors only; pass --inputs"
         )
     dtype = type_.dtype
+    if dtype == ir.DataType.UNDEFINED:
+        raise CannotGenerate(f"input '{value.name}' declares no element type")
     if dtype.is_floating_point():
         array = rng.random(shape, dtype=np.float64)
-        return array.astype(dtype.numpy())
+        try:
+            return np.asarray(array.astype(dtype.numpy()))
+        except (TypeError, ValueError):
+            raise CannotGenerate(f"input '{value.name}' has type {dtype}: gcomp cannot generate it; pass --inputs") from None
     if dtype == ir.DataType.BOOL:
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)
     if dtype == ir.DataType.STRING:
         return np.full(shape, "a", dtype=object)
     if dtype.is_integer():
-        return _generate_integer(value, shape, dtype.numpy(), rng, notes)
-    raise OptionError(f"input '{value.name}' has type {dtype}: cannot generate it; pass --inputs")
+        try:
+            np_dtype = np.dtype(dtype.numpy())
+        except (TypeError, ValueError):
+            np_dtype = None
+        if np_dtype is None or np_dtype.kind not in "iu":
+            raise CannotGenerate(f"input '{value.name}' has type {dtype}: gcomp cannot generate it; pass --inputs")
+        return np.asarray(_generate_integer(value, shape, np_dtype, rng, notes))
+    raise CannotGenerate(f"input '{value.name}' has type {dtype}: cannot generate it; pass --inputs")
 
 
 def _generate_integer(value: ir.Value, shape, np_dtype, rng, notes: list[str]) -> np.ndarray:
@@ -221,7 +239,8 @@ def _generate_integer(value: ir.Value, shape, np_dtype, rng, notes: list[str]) -
         if node.op_type in ("Gather", "GatherElements") and index == 1 and node.domain == "":
             table = node.inputs[0]
             axis = node.attributes.get_int("axis", 0)
-            if table is not None and table.shape is not None and len(table.shape) > 0:
+            rank = len(table.shape) if table is not None and table.shape is not None else 0
+            if rank and -rank <= axis < rank:
                 dim = table.shape[axis]
                 if isinstance(dim, int):
                     high = dim if high is None else min(high, dim)

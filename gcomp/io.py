@@ -99,6 +99,8 @@ def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     ir.external_data.set_base_dir(model.graph, base_dir)
     _check_external_data(model, p, base_dir)
     if check:
+        _check_required_inputs(model, p)
+    if check:
         try:
             # By path: the C++ checker reads the file itself (no Python re-serialization of
             # the weights) and resolves external data against the model's folder.
@@ -128,6 +130,42 @@ def _subgraph_depth(proto) -> int:
                 elif attr.type == AttributeProto.GRAPHS:
                     stack.extend((g, depth + 1) for g in attr.graphs)
     return deepest
+
+
+def _check_required_inputs(model: ir.Model, path: Path) -> None:
+    """A required input left empty (``""``) passes the ONNX checker but is not a model:
+    written back, the node would lose the input altogether."""
+    from onnx import defs
+
+    opsets = dict(model.opset_imports)
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    for function in model.functions.values():
+        nodes.extend(ir.traversal.RecursiveGraphIterator(function))
+    for node in nodes:
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if domain not in ("", "ai.onnx.ml"):
+            continue
+        try:
+            schema = defs.get_schema(node.op_type, opsets.get(domain, opsets.get("ai.onnx", 1)), domain)
+        except Exception:
+            continue  # unknown ops are the checker's business
+        options = defs.OpSchema.FormalParameterOption
+        for i, formal in enumerate(schema.inputs):
+            if formal.option == options.Optional:
+                continue  # may be left empty
+            if formal.option == options.Variadic:
+                given = list(node.inputs[i:])
+                if any(v is None for v in given) or len(node.inputs) < schema.min_input:
+                    raise ModelLoadError(
+                        f"{path}: node '{node.name or node.op_type}' ({node.op_type}) has an empty "
+                        f"or missing value among its inputs '{formal.name}'"
+                    )
+                break
+            if i >= len(node.inputs) or node.inputs[i] is None:
+                raise ModelLoadError(
+                    f"{path}: node '{node.name or node.op_type}' ({node.op_type}) has no value for "
+                    f"its required input '{formal.name}'"
+                )
 
 
 def source_path(model: ir.Model) -> Path | None:
@@ -314,7 +352,10 @@ def serialize(model: ir.Model) -> bytes:
         raise ModelSaveError("model weights exceed protobuf's 2 GB limit; use a file with external data")
     if any(True for _ in external_tensors(model)):
         model = _with_tensors_in_memory(model)
-    return ir.serde.serialize_model(model).SerializeToString()
+    try:
+        return ir.serde.serialize_model(model).SerializeToString()
+    except Exception as e:  # e.g. a string field that is not UTF-8, let through by protobuf
+        raise ModelSaveError(f"the model cannot be serialized: {_first_line(e)}") from None
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:

@@ -135,9 +135,41 @@ def _huge_tensor(model: ir.Model, limit: int) -> str | None:
             start, limit_, delta = value(0), value(1), value(2)
             if start is not None and limit_ is not None and delta is not None and float(delta) != 0:
                 elements = max(0, int(np.ceil((float(limit_) - float(start)) / float(delta))))
+        elif op == "Loop":
+            reason = _unbounded_loop(node, value)
+            if reason:
+                return f"node '{node.name or op}' (Loop) {reason}"
         if elements is not None and elements > limit:
-            return f"node '{node.name or op}' ({op}) would make a tensor of at least {elements:,} elements"
+            return (
+                f"node '{node.name or op}' ({op}) would make a tensor of at least {elements:,} elements, "
+                f"over the {limit:,} byte limit for verification (--max-tensor-bytes)"
+            )
     return None
+
+
+# A Loop running more times than this is not run for verification (it would hang).
+MAX_LOOP_TRIPS = 10_000_000
+
+
+def _unbounded_loop(node: ir.Node, value) -> str | None:
+    trips = value(0)
+    if trips is not None and trips.size == 1 and int(trips.reshape(-1)[0]) > MAX_LOOP_TRIPS:
+        return f"runs up to {int(trips.reshape(-1)[0]):,} times, more than verification runs ({MAX_LOOP_TRIPS:,})"
+    if node.inputs[0] is not None:
+        return None
+    cond = value(1) if len(node.inputs) > 1 else None
+    body = node.attributes.get("body")
+    if cond is None or not bool(np.asarray(cond).all()) or body is None:
+        return None
+    graph = body.as_graph()
+    if len(graph.inputs) < 2 or not graph.outputs:
+        return None
+    cond_out = graph.outputs[0]
+    producer = cond_out.producer()
+    passes_through = cond_out is graph.inputs[1] or (
+        producer is not None and producer.op_type == "Identity" and producer.inputs[0] is graph.inputs[1]
+    )
+    return "has no trip count and a condition that stays true: it never ends" if passes_through else None
 
 
 class CannotVerify(Exception):
@@ -190,13 +222,15 @@ class Reference:
             given = dict(inputs or {})
         too_big = _huge_tensor(model, max_tensor_bytes)
         if too_big:
-            raise CannotVerify(f"{too_big}, over the {max_tensor_bytes} byte limit for verification (--max-tensor-bytes)")
+            raise CannotVerify(too_big)
         try:
             feeds, notes = _inputs.generate_inputs(
                 model, shapes=dict(input_shapes or {}), given=given, seed=seed, max_bytes=max_tensor_bytes
             )
         except _inputs.InputsTooLarge as e:
             raise CannotVerify(f"{e} (--max-tensor-bytes; or smaller --input-shape)") from None
+        except _inputs.CannotGenerate as e:
+            raise CannotVerify(str(e)) from None
         try:
             runner = _reference_runtime(original)
         except BackendError as e:

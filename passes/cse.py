@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import onnx_ir as ir
 
+from gcomp.passes.rewire import take_interface
 from gcomp.passes.scopes import all_scopes
 from gcomp.registry import register_pass
 
@@ -128,5 +129,6 @@ def _replace(graph: ir.Graph | ir.Function, dup: ir.Node, keep: ir.Node) -> None
                 new.name = old.name if old.name else new.name
                 graph.outputs[idx] = new
                 outputs[idx] = new
+                take_interface(old, new)
     ir.convenience.replace_all_uses_with(list(dup.outputs), list(keep.outputs))
     graph.remove(dup, safe=True)

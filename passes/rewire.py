@@ -8,7 +8,7 @@ simply take its place).
 
 from __future__ import annotations
 
-__all__ = ["bypass", "can_take_place_of_output"]
+__all__ = ["bypass", "can_take_place_of_output", "take_interface"]
 
 import onnx_ir as ir
 
@@ -19,6 +19,17 @@ def can_take_place_of_output(graph: ir.Graph | ir.Function, src: ir.Value) -> bo
     if producer is None or producer.graph is not graph:
         return False  # an input, an initializer or an outer-scope value
     return src not in graph.outputs and src not in graph.inputs and not src.is_initializer()
+
+
+def take_interface(old: ir.Value, new: ir.Value) -> None:
+    """``new`` becomes a graph output in ``old``'s place: it takes the declared type and
+    shape of the interface (the checker requires an output's type), for good: an
+    annotation from shape inference would otherwise be forgotten at the end of O1."""
+    if old.type is not None:
+        new.type = old.type
+    if old.shape is not None or new.shape is None:
+        new.shape = old.shape if old.shape is not None else new.shape
+    new.meta.pop("gcomp.inferred_from", None)
 
 
 def bypass(graph: ir.Graph | ir.Function, old: ir.Value, new: ir.Value) -> bool:
@@ -37,6 +48,7 @@ def bypass(graph: ir.Graph | ir.Function, old: ir.Value, new: ir.Value) -> bool:
         ir.convenience.replace_all_uses_with(old, new)
         old.name = None
         new.name = name
+        take_interface(old, new)
         return True
     ir.convenience.replace_all_uses_with(old, new)
     return True

@@ -36,8 +36,12 @@ class InferShapes(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         import onnx
 
+        # ONNX's data propagation allocates per element of every 1-D value's declared dim:
+        # a hostile 300-byte model declaring float[2**31] would need ~170 GB.
+        data_prop = self.data_prop and not _has_long_vector(model)
+
         def infer(proto):
-            return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=self.data_prop)
+            return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=data_prop)
 
         try:
             inferred = ir.serde.deserialize_model(call_without_weights(infer, model))
@@ -81,7 +85,15 @@ class ForgetInferredShapes(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
 
-_KEY = "gcomp.inferred_from"
+_KEY = "gcomp.inferred_from"  # also cleared by gcomp.passes.rewire.take_interface
+
+
+def _has_long_vector(model: ir.Model, limit: int = 1 << 16) -> bool:
+    for graph in model.graphs():
+        for value in _values(graph):
+            if value.shape is not None and len(value.shape) == 1 and isinstance(value.shape[0], int) and value.shape[0] > limit:
+                return True
+    return False
 
 
 def _values(graph: ir.Graph):

@@ -268,3 +268,103 @@ def test_concurrent_writers_never_mix_model_and_data(tmp_path, monkeypatch):
     y = ort_run(out, {"x": np.zeros((n,), np.float32)})["y"]
     assert y[0] in models and np.all(y == y[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx", "o.onnx.data"]
+
+
+# ------------------------------------------------------- found by the fuzzer (tests/fuzz)
+
+
+def _optimize_file(tmp_path, proto, level="O1"):
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    return gcomp.optimize(path, level)
+
+
+def test_scalar_bool_inputs_are_generated_as_arrays(tmp_path):
+    then = helper.make_graph([helper.make_node("Neg", ["x"], ["a"], name="neg")], "t", [], [vinfo("a")])
+    other = helper.make_graph([helper.make_node("Abs", ["x"], ["b"], name="abs")], "e", [], [vinfo("b")])
+    proto = make_model([helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other, name="if")],
+                       [vinfo("x"), helper.make_tensor_value_info("c", TensorProto.BOOL, [])], [vinfo("y")])
+    assert _optimize_file(tmp_path, proto).verification.passed
+
+
+@pytest.mark.parametrize("case", ["negative-dim", "undefined-dtype", "gather-axis-out-of-range"])
+def test_unusual_inputs_are_unverified_not_crashes(tmp_path, case):
+    if case == "negative-dim":
+        proto = make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [vinfo("x", shape=(-1, 4))], [vinfo("y")])
+    elif case == "undefined-dtype":
+        proto = make_model([helper.make_node("Identity", ["x"], ["y"], name="i")],
+                           [helper.make_tensor_value_info("x", TensorProto.UNDEFINED, [2])], [vinfo("y", shape=(2,))])
+    else:
+        proto = make_model([helper.make_node("Gather", ["table", "ids"], ["y"], axis=-1000, name="g")],
+                           [vinfo("ids", TensorProto.INT64, (3,))], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [tensor("table", np.ones((5, 4), np.float32))])
+    try:
+        result = _optimize_file(tmp_path, proto, "O0")
+    except gcomp.GcompError:
+        return  # refused with a clear message is fine too
+    assert result.verification.status in ("passed", "unverified")
+
+
+def test_empty_required_input_is_refused_at_load(tmp_path):
+    proto = make_model([helper.make_node("Einsum", [""], ["y"], equation="ij->ji", name="e")], [vinfo("x", shape=(3, 4))],
+                       [vinfo("y", shape=(4, 3))])
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    with pytest.raises(ModelLoadError, match="empty or missing value"):
+        io.load(path)
+
+
+@pytest.mark.parametrize("how", ["noop-reshape", "cse"])
+def test_graph_outputs_keep_their_type(tmp_path, how):
+    if how == "noop-reshape":
+        nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Reshape", ["r", "s"], ["y"], name="reshape")]
+        inits = [tensor("s", np.array([0, 4], np.int64))]
+        outputs = [vinfo("y", shape=(2, 4))]
+    else:
+        nodes = [helper.make_node("Relu", ["x"], ["a"], name="r1"), helper.make_node("Relu", ["x"], ["y"], name="r2"),
+                 helper.make_node("Neg", ["a"], ["z"], name="neg")]
+        inits = []
+        outputs = [vinfo("y", shape=(2, 4)), vinfo("z", shape=(2, 4))]
+    result = _optimize_file(tmp_path, make_model(nodes, [vinfo("x", shape=(2, 4))], outputs, inits))
+    assert result.verification.passed
+    out = result.save(tmp_path / "o.onnx")
+    onnx.checker.check_model(str(out), full_check=True)
+    assert all(o.type.tensor_type.elem_type == TensorProto.FLOAT for o in onnx.load(out).graph.output)
+
+
+def test_non_utf8_strings_give_a_gcomp_error(tmp_path):
+    proto = make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [vinfo("x")], [vinfo("y")])
+    proto.producer_name = "backend-test"
+    data = proto.SerializeToString().replace(b"backend-test", b"backend-\xa0est")
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    proc = subprocess.run([sys.executable, "-m", "gcomp", "optimize", str(path), "-o", str(tmp_path / "o.onnx")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+
+
+def test_endless_loops_are_not_run_for_verification(tmp_path):
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="c"), helper.make_node("Add", ["acc_in", "x"], ["acc_out"], name="a")],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         vinfo("acc_in", shape=(3,))],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), vinfo("acc_out", shape=(3,))],
+    )
+    for trips in (np.int64(2**62), None):
+        inputs = ["M" if trips is not None else "", "keep", "x"]
+        inits = [tensor("keep", np.bool_(True))] + ([tensor("M", trips)] if trips is not None else [])
+        proto = make_model([helper.make_node("Loop", inputs, ["final"], body=body, name="loop")], [vinfo("x", shape=(3,))],
+                           [vinfo("final", shape=(3,))], inits)
+        start = time.perf_counter()
+        result = _optimize_file(tmp_path, proto, "O0")
+        assert time.perf_counter() - start < 30
+        assert result.verification.status == "unverified" and "Loop" in result.verification.reason
+
+
+def test_huge_declared_vector_does_not_blow_up_shape_inference(tmp_path):
+    proto = make_model([helper.make_node("Sub", ["a", "b"], ["c"], name="sub")],
+                       [vinfo("a", shape=(2**31,)), vinfo("b", shape=())], [vinfo("c", shape=(2**31,))])
+    start = time.perf_counter()
+    result = _optimize_file(tmp_path, proto)
+    assert time.perf_counter() - start < 30
+    assert result.verification.status == "unverified"
