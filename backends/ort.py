@@ -116,7 +116,7 @@ class OrtExecutable:
     def _options(self, **extra):
         ort = _ort()
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # failures reach the caller as exceptions; no log spam
         so.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -138,17 +138,33 @@ class OrtExecutable:
         except Exception as e:
             raise _backend_error("cannot load the model", e) from None
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._run(self._session, feeds)
+    def run(self, feeds: Mapping[str, np.ndarray], *, timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Run once. With ``timeout`` (seconds), a run still going is stopped (ORT's
+        terminate flag, honoured between kernels, inside Loop bodies too)."""
+        return self._run(self._session, feeds, timeout)
 
-    def _run(self, session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, session, feeds: Mapping[str, np.ndarray], timeout: float | None = None) -> dict[str, np.ndarray]:
+        import threading
+
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise BackendError(f"ort: missing inputs: {', '.join(missing)}")
+        options = _ort().RunOptions()
+        options.log_severity_level = 4
+        timer = None
+        if timeout is not None:
+            timer = threading.Timer(timeout, lambda: setattr(options, "terminate", True))
+            timer.daemon = True
+            timer.start()
         try:
-            outputs = session.run(None, {k: feeds[k] for k in self.input_names})
+            outputs = session.run(None, {k: feeds[k] for k in self.input_names}, options)
         except Exception as e:
+            if timeout is not None and options.terminate:
+                raise BackendError(f"ONNX Runtime: run stopped after {timeout:g} s") from None
             raise _backend_error("run failed", e) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
         return dict(zip(self.output_names, outputs))
 
     def profile(

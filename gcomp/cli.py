@@ -46,6 +46,10 @@ def cli(debug: bool) -> None:
 
 def _input_options(f):
     f = click.option(
+        "--verify-timeout", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True,
+        help="Seconds one verification run may take before it is stopped (then: not verified).",
+    )(f)
+    f = click.option(
         "--max-tensor-bytes", type=click.IntRange(min=1), default=4 << 30, show_default=True,
         help="Verification refuses to run a model whose inputs or constant-sized tensors exceed this.",
     )(f)
@@ -114,8 +118,8 @@ def _parse_sets(pipeline, sets: tuple[str, ...]) -> dict:
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write a report: .json or .md.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or tables; errors only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (implies --quiet).")
-def optimize(model, output, level, pass_spec, sets, plugins, verify, inputs, input_shapes, max_tensor_bytes, bisect,
-             strict, external_data, report, quiet, as_json):
+def optimize(model, output, level, pass_spec, sets, plugins, verify, inputs, input_shapes, max_tensor_bytes,
+             verify_timeout, bisect, strict, external_data, report, quiet, as_json):
     """Optimize MODEL with a verified pass pipeline and write OUTPUT."""
     from gcomp import io
     from gcomp import report as reports
@@ -134,7 +138,8 @@ def optimize(model, output, level, pass_spec, sets, plugins, verify, inputs, inp
     err = _stderr()
     result = _run_with_progress(
         lambda on_pass: run_optimize(model, pipeline, verify=verify, inputs=inputs, input_shapes=shapes,
-                                     bisect=bisect, progress=on_pass, max_tensor_bytes=max_tensor_bytes, **options),
+                                     bisect=bisect, progress=on_pass, max_tensor_bytes=max_tensor_bytes,
+                                     verify_timeout=verify_timeout, **options),
         quiet,
         err,
     )
@@ -345,7 +350,7 @@ def inspect(model, as_json):
 @click.option("--atol", type=float, default=None, help="Absolute tolerance for float32 outputs.")
 @click.option("--strict", is_flag=True, help="Exit 1 when verification is not possible.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def verify(original, candidate, inputs, input_shapes, max_tensor_bytes, rtol, atol, strict, as_json):
+def verify(original, candidate, inputs, input_shapes, max_tensor_bytes, verify_timeout, rtol, atol, strict, as_json):
     """Compare CANDIDATE's outputs with ORIGINAL's on ONNX Runtime (optimizations off)."""
     from gcomp import io
     from gcomp.inputs import parse_input_shapes
@@ -359,7 +364,7 @@ def verify(original, candidate, inputs, input_shapes, max_tensor_bytes, rtol, at
         base = TOLERANCES["float32"]
         tolerances = {"float32": Tolerance(rtol if rtol is not None else base.rtol, atol if atol is not None else base.atol)}
     v = run_verify(original, candidate, inputs=inputs, input_shapes=parse_input_shapes(input_shapes),
-                   tolerances=tolerances, max_tensor_bytes=max_tensor_bytes)
+                   tolerances=tolerances, max_tensor_bytes=max_tensor_bytes, timeout=verify_timeout)
     if as_json:
         click.echo(json.dumps(v.to_dict(), indent=2))
     else:
@@ -396,8 +401,8 @@ def verify(original, candidate, inputs, input_shapes, max_tensor_bytes, rtol, at
 @click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Ops to list.")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the profile: .json or .md.")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON on stdout.")
-def profile(model, backend, device, iters, warmup, optimization, threads, inputs, input_shapes, max_tensor_bytes, top,
-            report, as_json):
+def profile(model, backend, device, iters, warmup, optimization, threads, inputs, input_shapes, max_tensor_bytes,
+            verify_timeout, top, report, as_json):
     """Measure MODEL's latency and per-op times on a backend."""
     from gcomp import io
     from gcomp import report as reports

@@ -94,6 +94,7 @@ def optimize(
     bisect: bool = True,
     progress: ProgressCallback | None = None,
     max_tensor_bytes: int | None = None,
+    verify_timeout: float | None = None,
     **options: Any,
 ) -> Result:
     """Run ``pipeline`` over ``model`` and verify the result against the original.
@@ -110,6 +111,7 @@ def optimize(
         progress: callback ``(pass_name, round, stats_or_None)``.
         max_tensor_bytes: verification does not run a model whose inputs or
             constant-sized tensors would exceed this (default 4 GiB); it says so instead.
+        verify_timeout: seconds a reference run may take before it is stopped (300).
         **options: pass options by name; each goes to every pass declaring it.
 
     Returns:
@@ -146,6 +148,7 @@ def optimize(
                 tolerances=tolerances,
                 model=ir_model,
                 **({"max_tensor_bytes": max_tensor_bytes} if max_tensor_bytes is not None else {}),
+                **({"timeout": verify_timeout} if verify_timeout is not None else {}),
             )
         except CannotVerify as e:
             verification = Verification("unverified", str(e))

@@ -102,6 +102,8 @@ class Verification:
 
 # Verification refuses to run a model that would allocate a tensor larger than this.
 DEFAULT_MAX_TENSOR_BYTES = 4 << 30
+# A reference run still going after this many seconds is stopped (an endless Loop).
+DEFAULT_RUN_TIMEOUT = 300.0
 
 
 def _huge_tensor(model: ir.Model, limit: int) -> str | None:
@@ -196,6 +198,7 @@ class Reference:
         self.outputs = outputs
         self.notes = notes
         self.tolerances = dict(TOLERANCES, **(tolerances or {}))
+        self.timeout = DEFAULT_RUN_TIMEOUT
 
     @classmethod
     def build(
@@ -208,6 +211,7 @@ class Reference:
         tolerances: Mapping[str, Tolerance] | None = None,
         model: ir.Model | None = None,
         max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+        timeout: float = DEFAULT_RUN_TIMEOUT,
     ) -> Reference:
         """Run the original model once; raise :class:`CannotVerify` when it cannot run.
 
@@ -236,20 +240,25 @@ class Reference:
         except BackendError as e:
             raise CannotVerify(f"the original model does not load in ONNX Runtime: {_strip(e)}") from None
         try:
-            outputs = runner.run(feeds)
+            outputs = runner.run(feeds, timeout=timeout)
         except BackendError as e:
-            hint = "" if inputs is not None else " (pass real inputs with --inputs or shapes with --input-shape)"
+            if "stopped after" in str(e):
+                hint = " (--verify-timeout)"
+            else:
+                hint = "" if inputs is not None else " (pass real inputs with --inputs or shapes with --input-shape)"
             raise CannotVerify(
                 f"the original model does not run on the {'given' if inputs is not None else 'generated'} inputs: {_strip(e)}{hint}"
             ) from None
-        return cls(feeds, outputs, notes, tolerances)
+        reference = cls(feeds, outputs, notes, tolerances)
+        reference.timeout = timeout
+        return reference
 
     def check(self, candidate: ir.Model | str | Path) -> Verification:
         """Run ``candidate`` on the reference inputs and compare every output."""
         info = {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)} for k, v in self.feeds.items()}
         try:
             runner = _reference_runtime(candidate)
-            actual = runner.run(self.feeds)
+            actual = runner.run(self.feeds, timeout=self.timeout)
         except BackendError as e:
             return Verification("failed", f"the transformed model does not run: {_strip(e)}", inputs=info, notes=list(self.notes))
         checks = compare_outputs(self.outputs, actual, self.tolerances)
@@ -269,12 +278,13 @@ def verify(
     seed: int = 0,
     tolerances: Mapping[str, Tolerance] | None = None,
     max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    timeout: float = DEFAULT_RUN_TIMEOUT,
 ) -> Verification:
     """Compare two models on the same inputs; never raises for a model that cannot run."""
     try:
         ref = Reference.build(
             original, inputs=inputs, input_shapes=input_shapes, seed=seed, tolerances=tolerances,
-            max_tensor_bytes=max_tensor_bytes,
+            max_tensor_bytes=max_tensor_bytes, timeout=timeout,
         )
     except CannotVerify as e:
         return Verification("unverified", str(e))

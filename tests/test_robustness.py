@@ -368,3 +368,21 @@ def test_huge_declared_vector_does_not_blow_up_shape_inference(tmp_path):
     result = _optimize_file(tmp_path, proto)
     assert time.perf_counter() - start < 30
     assert result.verification.status == "unverified"
+
+
+def test_a_reference_run_that_never_ends_is_stopped():
+    """A while-loop whose condition is computed (i < 2**62): no static rule catches it;
+    the run's deadline does (ORT's terminate flag)."""
+    body = helper.make_graph(
+        [helper.make_node("Less", ["i", "big"], ["cond_out"], name="less"), helper.make_node("Add", ["acc_in", "x"], ["acc_out"], name="add")],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         vinfo("acc_in", shape=(3,))],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), vinfo("acc_out", shape=(3,))],
+    )
+    proto = make_model([helper.make_node("Loop", ["", "keep", "x"], ["final"], body=body, name="loop")], [vinfo("x", shape=(3,))],
+                       [vinfo("final", shape=(3,))], [tensor("keep", np.bool_(True)), tensor("big", np.int64(2**62))])
+    start = time.perf_counter()
+    result = gcomp.optimize(ir.from_proto(proto), "O0", verify_timeout=2)
+    assert time.perf_counter() - start < 20
+    assert result.verification.status == "unverified" and "stopped after 2 s" in result.verification.reason
