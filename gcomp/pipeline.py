@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = ["PassStats", "Result", "optimize"]
 
+import gc
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -160,7 +161,14 @@ def optimize(
     executed: list[tuple[str, ir.passes.PassBase]] = []
     # A model gcomp loaded itself was checked by io.load; until a pass modifies it,
     # check-only passes (``validates = True``) would repeat that work.
-    stats = _run_steps(ir_model, steps, progress, executed, checked=not isinstance(model, ir.Model))
+    # The loaded model is a million long-lived objects on a large graph: freezing them
+    # keeps Python's cyclic GC from re-walking them at every collection (a third of O1's
+    # time at 100k nodes); what the passes free is still collected after unfreeze.
+    gc.freeze()
+    try:
+        stats = _run_steps(ir_model, steps, progress, executed, checked=not isinstance(model, ir.Model))
+    finally:
+        gc.unfreeze()
     after = model_stats(ir_model)
 
     if reference is not None:

@@ -150,7 +150,7 @@ class FoldConstants(ir.passes.InPlacePass):
         if target.count(-1) > 1:
             return False
         const = np.array(target, dtype=np.int64)
-        new = ir.Value(name=None, shape=ir.Shape(const.shape), type=ir.TensorType(ir.DataType.INT64), const_value=ir.tensor(const))
+        new = ir.Value(name=None, shape=ir.Shape(const.shape), type=ir.TensorType(ir.DataType.INT64), const_value=_tensor(const))
         if scope is self._model.graph:
             base = f"{node.inputs[1].name or node.name or 'reshape'}_const"
             name, k = base, 0
@@ -161,7 +161,7 @@ class FoldConstants(ir.passes.InPlacePass):
             new.const_value.name = name
             scope.initializers.add(new)
         else:
-            c = ir.node("Constant", inputs=[], attributes={"value": ir.tensor(const, name="target")}, name=_unique_node_name(node, "target"))
+            c = ir.node("Constant", inputs=[], attributes={"value": _tensor(const, name="target")}, name=_unique_node_name(node, "target"))
             scope.insert_before(node, c)
             new = c.outputs[0]
         node.replace_input_with(1, new)
@@ -248,14 +248,14 @@ class FoldConstants(ir.passes.InPlacePass):
             name = out.name
             if main and not out.is_graph_output():
                 new = ir.Value(name=None, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                               const_value=ir.tensor(array))
+                               const_value=_tensor(array))
                 ir.convenience.replace_all_uses_with(out, new)
                 out.name = None
                 new.name = name
                 new.const_value.name = name
                 scope.initializers.add(new)
             else:
-                const = ir.node("Constant", inputs=[], attributes={"value": ir.tensor(array, name=name)},
+                const = ir.node("Constant", inputs=[], attributes={"value": _tensor(array, name=name)},
                                 name=_unique_node_name(node, "folded"))
                 const.outputs[0].shape = ir.Shape(array.shape)
                 const.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
@@ -273,6 +273,13 @@ class FoldConstants(ir.passes.InPlacePass):
 
 class _CannotEvaluate(Exception):
     pass
+
+
+def _tensor(array: np.ndarray, name: str | None = None) -> ir.TensorProtocol:
+    """``ir.Tensor`` for numeric arrays (5x cheaper than ``ir.tensor``'s protocol checks)."""
+    if array.dtype.kind in "OUS":
+        return ir.tensor(array, name=name)
+    return ir.Tensor(array, name=name)
 
 
 def constant_lookup(model: ir.Model):

@@ -44,25 +44,29 @@ class InferShapes(ir.passes.InPlacePass):
             return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=data_prop)
 
         try:
-            inferred = ir.serde.deserialize_model(call_without_weights(infer, model))
+            inferred = call_without_weights(infer, model)
         except Exception:  # inference is best effort: an unknown op or bad annotation stops it
             return ir.passes.PassResult(model, modified=False)
+        # Read only the inferred types (not the whole model back into the IR: at 100k nodes
+        # that costs seconds and a second copy of the model).
+        types = _inferred_types(inferred)
         modified = False
-        for graph, other in zip(model.graphs(), inferred.graphs()):
-            known = {v.name: v for v in _values(other)}
+        for graph in model.graphs():
             for value in _values(graph):
-                twin = known.get(value.name)
-                if twin is None:
+                type_proto = types.get(value.name)
+                if type_proto is None:
                     continue
-                new_type = value.type is None and twin.type is not None
-                new_shape = twin.shape is not None and (value.shape is None or _more_specific(twin.shape, value.shape))
+                twin_type = ir.serde.deserialize_type_proto_for_type(type_proto)
+                twin_shape = ir.serde.deserialize_type_proto_for_shape(type_proto)
+                new_type = value.type is None and twin_type is not None
+                new_shape = twin_shape is not None and (value.shape is None or _more_specific(twin_shape, value.shape))
                 if new_type or new_shape:
                     value.meta.setdefault(_KEY, (value.type, value.shape))
                     modified = True
                 if new_type:
-                    value.type = twin.type  # whole type: a sequence stays a sequence
+                    value.type = twin_type  # whole type: a sequence stays a sequence
                 if new_shape:
-                    value.shape = twin.shape
+                    value.shape = twin_shape
         return ir.passes.PassResult(model, modified=modified)
 
 
@@ -86,6 +90,27 @@ class ForgetInferredShapes(ir.passes.InPlacePass):
 
 
 _KEY = "gcomp.inferred_from"  # also cleared by gcomp.passes.rewire.take_interface
+
+
+def _inferred_types(proto) -> dict:
+    """Value name -> TypeProto over every graph of the model (names are unique across
+    scopes in a valid model; the first one wins otherwise)."""
+    from onnx import AttributeProto
+
+    types: dict = {}
+    stack = [proto.graph]
+    while stack:
+        graph = stack.pop()
+        for info in (*graph.input, *graph.value_info, *graph.output):
+            if info.name and info.HasField("type"):
+                types.setdefault(info.name, info.type)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == AttributeProto.GRAPH:
+                    stack.append(attr.g)
+                elif attr.type == AttributeProto.GRAPHS:
+                    stack.extend(attr.graphs)
+    return types
 
 
 def _has_long_vector(model: ir.Model, limit: int = 1 << 16) -> bool:
