@@ -171,7 +171,11 @@ def _unbounded_loop(node: ir.Node, value) -> str | None:
     passes_through = cond_out is graph.inputs[1] or (
         producer is not None and producer.op_type == "Identity" and producer.inputs[0] is graph.inputs[1]
     )
-    return "has no trip count and a condition that stays true: it never ends" if passes_through else None
+    from gcomp.passes.fold import _constant
+
+    stays_true = _constant(cond_out)
+    always = passes_through or (stays_true is not None and bool(np.asarray(stays_true).all()))
+    return "has no trip count and a condition that stays true: it never ends" if always else None
 
 
 class CannotVerify(Exception):
