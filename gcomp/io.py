@@ -94,7 +94,7 @@ def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:  # onnx-ir raises assorted types on malformed protos
-        raise ModelLoadError(f"{p}: cannot be read into the IR: {_first_line(e)}") from None
+        raise ModelLoadError(f"{p}: cannot be read into the IR: {_first_line(_root_cause(e))}") from None
     base_dir = p.resolve().parent
     ir.external_data.set_base_dir(model.graph, base_dir)
     _check_external_data(model, p, base_dir)
@@ -282,7 +282,7 @@ def save(
         hint = ""
         if "2GiB" in str(e) or "2 GB" in str(e) or "larger than" in str(e):
             hint = " (over protobuf's 2 GB limit: save with external data)"
-        raise ModelSaveError(f"{out}: cannot write model: {_first_line(e)}{hint}") from None
+        raise ModelSaveError(f"{out}: cannot write model: {_first_line(_root_cause(e))}{hint}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -355,7 +355,17 @@ def serialize(model: ir.Model) -> bytes:
     try:
         return ir.serde.serialize_model(model).SerializeToString()
     except Exception as e:  # e.g. a string field that is not UTF-8, let through by protobuf
-        raise ModelSaveError(f"the model cannot be serialized: {_first_line(e)}") from None
+        raise ModelSaveError(f"the model cannot be serialized: {_first_line(_root_cause(e))}") from None
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception of a chain: onnx-ir wraps the specific error
+    ("duplicate value name ...") in generic "Error calling _deserialize_graph" ones."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return e
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:
