@@ -20,6 +20,7 @@ import gcomp
 from gcomp import io
 from gcomp.errors import ModelLoadError
 from tests.conftest import make_model, tensor, vinfo
+from tests.fuzz.mutations import _field  # hand-encoded protobuf fields, past python protobuf's depth limit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,21 +116,6 @@ def test_huge_generated_inputs_are_refused():
     result = gcomp.optimize(ir.from_proto(proto), "O1")
     assert result.verification.status == "unverified"
     assert "generated inputs would take 40,000,000,000 bytes" in result.verification.reason
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field, encoded by hand (python protobuf refuses to
-    build messages nested past its own depth limit)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 def _nested_if_bytes(depth: int) -> bytes:
