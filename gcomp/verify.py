@@ -159,11 +159,18 @@ def _unbounded_loop(node: ir.Node, value) -> str | None:
         return f"runs up to {int(trips.reshape(-1)[0]):,} times, more than verification runs ({MAX_LOOP_TRIPS:,})"
     if node.inputs[0] is not None:
         return None
-    cond = value(1) if len(node.inputs) > 1 else None
     body = node.attributes.get("body")
-    if cond is None or not bool(np.asarray(cond).all()) or body is None:
+    if body is None:
         return None
     graph = body.as_graph()
+    carried = len(node.inputs) - 2
+    if len(graph.outputs) > 1 + carried:
+        # No trip count and stacked scan outputs: memory grows for as long as it runs, and
+        # ONNX Runtime aborts the whole process (not an exception) when its arena fails.
+        return "has no trip count and stacks scan outputs: its memory is unbounded"
+    cond = value(1) if len(node.inputs) > 1 else None
+    if cond is None or not bool(np.asarray(cond).all()):
+        return None
     if len(graph.inputs) < 2 or not graph.outputs:
         return None
     cond_out = graph.outputs[0]

@@ -372,3 +372,21 @@ def test_a_reference_run_that_never_ends_is_stopped():
     result = gcomp.optimize(ir.from_proto(proto), "O0", verify_timeout=2)
     assert time.perf_counter() - start < 20
     assert result.verification.status == "unverified" and "stopped after 2 s" in result.verification.reason
+
+
+def test_a_loop_without_trip_count_stacking_outputs_is_not_run():
+    """Its memory grows as long as it runs, and ORT aborts the process when its arena
+    fails: deterministic refusal, not a race against the deadline."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="c"), helper.make_node("Add", ["acc_in", "x"], ["acc_out"], name="a"),
+         helper.make_node("Mul", ["acc_out", "acc_out"], ["sq"], name="m")],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         vinfo("acc_in", shape=(3,))],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), vinfo("acc_out", shape=(3,)), vinfo("sq", shape=(3,))],
+    )
+    proto = make_model([helper.make_node("Loop", ["", "go", "x"], ["final", "stacked"], body=body, name="loop")],
+                       [vinfo("x", shape=(3,)), helper.make_tensor_value_info("go", TensorProto.BOOL, [])],
+                       [vinfo("final", shape=(3,)), vinfo("stacked", shape=("n", 3))])
+    result = gcomp.optimize(ir.from_proto(proto), "O0")
+    assert result.verification.status == "unverified" and "stacks scan outputs" in result.verification.reason
