@@ -81,12 +81,7 @@ def _load_plugins(plugins: tuple[Path, ...]) -> None:
 def _parse_sets(pipeline, sets: tuple[str, ...]) -> dict:
     from gcomp import registry
 
-    declared: dict[str, registry.OptionInfo] = {}
-    for step in registry.resolve(pipeline):
-        if isinstance(step, registry.Stage):
-            for name in step.passes:
-                for opt in registry.get_pass(name).options:
-                    declared.setdefault(opt.name, opt)
+    declared = registry.pipeline_options(pipeline)
     options = {}
     for item in sets:
         key, sep, value = item.partition("=")

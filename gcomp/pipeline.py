@@ -221,9 +221,7 @@ def _instantiate(pipeline, options: Mapping[str, Any]) -> list[tuple[list[tuple[
         steps.append((group, step.repeat))
     unused = sorted(set(options) - used)
     if unused:
-        declared = sorted(
-            {o.name for s in registry.resolve(pipeline) if isinstance(s, registry.Stage) for n in s.passes for o in registry.get_pass(n).options}
-        )
+        declared = sorted(registry.pipeline_options(pipeline))
         raise OptionError(
             f"unknown option(s) {', '.join(unused)} for this pipeline"
             + (f" (options: {', '.join(declared)})" if declared else " (its passes take no options)")

@@ -34,6 +34,7 @@ __all__ = [
     "resolve",
     "parse_option_value",
     "canonical_name",
+    "pipeline_options",
 ]
 
 import inspect
@@ -198,6 +199,17 @@ def resolve(spec: str | Sequence[str | ir.passes.PassBase]) -> Pipeline | list:
                 f"(pipelines: {', '.join(_PIPELINES)}; passes: {', '.join(sorted(_PASSES))})"
             )
     return steps
+
+
+def pipeline_options(spec: str | Sequence[str | ir.passes.PassBase]) -> dict[str, OptionInfo]:
+    """Every option declared by the registered passes of a pipeline spec, by name."""
+    declared: dict[str, OptionInfo] = {}
+    for step in resolve(spec):
+        if isinstance(step, Stage):
+            for name in step.passes:
+                for option in get_pass(name).options:
+                    declared.setdefault(option.name, option)
+    return declared
 
 
 def parse_option_value(option: OptionInfo, text: str) -> Any:

@@ -138,7 +138,7 @@ def _huge_tensor(model: ir.Model, limit: int) -> str | None:
             if start is not None and limit_ is not None and delta is not None and float(delta) != 0:
                 elements = max(0, int(np.ceil((float(limit_) - float(start)) / float(delta))))
         elif op == "Loop":
-            reason = _unbounded_loop(node, value)
+            reason = _unbounded_loop(node, value, const)
             if reason:
                 return f"node '{node.name or op}' (Loop) {reason}"
         if elements is not None and elements > limit:
@@ -153,7 +153,7 @@ def _huge_tensor(model: ir.Model, limit: int) -> str | None:
 MAX_LOOP_TRIPS = 10_000_000
 
 
-def _unbounded_loop(node: ir.Node, value) -> str | None:
+def _unbounded_loop(node: ir.Node, value, const) -> str | None:
     trips = value(0)
     if trips is not None and trips.size == 1 and int(trips.reshape(-1)[0]) > MAX_LOOP_TRIPS:
         return f"runs up to {int(trips.reshape(-1)[0]):,} times, more than verification runs ({MAX_LOOP_TRIPS:,})"
@@ -178,9 +178,7 @@ def _unbounded_loop(node: ir.Node, value) -> str | None:
     passes_through = cond_out is graph.inputs[1] or (
         producer is not None and producer.op_type == "Identity" and producer.inputs[0] is graph.inputs[1]
     )
-    from gcomp.passes.fold import _constant
-
-    stays_true = _constant(cond_out)
+    stays_true = const(cond_out)
     always = passes_through or (stays_true is not None and bool(np.asarray(stays_true).all()))
     return "has no trip count and a condition that stays true: it never ends" if always else None
 

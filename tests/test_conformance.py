@@ -390,11 +390,16 @@ def test_node_cases_still_pass(pipeline: str, baseline: Baseline, record_propert
         f"only {p} of {n} node cases pass on ORT unoptimized (need {MIN_ORT_PASSING}): "
         f"the harness is likely broken; excluded: {excl}"
     )
+    assert not failures, (
+        f"{len(failures)} of {p} ORT-passing node cases fail after {pipeline}:\n{list_failures(failures)}"
+    )
+
+
+def list_failures(failures: list[tuple[str, str]]) -> str:
+    """The first MAX_LISTED failures, one per line, and how many more."""
     listed = "\n".join(f"  {name}: {reason}" for name, reason in failures[:MAX_LISTED])
     more = f"\n  ... and {len(failures) - MAX_LISTED} more" if len(failures) > MAX_LISTED else ""
-    assert not failures, (
-        f"{len(failures)} of {p} ORT-passing node cases fail after {pipeline}:\n{listed}{more}"
-    )
+    return listed + more
 
 
 # --------------------------------------------------------------------------- harness self-test

@@ -66,9 +66,9 @@ import pytest
 from onnx import numpy_helper
 
 from tests.test_conformance import (
-    MAX_LISTED,
     PIPELINES,
     _one_line,
+    list_failures,
     optimize_and_run,
     run_case,
 )
@@ -386,10 +386,8 @@ def test_model_suites_still_pass(
         f"only {total_p} of {total_n} suite models pass on ORT unoptimized "
         f"(need {MIN_ORT_PASSING}): the harness is likely broken"
     )
-    listed = "\n".join(f"  {name}: {reason}" for name, reason in failures[:MAX_LISTED])
-    more = f"\n  ... and {len(failures) - MAX_LISTED} more" if len(failures) > MAX_LISTED else ""
     assert not failures, (
-        f"{len(failures)} of {total_p} ORT-passing suite models fail after {pipeline}:\n{listed}{more}"
+        f"{len(failures)} of {total_p} ORT-passing suite models fail after {pipeline}:\n{list_failures(failures)}"
     )
 
 
