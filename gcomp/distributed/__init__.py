@@ -1,0 +1,1 @@
+"""Distributed execution of partitioned models: communicators (MPI, simulated) and per-rank runners."""

@@ -1,0 +1,1 @@
+"""Fusion rules (onnxscript rewriter), one file per fusion; see DESIGN.md "Passes"."""

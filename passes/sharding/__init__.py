@@ -1,0 +1,1 @@
+"""Sharding annotation, propagation, checking and partitioning (IR v11 sharding specs)."""
