@@ -103,18 +103,21 @@ def _recalibrate_batchnorm(torch: Any, model: Any, image_shape: tuple, seed: int
 
 
 # --------------------------------------------------------------------------- models
-def bert(*, seed: int = 0, batch: int = 2, seq: int = 128) -> ExportSpec:
+def bert(*, seed: int = 0, batch: int = 2, seq: int = 128, **config_overrides: Any) -> ExportSpec:
     torch, transformers = _require_torch()
     torch.manual_seed(seed)
     config = transformers.BertConfig(
-        vocab_size=8192,
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=1024,
-        max_position_embeddings=512,
-        hidden_act="gelu",
-        attn_implementation="eager",
+        **{
+            "vocab_size": 8192,
+            "hidden_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "intermediate_size": 1024,
+            "max_position_embeddings": 512,
+            "hidden_act": "gelu",
+            "attn_implementation": "eager",
+            **config_overrides,
+        }
     )
     model = transformers.BertModel(config).eval()
     _perturb_uniform_parameters(torch, model, seed)
@@ -153,19 +156,22 @@ def bert(*, seed: int = 0, batch: int = 2, seq: int = 128) -> ExportSpec:
     )
 
 
-def gpt2(*, seed: int = 0, batch: int = 2, seq: int = 128) -> ExportSpec:
+def gpt2(*, seed: int = 0, batch: int = 2, seq: int = 128, **config_overrides: Any) -> ExportSpec:
     torch, transformers = _require_torch()
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
-        vocab_size=8192,
-        n_positions=512,
-        n_embd=256,
-        n_layer=4,
-        n_head=4,
-        use_cache=False,
-        bos_token_id=0,  # the defaults (50256) lie outside the small vocabulary
-        eos_token_id=0,
-        attn_implementation="eager",
+        **{
+            "vocab_size": 8192,
+            "n_positions": 512,
+            "n_embd": 256,
+            "n_layer": 4,
+            "n_head": 4,
+            "use_cache": False,
+            "bos_token_id": 0,  # the defaults (50256) lie outside the small vocabulary
+            "eos_token_id": 0,
+            "attn_implementation": "eager",
+            **config_overrides,
+        }
     )
     model = transformers.GPT2Model(config).eval()
     _perturb_uniform_parameters(torch, model, seed)
@@ -309,7 +315,7 @@ RTOL, ATOL = 1e-3, 1e-4
 CHECK_SIZES = {"batch": 3, "seq": 16}
 
 
-def _other_inputs(torch: Any, name: str, seed: int) -> ExportSpec:
+def _other_inputs(torch: Any, name: str, seed: int, config: dict | None = None) -> ExportSpec:
     """The same model (same seed, same weights) with inputs of other dynamic sizes.
 
     Text models also get padding in the attention mask (the last positions of two
@@ -318,7 +324,7 @@ def _other_inputs(torch: Any, name: str, seed: int) -> ExportSpec:
     kwargs = {"batch": CHECK_SIZES["batch"]}
     if name in ("bert", "gpt2"):
         kwargs["seq"] = CHECK_SIZES["seq"]
-    spec = EXPORTERS[name](seed=seed, **kwargs)
+    spec = EXPORTERS[name](seed=seed, **kwargs, **(config or {}))
     if "attention_mask" in spec.input_names:
         i = spec.input_names.index("attention_mask")
         mask = spec.args[i].clone()
@@ -352,7 +358,9 @@ def _compare(sess: Any, spec: ExportSpec, expected: list[Any], label: str, path:
             )
 
 
-def _check(path: Path, name: str, seed: int, spec: ExportSpec, expected: list[Any]) -> None:
+def _check(
+    path: Path, name: str, seed: int, spec: ExportSpec, expected: list[Any], config: dict | None = None
+) -> None:
     """Check the file with onnx and compare ONNX Runtime against PyTorch.
 
     Skipped (with a note) when onnx or onnxruntime is not importable; raises
@@ -378,7 +386,7 @@ def _check(path: Path, name: str, seed: int, spec: ExportSpec, expected: list[An
     torch, _ = _require_torch()
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     _compare(sess, spec, expected, "export inputs", path)
-    other = _other_inputs(torch, name, seed)
+    other = _other_inputs(torch, name, seed, config)
     with torch.no_grad():
         other_expected = other.module(*other.args)
     if not isinstance(other_expected, (tuple, list)):
@@ -408,10 +416,13 @@ def export(
     opset: int | None = None,
     seed: int = 0,
     check: bool = True,
+    config: dict | None = None,
 ) -> Path:
     """Export model ``name`` (a key of :data:`EXPORTERS`) to ``out_dir/<name>.onnx``.
 
     ``opset``: default 17 for the TorchScript exporter, 18 with ``dynamo=True``.
+    ``config``: overrides of the text models' ``transformers`` config (e.g.
+    ``{"n_layer": 2, "n_embd": 64}``), for small test exports.
     """
     if opset is None:
         opset = DYNAMO_OPSET if dynamo else TORCHSCRIPT_OPSET
@@ -421,7 +432,7 @@ def export(
             f"warning: tested with torch {TORCH_VERSION}, found {torch.__version__}",
             file=sys.stderr,
         )
-    spec = EXPORTERS[name](seed=seed)
+    spec = EXPORTERS[name](seed=seed, **(config or {}))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.onnx"
@@ -445,7 +456,7 @@ def export(
         _torch_export(torch, spec, path, dynamo, common)
     print(f"wrote {path} ({path.stat().st_size} bytes)")
     if check:
-        _check(path, name, seed, spec, expected)
+        _check(path, name, seed, spec, expected, config)
     return path
 
 
