@@ -5,12 +5,18 @@
   Reshape target lets ONNX carry symbolic dims further), constant and shape folding,
   simplification (no-ops, merges, exact identities, constant Ifs), identity
   elimination, CSE, initializer dedup, unused nodes/functions/opsets; then a
-  topological sort. (Fusion adds O2/O3.)
+  topological sort.
+- ``O2``: O1 with an opset upgrade first (only with ``target_opset``), then to a fixed
+  point: the portable fusions (standard ONNX ops that every backend, or the given
+  ``target``, runs) and the cleanup they enable.
+- ``O3``: O2 plus the target's own fused ops (``fuse-target``; e.g. ``com.microsoft``
+  ops for ``ort-cpu``/``ort-cuda``). ``gcomp.optimize`` picks ``ort-cpu`` when O3 is
+  asked for without a target.
 """
 
 from __future__ import annotations
 
-__all__ = ["O0", "O1", "CLEANUP"]
+__all__ = ["O0", "O1", "O2", "O3", "CLEANUP", "FUSE"]
 
 from gcomp.registry import Stage, register_pipeline
 
@@ -36,4 +42,27 @@ O1 = register_pipeline(
     *O0.stages,
     CLEANUP,
     Stage(("forget-inferred-shapes", "topological-sort")),
+)
+
+_AFTER_FUSION = ("fold-constants", "simplify", "eliminate-identity", "cse", "remove-unused-nodes",
+                 "remove-unused-opsets")
+FUSE = Stage(("infer-shapes", "fuse", *_AFTER_FUSION), repeat=3)
+_FINISH = Stage(("forget-inferred-shapes", "topological-sort"))
+O2 = register_pipeline(
+    "O2",
+    "O1 + portable fusions (Conv/Gemm folding, LayerNormalization, Gelu, RMSNormalization, Attention) the target accepts",
+    *O0.stages,
+    Stage(("upgrade-opset",)),
+    CLEANUP,
+    FUSE,
+    _FINISH,
+)
+O3 = register_pipeline(
+    "O3",
+    "O2 + the target's own fused ops (--target; ONNX Runtime: com.microsoft contrib ops)",
+    *O0.stages,
+    Stage(("upgrade-opset",)),
+    CLEANUP,
+    Stage(("infer-shapes", "fuse", "fuse-target", *_AFTER_FUSION), repeat=3),
+    _FINISH,
 )

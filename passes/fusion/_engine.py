@@ -1,0 +1,192 @@
+"""The fusion engine: a catalogue of rules, which targets accept their output, and the
+runner that applies them with per-rule counts and near-miss explanations.
+
+A fusion module defines onnxscript rewriter rules (``pattern`` / ``check`` /
+``rewrite``) and registers them with :func:`fusion`, declaring the ops its rewrite
+emits. The runner applies a rule only when
+
+- the model's opset (``ai.onnx``) is at least the version that introduced each emitted
+  standard op (never emit an op newer than the model: ``--target-opset`` upgrades first),
+- and the target accepts every emitted op (:func:`gcomp.passes.fusion.targets.accepts`).
+
+Rules run one at a time in catalogue order (a rule's output can feed a later rule:
+LayerNormalization, then Add + LayerNormalization -> SkipLayerNormalization), each over
+the main graph, every If/Loop/Scan body and every model function, repeated until a
+round fires nothing (at most ``MAX_ROUNDS``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Fusion",
+    "FUSIONS",
+    "fusion",
+    "fusions_for",
+    "run_fusions",
+    "const_array",
+    "fresh_initializer",
+    "model_opset",
+]
+
+import itertools
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+MAX_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """One fusion: a name, its rewriter rules, and what its rewrite emits."""
+
+    name: str
+    family: str  # "portable" (standard ONNX ops, O2) or a backend name ("ort", "tvm"; O3)
+    rules: tuple[Any, ...]
+    emits: tuple[tuple[str, str, int], ...]  # (domain, op_type, opset version that has it)
+    summary: str
+    module: str = ""
+
+    def allowed(self, target: str, opset: int) -> tuple[bool, str]:
+        from gcomp.passes.fusion.targets import accepts
+
+        for domain, op_type, since in self.emits:
+            if domain in ("", "ai.onnx") and opset < since:
+                return False, f"emits {op_type}-{since}; the model's opset is {opset} (use --target-opset {since})"
+            version = since if domain in ("", "ai.onnx") else 1
+            if not accepts(target, domain, op_type, max(version, opset if domain in ("", "ai.onnx") else 1)):
+                return False, f"target '{target}' does not accept {domain or 'ai.onnx'}::{op_type}"
+        return True, ""
+
+
+FUSIONS: list[Fusion] = []
+
+
+def fusion(name: str, family: str, rules: Sequence[Any], emits: Sequence[tuple[str, str, int]], summary: str) -> Fusion:
+    """Register a fusion (catalogue order = application order)."""
+    for rule in rules:
+        rule.name = rule.name or name
+    module = sys._getframe(1).f_globals.get("__name__", "")
+    entry = Fusion(name, family, tuple(rules), tuple(emits), summary, module)
+    FUSIONS[:] = [f for f in FUSIONS if f.name != name] + [entry]
+    return entry
+
+
+def fusions_for(families: Sequence[str]) -> list[Fusion]:
+    return [f for f in FUSIONS if f.family in families]
+
+
+def model_opset(model_or_context: Any) -> int:
+    model = getattr(model_or_context, "model", model_or_context)
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)))
+
+
+# --------------------------------------------------------------------------- helpers for rules
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant contents (initializer or Constant output), else None.
+
+    Graph inputs that are also initializers are overridable at run time: not constants.
+    """
+    if value is None:
+        return None
+    if value.is_graph_input():
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        producer = value.producer()
+        if producer is not None and producer.op_type == "Constant" and producer.domain == "":
+            attr = producer.attributes.get("value")
+            if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                tensor = attr.value
+    if tensor is None:
+        return None
+    try:
+        return tensor.numpy()
+    except Exception:
+        return None
+
+
+_counter = itertools.count()
+_taken: set[str] = set()
+
+
+def fresh_initializer(op, array: np.ndarray, base: str) -> ir.Value:
+    """A new initializer holding ``array``, named after ``base`` and unique in the model."""
+    while True:
+        name = f"{base or 'fused'}__f{next(_counter)}"
+        if name not in _taken:
+            break
+    _taken.add(name)
+    return op.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
+
+
+# --------------------------------------------------------------------------- runner
+
+
+@dataclass
+class FusionReport:
+    fired: dict[str, int]
+    skipped: dict[str, str]  # fusion -> why it did not run at all (opset / target)
+    near_misses: dict[str, list[str]]  # fusion -> reasons check() rejected (explain only)
+
+
+def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: str, *, explain: bool = False) -> FusionReport:
+    from onnxscript.rewriter import _basics
+    from onnxscript.rewriter._rewrite_rule import RewriteRuleSet
+
+    _taken.clear()
+    _taken.update(_all_names(model))
+    opset = model_opset(model)
+    fired: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+    near: dict[str, list[str]] = {}
+    runnable = []
+    for f in fusions:
+        ok, why = f.allowed(target, opset)
+        if ok:
+            runnable.append(f)
+            fired[f.name] = 0
+        else:
+            skipped[f.name] = why
+    for _ in range(MAX_ROUNDS):
+        round_total = 0
+        for f in runnable:
+            count = RewriteRuleSet(list(f.rules)).apply_to_model(model)
+            fired[f.name] += count
+            round_total += count
+        if not round_total:
+            break
+    if explain:
+        for f in runnable:
+            tracer = _basics.MatchingTracer()
+            RewriteRuleSet(list(f.rules)).apply_to_model(model, tracer=tracer)
+            reasons: list[str] = []
+            for matches in tracer.best_matches_map.values():
+                for info in matches:
+                    if info.status == _basics.MatchStatus.CONDITION_FAILED:
+                        where = info.root_node.name or info.root_node.op_type
+                        reasons.append(f"at {where}: {info.match_result.reason or 'check failed'}")
+            if reasons:
+                near[f.name] = sorted(set(reasons))[:20]
+    return FusionReport(fired, skipped, near)
+
+
+def _all_names(model: ir.Model) -> set[str]:
+    from gcomp.passes.scopes import all_scopes
+
+    names: set[str] = set()
+    for scope in all_scopes(model):
+        for v in getattr(scope, "inputs", ()):
+            names.add(v.name)
+        for node in scope:
+            for v in node.outputs:
+                if v.name:
+                    names.add(v.name)
+    names.update(model.graph.initializers)
+    return names
