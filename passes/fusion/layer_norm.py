@@ -1,0 +1,148 @@
+"""Decomposed layer normalisation -> ``LayerNormalization`` (opset 17).
+
+Math, over the trailing axes A = {r-k, ..., r-1} of x (rank r):
+
+    mean = ReduceMean(x, A)            d   = x - mean
+    var  = ReduceMean(d * d, A)        y   = d / sqrt(var + eps) * gamma + beta
+
+is exactly ``LayerNormalization(x, gamma, beta, axis=r-k, epsilon=eps)`` (statistics in
+fp32: stash_type=1). Variants matched: ``d^2`` as ``Pow(d, 2)`` or ``d * d``; the
+division as ``Div(d, s)`` or ``d * Reciprocal(s)``; with or without gamma and beta; the
+operands of Add/Mul in either order. Refused (``check``): axes that are not the trailing
+ones or differ between the two means, ``keepdims=0``, an epsilon that is not a
+non-negative scalar constant, an epsilon added outside the square root (``d / (sqrt(var)
++ eps)`` is a different function), gamma/beta that broadcast over non-normalised axes,
+and any intermediate value used outside the pattern (the matcher's rule).
+"""
+
+from __future__ import annotations
+
+__all__ = ["ORDER", "reduce_axes"]
+
+import numpy as np
+from onnxscript.rewriter import pattern
+
+from gcomp.passes.fusion._engine import const_array, fresh_initializer, fusion
+
+ORDER = 30
+
+
+def reduce_axes(node) -> list[int] | None:
+    """A ReduceMean's axes (attribute before opset 18, input from 18), None if not constant."""
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = const_array(node.inputs[1])
+        return None if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
+    attr = node.attributes.get("axes")
+    return None if attr is None else [int(a) for a in attr.as_ints()]
+
+
+def _keepdims(node) -> int:
+    attr = node.attributes.get("keepdims")
+    return 1 if attr is None else attr.as_int()
+
+
+class LayerNormFusion(pattern.RewriteRuleClassBase):
+    def __init__(self, name: str, *, square: str, divide: str, affine: str):
+        super().__init__(name)
+        self.square, self.divide, self.affine = square, divide, affine
+
+    def pattern(self, op, x, eps, gamma, beta):
+        mean = op.ReduceMean(x, _allow_other_inputs=True, _outputs=["mean"])
+        d = op.Sub(x, mean)
+        sq = op.Pow(d, 2.0) if self.square == "pow" else op.Mul(d, d)
+        var = op.ReduceMean(sq, _allow_other_inputs=True, _outputs=["var"])
+        std = op.Sqrt(op.Add(var, eps))
+        n = op.Div(d, std) if self.divide == "div" else op.Mul(d, op.Reciprocal(std))
+        if self.affine == "none":
+            return n
+        scaled = op.Mul(n, gamma)
+        if self.affine == "scale":
+            return scaled
+        return op.Add(scaled, beta)
+
+    def check(self, context, x, eps, mean, var, gamma=None, beta=None, **_):
+        result = pattern.MatchResult()
+        if x.dtype is None or not x.dtype.is_floating_point():
+            return result.fail("input is not a float tensor", x)
+        rank = x.shape.rank() if x.shape is not None else None
+        if rank is None:
+            return result.fail("input rank unknown (run shape inference)", x)
+        axes_m, axes_v = reduce_axes(mean.producer()), reduce_axes(var.producer())
+        if axes_m is None or axes_v is None:
+            return result.fail("ReduceMean axes are not constant", mean)
+        norm = sorted(a % rank for a in axes_m)
+        if norm != sorted(a % rank for a in axes_v):
+            return result.fail("the two ReduceMeans reduce different axes", var)
+        if not norm or norm != list(range(rank - len(norm), rank)):
+            return result.fail("reduced axes are not the trailing axes", mean)
+        if _keepdims(mean.producer()) != 1 or _keepdims(var.producer()) != 1:
+            return result.fail("ReduceMean without keepdims", mean)
+        e = const_array(eps)
+        if e is None or e.size != 1 or not np.isfinite(e).all() or float(e.reshape(())) < 0:
+            return result.fail("epsilon is not a non-negative scalar constant", eps)
+        norm_shape = [x.shape[a] for a in norm]
+        for name, v in (("gamma", gamma), ("beta", beta)):
+            if v is None:
+                continue
+            if v.dtype != x.dtype:
+                return result.fail(f"{name} dtype differs from the input's", v)
+            if v.shape is None or v.shape.rank() is None:
+                return result.fail(f"{name} shape unknown", v)
+            dims = list(v.shape.dims)
+            while dims and dims[0] == 1 and len(dims) > len(norm):
+                dims.pop(0)
+            if len(dims) > len(norm) or any(
+                not isinstance(d, int) or (d != 1 and d != n) for d, n in zip(reversed(dims), reversed(norm_shape))
+            ):
+                return result.fail(f"{name} broadcasts over non-normalised axes", v)
+            if any(d == 1 and n != 1 for d, n in zip(reversed(dims), reversed(norm_shape))) or len(dims) < len(norm):
+                if const_array(v) is None or not all(isinstance(n, int) for n in norm_shape):
+                    return result.fail(f"{name} must be broadcast to the normalised shape but is not constant", v)
+        if (gamma is None or beta is None) and not all(isinstance(n, int) for n in norm_shape):
+            if gamma is None:
+                return result.fail("normalised dims are symbolic: cannot build a unit gamma", x)
+        return result
+
+    def rewrite(self, op, x, eps, mean, gamma=None, beta=None, **_):
+        rank = x.shape.rank()
+        axes = sorted(a % rank for a in reduce_axes(mean.producer()))
+        norm_shape = [x.shape[a] for a in axes]
+        dtype = x.dtype.numpy()
+        gamma = _as_norm_shaped(op, gamma, norm_shape, dtype, fill=1.0, base="ln_scale")
+        inputs = [x, gamma]
+        if beta is not None:
+            inputs.append(_as_norm_shaped(op, beta, norm_shape, dtype, fill=0.0, base="ln_bias"))
+        return op.LayerNormalization(
+            *inputs, axis=axes[0], epsilon=float(const_array(eps).reshape(())), stash_type=1
+        )
+
+
+def _as_norm_shaped(op, value, norm_shape, dtype, *, fill: float, base: str):
+    """``value`` itself when it already has the normalised shape, else a broadcast constant."""
+    if value is None:
+        return fresh_initializer(op, np.full(norm_shape, fill, dtype=dtype), base)
+    if value.shape is not None and list(value.shape.dims) == list(norm_shape):
+        return value
+    array = const_array(value)
+    if array.ndim > len(norm_shape):  # leading 1s only (checked)
+        array = array.reshape(array.shape[array.ndim - len(norm_shape):])
+    return fresh_initializer(op, np.broadcast_to(array, norm_shape).astype(dtype), value.name or base)
+
+
+def _rules(affine: str) -> list:
+    rules = []
+    for square in ("pow", "mul"):
+        for divide in ("div", "reciprocal"):
+            rules.extend(LayerNormFusion.rule(f"layer-norm-{square}-{divide}-{affine}", square=square,
+                                              divide=divide, affine=affine).commute())
+    return rules
+
+
+# Widest form first over the whole graph: the bare form would otherwise match the Div
+# (visited before the Mul/Add that hold gamma and beta) and leave them unfused.
+fusion("layer-norm", "portable", _rules("full"), [("", "LayerNormalization", 17)],
+       "ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add -> LayerNormalization (opset 17)")
+fusion("layer-norm-no-bias", "portable", _rules("scale"), [("", "LayerNormalization", 17)],
+       "the same without beta -> LayerNormalization (opset 17)")
+fusion("layer-norm-no-affine", "portable", _rules("none"), [("", "LayerNormalization", 17)],
+       "the same without gamma and beta -> LayerNormalization with a unit scale (opset 17)")
