@@ -98,7 +98,14 @@ def _parse_sets(pipeline, sets: tuple[str, ...]) -> dict:
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", type=PathIn)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the optimized model.")
-@click.option("-O", "level", default="1", show_default=True, metavar="LEVEL", help="Pipeline level: 0 or 1 (see `gcomp passes`).")
+@click.option("-O", "level", default="1", show_default=True, metavar="LEVEL",
+              help="Pipeline level 0-3: 2 adds portable fusion, 3 the target's own fused ops (see `gcomp passes`).")
+@click.option("--target", default=None, metavar="TARGET",
+              help="What the output must run on: portable, ort-cpu, ort-cuda, tvm-llvm, tvm-cuda "
+                   "[default: portable; ort-cpu with -O3]. Fusions fire only when it accepts their ops.")
+@click.option("--target-opset", type=click.IntRange(min=1), default=None,
+              help="Upgrade the model to this opset first, so newer fused ops (Gelu-20, Attention-23) may be emitted.")
+@click.option("--explain-fusion", is_flag=True, help="List every fusion rule: fired, why not run, near misses.")
 @click.option("--passes", "pass_spec", default=None, metavar="SPEC",
               help="Explicit pipeline instead of -O: comma-separated pipeline and pass names, e.g. O1,my-pass.")
 @click.option("--set", "sets", multiple=True, metavar="OPTION=VALUE", help="Set a pass option (repeatable).")
@@ -113,7 +120,7 @@ def _parse_sets(pipeline, sets: tuple[str, ...]) -> dict:
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write a report: .json or .md.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or tables; errors only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (implies --quiet).")
-def optimize(model, output, level, pass_spec, sets, plugins, verify, inputs, input_shapes, max_tensor_bytes,
+def optimize(model, output, level, target, target_opset, explain_fusion, pass_spec, sets, plugins, verify, inputs, input_shapes, max_tensor_bytes,
              verify_timeout, bisect, strict, external_data, report, quiet, as_json):
     """Optimize MODEL with a verified pass pipeline and write OUTPUT."""
     from gcomp import io
@@ -125,6 +132,7 @@ def optimize(model, output, level, pass_spec, sets, plugins, verify, inputs, inp
     _load_plugins(plugins)
     pipeline = pass_spec or level
     options = _parse_sets(pipeline, sets)
+    options.update(_fusion_options(target, target_opset, explain_fusion))
     shapes = parse_input_shapes(input_shapes)
     if report is not None:
         reports.check_report_path(report)
@@ -158,7 +166,45 @@ def optimize(model, output, level, pass_spec, sets, plugins, verify, inputs, inp
         click.echo(json.dumps(doc, indent=2, default=str))
     elif not quiet:
         _print_summary(result, doc)
+        if explain_fusion:
+            _print_fusion_explain(result)
         err.print(f"wrote {output}" + (f" and {report}" if report else ""))
+
+
+def _fusion_options(target, target_opset, explain_fusion) -> dict:
+    options = {}
+    if target is not None:
+        from gcomp.passes.fusion.targets import check_target
+
+        options["target"] = check_target(target)
+    if target_opset is not None:
+        options["target_opset"] = target_opset
+    if explain_fusion:
+        options["explain_fusion"] = True
+    return options
+
+
+def _print_fusion_explain(result) -> None:
+    """One table row per fusion rule, summed over the pipeline's fusion pass runs."""
+    from rich.table import Table
+
+    rules: dict[str, dict] = {}
+    for s in result.passes:
+        for name, info in ((s.details or {}).get("rules") or {}).items():
+            row = rules.setdefault(name, {"fired": 0, "why": "", "near": []})
+            row["fired"] += info.get("fired", 0)
+            row["why"] = info.get("not_run", row["why"])
+            row["near"] = info.get("near_misses", row["near"])
+    if not rules:
+        _stdout().print("no fusion pass ran (use -O2 or -O3)")
+        return
+    table = Table(title="fusion rules", title_justify="left")
+    for col in ("rule", "fired", "not run because", "near misses (check rejected)"):
+        table.add_column(col, justify="right" if col == "fired" else "left", overflow="fold")
+    for name, row in rules.items():
+        near = "; ".join(row["near"][:3]) + (f" (+{len(row['near']) - 3} more)" if len(row["near"]) > 3 else "")
+        table.add_row(name, str(row["fired"]), row["why"], near)
+    _stdout().print(table)
 
 
 def _run_with_progress(work, quiet: bool, err):

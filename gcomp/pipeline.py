@@ -43,6 +43,7 @@ class PassStats:
     op_delta: dict[str, int] = field(default_factory=dict)
     note: str | None = None
     details: dict[str, Any] | None = None  # what a pass reports beyond counts (e.g. unfolded nodes)
+    max_abs_error: float | None = None  # vs the original right after this pass (pass_errors=True)
 
 
 @dataclass
@@ -96,6 +97,7 @@ def optimize(
     progress: ProgressCallback | None = None,
     max_tensor_bytes: int | None = None,
     verify_timeout: float | None = None,
+    pass_errors: bool = False,
     **options: Any,
 ) -> Result:
     """Run ``pipeline`` over ``model`` and verify the result against the original.
@@ -113,6 +115,9 @@ def optimize(
         max_tensor_bytes: verification does not run a model whose inputs or
             constant-sized tensors would exceed this (default 4 GiB); it says so instead.
         verify_timeout: seconds a reference run may take before it is stopped (300).
+        pass_errors: after every pass that changes the model, run it on the reference
+            and record the largest output error in ``PassStats.max_abs_error`` (one
+            reference run per changing pass; needs ``verify``).
         **options: pass options by name; each goes to every pass declaring it.
 
     Returns:
@@ -120,6 +125,7 @@ def optimize(
         ``result.verification``, not raised: the caller decides.
     """
     t_start = time.perf_counter()
+    options = _with_default_target(pipeline, dict(options))
     source: str | None = None
     load_seconds = 0.0
     if isinstance(model, ir.Model):
@@ -166,7 +172,8 @@ def optimize(
     # time at 100k nodes); what the passes free is still collected after unfreeze.
     gc.freeze()
     try:
-        stats = _run_steps(ir_model, steps, progress, executed, checked=not isinstance(model, ir.Model))
+        check = _pass_error(reference) if pass_errors and reference is not None else None
+        stats = _run_steps(ir_model, steps, progress, executed, checked=not isinstance(model, ir.Model), check=check)
     finally:
         gc.unfreeze()
     after = model_stats(ir_model)
@@ -204,6 +211,20 @@ def _label(item: str | ir.passes.PassBase) -> str:
     return item if isinstance(item, str) else type(item).__name__
 
 
+DEFAULT_FUSION_TARGET = "ort-cpu"
+
+
+def _with_default_target(pipeline, options: dict[str, Any]) -> dict[str, Any]:
+    """Target-specific fusion (O3) without a target fuses for the default backend, ORT on CPU."""
+    if "target" in options:
+        return options
+    for step in registry.resolve(pipeline):
+        if not isinstance(step, ir.passes.PassBase) and "fuse-target" in step.passes:
+            options["target"] = DEFAULT_FUSION_TARGET
+            break
+    return options
+
+
 def _instantiate(pipeline, options: Mapping[str, Any]) -> list[tuple[list[tuple[str, ir.passes.PassBase]], int]]:
     """Resolve the pipeline and build pass objects; every option must be used by some pass."""
     steps = []
@@ -229,7 +250,7 @@ def _instantiate(pipeline, options: Mapping[str, Any]) -> list[tuple[list[tuple[
     return steps
 
 
-def _run_steps(model, steps, progress, executed, checked: bool = False) -> list[PassStats]:
+def _run_steps(model, steps, progress, executed, checked: bool = False, check=None) -> list[PassStats]:
     stats: list[PassStats] = []
     current = model_stats(model)
     for group, repeat in steps:
@@ -268,6 +289,8 @@ def _run_steps(model, steps, progress, executed, checked: bool = False) -> list[
                     current.initializer_bytes, new.initializer_bytes, dict(sorted(delta.items())),
                     details=getattr(result, "details", None) or None,
                 )
+                if check is not None and result.modified:
+                    s.max_abs_error = check(model)
                 stats.append(s)
                 current = new
                 # Annotation-only passes (``analysis = True``) don't call for another round.
@@ -278,6 +301,16 @@ def _run_steps(model, steps, progress, executed, checked: bool = False) -> list[
             if not changed:
                 break
     return stats
+
+
+def _pass_error(reference: Reference):
+    """The largest output error of a model against the reference; None when it does not run."""
+
+    def check(model: ir.Model) -> float | None:
+        v = reference.check(model)
+        return v.max_abs_error if v.outputs else None
+
+    return check
 
 
 def _from_bytes(data: bytes | None) -> ir.Model | None:
