@@ -1,1 +1,95 @@
-"""Sharding annotation, propagation, checking and partitioning (IR v11 sharding specs)."""
+"""Sharding annotation, propagation, checking and partitioning (IR v11 sharding specs).
+
+Flow: :func:`plan` seeds a mesh (``tp=N``, ``dp=N``, ``dp=A,tp=B``) with Megatron's
+plan (:mod:`.megatron`), propagates layouts through every node to a checked fixed point
+(:mod:`.propagate`); :func:`annotate` writes them as standard IR v11 annotations that
+:func:`read_annotations` reads back and :func:`check_annotations` validates;
+:func:`summarize` gives per-rank parameter bytes and collectives; :func:`partition`
+builds one ONNX graph per rank with explicit collectives (:mod:`.partition`).
+Execution lives in :mod:`gcomp.distributed`.
+
+Modules: ``mesh`` (meshes, layouts), ``megatron`` (seeds), ``propagate`` (rules),
+``annotate`` (IR v11 in and out, checker, summary), ``partition`` (per-rank graphs).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Layout",
+    "Mesh",
+    "Shard",
+    "ShardPass",
+    "ShardingError",
+    "annotate",
+    "check_annotations",
+    "format_summary",
+    "parse_mesh",
+    "partition",
+    "partition_rank",
+    "plan",
+    "read_annotations",
+    "summarize",
+]
+
+from typing import Annotated
+
+import onnx_ir as ir
+from gcomp.passes.sharding.annotate import annotate, check_annotations, read_annotations, summarize
+from gcomp.passes.sharding.mesh import Layout, Mesh, Shard, ShardingError, parse_mesh
+from gcomp.passes.sharding.partition import partition, partition_rank
+
+from gcomp.registry import register_pass
+
+
+def plan(model: ir.Model, mesh: str | Mesh, *, overrides: dict[str, str] | None = None):
+    """The propagated plan of ``model`` on ``mesh``; ``overrides``: ``{tensor: "AXIS:MESH,..."}``
+    or ``"replicated"``, replacing the Megatron/dp seeds by tensor name."""
+    from gcomp.passes.sharding.megatron import parse_override, seed_plan
+    from gcomp.passes.sharding.propagate import propagate, shape_of
+
+    mesh = mesh if isinstance(mesh, Mesh) else parse_mesh(mesh)
+    values = {v.name: v for v in model.graph.inputs}
+    values.update(model.graph.initializers)
+    parsed = {}
+    for name, spec in (overrides or {}).items():
+        if name not in values:
+            raise ShardingError(f"tensor '{name}': override names no graph input or initializer")
+        s = shape_of(values[name])
+        _, lay = parse_override(f"{name}={spec}", len(s) if s is not None else None)
+        parsed[name] = lay
+    seeds, roles = seed_plan(model, mesh, parsed)
+    return propagate(model, mesh, seeds, roles)
+
+
+def format_summary(summary: dict) -> str:
+    """A short plain-text table of :func:`summarize`'s result."""
+    from gcomp.report import human_bytes
+
+    lines = [
+        f"mesh {summary['mesh']} ({summary['ranks']} ranks)",
+        (
+            f"parameters: {human_bytes(summary['parameter_bytes'])} "
+            f"(split {human_bytes(summary['sharded_parameter_bytes'])}, "
+            f"replicated {human_bytes(summary['replicated_parameter_bytes'])}); "
+            f"per rank {human_bytes(summary['parameter_bytes_per_rank'])}"
+        ),
+        f"collectives per forward: {summary['all_reduces']} all-reduce, {summary['all_gathers']} all-gather",
+    ]
+    for c in summary["collectives"]:
+        b = human_bytes(c["bytes"]) if c["bytes"] is not None else "?"
+        lines.append(f"  {c['kind']:<9} over {','.join(c['mesh_axes']):<3} {b:>10}  {c['tensor']}")
+    return "\n".join(lines)
+
+
+@register_pass("shard")
+class ShardPass(ir.passes.InPlacePass):
+    """Annotate the model with IR v11 sharding specs for a mesh (Megatron tp, batch dp)."""
+
+    def __init__(self, *, shard: Annotated[str, "mesh: tp=N, dp=N or dp=A,tp=B"] = "tp=2") -> None:
+        super().__init__()
+        self.mesh = parse_mesh(shard)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        p = plan(model, self.mesh)
+        annotate(model, p)
+        return ir.passes.PassResult(model, modified=True)
