@@ -28,12 +28,14 @@ the match keeps its value. Nothing here modifies a tensor in place.
 
 from __future__ import annotations
 
-__all__ = ["LINEAR_OPS", "Linear", "check_fold", "fold", "linear_of", "per_channel"]
+__all__ = ["KINDS", "LINEAR_OPS", "FoldIntoLinear", "Linear", "affine_of", "check_fold", "fold", "fold_rules",
+           "linear_of", "per_channel"]
 
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
 from gcomp.passes.fusion._engine import const_array, fresh_initializer
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm")
@@ -195,3 +197,71 @@ def fold(op, lin: Linear, x: ir.Value, scale: np.ndarray | None, shift: np.ndarr
         bias_name = (node.inputs[2].name if lin.has_bias else "") or f"{base}_bias"
         inputs.append(fresh_initializer(op, np.asarray(bias).astype(lin.dtype), bias_name))
     return getattr(op, node.op_type)(*inputs, **attrs)
+
+
+# --------------------------------------------------------------------------- the shared rule
+
+# kind -> (ONNX op, constant first?): the post-op is  y op c  or  c op y.
+KINDS = {
+    "add": ("Add", False), "add-r": ("Add", True),
+    "mul": ("Mul", False), "mul-r": ("Mul", True),
+    "div": ("Div", False),
+    "sub": ("Sub", False), "sub-r": ("Sub", True),
+}
+
+
+def affine_of(kind: str, v: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+    """(scale, shift) with  y op c == y * scale + shift  for the per-channel vector ``v`` of ``c``."""
+    base = kind.split("-")[0]
+    if base == "add":
+        return None, v, ""
+    if base == "mul":
+        return v, None, ""
+    if base == "div":
+        if np.any(v == 0):
+            return None, None, "division by a constant that has zeros"
+        return 1.0 / v, None, ""
+    if kind == "sub":
+        return None, -v, ""
+    return -np.ones(1), v, ""  # c - y
+
+
+class FoldIntoLinear(pattern.RewriteRuleClassBase):
+    """``Linear(x, W[, B]) op c`` with ``c`` a per-output-channel constant -> ``Linear(x, W', B')``."""
+
+    def __init__(self, name: str, *, op_type: str, kind: str):
+        super().__init__(name)
+        self.op_type, self.kind = op_type, kind
+
+    def pattern(self, op, x, c):
+        y = getattr(op, self.op_type)(x, _allow_other_inputs=True, _outputs=["lin_out"])
+        onnx_op, const_first = KINDS[self.kind]
+        return getattr(op, onnx_op)(c, y) if const_first else getattr(op, onnx_op)(y, c)
+
+    def _plan(self, lin_out, c):
+        lin, why = linear_of(lin_out.producer())
+        if lin is None:
+            return None, why
+        array = const_array(c)
+        if array is None:
+            return None, "the other operand is not a constant"
+        v, why = per_channel(array, lin)
+        if v is None:
+            return None, why
+        scale, shift, why = affine_of(self.kind, v)
+        if why:
+            return None, why
+        why = check_fold(lin, scale, shift)
+        return ((lin, scale, shift) if not why else None), why
+
+    def check(self, context, lin_out, c, **_):
+        plan, why = self._plan(lin_out, c)
+        return pattern.MatchResult() if plan else pattern.MatchResult().fail(why, c)
+
+    def rewrite(self, op, x, lin_out, c, **_):
+        lin, scale, shift = self._plan(lin_out, c)[0]
+        return fold(op, lin, x, scale, shift)
+
+
+def fold_rules(prefix: str, kinds) -> list:
+    return [FoldIntoLinear.rule(f"{prefix}-{t.lower()}-{k}", op_type=t, kind=k) for t in LINEAR_OPS for k in kinds]
