@@ -64,6 +64,9 @@ class Fusion:
 
 
 FUSIONS: list[Fusion] = []
+# The target of the run in progress: a rule whose output depends on the device (ORT CUDA's
+# FusedConv runs only Relu) reads it in check().
+TARGET = "portable"
 
 
 def fusion(name: str, family: str, rules: Sequence[Any], emits: Sequence[tuple[str, str, int]], summary: str) -> Fusion:
@@ -140,6 +143,8 @@ def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: str, *, expl
     from onnxscript.rewriter import _basics
     from onnxscript.rewriter._rewrite_rule import RewriteRuleSet
 
+    global TARGET
+    TARGET = target
     _taken.clear()
     _taken.update(_all_names(model))
     opset = model_opset(model)
