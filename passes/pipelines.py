@@ -63,6 +63,9 @@ O3 = register_pipeline(
     *O0.stages,
     Stage(("upgrade-opset",)),
     CLEANUP,
-    Stage(("infer-shapes", "fuse", "fuse-target", *_AFTER_FUSION), repeat=3),
+    # The target's fusions first: where both match (attention, GELU), its own op wins; what
+    # builds on a portable fusion (SkipLayerNormalization on LayerNormalization) fires in
+    # the stage's next round.
+    Stage(("infer-shapes", "fuse-target", "fuse", *_AFTER_FUSION), repeat=3),
     _FINISH,
 )

@@ -1,0 +1,210 @@
+"""Scaled dot-product attention with head reshapes -> one attention op.
+
+Math, per batch b and head h (Q, K, V: [B, S, H*D] projections split into H heads of D):
+
+    scores = (Q_h @ K_h^T) * c   (c: the graph's scale; also written  / (1/c))
+    P      = softmax(scores + M, axis=-1)        (M: an additive mask, optional)
+    O_h    = P @ V_h ;   out = concat_h(O_h)  -> [B, S, H*D]
+
+Exporters write the split as ``Transpose(Reshape(Q, [B, S, H, D]), [0, 2, 1, 3])``, K^T as
+``Transpose(Reshape(K, ...), [0, 2, 3, 1])`` and the merge as
+``Reshape(Transpose(O, [0, 2, 1, 3]), [B, S, H*D])``.
+
+- ``attention`` (portable, opset 23): the core (from the two MatMuls to softmax) ->
+  ``Attention(Q4, K4, V4, M, scale=c)`` on the 4-D heads, K4 re-derived from the same
+  Reshape with perm [0, 2, 1, 3]. Never emitted for a model below opset 23 (upgrade with
+  ``--target-opset 23``), nor for targets that cannot import it (TVM 0.27).
+- ``ort-mha`` (ORT): the whole block including the split and merge ->
+  ``com.microsoft.MultiHeadAttention(Q, K, V, attention_bias=M, num_heads=H, scale=c)``
+  on the 3-D projections; its output is ``out`` directly.
+
+Refused: head reshapes whose H and D disagree between Q, K and V or with the hidden size,
+a softmax over another axis, a scale that is not a positive scalar constant, a mask that
+is not a float tensor of rank <= 4 (and, for MHA, one whose query axis may broadcast),
+a merge reshape that does not keep [B, S], any intermediate used elsewhere.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ORDER"]
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from gcomp.passes.fusion._engine import const_array, fusion
+
+ORDER = 80
+
+
+def _perm(value) -> list[int] | None:
+    node = value.producer()
+    attr = node.attributes.get("perm") if node is not None else None
+    return None if attr is None else list(attr.as_ints())
+
+
+def _heads(reshape_out, hidden) -> tuple[int, int] | None:
+    """(H, D) of a [B, S, H, D] head split, from the Reshape's output shape or its target."""
+    shape = reshape_out.shape
+    if shape is not None and shape.rank() == 4 and isinstance(shape[2], int) and isinstance(shape[3], int):
+        return shape[2], shape[3]
+    target = const_array(reshape_out.producer().inputs[1])
+    if target is None or target.shape != (4,) or not isinstance(hidden, int):
+        return None
+    h, d = int(target[2]), int(target[3])
+    if h == -1 and d > 0 and hidden % d == 0:
+        h = hidden // d
+    if d == -1 and h > 0 and hidden % h == 0:
+        d = hidden // h
+    return (h, d) if h > 0 and d > 0 else None
+
+
+def _same_dim(a, b) -> bool:
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return a.value is not None and a.value == b.value
+
+
+def _scale(scale_value, divide: bool) -> float | None:
+    c = const_array(scale_value)
+    if c is None or c.size != 1:
+        return None
+    c = float(np.asarray(c, dtype=np.float64).reshape(()))
+    if not np.isfinite(c) or c <= 0:
+        return None
+    return 1.0 / c if divide else c
+
+
+def _core(op, q4, kt, v4, c, mask, *, divide: bool, masked: bool):
+    scores = op.MatMul(q4, kt)
+    scaled = op.Div(scores, c) if divide else op.Mul(scores, c)
+    if masked:
+        scaled = op.Add(scaled, mask)
+    probs = op.Softmax(scaled, _outputs=["probs"])
+    return op.MatMul(probs, v4)
+
+
+def _check_core(result, probs, c, divide, mask):
+    axis = probs.producer().attributes.get("axis")
+    axis = -1 if axis is None else axis.as_int()
+    if axis not in (-1, 3):
+        return result.fail("softmax is not over the last axis", probs)
+    scale = _scale(c, divide)
+    if scale is None:
+        return result.fail("scale is not a positive scalar constant", c)
+    if mask is not None:
+        if mask.dtype is None or not mask.dtype.is_floating_point():
+            return result.fail("mask is not a float (additive) tensor", mask)
+        if mask.shape is None or mask.shape.rank() is None or mask.shape.rank() > 4:
+            return result.fail("mask rank unknown or above 4", mask)
+    return None
+
+
+class MultiHeadAttention(pattern.RewriteRuleClassBase):
+    """The whole block, split to merge, -> com.microsoft.MultiHeadAttention (ORT)."""
+
+    def __init__(self, name: str, *, divide: bool, masked: bool):
+        super().__init__(name)
+        self.divide, self.masked = divide, masked
+
+    def pattern(self, op, q3, k3, v3, qs, ks, vs, c, mask, out_shape):
+        q4 = op.Transpose(op.Reshape(q3, qs, _outputs=["qr"]), perm=[0, 2, 1, 3])
+        kt = op.Transpose(op.Reshape(k3, ks, _outputs=["kr"]), perm=[0, 2, 3, 1])
+        v4 = op.Transpose(op.Reshape(v3, vs, _outputs=["vr"]), perm=[0, 2, 1, 3])
+        o = _core(op, q4, kt, v4, c, mask, divide=self.divide, masked=self.masked)
+        return op.Reshape(op.Transpose(o, perm=[0, 2, 1, 3]), out_shape, _outputs=["out"])
+
+    def check(self, context, q3, k3, v3, qr, kr, vr, c, probs, out, mask=None, **_):
+        result = pattern.MatchResult()
+        failed = _check_core(result, probs, c, self.divide, mask)
+        if failed is not None:
+            return failed
+        for v in (q3, k3, v3):
+            if v.shape is None or v.shape.rank() != 3 or not isinstance(v.shape[2], int):
+                return result.fail("projection is not rank 3 with a static hidden size", v)
+            if v.dtype is None or v.dtype.numpy() not in (np.float32, np.float16):
+                return result.fail("projection dtype is not float32/float16", v)
+        heads = [_heads(r, v.shape[2]) for r, v in ((qr, q3), (kr, k3), (vr, v3))]
+        if None in heads or len(set(heads)) != 1:
+            return result.fail("Q, K, V head splits disagree or are unknown", qr)
+        h, d = heads[0]
+        if any(v.shape[2] != h * d for v in (q3, k3, v3)):
+            return result.fail("hidden size is not heads * head size", q3)
+        if not (_same_dim(k3.shape[0], q3.shape[0]) and _same_dim(v3.shape[0], q3.shape[0])
+                and _same_dim(k3.shape[1], v3.shape[1])):
+            return result.fail("Q, K, V batch / key lengths differ", k3)
+        if out.shape is None or out.shape.rank() != 3 or not (
+            _same_dim(out.shape[0], q3.shape[0]) and _same_dim(out.shape[1], q3.shape[1])
+        ):
+            return result.fail("the merge reshape does not keep [batch, sequence]", out)
+        return result
+
+    def rewrite(self, op, q3, k3, v3, qr, c, mask=None, **_):
+        h, _d = _heads(qr, q3.shape[2])
+        if mask is not None and not _full_query_axis(mask, q3.shape[1]):
+            mask = _with_query_axis(op, mask, q3, 1)
+        inputs = [q3, k3, v3] + ([None, None, mask] if mask is not None else [])
+        return op.MultiHeadAttention(*inputs, num_heads=h, scale=_scale(c, self.divide), _domain="com.microsoft")
+
+
+def _full_query_axis(mask, seq) -> bool:
+    return mask.shape is not None and mask.shape.rank() == 4 and _same_dim(mask.shape[2], seq)
+
+
+def _with_query_axis(op, mask, q, axis: int):
+    """The mask broadcast to [B|1, H|1, S, T]: ORT's attention kernels broadcast over batch
+    and heads only. The mask broadcast against [B, H, S, T] in the original Add, so each of
+    its dims is 1 or full, and broadcasting with [1, 1, S, 1] only fills the query axis."""
+    seq = op.Slice(op.Shape(q), _ints(op, [axis]), _ints(op, [axis + 1]))
+    return op.Expand(mask, op.Concat(_ints(op, [1, 1]), seq, _ints(op, [1]), axis=0))
+
+
+def _ints(op, values):
+    return op.Constant(value=ir.tensor(np.array(values, dtype=np.int64)))
+
+
+class Attention23(pattern.RewriteRuleClassBase):
+    """The core on 4-D heads -> Attention (opset 23)."""
+
+    def __init__(self, name: str, *, divide: bool, masked: bool):
+        super().__init__(name)
+        self.divide, self.masked = divide, masked
+
+    def pattern(self, op, q4, kr, v4, c, mask):
+        kt = op.Transpose(kr, perm=[0, 2, 3, 1], _outputs=["kt"])
+        return _core(op, q4, kt, v4, c, mask, divide=self.divide, masked=self.masked)
+
+    def check(self, context, q4, kr, v4, c, probs, mask=None, **_):
+        result = pattern.MatchResult()
+        failed = _check_core(result, probs, c, self.divide, mask)
+        if failed is not None:
+            return failed
+        for v in (q4, kr, v4):
+            if v.shape is None or v.shape.rank() != 4:
+                return result.fail("Q, K, V are not rank 4", v)
+            if v.dtype is None or not v.dtype.is_floating_point():
+                return result.fail("Q, K, V are not float tensors", v)
+        return result
+
+    def rewrite(self, op, q4, kr, v4, c, mask=None, **_):
+        k4 = op.Transpose(kr, perm=[0, 2, 1, 3])
+        if mask is not None and not _full_query_axis(mask, q4.shape[2]):
+            mask = _with_query_axis(op, mask, q4, 2)
+        inputs = [q4, k4, v4] + ([mask] if mask is not None else [])
+        return op.Attention(*inputs, scale=_scale(c, self.divide))
+
+
+def _rules(cls, prefix: str) -> list:
+    rules = []
+    for masked in (True, False):
+        for divide in (False, True):
+            rules.extend(cls.rule(f"{prefix}-{'div' if divide else 'mul'}{'-mask' if masked else ''}",
+                                  divide=divide, masked=masked).commute())
+    return rules
+
+
+fusion("ort-mha", "ort", _rules(MultiHeadAttention, "ort-mha"),
+       [("com.microsoft", "MultiHeadAttention", 1)],
+       "head split + QK^T*scale (+mask) + softmax + PV + head merge -> com.microsoft MultiHeadAttention")
+fusion("attention", "portable", _rules(Attention23, "attention"), [("", "Attention", 23)],
+       "QK^T*scale (+mask) + softmax + PV on 4-D heads -> Attention (opset 23)")

@@ -1,0 +1,106 @@
+"""Residual Add + LayerNormalization -> ``com.microsoft.SkipLayerNormalization`` (ORT).
+
+Math: with s = x + skip (+ bias, a constant over the last axis),
+
+    SkipLayerNormalization(x, skip, gamma, beta, bias) = (LayerNorm(s; gamma, beta, eps), s)
+
+the second output (``input_skip_bias_sum``) is the sum itself, so a residual stream that
+reads s after the norm keeps reading it, from the fused node. The contrib op normalises
+the last axis only, keeps its statistics in fp32 and takes inputs of rank 3 with equal
+shapes. Refused: another axis, a LayerNormalization whose Mean/InvStdDev outputs are
+read, operands of different or unknown shapes, a bias that is not a 1-D constant of the
+hidden size.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ORDER"]
+
+import numpy as np
+from onnxscript.rewriter import pattern
+
+from gcomp.passes.fusion._engine import const_array, fusion
+
+ORDER = 70
+
+
+def _same_shape(a, b) -> bool:
+    if a.shape is None or b.shape is None:
+        return False
+    if a.shape.rank() != b.shape.rank():
+        return False
+    for x, y in zip(a.shape.dims, b.shape.dims):
+        if isinstance(x, int) or isinstance(y, int):
+            if x != y:
+                return False
+        elif x.value is None or x.value != y.value:  # equal only when the same named dim
+            return False
+    return True
+
+
+class SkipLayerNorm(pattern.RewriteRuleClassBase):
+    def __init__(self, name: str, *, with_bias: bool, with_beta: bool):
+        super().__init__(name)
+        self.with_bias, self.with_beta = with_bias, with_beta
+
+    def pattern(self, op, x, skip, bias, gamma, beta):
+        left = op.Add(x, bias) if self.with_bias else x
+        s = op.Add(left, skip, _outputs=["s"])
+        if self.with_beta:
+            y = op.LayerNormalization(s, gamma, beta, _outputs=["y"])
+        else:
+            y = op.LayerNormalization(s, gamma, _outputs=["y"])
+        return y, s
+
+    def check(self, context, x, skip, gamma, y, s, bias=None, beta=None, **_):
+        result = pattern.MatchResult()
+        ln = y.producer()
+        if any(out.uses() for out in ln.outputs[1:]):
+            return result.fail("LayerNormalization's mean / inv-std outputs are used", ln)
+        if x.shape is None or x.shape.rank() != 3:
+            return result.fail("input is not rank 3", x)
+        axis = ln.attributes.get("axis")
+        axis = -1 if axis is None else axis.as_int()
+        if axis % 3 != 2:
+            return result.fail("normalises an axis other than the last", ln)
+        if not _same_shape(x, skip):
+            return result.fail("the two Add operands do not have the same (known) shape", skip)
+        hidden = x.shape[2]
+        if not isinstance(hidden, int):
+            return result.fail("hidden size is symbolic", x)
+        for name, v in (("gamma", gamma), ("beta", beta)):
+            if v is not None and (v.shape is None or list(v.shape.dims) != [hidden]):
+                return result.fail(f"{name} is not 1-D of the hidden size", v)
+        if bias is not None:
+            b = const_array(bias)
+            if b is None or b.shape != (hidden,) or x.dtype is None or b.dtype != x.dtype.numpy():
+                return result.fail("bias is not a 1-D constant of the hidden size and input dtype", bias)
+        if x.dtype is None or x.dtype.numpy() not in (np.float32, np.float16):
+            return result.fail("input dtype is not float32/float16", x)
+        return result
+
+    def rewrite(self, op, x, skip, gamma, y, s, bias=None, beta=None, **_):
+        eps = y.producer().attributes.get("epsilon")
+        eps = 1e-5 if eps is None else eps.as_float()
+        inputs = [x, skip, gamma, beta if beta is not None else None]
+        if bias is not None:
+            inputs.append(bias)
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        out, _mean, _inv, total = op.SkipLayerNormalization(
+            *inputs, epsilon=eps, _domain="com.microsoft", _outputs=4
+        )
+        return out, total
+
+
+def _rules() -> list:
+    rules = []
+    for with_bias in (True, False):
+        for with_beta in (True, False):
+            rules.extend(SkipLayerNorm.rule(f"skip-layer-norm-{int(with_bias)}{int(with_beta)}",
+                                            with_bias=with_bias, with_beta=with_beta).commute())
+    return rules
+
+
+fusion("ort-skip-layer-norm", "ort", _rules(), [("com.microsoft", "SkipLayerNormalization", 1)],
+       "Add(+bias) + LayerNormalization -> com.microsoft SkipLayerNormalization (sum kept as its 4th output)")

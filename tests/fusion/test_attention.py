@@ -1,0 +1,109 @@
+"""Attention fusion: head split + scaled scores + mask + softmax + PV + merge.
+
+ORT target -> com.microsoft.MultiHeadAttention on the 3-D projections; portable ->
+Attention-23 on the 4-D heads (only for opset >= 23 and targets that import it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from tests.conftest import make_model, tensor, vinfo
+from tests.fusion._util import fuse, op_counts
+
+B, S, H, D = 2, 6, 4, 8
+HID = H * D
+
+
+def _block(opset=17, *, scale_op="Div", softmax_axis=-1, mask=True, mask_shape=("batch", 1, 1, "seq"),
+           k_heads=H, dynamic=True, expose_scores=False):
+    rng = np.random.default_rng(3)
+    bs = ("batch", "seq") if dynamic else (B, S)
+    inits = [tensor(f"W{n}", (rng.standard_normal((HID, HID)) / np.sqrt(HID)).astype(np.float32)) for n in "qkv"]
+    inits += [tensor("split", np.array([0, 0, H, D], np.int64)), tensor("ksplit", np.array([0, 0, k_heads, D], np.int64)),
+              tensor("merge", np.array([0, 0, HID], np.int64)),
+              tensor("c", np.float32(np.sqrt(D)) if scale_op == "Div" else np.float32(1 / np.sqrt(D)))]
+    nodes = [helper.make_node("MatMul", ["x", f"W{n}"], [f"{n}3"]) for n in "qkv"]
+    nodes += [
+        helper.make_node("Reshape", ["q3", "split"], ["qr"]),
+        helper.make_node("Transpose", ["qr"], ["q4"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["k3", "ksplit"], ["kr"]),
+        helper.make_node("Transpose", ["kr"], ["kt"], perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["v3", "split"], ["vr"]),
+        helper.make_node("Transpose", ["vr"], ["v4"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["q4", "kt"], ["scores"]),
+        helper.make_node(scale_op, ["scores", "c"], ["scaled"]),
+    ]
+    last = "scaled"
+    inputs = [vinfo("x", shape=(*bs, HID))]
+    if mask:
+        inputs.append(vinfo("m", shape=mask_shape))
+        nodes.append(helper.make_node("Add", ["scaled", "m"], ["masked"]))
+        last = "masked"
+    nodes += [
+        helper.make_node("Softmax", [last], ["p"], axis=softmax_axis),
+        helper.make_node("MatMul", ["p", "v4"], ["o"]),
+        helper.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ot", "merge"], ["y"]),
+    ]
+    outputs = [vinfo("y", shape=(*bs, HID))]
+    if expose_scores:
+        outputs.append(helper.make_tensor_value_info("scores", TensorProto.FLOAT, None))
+    return make_model(nodes, inputs, outputs, inits, opset=opset)
+
+
+def _feeds(rng, mask_shape=(B, 1, 1, S)):
+    m = np.zeros(mask_shape, np.float32)
+    m[..., -2:] = np.finfo(np.float32).min  # the last two keys masked, like a padding mask
+    return {"x": rng.standard_normal((B, S, HID)).astype(np.float32), "m": m}
+
+
+@pytest.mark.parametrize("scale_op", ["Div", "Mul"])
+@pytest.mark.parametrize("mask_shape", [("batch", 1, 1, "seq"), ("batch", 1, "seq", "seq")])
+def test_mha_fuses_the_whole_block(rng, scale_op, mask_shape):
+    concrete = tuple(B if d == "batch" else S if d == "seq" else d for d in mask_shape)
+    model, result = fuse(_block(scale_op=scale_op, mask_shape=mask_shape), _feeds(rng, concrete),
+                         target="ort-cpu", family="ort")
+    counts = op_counts(model)
+    assert counts["com.microsoft::MultiHeadAttention"] == 1, result.details
+    assert not {"Softmax", "Transpose", "Reshape"} & set(counts), counts
+
+
+def test_mha_without_mask(rng):
+    feeds = {"x": rng.standard_normal((B, S, HID)).astype(np.float32)}
+    model, _ = fuse(_block(mask=False), feeds, target="ort-cpu", family="ort")
+    assert op_counts(model)["com.microsoft::MultiHeadAttention"] == 1
+
+
+@pytest.mark.parametrize("case", [{"softmax_axis": 2}, {"expose_scores": True}])
+def test_mha_must_not_fire(rng, case):
+    model, _ = fuse(_block(**case), _feeds(rng), target="ort-cpu", family="ort")
+    assert "com.microsoft::MultiHeadAttention" not in op_counts(model)
+
+
+def test_attention_23_when_the_target_accepts_it(rng):
+    """Portable means TVM too, which cannot import Attention-23: the O2 rule fires for ORT."""
+    model, result = fuse(_block(opset=23), _feeds(rng), target="ort-cpu")
+    counts = op_counts(model)
+    assert counts["Attention"] == 1 and "Softmax" not in counts, result.details
+
+
+@pytest.mark.parametrize("opset,target", [(18, "portable"), (23, "tvm-llvm"), (23, "portable")])
+def test_portable_attention_respects_opset_and_target(rng, opset, target):
+    model, result = fuse(_block(opset=opset), _feeds(rng), target=target, explain=True)
+    assert "Attention" not in op_counts(model)
+    assert result.details["rules"]["attention"]["not_run"]
+
+
+def test_attention_fusions_on_the_default_model():
+    """models/default.onnx (a transformer encoder) end to end: verified, every layer fused."""
+    from gcomp import optimize
+
+    result = optimize("models/default.onnx", "O3", target="ort-cpu")
+    assert result.verification.passed, result.verification.summary()
+    ops = result.after.op_types
+    assert ops.get("com.microsoft::MultiHeadAttention", 0) >= 2, ops
+    assert ops.get("com.microsoft::SkipLayerNormalization", 0) >= 2, ops
+    assert "Softmax" not in ops and "ReduceMean" not in ops, ops
