@@ -82,9 +82,10 @@ def prepare(model, shard: str | Mesh | None, feeds: Mapping[str, np.ndarray], *,
     """Fix input shapes to ``feeds``', fold with O1, infer shapes, and plan on the mesh.
 
     ``shard``: ``tp=N`` etc.; None reads the mesh and seeds from the model's own IR v11
-    annotations (``gcomp.passes.sharding.read_annotations``)."""
+    annotations (``gcomp.passes.sharding.read_annotations``). ``overrides``: ``{tensor:
+    "AXIS:MESH,..." | "replicated"}`` replacing the plan's seeds."""
+    from gcomp.passes.sharding import plan as make_plan
     from gcomp.passes.sharding import read_annotations
-    from gcomp.passes.sharding.megatron import seed_plan
     from gcomp.passes.sharding.propagate import propagate
 
     m = _load(model)
@@ -98,10 +99,9 @@ def prepare(model, shard: str | Mesh | None, feeds: Mapping[str, np.ndarray], *,
         mesh = shard if isinstance(shard, Mesh) else parse_mesh(shard)
     m = _specialize(m, feeds)
     if annotated is not None:
-        seeds, roles = annotated[1], {}
+        plan = propagate(m, mesh, annotated[1], {})
     else:
-        seeds, roles = seed_plan(m, mesh, overrides)
-    plan = propagate(m, mesh, seeds, roles)
+        plan = make_plan(m, mesh, overrides=overrides)
     layouts = {v.name: plan.layout(v) for v in m.graph.inputs}
     return Prepared(m, mesh, plan, layouts)
 

@@ -53,19 +53,14 @@ def _layout_from_json(data: list) -> Layout:
 
 def clear_annotations(model: ir.Model) -> None:
     for node in model.graph:
-        node.device_configurations.clear() if hasattr(node.device_configurations, "clear") else None
+        node.device_configurations = tuple(
+            dc for dc in node.device_configurations
+            if dc.configuration is None or not dc.configuration.name.startswith(CONFIG_PREFIX))
         node.metadata_props.pop(PARTIAL_KEY, None)
     for cfg in list(model.device_configurations):
         if cfg.name.startswith(CONFIG_PREFIX):
-            model.remove_device_configuration(cfg) if _takes_object(model) else model.remove_device_configuration(cfg.name)
+            model.remove_device_configuration(cfg)
     model.metadata_props.pop(INPUTS_KEY, None)
-
-
-def _takes_object(model) -> bool:
-    import inspect
-
-    params = list(inspect.signature(model.remove_device_configuration).parameters)
-    return params and params[0] in ("configuration", "config")
 
 
 def _spec(v: ir.Value, lay: Layout, mesh: Mesh) -> ir.ShardingSpec:
@@ -119,7 +114,8 @@ def annotate(model: ir.Model, plan: Plan) -> int:
         if partial:
             node.metadata_props[PARTIAL_KEY] = ";".join(partial)
         if specs:
-            node.device_configurations.append(ir.NodeDeviceConfiguration(configuration=cfg, sharding_specs=tuple(specs)))
+            node.device_configurations = (
+                *node.device_configurations, ir.NodeDeviceConfiguration(configuration=cfg, sharding_specs=tuple(specs)))
             count += len(specs)
     inputs = {v.name: _layout_json(plan.layout(v)) for v in model.graph.inputs if v.const_value is None}
     model.metadata_props[INPUTS_KEY] = json.dumps(inputs, sort_keys=True)
