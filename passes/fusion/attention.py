@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion._engine import const_array, fusion
+from gcomp.passes.fusion._engine import annotate, const_array, fusion
 
 ORDER = 80
 
@@ -48,6 +48,12 @@ def _heads(reshape_out, hidden) -> tuple[int, int] | None:
     shape = reshape_out.shape
     if shape is not None and shape.rank() == 4 and isinstance(shape[2], int) and isinstance(shape[3], int):
         return shape[2], shape[3]
+    source = reshape_out.producer().inputs[0]
+    if (shape is not None and shape.rank() == 4 and isinstance(shape[3], int) and isinstance(hidden, int)
+            and source.shape is not None and source.shape.rank() == 3
+            and _same_dim(shape[0], source.shape[0]) and _same_dim(shape[1], source.shape[1])
+            and shape[3] > 0 and hidden % shape[3] == 0):
+        return hidden // shape[3], shape[3]  # [B, S, ?, D] from [B, S, hidden]: ? = hidden / D
     target = const_array(reshape_out.producer().inputs[1])
     if target is None or target.shape != (4,) or not isinstance(hidden, int):
         return None
@@ -133,9 +139,7 @@ class MultiHeadAttention(pattern.RewriteRuleClassBase):
         if not (_same_dim(k3.shape[0], q3.shape[0]) and _same_dim(v3.shape[0], q3.shape[0])
                 and _same_dim(k3.shape[1], v3.shape[1])):
             return result.fail("Q, K, V batch / key lengths differ", k3)
-        if out.shape is None or out.shape.rank() != 3 or not (
-            _same_dim(out.shape[0], q3.shape[0]) and _same_dim(out.shape[1], q3.shape[1])
-        ):
+        if not _keeps_batch_and_sequence(out, q3, h * d):
             return result.fail("the merge reshape does not keep [batch, sequence]", out)
         return result
 
@@ -144,7 +148,20 @@ class MultiHeadAttention(pattern.RewriteRuleClassBase):
         if mask is not None and not _full_query_axis(mask, q3.shape[1]):
             mask = _with_query_axis(op, mask, q3, 1)
         inputs = [q3, k3, v3] + ([None, None, mask] if mask is not None else [])
-        return op.MultiHeadAttention(*inputs, num_heads=h, scale=_scale(c, self.divide), _domain="com.microsoft")
+        out = op.MultiHeadAttention(*inputs, num_heads=h, scale=_scale(c, self.divide), _domain="com.microsoft")
+        return annotate(out, q3.dtype, [q3.shape[0], q3.shape[1], v3.shape[2]])
+
+
+def _keeps_batch_and_sequence(out, q3, hidden) -> bool:
+    """Reshape([B, S, H, D] -> out) is the head merge [B, S, H*D]."""
+    node = out.producer()
+    allowzero = node.attributes.get("allowzero")
+    target = const_array(node.inputs[1])
+    if target is not None and target.shape == (3,) and (allowzero is None or allowzero.as_int() == 0):
+        if target[0] == 0 and target[1] == 0 and target[2] in (-1, hidden):
+            return True  # 0 copies the input's dim: [B, S, -1] by construction
+    return (out.shape is not None and out.shape.rank() == 3
+            and _same_dim(out.shape[0], q3.shape[0]) and _same_dim(out.shape[1], q3.shape[1]))
 
 
 def _full_query_axis(mask, seq) -> bool:
@@ -191,7 +208,8 @@ class Attention23(pattern.RewriteRuleClassBase):
         if mask is not None and not _full_query_axis(mask, q4.shape[2]):
             mask = _with_query_axis(op, mask, q4, 2)
         inputs = [q4, k4, v4] + ([mask] if mask is not None else [])
-        return op.Attention(*inputs, scale=_scale(c, self.divide))
+        out = op.Attention(*inputs, scale=_scale(c, self.divide))
+        return annotate(out, q4.dtype, [*q4.shape.dims[:3], v4.shape[3]])
 
 
 def _rules(cls, prefix: str) -> list:

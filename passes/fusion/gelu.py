@@ -24,7 +24,7 @@ import math
 import numpy as np
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion._engine import const_array, fusion
+from gcomp.passes.fusion._engine import annotate, const_array, fusion
 
 ORDER = 40
 
@@ -70,9 +70,8 @@ class _GeluBase(pattern.RewriteRuleClassBase):
             if self.form == "erf":
                 return op.Gelu(x)
             return op.Gelu(x, approximate="tanh")
-        if self.form == "erf":
-            return op.Gelu(x, _domain="com.microsoft")
-        return op.FastGelu(x, _domain="com.microsoft")
+        out = op.Gelu(x, _domain="com.microsoft") if self.form == "erf" else op.FastGelu(x, _domain="com.microsoft")
+        return annotate(out, x.dtype, x.shape.dims if x.shape is not None else None)
 
 
 def _rules(form: str, emit: str) -> list:
@@ -109,8 +108,10 @@ class _OnnxGeluToContrib(pattern.RewriteRuleClassBase):
     def rewrite(self, op, x, y, **_):
         approx = y.producer().attributes.get("approximate")
         if approx is not None and approx.as_string() == "tanh":
-            return op.FastGelu(x, _domain="com.microsoft")
-        return op.Gelu(x, _domain="com.microsoft")
+            out = op.FastGelu(x, _domain="com.microsoft")
+        else:
+            out = op.Gelu(x, _domain="com.microsoft")
+        return annotate(out, x.dtype, x.shape.dims if x.shape is not None else None)
 
 
 class _BiasGelu(pattern.RewriteRuleClassBase):
@@ -145,8 +146,10 @@ class _BiasGelu(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, b, **_):
         if self.fast:
-            return op.FastGelu(x, b, _domain="com.microsoft")
-        return op.BiasGelu(x, b, _domain="com.microsoft")
+            out = op.FastGelu(x, b, _domain="com.microsoft")
+        else:
+            out = op.BiasGelu(x, b, _domain="com.microsoft")
+        return annotate(out, x.dtype, x.shape.dims)
 
 
 fusion("ort-gelu", "ort", [_OnnxGeluToContrib.rule("ort-gelu"), *_rules("erf", "ort"), *_rules("tanh", "ort")],

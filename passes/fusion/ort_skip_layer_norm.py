@@ -19,7 +19,7 @@ __all__ = ["ORDER"]
 import numpy as np
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion._engine import const_array, fusion
+from gcomp.passes.fusion._engine import annotate, const_array, fusion
 
 ORDER = 70
 
@@ -90,6 +90,8 @@ class SkipLayerNorm(pattern.RewriteRuleClassBase):
         out, _mean, _inv, total = op.SkipLayerNormalization(
             *inputs, epsilon=eps, _domain="com.microsoft", _outputs=4
         )
+        for v in (out, total):
+            annotate(v, x.dtype, x.shape.dims)
         return out, total
 
 
