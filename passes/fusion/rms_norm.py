@@ -1,0 +1,102 @@
+"""Decomposed RMS normalisation -> ``RMSNormalization`` (opset 23).
+
+Math, over the trailing axes A of x:
+
+    y = x / sqrt(ReduceMean(x * x, A) + eps) * gamma
+
+is exactly ``RMSNormalization(x, gamma, axis=min(A), epsilon=eps)`` (statistics in fp32:
+stash_type=1). Variants: ``x^2`` as ``Pow(x, 2)`` or ``x * x``; ``Div(x, s)`` or
+``x * Reciprocal(s)``; with or without gamma (a unit scale is made); operands of Mul/Add
+in either order. Emitted only when the model's opset is >= 23 (``--target-opset 23``
+upgrades) and the target accepts it. Refused: non-trailing axes, ``keepdims=0``, an
+epsilon that is not a non-negative scalar constant or sits outside the square root, a
+gamma that broadcasts over non-normalised axes, intermediates used elsewhere.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ORDER"]
+
+import numpy as np
+from onnxscript.rewriter import pattern
+
+from gcomp.passes.fusion._engine import const_array, fresh_initializer, fusion
+from gcomp.passes.fusion.layer_norm import reduce_axes
+
+ORDER = 32
+
+
+class RmsNormFusion(pattern.RewriteRuleClassBase):
+    def __init__(self, name: str, *, square: str, divide: str, scaled: bool):
+        super().__init__(name)
+        self.square, self.divide, self.scaled = square, divide, scaled
+
+    def pattern(self, op, x, eps, gamma):
+        sq = op.Pow(x, 2.0) if self.square == "pow" else op.Mul(x, x)
+        ms = op.ReduceMean(sq, _allow_other_inputs=True, _outputs=["ms"])
+        rms = op.Sqrt(op.Add(ms, eps))
+        n = op.Div(x, rms) if self.divide == "div" else op.Mul(x, op.Reciprocal(rms))
+        return op.Mul(n, gamma) if self.scaled else n
+
+    def check(self, context, x, eps, ms, gamma=None, **_):
+        result = pattern.MatchResult()
+        if x.dtype is None or not x.dtype.is_floating_point():
+            return result.fail("input is not a float tensor", x)
+        rank = x.shape.rank() if x.shape is not None else None
+        if rank is None:
+            return result.fail("input rank unknown", x)
+        axes = reduce_axes(ms.producer())
+        if axes is None:
+            return result.fail("ReduceMean axes are not constant", ms)
+        axes = sorted(a % rank for a in axes)
+        if not axes or axes != list(range(rank - len(axes), rank)):
+            return result.fail("reduced axes are not the trailing axes", ms)
+        keep = ms.producer().attributes.get("keepdims")
+        if keep is not None and keep.as_int() != 1:
+            return result.fail("ReduceMean without keepdims", ms)
+        e = const_array(eps)
+        if e is None or e.size != 1 or not np.isfinite(e).all() or float(e.reshape(())) < 0:
+            return result.fail("epsilon is not a non-negative scalar constant", eps)
+        norm_shape = [x.shape[a] for a in axes]
+        if gamma is None:
+            if not all(isinstance(d, int) for d in norm_shape):
+                return result.fail("normalised dims are symbolic: cannot build a unit scale", x)
+            return result
+        if gamma.dtype != x.dtype or gamma.shape is None:
+            return result.fail("gamma dtype differs or its shape is unknown", gamma)
+        dims = list(gamma.shape.dims)
+        while len(dims) > len(axes) and dims[0] == 1:
+            dims.pop(0)
+        if dims != norm_shape:
+            return result.fail("gamma is not shaped like the normalised axes", gamma)
+        return result
+
+    def rewrite(self, op, x, eps, ms, gamma=None, **_):
+        rank = x.shape.rank()
+        axes = sorted(a % rank for a in reduce_axes(ms.producer()))
+        norm_shape = [x.shape[a] for a in axes]
+        if gamma is None:
+            gamma = fresh_initializer(op, np.ones(norm_shape, dtype=x.dtype.numpy()), "rms_scale")
+        elif list(gamma.shape.dims) != norm_shape:
+            array = const_array(gamma)
+            if array is not None:
+                gamma = fresh_initializer(op, array.reshape(norm_shape), gamma.name or "rms_scale")
+            else:
+                gamma = op.Reshape(gamma, op.Constant(value_ints=norm_shape))
+        return op.RMSNormalization(x, gamma, axis=axes[0], epsilon=float(const_array(eps).reshape(())),
+                                   stash_type=1)
+
+
+def _rules(scaled: bool) -> list:
+    rules = []
+    for square in ("pow", "mul"):
+        for divide in ("div", "reciprocal"):
+            rules.extend(RmsNormFusion.rule(f"rms-norm-{square}-{divide}-{int(scaled)}", square=square,
+                                            divide=divide, scaled=scaled).commute())
+    return rules
+
+
+fusion("rms-norm", "portable", _rules(True), [("", "RMSNormalization", 23)],
+       "x / sqrt(mean(x^2) + eps) * gamma -> RMSNormalization (opset 23)")
+fusion("rms-norm-no-scale", "portable", _rules(False), [("", "RMSNormalization", 23)],
+       "x / sqrt(mean(x^2) + eps) -> RMSNormalization with a unit scale (opset 23)")
