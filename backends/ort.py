@@ -179,9 +179,9 @@ class OrtExecutable:
             t0 = time.perf_counter()
             self.run(feeds)
             samples.append((time.perf_counter() - t0) * 1e3)
-        ops = self._node_times(feeds, max(1, min(profile_runs, iters)))
+        ops, timeline = self._node_times(feeds, max(1, min(profile_runs, iters)))
         model = self._ir if self._ir is not None else io.load(self._path, check=False)
-        return Profile(
+        prof = Profile(
             model=model_identity(model, self._path),
             environment=environment(),
             backend={
@@ -194,9 +194,11 @@ class OrtExecutable:
             latency=LatencyStats.from_samples(samples, warmup),
             ops=ops,
             memory=_memory(),
+            timeline=timeline,
         ).finish()
+        return prof.annotate(model, {k: tuple(np.asarray(v).shape) for k, v in feeds.items()})
 
-    def _node_times(self, feeds, runs: int) -> list[OpRow]:
+    def _node_times(self, feeds, runs: int) -> tuple[list[OpRow], list[dict]]:
         tmp = tempfile.mkdtemp(prefix="gcomp-prof-")
         try:
             options = self._options(enable_profiling=True, profile_file_prefix=str(Path(tmp) / "ort"))
@@ -208,7 +210,7 @@ class OrtExecutable:
             events = json.loads(Path(trace_path).read_text())
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return _parse_trace(events, runs)
+        return _parse_trace(events, runs), _timeline(events)
 
     def export(self, path: str | os.PathLike) -> Path:
         """Write ONNX Runtime's offline-optimized model (its own external data beside it)."""
@@ -239,22 +241,24 @@ def _parse_trace(events: list, runs: int) -> list[OpRow]:
 
     ORT records every run after the first; kernel events are ``cat == "Node"`` with
     names ``<node>_kernel_time``. The first run's events are dropped by keeping the
-    last ``runs`` occurrences of each node.
+    last ``runs`` occurrences of each node. Each row keeps the tensor shapes ORT ran
+    the node on (``input_type_shape``/``output_type_shape``), so costs are priced as executed.
     """
     per_node: dict[str, list[float]] = {}
-    meta: dict[str, tuple[str, str | None]] = {}
+    meta: dict[str, tuple[str, str | None, list | None, list | None]] = {}
     for ev in events:
         if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
             continue
         node = ev["name"][: -len("_kernel_time")]
         args = ev.get("args", {})
         per_node.setdefault(node, []).append(float(ev.get("dur", 0)) / 1e3)
-        meta[node] = (args.get("op_name", "?"), args.get("provider"))
+        meta[node] = (args.get("op_name", "?"), args.get("provider"),
+                      _trace_tensors(args.get("input_type_shape")), _trace_tensors(args.get("output_type_shape")))
     rows = []
     for node, durs in per_node.items():
         timed = durs[-runs:]
         calls_per_run = max(1, len(timed) // runs) if len(durs) >= runs else 1
-        op_type, provider = meta[node]
+        op_type, provider, inputs, outputs = meta[node]
         rows.append(
             OpRow(
                 node=node,
@@ -262,8 +266,46 @@ def _parse_trace(events: list, runs: int) -> list[OpRow]:
                 time_ms=sum(timed) / runs,
                 calls=calls_per_run,
                 provider=provider,
+                inputs=inputs,
+                outputs=outputs,
             )
         )
+    return rows
+
+
+def _trace_tensors(items) -> list | None:
+    """ORT's ``[{"float": [1, 3, 224, 224]}, ...]`` as ``[{"dtype": "float", "shape": [...]}]``."""
+    if not isinstance(items, list):
+        return None
+    out = []
+    for item in items:
+        if isinstance(item, dict) and len(item) == 1:
+            (dtype, shape), = item.items()
+            out.append({"dtype": dtype, "shape": [int(d) for d in shape]} if isinstance(shape, list) else None)
+        else:
+            out.append(None)
+    return out
+
+
+def _timeline(events: list) -> list[dict]:
+    """The last run in ORT's trace: its span, then its kernels, times relative to its start (ms)."""
+    runs = [ev for ev in events if ev.get("cat") == "Session" and ev.get("name") == "model_run"]
+    if not runs:
+        return []
+    last = runs[-1]
+    start, end = float(last["ts"]), float(last["ts"]) + float(last.get("dur", 0))
+    rows = [{"node": "model_run", "op_type": None, "start_ms": 0.0, "dur_ms": float(last.get("dur", 0)) / 1e3}]
+    for ev in events:
+        if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
+            continue
+        ts = float(ev.get("ts", 0))
+        if start <= ts <= end:
+            rows.append({
+                "node": ev["name"][: -len("_kernel_time")],
+                "op_type": ev.get("args", {}).get("op_name"),
+                "start_ms": (ts - start) / 1e3,
+                "dur_ms": float(ev.get("dur", 0)) / 1e3,
+            })
     return rows
 
 

@@ -117,11 +117,19 @@ def _parse_sets(pipeline, sets: tuple[str, ...]) -> dict:
 @click.option("--strict", is_flag=True, help="Fail (exit 1, write nothing) when verification is not possible.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Write weights to OUTPUT.data. [default: when the input had external data or weights exceed 1 GiB]")
-@click.option("--report", type=click.Path(path_type=Path), default=None, help="Write a report: .json or .md.")
+@click.option("--report", type=click.Path(path_type=Path), default=None,
+              help="Write a report: .json, .md or .html (HTML adds per-pass errors and before/after profiles).")
+@click.option("--profile/--no-profile", "profile_models", default=None,
+              help="Profile the model before and after on ONNX Runtime for the report. [default: with --report .html]")
+@click.option("--profile-iters", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed runs of each before/after profile.")
+@click.option("--pass-errors", is_flag=True,
+              help="Measure the output error after every changing pass (on with --report .html).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or tables; errors only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (implies --quiet).")
 def optimize(model, output, level, target, target_opset, explain_fusion, pass_spec, sets, plugins, verify, inputs, input_shapes, max_tensor_bytes,
-             verify_timeout, bisect, strict, external_data, report, quiet, as_json):
+             verify_timeout, bisect, strict, external_data, report, quiet, as_json, profile_models=None,
+             profile_iters=20, pass_errors=False):
     """Optimize MODEL with a verified pass pipeline and write OUTPUT."""
     from gcomp import io
     from gcomp import report as reports
@@ -136,13 +144,16 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
     shapes = parse_input_shapes(input_shapes)
     if report is not None:
         reports.check_report_path(report)
+    html = report is not None and report.suffix.lower() == ".html"
+    profile_models = html if profile_models is None else profile_models
+    pass_errors = (pass_errors or html) and verify
     io.check_writable(output, source=model)
 
     err = _stderr()
     result = _run_with_progress(
         lambda on_pass: run_optimize(model, pipeline, verify=verify, inputs=inputs, input_shapes=shapes,
                                      bisect=bisect, progress=on_pass, max_tensor_bytes=max_tensor_bytes,
-                                     verify_timeout=verify_timeout, **options),
+                                     verify_timeout=verify_timeout, pass_errors=pass_errors, **options),
         quiet,
         err,
     )
@@ -160,6 +171,13 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
         err.print(f"[yellow]warning:[/] {v.summary()}; writing the output marked unverified", soft_wrap=True)
     result.save(output, external_data=external_data)
     doc = reports.optimize_document(result, output=str(output), input_path=str(model))
+    if profile_models:
+        from gcomp.profiling import optimize_profiles, spinner
+
+        with spinner("profiling before and after", quiet=quiet) as status:
+            doc["profiles"] = optimize_profiles(result, model, iters=profile_iters, warmup=3, inputs=inputs,
+                                                input_shapes=shapes, max_tensor_bytes=max_tensor_bytes,
+                                                output=str(output), status=status)
     if report is not None:
         reports.write_report(doc, report)
     if as_json:
@@ -440,50 +458,74 @@ def verify(original, candidate, inputs, input_shapes, max_tensor_bytes, verify_t
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads (0: runtime default).")
 @_input_options
 @click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Ops to list.")
-@click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the profile: .json or .md.")
-@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON on stdout.")
+@click.option("--report", type=click.Path(path_type=Path), default=None,
+              help="Write the profile: .json, .md or .html (a self-contained page with charts).")
+@click.option("--trace", type=click.Path(path_type=Path), default=None,
+              help="Write one profiled run as a Chrome/Perfetto trace (.json).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or tables; errors only.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON on stdout (implies --quiet).")
 def profile(model, backend, device, iters, warmup, optimization, threads, inputs, input_shapes, max_tensor_bytes,
-            verify_timeout, top, report, as_json):
-    """Measure MODEL's latency and per-op times on a backend."""
+            verify_timeout, top, report, as_json, trace=None, quiet=False):
+    """Measure MODEL's latency and per-op times on a backend.
+
+    Each op row gets its FLOPs, bytes moved, achieved GFLOP/s and GB/s, and whether it is
+    compute- or memory-bound on this machine's roofline.
+    """
     from gcomp import io
     from gcomp import report as reports
     from gcomp.backends import get_backend
     from gcomp.inputs import generate_inputs, load_inputs, parse_input_shapes
+    from gcomp.profiling import finish_profile, print_profile, spinner, write_outputs
 
+    quiet = quiet or as_json
     if report is not None:
         reports.check_report_path(report)
+    if trace is not None:
+        reports.check_report_path(trace, option="--trace", formats=(".json",))
     m = io.load(model)
     given = load_inputs(inputs, m) if inputs else None
     feeds, notes = generate_inputs(m, shapes=parse_input_shapes(input_shapes), given=given, max_bytes=max_tensor_bytes)
-    be = get_backend(backend)
-    exe = be.compile(model, device, optimization=optimization, threads=threads or None)
-    prof = exe.profile(feeds, iters=iters, warmup=warmup)
+    with spinner(f"compiling for {backend}/{device}", quiet=quiet) as status:
+        be = get_backend(backend)
+        exe = be.compile(model, device, optimization=optimization, threads=threads or None)
+        status(f"profiling on {backend}/{device}: {warmup} warm-up + {iters} timed runs, then per-op times")
+        prof = exe.profile(feeds, iters=iters, warmup=warmup)
+        prof = finish_profile(prof, m, feeds, path=model, status=status)
     doc = prof.to_dict()
-    if report is not None:
-        reports.write_report(doc, report)
+    written = write_outputs(doc, report=report, trace=trace)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
-    from rich.table import Table
-
+    if quiet:
+        return
     out = _stdout()
     for note in notes:
         out.print(f"note: {note}")
-    lat = prof.latency
-    t = Table(title=f"{model} on {backend}/{device} ({optimization} optimizations)", title_justify="left")
-    for col in ("mean ms", "p50", "p90", "p99", "min", "stdev", "iters", "per s"):
-        t.add_column(col, justify="right")
-    t.add_row(f"{lat.mean_ms:.3f}", f"{lat.p50_ms:.3f}", f"{lat.p90_ms:.3f}", f"{lat.p99_ms:.3f}",
-              f"{lat.min_ms:.3f}", f"{lat.stdev_ms:.3f}", str(lat.iterations), f"{lat.throughput_per_s:.1f}")
-    out.print(t)
-    ops = Table(title=f"top {min(top, len(prof.ops))} of {len(prof.ops)} ops", title_justify="left")
-    for col in ("node", "op type", "ms", "share"):
-        ops.add_column(col, justify="right" if col in ("ms", "share") else "left")
-    for o in prof.ops[:top]:
-        ops.add_row(o.node, o.op_type, f"{o.time_ms:.4f}", f"{o.share * 100:.1f}%")
-    out.print(ops)
-    if report:
-        _stderr().print(f"wrote {report}")
+    print_profile(prof, title=f"{model} on {backend}/{device} ({optimization} optimizations)", top=top, console=out)
+    if written:
+        _stderr().print("wrote " + " and ".join(str(p) for p in written))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("profiles", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Where to write the comparison: .html, .md or .json.")
+@click.option("--label", "labels", multiple=True, help="A name per profile, in order (repeatable).")
+def report(profiles, output, labels):
+    """Compare saved profiles (gcomp profile --report x.json) in one report.
+
+    E.g. two backends, two versions of a model, before/after an optimization; the first
+    profile is the baseline. An optimize report with profiles counts as its two profiles.
+    """
+    from gcomp import report as reports
+    from gcomp.profiling import load_profiles
+
+    reports.check_report_path(output, option="--output")
+    docs = load_profiles(list(profiles))
+    if labels and len(labels) != len(docs):
+        raise OptionError(f"--label given {len(labels)} times for {len(docs)} profiles")
+    reports.write_report(reports.compare_document(docs, list(labels) or None), output)
+    _stderr().print(f"wrote {output}")
 
 
 @cli.command(context_settings=CONTEXT)

@@ -1,8 +1,14 @@
 """The profile data model: one run of a model on a backend, as numbers tied to graph nodes.
 
 Every backend's ``Executable.profile`` returns a :class:`Profile`; every renderer
-(JSON, Markdown; later HTML and traces) reads one. The JSON form is documented by
+(JSON and Markdown in :mod:`gcomp.report`, HTML in :mod:`gcomp.html_report`, Chrome
+traces in :mod:`gcomp.trace`) reads one. The JSON form is documented by
 ``gcomp/schemas/report.schema.json`` and carries ``schema_version``.
+
+:meth:`Profile.annotate` adds what gcomp computes itself, whatever the backend: FLOPs and
+bytes per op from shapes (:mod:`gcomp.flops`), achieved GFLOP/s and GB/s, and whether
+each op is compute- or memory-bound on this machine's roofline (:mod:`gcomp.roofline`).
+Backends only report times, and shapes when they know the ones they ran.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = "1.0"
+# 1.1 added: op costs and roofline fields, totals, timeline, environment cpu_features/gpu,
+# optimize reports' per-pass max_abs_error and before/after profiles, kind "compare".
+SCHEMA_VERSION = "1.1"
 
 
 @dataclass
@@ -41,6 +49,7 @@ class LatencyStats:
     max_ms: float
     stdev_ms: float
     throughput_per_s: float
+    samples_ms: list[float] = field(default_factory=list)  # every timed run, in run order
 
     @classmethod
     def from_samples(cls, samples_ms: list[float], warmup: int) -> LatencyStats:
@@ -59,6 +68,7 @@ class LatencyStats:
             max_ms=ordered[-1],
             stdev_ms=statistics.stdev(ordered) if len(ordered) > 1 else 0.0,
             throughput_per_s=1000.0 / mean if mean > 0 else 0.0,
+            samples_ms=list(samples_ms),
         )
 
 
@@ -81,6 +91,21 @@ class OpRow:
     calls: int = 1
     share: float = 0.0
     provider: str | None = None
+    # The node's name in the profiled graph, or None for a node the runtime made itself
+    # (e.g. ONNX Runtime's fused or layout-converted kernels).
+    graph_node: str | None = None
+    # Tensors the backend reports for the node: [{"dtype": "float", "shape": [1, 64, 56, 56]}]
+    inputs: list[dict[str, Any] | None] | None = None
+    outputs: list[dict[str, Any] | None] | None = None
+    # Filled by Profile.annotate (None when unknown):
+    flops: int | None = None
+    macs: int | None = None
+    bytes: int | None = None
+    gflops_per_s: float | None = None
+    gb_per_s: float | None = None
+    intensity: float | None = None  # FLOP per byte
+    bound: str | None = None  # "compute" | "memory"
+    roof_efficiency: float | None = None  # achieved / attainable at this intensity
 
 
 @dataclass
@@ -92,6 +117,11 @@ class Profile:
     ops: list[OpRow] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
     schema_version: str = SCHEMA_VERSION
+    roofline: dict[str, Any] | None = None
+    totals: dict[str, Any] | None = None
+    # One profiled run, ops as slices: [{"node", "op_type", "start_ms", "dur_ms"}], start
+    # relative to the run's start; a row {"node": "model_run", "op_type": None} spans it.
+    timeline: list[dict[str, Any]] = field(default_factory=list)
 
     def finish(self) -> Profile:
         """Sort ops by time and fill in each op's share of the total op time."""
@@ -110,8 +140,101 @@ class Profile:
             "backend": self.backend,
             "latency": asdict(self.latency),
             "memory": self.memory,
+            "roofline": self.roofline,
+            "totals": self.totals,
             "ops": [asdict(o) for o in self.ops],
+            "timeline": self.timeline,
         }
+
+    def annotate(
+        self, model, input_shapes: dict[str, tuple[int, ...]] | None = None, *, calibrate: bool = True
+    ) -> Profile:
+        """Add FLOPs, bytes, achieved rates and roofline bounds to every op row.
+
+        A row that is a graph node is priced from the graph at ``input_shapes``
+        (:func:`gcomp.flops.graph_costs`); a kernel the runtime made itself (fused, layout
+        converted) from the tensor shapes the backend reported for it, so it is priced as
+        executed (its bytes miss weights the runtime's trace leaves out, e.g. ones ONNX
+        Runtime pre-packed). ``totals`` gets the sums and the whole graph's FLOPs.
+        """
+        from gcomp import flops as fl
+        from gcomp import roofline as rl
+
+        graph = {n.name: n for n in model.graph if n.name}
+        # ONNX Runtime names a kernel it made after the value it writes
+        # ("<value>_nchwc", or the value itself): that value's producer is the graph node
+        # the kernel ends with.
+        producers = {v.name: n for n in model.graph for v in n.outputs if v.name}
+        try:
+            graph_cost = fl.graph_costs(model, input_shapes)
+        except Exception:  # shape inference is best effort; rows priced by their own shapes
+            graph_cost = {}
+        m = rl.machine(calibrate=calibrate)
+        self.roofline = m.to_dict()
+        ridge = m.ridge
+        for op in self.ops:
+            node = graph.get(op.node)
+            if node is None:
+                node = producers.get(op.node.removesuffix("_nchwc"))
+            if op.graph_node is None and node is not None:
+                op.graph_node = node.name
+            if node is not None and node.op_type != op.op_type:
+                node = None  # a fused kernel: its own shapes, not the graph node's attributes
+            # A graph node is priced from the graph (inferred shapes, its attributes): a
+            # runtime's trace can omit inputs (ORT drops weights it pre-packed, e.g. Gemm's B).
+            # A kernel the runtime made is priced from the shapes its trace reports.
+            cost = graph_cost.get(op.node) if node is not None and node.name == op.node else None
+            if (cost is None or cost.flops is None) and op.inputs is not None and op.outputs is not None:
+                attrs = fl._attribute_dict(node) if node is not None else {}
+                cost = fl.op_cost(op.op_type, [_tensor_info(t) for t in op.inputs],
+                                  [_tensor_info(t) for t in op.outputs], attrs,
+                                  node.domain if node is not None else "")
+            if cost is None:
+                continue
+            op.flops, op.macs, op.bytes = cost.flops, cost.macs, cost.bytes
+            seconds = op.time_ms / 1e3
+            if seconds > 0:
+                op.gflops_per_s = cost.flops / seconds / 1e9 if cost.flops is not None else None
+                op.gb_per_s = cost.bytes / seconds / 1e9
+            op.intensity = cost.flops / cost.bytes if cost.flops is not None and cost.bytes else None
+            op.bound = rl.classify(cost.flops, cost.bytes, ridge)
+            if op.intensity is not None and op.gflops_per_s is not None and m.peak_gflops and m.bandwidth_gbs:
+                attainable = min(m.peak_gflops, op.intensity * m.bandwidth_gbs)
+                op.roof_efficiency = op.gflops_per_s / attainable if attainable > 0 else None
+        op_time = sum(o.time_ms for o in self.ops)
+        flops_total = sum(o.flops or 0 for o in self.ops)
+        graph_flops = [c.flops for c in graph_cost.values()]
+        self.totals = {
+            "op_time_ms": op_time,
+            "flops": flops_total,
+            "macs": sum(o.macs or 0 for o in self.ops),
+            "bytes": sum(o.bytes or 0 for o in self.ops),
+            "unpriced_ops": sum(1 for o in self.ops if o.flops is None),
+            "graph_flops": sum(f for f in graph_flops if f is not None) if graph_cost else None,
+            "graph_macs": sum(c.macs or 0 for c in graph_cost.values()) if graph_cost else None,
+            "achieved_gflops_per_s": flops_total / (self.latency.mean_ms / 1e3) / 1e9
+            if self.latency.mean_ms > 0 else None,
+            "op_time_over_latency": op_time / self.latency.mean_ms if self.latency.mean_ms > 0 else None,
+        }
+        return self
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Profile:
+        """Rebuild a profile from its JSON form (unknown keys are ignored)."""
+        op_fields = set(OpRow.__dataclass_fields__)
+        lat_fields = set(LatencyStats.__dataclass_fields__)
+        return cls(
+            model=doc["model"],
+            environment=doc["environment"],
+            backend=doc["backend"],
+            latency=LatencyStats(**{k: v for k, v in doc["latency"].items() if k in lat_fields}),
+            ops=[OpRow(**{k: v for k, v in o.items() if k in op_fields}) for o in doc["ops"]],
+            memory=doc.get("memory") or {},
+            schema_version=doc.get("schema_version", SCHEMA_VERSION),
+            roofline=doc.get("roofline"),
+            totals=doc.get("totals"),
+            timeline=doc.get("timeline") or [],
+        )
 
     def top_op_types(self) -> list[tuple[str, float, int]]:
         """(op_type, total ms, node count), slowest first."""
@@ -121,6 +244,14 @@ class Profile:
             entry[0] += op.time_ms
             entry[1] += 1
         return sorted(((k, v[0], int(v[1])) for k, v in agg.items()), key=lambda t: -t[1])
+
+
+def _tensor_info(t: dict[str, Any] | None):
+    from gcomp.flops import DTYPE_BYTES, TensorInfo
+
+    if not t or t.get("shape") is None or any(not isinstance(d, int) or d < 0 for d in t["shape"]):
+        return None
+    return TensorInfo(tuple(t["shape"]), DTYPE_BYTES.get(str(t.get("dtype", "float")).lower(), 4))
 
 
 def environment() -> dict[str, Any]:
@@ -139,9 +270,41 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
+        "cpu_features": _cpu_features(),
+        "gpu": _gpus(),
         "versions": versions,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _cpu_features() -> list[str]:
+    from gcomp.roofline import cpu_features
+
+    return cpu_features()
+
+
+def _gpus() -> list[dict[str, Any]]:
+    """NVIDIA GPUs from nvidia-smi (absent tool or no GPU: an empty list)."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("nvidia-smi")
+    if tool is None:
+        return []
+    try:
+        out = subprocess.run([tool, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3:
+            try:
+                gpus.append({"name": parts[0], "memory_bytes": int(float(parts[1])) << 20, "driver": parts[2]})
+            except ValueError:
+                continue
+    return gpus
 
 
 def _cpu_model() -> str:

@@ -1,16 +1,22 @@
-"""Reports: the same document rendered as JSON (for tools) or Markdown (for people).
+"""Reports: the same document rendered as JSON (for tools), Markdown (terminals, PRs) or
+one self-contained HTML page (:mod:`gcomp.html_report`), chosen by the file's extension.
 
-Two kinds of document, both with ``schema_version`` and ``kind``; the schema is
+Three kinds of document, all with ``schema_version`` and ``kind``; the schema is
 ``gcomp/schemas/report.schema.json`` (shipped in the package):
 
 - ``optimize``: input/output files, pipeline, per-pass rows, before/after counts,
-  verification;
-- ``profile``: :class:`gcomp.profile.Profile` (model, environment, backend, latency, ops).
+  verification, and optionally the model profiled before and after;
+- ``profile``: :class:`gcomp.profile.Profile` (model, environment, backend, latency, ops
+  with costs and roofline bounds, one run's timeline);
+- ``compare``: saved profiles side by side (``gcomp report a.json b.json``).
 """
 
 from __future__ import annotations
 
-__all__ = ["FORMATS", "check_report_path", "write_report", "render_markdown", "optimize_document", "schema"]
+__all__ = [
+    "FORMATS", "check_report_path", "compare_document", "write_report", "write_text", "render_markdown",
+    "optimize_document", "schema",
+]
 
 import json
 import os
@@ -21,7 +27,7 @@ from typing import Any
 from gcomp.errors import OptionError
 from gcomp.profile import SCHEMA_VERSION, environment
 
-FORMATS = (".json", ".md")
+FORMATS = (".json", ".md", ".html")
 
 
 def schema() -> dict[str, Any]:
@@ -29,16 +35,17 @@ def schema() -> dict[str, Any]:
     return json.loads((Path(__file__).parent / "schemas" / "report.schema.json").read_text())
 
 
-def check_report_path(path: str | os.PathLike) -> Path:
+def check_report_path(path: str | os.PathLike, *, option: str = "--report",
+                      formats: tuple[str, ...] = FORMATS) -> Path:
     """Fail fast on a report path gcomp cannot write (before doing long work)."""
     p = Path(path)
-    if p.suffix.lower() not in FORMATS:
-        raise OptionError(f"--report {p}: unsupported format '{p.suffix}' (use {', '.join(FORMATS)})")
+    if p.suffix.lower() not in formats:
+        raise OptionError(f"{option} {p}: unsupported format '{p.suffix}' (use {', '.join(formats)})")
     if p.is_dir():
-        raise OptionError(f"--report {p}: is a directory")
+        raise OptionError(f"{option} {p}: is a directory")
     folder = p.resolve().parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise OptionError(f"--report {p}: folder '{folder}' does not exist or is not writable")
+        raise OptionError(f"{option} {p}: folder '{folder}' does not exist or is not writable")
     return p
 
 
@@ -63,14 +70,51 @@ def _file_entry(path: str | None) -> dict[str, Any] | None:
     }
 
 
+def compare_document(docs: list[dict[str, Any]], labels: list[str] | None = None) -> dict[str, Any]:
+    """Saved profiles side by side; the first is the baseline. Labels default to the
+    backend and file name, made unique."""
+    if not docs:
+        raise OptionError("nothing to compare")
+    for doc in docs:
+        if doc.get("kind") != "profile":
+            raise OptionError(f"expected profile documents (kind=profile), got kind={doc.get('kind')!r}")
+    if labels is None:
+        labels = []
+        for doc in docs:
+            be, model = doc.get("backend", {}), doc.get("model", {})
+            base = f"{Path(model.get('path') or model.get('name') or 'model').name} · {be.get('name', '?')}/{be.get('target', '?')}"
+            label, n = base, 1
+            while label in labels:
+                n += 1
+                label = f"{base} ({n})"
+            labels.append(label)
+    return {"schema_version": SCHEMA_VERSION, "kind": "compare", "labels": labels, "profiles": docs}
+
+
 def write_report(doc: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``doc`` by the path's extension, atomically."""
+    """Write ``doc`` by the path's extension (.json, .md, .html), atomically."""
     p = check_report_path(path)
-    text = json.dumps(doc, indent=2, default=_json_default) + "\n" if p.suffix.lower() == ".json" else render_markdown(doc)
+    suffix = p.suffix.lower()
+    if suffix == ".json":
+        text = json.dumps(doc, indent=2, default=_json_default) + "\n"
+    elif suffix == ".html":
+        from gcomp.html_report import render_html
+
+        text = render_html(doc)
+    else:
+        text = render_markdown(doc)
+    return write_text(text, p)
+
+
+def write_text(text: str, p: Path) -> Path:
+    """Write ``text`` to ``p`` atomically (temporary file in the same folder, then rename)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.resolve().parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for secrets; a report is not one
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -89,6 +133,8 @@ def _json_default(value: Any) -> Any:
 def render_markdown(doc: dict[str, Any]) -> str:
     if doc.get("kind") == "profile":
         return _profile_md(doc)
+    if doc.get("kind") == "compare":
+        return _compare_md(doc)
     return _optimize_md(doc)
 
 
@@ -132,12 +178,16 @@ def _optimize_md(doc: dict[str, Any]) -> str:
         out.append("\n### Op types that changed\n")
         out.append(_table(["op type", "before", "after"], changed))
     out.append("\n## Passes\n")
+    errors = any(p.get("max_abs_error") is not None for p in doc["passes"])
     out.append(_table(
-        ["pass", "round", "time (ms)", "modified", "nodes", "initializer bytes", "op changes"],
+        ["pass", "round", "time (ms)", "modified", "nodes", "initializer bytes", "op changes"]
+        + (["max abs error"] if errors else []),
         [[p["name"], p["round"], f"{p['seconds'] * 1e3:.1f}", "yes" if p["modified"] else "no",
           f"{p['nodes_before']} → {p['nodes_after']}",
           f"{human_bytes(p['initializer_bytes_before'])} → {human_bytes(p['initializer_bytes_after'])}",
-          ", ".join(f"{k} {v:+d}" for k, v in p["op_delta"].items()) or p.get("note") or "-"] for p in doc["passes"]],
+          ", ".join(f"{k} {v:+d}" for k, v in p["op_delta"].items()) or p.get("note") or "-"]
+         + ([f"{p['max_abs_error']:.3g}" if p.get("max_abs_error") is not None else "-"] if errors else [])
+         for p in doc["passes"]],
     ))
     unfolded = _unfolded(doc["passes"])
     if unfolded:
@@ -160,6 +210,10 @@ def _optimize_md(doc: dict[str, Any]) -> str:
         for note in v.get("notes", []):
             out.append(f"\n- note: {note}")
         out.append("\n")
+    profiles = doc.get("profiles")
+    if profiles:
+        out.append("## Profiles before / after\n")
+        out.append(_latency_table(["before", "after"], [profiles["before"], profiles["after"]]))
     return "\n".join(out)
 
 
@@ -167,6 +221,32 @@ def _unfolded(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Nodes constant folding left alone in its last run, with the reason."""
     runs = [p for p in passes if p["name"] == "fold-constants" and p.get("details")]
     return runs[-1]["details"].get("unfolded_nodes", []) if runs else []
+
+
+def _latency_table(labels: list[str], docs: list[dict[str, Any]]) -> str:
+    base = docs[0]["latency"]["mean_ms"]
+    rows = []
+    for label, d in zip(labels, docs):
+        lat, totals = d["latency"], d.get("totals") or {}
+        gf = totals.get("achieved_gflops_per_s")
+        rows.append([label, f"{d['backend'].get('name')}/{d['backend'].get('target')}", f"{lat['mean_ms']:.3f}",
+                     f"{lat['p50_ms']:.3f}", f"{lat['p99_ms']:.3f}",
+                     f"{base / lat['mean_ms']:.2f}x" if lat["mean_ms"] else "-", f"{gf:.1f}" if gf else "-",
+                     len(d.get("ops", []))])
+    return _table(["", "backend", "mean ms", "p50", "p99", "speed-up vs first", "GFLOP/s", "kernels"], rows)
+
+
+def _compare_md(doc: dict[str, Any]) -> str:
+    labels, docs = doc["labels"], doc["profiles"]
+    out = ["# gcomp report — comparison\n", _latency_table(labels, docs)]
+    types: dict[str, list[float]] = {}
+    for i, d in enumerate(docs):
+        for o in d.get("ops", []):
+            types.setdefault(o["op_type"], [0.0] * len(docs))[i] += o["time_ms"]
+    out.append("\n## Time by op type (ms per run)\n")
+    out.append(_table(["op type", *labels], [[t, *(f"{v:.3f}" for v in vals)]
+                                             for t, vals in sorted(types.items(), key=lambda kv: -max(kv[1]))]))
+    return "\n".join(out)
 
 
 def _profile_md(doc: dict[str, Any], top: int = 20) -> str:
@@ -180,11 +260,35 @@ def _profile_md(doc: dict[str, Any], top: int = 20) -> str:
         [[f"{lat['mean_ms']:.3f}", f"{lat['p50_ms']:.3f}", f"{lat['p90_ms']:.3f}", f"{lat['p99_ms']:.3f}",
           f"{lat['min_ms']:.3f}", f"{lat['stdev_ms']:.3f}", lat["iterations"], f"{lat['throughput_per_s']:.1f}"]],
     ))
+    totals, roof = doc.get("totals") or {}, doc.get("roofline") or {}
+    if totals.get("graph_flops"):
+        gf, peak = totals.get("achieved_gflops_per_s"), roof.get("peak_gflops")
+        out.append(f"\n**{totals['graph_flops'] / 1e9:.3f} GFLOP** per run ({(totals.get('graph_macs') or 0) / 1e9:.3f} G "
+                   "multiply-adds)" + (f", achieved **{gf:.1f} GFLOP/s**" if gf else "")
+                   + (f" ({gf / peak * 100:.0f}% of the measured {peak:.0f} GFLOP/s peak; memory bandwidth "
+                      f"{roof.get('bandwidth_gbs', 0):.1f} GB/s)" if gf and peak else "") + ".\n")
     ops = doc["ops"]
     if ops:
         out.append(f"\n## Top {min(top, len(ops))} ops of {len(ops)}\n")
+
+        def num(v, fmt):
+            return format(v, fmt) if v is not None else "-"
+
         out.append(_table(
-            ["node", "op type", "time ms", "share"],
-            [[o["node"], o["op_type"], f"{o['time_ms']:.4f}", f"{o['share'] * 100:.1f}%"] for o in ops[:top]],
+            ["node", "op type", "time ms", "share", "GFLOP/s", "GB/s", "bound"],
+            [[o["node"], o["op_type"], f"{o['time_ms']:.4f}", f"{o['share'] * 100:.1f}%",
+              num(o.get("gflops_per_s"), ".1f"), num(o.get("gb_per_s"), ".2f"), o.get("bound") or "-"]
+             for o in ops[:top]],
         ))
+        types: dict[str, list[float]] = {}
+        for o in ops:
+            entry = types.setdefault(o["op_type"], [0.0, 0, 0])
+            entry[0] += o["time_ms"]
+            entry[1] += 1
+            entry[2] += o.get("flops") or 0
+        total = sum(v[0] for v in types.values()) or 1.0
+        out.append("\n## By op type\n")
+        out.append(_table(["op type", "kernels", "time ms", "share", "GFLOP"],
+                          [[t, int(v[1]), f"{v[0]:.3f}", f"{v[0] / total * 100:.1f}%", f"{v[2] / 1e9:.3f}"]
+                           for t, v in sorted(types.items(), key=lambda kv: -kv[1][0])]))
     return "\n".join(out)

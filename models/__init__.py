@@ -15,14 +15,15 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
-from . import cnn, mlp, transformer
+from . import cnn, mlp, resnet, transformer
 
-__all__ = ["BUILDERS", "build", "cnn", "mlp", "transformer"]
+__all__ = ["BUILDERS", "build", "cnn", "mlp", "resnet", "transformer"]
 
 BUILDERS: dict[str, Callable[..., ir.Model]] = {
     "cnn": cnn.build,
     "transformer": transformer.build,
     "mlp": mlp.build,
+    "resnet18": resnet.build,
 }
 
 

@@ -196,7 +196,7 @@ def bad_files(tmp_path, small_model):
         (["optimize", "{d}/good.onnx", "-o", "{d}/good.onnx"], 1, "refusing to write over the input"),
         (["optimize", "{d}/good.onnx", "-o", "{d}/nowhere/o.onnx"], 1, "does not exist"),
         (["optimize", "{d}/good.onnx", "-o", "/proc/gcomp-test.onnx"], 1, "/proc"),
-        (["optimize", "{d}/good.onnx", "-o", "{d}/o.onnx", "--report", "{d}/r.html"], 2, "unsupported format"),
+        (["optimize", "{d}/good.onnx", "-o", "{d}/o.onnx", "--report", "{d}/r.txt"], 2, "unsupported format"),
         (["optimize", "{d}/good.onnx", "-o", "{d}/o.onnx", "--inputs", "{d}/none.npz"], 2, "no such file"),
         (["optimize", "{d}/good.onnx", "-o", "{d}/o.onnx", "--input-shape", "q=1,2"], 2, "no input 'q'"),
         (["inspect", "{d}/text.onnx"], 1, "not a valid ONNX protobuf"),

@@ -65,7 +65,8 @@ def case(request):
 
 # ----------------------------------------------------------------------------- structure
 def test_registry():
-    assert set(models.BUILDERS) == {"cnn", "transformer", "mlp"}
+    assert set(models.BUILDERS) == {"cnn", "transformer", "mlp", "resnet18"}
+    assert models.BUILDERS["resnet18"] is models.resnet.build
     assert models.BUILDERS["cnn"] is cnn.build
     assert models.BUILDERS["transformer"] is transformer.build
     assert models.BUILDERS["mlp"] is mlp.build

@@ -1,0 +1,159 @@
+"""FLOP and byte counts against values computed by hand, and the roofline classification."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from gcomp import flops, roofline
+from gcomp.flops import TensorInfo, graph_costs, op_cost
+from tests.conftest import make_model, tensor, vinfo
+
+
+def t(*shape, itemsize=4):
+    return TensorInfo(tuple(shape), itemsize)
+
+
+def test_matmul_batched_by_hand():
+    # [2, 3, 64, 128] @ [128, 32]: 2*3*64*32 outputs, each 128 multiply-adds.
+    cost = op_cost("MatMul", [t(2, 3, 64, 128), t(128, 32)], [t(2, 3, 64, 32)])
+    assert cost.macs == 2 * 3 * 64 * 32 * 128
+    assert cost.flops == 2 * cost.macs
+    assert cost.bytes == 4 * (2 * 3 * 64 * 128 + 128 * 32 + 2 * 3 * 64 * 32)
+
+
+def test_gemm_transposed_with_bias():
+    # A [K=256, M=8] (transA), B [N=16, K] (transB), C [16]: M*N*K MACs + one add per output.
+    cost = op_cost("Gemm", [t(256, 8), t(16, 256), t(16)], [t(8, 16)], {"transA": 1, "transB": 1})
+    assert cost.macs == 8 * 16 * 256
+    assert cost.flops == 2 * 8 * 16 * 256 + 8 * 16
+
+
+def test_conv_grouped_strided_by_hand():
+    # x [1, 32, 56, 56], 64 filters of 3x3 over 32/4 = 8 channels (group 4), stride 2 -> [1, 64, 28, 28]
+    cost = op_cost("Conv", [t(1, 32, 56, 56), t(64, 8, 3, 3), t(64)], [t(1, 64, 28, 28)],
+                   {"group": 4, "strides": [2, 2]})
+    outputs = 64 * 28 * 28
+    assert cost.macs == outputs * 8 * 9
+    assert cost.flops == 2 * outputs * 72 + outputs  # bias: one add per output
+    no_bias = op_cost("Conv", [t(1, 32, 56, 56), t(64, 8, 3, 3)], [t(1, 64, 28, 28)])
+    assert no_bias.flops == 2 * outputs * 72
+
+
+def test_conv_transpose_and_attention_by_hand():
+    # ConvTranspose: every input element scatters to C_out/group * kh * kw outputs.
+    ct = op_cost("ConvTranspose", [t(1, 16, 8, 8), t(16, 4, 2, 2)], [t(1, 4, 16, 16)])
+    assert ct.macs == 16 * 8 * 8 * 4 * 2 * 2
+    # ONNX Attention [B=2, H=4, S=10, D=8] x kv S=12: QK^T and PV products plus softmax.
+    att = op_cost("Attention", [t(2, 4, 10, 8), t(2, 4, 12, 8), t(2, 4, 12, 8)], [t(2, 4, 10, 8)])
+    assert att.macs == 2 * (2 * 4 * 10 * 12 * 8)
+    assert att.flops == 2 * att.macs + 5 * 2 * 4 * 10 * 12
+
+
+def test_norms_elementwise_data_movement_and_unknown():
+    x = t(4, 128, 256)
+    assert op_cost("LayerNormalization", [x, t(256), t(256)], [x]).flops == 8 * x.numel
+    assert op_cost("BatchNormalization", [t(1, 8, 4, 4)] + [t(8)] * 4, [t(1, 8, 4, 4)]).flops == 2 * 128
+    assert op_cost("Add", [x, t(256)], [x]).flops == x.numel  # broadcasting: per output element
+    assert op_cost("Reshape", [x, t(2, itemsize=8)], [t(512, 256)]).flops == 0
+    half = op_cost("Relu", [t(10, itemsize=2)], [t(10, itemsize=2)])
+    assert half.bytes == 40
+    unknown = op_cost("Frobnicate", [x], [x])
+    assert unknown.flops is None and unknown.bytes == 2 * x.nbytes  # bytes still counted
+    assert op_cost("MatMul", [None, t(3, 3)], [t(3, 3)]).flops is None  # a shape it needs is unknown
+
+
+def test_graph_costs_use_inferred_shapes_at_the_given_input_shapes():
+    # x [batch, 64] -> MatMul W[64, 32] -> Relu: intermediate shapes come from inference only.
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"], name="act")],
+        [vinfo("x", shape=("batch", 64))], [vinfo("y", shape=("batch", 32))],
+        [tensor("w", np.ones((64, 32), np.float32))],
+    )
+    model = ir.serde.deserialize_model(proto)
+    costs = graph_costs(model, {"x": (5, 64)})
+    assert costs["mm"].macs == 5 * 32 * 64
+    assert costs["act"].flops == 5 * 32
+    assert graph_costs(model)["mm"].flops is None  # symbolic batch: unknown, not a guess
+    assert [v.shape for v in model.graph.inputs][0][0] == ir.SymbolicDim("batch")  # model unchanged
+
+
+def test_resnet18_is_1_82_g_multiply_adds():
+    """The figure every paper quotes for ResNet-18 at 224x224: 1.82 G multiply-accumulates
+    (which they call FLOPs); 11.69 M parameters."""
+    from gcomp.stats import model_stats
+    from models import build
+
+    model = build("resnet18")
+    # torchvision's 11,689,512 trainable parameters plus BN running means and variances.
+    assert model_stats(model).parameters == 11_689_512 + 2 * 5 * (64 + 128 + 256 + 512)  # 5 BNs per width
+    costs = graph_costs(model, {"input": (1, 3, 224, 224)})
+    macs = sum(c.macs for c in costs.values() if c.macs)
+    assert macs == pytest.approx(1.8141e9, rel=1e-3)
+    convs = [c for name, c in costs.items() if name.endswith("Conv")]
+    assert len(convs) == 20  # 1 stem + 16 in blocks + 3 projection shortcuts
+    # The stem by hand: 64 x 112 x 112 outputs, 3*7*7 multiply-adds each.
+    assert costs["/stem/conv/Conv"].macs == 64 * 112 * 112 * 3 * 49
+    assert all(c.flops is not None for c in costs.values())
+    # Batch 2 doubles every count.
+    twice = graph_costs(model, {"input": (2, 3, 224, 224)})
+    assert sum(c.macs for c in twice.values() if c.macs) == 2 * macs
+
+
+def test_roofline_classification():
+    assert roofline.classify(100, 10, ridge=5.0) == "compute"
+    assert roofline.classify(100, 100, ridge=5.0) == "memory"
+    assert roofline.classify(0, 100, ridge=5.0) == "memory"  # data movement
+    assert roofline.classify(None, 100, ridge=5.0) is None
+
+
+def test_machine_peaks_from_cpuinfo_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GCOMP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(roofline, "_MEMO", {})
+    info = {"model name": "Test CPU", "flags": "sse2 avx avx2 fma avx512f", "cpu MHz": "2500.000"}
+    monkeypatch.setattr(roofline, "_cpuinfo", lambda: info)
+    monkeypatch.setattr(roofline.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(roofline.Path, "read_text", _no_sysfs(roofline.Path.read_text))
+    theory = roofline.machine(calibrate=False)
+    # 512-bit vectors = 16 float32 lanes, x2 (FMA), x2 FMA units, x4 cores, x2.5 GHz.
+    assert theory.theoretical_gflops == pytest.approx(16 * 2 * 2 * 4 * 2.5)
+    assert theory.peak_source == "theoretical" and theory.bandwidth_gbs is None
+    assert not list(tmp_path.iterdir())  # calibrate=False writes no cache
+    # The first calibration is measured and cached; later ones read the cache.
+    monkeypatch.setattr(roofline, "_MEMO", {})
+    monkeypatch.setattr(roofline, "_measure_flops", lambda: 200.0)
+    monkeypatch.setattr(roofline, "_measure_bandwidth", lambda: 20.0)
+    first = roofline.machine()
+    assert (first.measured_gflops, first.bandwidth_gbs, first.cached) == (200.0, 20.0, False)
+    assert first.ridge == pytest.approx(10.0)
+    (cache,) = tmp_path.iterdir()
+    data = json.loads(cache.read_text())
+    data["measured_gflops"] = 123.0
+    cache.write_text(json.dumps(data))
+    monkeypatch.setattr(roofline, "_MEMO", {})
+    monkeypatch.setattr(roofline, "_measure_flops", lambda: pytest.fail("calibrated despite the cache"))
+    again = roofline.machine()
+    assert again.cached and again.measured_gflops == 123.0 and again.peak_gflops == 123.0
+    # A corrupt cache means measuring again, not a crash.
+    cache.write_text("{not json")
+    monkeypatch.setattr(roofline, "_MEMO", {})
+    monkeypatch.setattr(roofline, "_measure_flops", lambda: 150.0)
+    assert roofline.machine().measured_gflops == 150.0
+
+
+def _no_sysfs(original):
+    def read_text(self, *args, **kwargs):
+        if str(self).startswith("/sys/"):
+            raise OSError("no cpufreq in this test")
+        return original(self, *args, **kwargs)
+
+    return read_text
+
+
+def test_dtype_sizes_cover_onnx_float_types():
+    for name in ("FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE", "INT8", "INT64", "BOOL"):
+        assert TensorProto.DataType.Value(name) and name.lower() in flops.DTYPE_BYTES
