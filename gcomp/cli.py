@@ -106,6 +106,13 @@ def _parse_sets(pipeline, sets: tuple[str, ...]) -> dict:
 @click.option("--target-opset", type=click.IntRange(min=1), default=None,
               help="Upgrade the model to this opset first, so newer fused ops (Gelu-20, Attention-23) may be emitted.")
 @click.option("--explain-fusion", is_flag=True, help="List every fusion rule: fired, why not run, near misses.")
+@click.option("--precision", type=click.Choice(["fp16", "bf16", "auto"]), default=None,
+              help="Convert to mixed precision after the pipeline (auto: fp16 regions within --tolerance); "
+                   "verified in emulated fp16/bf16. More options: --set block_ops=..., see `gcomp passes`.")
+@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="--precision auto: largest error allowed, max|a-e| / max(1, max|e|) per output. [default: 0.01]")
+@click.option("--keep-io-types/--no-keep-io-types", default=None,
+              help="--precision: keep fp32 graph inputs and outputs. [default: keep]")
 @click.option("--passes", "pass_spec", default=None, metavar="SPEC",
               help="Explicit pipeline instead of -O: comma-separated pipeline and pass names, e.g. O1,my-pass.")
 @click.option("--set", "sets", multiple=True, metavar="OPTION=VALUE", help="Set a pass option (repeatable).")
@@ -129,7 +136,7 @@ def _parse_sets(pipeline, sets: tuple[str, ...]) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (implies --quiet).")
 def optimize(model, output, level, target, target_opset, explain_fusion, pass_spec, sets, plugins, verify, inputs, input_shapes, max_tensor_bytes,
              verify_timeout, bisect, strict, external_data, report, quiet, as_json, profile_models=None,
-             profile_iters=20, pass_errors=False):
+             profile_iters=20, pass_errors=False, precision=None, tolerance=None, keep_io_types=None):
     """Optimize MODEL with a verified pass pipeline and write OUTPUT."""
     from gcomp import io
     from gcomp import report as reports
@@ -139,8 +146,12 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
     quiet = quiet or as_json
     _load_plugins(plugins)
     pipeline = pass_spec or level
-    options = _parse_sets(pipeline, sets)
+    options = _parse_sets(f"{pipeline},convert-precision" if precision else pipeline, sets)
     options.update(_fusion_options(target, target_opset, explain_fusion))
+    if precision or tolerance is not None or keep_io_types is not None:
+        from gcomp.passes.precision.mixed import cli_options
+
+        options.update(cli_options(precision, tolerance, keep_io_types))
     shapes = parse_input_shapes(input_shapes)
     if report is not None:
         reports.check_report_path(report)
@@ -186,6 +197,11 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
         _print_summary(result, doc)
         if explain_fusion:
             _print_fusion_explain(result)
+        if precision:
+            from gcomp.passes.precision.mixed import summary_lines
+
+            for line in summary_lines(result):
+                _stdout().print(line, soft_wrap=True)
         err.print(f"wrote {output}" + (f" and {report}" if report else ""))
 
 

@@ -98,6 +98,7 @@ def optimize(
     max_tensor_bytes: int | None = None,
     verify_timeout: float | None = None,
     pass_errors: bool = False,
+    precision: str | None = None,
     **options: Any,
 ) -> Result:
     """Run ``pipeline`` over ``model`` and verify the result against the original.
@@ -115,6 +116,9 @@ def optimize(
         max_tensor_bytes: verification does not run a model whose inputs or
             constant-sized tensors would exceed this (default 4 GiB); it says so instead.
         verify_timeout: seconds a reference run may take before it is stopped (300).
+        precision: ``"fp16"``, ``"bf16"`` or ``"auto"``: convert to mixed precision after
+            the pipeline (pass ``convert-precision``; its options go in ``**options``);
+            verification then emulates the reduced precision (gcomp.passes.precision).
         pass_errors: after every pass that changes the model, run it on the reference
             and record the largest output error in ``PassStats.max_abs_error`` (one
             reference run per changing pass; needs ``verify``).
@@ -137,7 +141,15 @@ def optimize(
         t_load = time.perf_counter()
         ir_model = io.load(model)
         load_seconds = time.perf_counter() - t_load
+    precision_step = None
+    if precision is not None:
+        from gcomp.passes.precision.mixed import precision_step as _precision_step
+
+        options = dict(options)
+        precision_step = _precision_step(precision, options, inputs=inputs, input_shapes=input_shapes, seed=seed)
     steps = _instantiate(pipeline, options)
+    if precision_step is not None:
+        steps.append(([precision_step], 1))  # after every pass of the pipeline (fusion first)
 
     reference: Reference | None = None
     verification: Verification | None = None

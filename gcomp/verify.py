@@ -65,6 +65,8 @@ class OutputCheck:
     max_rel_error: float = 0.0
     mismatched: int = 0
     detail: str = ""
+    nan: int = 0  # NaN elements in the transformed model's output
+    inf: int = 0  # infinite elements in the transformed model's output
 
 
 @dataclass
@@ -207,6 +209,7 @@ class Reference:
         self.outputs = outputs
         self.notes = notes
         self.tolerances = dict(TOLERANCES, **(tolerances or {}))
+        self.explicit_tolerances = dict(tolerances or {})
         self.timeout = DEFAULT_RUN_TIMEOUT
 
     @classmethod
@@ -266,16 +269,26 @@ class Reference:
         """Run ``candidate`` on the reference inputs and compare every output."""
         info = {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)} for k, v in self.feeds.items()}
         try:
-            runner = _reference_runtime(candidate)
-            actual = runner.run(self.feeds, timeout=self.timeout)
+            # A reduced-precision (fp16/bf16) candidate runs in emulation with its own
+            # tolerances: ORT on the CPU upcasts and would hide overflow (gcomp.passes.precision).
+            from gcomp.passes.precision.check import emulated_outputs
+
+            emulated = emulated_outputs(candidate, self.feeds, self.outputs, self.explicit_tolerances, self.timeout)
+            if emulated is not None:
+                actual, tolerances, note = emulated
+            else:
+                runner = _reference_runtime(candidate)
+                actual = runner.run(self.feeds, timeout=self.timeout)
+                tolerances, note = self.tolerances, None
         except BackendError as e:
             return Verification("failed", f"the transformed model does not run: {_strip(e)}", inputs=info, notes=list(self.notes))
-        checks = compare_outputs(self.outputs, actual, self.tolerances)
+        checks = compare_outputs(self.outputs, actual, tolerances)
+        notes = list(self.notes) + ([note] if note else [])
         bad = [c for c in checks if not c.ok]
         if bad:
             reason = "; ".join(f"output '{c.name}': {c.detail}" for c in bad[:3])
-            return Verification("failed", reason, checks, info, list(self.notes))
-        return Verification("passed", "", checks, info, list(self.notes))
+            return Verification("failed", reason, checks, info, notes)
+        return Verification("passed", "", checks, info, notes)
 
 
 def verify(
@@ -361,7 +374,10 @@ def _compare(name: str, exp: Any, act: Any, tolerances: Mapping[str, Tolerance])
             f"{n} of {e.size} element(s) beyond rtol={tol.rtol:g}, atol={tol.atol:g} "
             f"(max abs error {max_abs:.3g}, max rel error {max_rel:.3g})"
         )
-    return OutputCheck(name, dtype, list(e.shape), n == 0, max_abs, max_rel, n, detail)
+    return OutputCheck(
+        name, dtype, list(e.shape), n == 0, max_abs, max_rel, n, detail,
+        int(np.count_nonzero(nan_a)), int(np.count_nonzero(inf_a)),
+    )
 
 
 def _strip(e: Exception) -> str:
