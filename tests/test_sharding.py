@@ -98,6 +98,23 @@ def test_rank_graphs_hold_their_share_and_explicit_collectives(mesh):
         assert rm.metadata_props["gcomp.rank"] == str(r)
 
 
+@pytest.mark.parametrize("mesh", ["tp=2", "dp=2,tp=2"])
+def test_vocab_parallel_embedding_where_it_pays(mesh):
+    """A 4096-row table is most of the weights: split by rows, one more all-reduce, still equal."""
+    model = build(layers=1, hidden=64, heads=4, ffn=256, vocab=4096)
+    prepared, feeds = _prepared(mesh, model=model)
+    assert prepared.plan.roles["embeddings.word_embeddings.weight"] == "embedding (vocab)"
+    s = summarize(prepared.model, prepared.plan)
+    assert s["row_parallel_all_reduces"] == 2 and s["all_reduces"] == 3
+    assert next(c["reason"] for c in s["collectives"] if c["kind"] == "AllReduce") == "vocab-parallel embedding"
+    outs, _ = runner.simulate(prepared, feeds)
+    ref = runner.reference_outputs(build(layers=1, hidden=64, heads=4, ffn=256, vocab=4096), feeds)
+    assert runner.max_abs_error(outs, ref) <= 1e-4
+    rank1 = partition(prepared.model, prepared.plan)[prepared.mesh.rank_of({"tp": 1})]
+    table = next(v for v in rank1.graph.initializers.values() if v.name == "embeddings.word_embeddings.weight")
+    assert table.const_value.shape[0] == 4096 // 2
+
+
 def test_heads_not_divisible_is_refused_naming_the_tensor():
     with pytest.raises(ShardingError, match=r"tensor '.*': 4 attention heads are not divisible by tp=8"):
         _prepared("tp=8")

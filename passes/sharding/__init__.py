@@ -73,11 +73,15 @@ def format_summary(summary: dict) -> str:
             f"replicated {human_bytes(summary['replicated_parameter_bytes'])}); "
             f"per rank {human_bytes(summary['parameter_bytes_per_rank'])}"
         ),
-        f"collectives per forward: {summary['all_reduces']} all-reduce, {summary['all_gathers']} all-gather",
+        (
+            f"collectives per forward: {summary['all_reduces']} all-reduce "
+            f"({summary['row_parallel_all_reduces']} after row-parallel layers), "
+            f"{summary['all_gathers']} all-gather"
+        ),
     ]
     for c in summary["collectives"]:
         b = human_bytes(c["bytes"]) if c["bytes"] is not None else "?"
-        lines.append(f"  {c['kind']:<9} over {','.join(c['mesh_axes']):<3} {b:>10}  {c['tensor']}")
+        lines.append(f"  {c['kind']:<9} over {','.join(c['mesh_axes']):<3} {b:>10}  {c['tensor']}  ({c['reason']})")
     return "\n".join(lines)
 
 

@@ -266,6 +266,23 @@ def _bytes(v: ir.Value, lay: Layout, mesh: Mesh) -> int | None:
     return n * element_bytes(v)
 
 
+def _partial_origin(v: ir.Value, plan: Plan) -> str:
+    """Why ``v`` is a partial sum: the row-parallel MatMul/Gemm or the vocabulary lookup."""
+    for _ in range(64):
+        p = v.producer()
+        if p is None:
+            break
+        if p.op_type in ("MatMul", "Gemm"):
+            return f"row-parallel {p.op_type}"
+        if p in plan.vocab_parallel:
+            return "vocab-parallel embedding"
+        nxt = [x for x in p.inputs if x is not None and plan.layout(x).partial]
+        if not nxt:
+            break
+        v = nxt[0]
+    return "partial sum"
+
+
 def summarize(model: ir.Model, plan: Plan) -> dict:
     """Per-rank parameter bytes and the collectives of one forward pass (JSON-able)."""
     mesh = plan.mesh
@@ -289,25 +306,31 @@ def summarize(model: ir.Model, plan: Plan) -> dict:
             params.append({"tensor": v.name, "role": plan.roles.get(v.name, "follows"), "bytes": nbytes,
                            "bytes_per_rank": local})
         per_rank += local
+    order = {n: i for i, n in enumerate(g)}
     colls = []
     for c in conversions(model, plan):
         for step, info in collective_steps(c.src, c.dst):
             if step == "Slice":
                 continue
             lay = c.src if step == "AllReduce" else c.dst
+            if step == "AllReduce":
+                reason = _partial_origin(c.value, plan)
+            else:
+                reason = f"{c.node.op_type} needs axis {info['axis']} whole" if c.node else "graph output"
             colls.append({"kind": step, "tensor": c.value.name, "mesh_axes": info.get("mesh_axes") or [info["mesh_axis"]],
-                          "bytes": _bytes(c.value, lay, mesh), "consumer": c.node.name if c.node else "(graph output)"})
+                          "bytes": _bytes(c.value, lay, mesh), "reason": reason,
+                          "at": order.get(c.value.producer(), -1) if c.value.producer() else -1})
     for node in plan.split_bias:
         o = node.outputs[0]
         colls.append({"kind": "AllReduce", "tensor": o.name, "mesh_axes": ["tp"], "bytes": _bytes(o, plan.layout(o), mesh),
-                      "consumer": f"{node.name} (bias added after)"})
+                      "reason": f"row-parallel {node.op_type} (bias added after)", "at": order[node]})
     seen_keys = set()
     unique = []
-    for c in colls:
+    for c in sorted(colls, key=lambda c: c["at"]):
         key = (c["kind"], c["tensor"], tuple(c["mesh_axes"]))
         if key not in seen_keys:
             seen_keys.add(key)
-            unique.append(c)
+            unique.append({k: v for k, v in c.items() if k != "at"})
     return {
         "mesh": str(mesh),
         "ranks": mesh.size,
@@ -318,5 +341,6 @@ def summarize(model: ir.Model, plan: Plan) -> dict:
         "sharded_parameters": params,
         "collectives": unique,
         "all_reduces": sum(1 for c in unique if c["kind"] == "AllReduce"),
+        "row_parallel_all_reduces": sum(1 for c in unique if c["reason"].startswith("row-parallel")),
         "all_gathers": sum(1 for c in unique if c["kind"] == "AllGather"),
     }

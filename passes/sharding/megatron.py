@@ -12,10 +12,13 @@ Tensor parallelism (``tp``), after Shoeybi et al. 2019 (Megatron-LM):
   only (bias, activation), exactly one other weight ``MatMul``/``Gemm``: the first is
   column-parallel, the second row-parallel.
 
+- embeddings: a token table (``Gather`` on a constant by computed ids) is split by
+  vocabulary rows when it holds at least a quarter of all weight bytes ("where it pays":
+  it costs one all-reduce of the embeddings per forward); each rank looks up its rows
+  and zeros the rest. Smaller tables, position tables and tied tables stay replicated.
+
 Biases are not seeded: propagation slices a column-parallel bias with its output, and
-adds a row-parallel bias once after the all-reduce. Embeddings and other weights stay
-replicated (a vocabulary-parallel embedding costs one more all-reduce per forward and
-only pays for large vocabularies). Data parallelism (``dp``) splits axis 0 of every
+adds a row-parallel bias once after the all-reduce. Data parallelism (``dp``) splits axis 0 of every
 graph input. Overrides replace any seed by tensor name.
 """
 
@@ -183,6 +186,23 @@ def _from_chain(x: ir.Value, seen: set[ir.Value], start: ir.Node, depth: int = 8
     return all(i is None or _from_chain(i, seen, start, depth - 1) for i in p.inputs)
 
 
+EMBEDDING_SHARE = 4  # vocabulary-parallel when the table is >= 1/4 of all weight bytes
+
+
+def _embedding(node: ir.Node) -> ir.Value | None:
+    """The table of a token-embedding lookup: Gather(2-D constant, non-constant ids, axis 0)."""
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    table, ids = node.inputs
+    s = shape_of(table)
+    axis = node.attributes["axis"].value if "axis" in node.attributes else 0
+    if not is_const(table) or is_const(ids) or s is None or len(s) != 2 or axis != 0:
+        return None
+    if len(table.uses()) != 1:  # a table tied to an LM head stays whole
+        return None
+    return table
+
+
 def _column(w: ir.Value, axis: int, blocks: int = 1) -> Layout:
     dims = [None, None]
     dims[axis] = Shard("tp", blocks)
@@ -220,6 +240,17 @@ def seed_plan(model: ir.Model, mesh: Mesh, overrides: dict[str, Layout] | None =
             roles[w1.name] = "mlp in (column)"
             roles[w2.name] = "mlp out (row)"
             taken |= {first, second}
+        total = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
+        for node in graph:
+            table = _embedding(node)
+            if table is None:
+                continue
+            rows = shape_of(table)[0]
+            # "Where it pays": the table is a large share of the weights (one all-reduce of
+            # the embeddings per forward buys 1/tp of it).
+            if isinstance(rows, int) and rows % tp == 0 and table.const_value.nbytes * EMBEDDING_SHARE >= total:
+                seeds[table.name] = Layout((Shard("tp"), None))
+                roles[table.name] = "embedding (vocab)"
     if "dp" in mesh.names():
         for v in graph.inputs:
             s = shape_of(v)

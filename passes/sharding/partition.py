@@ -9,7 +9,8 @@ Guarantees, for every rank of the plan's mesh:
   mesh_axis, blocks}``) and, for a replicated value that must be split, a standard
   ``Slice`` of the rank's part (no communication);
 - a row-parallel ``Gemm``'s bias is taken out of the Gemm and added after its
-  all-reduce; ``Reshape`` / ``Expand`` targets and ``Split`` sizes are rewritten to the
+  all-reduce; a vocabulary-parallel ``Gather`` looks up only the rank's rows (other ids
+  give zeros) and its all-reduce completes the lookup; ``Reshape`` / ``Expand`` targets and ``Split`` sizes are rewritten to the
   rank's local sizes (heads / tp for attention);
 - graph inputs and outputs keep their names; inputs arrive as the rank's slice (batch /
   dp), outputs leave whole (all-gathered).
@@ -216,6 +217,9 @@ class _Builder:
         if node in self.plan.split_bias:
             self._gemm_split_bias(node, inputs, attrs)
             return
+        if node in self.plan.vocab_parallel:
+            self._vocab_gather(node, inputs)
+            return
         new = ir.Node(node.domain, op, inputs, attributes=attrs, num_outputs=len(outs), name=node.name,
                       version=node.version, overload=node.overload)
         self.names.add(node.name or "")
@@ -252,6 +256,41 @@ class _Builder:
         self.nodes.append(a)
         self.vmap[out] = a.outputs[0]
         del lay
+
+    def _vocab_gather(self, node, inputs):
+        """Gather(table rows [lo, hi) of this rank, ids): ids outside the rows give zeros,
+        so the sum over the ranks (the all-reduce that follows) is the full lookup."""
+        table, ids = inputs
+        out = node.outputs[0]
+        shard = self.plan.required[(node, 0)].dims[0]
+        rows = table.const_value.shape[0]
+        lo = self.coords[shard.mesh] * rows
+        dtype = ids.type.dtype.numpy() if ids.type is not None else np.int64
+        local = self.local_shape(out)
+        base = out.name
+
+        def op(kind, ins, name, like=None, attrs=()):
+            n = ir.Node("", kind, ins, attributes=list(attrs), num_outputs=1, name=self.fresh(f"{node.name}/{name}"))
+            n.outputs[0].name = self.fresh(f"{base}/{name}")
+            if like is not None:
+                n.outputs[0].type = like.type
+            self.nodes.append(n)
+            return n.outputs[0]
+
+        shifted = op("Sub", [ids, self.new_const(f"{base}/lo", np.array(lo, dtype))], "shifted", ids)
+        ge = op("GreaterOrEqual", [shifted, self.new_const(f"{base}/zero", np.array(0, dtype))], "ge")
+        lt = op("Less", [shifted, self.new_const(f"{base}/rows", np.array(rows, dtype))], "lt")
+        mine = op("And", [ge, lt], "mine")
+        safe = op("Where", [mine, shifted, self.new_const(f"{base}/zero_id", np.array(0, dtype))], "safe", ids)
+        looked = op("Gather", [table, safe], "lookup", out, [ir.AttrInt64("axis", 0)])
+        mask = op("Unsqueeze", [mine, self.new_const(f"{base}/last", np.array([-1], np.int64))], "mask")
+        zero = self.new_const(f"{base}/zero_row", np.zeros((), out.type.dtype.numpy() if out.type else np.float32))
+        res = op("Where", [mask, looked, zero], "masked", out)
+        res.name = out.name
+        self.names.add(out.name)
+        if local is not None:
+            res.shape = ir.Shape(local)
+        self.vmap[out] = res
 
     def _gemm_partial(self, node) -> set[str]:
         ta = "transA" in node.attributes and node.attributes["transA"].value

@@ -72,6 +72,7 @@ class Plan:
     required: dict[tuple[ir.Node, int], Layout]
     output_required: dict[int, Layout]
     split_bias: set[ir.Node]
+    vocab_parallel: set[ir.Node] = dataclasses.field(default_factory=set)
     roles: dict[str, str] = dataclasses.field(default_factory=dict)  # weight name -> role
 
     def layout(self, v: ir.Value) -> Layout:
@@ -441,10 +442,20 @@ def _gather(ctx: _Ctx):
         return _default(ctx)
     axis = _norm_axis(ctx.attr("axis", 0), len(sd))
     D, I = ctx.lay(0), ctx.lay(1)
-    ddims = tuple(None if a == axis else d for a, d in enumerate(D.dims))
+    vocab = D.dims[axis] if axis == 0 and ctx.const(0) and not ctx.const(1) else None
+    if vocab is not None and (vocab.blocks != 1 or not ctx.fits(sd[0], vocab) or I.partial):
+        vocab = None
+    ddims = tuple(vocab if a == axis else d for a, d in enumerate(D.dims))
     used = {d.mesh for d in ddims if d}
     idims = tuple(d if d and d.mesh not in used else None for d in I.dims)
     out = ddims[:axis] + idims + ddims[axis + 1:]
+    if vocab is not None:
+        # Megatron's vocabulary-parallel embedding: each rank looks up the ids in its rows
+        # and zeros the others; the sum over ranks is the lookup (one all-reduce).
+        ctx.plan.vocab_parallel.add(ctx.node)
+        out = idims + ddims[1:]
+        return [Layout(ddims), Layout(idims)], [Layout(out, frozenset({vocab.mesh}))]
+    ctx.plan.vocab_parallel.discard(ctx.node)
     return [Layout(ddims), Layout(idims)], [Layout(out)]
 
 
@@ -543,7 +554,7 @@ def propagate(model: ir.Model, mesh: Mesh, seeds: dict[str, Layout], roles: dict
         if name not in values:
             raise ShardingError(f"tensor '{name}': no such tensor in the main graph")
         check_layout(values[name], lay, mesh)
-    plan = Plan(mesh, dict(seeds), {}, {}, {}, set(), dict(roles or {}))
+    plan = Plan(mesh, dict(seeds), {}, {}, {}, set(), roles=dict(roles or {}))
     for v in graph.inputs:
         if v.name in seeds:
             plan.layouts[v] = seeds[v.name]
