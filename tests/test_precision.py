@@ -514,3 +514,23 @@ def test_cli_precision_errors(tmp_path, capsys):
     assert run_cli(["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--tolerance", "0.1"]) == 2
     assert "gcomp: error: --tolerance needs --precision" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
+
+
+# ----------------------------------------------------------------------------- after fusion
+
+
+@pytest.mark.parametrize("level", ["O2", "O3"])
+def test_converts_after_fusion(level):
+    """Fused norms/attention (LayerNormalization stash_type=1, com.microsoft
+    SkipLayerNormalization/MultiHeadAttention at O3) convert whole: their statistics are
+    fp32 inside by definition, so the fused model needs fewer Casts than the unfused one."""
+    result = gcomp.optimize(build("transformer"), level, precision="fp16")
+    assert result.verification.passed, result.verification.summary()
+    details = result.passes[-1].details
+    fused = [n for n in result.model.graph if n.op_type in (
+        "LayerNormalization", "SkipLayerNormalization", "MultiHeadAttention", "Attention")]
+    assert fused
+    assert all(n.outputs[0].dtype == ir.DataType.FLOAT16 for n in fused)
+    assert not any("unknown element type" in k for k in details["kept_fp32"])
+    unfused = count_casts(convert(zoo_model("transformer"))[0])
+    assert details["casts"] < unfused

@@ -158,7 +158,7 @@ def apply(model: ir.Model, problem: Problem, assignment: Assignment,
             _update_attributes(node, problem, target, report, cache)
         else:
             why = assignment.forced.get(var, "fewer Casts in fp32 (between fp32 ops)")
-            key = why.split(" '")[0] if "'" in why else why
+            key = why.split(" '")[0].rstrip(":") if "'" in why else why
             reasons[key] += 1
             if len(report.kept_nodes) < 50 and var in assignment.forced:
                 report.kept_nodes.append({"node": node.name or node.op_type, "op_type": node.op_type, "reason": why})

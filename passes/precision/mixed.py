@@ -99,9 +99,7 @@ class ConvertPrecision(ir.passes.InPlacePass):
         t0 = time.perf_counter()
         target = PRECISIONS[self.precision]
         details: dict[str, Any] = {"precision": self.precision if self.precision != "auto" else "auto (fp16)"}
-        from gcomp.passes.shapes import InferShapes
-
-        InferShapes()(model)
+        _infer_types(model)
         stats: dict[str, tuple[float, int]] = {}
         feeds = reference = None
         if self.calibrate or self.precision == "auto":
@@ -134,6 +132,41 @@ class ConvertPrecision(ir.passes.InPlacePass):
         model.metadata_props["gcomp.precision"] = PRECISIONS[self.precision].name.lower()
         modified = report.converted_nodes > 0 or report.casts_inserted > 0 or report.constants_converted > 0
         return PrecisionResult(model, modified=modified, details=details)
+
+
+def _infer_types(model: ir.Model) -> None:
+    """Element types for every value the conversion may touch: ONNX shape inference, and
+    for the com.microsoft ops it does not know (fusion at -O3), their type rule (outputs
+    of the data type parameter take input 0's type, statistics are fp32), alternately
+    until nothing new is learned."""
+    from gcomp.passes.precision.policy import CONTRIB_SLOTS, ORT_DOMAIN, same_type_inputs
+    from gcomp.passes.shapes import InferShapes
+
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 17))
+    for _ in range(3):
+        InferShapes()(model)
+        learned = False
+        for graph in model.graphs():
+            for node in graph:  # topological order: one sweep carries types through chains
+                untyped = [i for i, v in enumerate(node.outputs) if v.type is None and v.name]
+                if not untyped or not node.inputs:
+                    continue
+                for i in untyped:
+                    v = node.outputs[i]
+                    if node.domain == ORT_DOMAIN and node.op_type in CONTRIB_SLOTS:
+                        first = node.inputs[0]
+                        dtype = (first.dtype if first is not None else None) if i in CONTRIB_SLOTS[
+                            node.op_type][1] else ir.DataType.FLOAT
+                    else:
+                        dtypes = {node.inputs[j].dtype for j in same_type_inputs(node, opset, i)
+                                  if j < len(node.inputs) and node.inputs[j] is not None}
+                        dtype = dtypes.pop() if len(dtypes) == 1 else None
+                    if dtype is not None:
+                        v.meta.setdefault(_INFERRED, (None, v.shape))
+                        v.type = ir.TensorType(dtype)
+                        learned = True
+        if not learned:
+            return
 
 
 def _float_bytes(model: ir.Model) -> int:

@@ -32,6 +32,7 @@ __all__ = [
     "SENSITIVE",
     "Slots",
     "node_slots",
+    "same_type_inputs",
 ]
 
 from dataclasses import dataclass
@@ -119,6 +120,31 @@ def node_slots(node: ir.Node, opset: int, target: ir.DataType) -> Slots:
     if found is None:
         return Slots(frozenset(), frozenset(), False)
     return Slots(frozenset(found[0]), frozenset(found[1]), True)
+
+
+def same_type_inputs(node: ir.Node, opset: int, output: int) -> tuple[int, ...]:
+    """Inputs of ``node`` whose type parameter is that of output ``output`` (by schema)."""
+    if node.domain not in ("", "ai.onnx"):
+        return ()
+    return _same_type_inputs(node.op_type, opset, len(node.inputs), output)
+
+
+@lru_cache(maxsize=4096)
+def _same_type_inputs(op_type: str, opset: int, n_in: int, output: int) -> tuple[int, ...]:
+    import onnx.defs
+
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return ()
+    if not schema.outputs:
+        return ()
+    param = schema.outputs[min(output, len(schema.outputs) - 1)].type_str
+    formals = schema.inputs
+    return tuple(
+        i for i in range(n_in)
+        if formals and formals[min(i, len(formals) - 1)].type_str == param
+    )
 
 
 @lru_cache(maxsize=4096)
