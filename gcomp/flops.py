@@ -10,7 +10,7 @@ Two entry points:
   reports.
 - :func:`graph_costs` prices every node of a model's main graph for concrete input
   shapes, using ONNX shape inference on the weightless model (weights are never
-  serialized).
+  serialized), completed by ONNX Runtime's symbolic shape inference where ONNX's loses dims.
 
 Conventions (what the numbers mean):
 
@@ -61,6 +61,7 @@ class TensorInfo:
 
     shape: tuple[int, ...]
     itemsize: float = 4
+    dtype: str | None = None  # ONNX's name in lower case ("float", "int64"), when known
 
     @property
     def numel(self) -> int:
@@ -243,13 +244,17 @@ def _attribute_dict(node: ir.Node) -> dict[str, object]:
 
 
 def graph_costs(
-    model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+    model: ir.Model,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    tensors: dict[str, tuple[list, list]] | None = None,
 ) -> dict[str, Cost]:
     """Cost of every node of the main graph, by node name, at these input shapes.
 
     ``input_shapes`` fixes the graph inputs' dims (e.g. the shapes of the arrays a
     profile ran on); symbolic dims left over make the dependent costs unknown. The model
-    is not changed. Nodes without a name are keyed ``<op_type>_<index>``.
+    is not changed. Nodes without a name are keyed ``<op_type>_<index>``. When given,
+    ``tensors`` is filled with each node's (inputs, outputs) as :class:`TensorInfo` or None.
     """
     types = _inferred(model, dict(input_shapes or {}))
     costs: dict[str, Cost] = {}
@@ -258,6 +263,8 @@ def graph_costs(
         outs = [_info(v, types) for v in node.outputs]
         name = node.name or f"{node.op_type}_{index}"
         costs[name] = op_cost(node.op_type, ins, outs, _attribute_dict(node), node.domain)
+        if tensors is not None:
+            tensors[name] = (ins, outs)
     return costs
 
 
@@ -266,12 +273,12 @@ def _info(value: ir.Value, types: Mapping[str, tuple]) -> TensorInfo | None:
     if found is None:
         tensor = value.const_value
         if tensor is not None:
-            return TensorInfo(tuple(tensor.shape), _itemsize(tensor.dtype))
+            return TensorInfo(tuple(tensor.shape), _itemsize(tensor.dtype), tensor.dtype.name.lower())
         return None
-    shape, itemsize = found
+    shape, itemsize, dtype = found
     if shape is None or any(not isinstance(d, int) for d in shape):
         return None
-    return TensorInfo(tuple(shape), itemsize)
+    return TensorInfo(tuple(shape), itemsize, dtype)
 
 
 def _itemsize(dtype: ir.DataType | None) -> float:
@@ -281,12 +288,17 @@ def _itemsize(dtype: ir.DataType | None) -> float:
 
 
 def _inferred(model: ir.Model, shapes: dict[str, Sequence[int]]) -> dict[str, tuple]:
-    """Value name -> (shape or None, itemsize) after ONNX shape inference at these shapes."""
+    """Value name -> (shape or None, itemsize, dtype name) after shape inference at these shapes.
+
+    ONNX's inference first; where it leaves dims unknown (its data propagation loses the
+    batch through exporters' Shape/Gather/Concat/Expand chains, e.g. torch's BERT), ONNX
+    Runtime's symbolic shape inference tool fills them in when it is importable.
+    """
     import onnx
 
     from gcomp.passes.weightless import call_without_weights
 
-    def infer(proto):
+    def fix_inputs(proto):
         for inp in proto.graph.input:
             if inp.name in shapes and inp.type.HasField("tensor_type"):
                 dims = inp.type.tensor_type.shape.dim
@@ -295,13 +307,39 @@ def _inferred(model: ir.Model, shapes: dict[str, Sequence[int]]) -> dict[str, tu
                     dims.add().dim_value = int(d)
         # value_info the model declared may carry symbolic dims that now conflict.
         del proto.graph.value_info[:]
-        try:
-            return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
-                                                     data_prop=True)
-        except Exception:
-            return proto
+        return proto
 
-    proto = call_without_weights(infer, model)
+    def infer(proto):
+        proto = fix_inputs(proto)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
+                                                         data_prop=True)
+        except Exception:
+            inferred = proto
+        out = _read_types(inferred)
+        if shapes and any(t[0] is None or None in t[0] for t in out.values()) or len(out) < _value_count(proto):
+            try:
+                from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+                better = _read_types(SymbolicShapeInference.infer_shapes(proto, auto_merge=True))
+            except Exception:  # a tool for what ONNX's inference missed: best effort
+                better = {}
+            for name, (shape, itemsize, dtype) in better.items():
+                known = out.get(name, (None,))[0]
+                if shape is not None and None not in shape and (known is None or None in known):
+                    out[name] = (shape, itemsize, dtype)
+        return out
+
+    return call_without_weights(infer, model)
+
+
+def _value_count(proto) -> int:
+    return len(proto.graph.input) + sum(len(n.output) for n in proto.graph.node)
+
+
+def _read_types(proto) -> dict[str, tuple]:
+    import onnx
+
     out: dict[str, tuple] = {}
     for info in (*proto.graph.input, *proto.graph.value_info, *proto.graph.output):
         if not info.type.HasField("tensor_type"):
@@ -310,8 +348,8 @@ def _inferred(model: ir.Model, shapes: dict[str, Sequence[int]]) -> dict[str, tu
         name = onnx.TensorProto.DataType.Name(tt.elem_type).lower() if tt.elem_type else "float"
         itemsize = DTYPE_BYTES.get(name, 4)
         if not tt.HasField("shape"):
-            out.setdefault(info.name, (None, itemsize))
+            out.setdefault(info.name, (None, itemsize, name))
             continue
         dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-        out.setdefault(info.name, (dims, itemsize))
+        out.setdefault(info.name, (dims, itemsize, name))
     return out

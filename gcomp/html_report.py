@@ -42,6 +42,8 @@ def _fmt(value: float | None, digits: int = 3) -> str:
         return "–"
     if value == 0:
         return "0"
+    if float(value).is_integer() and abs(value) < 1e6:
+        return f"{int(value)}"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:.{digits}g}" if abs(value) < 10 else f"{value:.1f}"
@@ -378,7 +380,8 @@ def _timeline(timeline: list[dict[str, Any]], colors: dict[str, str], width: int
                    f"{k['dur_ms']:.3f} ms at {k['start_ms']:.3f} ms</title></rect>")
     for t in _nice_ticks(0, end, 8):
         x = ml + pw * t / end
-        out.append(f"<text x=\"{x:.1f}\" y=\"{lane * 2 + 20}\" text-anchor=\"middle\" font-size=\"11\">{t:g} ms</text>")
+        anchor = "start" if t == 0 else "end" if x > width - 40 else "middle"
+        out.append(f"<text x=\"{x:.1f}\" y=\"{lane * 2 + 20}\" text-anchor=\"{anchor}\" font-size=\"11\">{t:g} ms</text>")
     out.append("</svg>")
     return "".join(out)
 
@@ -554,8 +557,8 @@ def _profile_sections(doc: dict[str, Any], *, prefix: str = "p", top: int = 20) 
          f"{(totals.get('graph_macs') or totals.get('macs') or 0) / 1e9:.2f} G multiply-adds"),
         ("achieved", f"{achieved:.1f} GFLOP/s" if achieved else "–",
          f"{achieved / peak * 100:.0f}% of {peak:.0f} measured peak" if achieved and peak else ""),
-        ("time in ops", f"{coverage * 100:.0f}%" if coverage else "–",
-         f"compute-bound {compute_ms / op_total * 100:.0f}% · memory-bound {memory_ms / op_total * 100:.0f}%"),
+        ("kernel time", f"{op_total:.2f} ms", (f"{coverage * 100:.0f}% of the median run · " if coverage else "")
+         + f"compute-bound {compute_ms / op_total * 100:.0f}%, memory-bound {memory_ms / op_total * 100:.0f}%"),
         ("kernels", str(len(ops)), f"{model.get('nodes', '?')} graph nodes, {model.get('parameters', 0) / 1e6:.2f} M params"),
         ("peak memory", _bytes(mem.get("peak_rss_bytes")), "process RSS" + (
             f" · GPU {_bytes(mem['gpu_peak_bytes'])}" if mem.get("gpu_peak_bytes") else "")),
@@ -667,8 +670,9 @@ def _optimize_page(doc: dict[str, Any]) -> tuple[str, str, str]:
         ("verification", vtext, vsub),
     ]
     if pb and pa:
-        speed = pb["latency"]["mean_ms"] / pa["latency"]["mean_ms"] if pa["latency"]["mean_ms"] else None
-        cards.insert(0, ("latency", f"{pb['latency']['mean_ms']:.2f} → {pa['latency']['mean_ms']:.2f} ms",
+        # Medians: a busy machine's outliers move the mean of a short run a lot.
+        speed = pb["latency"]["p50_ms"] / pa["latency"]["p50_ms"] if pa["latency"]["p50_ms"] else None
+        cards.insert(0, ("median latency", f"{pb['latency']['p50_ms']:.2f} → {pa['latency']['p50_ms']:.2f} ms",
                          f"{speed:.2f}× on {_e(pa['backend'].get('name'))}/{_e(pa['backend'].get('target'))}" if speed else ""))
     parts = [_section("Summary", "", _cards(cards), "summary")]
     parts.append(_section("Pipeline", "Graph nodes before the pipeline and after every pass that changed the model.",
@@ -701,10 +705,10 @@ def _optimize_page(doc: dict[str, Any]) -> tuple[str, str, str]:
 
 def _comparison_charts(profiles: list[dict[str, Any]], labels: list[str]) -> str:
     lat_rows = []
-    base = profiles[0]["latency"]["mean_ms"]
+    base = profiles[0]["latency"]["p50_ms"]
     for label, p in zip(labels, profiles):
         lat = p["latency"]
-        ratio = base / lat["mean_ms"] if lat["mean_ms"] else None
+        ratio = base / lat["p50_ms"] if lat["p50_ms"] else None
         lat_rows.append([(_e(label), label), (f"{lat['mean_ms']:.3f}", lat["mean_ms"]), (f"{lat['p50_ms']:.3f}", lat["p50_ms"]),
                          (f"{lat['p99_ms']:.3f}", lat["p99_ms"]), (f"{lat['min_ms']:.3f}", lat["min_ms"]),
                          (f"{ratio:.2f}×" if ratio else "–", ratio),
@@ -713,7 +717,7 @@ def _comparison_charts(profiles: list[dict[str, Any]], labels: list[str]) -> str
                          (str(len(p.get("ops", []))), len(p.get("ops", []))),
                          (_e(f"{p['backend'].get('name')}/{p['backend'].get('target')}"), p["backend"].get("name"))])
     table = _table("cmp-latency", [("profile", False), ("mean ms", True), ("p50", True), ("p99", True), ("min", True),
-                                   ("speed-up vs first", True), ("GFLOP/s", True), ("kernels", True), ("backend", False)],
+                                   ("median speed-up vs first", True), ("GFLOP/s", True), ("kernels", True), ("backend", False)],
                    lat_rows)
     lat_chart = _grouped_hbars(["mean", "p50", "p99"], [
         (label, [p["latency"]["mean_ms"], p["latency"]["p50_ms"], p["latency"]["p99_ms"]])

@@ -165,8 +165,9 @@ class Profile:
         # ("<value>_nchwc", or the value itself): that value's producer is the graph node
         # the kernel ends with.
         producers = {v.name: n for n in model.graph for v in n.outputs if v.name}
+        graph_tensors: dict[str, tuple[list, list]] = {}
         try:
-            graph_cost = fl.graph_costs(model, input_shapes)
+            graph_cost = fl.graph_costs(model, input_shapes, tensors=graph_tensors)
         except Exception:  # shape inference is best effort; rows priced by their own shapes
             graph_cost = {}
         m = rl.machine(calibrate=calibrate)
@@ -184,6 +185,12 @@ class Profile:
             # runtime's trace can omit inputs (ORT drops weights it pre-packed, e.g. Gemm's B).
             # A kernel the runtime made is priced from the shapes its trace reports.
             cost = graph_cost.get(op.node) if node is not None and node.name == op.node else None
+            if cost is not None and op.node in graph_tensors:
+                ins, outs = graph_tensors[op.node]
+                if op.inputs is None or len(op.inputs) < len(ins):  # e.g. a pre-packed weight left out
+                    op.inputs = [_tensor_dict(t) for t in ins]
+                if op.outputs is None:
+                    op.outputs = [_tensor_dict(t) for t in outs]
             if (cost is None or cost.flops is None) and op.inputs is not None and op.outputs is not None:
                 attrs = fl._attribute_dict(node) if node is not None else {}
                 cost = fl.op_cost(op.op_type, [_tensor_info(t) for t in op.inputs],
@@ -212,9 +219,10 @@ class Profile:
             "unpriced_ops": sum(1 for o in self.ops if o.flops is None),
             "graph_flops": sum(f for f in graph_flops if f is not None) if graph_cost else None,
             "graph_macs": sum(c.macs or 0 for c in graph_cost.values()) if graph_cost else None,
-            "achieved_gflops_per_s": flops_total / (self.latency.mean_ms / 1e3) / 1e9
-            if self.latency.mean_ms > 0 else None,
-            "op_time_over_latency": op_time / self.latency.mean_ms if self.latency.mean_ms > 0 else None,
+            # Medians: on a busy machine a few slow runs move the mean a lot.
+            "achieved_gflops_per_s": flops_total / (self.latency.p50_ms / 1e3) / 1e9
+            if self.latency.p50_ms > 0 else None,
+            "op_time_over_latency": op_time / self.latency.p50_ms if self.latency.p50_ms > 0 else None,
         }
         return self
 
@@ -251,7 +259,14 @@ def _tensor_info(t: dict[str, Any] | None):
 
     if not t or t.get("shape") is None or any(not isinstance(d, int) or d < 0 for d in t["shape"]):
         return None
-    return TensorInfo(tuple(t["shape"]), DTYPE_BYTES.get(str(t.get("dtype", "float")).lower(), 4))
+    dtype = str(t.get("dtype", "float")).lower()
+    return TensorInfo(tuple(t["shape"]), DTYPE_BYTES.get(dtype, 4), dtype)
+
+
+def _tensor_dict(t) -> dict[str, Any] | None:
+    if t is None:
+        return None
+    return {"dtype": t.dtype or "float", "shape": list(t.shape)}
 
 
 def environment() -> dict[str, Any]:

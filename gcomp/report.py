@@ -224,16 +224,16 @@ def _unfolded(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _latency_table(labels: list[str], docs: list[dict[str, Any]]) -> str:
-    base = docs[0]["latency"]["mean_ms"]
+    base = docs[0]["latency"]["p50_ms"]
     rows = []
     for label, d in zip(labels, docs):
         lat, totals = d["latency"], d.get("totals") or {}
         gf = totals.get("achieved_gflops_per_s")
         rows.append([label, f"{d['backend'].get('name')}/{d['backend'].get('target')}", f"{lat['mean_ms']:.3f}",
                      f"{lat['p50_ms']:.3f}", f"{lat['p99_ms']:.3f}",
-                     f"{base / lat['mean_ms']:.2f}x" if lat["mean_ms"] else "-", f"{gf:.1f}" if gf else "-",
+                     f"{base / lat['p50_ms']:.2f}x" if lat["p50_ms"] else "-", f"{gf:.1f}" if gf else "-",
                      len(d.get("ops", []))])
-    return _table(["", "backend", "mean ms", "p50", "p99", "speed-up vs first", "GFLOP/s", "kernels"], rows)
+    return _table(["", "backend", "mean ms", "p50", "p99", "median speed-up vs first", "GFLOP/s", "kernels"], rows)
 
 
 def _compare_md(doc: dict[str, Any]) -> str:

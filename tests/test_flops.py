@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -12,6 +13,8 @@ from onnx import TensorProto, helper
 from gcomp import flops, roofline
 from gcomp.flops import TensorInfo, graph_costs, op_cost
 from tests.conftest import make_model, tensor, vinfo
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def t(*shape, itemsize=4):
@@ -157,3 +160,21 @@ def _no_sysfs(original):
 def test_dtype_sizes_cover_onnx_float_types():
     for name in ("FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE", "INT8", "INT64", "BOOL"):
         assert TensorProto.DataType.Value(name) and name.lower() in flops.DTYPE_BYTES
+
+
+def test_exporter_shape_chains_are_priced_at_concrete_shapes():
+    """The default transformer computes Reshape targets from Shape/Gather/Concat chains, where
+    ONNX's own inference loses dims; every node is still priced, projections by hand."""
+    from gcomp import io
+
+    model = io.load(REPO / "models" / "default.onnx")
+    costs = graph_costs(model, {"input_ids": (2, 16)})
+    assert all(c.flops is not None for c in costs.values()), [n for n, c in costs.items() if c.flops is None]
+    projections = 0
+    for node in model.graph:
+        weight = node.inputs[1].const_value if node.op_type == "MatMul" else None
+        if weight is not None:
+            k, n = weight.shape
+            assert costs[node.name].macs == 2 * 16 * k * n, node.name
+            projections += 1
+    assert projections >= 4

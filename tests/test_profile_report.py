@@ -198,7 +198,7 @@ def test_renderers(fused):
     cmp = compare_document([fused.to_dict(), fused.to_dict()])
     jsonschema.validate(cmp, schema())
     assert cmp["labels"][0] != cmp["labels"][1]
-    assert "speed-up vs first" in render_markdown(cmp) and "Per node" in render_html(cmp)
+    assert "median speed-up vs first" in render_markdown(cmp) and "Per node" in render_html(cmp)
 
 
 def test_profile_command_writes_html_and_trace_quietly(tmp_path):
