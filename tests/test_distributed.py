@@ -76,6 +76,15 @@ def test_two_hosts_on_loopback_with_a_hostfile(block_path, tmp_path):
 def test_a_rank_error_is_one_line_and_no_rank_hangs(block_path):
     r = _gcomp("run", block_path, "--shard", "dp=2", "--input-shape", "input_ids=3,8", timeout=120)
     assert r.returncode != 0
+    # planned before any process starts: one line
+    assert r.stderr.strip().splitlines() == ["gcomp: error: tensor 'input_ids': axis 0 of size 3 is not divisible by dp=2"]
+    # a rank that fails under MPI prints one line and aborts the others (no hang)
+    from gcomp.distributed.launch import find_mpiexec
+
+    params = json.dumps({"model": str(block_path), "shard": "dp=2", "input_shapes": ["input_ids=3,8"]})
+    r = subprocess.run([find_mpiexec(), "-n", "2", sys.executable, "-m", "gcomp.distributed.launch", params],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode != 0
     assert "gcomp: error: tensor 'input_ids': axis 0 of size 3 is not divisible by dp=2" in r.stderr
     assert "Traceback" not in r.stderr
 

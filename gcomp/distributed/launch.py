@@ -71,7 +71,20 @@ def run_command(params: dict, echo=print) -> int:
         return _execute(params, shard, simulate=True, echo=echo)
     if under_mpi():
         return _execute(params, shard, simulate=False, echo=echo)
+    _validate(params, shard, mesh)
     return _launch(params, shard, mesh.size)
+
+
+def _validate(params: dict, shard: str | None, mesh) -> None:
+    """Plan once here, so a bad plan or input is one clean error before any process starts."""
+    from gcomp.distributed.runner import _load, local_feeds, make_feeds, prepare
+    from gcomp.inputs import parse_input_shapes
+
+    model = _load(params["model"])
+    feeds = make_feeds(model, mesh, params.get("inputs"), parse_input_shapes(params.get("input_shapes") or ()))
+    prepared = prepare(model, shard, feeds)
+    for rank in range(mesh.size):
+        local_feeds(prepared, feeds, rank)
 
 
 def _launch(params: dict, shard: str | None, n: int) -> int:
@@ -138,7 +151,8 @@ def _execute(params: dict, shard: str | None, *, simulate: bool, echo) -> int:
 
 
 def shard_command(params: dict, echo=print) -> int:
-    """``gcomp shard``: annotate (IR v11), print the summary, optionally write per-rank graphs."""
+    """``gcomp shard``: specialize to input shapes and fold (O1), plan, annotate (IR v11),
+    print the summary, optionally write per-rank graphs."""
     from gcomp import io
     from gcomp.passes.sharding import annotate, format_summary, partition, plan, summarize
 
@@ -146,13 +160,18 @@ def shard_command(params: dict, echo=print) -> int:
     output = Path(params["output"])
     io.check_writable(output, source=source)
     model = io.load(source)
-    input_shapes = params.get("input_shapes")
-    if input_shapes:
-        from gcomp.distributed.runner import _specialize
-        from gcomp.inputs import generate_inputs, parse_input_shapes
+    from gcomp.distributed.runner import _specialize, make_feeds
+    from gcomp.inputs import parse_input_shapes
+    from gcomp.passes.sharding import parse_mesh
 
-        feeds, _ = generate_inputs(model, shapes=parse_input_shapes(input_shapes))
-        model = _specialize(model, feeds)
+    # Plans are made on static shapes (exporters compute reshape targets from Shape chains
+    # that only fold when the dims are known); without --input-shape, gcomp's defaults.
+    input_shapes = parse_input_shapes(params.get("input_shapes") or ())
+    feeds = make_feeds(model, parse_mesh(params["shard"]), None, input_shapes)
+    if not input_shapes and not params.get("json"):
+        shapes = " ".join(f"--input-shape {k}={','.join(map(str, v.shape))}" for k, v in feeds.items())
+        echo(f"note: planned for the input shapes {shapes}")
+    model = _specialize(model, feeds)
     overrides = dict(o.split("=", 1) for o in params.get("overrides") or ())
     p = plan(model, params["shard"], overrides=overrides)
     summary = summarize(model, p)

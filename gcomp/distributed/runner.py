@@ -106,13 +106,15 @@ def prepare(model, shard: str | Mesh | None, feeds: Mapping[str, np.ndarray], *,
     return Prepared(m, mesh, plan, layouts)
 
 
-def _specialize(m: ir.Model, feeds: Mapping[str, np.ndarray]) -> ir.Model:
+def _specialize(m: ir.Model, feeds: Mapping[str, np.ndarray] | None) -> ir.Model:
+    """Fix input shapes to ``feeds``' (if given), fold with O1, and infer every shape:
+    exporters' Shape/Gather/Concat chains become constants the planner can read."""
     from onnx_ir.passes.common import ShapeInferencePass
 
     import gcomp
 
     for v in m.graph.inputs:
-        if v.name in feeds and v.const_value is None:
+        if feeds and v.name in feeds and v.const_value is None:
             v.shape = ir.Shape(list(np.asarray(feeds[v.name]).shape))
     m = gcomp.optimize(m, "O1", verify=False).model
     return ShapeInferencePass()(m).model
