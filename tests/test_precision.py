@@ -534,3 +534,38 @@ def test_converts_after_fusion(level):
     assert not any("unknown element type" in k for k in details["kept_fp32"])
     unfused = count_casts(convert(zoo_model("transformer"))[0])
     assert details["casts"] < unfused
+
+
+def _branches_model(n: int, bad: set[int]):
+    """n independent branches y_i = Exp(c_i x_i) W; c_i = 10 for ``bad`` and 0.1 otherwise.
+    Fed x = 1 - 2**-12 (halfway between two fp16 numbers), an fp16 Exp there is off by
+    10 * 2**-12 = 2.4e-3 of the output for a bad branch and 2.4e-5 for a good one."""
+    nodes, inputs, outputs, inits = [], [], [], []
+    for i in range(n):
+        nodes += [
+            helper.make_node("Mul", [f"x{i}", f"c{i}"], [f"m{i}"]),
+            helper.make_node("Exp", [f"m{i}"], [f"e{i}"]),
+            helper.make_node("MatMul", [f"e{i}", f"W{i}"], [f"y{i}"]),
+        ]
+        inputs.append(vinfo(f"x{i}", shape=(2, 8)))
+        outputs.append(vinfo(f"y{i}", shape=(2, 8)))
+        inits += [tensor(f"c{i}", np.float32(10.0 if i in bad else 0.1)),
+                  tensor(f"W{i}", np.eye(8, dtype=np.float32) * 0.01)]
+    return make_model(nodes, inputs, outputs, inits)
+
+
+@pytest.mark.slow
+def test_auto_search_scales_by_bisection():
+    """64 regions, 2 of which must stay fp32: found with O(k log n) emulated runs, not n."""
+    n, bad = 64, {9, 41}
+    step = ConvertPrecision(precision="auto", tolerance=1e-3)
+    step.feeds = {f"x{i}": np.full((2, 8), 1 - 2.0 ** -12, np.float32) for i in range(n)}
+    result = step(ir.from_proto(_branches_model(n, bad)))
+    model, details = result.model, result.details
+    check_valid(model)
+    exps = {n_.inputs[0].name: n_.outputs[0].dtype for n_ in model.graph if n_.op_type == "Exp"}
+    assert {name for name, t in exps.items() if t == ir.DataType.FLOAT} == {f"m{i}" for i in bad}
+    trials = [s for s in details["search"] if "trial" in s]
+    k = len(bad)
+    assert len(trials) <= 1 + 2 * k * np.log2(n / k), len(trials)  # 21 here; one at a time: 65
+    assert details["search"][-1] == {"regions": n, "regions_fp16": n - k, "regions_fp32": k}
