@@ -276,10 +276,9 @@ def _search(model, problem: Problem, build: dict, feeds, reference, tolerance: f
         if not group:
             return True
         union = set().union(*group)
-        if not known_bad:
-            if trial(accepted | union, f"{len(group)} region(s) more in fp16 (depth {depth})"):
-                accepted.update(union)
-                return True
+        if not known_bad and trial(accepted | union, f"{len(group)} region(s) more in fp16 (depth {depth})"):
+            accepted.update(union)
+            return True
         if len(group) == 1:
             return False
         mid = len(group) // 2
