@@ -51,6 +51,7 @@ class Fusion:
     emits: tuple[tuple[str, str, int], ...]  # (domain, op_type, opset version that has it)
     summary: str
     module: str = ""
+    needs: frozenset[str] = frozenset()  # run only when one of these op types is in the model
 
     def allowed(self, target: str, opset: int) -> tuple[bool, str]:
         from gcomp.passes.fusion.targets import accepts
@@ -70,12 +71,17 @@ FUSIONS: list[Fusion] = []
 TARGET = "portable"
 
 
-def fusion(name: str, family: str, rules: Sequence[Any], emits: Sequence[tuple[str, str, int]], summary: str) -> Fusion:
-    """Register a fusion (catalogue order = application order)."""
+def fusion(name: str, family: str, rules: Sequence[Any], emits: Sequence[tuple[str, str, int]], summary: str,
+           *, needs: Sequence[str] = ()) -> Fusion:
+    """Register a fusion (catalogue order = application order).
+
+    ``needs``: op types of which at least one must be in the model for the rules to be
+    tried at all (a cheap filter: matching every rule at every node is the cost of fusion).
+    """
     for rule in rules:
         rule.name = rule.name or name
     module = sys._getframe(1).f_globals.get("__name__", "")
-    entry = Fusion(name, family, tuple(rules), tuple(emits), summary, module)
+    entry = Fusion(name, family, tuple(rules), tuple(emits), summary, module, frozenset(needs))
     FUSIONS[:] = [f for f in FUSIONS if f.name != name] + [entry]
     return entry
 
@@ -181,6 +187,8 @@ def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: str, *, expl
     for _ in range(MAX_ROUNDS):
         round_total = 0
         for f in runnable:
+            if f.needs and not (f.needs & _op_types(model)):
+                continue
             count = RewriteRuleSet(list(f.rules)).apply_to_model(model)
             fired[f.name] += count
             round_total += count
@@ -188,6 +196,8 @@ def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: str, *, expl
             break
     if explain:
         for f in runnable:
+            if f.needs and not (f.needs & _op_types(model)):
+                continue
             tracer = _basics.MatchingTracer()
             RewriteRuleSet(list(f.rules)).apply_to_model(model, tracer=tracer)
             reasons: list[str] = []
@@ -199,6 +209,14 @@ def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: str, *, expl
             if reasons:
                 near[f.name] = sorted(set(reasons))[:20]
     return FusionReport(fired, skipped, near)
+
+
+def _op_types(model: ir.Model) -> set[str]:
+    from gcomp.passes.scopes import all_scopes
+
+    return {node.op_type for scope in all_scopes(model) for node in scope} | {
+        node.op_type for f in model.functions.values() for node in f
+    }
 
 
 def _all_names(model: ir.Model) -> set[str]:

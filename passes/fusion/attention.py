@@ -223,6 +223,6 @@ def _rules(cls, prefix: str) -> list:
 
 fusion("ort-mha", "ort", _rules(MultiHeadAttention, "ort-mha"),
        [("com.microsoft", "MultiHeadAttention", 1)],
-       "head split + QK^T*scale (+mask) + softmax + PV + head merge -> com.microsoft MultiHeadAttention")
+       "head split + QK^T*scale (+mask) + softmax + PV + head merge -> com.microsoft MultiHeadAttention", needs=("Softmax",))
 fusion("attention", "portable", _rules(Attention23, "attention"), [("", "Attention", 23)],
-       "QK^T*scale (+mask) + softmax + PV on 4-D heads -> Attention (opset 23)")
+       "QK^T*scale (+mask) + softmax + PV on 4-D heads -> Attention (opset 23)", needs=("Softmax",))

@@ -86,9 +86,9 @@ def _rules(form: str, emit: str) -> list:
 
 
 fusion("gelu-erf", "portable", _rules("erf", "onnx"), [("", "Gelu", 20)],
-       "0.5*x*(1+erf(x/sqrt2)) -> Gelu (opset 20)")
+       "0.5*x*(1+erf(x/sqrt2)) -> Gelu (opset 20)", needs=("Erf",))
 fusion("gelu-tanh", "portable", _rules("tanh", "onnx"), [("", "Gelu", 20)],
-       "0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715x^3))) -> Gelu(approximate=tanh) (opset 20)")
+       "0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715x^3))) -> Gelu(approximate=tanh) (opset 20)", needs=("Tanh",))
 
 
 # ----------------------------------------------------------------------------- ORT
@@ -154,9 +154,10 @@ class _BiasGelu(pattern.RewriteRuleClassBase):
 
 fusion("ort-gelu", "ort", [_OnnxGeluToContrib.rule("ort-gelu"), *_rules("erf", "ort"), *_rules("tanh", "ort")],
        [("com.microsoft", "Gelu", 1), ("com.microsoft", "FastGelu", 1)],
-       "Gelu / decomposed GELU -> com.microsoft Gelu or FastGelu (any opset)")
+       "Gelu / decomposed GELU -> com.microsoft Gelu or FastGelu (any opset)", needs=("Gelu", "Erf", "Tanh"))
 fusion("ort-bias-gelu", "ort",
        [_BiasGelu.rule(f"ort-bias-gelu-{int(f)}{int(bf)}", fast=f, bias_first=bf) for f in (False, True)
         for bf in (False, True)],
        [("com.microsoft", "BiasGelu", 1), ("com.microsoft", "FastGelu", 1)],
-       "Gelu(x + b) -> com.microsoft BiasGelu(x, b); FastGelu(x + b) -> FastGelu(x, b)")
+       "Gelu(x + b) -> com.microsoft BiasGelu(x, b); FastGelu(x + b) -> FastGelu(x, b)",
+       needs=("Gelu", "FastGelu"))

@@ -141,8 +141,8 @@ def _rules(affine: str) -> list:
 # Widest form first over the whole graph: the bare form would otherwise match the Div
 # (visited before the Mul/Add that hold gamma and beta) and leave them unfused.
 fusion("layer-norm", "portable", _rules("full"), [("", "LayerNormalization", 17)],
-       "ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add -> LayerNormalization (opset 17)")
+       "ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add -> LayerNormalization (opset 17)", needs=("ReduceMean",))
 fusion("layer-norm-no-bias", "portable", _rules("scale"), [("", "LayerNormalization", 17)],
-       "the same without beta -> LayerNormalization (opset 17)")
+       "the same without beta -> LayerNormalization (opset 17)", needs=("ReduceMean",))
 fusion("layer-norm-no-affine", "portable", _rules("none"), [("", "LayerNormalization", 17)],
-       "the same without gamma and beta -> LayerNormalization with a unit scale (opset 17)")
+       "the same without gamma and beta -> LayerNormalization with a unit scale (opset 17)", needs=("ReduceMean",))

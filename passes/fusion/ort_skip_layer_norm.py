@@ -105,4 +105,4 @@ def _rules() -> list:
 
 
 fusion("ort-skip-layer-norm", "ort", _rules(), [("com.microsoft", "SkipLayerNormalization", 1)],
-       "Add(+bias) + LayerNormalization -> com.microsoft SkipLayerNormalization (sum kept as its 4th output)")
+       "Add(+bias) + LayerNormalization -> com.microsoft SkipLayerNormalization (sum kept as its 4th output)", needs=("LayerNormalization",))

@@ -97,6 +97,6 @@ def _rules(scaled: bool) -> list:
 
 
 fusion("rms-norm", "portable", _rules(True), [("", "RMSNormalization", 23)],
-       "x / sqrt(mean(x^2) + eps) * gamma -> RMSNormalization (opset 23)")
+       "x / sqrt(mean(x^2) + eps) * gamma -> RMSNormalization (opset 23)", needs=("ReduceMean",))
 fusion("rms-norm-no-scale", "portable", _rules(False), [("", "RMSNormalization", 23)],
-       "x / sqrt(mean(x^2) + eps) -> RMSNormalization with a unit scale (opset 23)")
+       "x / sqrt(mean(x^2) + eps) -> RMSNormalization with a unit scale (opset 23)", needs=("ReduceMean",))
