@@ -252,3 +252,32 @@ def test_model_proto_round_trip_keeps_gcomp_domain(tmp_path):
     assert sum(1 for n in proto.graph.node if n.domain == DOMAIN) == 2 * LAYERS
 
 
+
+
+def test_standard_specs_alone_give_the_weight_seeds(tmp_path):
+    """Another tool's IR v11 specs (no gcomp metadata) are enough to re-plan the weights."""
+    prepared, _ = _prepared("tp=2")
+    annotate(prepared.model, prepared.plan)
+    for key in ("gcomp.sharding.seeds", "gcomp.sharding.inputs"):
+        del prepared.model.metadata_props[key]
+    path = tmp_path / "specs_only.onnx"
+    io.save(prepared.model, path)
+    mesh, seeds = read_annotations(io.load(path))
+    weights = {k: v for k, v in prepared.plan.seeds.items() if k in prepared.model.graph.initializers}
+    assert str(mesh) == "tp=2" and weights and all(seeds[k] == v for k, v in weights.items())
+
+
+def test_shard_pass_in_a_pipeline_on_a_symbolic_model(tmp_path):
+    """The registered pass plans on a folded copy and annotates the model as it is."""
+    import gcomp
+
+    result = gcomp.optimize(_builder(), "O1,shard", shard="dp=2,tp=2")
+    assert result.verification.passed  # annotations change no numbers
+    model = result.model
+    assert [c.name for c in model.device_configurations] == ["gcomp:dp=2,tp=2"]
+    assert sum(len(n.device_configurations) for n in model.graph) >= 6 * LAYERS
+    path = tmp_path / "annotated.onnx"
+    io.save(model, path)
+    run = runner.run(path, None, simulate=True, check=True)
+    assert run.mesh == "dp=2,tp=2" and run.max_abs_error <= 1e-4
+    assert run.collectives == 2 * LAYERS + 1  # + the dp all-gather of the output

@@ -87,13 +87,26 @@ def format_summary(summary: dict) -> str:
 
 @register_pass("shard")
 class ShardPass(ir.passes.InPlacePass):
-    """Annotate the model with IR v11 sharding specs for a mesh (Megatron tp, batch dp)."""
+    """Annotate the model with IR v11 sharding specs for a mesh (Megatron tp, batch dp).
+
+    Main graph only. The plan's seeds are always recorded; the standard per-node specs are
+    complete where shapes are static (``gcomp shard --input-shape`` specializes first)."""
 
     def __init__(self, *, shard: Annotated[str, "mesh: tp=N, dp=N or dp=A,tp=B"] = "tp=2") -> None:
         super().__init__()
         self.mesh = parse_mesh(shard)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        p = plan(model, self.mesh)
-        annotate(model, p)
+        from gcomp.passes.sharding.propagate import propagate
+
+        from gcomp.distributed.runner import _specialize, make_feeds
+
+        # Structure is found on a folded copy with gcomp's default input shapes (exporters'
+        # Shape chains hide it otherwise); the seeds then annotate this model as it is.
+        copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        folded = _specialize(copy, make_feeds(copy, self.mesh))
+        found = plan(folded, self.mesh)
+        names = {v.name for v in model.graph.inputs} | set(model.graph.initializers)
+        seeds = {k: v for k, v in found.seeds.items() if k in names}
+        annotate(model, propagate(model, self.mesh, seeds, found.roles))
         return ir.passes.PassResult(model, modified=True)

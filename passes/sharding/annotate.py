@@ -11,8 +11,10 @@ What is written (standard ONNX, onnx >= 1.18, IR version 11):
   the other mesh axes) names a group key (``-1, -2, ...``) that
   ``index_to_device_group_map`` expands. Unlisted tensors are replicated.
 - gcomp's own keys in ``metadata_props``: ``gcomp.sharding.inputs`` (the graph inputs'
-  layouts, JSON) and, per node, ``gcomp.sharding.partial`` (outputs that are partial sums,
-  which ONNX's specs cannot express).
+  layouts, JSON), ``gcomp.sharding.seeds`` (the plan's seeds: what ``gcomp run`` re-plans
+  from after specializing to the input shapes) and, per node, ``gcomp.sharding.partial``
+  (outputs that are partial sums, which ONNX's specs cannot express). Without them, seeds
+  are read from the standard specs of constant inputs.
 
 :func:`check_annotations` validates what the onnx checker does not: configuration ids,
 axes in range, shard counts that divide static sizes, device lists of the right length,
@@ -40,6 +42,7 @@ from gcomp.passes.sharding.propagate import (
 
 CONFIG_PREFIX = "gcomp:"
 INPUTS_KEY = "gcomp.sharding.inputs"
+SEEDS_KEY = "gcomp.sharding.seeds"
 PARTIAL_KEY = "gcomp.sharding.partial"
 
 
@@ -61,6 +64,7 @@ def clear_annotations(model: ir.Model) -> None:
         if cfg.name.startswith(CONFIG_PREFIX):
             model.remove_device_configuration(cfg)
     model.metadata_props.pop(INPUTS_KEY, None)
+    model.metadata_props.pop(SEEDS_KEY, None)
 
 
 def _spec(v: ir.Value, lay: Layout, mesh: Mesh) -> ir.ShardingSpec:
@@ -97,6 +101,8 @@ def annotate(model: ir.Model, plan: Plan) -> int:
         specs = []
         for i, v in enumerate(node.inputs):
             lay = plan.required.get((node, i))
+            if v is not None and is_const(v) and v.name in plan.seeds and (lay is None or lay.is_replicated):
+                lay = plan.seeds[v.name]  # a split weight, even where shapes hid the rest of the plan
             if v is None or lay is None or all(d is None for d in lay.dims):
                 continue
             if any(sp.value is v for sp in specs):
@@ -119,6 +125,8 @@ def annotate(model: ir.Model, plan: Plan) -> int:
             count += len(specs)
     inputs = {v.name: _layout_json(plan.layout(v)) for v in model.graph.inputs if v.const_value is None}
     model.metadata_props[INPUTS_KEY] = json.dumps(inputs, sort_keys=True)
+    seeds = {name: _layout_json(lay) for name, lay in plan.seeds.items()}
+    model.metadata_props[SEEDS_KEY] = json.dumps(seeds, sort_keys=True)
     model.ir_version = max(model.ir_version, 11)
     return count
 
@@ -182,15 +190,17 @@ def read_annotations(model: ir.Model) -> tuple[Mesh, dict[str, Layout]] | None:
                     continue
                 s = shape_of(v)
                 seeds[v.name] = _layout_of_spec(spec, len(s), mesh, f"tensor '{v.name}'")
-    raw = model.metadata_props.get(INPUTS_KEY)
-    if raw:
+    for key in (INPUTS_KEY, SEEDS_KEY):  # gcomp's own record wins over what the specs imply
+        raw = model.metadata_props.get(key)
+        if not raw:
+            continue
         try:
             data = json.loads(raw)
-        except json.JSONDecodeError:
-            raise ShardingError(f"metadata {INPUTS_KEY} is not valid JSON") from None
-        for name, lay in data.items():
-            if any(d is not None for d in lay):
-                seeds[name] = _layout_from_json(lay)
+            for name, lay in data.items():
+                if any(d is not None for d in lay):
+                    seeds[name] = _layout_from_json(lay)
+        except (json.JSONDecodeError, AttributeError, TypeError, IndexError, ValueError):
+            raise ShardingError(f"metadata {key} is not a valid gcomp layout record") from None
     return mesh, seeds
 
 
