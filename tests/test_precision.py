@@ -569,3 +569,23 @@ def test_auto_search_scales_by_bisection():
     k = len(bad)
     assert len(trials) <= 1 + 2 * k * np.log2(n / k), len(trials)  # 21 here; one at a time: 65
     assert details["search"][-1] == {"regions": n, "regions_fp16": n - k, "regions_fp32": k}
+
+
+def test_resize_converts_its_data_but_never_its_scales():
+    """Resize's scales (tensor(float) in the schema) and roi stay fp32; X converts."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", ["c", "", "scales"], ["r"], mode="nearest"),
+        helper.make_node("Conv", ["r", "W"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    m = make_model(nodes, [vinfo("x", shape=(1, 4, 8, 8))], [vinfo("y", shape=(1, 4, 16, 16))],
+                   [tensor("W", np.random.default_rng(0).normal(0, 0.2, (4, 4, 3, 3)).astype(np.float32)),
+                    tensor("scales", np.array([1, 1, 2, 2], np.float32))])
+    model, _ = convert(ir.from_proto(m))
+    check_valid(model)
+    resize = next(n for n in model.graph if n.op_type == "Resize")
+    assert resize.inputs[0].dtype == ir.DataType.FLOAT16
+    assert resize.inputs[2].dtype == ir.DataType.FLOAT
+    assert count_casts(model) == 2  # only the fp32 interface
+    feeds = {"x": np.random.default_rng(1).uniform(0, 1, (1, 4, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(ort_run(model, feeds)["y"], ort_run(m, feeds)["y"], rtol=1e-2, atol=1e-2)

@@ -4,7 +4,8 @@ Three kinds of op, by what reduced precision does to them:
 
 - **sensitive** (:data:`SENSITIVE`): their result depends on sums over many elements
   or on an exponential's range — reductions and norm statistics, Softmax/LogSoftmax,
-  Exp/Log/Pow, cumulative ops, Range and the scale/size inputs of Resize. They keep fp32
+  Exp/Log/Pow, cumulative ops, Range (Resize converts its data; its scales, sizes and
+  roi stay fp32 by the slot rule below). They keep fp32
   (in ``auto`` mode they are candidates the search may convert when the tolerance
   allows). Fused norms and attention (LayerNormalization, RMSNormalization,
   SkipLayerNormalization, Attention, ...) are *not* sensitive: ONNX and ORT define their
@@ -47,8 +48,9 @@ SENSITIVE = frozenset({
     "MeanVarianceNormalization",
     # exponentials and their range
     "Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Softplus",
-    # cumulative and index-producing arithmetic
-    "CumSum", "CumProd", "Range", "Resize", "Upsample",
+    # cumulative and index-producing arithmetic (Resize/Upsample are not here: their data
+    # converts, and their scales/sizes/roi slots stay fp32 by the schema rule below)
+    "CumSum", "CumProd", "Range",
     # norms that are not fused into a stash_type=1 op
     "InstanceNormalization", "GroupNormalization",
 })
