@@ -63,6 +63,18 @@ def test_run_launches_two_mpi_ranks_and_equals_unsharded(block_path, tmp_path):
 
 
 @needs_mpi
+def test_run_under_a_users_mpirun(block_path):
+    """``mpirun -n 2 gcomp run ...``: each process runs its rank; rank 0 alone reports."""
+    from gcomp.distributed.launch import find_mpiexec
+
+    r = subprocess.run([find_mpiexec(), "-n", "2", *GCOMP, "run", str(block_path), "--shard", "tp=2", "--check",
+                        "--json"], capture_output=True, text=True, timeout=240, cwd=REPO, check=False)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)  # one document: the other rank printed nothing
+    assert doc["simulated"] is False and doc["check"] == "passed" and doc["collectives"] == 4
+
+
+@needs_mpi
 def test_two_hosts_on_loopback_with_a_hostfile(block_path, tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text("localhost:1\n127.0.0.1:1\n")
