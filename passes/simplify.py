@@ -10,7 +10,8 @@ the node. Each is exact (bit-identical outputs) under the stated conditions:
 - merges: ``Transpose(Transpose(x, p), q) = Transpose(x, p∘q)``;
   ``Reshape(Reshape(x, a), b) = Reshape(x, b)`` when ``b`` is constant without zeros
   (a zero would copy a dim of the intermediate shape); ``Unsqueeze(Squeeze(x, a), a)``
-  and ``Squeeze(Unsqueeze(x, a), a)`` = ``x``.
+  and ``Squeeze(Unsqueeze(x, a), a)`` = ``x``; ``Unsqueeze(Unsqueeze(x, a), b)`` =
+  ``Unsqueeze(x, c)`` (one node; c: every inserted axis's final position).
 - identities: ``x*1``, ``1*x``, ``x+0``, ``0+x``, ``x-0``, ``x/1``, ``x**1`` when the constant
   is that value everywhere, the output has ``x``'s dtype and broadcasting cannot change
   ``x``'s shape (every dim of the constant is 1 and ``x``'s rank is known and at least the
@@ -280,6 +281,41 @@ def _squeeze_pair(scope, node, ctx: Context) -> bool:
     return True
 
 
+def _unsqueeze_unsqueeze(scope, node, ctx: Context) -> bool:
+    """``Unsqueeze(Unsqueeze(x, a), b) = Unsqueeze(x, c)``: c holds the final positions of
+    every inserted axis (b's as given; a's shifted past the b positions)."""
+    inner = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if (inner is None or inner.op_type != "Unsqueeze" or inner.domain not in ("", "ai.onnx")
+            or inner.graph is not scope or not _single_use(inner.outputs[0])):
+        return False
+    a, b = _ints(ctx, inner, 1, "axes"), _ints(ctx, node, 1, "axes")
+    if not a or not b:
+        return False
+    x = inner.inputs[0]
+    rank = len(x.shape) if x is not None and x.shape is not None else None
+    if rank is None and (min(a) < 0 or min(b) < 0):
+        return False
+    mid = (rank + len(a)) if rank is not None else None
+    final = (mid + len(b)) if mid is not None else max(b) + 1
+    a_norm = sorted(v % mid if mid is not None else v for v in a)
+    b_norm = sorted(v % final if rank is not None else v for v in b)
+    if rank is None:
+        final = max([*b_norm, *(v + len(b) for v in a_norm)]) + 1  # enough room to place a's axes
+    kept = [i for i in range(final + len(a)) if i not in b_norm]
+    if len(set(a_norm)) != len(a_norm) or len(set(b_norm)) != len(b_norm) or max(a_norm) >= len(kept):
+        return False
+    combined = sorted([kept[i] for i in a_norm] + b_norm)
+    node.replace_input_with(0, x)
+    if ctx.opset >= 13:
+        const = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(combined, dtype=np.int64))})
+        scope.insert_before(node, const)
+        node.replace_input_with(1, const.outputs[0])
+    else:
+        node.attributes["axes"] = ir.AttrInt64s("axes", combined)
+    _remove_if_dead(scope, inner)
+    return True
+
+
 # ------------------------------------------------------------------ identities
 
 
@@ -405,7 +441,7 @@ RULES: dict[str, list[Rule]] = {
     "Pad": [_pad_zero],
     "Slice": [_slice_everything],
     "Squeeze": [_squeeze_pair],
-    "Unsqueeze": [_squeeze_nothing, _squeeze_pair],
+    "Unsqueeze": [_squeeze_nothing, _squeeze_pair, _unsqueeze_unsqueeze],
     "Mul": [_identity_operand(1)],
     "Div": [_identity_operand(1)],
     "Pow": [_identity_operand(1)],

@@ -163,3 +163,26 @@ def test_rewritten_graph_output_keeps_its_name():
 def test_every_rule_is_exercised():
     covered = {"Cast", "Reshape", "Expand", "Transpose", "Dropout", "Pad", "Slice", "Squeeze", "Unsqueeze", "Mul", "Div", "Pow", "Add", "Sub", "If"}
     assert set(RULES) == covered
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+@pytest.mark.parametrize("a,b", [([1], [2]), ([0], [0]), ([-1], [1]), ([0, 2], [1, -1]), ([1], [0, 3])])
+def test_unsqueeze_chain_merges(rng, opset, a, b):
+    from onnx import helper
+
+    from tests.conftest import assert_same_outputs, make_model, tensor, vinfo
+
+    if opset >= 13:
+        nodes = [helper.make_node("Unsqueeze", ["x", "a"], ["u"]), helper.make_node("Unsqueeze", ["u", "b"], ["y"])]
+        inits = [tensor("a", np.array(a, np.int64)), tensor("b", np.array(b, np.int64))]
+    else:
+        nodes = [helper.make_node("Unsqueeze", ["x"], ["u"], axes=a), helper.make_node("Unsqueeze", ["u"], ["y"], axes=b)]
+        inits = []
+    proto = make_model(nodes, [vinfo("x", shape=(3, 4))], [helper.make_tensor_value_info("y", 1, None)], inits,
+                       opset=opset)
+    model = ir.serde.deserialize_model(proto)
+    from gcomp.passes.simplify import Simplify
+
+    assert Simplify()(model).modified
+    assert [n.op_type for n in model.graph if n.op_type != "Constant"] == ["Unsqueeze"]
+    assert_same_outputs(proto, model, {"x": rng.standard_normal((3, 4)).astype(np.float32)})

@@ -1,0 +1,287 @@
+"""Benchmark gcomp's fusion pipelines (O2, O3 for ONNX Runtime) against ORT's own optimizer.
+
+Usage (from the repository root)::
+
+    .venv/bin/python bench/bench_fusion.py                          # the zoo, 30 timed runs each
+    .venv/bin/python bench/bench_fusion.py --models torch_bert,cnn --runs 50
+    .venv/bin/python bench/bench_fusion.py --md bench/FUSION.md --json bench/fusion_results.json
+
+For every model, in one process and one run, on ONNX Runtime's CPU provider with
+``ORT_ENABLE_ALL`` and ``--threads`` intra-op threads (2 by default, the CI machine):
+
+* ``original``   the model as exported / built, optimized online by ORT alone (the baseline);
+* ``gcomp-O2``   ``gcomp.optimize(model, "O2")``: portable fusions (standard ONNX ops);
+* ``gcomp-O3``   ``gcomp.optimize(model, "O3", target="ort-cpu")``: plus com.microsoft ops;
+* ``ort-transformers`` (transformer models only) ``onnxruntime.transformers.optimizer``'s output.
+
+Sessions are created once; timed runs are interleaved (one run of each variant per
+round, ``--runs`` rounds, after ``--warmup`` rounds) so that machine noise hits all
+variants alike. The figure is the median latency; ratios are original / variant (above 1:
+faster than ORT alone). Every variant's outputs are compared with the original's on
+``ORT_DISABLE_ALL`` (max abs difference). It also counts nodes after O2 against onnxslim's
+default output, and fused ops against the transformers optimizer's.
+
+This is a benchmark, not a test: it is not collected by the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import bench_optimize as common  # noqa: E402  (zoo, exports, seeded inputs)
+
+DEFAULT_MODELS = (
+    "mlp", "cnn", "transformer", "transformer_l6_h256", "default",
+    "torch_bert", "torch_gpt2", "torch_vit", "torch_resnet", "torch_mobilenetv2",
+)
+TRANSFORMERS = {  # model -> onnxruntime.transformers model_type
+    "transformer": "bert", "transformer_l6_h256": "bert", "default": "bert",
+    "torch_bert": "bert", "torch_gpt2": "gpt2", "torch_vit": "vit",
+}
+HEADLINE = ("torch_bert", "torch_gpt2", "torch_vit")  # the issue's transformer geomean
+FUSED_OPS = (
+    "Attention", "MultiHeadAttention", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
+    "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "EmbedLayerNormalization",
+    "Gelu", "FastGelu", "BiasGelu", "FusedConv", "FusedMatMul", "Gemm",
+)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _session(path: Path, threads: int, level: str = "all"):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[level]
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _op_counts(path: Path) -> collections.Counter:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    counts: collections.Counter = collections.Counter()
+
+    def walk(graph):
+        for n in graph.node:
+            counts[n.op_type] += 1
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+                for g in a.graphs:
+                    walk(g)
+
+    walk(proto.graph)
+    return counts
+
+
+def _gcomp(src: Path, dst: Path, level: str) -> dict:
+    import gcomp
+
+    t0 = time.perf_counter()
+    options = {"target": "ort-cpu"} if level == "O3" else {}
+    result = gcomp.optimize(src, level, **options)
+    seconds = time.perf_counter() - t0
+    if not result.verification.passed:
+        raise RuntimeError(f"gcomp {level} did not verify: {result.verification.summary()}")
+    result.save(dst)
+    return {"seconds": seconds, "verification": result.verification.summary()}
+
+
+def _transformers_optimizer(src: Path, dst: Path, model_type: str) -> dict:
+    from onnxruntime.transformers import optimizer
+
+    t0 = time.perf_counter()
+    model = optimizer.optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0)
+    model.save_model_to_file(str(dst))
+    return {"seconds": time.perf_counter() - t0}
+
+
+def _onnxslim_nodes(src: Path) -> int | None:
+    try:
+        import onnx
+        import onnxslim
+    except ImportError:
+        return None
+    slimmed = onnxslim.slim(onnx.load(str(src)))
+    return sum(1 for _ in slimmed.graph.node)
+
+
+def _max_diff(ref: dict, got: dict) -> float:
+    import numpy as np
+
+    worst = 0.0
+    for name, a in ref.items():
+        b = got.get(name)
+        if b is None or a.shape != b.shape:
+            return math.inf
+        if a.dtype.kind in "fc":
+            worst = max(worst, float(np.nanmax(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0)
+        elif not np.array_equal(a, b):
+            return math.inf
+    return worst
+
+
+def bench_model(name: str, folder: Path, cache: Path, runs: int, warmup: int, threads: int) -> dict:
+    zoo = common._zoo()
+    src = common._materialize(name, zoo[name][1], folder, cache, _log)
+    variants: dict[str, Path] = {"original": src}
+    row: dict = {"model": name, "source": zoo[name][0], "variants": {}}
+    for level in ("O2", "O3"):
+        dst = folder / f"{name}.{level}.onnx"
+        info = _gcomp(src, dst, level)
+        variants[f"gcomp-{level}"] = dst
+        row["variants"][f"gcomp-{level}"] = info
+    if name in TRANSFORMERS:
+        dst = folder / f"{name}.ort-transformers.onnx"
+        try:
+            row["variants"]["ort-transformers"] = _transformers_optimizer(src, dst, TRANSFORMERS[name])
+            variants["ort-transformers"] = dst
+        except Exception as e:  # noqa: BLE001  (a peer failing is a result, not a crash)
+            row["variants"]["ort-transformers"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    row["variants"].setdefault("original", {})
+
+    feeds = common.make_inputs(src)
+    reference = common.run_ort(src, feeds)
+    sessions = {}
+    for key, path in variants.items():
+        sess = _session(path, threads)
+        wanted = {i.name for i in sess.get_inputs()}
+        sessions[key] = (sess, {k: v for k, v in feeds.items() if k in wanted})
+        got = common.run_ort(path, feeds)
+        row["variants"][key]["max_abs_diff"] = _max_diff(reference, got)
+        counts = _op_counts(path)
+        row["variants"][key]["nodes"] = sum(counts.values())
+        row["variants"][key]["fused_ops"] = {op: counts[op] for op in FUSED_OPS if counts.get(op)}
+    samples = {key: [] for key in sessions}
+    for round_ in range(warmup + runs):
+        for key, (sess, f) in sessions.items():
+            t0 = time.perf_counter()
+            sess.run(None, f)
+            if round_ >= warmup:
+                samples[key].append((time.perf_counter() - t0) * 1e3)
+    base = statistics.median(samples["original"])
+    for key, values in samples.items():
+        med = statistics.median(values)
+        row["variants"][key]["median_ms"] = med
+        row["variants"][key]["speedup"] = base / med
+    row["onnxslim_nodes"] = _onnxslim_nodes(src)
+    return row
+
+
+def _geomean(values):
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def render_md(rows: list[dict], args) -> str:
+    import platform
+
+    lines = [
+        "# Fusion: gcomp O2 / O3 vs ONNX Runtime's own optimizer",
+        "",
+        f"`{' '.join(['.venv/bin/python', 'bench/bench_fusion.py', *sys.argv[1:]])}` — "
+        f"{platform.processor() or platform.machine()}, {args.threads} intra-op threads, "
+        f"median of {args.runs} interleaved runs after {args.warmup} warm-up rounds. Every variant runs "
+        "with ORT_ENABLE_ALL; speed-up = original latency / variant latency (>1: faster than ORT alone).",
+        "",
+        "| model | original ms | O2 ms (x) | O3 ms (x) | ORT transformers opt ms (x) | nodes orig / O2 / onnxslim | max abs diff O3 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | error: {r['error']} | | | | | |")
+            continue
+        v = r["variants"]
+
+        def cell(key):
+            x = v.get(key)
+            if not x or "median_ms" not in x:
+                return "—" if not x else f"error: {x.get('error', '?')[:40]}"
+            return f"{x['median_ms']:.2f} ({x['speedup']:.2f}x)"
+
+        lines.append(
+            f"| {r['model']} | {v['original']['median_ms']:.2f} | {cell('gcomp-O2')} | {cell('gcomp-O3')} | "
+            f"{cell('ort-transformers')} | {v['original']['nodes']} / {v['gcomp-O2']['nodes']} / "
+            f"{r.get('onnxslim_nodes') if r.get('onnxslim_nodes') is not None else '—'} | "
+            f"{v['gcomp-O3']['max_abs_diff']:.1e} |"
+        )
+    ok = [r for r in rows if "error" not in r]
+    heads = [r["variants"]["gcomp-O3"]["speedup"] for r in ok if r["model"] in HEADLINE]
+    g = _geomean(heads)
+    lines += ["", f"Geomean O3 speed-up on {', '.join(HEADLINE)}: "
+              + (f"**{g:.3f}x**" if g else "n/a"),
+              f"Minimum O3 speed-up over all models: "
+              + (f"**{min(r['variants']['gcomp-O3']['speedup'] for r in ok):.3f}x**" if ok else "n/a"), ""]
+    lines += ["## Fused ops (O3 vs ORT's transformers optimizer)", "",
+              "| model | gcomp O3 | ORT transformers optimizer |", "|---|---|---|"]
+    for r in ok:
+        if r["model"] not in TRANSFORMERS:
+            continue
+        o3 = r["variants"]["gcomp-O3"]["fused_ops"]
+        peer = r["variants"].get("ort-transformers", {}).get("fused_ops", {})
+        lines.append(f"| {r['model']} | {_fmt_ops(o3)} | {_fmt_ops(peer)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_ops(ops: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(ops.items())) or "—"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=common.DEFAULT_CACHE)
+    parser.add_argument("--md", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gcomp-fusion-bench-") as tmp:
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            _log(f"{name} ...")
+            try:
+                rows.append(bench_model(name, Path(tmp), args.cache, args.runs, args.warmup, args.threads))
+            except common.Skip as e:
+                rows.append({"model": name, "error": f"skipped: {e}"})
+            except Exception as e:  # noqa: BLE001
+                rows.append({"model": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            r = rows[-1]
+            if "error" in r:
+                _log(f"  {r['error']}")
+            else:
+                _log("  " + ", ".join(f"{k} {v['median_ms']:.2f} ms ({v['speedup']:.2f}x)"
+                                      for k, v in r["variants"].items() if "median_ms" in v))
+    md = render_md(rows, args)
+    print(md)
+    if args.md:
+        args.md.write_text(md)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
