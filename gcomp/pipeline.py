@@ -145,6 +145,7 @@ def optimize(
     if precision is not None:
         from gcomp.passes.precision.mixed import precision_step as _precision_step
 
+        given = dict(options)
         options = dict(options)
         precision_step = _precision_step(precision, options, inputs=inputs, input_shapes=input_shapes, seed=seed)
     steps = _instantiate(pipeline, options)
@@ -214,7 +215,7 @@ def optimize(
         verification=verification,
         seconds=time.perf_counter() - t_start,
         source=source,
-        options=dict(options),
+        options=dict(given, precision=precision) if precision is not None else dict(options),
         load_seconds=load_seconds,
     )
 
