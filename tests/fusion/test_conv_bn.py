@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import onnx_ir as ir
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from gcomp.passes.fusion import Fuse
 
-from tests.conftest import make_model, tensor, vinfo
+from tests.conftest import assert_same_outputs, make_model, tensor, vinfo
 from tests.fusion._util import feeds_for, fuse, op_counts
 
 
@@ -116,3 +116,21 @@ def test_gemm_bn_folds(rng, trans_b, with_c):
     proto = make_model(nodes, [vinfo("x", shape=(3, k))], [vinfo("y", shape=(3, n))], inits)
     model, _ = fuse(proto, feeds_for(rng, x=(3, k)))
     assert op_counts(model) == {"Gemm": 1}
+
+
+def test_conv_bn_folds_inside_an_if_branch(rng):
+    """Subgraphs are fused too; the new weights become initializers of the branch."""
+    inner, shapes = _conv_bn(rng)
+    then_graph = helper.make_graph(list(inner.graph.node), "then", [], [vinfo("y", shape=(2, 6, 7, 7))])
+    else_graph = helper.make_graph([helper.make_node("Conv", ["x", "W", "B"], ["z"], pads=[1, 1, 1, 1])], "else", [],
+                                   [vinfo("z", shape=(2, 6, 7, 7))])
+    node = helper.make_node("If", ["cond"], ["out"], then_branch=then_graph, else_branch=else_graph)
+    proto = make_model([node], [vinfo("x", shape=shapes["x"]), vinfo("cond", TensorProto.BOOL, shape=())],
+                       [vinfo("out", shape=(2, 6, 7, 7))], list(inner.graph.initializer))
+    feeds = feeds_for(rng, **shapes)
+    feeds["cond"] = np.array(True)
+    model, result = fuse(proto, feeds)
+    assert result.details["fired"] == {"conv-bn": 1}
+    assert op_counts(model) == {"If": 1, "Conv": 2}
+    feeds["cond"] = np.array(False)  # the else branch still reads the original W and B
+    assert_same_outputs(proto, model, feeds, rtol=1e-5, atol=1e-5)
