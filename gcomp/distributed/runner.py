@@ -68,6 +68,7 @@ class RunResult:
     max_abs_error: float | None = None
     reference: dict[str, np.ndarray] | None = None
     collectives: int = 0
+    feeds: dict[str, np.ndarray] | None = None  # the whole inputs the run used
 
 
 def _load(model) -> ir.Model:

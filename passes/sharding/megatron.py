@@ -54,10 +54,6 @@ def _weight(node: ir.Node) -> tuple[ir.Value, int, int] | None:
     return w, 1, 0
 
 
-def _single_consumers(v: ir.Value):
-    return [n for n, _ in v.uses()]
-
-
 def _back_to_projection(v: ir.Value, depth: int = 12) -> tuple[ir.Node, int] | None:
     """Walk from ``v`` back through layout ops (and bias adds) to a weight MatMul/Gemm.
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 __all__ = ["MESH_AXES", "Layout", "Mesh", "Shard", "ShardingError", "parse_mesh"]
 
 import dataclasses
-import itertools
 import re
 
 from gcomp.errors import GcompError, OptionError
@@ -134,8 +133,3 @@ class Layout:
         if self.partial:
             parts.append("partial(" + ",".join(sorted(self.partial)) + ")")
         return "[" + " ".join(parts) + "]" if parts else "replicated"
-
-
-def all_ranks(mesh: Mesh) -> list[dict[str, int]]:
-    ranges = [range(k) for _, k in mesh.axes]
-    return [dict(zip(mesh.names(), c)) for c in itertools.product(*ranges)]

@@ -160,8 +160,7 @@ class _Builder:
                 n, i = self.sizes[info["mesh_axis"]], self.coords[info["mesh_axis"]]
                 chunk = local[a] // n
                 dims = list(cur.dims)
-                dims[a] = ir_shard = dst.dims[a]
-                del ir_shard
+                dims[a] = dst.dims[a]
                 cur = Layout(tuple(dims), cur.partial)
                 ins = [x, self.new_const(f"{v.name}/start", np.array([i * chunk], np.int64)),
                        self.new_const(f"{v.name}/end", np.array([(i + 1) * chunk], np.int64)),
@@ -241,7 +240,6 @@ class _Builder:
             c = self.new_const(f"{c.name}/beta", c.const_value.numpy() * np.float32(beta))
         keep = [a for a in attrs if a.name != "beta"]
         local = self.local_shape(out)
-        lay = self.plan.layout(out)
         g = self.emit(node.domain, "Gemm", inputs[:2], keep, node.name, [(f"{out.name}/partial", local)])
         g.outputs[0].type = out.type
         r = self.emit(DOMAIN, "AllReduce", [g.outputs[0]], [ir.AttrStrings("mesh_axes", sorted(self._gemm_partial(node)))],
@@ -255,7 +253,6 @@ class _Builder:
             a.outputs[0].shape = ir.Shape(local)
         self.nodes.append(a)
         self.vmap[out] = a.outputs[0]
-        del lay
 
     def _vocab_gather(self, node, inputs):
         """Gather(table rows [lo, hi) of this rank, ids): ids outside the rows give zeros,

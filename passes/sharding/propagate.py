@@ -25,9 +25,7 @@ from __future__ import annotations
 
 __all__ = ["Conversion", "Plan", "conversions", "propagate", "shape_of"]
 
-import collections
 import dataclasses
-import math
 
 import onnx_ir as ir
 from gcomp.passes.sharding.mesh import Layout, Mesh, Shard, ShardingError
@@ -669,12 +667,3 @@ def element_bytes(v: ir.Value) -> int:
         return t.dtype.itemsize if t is not None else 4
     except AttributeError:
         return 4
-
-
-def _count(shape) -> int | None:
-    if shape is None or any(not isinstance(d, int) for d in shape):
-        return None
-    return math.prod(shape)
-
-
-Counter = collections.Counter
