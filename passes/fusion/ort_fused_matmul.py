@@ -58,9 +58,9 @@ def _feeds_softmax(value: ir.Value, depth: int = 3) -> bool:
     for user, _ in value.uses():
         if user.op_type == "Softmax":
             return True
-        if depth and user.op_type in ("Add", "Mul", "Div", "Where", "Sub", "Cast") and user.outputs:
-            if _feeds_softmax(user.outputs[0], depth - 1):
-                return True
+        if (depth and user.op_type in ("Add", "Mul", "Div", "Where", "Sub", "Cast") and user.outputs
+                and _feeds_softmax(user.outputs[0], depth - 1)):
+            return True
     return False
 
 

@@ -85,7 +85,7 @@ def test_conv_bn_does_not_fire(rng):
 
 
 def test_training_mode_bn_does_not_fire(rng):
-    proto, shapes = _conv_bn(rng)
+    proto, _ = _conv_bn(rng)
     proto.graph.node[1].attribute.append(helper.make_attribute("training_mode", 1))
     proto.opset_import[0].version = 15
     assert not Fuse()(ir.serde.deserialize_model(proto)).modified
