@@ -736,8 +736,9 @@ def _compare_page(doc: dict[str, Any]) -> tuple[str, str, str]:
     title = "Comparison · " + " vs ".join(labels)
     sub = f"{len(profiles)} saved profiles; the first is the baseline"
     parts = [_section("Side by side", "", _comparison_charts(profiles, labels), "cmp")]
-    # Per graph node, where the profiles share nodes (e.g. two backends on one model).
-    keyed = [{(o.get("graph_node") or o["node"]): o for o in p.get("ops", [])} for p in profiles]
+    # Per graph node, where the profiles share nodes (e.g. two backends on one model): the same
+    # graph node with the same op type (a fused kernel ending at a node is not that node).
+    keyed = [{(o.get("graph_node") or o["node"], o["op_type"]): o for o in p.get("ops", [])} for p in profiles]
     shared = [k for k in keyed[0] if all(k in other for other in keyed[1:])]
     if len(profiles) > 1 and shared:
         header = [("node", False), ("op type", False)] + [(f"{label} ms", True) for label in labels] + [
@@ -747,10 +748,11 @@ def _compare_page(doc: dict[str, Any]) -> tuple[str, str, str]:
             times = [kk[k]["time_ms"] for kk in keyed]
             change = (times[-1] - times[0]) / times[0] if times[0] else None
             cls = "delta-good" if change is not None and change < -0.05 else "delta-bad" if change and change > 0.05 else ""
-            rows.append([(f"<code>{_e(k)}</code>", k), (_e(keyed[0][k]["op_type"]), keyed[0][k]["op_type"])]
+            rows.append([(f"<code>{_e(k[0])}</code>", k[0]), (_e(k[1]), k[1])]
                         + [(f"{t:.4f}", t) for t in times]
                         + [(f"<span class=\"{cls}\">{change * 100:+.0f}%</span>" if change is not None else "–", change)])
-        parts.append(_section("Per node", f"{len(shared)} graph nodes appear in every profile.",
+        parts.append(_section("Per node", f"{len(shared)} graph nodes run as the same op in every profile "
+                              "(kernels a runtime fused are compared by op type above).",
                               _table("cmp-nodes", header, rows, filter_box=True), "cmp-nodes"))
     for i, (label, p) in enumerate(zip(labels, profiles)):
         parts.append(f"<h2 style=\"margin:28px 4px 0\">{_e(label)}</h2>{_profile_sections(p, prefix=f'c{i}', top=12)}")
