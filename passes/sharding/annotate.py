@@ -28,6 +28,7 @@ __all__ = ["annotate", "check_annotations", "clear_annotations", "read_annotatio
 
 import itertools
 import json
+import math
 
 import onnx_ir as ir
 from gcomp.passes.sharding.mesh import Layout, Mesh, Shard, ShardingError, parse_mesh
@@ -273,7 +274,7 @@ def _bytes(v: ir.Value, lay: Layout, mesh: Mesh) -> int | None:
     n = 1
     for d in lay.local_shape(tuple(s), mesh):
         n *= d
-    return n * element_bytes(v)
+    return math.ceil(n * element_bytes(v))  # onnx-ir itemsize is 0.5 for 4-bit types
 
 
 def _partial_origin(v: ir.Value, plan: Plan) -> str:
