@@ -19,6 +19,7 @@ __all__ = [
     "OpRow",
     "Profile",
     "environment",
+    "gpu_memory_of_process",
     "model_identity",
 ]
 
@@ -320,6 +321,33 @@ def _gpus() -> list[dict[str, Any]]:
             except ValueError:
                 continue
     return gpus
+
+
+def gpu_memory_of_process(pid: int | None = None) -> int | None:
+    """Bytes of GPU memory the process holds now (nvidia-smi's compute apps; None without
+    nvidia-smi or when the process holds none). Runtimes keep their memory pools after a
+    run, so after profiling this is close to the peak."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("nvidia-smi")
+    if tool is None:
+        return None
+    pid = os.getpid() if pid is None else pid
+    try:
+        out = subprocess.run([tool, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    total = 0
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid):
+            try:
+                total += int(float(parts[1])) << 20
+            except ValueError:
+                continue
+    return total or None
 
 
 def _cpu_model() -> str:

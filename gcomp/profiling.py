@@ -97,6 +97,10 @@ def finish_profile(prof, model, feeds, *, path=None, status=None):
         prof.annotate(model, {k: tuple(np.asarray(v).shape) for k, v in feeds.items()})
     if path is not None:
         prof.model["path"] = str(path)
+    if prof.backend.get("target") == "cuda" and "gpu_peak_bytes" not in prof.memory:
+        from gcomp.profile import gpu_memory_of_process
+
+        prof.memory["gpu_peak_bytes"] = gpu_memory_of_process()
     return prof
 
 
@@ -135,11 +139,13 @@ def write_outputs(doc: dict[str, Any], *, report: Path | None, trace: Path | Non
     from gcomp import report as reports
     from gcomp import trace as traces
 
+    # Build the trace first: a profile without a timeline fails before any file is written.
+    events = traces.trace_events(doc) if trace is not None else None
     written = []
     if report is not None:
         written.append(reports.write_report(doc, report))
     if trace is not None:
-        written.append(traces.write_trace(doc, trace))
+        written.append(traces.write_trace(doc, trace, events=events))
     return written
 
 

@@ -55,11 +55,11 @@ def trace_events(doc: dict[str, Any]) -> dict[str, Any]:
             "otherData": {"generator": "gcomp", "schema_version": doc.get("schema_version")}}
 
 
-def write_trace(doc: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write the trace for ``doc`` to ``path`` (.json) atomically."""
+def write_trace(doc: dict[str, Any], path: str | os.PathLike, *, events: dict[str, Any] | None = None) -> Path:
+    """Write the trace for ``doc`` (or the already built ``events``) to ``path`` (.json) atomically."""
     p = Path(path)
     if p.suffix.lower() != ".json":
         raise OptionError(f"--trace {p}: a trace is written as .json")
     from gcomp.report import write_text
 
-    return write_text(json.dumps(trace_events(doc)) + "\n", p)
+    return write_text(json.dumps(events if events is not None else trace_events(doc)) + "\n", p)

@@ -262,3 +262,16 @@ def test_optimize_report_has_pass_errors_and_profiles(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = (tmp_path / "c.md").read_text()
     assert "default.onnx · ort/cpu" in text and "o.onnx · ort/cpu" in text
+
+
+def test_no_timeline_means_no_files(fused, tmp_path):
+    """A backend that records no run timeline cannot give a trace: nothing is written, not
+    even the report asked for beside it."""
+    from gcomp.errors import GcompError
+    from gcomp.profiling import write_outputs
+
+    doc = fused.to_dict()
+    doc["timeline"] = []
+    with pytest.raises(GcompError, match="no timeline"):
+        write_outputs(doc, report=tmp_path / "r.html", trace=tmp_path / "t.json")
+    assert list(tmp_path.iterdir()) == []
