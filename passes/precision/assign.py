@@ -20,7 +20,9 @@ Forced fp32 (with a reason each, reported): user block lists, sensitive ops (unl
 calibration inputs (over ``RANGE_HEADROOM`` × the largest finite value), float→int Casts
 of values over 2048 (fp16 integers are exact only below it). Sensitive, like the ops of
 :data:`~.policy.SENSITIVE` (fp32 unless the ``auto`` search relaxes them): consumers of
-small constants that would flush to zero (an ``eps`` of 1e-12 in fp16). Forced low: compute ops (:data:`~.policy.COMPUTE`) and nodes
+small constants that would flush to zero (an ``eps`` of 1e-12 in fp16), and ops whose
+out-of-range values are mask sentinels (``SENTINEL``: ``finfo(float32).min`` fills).
+Forced low: compute ops (:data:`~.policy.COMPUTE`) and nodes
 reading a float constant of ``WEIGHT_ELEMENTS`` or more, so weights always halve.
 """
 
@@ -38,6 +40,7 @@ from gcomp.passes.precision.mincut import Cut
 
 CAST_COST = 1 << 40
 RANGE_HEADROOM = 0.5
+SENTINEL = 1e30  # no activation is this large: such values are masks (finfo.min), not overflow
 WEIGHT_ELEMENTS = 1024
 FLOAT = ir.DataType.FLOAT
 CONTROL_FLOW = ("If", "Loop", "Scan")
@@ -86,7 +89,8 @@ class Problem:
     input_var: dict[tuple[int, int], int] = field(default_factory=dict)  # (id(node), input) -> reading var
     output_var: dict[tuple[int, int], int] = field(default_factory=dict)  # (id(graph), output) -> reading var
     const_uses: list[tuple[ir.Node, int, ir.Value, int]] = field(default_factory=list)  # (node, input, value, var)
-    const_outputs: list[tuple[ir.Graph, int, ir.Value, int]] = field(default_factory=list)  # (graph, output, value, var)
+    # (graph, output, value, var)
+    const_outputs: list[tuple[ir.Graph, int, ir.Value, int]] = field(default_factory=list)
     HIGH: int = 0
     LOW: int = 1
 
@@ -163,7 +167,14 @@ class Problem:
                     p._value(v, var if i in slots.outputs else p.HIGH)
                     peak = stats.get(v.name, (0.0, 0))[0]
                     if i in slots.outputs and peak > RANGE_HEADROOM * fmax:
-                        p.force_high.setdefault(var, f"over the target range on calibration: '{v.name}' reaches {peak:.3g}")
+                        if peak >= SENTINEL:
+                            # finfo.min-style masks: saturated to the target's max they usually
+                            # still work; only the auto search (which measures) may convert them.
+                            p.sensitive.setdefault(
+                                var, f"mask-like sentinel over the target range: '{v.name}' reaches {peak:.3g}")
+                        else:
+                            p.force_high.setdefault(
+                                var, f"over the target range on calibration: '{v.name}' reaches {peak:.3g}")
                 for i, v in enumerate(node.inputs):
                     if not is_fp32(v):
                         continue

@@ -121,7 +121,8 @@ def validation_copy(model: ir.Model) -> ir.Model:
                 down = ir.Value(name=fresh(name), type=ir.TensorType(low), shape=v.shape)
                 up = ir.Value(name=fresh(name), type=ir.TensorType(FLOAT), shape=v.shape)
                 c1 = ir.Node("", "Cast", [v], {"to": ir.AttrInt64("to", int(low))}, outputs=[down], name=fresh("round"))
-                c2 = ir.Node("", "Cast", [down], {"to": ir.AttrInt64("to", int(FLOAT))}, outputs=[up], name=fresh("round"))
+                c2 = ir.Node("", "Cast", [down], {"to": ir.AttrInt64("to", int(FLOAT))}, outputs=[up],
+                             name=fresh("round"))
                 graph.insert_after(node, [c1, c2])
                 for user, i in consumers:
                     user.replace_input_with(i, up)

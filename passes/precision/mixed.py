@@ -35,7 +35,10 @@ even the safe conversion misses the tolerance. Model functions are not converted
 
 from __future__ import annotations
 
-__all__ = ["PRECISIONS", "ConvertPrecision", "PrecisionResult", "calibrate", "cli_options", "precision_step", "summary_lines"]
+__all__ = [
+    "PRECISIONS", "ConvertPrecision", "PrecisionResult", "calibrate", "cli_options", "precision_step",
+    "summary_lines",
+]
 
 import time
 from dataclasses import dataclass, field
@@ -348,7 +351,8 @@ def summary_lines(result) -> list[str]:
          f"{d['float_bytes_after']:,} bytes"),
     ]
     for entry in d.get("clamped", [])[:10]:
-        lines.append(f"  clamped: {entry['tensor']}: {entry['elements']} element(s) up to {entry['max_abs']:.3g} -> {entry['to']:g}")
+        lines.append(f"  clamped: {entry['tensor']}: {entry['elements']} element(s) up to "
+                     f"{entry['max_abs']:.3g} -> {entry['to']:g}")
     for kind in ("subnormal", "flushed"):
         if d.get(kind):
             total = sum(e["elements"] for e in d[kind])
