@@ -482,6 +482,24 @@ def _table(table_id: str, header: list[tuple[str, bool]], rows: list[list[tuple[
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
+def _generic_table(table_id: str, rows: list[dict[str, Any]]) -> str:
+    """A table of dicts (columns: the union of their keys, in first-seen order)."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+
+    def cell(v: Any) -> tuple[str, Any]:
+        if isinstance(v, float):
+            return f"{v:.4g}", v
+        return _e("–" if v is None else v), "" if v is None else v
+
+    numeric = [all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows)
+               and any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows)
+               for c in columns]
+    return _table(table_id, [(c.replace("_", " "), n) for c, n in zip(columns, numeric)],
+                  [[cell(r.get(c)) for c in columns] for r in rows])
+
+
 def _shape_text(tensors: list[dict[str, Any] | None] | None) -> str:
     if not tensors:
         return ""
@@ -566,6 +584,11 @@ def _profile_sections(doc: dict[str, Any], *, prefix: str = "p", top: int = 20) 
          _e(", ".join(str(p) for p in be.get("providers", []) or []) or be.get("optimization") or "")),
     ])
     parts = [_section("Summary", "", cards, f"{prefix}-summary")]
+    selection = doc.get("backend_selection")
+    if isinstance(selection, dict) and selection.get("candidates"):
+        parts.append(_section("Backend choice", f"--backend auto tried every backend/target on this machine and "
+                              f"chose <b>{_e(selection.get('chosen'))}</b>.",
+                              _generic_table(f"{prefix}-selection", selection["candidates"]), f"{prefix}-selection"))
     hist = _histogram(lat.get("samples_ms") or [], lat)
     type_bars = _hbars([(t, ms, colors[t], f"{t}: {ms:.3f} ms in {n} kernels ({ms / op_total * 100:.1f}%)")
                         for t, ms, n in types[:14]], unit="ms", width=560, label_w=150)
