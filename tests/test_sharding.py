@@ -281,3 +281,24 @@ def test_shard_pass_in_a_pipeline_on_a_symbolic_model(tmp_path):
     run = runner.run(path, None, simulate=True, check=True)
     assert run.mesh == "dp=2,tp=2" and run.max_abs_error <= 1e-4
     assert run.collectives == 2 * LAYERS + 1  # + the dp all-gather of the output
+
+
+def test_lm_head_split_by_vocabulary_where_it_pays():
+    """x -> LayerNorm -> MatMul(W [64, 4096]) -> logits: column-split, one all-gather of the logits."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((64, 4096)) * 0.05).astype(np.float32)
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "g", "b"], ["n"], axis=-1),
+        helper.make_node("MatMul", ["n", "W"], ["logits"]),
+    ]
+    inits = [tensor("W", w), tensor("g", np.ones(64, np.float32)), tensor("b", np.zeros(64, np.float32))]
+    proto = make_model(nodes, [vinfo("x", shape=(2, 8, 64))], [vinfo("logits", shape=(2, 8, 4096))], inits)
+    feeds = {"x": rng.standard_normal((2, 8, 64)).astype(np.float32)}
+    prepared = runner.prepare(ir.serde.deserialize_model(proto), "tp=2", feeds)
+    assert prepared.plan.roles["W"] == "lm head (column)"
+    s = summarize(prepared.model, prepared.plan)
+    assert [(c["kind"], c["reason"]) for c in s["collectives"]] == [("AllGather", "graph output")]
+    assert s["parameter_bytes_per_rank"] <= w.nbytes // 2 + 2 * 64 * 4
+    outs, _ = runner.simulate(prepared, feeds)
+    ref = runner.reference_outputs(ir.serde.deserialize_model(proto), feeds)
+    assert runner.max_abs_error(outs, ref) <= 1e-5

@@ -16,6 +16,9 @@ Tensor parallelism (``tp``), after Shoeybi et al. 2019 (Megatron-LM):
   vocabulary rows when it holds at least a quarter of all weight bytes ("where it pays":
   it costs one all-reduce of the embeddings per forward); each rank looks up its rows
   and zeros the rest. Smaller tables, position tables and tied tables stay replicated.
+- LM head: a weight ``MatMul``/``Gemm`` whose output is a graph output (through layout
+  ops or a bias) and whose weight is at least a quarter of all weight bytes is split by
+  vocabulary columns; the logits are all-gathered once at the output.
 
 Biases are not seeded: propagation slices a column-parallel bias with its output, and
 adds a row-parallel bias once after the all-reduce. Data parallelism (``dp``) splits axis 0 of every
@@ -199,6 +202,22 @@ def _embedding(node: ir.Node) -> ir.Value | None:
     return table
 
 
+def _reaches_output(v: ir.Value, depth: int = 4) -> bool:
+    """Whether ``v`` is a graph output, directly or through layout ops and a bias add."""
+    while depth > 0:
+        if v.is_graph_output():
+            return True
+        users = v.uses()
+        if len(users) != 1:
+            return False
+        node, _ = users[0]
+        if node.op_type not in _PASS | {"Add"}:
+            return False
+        v = node.outputs[0]
+        depth -= 1
+    return False
+
+
 def _column(w: ir.Value, axis: int, blocks: int = 1) -> Layout:
     dims = [None, None]
     dims[axis] = Shard("tp", blocks)
@@ -247,6 +266,16 @@ def seed_plan(model: ir.Model, mesh: Mesh, overrides: dict[str, Layout] | None =
             if isinstance(rows, int) and rows % tp == 0 and table.const_value.nbytes * EMBEDDING_SHARE >= total:
                 seeds[table.name] = Layout((Shard("tp"), None))
                 roles[table.name] = "embedding (vocab)"
+        for node in graph:
+            if node in taken or _weight(node) is None or not _reaches_output(node.outputs[0]):
+                continue
+            w, col, _ = _weight(node)
+            cols = shape_of(w)[col]
+            # An LM head: split by vocabulary columns; the logits are all-gathered once.
+            if isinstance(cols, int) and cols % tp == 0 and w.const_value.nbytes * EMBEDDING_SHARE >= total:
+                seeds[w.name] = _column(w, col)
+                roles[w.name] = "lm head (column)"
+                taken.add(node)
     if "dp" in mesh.names():
         for v in graph.inputs:
             s = shape_of(v)
