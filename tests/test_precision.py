@@ -589,3 +589,40 @@ def test_resize_converts_its_data_but_never_its_scales():
     assert count_casts(model) == 2  # only the fp32 interface
     feeds = {"x": np.random.default_rng(1).uniform(0, 1, (1, 4, 8, 8)).astype(np.float32)}
     np.testing.assert_allclose(ort_run(model, feeds)["y"], ort_run(m, feeds)["y"], rtol=1e-2, atol=1e-2)
+
+
+# ------------------------------------------------------------------------ exported torch models
+
+_TORCH = {
+    "bert": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128},
+    "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 2},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(_TORCH))
+def test_exported_torch_models(arch, tmp_path):
+    """Small BERT/GPT-2 exports: valid, accurate in emulated fp16 and bf16, half the bytes,
+    and ``auto`` needs no more Casts than ORT's float16 tool (peer defaults)."""
+    pytest.importorskip("torch", reason="needs the export extra (torch==2.13.0)")
+    pytest.importorskip("transformers", reason="needs the export extra (transformers)")
+    from onnxruntime.transformers import float16 as ort_fp16
+
+    from gcomp import io
+    from models.export_torch import export
+
+    path = export(arch, tmp_path, config=_TORCH[arch])
+    fp32 = gcomp.optimize(io.load(path), "O1", verify=False).model
+    feeds, _, reference = calibrate(fp32)
+    data = ir.to_proto(fp32).SerializeToString()
+    peer = ort_fp16.convert_float_to_float16(onnx.ModelProto.FromString(data), keep_io_types=True)
+    peer_casts = sum(1 for n in _all_nodes(peer.graph) if n.op_type == "Cast")
+    for precision in ("fp16", "bf16", "auto"):
+        model = ir.from_proto(onnx.ModelProto.FromString(data))
+        model, _ = convert(model, precision=precision)
+        check_valid(model)
+        assert not round_trips(model)
+        assert_within(emulated_errors(model, feeds, reference), "bf16" if precision == "bf16" else "fp16")
+        assert float_bytes(model) <= 0.51 * float_bytes(fp32)
+        if precision == "auto":
+            assert count_casts(model) <= peer_casts
