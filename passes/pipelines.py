@@ -46,7 +46,9 @@ O1 = register_pipeline(
 
 _AFTER_FUSION = ("fold-constants", "simplify", "eliminate-identity", "cse", "remove-unused-nodes",
                  "remove-unused-opsets")
-FUSE = Stage(("infer-shapes", "fuse", *_AFTER_FUSION), repeat=3)
+# Shapes are forgotten and inferred afresh each round: a fused op's output carries exact
+# dims, and a stale, less precise symbol from an earlier round would hide equalities.
+FUSE = Stage(("forget-inferred-shapes", "infer-shapes", "fuse", *_AFTER_FUSION), repeat=3)
 _FINISH = Stage(("forget-inferred-shapes", "topological-sort"))
 O2 = register_pipeline(
     "O2",
@@ -66,6 +68,6 @@ O3 = register_pipeline(
     # The target's fusions first: where both match (attention, GELU), its own op wins; what
     # builds on a portable fusion (SkipLayerNormalization on LayerNormalization) fires in
     # the stage's next round.
-    Stage(("infer-shapes", "fuse-target", "fuse", *_AFTER_FUSION), repeat=3),
+    Stage(("forget-inferred-shapes", "infer-shapes", "fuse-target", "fuse", *_AFTER_FUSION), repeat=3),
     _FINISH,
 )

@@ -41,6 +41,7 @@ class InferShapes(ir.passes.InPlacePass):
         data_prop = self.data_prop and not _has_long_vector(model)
 
         def infer(proto):
+            _proxy_contrib_ops(proto)  # the temporary, weightless copy only
             return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=data_prop)
 
         try:
@@ -90,6 +91,53 @@ class ForgetInferredShapes(ir.passes.InPlacePass):
 
 
 _KEY = "gcomp.inferred_from"  # also cleared by gcomp.passes.rewire.take_interface
+
+
+# ONNX's inference does not know the com.microsoft ops gcomp's fusions emit, and every value
+# downstream of one would lose its shape. For inference only, each is replaced by standard
+# ops with the same output shapes (same output names).
+def _proxy_contrib_ops(proto) -> None:
+    from onnx import AttributeProto, helper
+
+    def proxy(node):
+        ins, outs = list(node.input), list(node.output)
+        op = node.op_type
+        if op in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization") and len(ins) >= 2:
+            made = [helper.make_node("Add", ins[:2], [outs[0]])]
+            if len(outs) > 3 and outs[3]:
+                made.append(helper.make_node("Identity", [outs[0]], [outs[3]]))
+            return made
+        if op in ("BiasGelu", "FastGelu", "Gelu", "QuickGelu") and ins and outs:
+            return [helper.make_node("Identity", [ins[0]], [outs[0]])]
+        if op == "MultiHeadAttention" and ins and outs:  # gcomp emits it with equal Q and V widths
+            return [helper.make_node("Identity", [ins[0]], [outs[0]])]
+        if op == "FusedConv":
+            attrs = [a for a in node.attribute if a.name not in ("activation", "activation_params")]
+            made = helper.make_node("Conv", ins[:3], outs[:1])
+            made.attribute.extend(attrs)
+            return [made]
+        return None
+
+    stack = [proto.graph]
+    while stack:
+        graph = stack.pop()
+        nodes = []
+        changed = False
+        for node in graph.node:
+            made = proxy(node) if node.domain == "com.microsoft" else None
+            if made is None:
+                nodes.append(node)
+                for attr in node.attribute:
+                    if attr.type == AttributeProto.GRAPH:
+                        stack.append(attr.g)
+                    elif attr.type == AttributeProto.GRAPHS:
+                        stack.extend(attr.graphs)
+            else:
+                nodes.extend(made)
+                changed = True
+        if changed:
+            del graph.node[:]
+            graph.node.extend(nodes)
 
 
 def _inferred_types(proto) -> dict:

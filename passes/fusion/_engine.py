@@ -26,7 +26,6 @@ __all__ = [
     "const_array",
     "fresh_initializer",
     "model_opset",
-    "annotate",
 ]
 
 import itertools
@@ -134,24 +133,6 @@ def fresh_initializer(op, array: np.ndarray, base: str) -> ir.Value:
             break
     _taken.add(name)
     return op.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
-
-
-def annotate(value: ir.Value, dtype: ir.DataType | None, dims) -> ir.Value:
-    """Give a fused op's output its type and shape, as shape inference would.
-
-    ONNX's shape inference does not know ``com.microsoft`` ops: without this, every value
-    after a fused op has an unknown shape and the rules that check shapes stop matching
-    downstream. Recorded like an inferred shape, so ``forget-inferred-shapes`` drops it
-    before the model is saved.
-    """
-    from gcomp.passes.shapes import _KEY
-
-    value.meta.setdefault(_KEY, (value.type, value.shape))
-    if dtype is not None:
-        value.dtype = dtype
-    if dims is not None:
-        value.shape = ir.Shape(list(dims))
-    return value
 
 
 # --------------------------------------------------------------------------- runner

@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion._engine import annotate, const_array, fusion
+from gcomp.passes.fusion._engine import const_array, fusion
 
 ORDER = 80
 
@@ -109,15 +109,17 @@ def _check_core(result, probs, c, divide, mask):
 class MultiHeadAttention(pattern.RewriteRuleClassBase):
     """The whole block, split to merge, -> com.microsoft.MultiHeadAttention (ORT)."""
 
-    def __init__(self, name: str, *, divide: bool, masked: bool):
+    def __init__(self, name: str, *, divide: bool, masked: bool, merged: bool = True):
         super().__init__(name)
-        self.divide, self.masked = divide, masked
+        self.divide, self.masked, self.merged = divide, masked, merged
 
     def pattern(self, op, q3, k3, v3, qs, ks, vs, c, mask, out_shape):
         q4 = op.Transpose(op.Reshape(q3, qs, _outputs=["qr"]), perm=[0, 2, 1, 3])
         kt = op.Transpose(op.Reshape(k3, ks, _outputs=["kr"]), perm=[0, 2, 3, 1])
         v4 = op.Transpose(op.Reshape(v3, vs, _outputs=["vr"]), perm=[0, 2, 1, 3])
         o = _core(op, q4, kt, v4, c, mask, divide=self.divide, masked=self.masked)
+        if not self.merged:  # [B, S, H, D]: the merge reshape is shared or missing
+            return op.Transpose(o, perm=[0, 2, 1, 3], _outputs=["out"])
         return op.Reshape(op.Transpose(o, perm=[0, 2, 1, 3]), out_shape, _outputs=["out"])
 
     def check(self, context, q3, k3, v3, qr, kr, vr, c, probs, out, mask=None, **_):
@@ -139,7 +141,7 @@ class MultiHeadAttention(pattern.RewriteRuleClassBase):
         if not (_same_dim(k3.shape[0], q3.shape[0]) and _same_dim(v3.shape[0], q3.shape[0])
                 and _same_dim(k3.shape[1], v3.shape[1])):
             return result.fail("Q, K, V batch / key lengths differ", k3)
-        if not _keeps_batch_and_sequence(out, q3, h * d):
+        if self.merged and not _keeps_batch_and_sequence(out, q3, h * d):
             return result.fail("the merge reshape does not keep [batch, sequence]", out)
         return result
 
@@ -149,7 +151,9 @@ class MultiHeadAttention(pattern.RewriteRuleClassBase):
             mask = _with_query_axis(op, mask, q3, 1)
         inputs = [q3, k3, v3] + ([None, None, mask] if mask is not None else [])
         out = op.MultiHeadAttention(*inputs, num_heads=h, scale=_scale(c, self.divide), _domain="com.microsoft")
-        return annotate(out, q3.dtype, [q3.shape[0], q3.shape[1], v3.shape[2]])
+        if self.merged:
+            return out
+        return op.Reshape(out, _ints(op, [0, 0, h, v3.shape[2] // h]))
 
 
 def _keeps_batch_and_sequence(out, q3, hidden) -> bool:
@@ -208,21 +212,26 @@ class Attention23(pattern.RewriteRuleClassBase):
         if mask is not None and not _full_query_axis(mask, q4.shape[2]):
             mask = _with_query_axis(op, mask, q4, 2)
         inputs = [q4, k4, v4] + ([mask] if mask is not None else [])
-        out = op.Attention(*inputs, scale=_scale(c, self.divide))
-        return annotate(out, q4.dtype, [*q4.shape.dims[:3], v4.shape[3]])
+        return op.Attention(*inputs, scale=_scale(c, self.divide))
 
 
-def _rules(cls, prefix: str) -> list:
+def _rules(cls, prefix: str, **kwargs) -> list:
     rules = []
     for masked in (True, False):
         for divide in (False, True):
             rules.extend(cls.rule(f"{prefix}-{'div' if divide else 'mul'}{'-mask' if masked else ''}",
-                                  divide=divide, masked=masked).commute())
+                                  divide=divide, masked=masked, **kwargs).commute())
     return rules
 
 
 fusion("ort-mha", "ort", _rules(MultiHeadAttention, "ort-mha"),
        [("com.microsoft", "MultiHeadAttention", 1)],
        "head split + QK^T*scale (+mask) + softmax + PV + head merge -> com.microsoft MultiHeadAttention", needs=("Softmax",))
+# Where the head merge is not a Reshape of its own (GPT-2 reads the [B, S, H, D] value twice),
+# the fused output is reshaped back to heads; a second pass, after the whole-block one.
+fusion("ort-mha-heads", "ort", _rules(MultiHeadAttention, "ort-mha-heads", merged=False),
+       [("com.microsoft", "MultiHeadAttention", 1)],
+       "the same block up to the head transpose -> MultiHeadAttention + Reshape to [B, S, H, D]",
+       needs=("Softmax",))
 fusion("attention", "portable", _rules(Attention23, "attention"), [("", "Attention", 23)],
        "QK^T*scale (+mask) + softmax + PV on 4-D heads -> Attention (opset 23)", needs=("Softmax",))

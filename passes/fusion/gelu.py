@@ -24,7 +24,7 @@ import math
 import numpy as np
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion._engine import annotate, const_array, fusion
+from gcomp.passes.fusion._engine import const_array, fusion
 
 ORDER = 40
 
@@ -71,7 +71,7 @@ class _GeluBase(pattern.RewriteRuleClassBase):
                 return op.Gelu(x)
             return op.Gelu(x, approximate="tanh")
         out = op.Gelu(x, _domain="com.microsoft") if self.form == "erf" else op.FastGelu(x, _domain="com.microsoft")
-        return annotate(out, x.dtype, x.shape.dims if x.shape is not None else None)
+        return out
 
 
 def _rules(form: str, emit: str) -> list:
@@ -111,7 +111,7 @@ class _OnnxGeluToContrib(pattern.RewriteRuleClassBase):
             out = op.FastGelu(x, _domain="com.microsoft")
         else:
             out = op.Gelu(x, _domain="com.microsoft")
-        return annotate(out, x.dtype, x.shape.dims if x.shape is not None else None)
+        return out
 
 
 class _BiasGelu(pattern.RewriteRuleClassBase):
@@ -149,7 +149,7 @@ class _BiasGelu(pattern.RewriteRuleClassBase):
             out = op.FastGelu(x, b, _domain="com.microsoft")
         else:
             out = op.BiasGelu(x, b, _domain="com.microsoft")
-        return annotate(out, x.dtype, x.shape.dims)
+        return out
 
 
 fusion("ort-gelu", "ort", [_OnnxGeluToContrib.rule("ort-gelu"), *_rules("erf", "ort"), *_rules("tanh", "ort")],

@@ -8,8 +8,13 @@ the second output (``input_skip_bias_sum``) is the sum itself, so a residual str
 reads s after the norm keeps reading it, from the fused node. The contrib op normalises
 the last axis only, keeps its statistics in fp32 and takes inputs of rank 3 with equal
 shapes. Refused: another axis, a LayerNormalization whose Mean/InvStdDev outputs are
-read, operands of different or unknown shapes, a bias that is not a 1-D constant of the
-hidden size.
+read, operands that are not both rank 3 with the same static hidden size, operands whose
+known dims differ, a bias that is not a 1-D constant of the hidden size.
+
+When the batch/sequence dims cannot be proven equal (symbols lost through reshapes), the
+fusion still fires: ORT's kernel accepts a skip of the input's shape or ``[1, S, H]``, which
+it computes exactly, and fails with an error for any other pair, so the result is the
+original's or an error at run time, never a different number.
 """
 
 from __future__ import annotations
@@ -19,21 +24,17 @@ __all__ = ["ORDER"]
 import numpy as np
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion._engine import annotate, const_array, fusion
+from gcomp.passes.fusion._engine import const_array, fusion
 
 ORDER = 70
 
 
-def _same_shape(a, b) -> bool:
-    if a.shape is None or b.shape is None:
-        return False
-    if a.shape.rank() != b.shape.rank():
+def _compatible(a, b) -> bool:
+    """Same rank, same static hidden size, and no pair of known dims that differ."""
+    if not isinstance(a.shape[-1], int) or a.shape[-1] != b.shape[-1]:
         return False
     for x, y in zip(a.shape.dims, b.shape.dims):
-        if isinstance(x, int) or isinstance(y, int):
-            if x != y:
-                return False
-        elif x.value is None or x.value != y.value:  # equal only when the same named dim
+        if isinstance(x, int) and isinstance(y, int) and x != y:
             return False
     return True
 
@@ -63,8 +64,10 @@ class SkipLayerNorm(pattern.RewriteRuleClassBase):
         axis = -1 if axis is None else axis.as_int()
         if axis % 3 != 2:
             return result.fail("normalises an axis other than the last", ln)
-        if not _same_shape(x, skip):
-            return result.fail("the two Add operands do not have the same (known) shape", skip)
+        if skip.shape is None or skip.shape.rank() != 3:
+            return result.fail("skip is not rank 3", skip)
+        if not _compatible(x, skip):
+            return result.fail("the two Add operands have different dims", skip)
         hidden = x.shape[2]
         if not isinstance(hidden, int):
             return result.fail("hidden size is symbolic", x)
@@ -90,8 +93,6 @@ class SkipLayerNorm(pattern.RewriteRuleClassBase):
         out, _mean, _inv, total = op.SkipLayerNormalization(
             *inputs, epsilon=eps, _domain="com.microsoft", _outputs=4
         )
-        for v in (out, total):
-            annotate(v, x.dtype, x.shape.dims)
         return out, total
 
 
