@@ -180,7 +180,9 @@ def test_verification_catches_fp16_overflow_that_plain_ort_hides():
     ours, _ = convert(zoo_model("large_activations"))
     assert max(r.scaled_error for r in emulated_errors(ours, feeds, reference)) < 1e-2
     assert ref.check(ours).passed
-    assert plain  # ORT ran the naive model without complaint
+    # ORT on the CPU ran the naive model and looked fine: it upcasts fp16 ops, so the
+    # overflow that fp16 hardware (and the emulator) shows never happens there.
+    assert max(float(np.abs(plain[k] - reference[k]).max()) for k in reference) < 0.05
 
 
 # ------------------------------------------------------------------------------- Cast counts
