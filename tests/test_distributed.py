@@ -117,6 +117,20 @@ def test_cli_run_simulated_and_errors(block_path, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("gcomp: error: --shard 'xp=2'")
 
 
+def test_cli_run_outputs_equal_onnx_runtime_on_given_inputs(block_path, tmp_path):
+    """--inputs in, --outputs out: rank 0's outputs equal the unsharded model on ORT."""
+    from tests.conftest import ort_run
+
+    ids = np.random.default_rng(5).integers(0, 100, (4, 8)).astype(np.int64)
+    np.savez(tmp_path / "in.npz", input_ids=ids)
+    out = tmp_path / "out.npz"
+    r = _gcomp("run", block_path, "--shard", "dp=2,tp=2", "--simulate", "--inputs", tmp_path / "in.npz",
+               "--outputs", out)
+    assert r.returncode == 0, r.stderr
+    expected = ort_run(io.load(block_path), {"input_ids": ids})["last_hidden_state"]
+    np.testing.assert_allclose(np.load(out)["last_hidden_state"], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_cli_shard_annotates_and_run_reads_the_annotations(block_path, tmp_path):
     out = tmp_path / "sharded.onnx"
     ranks = tmp_path / "ranks"
