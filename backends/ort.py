@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Mapping
@@ -237,12 +238,16 @@ class OrtExecutable:
 
 
 def _parse_trace(events: list, runs: int) -> list[OpRow]:
-    """Per-node kernel times from ORT's Chrome trace, averaged over the timed runs.
+    """Per-node kernel times from ORT's Chrome trace, over the timed runs.
 
     ORT records every run after the first; kernel events are ``cat == "Node"`` with
     names ``<node>_kernel_time``. The first run's events are dropped by keeping the
-    last ``runs`` occurrences of each node. Each row keeps the tensor shapes ORT ran
-    the node on (``input_type_shape``/``output_type_shape``), so costs are priced as executed.
+    last ``runs`` occurrences of each node. A node run once per run gets the median of
+    its runs (other processes on a busy machine stretch single kernels several times
+    over: the mean follows them, the median does not); one run several times per run
+    (inside a loop) gets its total divided by the runs. Each row keeps the tensor shapes
+    ORT ran the node on (``input_type_shape``/``output_type_shape``), so runtime-made
+    kernels are priced as executed.
     """
     per_node: dict[str, list[float]] = {}
     meta: dict[str, tuple[str, str | None, list | None, list | None]] = {}
@@ -263,7 +268,7 @@ def _parse_trace(events: list, runs: int) -> list[OpRow]:
             OpRow(
                 node=node,
                 op_type=op_type,
-                time_ms=sum(timed) / runs,
+                time_ms=statistics.median(timed) if len(timed) == runs else sum(timed) / runs,
                 calls=calls_per_run,
                 provider=provider,
                 inputs=inputs,

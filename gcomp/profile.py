@@ -84,7 +84,8 @@ def _percentile(ordered: list[float], q: float) -> float:
 
 @dataclass
 class OpRow:
-    """Time spent in one graph node per model run (averaged over profiled runs)."""
+    """Time one kernel takes per model run (a backend's typical run: ORT's is the median
+    over the profiled runs), with gcomp's costs once :meth:`Profile.annotate` ran."""
 
     node: str
     op_type: str
