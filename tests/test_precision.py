@@ -628,3 +628,33 @@ def test_exported_torch_models(arch, tmp_path):
         assert float_bytes(model) <= 0.51 * float_bytes(fp32)
         if precision == "auto":
             assert count_casts(model) <= peer_casts
+
+
+def test_scan_body_converts_consistently():
+    """Scan: a carried state and a scanned input cross the body's interface in one type."""
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["row", "W"], ["r"]),
+            helper.make_node("Add", ["state", "r"], ["state_out"]),
+            helper.make_node("Softmax", ["state_out"], ["probs"], axis=-1),
+        ],
+        "body",
+        [vinfo("state", shape=(1, 4)), vinfo("row", shape=(1, 4))],
+        [vinfo("state_out", shape=(1, 4)), vinfo("probs", shape=(1, 4))],
+    )
+    nodes = [helper.make_node("Scan", ["init", "xs"], ["final", "all"], body=body, num_scan_inputs=1)]
+    m = make_model(nodes, [vinfo("init", shape=(1, 4)), vinfo("xs", shape=(5, 1, 4))],
+                   [vinfo("final", shape=(1, 4)), vinfo("all", shape=(5, 1, 4))],
+                   [tensor("W", np.random.default_rng(3).normal(0, 0.5, (4, 4)).astype(np.float32))])
+    rng = np.random.default_rng(4)
+    feeds = {"init": rng.uniform(0, 1, (1, 4)).astype(np.float32), "xs": rng.uniform(0, 1, (5, 1, 4)).astype(np.float32)}
+    reference = ort_run(m, feeds)
+    model, _ = convert(ir.from_proto(m), calibrate=False)
+    check_valid(model)
+    scan = next(n for n in model.graph if n.op_type == "Scan")
+    g = scan.attributes["body"].as_graph()
+    assert scan.inputs[0].dtype == g.inputs[0].dtype == g.outputs[0].dtype == scan.outputs[0].dtype
+    assert scan.inputs[1].dtype == g.inputs[1].dtype
+    assert g.outputs[1].dtype == scan.outputs[1].dtype
+    ort_run(model, feeds)
+    assert_within(emulated_errors(model, feeds, reference), "fp16")
