@@ -658,3 +658,24 @@ def test_scan_body_converts_consistently():
     assert g.outputs[1].dtype == scan.outputs[1].dtype
     ort_run(model, feeds)
     assert_within(emulated_errors(model, feeds, reference), "fp16")
+
+
+def test_unnamed_nodes_get_unique_cast_names():
+    """Peers name inserted Casts after the node, so unnamed nodes collide; gcomp names them
+    after the (unique) value and checks every name it makes against the whole model."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["a"]),
+        helper.make_node("Softmax", ["a"], ["b"], axis=-1),
+        helper.make_node("MatMul", ["b", "W"], ["c"]),
+        helper.make_node("Softmax", ["c"], ["d"], axis=-1),
+        helper.make_node("MatMul", ["d", "W"], ["a_to_fp32"]),  # a name gcomp would pick
+        helper.make_node("Add", ["a_to_fp32", "a"], ["y"]),
+    ]
+    m = make_model(nodes, [vinfo("x", shape=(2, 4))], [vinfo("y", shape=(2, 4))],
+                   [tensor("W", np.full((4, 4), 0.25, np.float32))])
+    model, details = convert(ir.from_proto(m), block_ops=("Add",))
+    check_valid(model)
+    casts = [n for n in model.graph if n.op_type == "Cast"]
+    assert len(casts) >= 4 and all(n.name for n in casts)
+    feeds = {"x": np.random.default_rng(0).uniform(0, 1, (2, 4)).astype(np.float32)}
+    np.testing.assert_allclose(ort_run(model, feeds)["y"], ort_run(m, feeds)["y"], rtol=1e-2, atol=1e-2)
