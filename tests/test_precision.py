@@ -673,7 +673,7 @@ def test_unnamed_nodes_get_unique_cast_names():
     ]
     m = make_model(nodes, [vinfo("x", shape=(2, 4))], [vinfo("y", shape=(2, 4))],
                    [tensor("W", np.full((4, 4), 0.25, np.float32))])
-    model, details = convert(ir.from_proto(m), block_ops=("Add",))
+    model, _ = convert(ir.from_proto(m), block_ops=("Add",))
     check_valid(model)
     casts = [n for n in model.graph if n.op_type == "Cast"]
     assert len(casts) >= 4 and all(n.name for n in casts)
