@@ -32,8 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CACHE = Path(os.environ.get("GCOMP_BENCH_CACHE", "/tmp/gcomp-bench-cache")) / "torch"
@@ -45,15 +43,22 @@ def zoo(work: Path) -> dict[str, tuple[Path, dict]]:
     from models import build
 
     out = {"default": (REPO / "models" / "default.onnx", {"input_ids": (1, 128)})}
-    for name, kwargs, shapes in (("cnn", {}, {"input": (1, 3, 32, 32)}), ("mlp", {}, None),
-                                 ("resnet18", {}, {"input": (1, 3, 224, 224)})):
+    for name, kwargs, shapes in (
+        ("cnn", {}, {"input": (1, 3, 32, 32)}),
+        ("mlp", {}, None),
+        ("resnet18", {}, {"input": (1, 3, 224, 224)}),
+    ):
         path = work / f"{name}.onnx"
         io.save(build(name, **kwargs), path)
         out[name] = (path, shapes or {})
     text = {"input_ids": (1, 128), "attention_mask": (1, 128), "token_type_ids": (1, 128)}
-    for name, shapes in (("bert", text), ("gpt2", {k: v for k, v in text.items() if k != "token_type_ids"}),
-                         ("resnet", {"pixel_values": (1, 3, 224, 224)}), ("vit", {"pixel_values": (1, 3, 224, 224)}),
-                         ("mobilenetv2", {"pixel_values": (1, 3, 224, 224)})):
+    for name, shapes in (
+        ("bert", text),
+        ("gpt2", {k: v for k, v in text.items() if k != "token_type_ids"}),
+        ("resnet", {"pixel_values": (1, 3, 224, 224)}),
+        ("vit", {"pixel_values": (1, 3, 224, 224)}),
+        ("mobilenetv2", {"pixel_values": (1, 3, 224, 224)}),
+    ):
         path = CACHE / f"{name}.onnx"
         if path.exists():
             out[f"torch_{name}"] = (path, shapes)
@@ -67,7 +72,10 @@ def measure(path: Path, shapes: dict, optimization: str, iters: int) -> dict:
     from gcomp.inputs import generate_inputs
 
     feeds, _ = generate_inputs(io.load(path), shapes=shapes)
-    level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }
     so = ort.SessionOptions()
     so.graph_optimization_level = level[optimization]
     plain = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -89,9 +97,17 @@ def measure(path: Path, shapes: dict, optimization: str, iters: int) -> dict:
             prof.run(None, feeds)
             wall_prof.append((time.perf_counter() - t0) * 1e3)
         events = json.loads(Path(prof.end_profiling()).read_text())
-    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][-iters:]
-    execs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "SequentialExecutor::Execute"][-iters:]
-    kernels = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][
+        -iters:
+    ]
+    execs = [
+        e
+        for e in events
+        if e.get("cat") == "Session" and e.get("name") == "SequentialExecutor::Execute"
+    ][-iters:]
+    kernels = [
+        e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
+    ]
     per_run_kernels = []
     for run in runs:
         lo, hi = run["ts"], run["ts"] + run["dur"]
@@ -101,9 +117,15 @@ def measure(path: Path, shapes: dict, optimization: str, iters: int) -> dict:
     med = statistics.median
     model_runs = [r["dur"] / 1e3 for r in runs]
     return {
-        "kernels_per_run": len([e for e in kernels if runs[-1]["ts"] <= e["ts"] <= runs[-1]["ts"] + runs[-1]["dur"]]),
-        "wall": min(wall), "wall_p50": med(wall), "wall_prof": med(wall_prof), "model_run": med(model_runs),
-        "execute": med(e["dur"] / 1e3 for e in execs), "kernels": med(per_run_kernels),
+        "kernels_per_run": len(
+            [e for e in kernels if runs[-1]["ts"] <= e["ts"] <= runs[-1]["ts"] + runs[-1]["dur"]]
+        ),
+        "wall": min(wall),
+        "wall_p50": med(wall),
+        "wall_prof": med(wall_prof),
+        "model_run": med(model_runs),
+        "execute": med(e["dur"] / 1e3 for e in execs),
+        "kernels": med(per_run_kernels),
         "in_run_coverage": med(k / m for k, m in zip(per_run_kernels, model_runs) if m > 0),
         "kernels_over_wall_prof": med(k / w for k, w in zip(per_run_kernels, wall_prof)),
         "executor_gaps": med(m - k for k, m in zip(per_run_kernels, model_runs)),
@@ -129,30 +151,46 @@ def main(argv: list[str] | None = None) -> int:
             for optimization in ("all", "disable"):
                 r = measure(path, shapes, optimization, args.iters)
                 r.update(model=name, optimization=optimization)
-                r["profiling_cost_per_kernel_us"] = r["profiling_cost"] * 1e3 / max(r["kernels_per_run"], 1)
+                r["profiling_cost_per_kernel_us"] = (
+                    r["profiling_cost"] * 1e3 / max(r["kernels_per_run"], 1)
+                )
                 rows.append(r)
-                print(f"{name:18} {optimization:8} wall {r['wall_p50']:8.3f}  kernels {r['kernels']:8.3f} "
-                      f"({r['in_run_coverage'] * 100:5.1f}% of model_run)  gaps {r['executor_gaps']:6.3f}  "
-                      f"binding {r['binding']:6.3f}", file=sys.stderr)
+                print(
+                    f"{name:18} {optimization:8} wall {r['wall_p50']:8.3f}  kernels {r['kernels']:8.3f} "
+                    f"({r['in_run_coverage'] * 100:5.1f}% of model_run)  gaps {r['executor_gaps']:6.3f}  "
+                    f"binding {r['binding']:6.3f}",
+                    file=sys.stderr,
+                )
     from gcomp.profile import environment
 
     env = environment()
-    header = ("| model | ORT opt | kernels/run | wall ms (min / p50) | Σ kernels ms | Σ kernels / model_run | "
-              "Σ kernels / wall (same session) | executor gaps ms | binding ms | profiling cost ms (per kernel µs) |\n"
-              "|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = [f"| {r['model']} | {r['optimization']} | {r['kernels_per_run']} | {r['wall']:.3f} / {r['wall_p50']:.3f} | "
-             f"{r['kernels']:.3f} | {r['in_run_coverage'] * 100:.1f}% | {r['kernels_over_wall_prof'] * 100:.1f}% | "
-             f"{r['executor_gaps']:.3f} | {r['binding']:.3f} | {r['profiling_cost']:+.3f} "
-             f"({r['profiling_cost_per_kernel_us']:+.1f}) |" for r in rows]
-    md = (f"Measured {env['timestamp']} on {env['cpu']}, {env['cores']} cores, onnxruntime "
-          f"{env['versions'].get('onnxruntime') or env['versions'].get('onnxruntime-gpu')}; {args.iters} interleaved "
-          "runs per session, medians of per-run figures (other processes were loading the machine).\n\n"
-          + header + "\n".join(lines) + "\n")
+    header = (
+        "| model | ORT opt | kernels/run | wall ms (min / p50) | Σ kernels ms | Σ kernels / model_run | "
+        "Σ kernels / wall (same session) | executor gaps ms | binding ms | profiling cost ms (per kernel µs) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {r['model']} | {r['optimization']} | {r['kernels_per_run']} | {r['wall']:.3f} / {r['wall_p50']:.3f} | "
+        f"{r['kernels']:.3f} | {r['in_run_coverage'] * 100:.1f}% | {r['kernels_over_wall_prof'] * 100:.1f}% | "
+        f"{r['executor_gaps']:.3f} | {r['binding']:.3f} | {r['profiling_cost']:+.3f} "
+        f"({r['profiling_cost_per_kernel_us']:+.1f}) |"
+        for r in rows
+    ]
+    md = (
+        f"Measured {env['timestamp']} on {env['cpu']}, {env['cores']} cores, onnxruntime "
+        f"{env['versions'].get('onnxruntime') or env['versions'].get('onnxruntime-gpu')}; {args.iters} interleaved "
+        "runs per session, medians of per-run figures (other processes were loading the machine).\n\n"
+        + header
+        + "\n".join(lines)
+        + "\n"
+    )
     print(md)
     if args.md:
         args.md.write_text(md)
     if args.json:
-        args.json.write_text(json.dumps({"environment": env, "iters": args.iters, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"environment": env, "iters": args.iters, "rows": rows}, indent=2) + "\n"
+        )
     return 0
 
 

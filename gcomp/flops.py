@@ -48,10 +48,28 @@ import onnx_ir as ir
 
 # Element sizes by the names ORT's trace uses and by onnx-ir's DataType names (lower case).
 DTYPE_BYTES: dict[str, float] = {
-    "float": 4, "float32": 4, "double": 8, "float64": 8, "float16": 2, "bfloat16": 2,
-    "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4, "int64": 8,
-    "uint64": 8, "bool": 1, "float8e4m3fn": 1, "float8e4m3fnuz": 1, "float8e5m2": 1,
-    "float8e5m2fnuz": 1, "int4": 0.5, "uint4": 0.5, "float4e2m1": 0.5,
+    "float": 4,
+    "float32": 4,
+    "double": 8,
+    "float64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "int16": 2,
+    "uint16": 2,
+    "int32": 4,
+    "uint32": 4,
+    "int64": 8,
+    "uint64": 8,
+    "bool": 1,
+    "float8e4m3fn": 1,
+    "float8e4m3fnuz": 1,
+    "float8e5m2": 1,
+    "float8e5m2fnuz": 1,
+    "int4": 0.5,
+    "uint4": 0.5,
+    "float4e2m1": 0.5,
 }
 
 
@@ -85,23 +103,93 @@ class Cost:
 # FLOPs per output element of ops that work element by element.
 _PER_ELEMENT: dict[str, int] = {
     **dict.fromkeys(
-        ["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "Relu", "LeakyRelu",
-         "PRelu", "Neg", "Abs", "Sqrt", "Reciprocal", "Clip", "Where", "Equal", "Greater",
-         "Less", "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor", "Sign", "Floor",
-         "Ceil", "Round", "Mod", "BiasAdd", "ThresholdedRelu", "Shrink", "IsNaN", "IsInf",
-         "BitShift"],
+        [
+            "Add",
+            "Sub",
+            "Mul",
+            "Div",
+            "Pow",
+            "Max",
+            "Min",
+            "Mean",
+            "Sum",
+            "Relu",
+            "LeakyRelu",
+            "PRelu",
+            "Neg",
+            "Abs",
+            "Sqrt",
+            "Reciprocal",
+            "Clip",
+            "Where",
+            "Equal",
+            "Greater",
+            "Less",
+            "GreaterOrEqual",
+            "LessOrEqual",
+            "Not",
+            "And",
+            "Or",
+            "Xor",
+            "Sign",
+            "Floor",
+            "Ceil",
+            "Round",
+            "Mod",
+            "BiasAdd",
+            "ThresholdedRelu",
+            "Shrink",
+            "IsNaN",
+            "IsInf",
+            "BitShift",
+        ],
         1,
     ),
-    **dict.fromkeys(["Exp", "Log", "Sin", "Cos", "Tan", "Erf", "Softplus", "Softsign", "Elu",
-                     "Selu", "Celu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh", "Atan",
-                     "Asin", "Acos", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh"], 4),
+    **dict.fromkeys(
+        [
+            "Exp",
+            "Log",
+            "Sin",
+            "Cos",
+            "Tan",
+            "Erf",
+            "Softplus",
+            "Softsign",
+            "Elu",
+            "Selu",
+            "Celu",
+            "HardSigmoid",
+            "HardSwish",
+            "Sigmoid",
+            "Tanh",
+            "Atan",
+            "Asin",
+            "Acos",
+            "Sinh",
+            "Cosh",
+            "Asinh",
+            "Acosh",
+            "Atanh",
+        ],
+        4,
+    ),
     **dict.fromkeys(["Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Mish", "Swish", "SiLU"], 8),
     **dict.fromkeys(["Softmax", "LogSoftmax", "Hardmax"], 5),
-    **dict.fromkeys(["LayerNormalization", "SkipLayerNormalization", "EmbedLayerNormalization",
-                     "InstanceNormalization", "GroupNormalization", "MeanVarianceNormalization",
-                     "LpNormalization"], 8),
-    **dict.fromkeys(["RMSNormalization", "SimplifiedLayerNormalization",
-                     "SkipSimplifiedLayerNormalization"], 6),
+    **dict.fromkeys(
+        [
+            "LayerNormalization",
+            "SkipLayerNormalization",
+            "EmbedLayerNormalization",
+            "InstanceNormalization",
+            "GroupNormalization",
+            "MeanVarianceNormalization",
+            "LpNormalization",
+        ],
+        8,
+    ),
+    **dict.fromkeys(
+        ["RMSNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"], 6
+    ),
     "BatchNormalization": 2,
     "DequantizeLinear": 2,
     "QuantizeLinear": 3,
@@ -109,19 +197,70 @@ _PER_ELEMENT: dict[str, int] = {
 
 # FLOPs per *input* element (reductions).
 _PER_INPUT = {
-    "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-    "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "GlobalAveragePool", "GlobalMaxPool",
-    "GlobalLpPool", "ArgMax", "ArgMin", "CumSum",
+    "ReduceSum",
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "GlobalLpPool",
+    "ArgMax",
+    "ArgMin",
+    "CumSum",
 }
 
 # No arithmetic: they move, copy, index or describe data.
 _DATA_MOVEMENT = {
-    "Reshape", "Transpose", "Gather", "GatherElements", "GatherND", "Concat", "Split", "Slice",
-    "Cast", "CastLike", "Shape", "Size", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Tile",
-    "Identity", "Constant", "ConstantOfShape", "Pad", "Dropout", "ScatterND", "ScatterElements",
-    "Scatter", "DepthToSpace", "SpaceToDepth", "Range", "OneHot", "NonZero", "Trilu",
-    "ReorderInput", "ReorderOutput", "MemcpyToHost", "MemcpyFromHost", "EyeLike", "Compress",
-    "Resize", "Upsample", "TopK", "NonMaxSuppression", "If", "Loop", "Scan",
+    "Reshape",
+    "Transpose",
+    "Gather",
+    "GatherElements",
+    "GatherND",
+    "Concat",
+    "Split",
+    "Slice",
+    "Cast",
+    "CastLike",
+    "Shape",
+    "Size",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+    "Expand",
+    "Tile",
+    "Identity",
+    "Constant",
+    "ConstantOfShape",
+    "Pad",
+    "Dropout",
+    "ScatterND",
+    "ScatterElements",
+    "Scatter",
+    "DepthToSpace",
+    "SpaceToDepth",
+    "Range",
+    "OneHot",
+    "NonZero",
+    "Trilu",
+    "ReorderInput",
+    "ReorderOutput",
+    "MemcpyToHost",
+    "MemcpyFromHost",
+    "EyeLike",
+    "Compress",
+    "Resize",
+    "Upsample",
+    "TopK",
+    "NonMaxSuppression",
+    "If",
+    "Loop",
+    "Scan",
 }
 
 
@@ -146,7 +285,13 @@ def op_cost(
     nbytes = _io_bytes(inputs, outputs)
     try:
         macs, extra = _arithmetic(op_type, list(inputs), list(outputs), attributes, domain)
-    except (IndexError, ZeroDivisionError, TypeError, AttributeError, ValueError):  # a needed shape is unknown
+    except (
+        IndexError,
+        ZeroDivisionError,
+        TypeError,
+        AttributeError,
+        ValueError,
+    ):  # a needed shape is unknown
         return Cost(None, nbytes)
     if macs is None and extra is None:
         return Cost(None, nbytes)
@@ -157,8 +302,15 @@ def op_cost(
 def _arithmetic(op_type, inputs, outputs, attrs, domain) -> tuple[int | None, int | None]:
     """(multiply-accumulates, other FLOPs); (None, None) when not priced."""
     out = outputs[0] if outputs else None
-    if op_type in ("MatMul", "FusedMatMul", "MatMulInteger", "QLinearMatMul", "MatMulNBits",
-                   "MatMulIntegerToFloat", "DynamicQuantizeMatMul"):
+    if op_type in (
+        "MatMul",
+        "FusedMatMul",
+        "MatMulInteger",
+        "QLinearMatMul",
+        "MatMulNBits",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+    ):
         a = inputs[0]
         k = a.shape[-1] if len(a.shape) > 1 else a.shape[0]
         if op_type == "FusedMatMul" and attrs.get("transA"):
@@ -237,7 +389,9 @@ def _attribute_dict(node: ir.Node) -> dict[str, object]:
     out = {}
     for name, attr in node.attributes.items():
         if isinstance(attr, ir.Attr) and attr.type in (
-            ir.AttributeType.INT, ir.AttributeType.INTS, ir.AttributeType.FLOAT
+            ir.AttributeType.INT,
+            ir.AttributeType.INTS,
+            ir.AttributeType.FLOAT,
         ):
             out[name] = attr.value if attr.type != ir.AttributeType.INTS else list(attr.value)
     return out
@@ -273,7 +427,9 @@ def _info(value: ir.Value, types: Mapping[str, tuple]) -> TensorInfo | None:
     if found is None:
         tensor = value.const_value
         if tensor is not None:
-            return TensorInfo(tuple(tensor.shape), _itemsize(tensor.dtype), tensor.dtype.name.lower())
+            return TensorInfo(
+                tuple(tensor.shape), _itemsize(tensor.dtype), tensor.dtype.name.lower()
+            )
         return None
     shape, itemsize, dtype = found
     if shape is None or any(not isinstance(d, int) for d in shape):
@@ -312,12 +468,17 @@ def _inferred(model: ir.Model, shapes: dict[str, Sequence[int]]) -> dict[str, tu
     def infer(proto):
         proto = fix_inputs(proto)
         try:
-            inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
-                                                         data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(
+                proto, check_type=False, strict_mode=False, data_prop=True
+            )
         except Exception:
             inferred = proto
         out = _read_types(inferred)
-        if shapes and any(t[0] is None or None in t[0] for t in out.values()) or len(out) < _value_count(proto):
+        if (
+            shapes
+            and any(t[0] is None or None in t[0] for t in out.values())
+            or len(out) < _value_count(proto)
+        ):
             try:
                 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 

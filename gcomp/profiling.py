@@ -14,7 +14,13 @@ The CLI commands stay thin and call these.
 from __future__ import annotations
 
 __all__ = [
-    "finish_profile", "load_profiles", "optimize_profiles", "print_profile", "profile_model", "spinner", "write_outputs",
+    "finish_profile",
+    "load_profiles",
+    "optimize_profiles",
+    "print_profile",
+    "profile_model",
+    "spinner",
+    "write_outputs",
 ]
 
 import contextlib
@@ -36,8 +42,13 @@ def spinner(text: str, *, quiet: bool):
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                        console=Console(stderr=True), transient=True)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
     task = progress.add_task(text, total=None)
     progress.start()
     try:
@@ -80,10 +91,13 @@ def profile_model(
         feeds, notes = generate_inputs(m, shapes=dict(input_shapes or {}), given=given, **kwargs)
     status(f"compiling for {backend}/{device}")
     exe = get_backend(backend).compile(model, device, **dict(compile_options or {}))
-    status(f"profiling on {backend}/{device}: {warmup} warm-up + {iters} timed runs, then per-op times")
+    status(
+        f"profiling on {backend}/{device}: {warmup} warm-up + {iters} timed runs, then per-op times"
+    )
     prof = exe.profile(feeds, iters=iters, warmup=warmup)
-    return finish_profile(prof, m, feeds, path=model if isinstance(model, (str, os.PathLike)) else None,
-                          status=status), notes
+    return finish_profile(
+        prof, m, feeds, path=model if isinstance(model, (str, os.PathLike)) else None, status=status
+    ), notes
 
 
 def finish_profile(prof, model, feeds, *, path=None, status=None):
@@ -112,16 +126,30 @@ def print_profile(prof, *, title: str, top: int, console) -> None:
     t = Table(title=title, title_justify="left")
     for col in ("mean ms", "p50", "p90", "p99", "min", "stdev", "iters", "per s"):
         t.add_column(col, justify="right")
-    t.add_row(f"{lat.mean_ms:.3f}", f"{lat.p50_ms:.3f}", f"{lat.p90_ms:.3f}", f"{lat.p99_ms:.3f}",
-              f"{lat.min_ms:.3f}", f"{lat.stdev_ms:.3f}", str(lat.iterations), f"{lat.throughput_per_s:.1f}")
+    t.add_row(
+        f"{lat.mean_ms:.3f}",
+        f"{lat.p50_ms:.3f}",
+        f"{lat.p90_ms:.3f}",
+        f"{lat.p99_ms:.3f}",
+        f"{lat.min_ms:.3f}",
+        f"{lat.stdev_ms:.3f}",
+        str(lat.iterations),
+        f"{lat.throughput_per_s:.1f}",
+    )
     console.print(t)
     ops = Table(title=f"top {min(top, len(prof.ops))} of {len(prof.ops)} ops", title_justify="left")
     for col in ("node", "op type", "ms", "share", "GFLOP/s", "GB/s", "bound"):
         ops.add_column(col, justify="right" if col not in ("node", "op type", "bound") else "left")
     for o in prof.ops[:top]:
-        ops.add_row(o.node, o.op_type, f"{o.time_ms:.4f}", f"{o.share * 100:.1f}%",
-                    f"{o.gflops_per_s:.1f}" if o.gflops_per_s is not None else "-",
-                    f"{o.gb_per_s:.2f}" if o.gb_per_s is not None else "-", o.bound or "-")
+        ops.add_row(
+            o.node,
+            o.op_type,
+            f"{o.time_ms:.4f}",
+            f"{o.share * 100:.1f}%",
+            f"{o.gflops_per_s:.1f}" if o.gflops_per_s is not None else "-",
+            f"{o.gb_per_s:.2f}" if o.gb_per_s is not None else "-",
+            o.bound or "-",
+        )
     console.print(ops)
     totals, roof = prof.totals or {}, prof.roofline or {}
     if totals.get("graph_flops"):
@@ -130,7 +158,11 @@ def print_profile(prof, *, title: str, top: int, console) -> None:
         console.print(
             f"{totals['graph_flops'] / 1e9:.3f} GFLOP per run ({(totals.get('graph_macs') or 0) / 1e9:.3f} G multiply-adds)"
             + (f"; achieved {achieved:.1f} GFLOP/s" if achieved else "")
-            + (f" = {achieved / peak * 100:.0f}% of the measured {peak:.0f} GFLOP/s peak" if achieved and peak else "")
+            + (
+                f" = {achieved / peak * 100:.0f}% of the measured {peak:.0f} GFLOP/s peak"
+                if achieved and peak
+                else ""
+            )
         )
 
 
@@ -149,9 +181,20 @@ def write_outputs(doc: dict[str, Any], *, report: Path | None, trace: Path | Non
     return written
 
 
-def optimize_profiles(result, source, *, iters: int, warmup: int, inputs=None, input_shapes=None,
-                      max_tensor_bytes: int | None = None, backend: str = "ort", device: str = "cpu",
-                      output: str | None = None, status=None) -> dict[str, Any] | None:
+def optimize_profiles(
+    result,
+    source,
+    *,
+    iters: int,
+    warmup: int,
+    inputs=None,
+    input_shapes=None,
+    max_tensor_bytes: int | None = None,
+    backend: str = "ort",
+    device: str = "cpu",
+    output: str | None = None,
+    status=None,
+) -> dict[str, Any] | None:
     """Profile the input model and the optimized one on the same inputs and backend
     (None when there is no input file to profile)."""
     from gcomp.inputs import generate_inputs, load_inputs
@@ -161,10 +204,24 @@ def optimize_profiles(result, source, *, iters: int, warmup: int, inputs=None, i
     given = load_inputs(inputs, result.model) if inputs else None
     kwargs = {"max_bytes": max_tensor_bytes} if max_tensor_bytes is not None else {}
     feeds, _ = generate_inputs(result.model, shapes=dict(input_shapes or {}), given=given, **kwargs)
-    before, _ = profile_model(source, backend=backend, device=device, iters=iters, warmup=warmup,
-                              feeds=feeds, status=status)
-    after, _ = profile_model(output if output is not None else result.model, backend=backend, device=device,
-                             iters=iters, warmup=warmup, feeds=feeds, status=status)
+    before, _ = profile_model(
+        source,
+        backend=backend,
+        device=device,
+        iters=iters,
+        warmup=warmup,
+        feeds=feeds,
+        status=status,
+    )
+    after, _ = profile_model(
+        output if output is not None else result.model,
+        backend=backend,
+        device=device,
+        iters=iters,
+        warmup=warmup,
+        feeds=feeds,
+        status=status,
+    )
     return {"before": before.to_dict(), "after": after.to_dict()}
 
 
@@ -185,12 +242,16 @@ def load_profiles(paths: list[Path]) -> list[dict[str, Any]]:
         if not isinstance(doc, dict) or "schema_version" not in doc:
             raise GcompError(f"{p}: not a gcomp report (no schema_version)")
         if str(doc["schema_version"]).split(".")[0] != major:
-            raise GcompError(f"{p}: schema {doc['schema_version']} is not readable by this gcomp (schema {SCHEMA_VERSION})")
+            raise GcompError(
+                f"{p}: schema {doc['schema_version']} is not readable by this gcomp (schema {SCHEMA_VERSION})"
+            )
         if doc.get("kind") == "optimize" and doc.get("profiles"):
             docs.extend([doc["profiles"]["before"], doc["profiles"]["after"]])
             continue
         if doc.get("kind") != "profile":
-            raise GcompError(f"{p}: a gcomp {doc.get('kind')} report, not a profile (write one with gcomp profile --report x.json)")
+            raise GcompError(
+                f"{p}: a gcomp {doc.get('kind')} report, not a profile (write one with gcomp profile --report x.json)"
+            )
         for key in ("model", "backend", "latency", "ops"):
             if key not in doc:
                 raise GcompError(f"{p}: profile has no '{key}'")

@@ -30,9 +30,26 @@ from pathlib import Path
 
 # Vector extensions worth naming in an environment block (a subset of /proc/cpuinfo flags).
 _NOTABLE_FLAGS = (
-    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-    "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd",
-    "sve", "sve2", "bf16", "i8mm",
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "sve",
+    "sve2",
+    "bf16",
+    "i8mm",
 )
 CACHE_VERSION = 1
 
@@ -187,21 +204,42 @@ def machine(*, calibrate: bool = True, refresh: bool = False) -> Machine:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps({"measured_gflops": measured, "bandwidth_gbs": bandwidth,
-                                       "calibration_seconds": seconds, "cpu": cpu, "cores": cores}))
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "measured_gflops": measured,
+                        "bandwidth_gbs": bandwidth,
+                        "calibration_seconds": seconds,
+                        "cpu": cpu,
+                        "cores": cores,
+                    }
+                )
+            )
             os.replace(tmp, path)
         except OSError:
             pass
     peak, source = (measured, "measured") if measured else (theoretical, "theoretical")
-    result = Machine(cpu, cores, bits, fma, clock, theoretical, measured, bandwidth, peak, source,
-                     seconds, cached)
+    result = Machine(
+        cpu,
+        cores,
+        bits,
+        fma,
+        clock,
+        theoretical,
+        measured,
+        bandwidth,
+        peak,
+        source,
+        seconds,
+        cached,
+    )
     if measured or not calibrate:
         _MEMO[key] = result
     return result
 
 
 def classify(flops: int | None, nbytes: int | None, ridge: float | None) -> str | None:
-    """"compute" when the op's arithmetic intensity reaches the ridge point, else "memory";
+    """ "compute" when the op's arithmetic intensity reaches the ridge point, else "memory";
     None when the op's FLOPs are unknown. Ops with no arithmetic are memory-bound."""
     if flops is None or not nbytes or ridge is None:
         return None

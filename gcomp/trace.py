@@ -41,21 +41,46 @@ def trace_events(doc: dict[str, Any]) -> dict[str, Any]:
         ts = round(item["start_ms"] * 1e3, 3)
         dur = round(max(item["dur_ms"], 0.0) * 1e3, 3)
         if item.get("op_type") is None:
-            events.append({"name": item["node"], "cat": "run", "ph": "X", "ts": ts, "dur": dur, "pid": pid,
-                           "tid": tid, "args": {}})
+            events.append(
+                {
+                    "name": item["node"],
+                    "cat": "run",
+                    "ph": "X",
+                    "ts": ts,
+                    "dur": dur,
+                    "pid": pid,
+                    "tid": tid,
+                    "args": {},
+                }
+            )
             continue
         row = rows.get(item["node"], {})
         args = {"node": item["node"]}
         for key in ("graph_node", "flops", "bytes", "gflops_per_s", "gb_per_s", "bound", "share"):
             if row.get(key) is not None:
                 args[key] = row[key]
-        events.append({"name": item["op_type"], "cat": "op", "ph": "X", "ts": ts, "dur": dur, "pid": pid,
-                       "tid": tid, "args": args})
-    return {"traceEvents": events, "displayTimeUnit": "ms",
-            "otherData": {"generator": "gcomp", "schema_version": doc.get("schema_version")}}
+        events.append(
+            {
+                "name": item["op_type"],
+                "cat": "op",
+                "ph": "X",
+                "ts": ts,
+                "dur": dur,
+                "pid": pid,
+                "tid": tid,
+                "args": args,
+            }
+        )
+    return {
+        "traceEvents": events,
+        "displayTimeUnit": "ms",
+        "otherData": {"generator": "gcomp", "schema_version": doc.get("schema_version")},
+    }
 
 
-def write_trace(doc: dict[str, Any], path: str | os.PathLike, *, events: dict[str, Any] | None = None) -> Path:
+def write_trace(
+    doc: dict[str, Any], path: str | os.PathLike, *, events: dict[str, Any] | None = None
+) -> Path:
     """Write the trace for ``doc`` (or the already built ``events``) to ``path`` (.json) atomically."""
     p = Path(path)
     if p.suffix.lower() != ".json":

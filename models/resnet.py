@@ -30,18 +30,39 @@ __all__ = ["build"]
 FLOAT = ir.DataType.FLOAT
 
 
-def _conv_bn(g: GraphBuilder, x: ir.Value, prefix: str, cin: int, cout: int, *, kernel: int,
-             stride: int, relu: bool) -> ir.Value:
+def _conv_bn(
+    g: GraphBuilder,
+    x: ir.Value,
+    prefix: str,
+    cin: int,
+    cout: int,
+    *,
+    kernel: int,
+    stride: int,
+    relu: bool,
+) -> ir.Value:
     pad = kernel // 2
-    w = g.param(f"{prefix}.conv.weight", g.normal((cout, cin, kernel, kernel), math.sqrt(2.0 / (cin * kernel**2))))
+    w = g.param(
+        f"{prefix}.conv.weight",
+        g.normal((cout, cin, kernel, kernel), math.sqrt(2.0 / (cin * kernel**2))),
+    )
     scale = g.param(f"{prefix}.bn.weight", g.normal((cout,), 0.05, mean=1.0))
     shift = g.param(f"{prefix}.bn.bias", g.normal((cout,), 0.05))
     mean = g.param(f"{prefix}.bn.running_mean", g.normal((cout,), 0.05))
     var = g.param(f"{prefix}.bn.running_var", g.uniform((cout,), 0.8, 1.2))
     with g.scope(prefix):
-        y = g.op("Conv", [x, w], {"kernel_shape": [kernel, kernel], "pads": [pad] * 4,
-                                   "strides": [stride, stride]}, name="conv/Conv")
-        y = g.op("BatchNormalization", [y, scale, shift, mean, var], {"epsilon": 1e-5}, name="bn/BatchNormalization")
+        y = g.op(
+            "Conv",
+            [x, w],
+            {"kernel_shape": [kernel, kernel], "pads": [pad] * 4, "strides": [stride, stride]},
+            name="conv/Conv",
+        )
+        y = g.op(
+            "BatchNormalization",
+            [y, scale, shift, mean, var],
+            {"epsilon": 1e-5},
+            name="bn/BatchNormalization",
+        )
         if relu:
             y = g.op("Relu", [y], name="relu/Relu")
     return y
@@ -52,13 +73,17 @@ def _block(g: GraphBuilder, x: ir.Value, prefix: str, cin: int, cout: int, strid
     h = _conv_bn(g, h, f"{prefix}.conv2", cout, cout, kernel=3, stride=1, relu=False)
     shortcut = x
     if stride != 1 or cin != cout:
-        shortcut = _conv_bn(g, x, f"{prefix}.downsample", cin, cout, kernel=1, stride=stride, relu=False)
+        shortcut = _conv_bn(
+            g, x, f"{prefix}.downsample", cin, cout, kernel=1, stride=stride, relu=False
+        )
     with g.scope(prefix):
         y = g.op("Add", [h, shortcut], name="add/Add")
         return g.op("Relu", [y], name="relu/Relu")
 
 
-def build(*, seed: int = 0, batch: int | str = "batch", size: int = 224, num_classes: int = 1000) -> ir.Model:
+def build(
+    *, seed: int = 0, batch: int | str = "batch", size: int = 224, num_classes: int = 1000
+) -> ir.Model:
     """ResNet-18 for ``size`` x ``size`` RGB images (``size`` divisible by 32)."""
     if size % 32:
         raise ValueError(f"size must be divisible by 32, got {size}")
@@ -66,8 +91,12 @@ def build(*, seed: int = 0, batch: int | str = "batch", size: int = 224, num_cla
     x = g.input("input", FLOAT, [batch, 3, size, size])
     y = _conv_bn(g, x, "stem", 3, 64, kernel=7, stride=2, relu=True)
     with g.scope("stem"):
-        y = g.op("MaxPool", [y], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [2, 2]},
-                 name="pool/MaxPool")
+        y = g.op(
+            "MaxPool",
+            [y],
+            {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [2, 2]},
+            name="pool/MaxPool",
+        )
     cin = 64
     for stage, cout in enumerate((64, 128, 256, 512), start=1):
         for index in range(2):
@@ -80,5 +109,7 @@ def build(*, seed: int = 0, batch: int | str = "batch", size: int = 224, num_cla
         w = g.param("fc.weight", g.normal((num_classes, 512), math.sqrt(1.0 / 512)))
         b = g.param("fc.bias", g.normal((num_classes,), 0.01))
         logits = g.op("Gemm", [y, w, b], {"transB": 1}, name="fc/Gemm", output_name="logits")
-    return g.model([(logits, FLOAT, [batch, num_classes])],
-                   doc_string=f"ResNet-18 3x{size}x{size} -> {num_classes}, seed={seed}")
+    return g.model(
+        [(logits, FLOAT, [batch, num_classes])],
+        doc_string=f"ResNet-18 3x{size}x{size} -> {num_classes}, seed={seed}",
+    )

@@ -50,22 +50,42 @@ class Browser:
         self._profile = tempfile.mkdtemp(prefix="gcomp-chromium-")
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
-        args = [binary, "--headless", "--remote-debugging-pipe", "--disable-gpu", "--no-first-run",
-                "--no-default-browser-check", "--disable-extensions", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--hide-scrollbars", "--mute-audio",
-                f"--user-data-dir={self._profile}", "about:blank"]
+        args = [
+            binary,
+            "--headless",
+            "--remote-debugging-pipe",
+            "--disable-gpu",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-extensions",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--mute-audio",
+            f"--user-data-dir={self._profile}",
+            "about:blank",
+        ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             args.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
 
         def fds():  # the protocol's pipes must be fds 3 (read) and 4 (write) in the child
-            read, write = os.dup(to_browser_r), os.dup(from_browser_w)  # copies first: no clobbering
+            read, write = (
+                os.dup(to_browser_r),
+                os.dup(from_browser_w),
+            )  # copies first: no clobbering
             os.dup2(read, 3)
             os.dup2(write, 4)
 
         # close_fds would close 3 and 4 after preexec_fn; os.pipe() fds are close-on-exec
         # anyway (PEP 446), so nothing else leaks into the browser.
-        self._proc = subprocess.Popen(args, preexec_fn=fds, close_fds=False,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(
+            args,
+            preexec_fn=fds,
+            close_fds=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(to_browser_r)
         os.close(from_browser_w)
         self._buffer = b""
@@ -111,17 +131,29 @@ class Browser:
             self._events.append(self._receive(deadline))
 
     # ------------------------------------------------------------------ pages
-    def open(self, url: str, *, width: int = 1280, screenshot: bool = True, settle: float = 0.3,
-             script: str | None = None) -> PageResult:
+    def open(
+        self,
+        url: str,
+        *,
+        width: int = 1280,
+        screenshot: bool = True,
+        settle: float = 0.3,
+        script: str | None = None,
+    ) -> PageResult:
         """Load ``url``; collect console errors, exceptions and requests until the load event
         (plus ``settle`` seconds); run ``script`` (its value is ignored); screenshot the page."""
         target = self._send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = self._send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        session = self._send("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
         self._events.clear()
         for domain in ("Page", "Runtime", "Log", "Network"):
             self._send(f"{domain}.enable", session=session)
-        self._send("Emulation.setDeviceMetricsOverride",
-                   {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session)
+        self._send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+            session,
+        )
         self._send("Page.navigate", {"url": url}, session)
         self._wait_for("Page.loadEventFired", session)
         if script:
@@ -138,13 +170,19 @@ class Browser:
                 continue
             method, params = ev.get("method"), ev.get("params", {})
             if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                result.console_errors.append(" ".join(str(a.get("value", a.get("description", "")))
-                                                      for a in params.get("args", [])))
+                result.console_errors.append(
+                    " ".join(
+                        str(a.get("value", a.get("description", "")))
+                        for a in params.get("args", [])
+                    )
+                )
             elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
                 result.console_errors.append(params["entry"].get("text", ""))
             elif method == "Runtime.exceptionThrown":
                 details = params.get("exceptionDetails", {})
-                result.exceptions.append(details.get("exception", {}).get("description") or details.get("text", ""))
+                result.exceptions.append(
+                    details.get("exception", {}).get("description") or details.get("text", "")
+                )
             elif method == "Network.requestWillBeSent":
                 req_url = params.get("request", {}).get("url", "")
                 if req_url != url:
@@ -153,34 +191,53 @@ class Browser:
             metrics = self._send("Page.getLayoutMetrics", session=session)
             size = metrics.get("cssContentSize") or metrics.get("contentSize")
             result.height = int(size["height"])
-            self._send("Emulation.setDeviceMetricsOverride",
-                       {"width": width, "height": min(result.height, 16000), "deviceScaleFactor": 1, "mobile": False},
-                       session)
+            self._send(
+                "Emulation.setDeviceMetricsOverride",
+                {
+                    "width": width,
+                    "height": min(result.height, 16000),
+                    "deviceScaleFactor": 1,
+                    "mobile": False,
+                },
+                session,
+            )
             import base64
 
-            shot = self._send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}, session)
+            shot = self._send(
+                "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}, session
+            )
             result.screenshot = base64.b64decode(shot["data"])
         self._send("Target.closeTarget", {"targetId": target})
         return result
 
-    def regions(self, url: str, tops: list[int], *, width: int = 1280, height: int = 900) -> list[bytes]:
+    def regions(
+        self, url: str, tops: list[int], *, width: int = 1280, height: int = 900
+    ) -> list[bytes]:
         """Screenshots of ``height``-pixel bands starting at each of ``tops`` (for reading a
         long page at full resolution)."""
         import base64
 
         target = self._send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = self._send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        session = self._send("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
         self._send("Page.enable", session=session)
         self._events.clear()
-        self._send("Emulation.setDeviceMetricsOverride",
-                   {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session)
+        self._send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+            session,
+        )
         self._send("Page.navigate", {"url": url}, session)
         self._wait_for("Page.loadEventFired", session)
         shots = []
         for top in tops:
             clip = {"x": 0, "y": top, "width": width, "height": height, "scale": 1}
-            shot = self._send("Page.captureScreenshot", {"format": "png", "clip": clip, "captureBeyondViewport": True},
-                              session)
+            shot = self._send(
+                "Page.captureScreenshot",
+                {"format": "png", "clip": clip, "captureBeyondViewport": True},
+                session,
+            )
             shots.append(base64.b64decode(shot["data"]))
         self._send("Target.closeTarget", {"targetId": target})
         return shots
@@ -188,12 +245,16 @@ class Browser:
     def evaluate(self, url: str, expression: str) -> object:
         """Load ``url`` and return the value of ``expression`` (JSON-serialisable)."""
         target = self._send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = self._send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        session = self._send("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
         self._send("Page.enable", session=session)
         self._events.clear()
         self._send("Page.navigate", {"url": url}, session)
         self._wait_for("Page.loadEventFired", session)
-        value = self._send("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session)
+        value = self._send(
+            "Runtime.evaluate", {"expression": expression, "returnByValue": True}, session
+        )
         self._send("Target.closeTarget", {"targetId": target})
         return value.get("result", {}).get("value")
 

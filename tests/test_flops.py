@@ -38,8 +38,12 @@ def test_gemm_transposed_with_bias():
 
 def test_conv_grouped_strided_by_hand():
     # x [1, 32, 56, 56], 64 filters of 3x3 over 32/4 = 8 channels (group 4), stride 2 -> [1, 64, 28, 28]
-    cost = op_cost("Conv", [t(1, 32, 56, 56), t(64, 8, 3, 3), t(64)], [t(1, 64, 28, 28)],
-                   {"group": 4, "strides": [2, 2]})
+    cost = op_cost(
+        "Conv",
+        [t(1, 32, 56, 56), t(64, 8, 3, 3), t(64)],
+        [t(1, 64, 28, 28)],
+        {"group": 4, "strides": [2, 2]},
+    )
     outputs = 64 * 28 * 28
     assert cost.macs == outputs * 8 * 9
     assert cost.flops == 2 * outputs * 72 + outputs  # bias: one add per output
@@ -60,21 +64,30 @@ def test_conv_transpose_and_attention_by_hand():
 def test_norms_elementwise_data_movement_and_unknown():
     x = t(4, 128, 256)
     assert op_cost("LayerNormalization", [x, t(256), t(256)], [x]).flops == 8 * x.numel
-    assert op_cost("BatchNormalization", [t(1, 8, 4, 4)] + [t(8)] * 4, [t(1, 8, 4, 4)]).flops == 2 * 128
+    assert (
+        op_cost("BatchNormalization", [t(1, 8, 4, 4)] + [t(8)] * 4, [t(1, 8, 4, 4)]).flops
+        == 2 * 128
+    )
     assert op_cost("Add", [x, t(256)], [x]).flops == x.numel  # broadcasting: per output element
     assert op_cost("Reshape", [x, t(2, itemsize=8)], [t(512, 256)]).flops == 0
     half = op_cost("Relu", [t(10, itemsize=2)], [t(10, itemsize=2)])
     assert half.bytes == 40
     unknown = op_cost("Frobnicate", [x], [x])
     assert unknown.flops is None and unknown.bytes == 2 * x.nbytes  # bytes still counted
-    assert op_cost("MatMul", [None, t(3, 3)], [t(3, 3)]).flops is None  # a shape it needs is unknown
+    assert (
+        op_cost("MatMul", [None, t(3, 3)], [t(3, 3)]).flops is None
+    )  # a shape it needs is unknown
 
 
 def test_graph_costs_use_inferred_shapes_at_the_given_input_shapes():
     # x [batch, 64] -> MatMul W[64, 32] -> Relu: intermediate shapes come from inference only.
     proto = make_model(
-        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"], name="act")],
-        [vinfo("x", shape=("batch", 64))], [vinfo("y", shape=("batch", 32))],
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+            helper.make_node("Relu", ["h"], ["y"], name="act"),
+        ],
+        [vinfo("x", shape=("batch", 64))],
+        [vinfo("y", shape=("batch", 32))],
         [tensor("w", np.ones((64, 32), np.float32))],
     )
     model = ir.serde.deserialize_model(proto)
@@ -93,7 +106,9 @@ def test_resnet18_is_1_82_g_multiply_adds():
 
     model = build("resnet18")
     # torchvision's 11,689,512 trainable parameters plus BN running means and variances.
-    assert model_stats(model).parameters == 11_689_512 + 2 * 5 * (64 + 128 + 256 + 512)  # 5 BNs per width
+    assert model_stats(model).parameters == 11_689_512 + 2 * 5 * (
+        64 + 128 + 256 + 512
+    )  # 5 BNs per width
     costs = graph_costs(model, {"input": (1, 3, 224, 224)})
     macs = sum(c.macs for c in costs.values() if c.macs)
     assert macs == pytest.approx(1.8141e9, rel=1e-3)
@@ -138,7 +153,9 @@ def test_machine_peaks_from_cpuinfo_and_cache(tmp_path, monkeypatch):
     data["measured_gflops"] = 123.0
     cache.write_text(json.dumps(data))
     monkeypatch.setattr(roofline, "_MEMO", {})
-    monkeypatch.setattr(roofline, "_measure_flops", lambda: pytest.fail("calibrated despite the cache"))
+    monkeypatch.setattr(
+        roofline, "_measure_flops", lambda: pytest.fail("calibrated despite the cache")
+    )
     again = roofline.machine()
     assert again.cached and again.measured_gflops == 123.0 and again.peak_gflops == 123.0
     # A corrupt cache means measuring again, not a crash.
@@ -169,7 +186,9 @@ def test_exporter_shape_chains_are_priced_at_concrete_shapes():
 
     model = io.load(REPO / "models" / "default.onnx")
     costs = graph_costs(model, {"input_ids": (2, 16)})
-    assert all(c.flops is not None for c in costs.values()), [n for n, c in costs.items() if c.flops is None]
+    assert all(c.flops is not None for c in costs.values()), [
+        n for n, c in costs.items() if c.flops is None
+    ]
     projections = 0
     for node in model.graph:
         weight = node.inputs[1].const_value if node.op_type == "MatMul" else None

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gcomp.backends import get_backend
 
 from gcomp import io
-from gcomp.backends import get_backend
 from gcomp.report import compare_document, write_report
 from tests.chromium import Browser, find_chromium, save
 
@@ -26,7 +26,8 @@ DEFAULT = REPO / "models" / "default.onnx"
 SHOTS = Path(os.environ.get("GCOMP_SCREENSHOT_DIR") or REPO / "out" / "screenshots")
 
 pytestmark = pytest.mark.skipif(
-    find_chromium() is None, reason="chromium not installed (scripts/test.sh installs Debian's chromium package)"
+    find_chromium() is None,
+    reason="chromium not installed (scripts/test.sh installs Debian's chromium package)",
 )
 
 
@@ -45,15 +46,41 @@ def pages(tmp_path_factory):
     model = d / "resnet18.onnx"
     io.save(build("resnet18"), model)
     feeds = {"input": np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)}
-    fused = get_backend("ort").compile(model, "cpu", optimization="all").profile(feeds, iters=8, warmup=1)
-    plain = get_backend("ort").compile(model, "cpu", optimization="disable").profile(feeds, iters=4, warmup=1)
+    fused = (
+        get_backend("ort")
+        .compile(model, "cpu", optimization="all")
+        .profile(feeds, iters=8, warmup=1)
+    )
+    plain = (
+        get_backend("ort")
+        .compile(model, "cpu", optimization="disable")
+        .profile(feeds, iters=4, warmup=1)
+    )
     out = {"profile": write_report(fused.to_dict(), d / "profile.html")}
-    proc = subprocess.run([sys.executable, "-m", "gcomp", "optimize", str(DEFAULT), "-o", str(d / "o.onnx"),
-                           "--report", str(d / "optimize.html"), "--profile-iters", "5", "-q"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gcomp",
+            "optimize",
+            str(DEFAULT),
+            "-o",
+            str(d / "o.onnx"),
+            "--report",
+            str(d / "optimize.html"),
+            "--profile-iters",
+            "5",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     out["optimize"] = d / "optimize.html"
-    cmp = compare_document([plain.to_dict(), fused.to_dict()], ["ORT, optimizations off", "ORT, all optimizations"])
+    cmp = compare_document(
+        [plain.to_dict(), fused.to_dict()], ["ORT, optimizations off", "ORT, all optimizations"]
+    )
     out["compare"] = write_report(cmp, d / "compare.html")
     return out
 
@@ -82,15 +109,19 @@ def test_op_table_sorts_and_filters(browser, pages):
     })()"""
     result = json.loads(browser.evaluate(pages["profile"].resolve().as_uri(), script))
     assert len(result["up"]) > 10
-    assert result["up"] == sorted(result["up"]) and result["down"] == sorted(result["down"], reverse=True)
+    assert result["up"] == sorted(result["up"]) and result["down"] == sorted(
+        result["down"], reverse=True
+    )
     assert result["shown"] and set(result["shown"]) == {"MaxPool"}
 
 
 def test_the_browser_check_can_fail(browser, tmp_path):
     """The same harness on a page that logs an error, throws and fetches: all three are caught."""
     bad = tmp_path / "bad.html"
-    bad.write_text("<!DOCTYPE html><html><body><img src='http://127.0.0.1:9/x.png'>"
-                   "<script>console.error('boom'); missingFunction();</script></body></html>")
+    bad.write_text(
+        "<!DOCTYPE html><html><body><img src='http://127.0.0.1:9/x.png'>"
+        "<script>console.error('boom'); missingFunction();</script></body></html>"
+    )
     page = browser.open(bad.as_uri(), screenshot=False)
     assert any("boom" in e for e in page.console_errors)
     assert any("missingFunction" in e for e in page.exceptions)

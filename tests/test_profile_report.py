@@ -11,14 +11,13 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
+from gcomp.backends import get_backend
 
 from gcomp import io
-from gcomp.backends import get_backend
 from gcomp.flops import graph_costs
 from gcomp.profile import Profile
 from gcomp.report import compare_document, render_markdown, schema
 from gcomp.roofline import classify
-from gcomp.trace import trace_events
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "models" / "default.onnx"
@@ -26,8 +25,12 @@ SHAPE = (1, 3, 224, 224)
 
 
 def gcomp(*args):
-    return subprocess.run([sys.executable, "-m", "gcomp", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "gcomp", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +50,21 @@ def feeds():
 @pytest.fixture(scope="module")
 def fused(resnet, feeds):
     """ResNet-18 on ORT with all its graph optimizations (fused, NCHWc kernels)."""
-    return get_backend("ort").compile(resnet, "cpu", optimization="all").profile(feeds, iters=3, warmup=1)
+    return (
+        get_backend("ort")
+        .compile(resnet, "cpu", optimization="all")
+        .profile(feeds, iters=3, warmup=1)
+    )
 
 
 @pytest.fixture(scope="module")
 def plain(resnet, feeds):
     """ResNet-18 on ORT with optimizations off: kernels are the graph's nodes."""
-    return get_backend("ort").compile(resnet, "cpu", optimization="disable").profile(feeds, iters=2, warmup=1)
+    return (
+        get_backend("ort")
+        .compile(resnet, "cpu", optimization="disable")
+        .profile(feeds, iters=2, warmup=1)
+    )
 
 
 def ort_kernel_names(path, feeds, optimization):
@@ -61,15 +72,20 @@ def ort_kernel_names(path, feeds, optimization):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                   "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[optimization]
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(path).with_name(f"ort-{optimization}"))
     session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     session.run(None, feeds)
     events = json.loads(Path(session.end_profiling()).read_text())
-    return {e["name"][: -len("_kernel_time")] for e in events if e.get("cat") == "Node"
-            and e["name"].endswith("_kernel_time")}
+    return {
+        e["name"][: -len("_kernel_time")]
+        for e in events
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+    }
 
 
 def test_profile_json_follows_the_shipped_schema(fused):
@@ -83,7 +99,9 @@ def test_profile_json_follows_the_shipped_schema(fused):
     assert lat["iterations"] == 3 and lat["warmup"] == 1 and len(lat["samples_ms"]) == 3
     assert lat["min_ms"] <= lat["p50_ms"] <= lat["p99_ms"]
     env = doc["environment"]
-    assert env["cores"] >= 1 and isinstance(env["cpu_features"], list) and isinstance(env["gpu"], list)
+    assert (
+        env["cores"] >= 1 and isinstance(env["cpu_features"], list) and isinstance(env["gpu"], list)
+    )
     assert doc["memory"]["peak_rss_bytes"] > 0
     # Saved and read back, it is the same document (gcomp report reads saved profiles).
     assert Profile.from_dict(json.loads(json.dumps(doc))).to_dict() == doc
@@ -124,7 +142,9 @@ def test_fused_kernels_keep_the_work_and_name_their_graph_node(fused, resnet):
     assert len(convs) == 20
     assert all(op.graph_node in names for op in convs)  # e.g. ".../Relu_output_0_nchwc" -> its Relu
     assert all(op.graph_node is None or op.graph_node in names for op in fused.ops)
-    assert all(op.flops is not None for op in fused.ops), [op.op_type for op in fused.ops if op.flops is None]
+    assert all(op.flops is not None for op in fused.ops), [
+        op.op_type for op in fused.ops if op.flops is None
+    ]
 
 
 def test_roofline_bounds(plain):
@@ -137,7 +157,9 @@ def test_roofline_bounds(plain):
             assert op.gb_per_s == pytest.approx(op.bytes / op.time_ms / 1e6)
     # One FLOP per 8 bytes moved sits below any CPU's ridge point.
     relus = [op for op in plain.ops if op.op_type == "Relu"]
-    assert relus and all(op.intensity == pytest.approx(1 / 8) and op.bound == "memory" for op in relus)
+    assert relus and all(
+        op.intensity == pytest.approx(1 / 8) and op.bound == "memory" for op in relus
+    )
 
 
 # Trace Event Format (the JSON object form chrome://tracing and Perfetto load), as a schema.
@@ -146,15 +168,25 @@ TRACE_SCHEMA = {
     "required": ["traceEvents"],
     "properties": {
         "displayTimeUnit": {"enum": ["ms", "ns"]},
-        "traceEvents": {"type": "array", "items": {
-            "type": "object",
-            "required": ["name", "ph", "pid", "tid"],
-            "properties": {"name": {"type": "string"}, "ph": {"enum": ["X", "M"]}, "pid": {"type": "integer"},
-                           "tid": {"type": "integer"}, "ts": {"type": "number", "minimum": 0},
-                           "dur": {"type": "number", "minimum": 0}, "cat": {"type": "string"},
-                           "args": {"type": "object"}},
-            "if": {"properties": {"ph": {"const": "X"}}}, "then": {"required": ["ts", "dur"]},
-        }},
+        "traceEvents": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "ph", "pid", "tid"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "ph": {"enum": ["X", "M"]},
+                    "pid": {"type": "integer"},
+                    "tid": {"type": "integer"},
+                    "ts": {"type": "number", "minimum": 0},
+                    "dur": {"type": "number", "minimum": 0},
+                    "cat": {"type": "string"},
+                    "args": {"type": "object"},
+                },
+                "if": {"properties": {"ph": {"const": "X"}}},
+                "then": {"required": ["ts", "dur"]},
+            },
+        },
     },
 }
 
@@ -189,7 +221,7 @@ def test_renderers(fused):
     page = render_html(doc)
     assert page.startswith("<!DOCTYPE html>") and top.node in page
     assert "<svg" in page and "Roofline" in page
-    for forbidden in ("src=\"http", "href=\"http", "<link", "@import", "url("):
+    for forbidden in ('src="http', 'href="http', "<link", "@import", "url("):
         assert forbidden not in page
     # Names from the model are escaped: a hostile node name cannot inject markup.
     doc["ops"][0]["node"] = "<script>alert('x')</script>"
@@ -203,7 +235,19 @@ def test_renderers(fused):
 
 def test_profile_command_writes_html_and_trace_quietly(tmp_path):
     html, trace, data = tmp_path / "p.html", tmp_path / "t.json", tmp_path / "p.json"
-    proc = gcomp("profile", DEFAULT, "--iters", "3", "--warmup", "1", "--report", html, "--trace", trace, "-q")
+    proc = gcomp(
+        "profile",
+        DEFAULT,
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--report",
+        html,
+        "--trace",
+        trace,
+        "-q",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and proc.stderr == ""
     assert html.read_text().startswith("<!DOCTYPE html>")
@@ -231,32 +275,58 @@ def test_profile_command_writes_html_and_trace_quietly(tmp_path):
         (["report", "{d}/future.json", "-o", "{d}/c.html"], "schema 2.0"),
         (["report", "{d}/optimize.json", "-o", "{d}/c.pdf"], "unsupported format"),
     ],
-    ids=["trace-extension", "report-extension", "missing", "not-json", "not-a-profile", "newer-schema", "output-ext"],
+    ids=[
+        "trace-extension",
+        "report-extension",
+        "missing",
+        "not-json",
+        "not-a-profile",
+        "newer-schema",
+        "output-ext",
+    ],
 )
 def test_report_errors_are_one_line(tmp_path, args, contains):
     (tmp_path / "not.json").write_text("<html>")
-    (tmp_path / "optimize.json").write_text(json.dumps({"schema_version": "1.1", "kind": "optimize"}))
+    (tmp_path / "optimize.json").write_text(
+        json.dumps({"schema_version": "1.1", "kind": "optimize"})
+    )
     (tmp_path / "future.json").write_text(json.dumps({"schema_version": "2.0", "kind": "profile"}))
     proc = gcomp(*[str(a).replace("{d}", str(tmp_path)) for a in args])
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gcomp: error: ") and contains in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("gcomp: error: ") and contains in lines[0], (
+        proc.stderr
+    )
     assert not list(tmp_path.glob("c.*")) and not list(tmp_path.glob("t.*"))
 
 
 def test_optimize_report_has_pass_errors_and_profiles(tmp_path):
     report = tmp_path / "r.json"
-    proc = gcomp("optimize", DEFAULT, "-o", tmp_path / "o.onnx", "--report", report, "--profile", "--pass-errors",
-                 "--profile-iters", "2")
+    proc = gcomp(
+        "optimize",
+        DEFAULT,
+        "-o",
+        tmp_path / "o.onnx",
+        "--report",
+        report,
+        "--profile",
+        "--pass-errors",
+        "--profile-iters",
+        "2",
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(report.read_text())
     jsonschema.validate(doc, schema())
     changed = [p for p in doc["passes"] if p["modified"]]
-    assert changed and all(p["max_abs_error"] is not None and p["max_abs_error"] < 1e-4 for p in changed)
+    assert changed and all(
+        p["max_abs_error"] is not None and p["max_abs_error"] < 1e-4 for p in changed
+    )
     assert all(p["max_abs_error"] is None for p in doc["passes"] if not p["modified"])
     before, after = doc["profiles"]["before"], doc["profiles"]["after"]
     assert before["model"]["nodes"] > after["model"]["nodes"]
-    assert before["totals"]["graph_flops"] == pytest.approx(after["totals"]["graph_flops"], rel=0.05)
+    assert before["totals"]["graph_flops"] == pytest.approx(
+        after["totals"]["graph_flops"], rel=0.05
+    )
     # The optimize report with profiles is itself comparable.
     proc = gcomp("report", report, "-o", tmp_path / "c.md")
     assert proc.returncode == 0, proc.stderr
