@@ -153,20 +153,26 @@ def segments(rank_model: ir.Model, *, threads: int | None = None, optimization: 
         if v in produced_in:
             needed_after[produced_in[v]].add(v)
     be = get_backend("ort")
+    proto = index = inits = None
     out = []
     for k, (body, coll) in enumerate(pieces):
         outputs = [v for v in _ordered_outputs(body) if v in needed_after[k]]
         inputs: list[ir.Value] = []
+        made_here = {o for n in body for o in n.outputs}
         seen: set[ir.Value] = set()
         for n in body:
             for v in n.inputs:
-                if v is None or v.const_value is not None or v in seen or any(v is o for b in body for o in b.outputs):
+                if v is None or v.const_value is not None or v in seen or v in made_here:
                     continue
                 seen.add(v)
                 inputs.append(v)
         exe = None
         if body and outputs:
-            seg_model = _segment_model(rank_model, body, inputs, outputs, k)
+            if proto is None:  # once per rank: segments reuse its nodes and initializers
+                proto = ir.serde.serialize_model(rank_model)
+                index = {id(n): i for i, n in enumerate(rank_model.graph)}
+                inits = {t.name: t for t in proto.graph.initializer}
+            seg_model = _segment_model(proto, index, inits, body, inputs, outputs, k)
             exe = be.compile(seg_model, "cpu", optimization=optimization, threads=threads)
         collective = None
         if coll is not None:
@@ -182,12 +188,10 @@ def _ordered_outputs(body):
         yield from n.outputs
 
 
-def _segment_model(rank_model: ir.Model, body, inputs, outputs, k) -> ir.Model:
+def _segment_model(proto, index, inits, body, inputs, outputs, k) -> ir.Model:
     """A standalone model of ``body`` (a serialize/deserialize copy: nodes belong to one graph)."""
     import onnx
 
-    proto = ir.serde.serialize_model(rank_model)
-    index = {id(n): i for i, n in enumerate(rank_model.graph)}
     keep = {index[id(n)] for n in body}
     names_used = {i for n in body for i in (v.name for v in n.inputs if v is not None)}
     g = onnx.helper.make_graph(
@@ -195,7 +199,7 @@ def _segment_model(rank_model: ir.Model, body, inputs, outputs, k) -> ir.Model:
         f"segment{k}",
         [_vinfo(v) for v in inputs],
         [_vinfo(v) for v in outputs],
-        [t for t in proto.graph.initializer if t.name in names_used],
+        [inits[n] for n in sorted(names_used) if n in inits],
     )
     m = onnx.helper.make_model(g, opset_imports=[op for op in proto.opset_import if op.domain != DOMAIN])
     m.ir_version = proto.ir_version
