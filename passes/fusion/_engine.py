@@ -79,10 +79,42 @@ def fusion(name: str, family: str, rules: Sequence[Any], emits: Sequence[tuple[s
     """
     for rule in rules:
         rule.name = rule.name or name
+        _filter_by_root(rule)
     module = sys._getframe(1).f_globals.get("__name__", "")
     entry = Fusion(name, family, tuple(rules), tuple(emits), summary, module, frozenset(needs))
     FUSIONS[:] = [f for f in FUSIONS if f.name != name] + [entry]
     return entry
+
+
+def _filter_by_root(rule) -> None:
+    """Try the rule only at nodes of its root op type.
+
+    onnxscript's rewriter calls every rule at every node and lets the matcher reject; with
+    the commuted variants that is ~10^5 calls on a small transformer. A single-output
+    pattern can only match at a node of its output node's op type.
+    """
+    from onnxscript.rewriter._pattern_ir import NodeOutputPattern, StringConstantPattern
+
+    if getattr(rule, "_gcomp_filtered", False):
+        return
+    outputs = getattr(getattr(rule, "_target_pattern", None), "_outputs", ())
+    if len(outputs) != 1 or not isinstance(outputs[0], NodeOutputPattern):
+        return
+    root = outputs[0].producer()
+    # (commuted copies of a pattern keep the op as a constant pattern, not an identifier)
+    if not isinstance(root.op, StringConstantPattern) or not isinstance(root.domain, StringConstantPattern):
+        return
+    op_type, domain = root.op.value(), root.domain.value()
+    domain = "" if domain in ("", "ai.onnx") else domain
+    original = rule.try_rewrite
+
+    def try_rewrite(model, graph_or_function, node, **kwargs):
+        if node.op_type != op_type or (node.domain if node.domain != "ai.onnx" else "") != domain:
+            return None
+        return original(model, graph_or_function, node, **kwargs)
+
+    rule.try_rewrite = try_rewrite
+    rule._gcomp_filtered = True
 
 
 def fusions_for(families: Sequence[str]) -> list[Fusion]:
@@ -165,6 +197,7 @@ def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: str, *, expl
             fired[f.name] = 0
         else:
             skipped[f.name] = why
+    swapped = canonical_operands(model)
     for _ in range(MAX_ROUNDS):
         round_total = 0
         for f in runnable:
@@ -175,6 +208,9 @@ def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: str, *, expl
             round_total += count
         if not round_total:
             break
+    if not any(fired.values()):
+        for node in swapped:  # nothing fused: leave the model exactly as it was
+            _swap(node)
     if explain:
         for f in runnable:
             if f.needs and not (f.needs & _op_types(model)):
@@ -190,6 +226,34 @@ def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: str, *, expl
             if reasons:
                 near[f.name] = sorted(set(reasons))[:20]
     return FusionReport(fired, skipped, near)
+
+
+_COMMUTATIVE = frozenset({"Add", "Mul", "Max", "Min", "Sum", "And", "Or", "Xor", "Equal"})
+
+
+def canonical_operands(model: ir.Model) -> list[ir.Node]:
+    """Put a constant operand of a two-input commutative op second (``2 * x`` -> ``x * 2``).
+
+    Exact (the ops are commutative elementwise with broadcasting either way round), and it
+    lets rules match constants in one position. Returns the nodes it swapped.
+    """
+    from gcomp.passes.scopes import all_scopes
+
+    swapped = []
+    for scope in all_scopes(model):
+        for node in scope:
+            if (node.op_type in _COMMUTATIVE and node.domain in ("", "ai.onnx") and len(node.inputs) == 2
+                    and node.inputs[0] is not None and node.inputs[1] is not None
+                    and const_array(node.inputs[0]) is not None and const_array(node.inputs[1]) is None):
+                _swap(node)
+                swapped.append(node)
+    return swapped
+
+
+def _swap(node: ir.Node) -> None:
+    a, b = node.inputs
+    node.replace_input_with(0, b)
+    node.replace_input_with(1, a)
 
 
 def _op_types(model: ir.Model) -> set[str]:

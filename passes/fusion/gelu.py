@@ -8,7 +8,7 @@ Math (the two forms exporters emit):
 Both are the definitions of ONNX ``Gelu`` (opset 20), so the rewrite is exact up to the
 rounding of the constants (matched to a relative 1e-5). ``x / sqrt(2)`` may be written
 ``x * (1/sqrt(2))``, ``x^3`` as ``Pow(x, 3)`` or ``x * x * x``; the three multiplications
-may come in any order and association (commuted variants are generated).
+may come in any order and association.
 
 Portable rules emit ``Gelu``-20 (only when the model's opset is >= 20: never newer than
 the model). The ORT rules emit ``com.microsoft`` ``Gelu`` / ``FastGelu`` (any opset), and
@@ -38,26 +38,44 @@ def _erf_core(op, x):
     return op.Add(op.Erf(scaled), 1.0)
 
 
-def _tanh_core(op, x, cube_pow: bool):
-    cube = op.Pow(x, 3.0) if cube_pow else op.Mul(op.Mul(x, x), x)
-    inner = op.Add(x, op.Mul(cube, 0.044715))
+def _tanh_core(op, x, cube: int, swap_inner: bool):
+    if cube == 0:
+        x3 = op.Pow(x, 3.0)
+    elif cube == 1:
+        x3 = op.Mul(op.Mul(x, x), x)
+    else:
+        x3 = op.Mul(x, op.Mul(x, x))
+    t = op.Mul(x3, 0.044715)
+    inner = op.Add(t, x) if swap_inner else op.Add(x, t)
     return op.Add(op.Tanh(op.Mul(inner, _SQRT_2_OVER_PI)), 1.0)
 
 
-class _GeluBase(pattern.RewriteRuleClassBase):
-    """``shape`` picks where 0.5 and x multiply: ((x*c)*0.5), (x*(c*0.5)), ((x*0.5)*c)."""
+def _mul(op, a, b, swap: bool):
+    return op.Mul(b, a) if swap else op.Mul(a, b)
 
-    def __init__(self, name: str, *, form: str, shape: int, emit: str, cube_pow: bool = True):
+
+class _GeluBase(pattern.RewriteRuleClassBase):
+    """``shape`` picks where 0.5 and x multiply: ((x*c)*0.5), (x*(c*0.5)), ((x*0.5)*c);
+    ``swap`` the order of the two non-constant operands there.
+
+    Constants are matched as the second operand of Add/Mul: the engine puts them there
+    first (:func:`gcomp.passes.fusion._engine.canonical_operands`), which keeps the
+    variants to enumerate few (36, where commuting every Add/Mul would make ~1,000).
+    """
+
+    def __init__(self, name: str, *, form: str, shape: int, swap: bool, emit: str, cube: int = 0,
+                 swap_inner: bool = False):
         super().__init__(name)
-        self.form, self.shape, self.emit, self.cube_pow = form, shape, emit, cube_pow
+        self.form, self.shape, self.swap, self.emit = form, shape, swap, emit
+        self.cube, self.swap_inner = cube, swap_inner
 
     def pattern(self, op, x):
-        core = _erf_core(op, x) if self.form == "erf" else _tanh_core(op, x, self.cube_pow)
+        core = _erf_core(op, x) if self.form == "erf" else _tanh_core(op, x, self.cube, self.swap_inner)
         if self.shape == 0:
-            return op.Mul(op.Mul(x, core), 0.5)
+            return op.Mul(_mul(op, x, core, self.swap), 0.5)
         if self.shape == 1:
-            return op.Mul(x, op.Mul(core, 0.5))
-        return op.Mul(op.Mul(x, 0.5), core)
+            return _mul(op, x, op.Mul(core, 0.5), self.swap)
+        return _mul(op, op.Mul(x, 0.5), core, self.swap)
 
     def check(self, context, x, **_):
         result = pattern.MatchResult()
@@ -70,18 +88,19 @@ class _GeluBase(pattern.RewriteRuleClassBase):
             if self.form == "erf":
                 return op.Gelu(x)
             return op.Gelu(x, approximate="tanh")
-        out = op.Gelu(x, _domain="com.microsoft") if self.form == "erf" else op.FastGelu(x, _domain="com.microsoft")
-        return out
+        if self.form == "erf":
+            return op.Gelu(x, _domain="com.microsoft")
+        return op.FastGelu(x, _domain="com.microsoft")
 
 
 def _rules(form: str, emit: str) -> list:
     rules = []
+    inner = [(0, False)] if form == "erf" else [(c, si) for c in range(3) for si in (False, True)]
     for shape in range(3):
-        for cube_pow in ((True,) if form == "erf" else (True, False)):
-            rules.extend(
-                _GeluBase.rule(f"gelu-{form}-{shape}{'' if cube_pow else '-mul'}", form=form, shape=shape,
-                               emit=emit, cube_pow=cube_pow).commute()
-            )
+        for swap in (False, True):
+            for cube, swap_inner in inner:
+                rules.append(_GeluBase.rule(f"gelu-{form}-{shape}{int(swap)}{cube}{int(swap_inner)}", form=form,
+                                            shape=shape, swap=swap, emit=emit, cube=cube, swap_inner=swap_inner))
     return rules
 
 
