@@ -115,7 +115,7 @@ box-shadow:0 1px 2px rgba(16,24,40,.04)}
 h2{font-size:16px;margin:0 0 4px;font-weight:600}
 h3{font-size:14px;margin:14px 0 6px;font-weight:600}
 p.note{color:var(--muted);margin:2px 0 12px;font-size:12.5px}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:12px;margin:4px 0 0}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(240px,1fr));gap:12px;margin:4px 0 0}
 .card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:12px 14px}
 .card .k{color:var(--muted);font-size:12px;text-transform:uppercase;letter-spacing:.5px}
 .card .v{font-size:22px;font-weight:600;margin-top:2px;white-space:nowrap}
