@@ -38,7 +38,7 @@ Conventions (what the numbers mean):
 
 from __future__ import annotations
 
-__all__ = ["Cost", "TensorInfo", "graph_costs", "op_cost", "DTYPE_BYTES"]
+__all__ = ["DTYPE_BYTES", "Cost", "TensorInfo", "fused_cost", "graph_costs", "op_cost"]
 
 import math
 from collections.abc import Mapping, Sequence
@@ -383,6 +383,43 @@ def _attention(op_type, inputs, outputs, attrs, domain) -> tuple[int | None, int
         qk, av = b * sq * skv * hidden, b * sq * skv * hidden_v
         scores = b * heads * sq * skv
     return qk + av, 5 * scores
+
+
+def fused_cost(
+    model: ir.Model,
+    members: Sequence[str],
+    costs: Mapping[str, Cost],
+    tensors: Mapping[str, tuple[list, list]],
+) -> Cost | None:
+    """The cost of one kernel that computes several graph nodes (a runtime's fusion).
+
+    FLOPs are the members' sum; bytes are what crosses the kernel's boundary: values
+    read from outside the group (inputs and weights, once each) and values written that
+    something outside the group reads (or that are graph outputs). Intermediate tensors
+    stay inside the kernel. ``costs``/``tensors`` come from :func:`graph_costs`. None
+    when a member is not a node of the main graph.
+    """
+    by_name = {n.name: n for n in model.graph if n.name}
+    nodes = [by_name.get(m) for m in members]
+    if not nodes or any(n is None or n.name not in costs for n in nodes):
+        return None
+    inside = {id(v) for n in nodes for v in n.outputs}
+    member_ids = {id(n) for n in nodes}
+    graph_outputs = {id(v) for v in model.graph.outputs}
+    read: dict[int, TensorInfo | None] = {}
+    written: dict[int, TensorInfo | None] = {}
+    for n in nodes:
+        ins, outs = tensors.get(n.name, ([], []))
+        for v, t in zip(n.inputs, ins):
+            if v is not None and id(v) not in inside:
+                read[id(v)] = t
+        for v, t in zip(n.outputs, outs):
+            if id(v) in graph_outputs or any(id(user) not in member_ids for user, _ in v.uses()):
+                written[id(v)] = t
+    flops = [costs[m].flops for m in members]
+    macs = sum(costs[m].macs or 0 for m in members)
+    nbytes = sum(t.nbytes for t in (*read.values(), *written.values()) if t is not None)
+    return Cost(None if any(f is None for f in flops) else sum(flops), nbytes, macs)
 
 
 def _attribute_dict(node: ir.Node) -> dict[str, object]:

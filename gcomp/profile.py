@@ -96,6 +96,9 @@ class OpRow:
     # The node's name in the profiled graph, or None for a node the runtime made itself
     # (e.g. ONNX Runtime's fused or layout-converted kernels).
     graph_node: str | None = None
+    # The graph nodes one fused kernel computes, when the backend knows them (e.g. TVM's
+    # fused functions): the kernel is priced as their sum, bytes at the group's boundary.
+    graph_nodes: list[str] | None = None
     # Tensors the backend reports for the node: [{"dtype": "float", "shape": [1, 64, 56, 56]}]
     inputs: list[dict[str, Any] | None] | None = None
     outputs: list[dict[str, Any] | None] | None = None
@@ -187,6 +190,8 @@ class Profile:
             # runtime's trace can omit inputs (ORT drops weights it pre-packed, e.g. Gemm's B).
             # A kernel the runtime made is priced from the shapes its trace reports.
             cost = graph_cost.get(op.node) if node is not None and node.name == op.node else None
+            if op.graph_nodes and len(op.graph_nodes) > 1:
+                cost = fl.fused_cost(model, op.graph_nodes, graph_cost, graph_tensors)
             if cost is not None and op.node in graph_tensors:
                 ins, outs = graph_tensors[op.node]
                 if op.inputs is None or len(op.inputs) < len(ins):  # e.g. a pre-packed weight left out

@@ -197,3 +197,25 @@ def test_exporter_shape_chains_are_priced_at_concrete_shapes():
             assert costs[node.name].macs == 2 * 16 * k * n, node.name
             projections += 1
     assert projections >= 4
+
+
+def test_a_fused_kernel_is_priced_from_its_member_nodes():
+    """A backend that fuses Conv+BN+Relu into one kernel (TVM) names the members: FLOPs are
+    their sum, bytes only what crosses the group's boundary (no intermediate tensors)."""
+    from gcomp.profile import LatencyStats, OpRow, Profile
+    from models import build
+
+    model = build("resnet18")
+    members = ["/stem/conv/Conv", "/stem/bn/BatchNormalization", "/stem/relu/Relu"]
+    row = OpRow(node="/stem/relu/Relu", op_type="Conv+BatchNormalization+Relu", time_ms=2.0,
+                graph_nodes=members)
+    prof = Profile(model={}, environment={}, backend={"name": "test", "target": "cpu"},
+                   latency=LatencyStats.from_samples([2.5], 0), ops=[row])
+    prof.annotate(model, {"input": (1, 3, 224, 224)}, calibrate=False)
+    costs = graph_costs(model, {"input": (1, 3, 224, 224)})
+    assert row.flops == sum(costs[m].flops for m in members)
+    assert row.macs == 64 * 112 * 112 * 3 * 49
+    image, weight, bn, out = 3 * 224 * 224, 64 * 3 * 7 * 7, 4 * 64, 64 * 112 * 112
+    assert row.bytes == 4 * (image + weight + bn + out)
+    assert row.graph_node == "/stem/relu/Relu"
+    assert row.gflops_per_s == pytest.approx(row.flops / 2e6)
