@@ -89,3 +89,27 @@ def test_ort_bias_gelu_any_opset(rng):
 def test_ort_fast_gelu_from_tanh(rng):
     model, _ = fuse(_tanh_gelu(opset=17), feeds_for(rng, x=SHAPE), target="ort-cpu", family="ort")
     assert op_counts(model) == {"com.microsoft::FastGelu": 1}
+
+
+def test_gelu_fuses_inside_if_branches_and_functions(rng):
+    """Rules walk If/Loop/Scan bodies and model functions, not only the main graph."""
+    from onnx import TensorProto
+
+    body_nodes = _erf_gelu().graph.node
+    inits = list(_erf_gelu().graph.initializer)
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in inits]
+    then_g = helper.make_graph(list(body_nodes), "then", [], [vinfo("y", shape=SHAPE)])
+    else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["y2"])], "else", [], [vinfo("y2", shape=SHAPE)])
+    func = helper.make_function("local", "MyGelu", ["x"], ["y"], consts + list(body_nodes),
+                                [helper.make_opsetid("", 20)])
+    nodes = consts + [
+        helper.make_node("If", ["c"], ["yi"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("MyGelu", ["x"], ["yf"], domain="local"),
+    ]
+    proto = make_model(nodes, [vinfo("x", shape=SHAPE), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                       [vinfo("yi", shape=SHAPE), vinfo("yf", shape=SHAPE)], opset=20, functions=[func],
+                       extra_opsets=[helper.make_opsetid("local", 1)])
+    feeds = {**feeds_for(rng, x=SHAPE), "c": np.array(True)}
+    model, result = fuse(proto, feeds)
+    assert result.details["fired"] == {"gelu-erf": 2}, result.details
+    assert op_counts(model)["Gelu"] == 2 and "Erf" not in op_counts(model)

@@ -1,0 +1,66 @@
+"""Transformer fusions on real torch.onnx exports (TorchScript and dynamo exporters).
+
+Small BERT / GPT-2 / ViT configs with random weights, exported here by models/export_torch.py:
+O3 for ORT must verify and fuse every layer's attention, norms and GELU.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = {
+    "bert": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128},
+    "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 4},
+}
+LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    pytest.importorskip("torch", reason="needs torch==2.13.0 (the test extra installs it)")
+    pytest.importorskip("transformers", reason="needs transformers (the test extra installs it)")
+    sys.path.insert(0, str(REPO))
+    from models import export_torch
+
+    folder = tmp_path_factory.mktemp("torch")
+    cache: dict = {}
+
+    def get(name: str, dynamo: bool) -> Path:
+        key = (name, dynamo)
+        if key not in cache:
+            out = folder / ("dynamo" if dynamo else "ts")
+            cache[key] = export_torch.export(name, out, dynamo=dynamo, config=SMALL[name], check=False)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_o3_fuses_every_layer(export, name, dynamo):
+    from gcomp import optimize
+
+    result = optimize(export(name, dynamo), "O3", target="ort-cpu")
+    assert result.verification.passed, result.verification.summary()
+    ops = result.after.op_types
+    assert ops.get("com.microsoft::MultiHeadAttention", 0) == LAYERS, ops
+    assert ops.get("com.microsoft::SkipLayerNormalization", 0) >= LAYERS, ops
+    gelu = sum(ops.get(f"com.microsoft::{g}", 0) for g in ("BiasGelu", "FastGelu", "Gelu"))
+    assert gelu == LAYERS, ops
+    assert "Softmax" not in ops and "Erf" not in ops and "Pow" not in ops, ops  # (BERT's pooler keeps its Tanh)
+
+
+@pytest.mark.slow
+def test_o2_stays_portable_on_bert(export):
+    from gcomp import optimize
+
+    result = optimize(export("bert", False), "O2")
+    assert result.verification.passed, result.verification.summary()
+    ops = result.after.op_types
+    assert not any(k.startswith("com.microsoft") for k in ops), ops
+    assert "LayerNormalization" in ops
