@@ -63,6 +63,7 @@ class Browser:
             "--disable-sync",
             "--hide-scrollbars",
             "--mute-audio",
+            "--disable-dev-shm-usage",  # containers often give /dev/shm only 64 MB
             f"--user-data-dir={self._profile}",
             "about:blank",
         ]
