@@ -5,14 +5,30 @@ Backends are imported lazily by name so that ``gcomp --help`` never loads a runt
 
 from __future__ import annotations
 
-__all__ = ["BACKENDS", "get_backend"]
+__all__ = ["BACKENDS", "get_backend", "targets", "supports"]
 
 import importlib
 
 from gcomp.errors import OptionError
 
-# name -> "module:class"; the TVM issue adds "tvm".
-BACKENDS: dict[str, str] = {"ort": "gcomp.backends.ort:OrtBackend"}
+# name -> "module:class".
+BACKENDS: dict[str, str] = {"ort": "gcomp.backends.ort:OrtBackend", "tvm": "gcomp.backends.tvm:TvmBackend"}
+
+
+def targets() -> list[str]:
+    """Compilation target names (ort-cpu, ort-cuda, tvm-llvm, tvm-cuda, portable); see
+    :mod:`gcomp.backends.target_ops`."""
+    from gcomp.backends.target_ops import targets as _targets
+
+    return _targets()
+
+
+def supports(target: str, op_type: str, domain: str = "", opset: int | None = None) -> bool:
+    """Whether ``target`` consumes ``op_type`` of ``domain`` at ``opset`` (cached answers
+    read from the runtimes; see :mod:`gcomp.backends.target_ops`)."""
+    from gcomp.backends.target_ops import supports as _supports
+
+    return _supports(target, op_type, domain, opset)
 
 
 def get_backend(name: str):

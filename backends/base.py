@@ -3,7 +3,12 @@
 ``Backend.compile(model, target) -> Executable``; ``Executable.run(feeds) -> outputs``;
 ``Executable.profile(feeds, iters=, warmup=) -> Profile``; ``Executable.export(path)``
 where the runtime has an artifact. A backend also declares which targets it serves
-and which ops it consumes, so fusion rules can ask before they fire.
+and which ops it consumes, so fusion rules can ask before they fire:
+``Backend.supports(op_type, domain="", opset=None) -> bool`` says whether the runtime
+imports/loads that op (``opset``: the model's version of ``domain``; ``None``: any).
+Across backends, :func:`gcomp.backends.targets` lists the target names (``ort-cpu``,
+``ort-cuda``, ``tvm-llvm``, ``tvm-cuda``, ``portable`` = accepted by all) and
+:func:`gcomp.backends.supports` answers ``supports(target, op_type, domain, opset)``.
 """
 
 from __future__ import annotations
@@ -40,5 +45,7 @@ class Backend(Protocol):
     targets: tuple[str, ...]
 
     def available_targets(self) -> list[str]: ...
+
+    def supports(self, op_type: str, domain: str = "", opset: int | None = None) -> bool: ...
 
     def compile(self, model: ir.Model | str | Path, target: str = "cpu") -> Executable: ...

@@ -60,6 +60,12 @@ class OrtBackend:
     def available_targets(self) -> list[str]:
         return ["cpu"] + (["cuda"] if cuda_available() else [])
 
+    def supports(self, op_type: str, domain: str = "", opset: int | None = None) -> bool:
+        """Whether ONNX Runtime registers the op (see :mod:`gcomp.backends.target_ops`)."""
+        from gcomp.backends.target_ops import ort_supports
+
+        return ort_supports(op_type, domain, opset)
+
     def compile(
         self,
         model: ir.Model | str | os.PathLike,

@@ -1,0 +1,105 @@
+"""Compilation targets and the ops each consumes: what fusion rules ask before they fire.
+
+A *target* is a backend plus a device: ``ort-cpu``, ``ort-cuda``, ``tvm-llvm``,
+``tvm-cuda``, and ``portable`` (accepted by every other target). ``supports(target,
+op_type, domain, opset)`` answers from the runtimes themselves, read once and cached:
+
+- ORT: the op schemas ONNX Runtime registers (``get_all_operator_schema``: standard ONNX
+  ops, ``com.microsoft`` contrib ops, ``ai.onnx.ml``), for models whose default opset is
+  at most the newest ONNX Runtime loads (probed: it refuses newer ones at load).
+- TVM: the ONNX frontend's converter table, default domain only (the frontend ignores
+  domains, so a contrib op would be misread), minus converters known to be broken
+  (opset-23 ``Attention``).
+
+The answers are about importing/loading, not speed.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TARGETS", "ort_max_opset", "ort_supports", "supports", "targets"]
+
+import functools
+
+# target name -> (backend name, backend target); portable is the intersection of the rest.
+TARGETS: dict[str, tuple[str, str] | None] = {
+    "ort-cpu": ("ort", "cpu"),
+    "ort-cuda": ("ort", "cuda"),
+    "tvm-llvm": ("tvm", "llvm"),
+    "tvm-cuda": ("tvm", "cuda"),
+    "portable": None,
+}
+_STANDARD = ("", "ai.onnx")
+
+
+def targets() -> list[str]:
+    """Every target name, ``portable`` last (what ``--target`` accepts)."""
+    return list(TARGETS)
+
+
+def supports(target: str, op_type: str, domain: str = "", opset: int | None = None) -> bool:
+    """Whether ``target`` consumes ``op_type`` from ``domain`` in a model of ``opset``.
+
+    ``opset`` is the model's version of ``domain`` (default-domain opset for ONNX ops);
+    ``None`` means "any version the target loads". Raises KeyError for an unknown target.
+    """
+    if target not in TARGETS:
+        raise KeyError(f"unknown target {target!r} (targets: {', '.join(TARGETS)})")
+    if target == "portable":
+        return all(supports(t, op_type, domain, opset) for t in TARGETS if t != "portable")
+    backend, _device = TARGETS[target]
+    if backend == "ort":
+        return ort_supports(op_type, domain, opset)
+    from gcomp.backends import tvm
+
+    return tvm.supports(op_type, domain, opset)
+
+
+@functools.cache
+def _ort_schemas() -> dict[tuple[str, str], int]:
+    """(domain, op) -> the oldest version ONNX Runtime registers."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    found: dict[tuple[str, str], int] = {}
+    for s in C.get_all_operator_schema():
+        domain = "" if s.domain in _STANDARD else s.domain
+        key = (domain, s.name)
+        found[key] = min(found.get(key, s.since_version), s.since_version)
+    return found
+
+
+@functools.cache
+def ort_max_opset() -> int:
+    """The newest default-domain opset ONNX Runtime loads (probed with a one-Relu model)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    for version in range(onnx.defs.onnx_opset_version(), 6, -1):
+        graph = helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])], "probe",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", version)])
+        model.ir_version = 10
+        try:
+            ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            return version
+        except Exception:
+            continue
+    return 7
+
+
+def ort_supports(op_type: str, domain: str = "", opset: int | None = None) -> bool:
+    """Whether ONNX Runtime registers ``op_type`` of ``domain`` (for that opset)."""
+    domain = "" if domain in _STANDARD else domain
+    since = _ort_schemas().get((domain, op_type))
+    if since is None:
+        return False
+    if opset is None:
+        return True
+    if domain == "" and opset > ort_max_opset():
+        return False
+    return since <= opset

@@ -1,0 +1,321 @@
+"""MetaSchedule tuning for the TVM backend, with a persistent database gcomp owns.
+
+- The database is MetaSchedule's JSON database (``database_workload.json`` plus
+  ``database_tuning_record.json``), one folder per target under the cache directory
+  (:func:`cache_dir`; ``GCOMP_CACHE_DIR`` or ``~/.cache/gcomp``): records are keyed by
+  the workload (structural hash of the kernel) inside it, so any model with an identical
+  kernel for the same target reuses the record.
+- Tasks already in the database are never tuned again: a second compile of the same
+  model makes no trials and only applies the records.
+- Tuning runs one task at a time, heaviest first, in a private copy of the database; after
+  every task the copy's complete lines are committed into the cache folder by atomic
+  rename under a file lock. An interrupt (Ctrl-C, SIGTERM, a spent time budget) loses at
+  most the task in progress and never leaves a half-written database.
+- Candidates are built and timed in this process (no worker pool: on a loaded 2-core
+  machine, MetaSchedule's pool workers time out while importing TVM).
+"""
+
+from __future__ import annotations
+
+__all__ = ["TuningStats", "apply_database", "cache_dir", "count_records", "database_dir", "tune"]
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+_DB_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+@dataclass
+class TuningStats:
+    """What one tuning call did. ``trials`` counts candidates measured in this call."""
+
+    database: str
+    tasks: int = 0
+    reused: int = 0
+    tuned: int = 0
+    skipped: int = 0
+    trials: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    task_names: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cache_dir() -> Path:
+    """Where gcomp keeps tuning databases: ``$GCOMP_CACHE_DIR`` or ``~/.cache/gcomp``."""
+    env = os.environ.get("GCOMP_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "gcomp"
+
+
+def database_dir(target, root: str | os.PathLike | None = None) -> Path:
+    """The database folder for ``target`` (a tvm Target): readable kind/cpu plus a hash."""
+    text = json.dumps(_target_json(target), sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    cfg = _target_json(target)
+    label = "-".join(str(cfg.get(k)) for k in ("kind", "mcpu", "arch") if cfg.get(k))
+    base = Path(root) if root is not None else cache_dir()
+    return base / "tvm" / f"{label}-{digest}"
+
+
+def _target_json(target) -> dict:
+    try:
+        return dict(json.loads(str(target)))
+    except (ValueError, TypeError):
+        return {"target": str(target)}
+
+
+def count_records(db_dir: str | os.PathLike) -> int:
+    """Complete tuning-record lines in a database folder (0 when there is none)."""
+    path = Path(db_dir) / _DB_FILES[1]
+    if not path.is_file():
+        return 0
+    return len(_complete_lines(path))
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """Lines that parse as JSON: a line cut by an interrupt is dropped."""
+    lines = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except ValueError:
+            continue
+        lines.append(line)
+    return lines
+
+
+@contextlib.contextmanager
+def _locked(db_dir: Path):
+    db_dir.mkdir(parents=True, exist_ok=True)
+    with open(db_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _commit(work: Path, db_dir: Path) -> None:
+    """Copy the work database's complete lines into ``db_dir``, each file by atomic rename.
+
+    The work copy started from ``db_dir``'s content and only appended, so workload
+    indices in the records stay valid. Workloads are written before records.
+    """
+    with _locked(db_dir):
+        for name in _DB_FILES:
+            src = work / name
+            if not src.is_file():
+                continue
+            lines = _complete_lines(src)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=db_dir)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in lines))
+            os.replace(tmp, db_dir / name)
+
+
+def _snapshot(db_dir: Path, work: Path) -> None:
+    with _locked(db_dir):
+        for name in _DB_FILES:
+            src = db_dir / name
+            lines = _complete_lines(src) if src.is_file() else []
+            (work / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def _quiet_meta_schedule() -> None:
+    # MetaSchedule logs a table per task to stdout; gcomp shows its own progress.
+    for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+
+
+def _fast_inspect() -> None:
+    """Make MetaSchedule's first use take seconds, not minutes.
+
+    Importing ``tvm.s_tir.tensor_intrin`` parses ~500 TVMScript functions, each calling
+    ``inspect.stack()``; for the frozen importlib frames on the stack ``inspect.getmodule``
+    finds no cached file and scans all of ``sys.modules`` (thousands with torch loaded):
+    100 s on this machine. Telling inspect which modules those frozen files are makes
+    every lookup a cache hit (6 s). Harmless: it is the answer inspect would find.
+    """
+    import inspect
+
+    for frozen in ("importlib._bootstrap", "importlib._bootstrap_external"):
+        inspect.modulesbyfile.setdefault(f"<frozen {frozen}>", frozen)
+
+
+def _in_process_builder_runner(work: Path, evaluator: dict):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder, local_builder
+    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner, local_runner
+
+    artifacts = work / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    counter = iter(range(1 << 30))
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            from tvm.support.tar import tar
+
+            results = []
+            for item in build_inputs:
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", DeprecationWarning)  # tvm.build, inside TVM
+                        rt_mod = local_builder.default_build(item.mod, item.target, None)
+                    # MetaSchedule's measure callback deletes the artifact's folder.
+                    folder = Path(tempfile.mkdtemp(prefix=f"c{next(counter)}-", dir=artifacts))
+                    path = folder / f"cand.{tar.output_format}"
+                    rt_mod.export_library(str(path), fcompile=tar)
+                    results.append(BuilderResult(str(path), None))
+                except Exception as e:  # a candidate that does not build is a result, not an error
+                    results.append(BuilderResult(None, f"in-process build: {e}"))
+            return results
+
+    config = EvaluatorConfig(**evaluator)
+
+    @derived_object
+    class InProcessRunner(PyRunner):
+        def run(self, runner_inputs):
+            futures = []
+            for item in runner_inputs:
+                try:
+                    costs = local_runner._worker_func(
+                        None, None, None, config, 1, str(item.artifact_path), str(item.device_type),
+                        tuple(a.as_json() for a in item.args_info),
+                    )
+                    futures.append(local_runner.LocalRunnerFuture(res=costs, error_message=None))
+                except Exception as e:
+                    futures.append(local_runner.LocalRunnerFuture(res=None, error_message=str(e)))
+            return futures
+
+    return InProcessBuilder(), InProcessRunner()
+
+
+def _task_is_tuned(db, task) -> bool:
+    mod = task.dispatched[0]
+    if not db.has_workload(mod):
+        return False
+    return db.query_tuning_record(mod, task.target, "main") is not None
+
+
+def tune(
+    mod,
+    target,
+    *,
+    trials: int,
+    seconds: float | None = None,
+    root: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+    evaluator: dict | None = None,
+    seed: int = 0,
+) -> TuningStats:
+    """Tune the kernels of a fused Relax module ``mod`` for ``target``.
+
+    ``trials`` is the total number of candidates measured across the tasks not yet in
+    the database (split evenly, at least 8 each); ``seconds`` stops before starting a
+    task once spent. Returns what happened; the records live in :func:`database_dir`.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    _quiet_meta_schedule()
+    _fast_inspect()
+    db_dir = database_dir(target, root)
+    stats = TuningStats(database=str(db_dir))
+    start = time.perf_counter()
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    stats.tasks = len(tasks)
+    work = Path(tempfile.mkdtemp(prefix="gcomp-tune-"))
+    try:
+        _snapshot(db_dir, work)
+        db = ms.database.JSONDatabase(work_dir=str(work))
+        todo = [t for t in tasks if not _task_is_tuned(db, t)]
+        stats.reused = len(tasks) - len(todo)
+        if not todo or trials <= 0:
+            stats.skipped = len(todo)
+            return stats
+        # Heaviest first, so a time budget spends itself where it matters.
+        todo.sort(key=lambda t: -_task_flop(t) * t.weight)
+        per_task = max(8, trials // len(todo))
+        builder, runner = _in_process_builder_runner(
+            work, evaluator or {"number": 3, "repeat": 1, "min_repeat_ms": 50}
+        )
+        for i, task in enumerate(todo):
+            if stats.trials >= trials or (seconds is not None and time.perf_counter() - start >= seconds):
+                stats.skipped += len(todo) - i
+                break
+            budget = min(per_task, max(8, trials - stats.trials))
+            if progress:
+                progress(f"tuning task {i + 1}/{len(todo)} {task.task_name} ({budget} trials)")
+            # A population sized to the budget: the default (512, 50 unmeasured seeds)
+            # costs a minute of search per task even for 8 trials.
+            strategy = ms.search_strategy.EvolutionarySearch(
+                population_size=min(512, max(32, budget * 4)), init_min_unmeasured=min(50, max(8, budget))
+            )
+            ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                [task], str(work / "logs"), strategy=strategy, num_threads=os.cpu_count() or 1, seed=seed
+            )
+            before = len(db)
+            ms.tune_tasks(
+                tasks=ctxs, task_weights=weights, work_dir=str(work), max_trials_global=budget,
+                max_trials_per_task=budget, num_trials_per_iter=min(budget, 32), builder=builder,
+                runner=runner, database=db, task_scheduler="round-robin",
+            )
+            stats.trials += len(db) - before
+            stats.tuned += 1
+            stats.task_names.append(task.task_name)
+            _commit(work, db_dir)
+    except BaseException:
+        stats.interrupted = True
+        if (work / _DB_FILES[0]).is_file():
+            _commit(work, db_dir)  # keep the tasks finished before the interrupt
+        raise
+    finally:
+        stats.seconds = time.perf_counter() - start
+        shutil.rmtree(work, ignore_errors=True)
+    return stats
+
+
+def _task_flop(task) -> float:
+    try:
+        from tvm.s_tir.analysis import estimate_tir_flops
+
+        return float(estimate_tir_flops(task.dispatched[0]))
+    except Exception:  # an estimate only orders the tasks
+        return 1.0
+
+
+def apply_database(mod, target, root: str | os.PathLike | None = None):
+    """``mod`` with every kernel that has a record in the target's database scheduled."""
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    db_dir = database_dir(target, root)
+    if count_records(db_dir) == 0:
+        return mod
+    _quiet_meta_schedule()
+    work = Path(tempfile.mkdtemp(prefix="gcomp-apply-"))
+    try:
+        _snapshot(db_dir, work)
+        db = ms.database.JSONDatabase(work_dir=str(work))
+        with target, db:
+            return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

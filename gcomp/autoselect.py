@@ -1,0 +1,254 @@
+"""Compiling for a backend from the CLI, and choosing the fastest backend by measurement.
+
+- :func:`compile_model` is ``gcomp compile``: compile (and tune) on one backend, check the
+  executable's outputs against the reference runtime (ONNX Runtime, optimizations off)
+  on seeded inputs, and export the artifact.
+- :func:`select_backend` is ``--backend auto``: compile for every available
+  (backend, target), run each on the same inputs, keep only those whose outputs match the
+  reference within the fp32 tolerances, time them, and pick the fastest. Every
+  candidate's figures (compile seconds, latency, error, or why it was refused) are
+  returned, to go into the report.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Candidate", "Selection", "candidates", "compile_model", "select_backend"]
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from gcomp.errors import BackendError, GcompError
+
+
+@dataclass
+class Candidate:
+    backend: str
+    target: str
+    status: str = "pending"  # "ok" | "mismatch" | "failed"
+    compile_seconds: float | None = None
+    mean_ms: float | None = None
+    p50_ms: float | None = None
+    min_ms: float | None = None
+    max_abs_error: float | None = None
+    error: str | None = None
+    chosen: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Selection:
+    chosen: Candidate | None
+    candidates: list[Candidate] = field(default_factory=list)
+    executable: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chosen": None if self.chosen is None else f"{self.chosen.backend}/{self.chosen.target}",
+            "candidates": [c.to_dict() for c in self.candidates],
+        }
+
+
+def candidates() -> list[tuple[str, str]]:
+    """(backend, target) pairs available on this machine, ORT first."""
+    from gcomp.backends import BACKENDS, get_backend
+
+    pairs = []
+    for name in BACKENDS:
+        for target in get_backend(name).available_targets():
+            pairs.append((name, target))
+    return pairs
+
+
+def _reference(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from gcomp.backends.ort import OrtBackend
+
+    return OrtBackend().compile(model, "cpu", optimization="disable").run(feeds)
+
+
+def _check(expected, actual) -> tuple[bool, float]:
+    from gcomp.verify import TOLERANCES, compare_outputs
+
+    checks = compare_outputs(expected, actual, TOLERANCES)
+    return all(c.ok for c in checks), max((c.max_abs_error for c in checks), default=0.0)
+
+
+def _compile(backend: str, target: str, model: ir.Model, shapes, *, tune_trials=0, tune_seconds=None,
+             cache_dir=None, progress=None, optimization="all", threads=None):
+    from gcomp.backends import get_backend
+
+    be = get_backend(backend)
+    if backend == "tvm":
+        return be.compile(model, target, input_shapes=shapes, tune_trials=tune_trials, tune_seconds=tune_seconds,
+                          cache_dir=cache_dir, progress=progress)
+    return be.compile(model, target, optimization=optimization, threads=threads)
+
+
+def select_backend(
+    model: ir.Model,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    iters: int = 20,
+    warmup: int = 3,
+    tune_trials: int = 0,
+    tune_seconds: float | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    pairs: list[tuple[str, str]] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Selection:
+    """Compile on every available backend, verify each, time each, pick the fastest verified.
+
+    Raises BackendError only when no candidate both runs and matches the reference.
+    """
+    say = progress or (lambda _m: None)
+    shapes = {k: tuple(np.shape(v)) for k, v in feeds.items()}
+    expected = _reference(model, feeds)
+    selection = Selection(chosen=None)
+    best_exe = None
+    for backend, target in pairs or candidates():
+        cand = Candidate(backend, target)
+        selection.candidates.append(cand)
+        say(f"candidate {backend}/{target}: compiling")
+        t0 = time.perf_counter()
+        try:
+            exe = _compile(backend, target, model, shapes, tune_trials=tune_trials, tune_seconds=tune_seconds,
+                           cache_dir=cache_dir, progress=say)
+            cand.compile_seconds = time.perf_counter() - t0
+            ok, err = _check(expected, exe.run(feeds))
+            cand.max_abs_error = err
+            if not ok:
+                cand.status = "mismatch"
+                cand.error = f"outputs differ from the reference (max abs error {err:.3g})"
+                continue
+            say(f"candidate {backend}/{target}: timing")
+            samples = []
+            for _ in range(warmup):
+                exe.run(feeds)
+            for _ in range(iters):
+                t = time.perf_counter()
+                exe.run(feeds)
+                samples.append((time.perf_counter() - t) * 1e3)
+            samples.sort()
+            cand.mean_ms = float(np.mean(samples))
+            cand.p50_ms = float(np.median(samples))
+            cand.min_ms = samples[0]
+            cand.status = "ok"
+        except GcompError as e:
+            cand.status = "failed"
+            cand.error = str(e)
+            continue
+        if selection.chosen is None or cand.p50_ms < selection.chosen.p50_ms:
+            selection.chosen, best_exe = cand, exe
+    if selection.chosen is None:
+        reasons = "; ".join(f"{c.backend}/{c.target}: {c.error}" for c in selection.candidates)
+        raise BackendError(f"no backend runs this model correctly ({reasons})")
+    selection.chosen.chosen = True
+    selection.executable = best_exe
+    return selection
+
+
+def compile_model(
+    model_path: str | os.PathLike,
+    *,
+    backend: str,
+    target: str,
+    output: str | os.PathLike | None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    inputs: str | os.PathLike | None = None,
+    tune_trials: int = 0,
+    tune_seconds: float | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    verify: bool = True,
+    max_tensor_bytes: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """``gcomp compile``: returns a JSON-able summary; writes ``output`` only after the
+    executable verified (or verification was off), never over the input."""
+    from gcomp import io
+    from gcomp.inputs import generate_inputs, load_inputs
+
+    say = progress or (lambda _m: None)
+    m = io.load(model_path)
+    if output is not None:
+        out = Path(output)
+        if out.resolve() == Path(model_path).resolve():
+            raise GcompError(f"{out}: refusing to write over the input model")
+    given = load_inputs(inputs, m) if inputs else None
+    feeds, notes = generate_inputs(m, shapes=dict(input_shapes or {}), given=given, max_bytes=max_tensor_bytes)
+    shapes = {k: tuple(np.shape(v)) for k, v in feeds.items()}
+    if backend == "auto":
+        sel = select_backend(m, feeds, tune_trials=tune_trials, tune_seconds=tune_seconds, cache_dir=cache_dir,
+                             progress=say)
+        exe, backend, target = sel.executable, sel.chosen.backend, sel.chosen.target
+        selection = sel.to_dict()
+        verified = {"status": "passed", "max_abs_error": sel.chosen.max_abs_error}
+        seconds = sel.chosen.compile_seconds
+    else:
+        selection = None
+        t0 = time.perf_counter()
+        exe = _compile(backend, target, m, shapes, tune_trials=tune_trials, tune_seconds=tune_seconds,
+                       cache_dir=cache_dir, progress=say)
+        seconds = time.perf_counter() - t0
+        verified = {"status": "skipped"}
+        runnable = getattr(exe, "_runnable", True)
+        if verify and not runnable:
+            verified = {"status": "unverified", "reason": f"no device to run {target} code on"}
+        elif verify:
+            say("verifying against ONNX Runtime")
+            ok, err = _check(_reference(m, feeds), exe.run(feeds))
+            verified = {"status": "passed" if ok else "failed", "max_abs_error": err}
+            if not ok:
+                raise GcompError(
+                    f"{backend}/{target}: outputs differ from the reference (max abs error {err:.3g}); nothing written"
+                )
+    written = None
+    if output is not None:
+        written = str(exe.export(output))
+    tuning = getattr(exe, "tuning", None)
+    return {
+        "kind": "compile",
+        "model": str(model_path),
+        "backend": backend,
+        "target": target,
+        "input_shapes": {k: list(v) for k, v in shapes.items()},
+        "compile_seconds": seconds,
+        "tuning": tuning.to_dict() if tuning is not None else None,
+        "verification": verified,
+        "output": written,
+        "selection": selection,
+        "notes": notes,
+    }
+
+
+def compile_for_profile(
+    backend: str,
+    device: str,
+    model_path: str | os.PathLike,
+    model: ir.Model,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    optimization: str = "all",
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Any, Selection | None]:
+    """The executable ``gcomp profile`` measures: on ``backend`` for ``device`` (cpu or
+    cuda), or with ``backend == "auto"`` the fastest verified one for that device."""
+    shapes = {k: tuple(np.shape(v)) for k, v in feeds.items()}
+    if backend == "auto":
+        wanted = {"cpu": {"cpu", "llvm"}, "cuda": {"cuda"}}.get(device, {device})
+        pairs = [p for p in candidates() if p[1] in wanted]
+        if not pairs:
+            raise BackendError(f"no backend has a '{device}' target on this machine")
+        sel = select_backend(model, feeds, pairs=pairs, progress=progress)
+        return sel.executable, sel
+    if backend == "tvm":
+        return _compile("tvm", device, model, shapes, progress=progress), None
+    return _compile(backend, device, model_path, shapes, optimization=optimization, threads=threads), None

@@ -1,0 +1,265 @@
+"""The TVM Relax backend behind the protocol: parity with ORT on the zoo, per-kernel
+profiles tied to graph nodes, export/reload, clear refusals, CUDA code generation,
+op-support declarations, the CLI, and --backend auto."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gcomp.backends import get_backend
+from gcomp.backends.base import Backend, Executable
+from gcomp.backends.tvm import TvmBackend, cuda_available, load
+from onnx import helper
+
+import models
+from gcomp import backends, io
+from gcomp.errors import BackendError
+from gcomp.inputs import generate_inputs
+from tests.conftest import make_model, ort_run, tensor, vinfo
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = REPO / "models" / "default.onnx"
+
+# Every zoo builder, at a size that compiles in seconds; symbolic dims bound at compile.
+ZOO = {
+    "mlp": {},
+    "cnn": {"size": 16},
+    "transformer": {"layers": 1, "hidden": 64, "heads": 2, "ffn": 128, "vocab": 100},
+    "resnet18": {"size": 32, "num_classes": 10},
+}
+
+
+def _feeds(model, **shapes):
+    return generate_inputs(model, shapes=shapes or None, seed=0)[0]
+
+
+def _shapes(feeds):
+    return {k: v.shape for k, v in feeds.items()}
+
+
+def test_every_zoo_builder_is_covered():
+    assert set(ZOO) == set(models.BUILDERS)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "resnet18" else n for n in sorted(ZOO)])
+def test_zoo_parity_with_ort(name):
+    model = models.build(name, **ZOO[name])
+    feeds = _feeds(model)
+    exe = TvmBackend().compile(model, "llvm", input_shapes=_shapes(feeds))
+    assert isinstance(exe, Executable)
+    out, ref = exe.run(feeds), ort_run(model, feeds)
+    assert list(out) == list(ref)
+    for k in ref:
+        assert out[k].shape == ref[k].shape and out[k].dtype == ref[k].dtype
+        np.testing.assert_allclose(out[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_default_model_parity_and_profile_rows_are_graph_nodes():
+    model = io.load(DEFAULT)
+    feeds = _feeds(model)
+    exe = get_backend("tvm").compile(DEFAULT, "cpu", input_shapes=_shapes(feeds))
+    ref = ort_run(DEFAULT, feeds)
+    np.testing.assert_allclose(exe.run(feeds)["last_hidden_state"], ref["last_hidden_state"], rtol=1e-4, atol=1e-5)
+    prof = exe.profile(feeds, iters=3, warmup=1, profile_runs=2)
+    assert prof.backend["name"] == "tvm" and prof.backend["target"] == "llvm"
+    assert "mcpu" in prof.backend["tvm_target"]  # the host's CPU, not a generic llvm
+    assert prof.latency.iterations == 3 and prof.latency.min_ms <= prof.latency.max_ms
+    nodes = {n.name: n.op_type for n in model.graph}
+    mapped = [r for r in prof.ops if r.node in nodes]
+    assert prof.ops and len(mapped) >= len(prof.ops) // 2, [r.node for r in prof.ops]
+    for row in mapped:
+        assert nodes[row.node] in row.op_type.split("+")
+        assert row.provider.startswith("tvm:")
+    assert abs(sum(r.share for r in prof.ops) - 1.0) < 1e-6
+    # The heaviest kernels of a transformer are its matmuls.
+    assert "MatMul" in prof.ops[0].op_type
+
+
+def test_protocol_registry_and_caller_model_untouched():
+    backend = get_backend("tvm")
+    assert isinstance(backend, Backend) and "tvm" in backends.BACKENDS
+    assert backend.available_targets()[0] == "llvm"
+    model = models.build("mlp")
+    before = [str(v.shape) for v in model.graph.inputs]
+    backend.compile(model, "llvm", input_shapes={"x": (3, 64)})
+    assert [str(v.shape) for v in model.graph.inputs] == before
+    with pytest.raises(BackendError, match="unknown target 'tpu'"):
+        backend.compile(model, "tpu")
+    with pytest.raises(BackendError, match="rank 2, shape given"):
+        backend.compile(model, "llvm", input_shapes={"x": (3,)})
+
+
+def _lstm_model():
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="the_lstm", hidden_size=4)]
+    rng = np.random.default_rng(0)
+    inits = [tensor("W", rng.normal(size=(1, 16, 3)).astype(np.float32)),
+             tensor("R", rng.normal(size=(1, 16, 4)).astype(np.float32))]
+    return make_model(nodes, [vinfo("x", shape=(2, 1, 3))], [vinfo("y", shape=(2, 1, 1, 4))], inits)
+
+
+def test_unsupported_ops_are_named():
+    with pytest.raises(BackendError) as info:
+        TvmBackend().compile(_as_ir(_lstm_model()))
+    assert "does not support LSTM (node 'the_lstm')" in str(info.value)
+    assert info.value.unsupported_ops == ["LSTM"]
+
+
+def test_opset23_attention_is_refused_with_the_reason():
+    q = vinfo("q", shape=(1, 2, 4, 8))
+    node = helper.make_node("Attention", ["q", "q", "q"], ["y"], name="attn")
+    model = make_model([node], [q], [vinfo("y", shape=(1, 2, 4, 8))], opset=23)
+    with pytest.raises(BackendError, match=r"Attention \(node 'attn'.*opset-23 Attention"):
+        TvmBackend().compile(_as_ir(model))
+    assert not backends.supports("tvm-llvm", "Attention", "", 23)
+    assert backends.supports("ort-cpu", "Attention", "", 23)
+
+
+def _as_ir(proto):
+    import onnx_ir as ir
+
+    return ir.serde.deserialize_model(proto)
+
+
+def test_target_op_declarations():
+    assert backends.targets() == ["ort-cpu", "ort-cuda", "tvm-llvm", "tvm-cuda", "portable"]
+    for target in backends.targets():
+        assert backends.supports(target, "MatMul", "", 17)
+        assert backends.supports(target, "LayerNormalization", "", 17)
+    assert backends.supports("ort-cpu", "FastGelu", "com.microsoft", 1)
+    assert not backends.supports("tvm-llvm", "FastGelu", "com.microsoft", 1)  # contrib: ORT only
+    assert not backends.supports("portable", "FastGelu", "com.microsoft", 1)
+    assert backends.supports("ort-cpu", "LSTM", "", 17) and not backends.supports("portable", "LSTM", "", 17)
+    assert not backends.supports("ort-cpu", "NoSuchOp", "", 17)
+    assert get_backend("ort").supports("SkipLayerNormalization", "com.microsoft", 1)
+    assert not get_backend("tvm").supports("Loop", "", 17)
+    with pytest.raises(KeyError):
+        backends.supports("nope", "Relu")
+
+
+def test_export_reload_round_trip(tmp_path):
+    model = models.build("cnn", size=16)
+    feeds = _feeds(model)
+    exe = TvmBackend().compile(model, "llvm", input_shapes=_shapes(feeds))
+    out = exe.export(tmp_path / "cnn.tvm")
+    assert sorted(p.name for p in out.iterdir()) == ["gcomp-tvm.json", "model.so"]
+    again = load(out)
+    a, b = exe.run(feeds), again.run(feeds)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    prof = again.profile(feeds, iters=2, warmup=0, profile_runs=1)
+    assert any(r.op_type.startswith("Conv") for r in prof.ops)
+    exe.export(out)  # an artifact may be replaced by a new one
+    (tmp_path / "plain").write_text("keep me")
+    with pytest.raises(BackendError, match="not a gcomp TVM artifact"):
+        exe.export(tmp_path / "plain")
+    assert (tmp_path / "plain").read_text() == "keep me"
+    with pytest.raises(BackendError, match="not a gcomp TVM artifact"):
+        load(tmp_path)
+
+
+def test_cuda_code_generation_without_a_gpu():
+    exe = TvmBackend().compile(models.build("mlp"), "cuda", input_shapes={"x": (2, 64)}, run=False)
+    src = exe.generated_source()
+    assert "__global__" in src and "threadIdx" in src
+    with pytest.raises(BackendError, match="no CUDA GPU"):
+        exe.run({"x": np.zeros((2, 64), np.float32)})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU")
+def test_cuda_parity_on_gpu():
+    model = models.build("mlp")
+    feeds = _feeds(model, x=(2, 64))
+    exe = TvmBackend().compile(model, "cuda", input_shapes=_shapes(feeds))
+    np.testing.assert_allclose(exe.run(feeds)["probs"], ort_run(model, feeds)["probs"], rtol=1e-4, atol=1e-5)
+
+
+def gcomp(*args):
+    return subprocess.run([sys.executable, "-m", "gcomp", *map(str, args)], check=False, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_unsupported_model_one_line_error(tmp_path):
+    import onnx
+
+    path = tmp_path / "lstm.onnx"
+    onnx.save(_lstm_model(), path)
+    proc = gcomp("compile", path, "--backend", "tvm", "-o", tmp_path / "out")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["gcomp: error: tvm: TVM's ONNX importer does not support LSTM (node 'the_lstm')"], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_compile_then_profile_auto(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    io.save(models.build("mlp"), path)
+    proc = gcomp("compile", path, "--input-shape", "x=2,64", "-o", tmp_path / "mlp.tvm", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["backend"] == "tvm" and doc["verification"]["status"] == "passed"
+    assert doc["input_shapes"] == {"x": [2, 64]} and (tmp_path / "mlp.tvm" / "model.so").is_file()
+    proc = gcomp("profile", path, "--backend", "auto", "--iters", "3", "--warmup", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    sel = doc["backend_selection"]
+    assert {(c["backend"], c["target"]) for c in sel["candidates"]} >= {("ort", "cpu"), ("tvm", "llvm")}
+    chosen = [c for c in sel["candidates"] if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["status"] == "ok"
+    assert sel["chosen"] == f"{chosen[0]['backend']}/{chosen[0]['target']}" == (
+        f"{doc['backend']['name']}/{doc['backend']['target']}"
+    )
+    ok = [c for c in sel["candidates"] if c["status"] == "ok"]
+    assert chosen[0]["p50_ms"] == min(c["p50_ms"] for c in ok)
+
+
+def _two_kernel_model():
+    """x[1,32] -> MatMul W1 -> Relu -> MatMul W2: two tuning tasks, each tiny."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2")]
+    inits = [tensor("W1", rng.normal(size=(32, 48)).astype(np.float32)),
+             tensor("W2", rng.normal(size=(48, 16)).astype(np.float32))]
+    return _as_ir(make_model(nodes, [vinfo("x", shape=(1, 32))], [vinfo("y", shape=(1, 16))], inits))
+
+
+@pytest.mark.slow
+def test_tuning_database_is_reused_and_survives_an_interrupt(tmp_path):
+    from gcomp.backends import tvm_tuning
+
+    model = _two_kernel_model()
+    feeds = _feeds(model)
+    ref = ort_run(model, feeds)
+    cache = tmp_path / "cache"
+
+    def stop_at_second_task(msg):
+        if msg.startswith("tuning task 2/"):
+            raise KeyboardInterrupt
+
+    # Interrupted before the second task: the first task's records are committed, whole.
+    with pytest.raises(KeyboardInterrupt):
+        TvmBackend().compile(model, "llvm", tune_trials=16, cache_dir=cache, progress=stop_at_second_task)
+    (db_dir,) = (cache / "tvm").iterdir()
+    first = tvm_tuning.count_records(db_dir)
+    assert first > 0
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        for line in (db_dir / name).read_text().splitlines():
+            json.loads(line)
+    # Resumed: the finished task is reused, only the other one is tuned.
+    exe = TvmBackend().compile(model, "llvm", tune_trials=16, cache_dir=cache)
+    t = exe.tuning
+    assert (t.tasks, t.reused, t.tuned, t.skipped) == (2, 1, 1, 0) and t.trials > 0
+    second = tvm_tuning.count_records(db_dir)
+    assert second > first
+    np.testing.assert_allclose(exe.run(feeds)["y"], ref["y"], rtol=1e-4, atol=1e-4)
+    # Everything is in the database now: no new trials, same records, same answers.
+    exe = TvmBackend().compile(model, "llvm", tune_trials=16, cache_dir=cache)
+    assert (exe.tuning.reused, exe.tuning.tuned, exe.tuning.trials) == (2, 0, 0)
+    assert tvm_tuning.count_records(db_dir) == second
+    np.testing.assert_allclose(exe.run(feeds)["y"], ref["y"], rtol=1e-4, atol=1e-4)
