@@ -252,3 +252,20 @@ def compile_for_profile(
     if backend == "tvm":
         return _compile("tvm", device, model, shapes, progress=progress), None
     return _compile(backend, device, model_path, shapes, optimization=optimization, threads=threads), None
+
+
+def optimize_selection(
+    model: ir.Model,
+    *,
+    inputs: str | os.PathLike | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    max_tensor_bytes: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """``gcomp optimize --backend auto``: the selection for the optimized ``model`` as a
+    report section (every candidate's figures, the chosen one marked)."""
+    from gcomp.inputs import generate_inputs, load_inputs
+
+    given = load_inputs(inputs, model) if inputs else None
+    feeds, _ = generate_inputs(model, shapes=dict(input_shapes or {}), given=given, max_bytes=max_tensor_bytes)
+    return select_backend(model, feeds, progress=progress).to_dict()

@@ -132,11 +132,15 @@ def _parse_sets(pipeline, sets: tuple[str, ...]) -> dict:
               help="Timed runs of each before/after profile.")
 @click.option("--pass-errors", is_flag=True,
               help="Measure the output error after every changing pass (on with --report .html).")
+@click.option("--backend", "select_backend", type=click.Choice(["auto"]), default=None,
+              help="Then compile the output on every available backend, check and time each, and report "
+                   "the fastest that matches (every candidate's figures go into the report).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or tables; errors only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (implies --quiet).")
 def optimize(model, output, level, target, target_opset, explain_fusion, pass_spec, sets, plugins, verify, inputs, input_shapes, max_tensor_bytes,
              verify_timeout, bisect, strict, external_data, report, quiet, as_json, profile_models=None,
-             profile_iters=20, pass_errors=False, precision=None, tolerance=None, keep_io_types=None):
+             profile_iters=20, pass_errors=False, precision=None, tolerance=None, keep_io_types=None,
+             select_backend=None):
     """Optimize MODEL with a verified pass pipeline and write OUTPUT."""
     from gcomp import io
     from gcomp import report as reports
@@ -189,6 +193,13 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
             doc["profiles"] = optimize_profiles(result, model, iters=profile_iters, warmup=3, inputs=inputs,
                                                 input_shapes=shapes, max_tensor_bytes=max_tensor_bytes,
                                                 output=str(output), status=status)
+    if select_backend:
+        from gcomp.autoselect import optimize_selection
+        from gcomp.profiling import spinner
+
+        with spinner("choosing a backend", quiet=quiet) as status:
+            doc["backend_selection"] = optimize_selection(result.model, inputs=inputs, input_shapes=shapes,
+                                                          max_tensor_bytes=max_tensor_bytes, progress=status)
     if report is not None:
         reports.write_report(doc, report)
     if as_json:
@@ -202,6 +213,10 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
 
             for line in summary_lines(result):
                 _stdout().print(line, soft_wrap=True)
+        for c in doc.get("backend_selection", {}).get("candidates", []):
+            figure = f"p50 {c['p50_ms']:.3f} ms" if c["p50_ms"] is not None else c["error"]
+            _stdout().print(f"backend {'*' if c['chosen'] else ' '} {c['backend']}/{c['target']}: {c['status']}, "
+                            f"{figure}", soft_wrap=True)
         err.print(f"wrote {output}" + (f" and {report}" if report else ""))
 
 

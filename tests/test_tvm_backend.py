@@ -263,3 +263,25 @@ def test_tuning_database_is_reused_and_survives_an_interrupt(tmp_path):
     assert (exe.tuning.reused, exe.tuning.tuned, exe.tuning.trials) == (2, 0, 0)
     assert tvm_tuning.count_records(db_dir) == second
     np.testing.assert_allclose(exe.run(feeds)["y"], ref["y"], rtol=1e-4, atol=1e-4)
+
+
+def test_cli_auto_falls_back_to_ort_and_optimize_records_candidates(tmp_path):
+    import onnx
+
+    lstm = tmp_path / "lstm.onnx"
+    onnx.save(_lstm_model(), lstm)
+    proc = gcomp("compile", lstm, "--backend", "auto", "-o", tmp_path / "lstm.ort.onnx", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    by = {(c["backend"], c["target"]): c for c in doc["selection"]["candidates"]}
+    assert by[("tvm", "llvm")]["status"] == "failed" and "LSTM" in by[("tvm", "llvm")]["error"]
+    assert by[("ort", "cpu")]["chosen"] and doc["backend"] == "ort"
+    assert (tmp_path / "lstm.ort.onnx").is_file()
+
+    path = tmp_path / "mlp.onnx"
+    io.save(models.build("mlp", batch=2), path)
+    proc = gcomp("optimize", path, "-o", tmp_path / "opt.onnx", "--backend", "auto", "--report", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    sel = json.loads((tmp_path / "r.json").read_text())["backend_selection"]
+    assert [c["chosen"] for c in sel["candidates"]].count(True) == 1
+    assert all(c["status"] == "ok" and c["max_abs_error"] < 1e-4 for c in sel["candidates"])
