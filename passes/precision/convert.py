@@ -123,7 +123,7 @@ class _Namer:
 
 
 def apply(model: ir.Model, problem: Problem, assignment: Assignment,
-          cache: dict[int, tuple[ir.Tensor, dict]] | None = None) -> ApplyReport:
+          cache: dict[int, tuple[ir.Tensor, dict, Any]] | None = None) -> ApplyReport:
     """Convert ``model`` in place according to ``assignment`` (see the module docstring)."""
     target = problem.target
     low_vars = assignment.low
@@ -219,12 +219,12 @@ def apply(model: ir.Model, problem: Problem, assignment: Assignment,
 
 def _convert_tensor(tensor, name: str, target, report: ApplyReport, cache) -> ir.Tensor:
     hit = cache.get(id(tensor))
-    if hit is not None and hit[0] is not None:
-        low, info = hit
+    if hit is not None and hit[2] is tensor:
+        low, info, _ = hit
     else:
         data, info = to_low(tensor.numpy(), target)
         low = ir.Tensor(data, name=name)
-        cache[id(tensor)] = (low, info)
+        cache[id(tensor)] = (low, info, tensor)  # the key's object stays alive while cached
     for kind in ("clamped", "subnormal", "flushed"):
         if kind in info:
             entry = {"tensor": name, "elements": info[kind]}

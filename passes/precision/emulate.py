@@ -75,12 +75,20 @@ def reduced_precision(model: ir.Model) -> str | None:
     return "fp16" if found else None
 
 
-def _fp32_tensor(tensor: ir.TensorProtocol, name: str | None) -> ir.Tensor:
-    return ir.Tensor(tensor.numpy().astype(np.float32), name=name)
+def _fp32_tensor(tensor: ir.TensorProtocol, name: str | None, cache: dict | None = None) -> ir.Tensor:
+    if cache is not None and id(tensor) in cache:
+        return cache[id(tensor)][1]
+    out = ir.Tensor(tensor.numpy().astype(np.float32), name=name)
+    if cache is not None:
+        cache[id(tensor)] = (tensor, out)  # keeps the key's object alive while cached
+    return out
 
 
-def validation_copy(model: ir.Model) -> ir.Model:
-    """An fp32 copy of ``model`` that rounds every low-precision value where it is made."""
+def validation_copy(model: ir.Model, cache: dict | None = None) -> ir.Model:
+    """An fp32 copy of ``model`` that rounds every low-precision value where it is made.
+
+    ``cache`` (a dict the caller keeps) reuses fp32 copies of the same low tensors across
+    calls, as the ``auto`` search's trials share converted weights."""
     copy = model.clone()
     if any(v.type is None for g in copy.graphs() for n in g for v in n.outputs):
         # Values without a declared type (no value_info) would go unrounded: infer them.
@@ -99,7 +107,7 @@ def validation_copy(model: ir.Model) -> ir.Model:
                 v.type = ir.TensorType(FLOAT)  # a new object: clones share types
         for v in graph.initializers.values():
             if v.dtype in LOW_TYPES and v.const_value is not None:
-                v.const_value = _fp32_tensor(v.const_value, v.name)
+                v.const_value = _fp32_tensor(v.const_value, v.name, cache)
                 v.type = ir.TensorType(FLOAT)  # a new object: clones share types
         for node in list(graph):
             _fp32_attributes(node)
@@ -146,7 +154,8 @@ def _fp32_attributes(node: ir.Node) -> None:
             node.attributes[key] = ir.AttrTensor(key, _fp32_tensor(attr.as_tensor(), attr.as_tensor().name))
 
 
-def emulate(model: ir.Model, feeds: Mapping[str, np.ndarray], *, timeout: float | None = None) -> dict[str, Any]:
+def emulate(model: ir.Model, feeds: Mapping[str, np.ndarray], *, timeout: float | None = None,
+            cache: dict | None = None) -> dict[str, Any]:
     """Outputs of ``model`` computed in emulated reduced precision, in the declared dtypes.
 
     Low-precision inputs are fed rounded to their type (as the real model would receive
@@ -162,7 +171,7 @@ def emulate(model: ir.Model, feeds: Mapping[str, np.ndarray], *, timeout: float 
         if dtype in LOW_TYPES:
             x = np.asarray(x).astype(_np_type(dtype)).astype(np.float32)
         runnable[name] = x
-    copy = validation_copy(model)
+    copy = validation_copy(model, cache)
     exe = OrtBackend().compile(copy, "cpu", optimization="disable")
     outs = exe.run(runnable, **({"timeout": timeout} if timeout else {}))
     result = {}

@@ -123,11 +123,12 @@ class ConvertPrecision(ir.passes.InPlacePass):
         build = dict(keep_io_types=self.keep_io_types, stats=stats, **self.lists)
         problem = Problem.build(model, target, **build)
         relaxed: set[int] = set()
+        cache: dict = {}  # converted constants, shared by the search's trials and the result
         if self.precision == "auto":
-            relaxed, steps = _search(model, problem, build, feeds, reference, self.tolerance)
+            relaxed, steps = _search(model, problem, build, feeds, reference, self.tolerance, cache)
             details["search"] = steps
         assignment = problem.solve(relaxed)
-        report = convert.apply(model, problem, assignment)
+        report = convert.apply(model, problem, assignment, cache)
         _forget_inferred_shapes(model)
         details.update(report.to_dict())
         details["casts"] = convert.count_casts(model)
@@ -239,19 +240,19 @@ def calibrate(
     return feeds, stats, reference
 
 
-def _search(model, problem: Problem, build: dict, feeds, reference, tolerance: float):
+def _search(model, problem: Problem, build: dict, feeds, reference, tolerance: float, cache: dict):
     """Group testing over the sensitive regions (see the module docstring)."""
     safe = problem.solve()
     regions = problem.regions(safe)
     steps: list[dict[str, Any]] = []
-    cache: dict = {}
+    fp32_cache: dict = {}
 
     def trial(relaxed: set[int], label: str) -> bool:
         t0 = time.perf_counter()
         clone = model.clone()
         p = Problem.build(clone, problem.target, **build)
         convert.apply(clone, p, p.solve(relaxed), cache)
-        rows = emulate.compare(reference, emulate.emulate(clone, feeds))
+        rows = emulate.compare(reference, emulate.emulate(clone, feeds, cache=fp32_cache))
         worst = max((r.scaled_error for r in rows), default=0.0)
         bad = any(r.new_nonfinite for r in rows)
         ok = not bad and worst <= tolerance
