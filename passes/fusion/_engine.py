@@ -51,9 +51,14 @@ class Fusion:
     summary: str
     module: str = ""
     needs: frozenset[str] = frozenset()  # run only when one of these op types is in the model
+    not_for: tuple[tuple[str, str], ...] = ()  # (target, why): targets where it was measured slower
 
     def allowed(self, target: str, opset: int) -> tuple[bool, str]:
         from gcomp.passes.fusion.targets import accepts
+
+        for slow_target, why in self.not_for:
+            if target == slow_target:
+                return False, f"not applied for {target}: {why}"
 
         for domain, op_type, since in self.emits:
             if domain in ("", "ai.onnx") and opset < since:
@@ -71,17 +76,19 @@ TARGET = "portable"
 
 
 def fusion(name: str, family: str, rules: Sequence[Any], emits: Sequence[tuple[str, str, int]], summary: str,
-           *, needs: Sequence[str] = ()) -> Fusion:
+           *, needs: Sequence[str] = (), not_for: Sequence[tuple[str, str]] = ()) -> Fusion:
     """Register a fusion (catalogue order = application order).
 
     ``needs``: op types of which at least one must be in the model for the rules to be
     tried at all (a cheap filter: matching every rule at every node is the cost of fusion).
+    ``not_for``: ``(target, measured reason)`` pairs where the fused op runs slower than
+    what it replaces; a target-specific fusion exists to be faster, so it stays off there.
     """
     for rule in rules:
         rule.name = rule.name or name
         _filter_by_root(rule)
     module = sys._getframe(1).f_globals.get("__name__", "")
-    entry = Fusion(name, family, tuple(rules), tuple(emits), summary, module, frozenset(needs))
+    entry = Fusion(name, family, tuple(rules), tuple(emits), summary, module, frozenset(needs), tuple(not_for))
     FUSIONS[:] = [f for f in FUSIONS if f.name != name] + [entry]
     return entry
 

@@ -65,7 +65,7 @@ def _feeds(rng, mask_shape=(B, 1, 1, S)):
 def test_mha_fuses_the_whole_block(rng, scale_op, mask_shape):
     concrete = tuple(B if d == "batch" else S if d == "seq" else d for d in mask_shape)
     model, result = fuse(_block(scale_op=scale_op, mask_shape=mask_shape), _feeds(rng, concrete),
-                         target="ort-cpu", family="ort")
+                         target="ort-cuda", family="ort")
     counts = op_counts(model)
     assert counts["com.microsoft::MultiHeadAttention"] == 1, result.details
     assert not {"Softmax", "Transpose", "Reshape"} & set(counts), counts
@@ -73,13 +73,13 @@ def test_mha_fuses_the_whole_block(rng, scale_op, mask_shape):
 
 def test_mha_without_mask(rng):
     feeds = {"x": rng.standard_normal((B, S, HID)).astype(np.float32)}
-    model, _ = fuse(_block(mask=False), feeds, target="ort-cpu", family="ort")
+    model, _ = fuse(_block(mask=False), feeds, target="ort-cuda", family="ort")
     assert op_counts(model)["com.microsoft::MultiHeadAttention"] == 1
 
 
 @pytest.mark.parametrize("case", [{"softmax_axis": 2}, {"expose_scores": True}])
 def test_mha_must_not_fire(rng, case):
-    model, _ = fuse(_block(**case), _feeds(rng), target="ort-cpu", family="ort")
+    model, _ = fuse(_block(**case), _feeds(rng), target="ort-cuda", family="ort")
     assert "com.microsoft::MultiHeadAttention" not in op_counts(model)
 
 
@@ -101,9 +101,15 @@ def test_attention_fusions_on_the_default_model():
     """models/default.onnx (a transformer encoder) end to end: verified, every layer fused."""
     from gcomp import optimize
 
-    result = optimize("models/default.onnx", "O3", target="ort-cpu")
+    result = optimize("models/default.onnx", "O3", target="ort-cuda")
     assert result.verification.passed, result.verification.summary()
     ops = result.after.op_types
     assert ops.get("com.microsoft::MultiHeadAttention", 0) >= 2, ops
     assert ops.get("com.microsoft::SkipLayerNormalization", 0) >= 2, ops
     assert "Softmax" not in ops and "ReduceMean" not in ops, ops
+
+
+def test_mha_for_ort_cpu_only_from_eight_heads(rng):
+    model, result = fuse(_block(), _feeds(rng), target="ort-cpu", family="ort", explain=True)
+    assert "com.microsoft::MultiHeadAttention" not in op_counts(model)
+    assert any("below 8 heads" in r for r in result.details["rules"]["ort-mha"]["near_misses"])

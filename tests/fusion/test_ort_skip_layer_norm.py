@@ -44,7 +44,7 @@ def _feeds(rng, rank=3):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("reuse_sum", [True, False])
 def test_skip_layer_norm(rng, bias, reuse_sum):
-    model, result = fuse(_model(bias=bias, reuse_sum=reuse_sum), _feeds(rng), target="ort-cpu", family="ort")
+    model, result = fuse(_model(bias=bias, reuse_sum=reuse_sum), _feeds(rng), target="ort-cuda", family="ort")
     counts = op_counts(model)
     assert counts["com.microsoft::SkipLayerNormalization"] == 1, result.details
     assert "LayerNormalization" not in counts
@@ -53,10 +53,16 @@ def test_skip_layer_norm(rng, bias, reuse_sum):
 
 @pytest.mark.parametrize("case", [{"rank": 2}, {"expose_mean": True}])
 def test_skip_layer_norm_must_not_fire(rng, case):
-    model, _ = fuse(_model(**case), _feeds(rng, case.get("rank", 3)), target="ort-cpu", family="ort")
+    model, _ = fuse(_model(**case), _feeds(rng, case.get("rank", 3)), target="ort-cuda", family="ort")
     assert "com.microsoft::SkipLayerNormalization" not in op_counts(model)
 
 
 def test_portable_target_never_emits_contrib_ops(rng):
     model, result = fuse(_model(), _feeds(rng), target="portable", family="ort")
     assert not result.modified and not any("com.microsoft" in k for k in op_counts(model))
+
+
+def test_skip_layer_norm_stays_off_for_ort_cpu_with_the_measured_reason(rng):
+    model, result = fuse(_model(), _feeds(rng), target="ort-cpu", family="ort", explain=True)
+    assert "com.microsoft::SkipLayerNormalization" not in op_counts(model)
+    assert "slower" in result.details["rules"]["ort-skip-layer-norm"]["not_run"]

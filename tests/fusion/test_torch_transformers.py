@@ -45,7 +45,7 @@ def export(tmp_path_factory):
 def test_o3_fuses_every_layer(export, name, dynamo):
     from gcomp import optimize
 
-    result = optimize(export(name, dynamo), "O3", target="ort-cpu")
+    result = optimize(export(name, dynamo), "O3", target="ort-cuda")
     assert result.verification.passed, result.verification.summary()
     ops = result.after.op_types
     assert ops.get("com.microsoft::MultiHeadAttention", 0) == LAYERS, ops
