@@ -679,3 +679,31 @@ def test_unnamed_nodes_get_unique_cast_names():
     assert len(casts) >= 4 and all(n.name for n in casts)
     feeds = {"x": np.random.default_rng(0).uniform(0, 1, (2, 4)).astype(np.float32)}
     np.testing.assert_allclose(ort_run(model, feeds)["y"], ort_run(m, feeds)["y"], rtol=1e-2, atol=1e-2)
+
+
+def test_cli_verify_emulates_reduced_precision(tmp_path, capsys):
+    """`gcomp verify` on fp16 models: the naive conversion of the stress model fails (exit 1)
+    with its NaN/Inf-free but wrong outputs shown; gcomp's bf16 conversion passes."""
+    import json
+
+    from onnxruntime.transformers import float16 as ort_fp16
+
+    from gcomp import io
+
+    original = large_activations.build()
+    src = tmp_path / "m.onnx"
+    io.save(original, src)
+    naive = ir.from_proto(ort_fp16.convert_float_to_float16(ir.to_proto(large_activations.build()),
+                                                          keep_io_types=True))
+    for g in naive.graphs():
+        g.sort()
+    io.save(naive, tmp_path / "naive.onnx")
+    assert run_cli(["verify", str(src), str(tmp_path / "naive.onnx"), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["status"] == "failed" and any("emulation" in n for n in doc["notes"])
+    assert all("nan" in o and "inf" in o for o in doc["outputs"])
+    bf16, _ = convert(zoo_model("large_activations"), precision="bf16")
+    io.save(bf16, tmp_path / "bf16.onnx")
+    assert run_cli(["verify", str(src), str(tmp_path / "bf16.onnx"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["status"] == "passed" and any("bf16" in n for n in doc["notes"])
