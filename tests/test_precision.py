@@ -707,3 +707,20 @@ def test_cli_verify_emulates_reduced_precision(tmp_path, capsys):
     assert run_cli(["verify", str(src), str(tmp_path / "bf16.onnx"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["status"] == "passed" and any("bf16" in n for n in doc["notes"])
+
+
+def test_fp16_weights_behind_a_cast_lose_the_cast():
+    """A model that stores fp16 weights and Casts them to fp32: converted, the Cast would be
+    fp16 -> fp16, so it is removed instead of stacking a Cast back down."""
+    nodes = [
+        helper.make_node("Cast", ["W16"], ["W"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["x", "W"], ["y"]),
+    ]
+    m = make_model(nodes, [vinfo("x", shape=(2, 4))], [vinfo("y", shape=(2, 4))],
+                   [tensor("W16", np.full((4, 4), 0.5, np.float16))])
+    model, details = convert(ir.from_proto(m))
+    check_valid(model)
+    assert details["casts_removed"] >= 1
+    matmul = next(n for n in model.graph if n.op_type == "MatMul")
+    assert matmul.inputs[1].name == "W16"
+    assert count_casts(model) == 2  # x down, y up
