@@ -7,8 +7,8 @@ Two phases, because the GPU machine has PyTorch+CUDA but not gcomp's dependencie
        .venv/bin/python bench/gpu/precision_check.py prepare bench/gpu/precision_data
 
    converts the zoo models (transformer, cnn, mlp, large_activations) with
-   ``convert-precision`` fp16, plus ORT's float16 tool's naive conversion of
-   large_activations, and writes per case: ``model.onnx`` (the fp16 model), ``feeds.npz``,
+   ``convert-precision`` fp16 (transformer and large_activations also bf16), plus ORT's
+   float16 tool's naive conversion of large_activations, and writes per case: ``model.onnx`` (the fp16 model), ``feeds.npz``,
    ``reference.npz`` (fp32 original on ORT) and ``emulated.npz`` (gcomp's emulator).
 
 2. ``run`` (on the GPU machine: needs only onnx, numpy, torch)::
@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-CASES = ("transformer", "cnn", "mlp", "large_activations", "large_activations_ort_tool")
+CASES = ("transformer", "cnn", "mlp", "large_activations", "large_activations_ort_tool",
+         "transformer_bf16", "large_activations_bf16")
 
 
 def prepare(out: Path) -> None:
@@ -47,7 +48,7 @@ def prepare(out: Path) -> None:
     from models import build, large_activations
 
     for case in CASES:
-        name = case.removesuffix("_ort_tool")
+        name = case.removesuffix("_ort_tool").removesuffix("_bf16")
         model = large_activations.build() if name == "large_activations" else build(name)
         model = gcomp.optimize(model, "O1", verify=False).model
         feeds, _, reference = calibrate(model)
@@ -59,7 +60,7 @@ def prepare(out: Path) -> None:
             for g in model.graphs():
                 g.sort()
         else:
-            ConvertPrecision(precision="fp16")(model)
+            ConvertPrecision(precision="bf16" if case.endswith("_bf16") else "fp16")(model)
         emulated = emulate.emulate(model, feeds)
         folder = out / case
         folder.mkdir(parents=True, exist_ok=True)
@@ -139,6 +140,12 @@ def _ops(torch):
     }
 
 
+def _tensor(torch, array: np.ndarray, device: str):
+    if array.dtype.name == "bfloat16":  # ml_dtypes: same bits as torch.bfloat16
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16).to(device)
+    return torch.from_numpy(array.copy()).to(device)
+
+
 def execute(model_path: Path, feeds: dict, device: str) -> dict:
     import onnx
     import torch
@@ -148,7 +155,7 @@ def execute(model_path: Path, feeds: dict, device: str) -> dict:
     ops = _ops(torch)
     env = {}
     for t in model.graph.initializer:
-        env[t.name] = torch.from_numpy(numpy_helper.to_array(t).copy()).to(device)
+        env[t.name] = _tensor(torch, numpy_helper.to_array(t), device)
     declared = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
     to_np = {1: np.float32, 10: np.float16}
     for k, v in feeds.items():
@@ -161,7 +168,7 @@ def execute(model_path: Path, feeds: dict, device: str) -> dict:
                 if all(not i or i in env for i in node.input):
                     args = [env[i] if i else None for i in node.input]
                     if node.op_type == "Constant":
-                        out = torch.from_numpy(numpy_helper.to_array(node.attribute[0].t).copy()).to(device)
+                        out = _tensor(torch, numpy_helper.to_array(node.attribute[0].t), device)
                     else:
                         out = ops[node.op_type](*args, **_attrs(node))
                     env[node.output[0]] = out
@@ -170,6 +177,20 @@ def execute(model_path: Path, feeds: dict, device: str) -> dict:
             if not progress:
                 raise RuntimeError(f"cannot run node {pending[0].op_type} {pending[0].name}")
     return {o.name: env[o.name].float().cpu().numpy() for o in model.graph.output}
+
+
+def _ort_cpu(model_path: Path, feeds: dict) -> dict | None:
+    try:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.log_severity_level = 4
+        sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(None, feeds)))
+    except Exception:  # noqa: BLE001  (no ORT, or no kernel: bf16 on the CPU)
+        return None
 
 
 def run(folder: Path) -> int:
@@ -187,25 +208,33 @@ def run(folder: Path) -> int:
         reference = dict(np.load(path / "reference.npz"))
         emulated = dict(np.load(path / "emulated.npz"))
         real = execute(path / "model.onnx", feeds, device)
+        ort_out = _ort_cpu(path / "model.onnx", feeds)
         for name, e in reference.items():
             e = e.astype(np.float64)
             scale = max(1.0, float(np.abs(e[np.isfinite(e)]).max(initial=0.0)))
             r = real[name].astype(np.float64)
             m = emulated[name].astype(np.float64)
             finite = np.isfinite(r) & np.isfinite(m) & np.isfinite(e)
-            # fp16 ulp at the output's scale: differences near zero are judged on that scale too
-            ulp = float(np.spacing(np.float16(min(scale, 65504.0))))
+            # ulp at the output's scale (fp16: 10 fraction bits, bf16: 7): differences near
+            # zero are judged on that scale too
+            bits = 7 if case.endswith("_bf16") else 10
+            ulp = 2.0 ** (np.floor(np.log2(scale)) - bits)
             rows.append({
                 "case": case, "output": name,
                 "gpu_error": float(np.abs(r - e)[finite].max(initial=0.0)) / scale,
                 "emulator_error": float(np.abs(m - e)[finite].max(initial=0.0)) / scale,
                 "gpu_vs_emulator_max_ulps": float(np.abs(r - m)[finite].max(initial=0.0)) / ulp,
                 "gpu_nonfinite": int((~np.isfinite(r)).sum()), "emulator_nonfinite": int((~np.isfinite(m)).sum()),
+                # ORT on the CPU, for contrast: it upcasts fp16 ops (and has no bf16 kernels)
+                "ort_cpu_error": None if ort_out is None else
+                float(np.abs(ort_out[name].astype(np.float64) - e)[np.isfinite(e)].max(initial=0.0)) / scale,
             })
-    print(f"{'case':28} {'output':18} {'gpu err':>9} {'emu err':>9} {'gpu-emu ulps':>12} {'nonfinite gpu/emu':>18}")
+    print(f"{'case':28} {'output':18} {'gpu err':>9} {'emu err':>9} {'gpu-emu ulps':>12} "
+          f"{'nonfinite gpu/emu':>18} {'ORT CPU err':>11}")
     for r in rows:
+        ort_err = "n/a" if r["ort_cpu_error"] is None else f"{r['ort_cpu_error']:.2e}"
         print(f"{r['case']:28} {r['output'][:18]:18} {r['gpu_error']:9.2e} {r['emulator_error']:9.2e} "
-              f"{r['gpu_vs_emulator_max_ulps']:12.1f} {r['gpu_nonfinite']:>9}/{r['emulator_nonfinite']}")
+              f"{r['gpu_vs_emulator_max_ulps']:12.1f} {r['gpu_nonfinite']:>9}/{r['emulator_nonfinite']:<8} {ort_err:>11}")
     print("JSON " + json.dumps({"device": device, "rows": rows}))
     return 0
 
