@@ -135,8 +135,9 @@ class ConvertPrecision(ir.passes.InPlacePass):
         details["float_bytes_before"] = before_bytes
         details["float_bytes_after"] = _float_bytes(model)
         details["seconds"] = round(time.perf_counter() - t0, 3)
-        model.metadata_props["gcomp.precision"] = PRECISIONS[self.precision].name.lower()
         modified = report.converted_nodes > 0 or report.casts_inserted > 0 or report.constants_converted > 0
+        if modified:
+            model.metadata_props["gcomp.precision"] = PRECISIONS[self.precision].name.lower()
         return PrecisionResult(model, modified=modified, details=details)
 
 
