@@ -132,6 +132,8 @@ def _parse_sets(pipeline, sets: tuple[str, ...]) -> dict:
               help="Timed runs of each before/after profile.")
 @click.option("--pass-errors", is_flag=True,
               help="Measure the output error after every changing pass (on with --report .html).")
+@click.option("--pass-latency", is_flag=True,
+              help="Time the model on ONNX Runtime after every changing pass (on with --report .html).")
 @click.option("--backend", "select_backend", type=click.Choice(["auto"]), default=None,
               help="Then compile the output on every available backend, check and time each, and report "
                    "the fastest that matches (every candidate's figures go into the report).")
@@ -140,7 +142,7 @@ def _parse_sets(pipeline, sets: tuple[str, ...]) -> dict:
 def optimize(model, output, level, target, target_opset, explain_fusion, pass_spec, sets, plugins, verify, inputs, input_shapes, max_tensor_bytes,
              verify_timeout, bisect, strict, external_data, report, quiet, as_json, profile_models=None,
              profile_iters=20, pass_errors=False, precision=None, tolerance=None, keep_io_types=None,
-             select_backend=None):
+             select_backend=None, pass_latency=False):
     """Optimize MODEL with a verified pass pipeline and write OUTPUT."""
     from gcomp import io
     from gcomp import report as reports
@@ -162,13 +164,15 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
     html = report is not None and report.suffix.lower() == ".html"
     profile_models = html if profile_models is None else profile_models
     pass_errors = (pass_errors or html) and verify
+    pass_latency = (pass_latency or html) and verify
     io.check_writable(output, source=model)
 
     err = _stderr()
     result = _run_with_progress(
         lambda on_pass: run_optimize(model, pipeline, verify=verify, inputs=inputs, input_shapes=shapes,
                                      bisect=bisect, progress=on_pass, max_tensor_bytes=max_tensor_bytes,
-                                     verify_timeout=verify_timeout, pass_errors=pass_errors, **options),
+                                     verify_timeout=verify_timeout, pass_errors=pass_errors,
+                                     pass_latency=pass_latency, **options),
         quiet,
         err,
     )

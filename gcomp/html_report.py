@@ -482,8 +482,14 @@ def _timeline(timeline: list[dict[str, Any]], colors: dict[str, str], width: int
     return "".join(out)
 
 
-def _waterfall(passes: list[dict[str, Any]], width: int = 1140, height: int = 260) -> str:
-    """Node count before the pipeline and after every pass that changed the model."""
+def _waterfall(
+    passes: list[dict[str, Any]],
+    input_latency: float | None = None,
+    width: int = 1140,
+    height: int = 260,
+) -> str:
+    """Node count before the pipeline and after every pass that changed the model, and
+    the latency after each (a line on the right axis) when it was measured."""
     changed = [p for p in passes if p["modified"]]
     if not passes:
         return '<p class="note">no passes ran</p>'
@@ -493,7 +499,8 @@ def _waterfall(passes: list[dict[str, Any]], width: int = 1140, height: int = 26
         (f"{p['name']} ({p['round']})", p["nodes_after"], p["nodes_after"] - p["nodes_before"])
         for p in changed
     ]
-    ml, mr, mt, mb = 52, 10, 16, 92
+    latencies = [input_latency] + [p.get("latency_ms") for p in changed]
+    ml, mr, mt, mb = 52, 62, 24, 92
     pw, ph = width - ml - mr, height - mt - mb
     top = max(n for _, n, _ in steps) or 1
     bw = pw / len(steps)
@@ -539,10 +546,31 @@ def _waterfall(passes: list[dict[str, Any]], width: int = 1140, height: int = 26
             f'transform="rotate(-40 {lx:.1f} {ly:.1f})">{_e(short)}</text>'
         )
         prev = nodes
+    known = [(i, v) for i, v in enumerate(latencies) if v is not None]
+    line_legend = ""
+    if known:
+        lmax = max(v for _, v in known) * 1.15 or 1.0
+        pts = " ".join(
+            f"{ml + i * bw + bw / 2:.1f},{mt + ph - ph * v / lmax:.1f}" for i, v in known
+        )
+        out.append(f'<polyline fill="none" stroke="#f28e2b" stroke-width="2.2" points="{pts}"/>')
+        for i, v in known:
+            cx, cy = ml + i * bw + bw / 2, mt + ph - ph * v / lmax
+            out.append(
+                f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="#f28e2b" stroke="#fff">'
+                f"<title>{_e(steps[i][0])}: {v:.3f} ms</title></circle>"
+            )
+        for t in _nice_ticks(0, lmax, 4):
+            y = mt + ph - ph * t / lmax
+            out.append(
+                f'<text x="{ml + pw + 6}" y="{y + 4:.1f}" font-size="11" fill="#b8661a">{t:g} ms</text>'
+            )
+        line_legend = '<span style="--c:#f28e2b">median latency on ONNX Runtime (right axis)</span>'
     out.append("</svg>")
     legend = (
         '<div class="legend"><span style="--c:#4e79a7">nodes in the input</span>'
-        '<span style="--c:#59a14f">removed by a pass</span><span style="--c:#e15759">added by a pass</span></div>'
+        '<span style="--c:#59a14f">removed by a pass</span><span style="--c:#e15759">added by a pass</span>'
+        f"{line_legend}</div>"
     )
     return "".join(out) + legend
 
@@ -958,11 +986,13 @@ def _pass_table(passes: list[dict[str, Any]]) -> str:
         ("initializer bytes", True),
         ("op changes", False),
         ("max abs error", True),
+        ("latency after (ms)", True),
     ]
     rows = []
     for p in passes:
         delta = p["nodes_after"] - p["nodes_before"]
         err = p.get("max_abs_error")
+        lat = p.get("latency_ms")
         rows.append(
             [
                 (_e(p["name"]), p["name"]),
@@ -989,6 +1019,7 @@ def _pass_table(passes: list[dict[str, Any]]) -> str:
                     "",
                 ),
                 (f"{err:.3g}" if err is not None else "–", err),
+                (f"{lat:.3f}" if lat is not None else "–", lat),
             ]
         )
     return _table("passes", header, rows)
@@ -1050,8 +1081,10 @@ def _optimize_page(doc: dict[str, Any]) -> tuple[str, str, str]:
     parts.append(
         _section(
             "Pipeline",
-            "Graph nodes before the pipeline and after every pass that changed the model.",
-            _waterfall(doc["passes"]),
+            "Graph nodes before the pipeline and after every pass that changed the model, and the "
+            "model's median latency on ONNX Runtime after each (when measured: --report .html or "
+            "--pass-latency).",
+            _waterfall(doc["passes"], doc.get("input_latency_ms")),
             "waterfall",
         )
     )

@@ -44,6 +44,7 @@ class PassStats:
     note: str | None = None
     details: dict[str, Any] | None = None  # what a pass reports beyond counts (e.g. unfolded nodes)
     max_abs_error: float | None = None  # vs the original right after this pass (pass_errors=True)
+    latency_ms: float | None = None  # median run on ONNX Runtime right after this pass (pass_latency=True)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Result:
     source: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     load_seconds: float = 0.0  # time in gcomp.io.load when optimize() read the file itself
+    input_latency_ms: float | None = None  # the input model on ONNX Runtime (pass_latency=True)
 
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
         """Write the model atomically; refuses to overwrite the input."""
@@ -72,6 +74,7 @@ class Result:
             "source": self.source,
             "seconds": self.seconds,
             "load_seconds": self.load_seconds,
+            "input_latency_ms": self.input_latency_ms,
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
             "passes": [asdict(p) for p in self.passes],
@@ -98,6 +101,7 @@ def optimize(
     max_tensor_bytes: int | None = None,
     verify_timeout: float | None = None,
     pass_errors: bool = False,
+    pass_latency: bool = False,
     precision: str | None = None,
     **options: Any,
 ) -> Result:
@@ -119,6 +123,10 @@ def optimize(
         precision: ``"fp16"``, ``"bf16"`` or ``"auto"``: convert to mixed precision after
             the pipeline (pass ``convert-precision``; its options go in ``**options``);
             verification then emulates the reduced precision (gcomp.passes.precision).
+        pass_latency: after every pass that changes the model (and before the first
+            pass, as ``Result.input_latency_ms``), time it on ONNX Runtime with its
+            optimizations on (median of a few runs on the reference inputs; needs
+            ``verify``) into ``PassStats.latency_ms``.
         pass_errors: after every pass that changes the model, run it on the reference
             and record the largest output error in ``PassStats.max_abs_error`` (one
             reference run per changing pass; needs ``verify``).
@@ -176,6 +184,7 @@ def optimize(
             if io.initializer_bytes(ir_model) < io.PROTOBUF_LIMIT_BYTES // 2:
                 original_bytes = io.serialize(ir_model)
 
+    input_latency = time_model(ir_model, reference.feeds) if pass_latency and reference is not None else None
     before = model_stats(ir_model)
     executed: list[tuple[str, ir.passes.PassBase]] = []
     # A model gcomp loaded itself was checked by io.load; until a pass modifies it,
@@ -185,7 +194,7 @@ def optimize(
     # time at 100k nodes); what the passes free is still collected after unfreeze.
     gc.freeze()
     try:
-        check = _pass_error(reference) if pass_errors and reference is not None else None
+        check = _after_pass(reference, pass_errors, pass_latency) if reference is not None else None
         stats = _run_steps(ir_model, steps, progress, executed, checked=not isinstance(model, ir.Model), check=check)
     finally:
         gc.unfreeze()
@@ -217,6 +226,7 @@ def optimize(
         source=source,
         options=dict(given, precision=precision) if precision is not None else dict(options),
         load_seconds=load_seconds,
+        input_latency_ms=input_latency,
     )
 
 
@@ -303,7 +313,7 @@ def _run_steps(model, steps, progress, executed, checked: bool = False, check=No
                     details=getattr(result, "details", None) or None,
                 )
                 if check is not None and result.modified:
-                    s.max_abs_error = check(model)
+                    s.max_abs_error, s.latency_ms = check(model)
                 stats.append(s)
                 current = new
                 # Annotation-only passes (``analysis = True``) don't call for another round.
@@ -316,14 +326,40 @@ def _run_steps(model, steps, progress, executed, checked: bool = False, check=No
     return stats
 
 
-def _pass_error(reference: Reference):
-    """The largest output error of a model against the reference; None when it does not run."""
+def _after_pass(reference: Reference, errors: bool, latency: bool):
+    """A callback measuring a model after a pass: (largest output error against the
+    reference, median latency on ONNX Runtime in ms); None for what is not asked or
+    cannot run. None instead of a callback when nothing is asked."""
+    if not (errors or latency):
+        return None
 
-    def check(model: ir.Model) -> float | None:
-        v = reference.check(model)
-        return v.max_abs_error if v.outputs else None
+    def check(model: ir.Model) -> tuple[float | None, float | None]:
+        error = None
+        if errors:
+            v = reference.check(model)
+            error = v.max_abs_error if v.outputs else None
+        return error, (time_model(model, reference.feeds) if latency else None)
 
     return check
+
+
+def time_model(model: ir.Model, feeds: Mapping[str, np.ndarray], runs: int = 7) -> float | None:
+    """Median wall time (ms) of ``runs`` runs on ONNX Runtime (all its optimizations),
+    after one untimed run; None when the model does not run there."""
+    from gcomp.backends.ort import OrtBackend
+    from gcomp.errors import BackendError
+
+    try:
+        exe = OrtBackend().compile(model, "cpu")
+        exe.run(feeds)
+        samples = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            exe.run(feeds)
+            samples.append((time.perf_counter() - t0) * 1e3)
+    except BackendError:
+        return None
+    return sorted(samples)[len(samples) // 2]
 
 
 def _from_bytes(data: bytes | None) -> ir.Model | None:

@@ -179,14 +179,16 @@ def _optimize_md(doc: dict[str, Any]) -> str:
         out.append(_table(["op type", "before", "after"], changed))
     out.append("\n## Passes\n")
     errors = any(p.get("max_abs_error") is not None for p in doc["passes"])
+    latency = any(p.get("latency_ms") is not None for p in doc["passes"])
     out.append(_table(
         ["pass", "round", "time (ms)", "modified", "nodes", "initializer bytes", "op changes"]
-        + (["max abs error"] if errors else []),
+        + (["max abs error"] if errors else []) + (["latency after (ms)"] if latency else []),
         [[p["name"], p["round"], f"{p['seconds'] * 1e3:.1f}", "yes" if p["modified"] else "no",
           f"{p['nodes_before']} → {p['nodes_after']}",
           f"{human_bytes(p['initializer_bytes_before'])} → {human_bytes(p['initializer_bytes_after'])}",
           ", ".join(f"{k} {v:+d}" for k, v in p["op_delta"].items()) or p.get("note") or "-"]
          + ([f"{p['max_abs_error']:.3g}" if p.get("max_abs_error") is not None else "-"] if errors else [])
+         + ([f"{p['latency_ms']:.3f}" if p.get("latency_ms") is not None else "-"] if latency else [])
          for p in doc["passes"]],
     ))
     unfolded = _unfolded(doc["passes"])

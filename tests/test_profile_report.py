@@ -311,6 +311,7 @@ def test_optimize_report_has_pass_errors_and_profiles(tmp_path):
         report,
         "--profile",
         "--pass-errors",
+        "--pass-latency",
         "--profile-iters",
         "2",
     )
@@ -322,6 +323,7 @@ def test_optimize_report_has_pass_errors_and_profiles(tmp_path):
         p["max_abs_error"] is not None and p["max_abs_error"] < 1e-4 for p in changed
     )
     assert all(p["max_abs_error"] is None for p in doc["passes"] if not p["modified"])
+    assert all(p["latency_ms"] > 0 for p in changed) and doc["input_latency_ms"] > 0
     before, after = doc["profiles"]["before"], doc["profiles"]["after"]
     assert before["model"]["nodes"] > after["model"]["nodes"]
     assert before["totals"]["graph_flops"] == pytest.approx(
@@ -345,3 +347,16 @@ def test_no_timeline_means_no_files(fused, tmp_path):
     with pytest.raises(GcompError, match="no timeline"):
         write_outputs(doc, report=tmp_path / "r.html", trace=tmp_path / "t.json")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pass_latency_is_measured_after_each_changing_pass():
+    from gcomp.pipeline import optimize
+
+    result = optimize(DEFAULT, "O1", pass_latency=True, input_shapes={"input_ids": (1, 16)})
+    assert result.input_latency_ms is not None and result.input_latency_ms > 0
+    changed = [p for p in result.passes if p.modified]
+    assert changed and all(p.latency_ms is not None and p.latency_ms > 0 for p in changed)
+    assert all(p.latency_ms is None for p in result.passes if not p.modified)
+    assert all(p.max_abs_error is None for p in result.passes)  # not asked for
+    untimed = optimize(DEFAULT, "O1", input_shapes={"input_ids": (1, 16)})
+    assert untimed.input_latency_ms is None and all(p.latency_ms is None for p in untimed.passes)
