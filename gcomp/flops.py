@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+SYMBOLIC_NODE_LIMIT = 20_000
+
 # Element sizes by the names ORT's trace uses and by onnx-ir's DataType names (lower case).
 DTYPE_BYTES: dict[str, float] = {
     "float": 4,
@@ -511,11 +513,11 @@ def _inferred(model: ir.Model, shapes: dict[str, Sequence[int]]) -> dict[str, tu
         except Exception:
             inferred = proto
         out = _read_types(inferred)
-        if (
-            shapes
-            and any(t[0] is None or None in t[0] for t in out.values())
-            or len(out) < _value_count(proto)
-        ):
+        unknown_dims = any(t[0] is None or None in t[0] for t in out.values())
+        incomplete = (bool(shapes) and unknown_dims) or len(out) < _value_count(proto)
+        # ORT's tool is pure Python (about 0.2 ms a node): past this size it would cost more
+        # than the profile it annotates, and the unknown costs stay unknown.
+        if incomplete and len(proto.graph.node) <= SYMBOLIC_NODE_LIMIT:
             try:
                 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
