@@ -211,7 +211,7 @@ def apply(model: ir.Model, problem: Problem, assignment: Assignment,
     # Constants read by low consumers.
     _convert_constants(model, problem, low_vars, target, namer, report, cache)
 
-    report.casts_removed, report.casts_updated = _clean_casts(model, report)
+    report.casts_removed = _clean_casts(model)
     for graph in model.graphs():
         graph.sort()
     return report
@@ -296,7 +296,9 @@ def _convert_constants(model, problem: Problem, low_vars, target, namer, report:
         report.constants_duplicated += 1
 
 
-def _clean_casts(model: ir.Model, report: ApplyReport) -> tuple[int, int]:
+def _clean_casts(model: ir.Model) -> int:
+    """No-op Casts removed, exact inner Casts of Cast pairs merged, equal Casts of a value
+    merged; returns how many Cast nodes went away."""
     removed = 0
     for graph in model.graphs():
         changed = True
@@ -335,7 +337,7 @@ def _clean_casts(model: ir.Model, report: ApplyReport) -> tuple[int, int]:
                     changed = True
                     continue
                 seen[key] = out
-    return removed, report.casts_updated
+    return removed
 
 
 _WIDTH = {
