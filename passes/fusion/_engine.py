@@ -139,25 +139,21 @@ def model_opset(model_or_context: Any) -> int:
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The value's constant contents (initializer or Constant output), else None.
 
-    Graph inputs that are also initializers are overridable at run time: not constants.
+    An initializer that is also a graph input is a default the caller may override, so
+    it is not a constant, except in IR version < 4 models, where every initializer had
+    to be listed as an input (the same rule as constant folding: ``fold.constant_lookup``).
     """
+    from gcomp.passes.fold import _constant
+
     if value is None:
         return None
-    if value.is_graph_input():
-        return None
-    tensor = value.const_value
-    if tensor is None:
-        producer = value.producer()
-        if producer is not None and producer.op_type == "Constant" and producer.domain == "":
-            attr = producer.attributes.get("value")
-            if attr is not None and attr.type == ir.AttributeType.TENSOR:
-                tensor = attr.value
-    if tensor is None:
-        return None
     try:
-        return tensor.numpy()
+        return _constant(value, inputs_are_constant=_IR3)
     except Exception:
         return None
+
+
+_IR3 = False  # set by run_fusions for the model being fused
 
 
 _counter = itertools.count()
@@ -188,8 +184,9 @@ def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: str, *, expl
     from onnxscript.rewriter import _basics
     from onnxscript.rewriter._rewrite_rule import RewriteRuleSet
 
-    global TARGET
+    global TARGET, _IR3
     TARGET = target
+    _IR3 = model.ir_version is not None and model.ir_version < 4
     _taken.clear()
     _taken.update(_all_names(model))
     opset = model_opset(model)
