@@ -1025,6 +1025,15 @@ def _pass_table(passes: list[dict[str, Any]]) -> str:
     return _table("passes", header, rows)
 
 
+def _spread(*latencies: dict[str, Any]) -> float:
+    """The larger relative spread (p90 - p50) / p50 of the runs: a speed-up smaller than
+    this is not distinguishable from the noise of the measurement."""
+    spreads = [
+        (lat["p90_ms"] - lat["p50_ms"]) / lat["p50_ms"] for lat in latencies if lat.get("p50_ms")
+    ]
+    return max(spreads, default=0.0)
+
+
 def _optimize_page(doc: dict[str, Any]) -> tuple[str, str, str]:
     before, after = doc["before"], doc["after"]
     src = (doc.get("input") or {}).get("path") or "(in memory)"
@@ -1067,14 +1076,16 @@ def _optimize_page(doc: dict[str, Any]) -> tuple[str, str, str]:
         speed = (
             pb["latency"]["p50_ms"] / pa["latency"]["p50_ms"] if pa["latency"]["p50_ms"] else None
         )
+        where = f"{_e(pa['backend'].get('name'))}/{_e(pa['backend'].get('target'))}"
+        note = f"{speed:.2f}× on {where}" if speed else ""
+        if speed and abs(speed - 1) < _spread(pb["latency"], pa["latency"]):
+            note += " — within run-to-run spread"
         cards.insert(
             0,
             (
                 "median latency",
                 f"{pb['latency']['p50_ms']:.2f} → {pa['latency']['p50_ms']:.2f} ms",
-                f"{speed:.2f}× on {_e(pa['backend'].get('name'))}/{_e(pa['backend'].get('target'))}"
-                if speed
-                else "",
+                note,
             ),
         )
     parts = [_section("Summary", "", _cards(cards), "summary")]

@@ -329,6 +329,17 @@ def test_optimize_report_has_pass_errors_and_profiles(tmp_path):
     assert before["totals"]["graph_flops"] == pytest.approx(
         after["totals"]["graph_flops"], rel=0.05
     )
+    # The page says when a speed-up is smaller than the runs' own spread.
+    from gcomp.html_report import render_html
+
+    b, a = before["latency"], after["latency"]
+    b.update(p50_ms=10.0, p90_ms=11.0)
+    a.update(p50_ms=9.8, p90_ms=10.5)
+    assert "1.02× on ort/cpu — within run-to-run spread" in render_html(doc)
+    a.update(p50_ms=5.0, p90_ms=5.1)
+    b.update(p90_ms=10.2)
+    page = render_html(doc)
+    assert "2.00× on ort/cpu" in page and "within run-to-run spread" not in page
     # The optimize report with profiles is itself comparable.
     proc = gcomp("report", report, "-o", tmp_path / "c.md")
     assert proc.returncode == 0, proc.stderr
