@@ -210,6 +210,9 @@ class Reference:
         self.notes = notes
         self.tolerances = dict(TOLERANCES, **(tolerances or {}))
         self.explicit_tolerances = dict(tolerances or {})
+        # "fp16"/"bf16" when the original itself holds reduced precision: then candidates
+        # run on ORT like it (an O1 of an fp16 model compares like with like).
+        self.original_precision: str | None = None
         self.timeout = DEFAULT_RUN_TIMEOUT
 
     @classmethod
@@ -263,17 +266,23 @@ class Reference:
             ) from None
         reference = cls(feeds, outputs, notes, tolerances)
         reference.timeout = timeout
+        from gcomp.passes.precision.emulate import reduced_precision
+
+        reference.original_precision = reduced_precision(model)
         return reference
 
     def check(self, candidate: ir.Model | str | Path) -> Verification:
         """Run ``candidate`` on the reference inputs and compare every output."""
         info = {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)} for k, v in self.feeds.items()}
         try:
-            # A reduced-precision (fp16/bf16) candidate runs in emulation with its own
-            # tolerances: ORT on the CPU upcasts and would hide overflow (gcomp.passes.precision).
+            # A reduced-precision (fp16/bf16) candidate of a full-precision original runs in
+            # emulation with its own tolerances: ORT on the CPU upcasts and would hide
+            # overflow (gcomp.passes.precision).
             from gcomp.passes.precision.check import emulated_outputs
 
-            emulated = emulated_outputs(candidate, self.feeds, self.outputs, self.explicit_tolerances, self.timeout)
+            emulated = None
+            if self.original_precision is None:
+                emulated = emulated_outputs(candidate, self.feeds, self.outputs, self.explicit_tolerances, self.timeout)
             if emulated is not None:
                 actual, tolerances, note = emulated
             else:

@@ -724,3 +724,12 @@ def test_fp16_weights_behind_a_cast_lose_the_cast():
     matmul = next(n for n in model.graph if n.op_type == "MatMul")
     assert matmul.inputs[1].name == "W16"
     assert count_casts(model) == 2  # x down, y up
+
+
+def test_an_fp16_original_is_verified_like_with_like():
+    """O1 of a model that is already fp16 compares on ORT as before (no emulation), so a
+    pass is never blamed for the model's own fp16 behaviour."""
+    fp16 = convert(zoo_model("mlp"))[0]
+    result = gcomp.optimize(fp16, "O1")
+    assert result.verification.passed, result.verification.summary()
+    assert not any("emulation" in n for n in result.verification.notes)
