@@ -613,7 +613,7 @@ class TvmExecutable:
             row = rows.get(key)
             if row is None:
                 rows[key] = OpRow(node=key, op_type=op_type, time_ms=total / runs, calls=1,
-                                  provider=f"tvm:{kernel}")
+                                  provider=f"tvm:{kernel}", graph_nodes=members or None)
             else:
                 row.time_ms += total / runs
                 row.calls += 1
