@@ -269,6 +269,7 @@ def tune(
             strategy = ms.search_strategy.EvolutionarySearch(
                 population_size=min(512, max(32, budget * 4)), init_min_unmeasured=min(50, max(8, budget))
             )
+            _quiet_meta_schedule()  # its logging config resets the level on every call
             ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 [task], str(work / "logs"), strategy=strategy, num_threads=os.cpu_count() or 1, seed=seed
             )

@@ -74,11 +74,39 @@ def _reference(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np
     return OrtBackend().compile(model, "cpu", optimization="disable").run(feeds)
 
 
-def _check(expected, actual) -> tuple[bool, float]:
+def _reduced_precision(model: ir.Model | None) -> str | None:
+    """"float16"/"bfloat16" when ``model`` computes in that precision inside."""
+    if model is None:
+        return None
+    found = {v.dtype for v in model.graph.initializers.values() if v.dtype is not None}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        found.update(v.dtype for v in node.outputs if v.dtype is not None)
+    for low, name in ((ir.DataType.FLOAT16, "float16"), (ir.DataType.BFLOAT16, "bfloat16")):
+        if low in found:
+            return name
+    return None
+
+
+def _check(expected, actual, model: ir.Model | None = None) -> tuple[bool, float]:
+    """Outputs agree: fp32 tolerances element by element; for a model that computes in
+    fp16/bf16 inside (fp32 at its edges), the reduced-precision criterion of gcomp's
+    precision passes, ``max|a-e| / max(1, max|e|)`` within that precision's rtol: the
+    reference (ORT on CPU) upcasts many fp16 ops while TVM computes in fp16, so elements
+    near zero legitimately differ by more than an fp32 element-wise tolerance."""
     from gcomp.verify import TOLERANCES, compare_outputs
 
     checks = compare_outputs(expected, actual, TOLERANCES)
-    return all(c.ok for c in checks), max((c.max_abs_error for c in checks), default=0.0)
+    worst = max((c.max_abs_error for c in checks), default=0.0)
+    low = _reduced_precision(model)
+    if low is None or any(c.ok is False and (c.nan or c.inf or "missing" in c.detail) for c in checks):
+        return all(c.ok for c in checks), worst
+    rtol = TOLERANCES[low].rtol
+    for name, e in expected.items():
+        a = np.asarray(actual[name], dtype=np.float64)
+        e = np.asarray(e, dtype=np.float64)
+        if a.shape != e.shape or np.abs(a - e).max(initial=0.0) / max(1.0, np.abs(e).max(initial=0.0)) > rtol:
+            return False, worst
+    return True, worst
 
 
 def _compile(backend: str, target: str, model: ir.Model, shapes, *, tune_trials=0, tune_seconds=None,
@@ -122,7 +150,7 @@ def select_backend(
             exe = _compile(backend, target, model, shapes, tune_trials=tune_trials, tune_seconds=tune_seconds,
                            cache_dir=cache_dir, progress=say)
             cand.compile_seconds = time.perf_counter() - t0
-            ok, err = _check(expected, exe.run(feeds))
+            ok, err = _check(expected, exe.run(feeds), model)
             cand.max_abs_error = err
             if not ok:
                 cand.status = "mismatch"
@@ -203,7 +231,7 @@ def compile_model(
             verified = {"status": "unverified", "reason": f"no device to run {target} code on"}
         elif verify:
             say("verifying against ONNX Runtime")
-            ok, err = _check(_reference(m, feeds), exe.run(feeds))
+            ok, err = _check(_reference(m, feeds), exe.run(feeds), m)
             verified = {"status": "passed" if ok else "failed", "max_abs_error": err}
             if not ok:
                 raise GcompError(

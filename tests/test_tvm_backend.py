@@ -285,3 +285,25 @@ def test_cli_auto_falls_back_to_ort_and_optimize_records_candidates(tmp_path):
     sel = json.loads((tmp_path / "r.json").read_text())["backend_selection"]
     assert [c["chosen"] for c in sel["candidates"]].count(True) == 1
     assert all(c["status"] == "ok" and c["max_abs_error"] < 1e-4 for c in sel["candidates"])
+
+
+def test_mixed_precision_model_compiles_and_verifies_at_its_precision():
+    from gcomp.autoselect import _check, _reference
+    from gcomp.pipeline import optimize
+
+    model = models.build("transformer", layers=1)
+    fp16 = optimize(model, "O1", precision="fp16", verify=False).model
+    assert any(v.dtype == ir_dtype("FLOAT16") for v in fp16.graph.initializers.values())
+    feeds = _feeds(fp16)
+    exe = TvmBackend().compile(fp16, "llvm", input_shapes=_shapes(feeds))
+    ok, err = _check(_reference(fp16, feeds), exe.run(feeds), fp16)
+    assert ok and err > 1e-3  # TVM computes in fp16: close to the reference, not bit-equal
+    # The same difference in an fp32 model is a mismatch.
+    fp32 = models.build("transformer", layers=1)  # optimize() converted `model` in place
+    assert not _check(_reference(fp16, feeds), exe.run(feeds), fp32)[0]
+
+
+def ir_dtype(name):
+    import onnx_ir as ir
+
+    return getattr(ir.DataType, name)
