@@ -129,6 +129,25 @@ def _as_norm_shaped(op, value, norm_shape, dtype, *, fill: float, base: str):
     return fresh_initializer(op, np.broadcast_to(array, norm_shape).astype(dtype), value.name or base)
 
 
+class LayerNormScaleShiftFusion(LayerNormFusion):
+    """The form tf2onnx emits for Keras LayerNormalization (batch-norm style algebra):
+
+        s = gamma / sqrt(var + eps);   y = x * s + (beta - mean * s)
+
+    which is (x - mean) * s + beta: the same LayerNormalization.
+    """
+
+    def pattern(self, op, x, eps, gamma, beta):
+        mean = op.ReduceMean(x, _allow_other_inputs=True, _outputs=["mean"])
+        d = op.Sub(x, mean)
+        sq = op.Pow(d, 2.0) if self.square == "pow" else op.Mul(d, d)
+        var = op.ReduceMean(sq, _allow_other_inputs=True, _outputs=["var"])
+        std = op.Sqrt(op.Add(var, eps))
+        rstd = op.Reciprocal(std) if self.divide == "reciprocal" else op.Div(1.0, std)
+        s = op.Mul(rstd, gamma)
+        return op.Add(op.Mul(x, s), op.Sub(beta, op.Mul(mean, s)))
+
+
 def _rules(affine: str) -> list:
     rules = []
     for square in ("pow", "mul"):
@@ -142,6 +161,13 @@ def _rules(affine: str) -> list:
 # (visited before the Mul/Add that hold gamma and beta) and leave them unfused.
 fusion("layer-norm", "portable", _rules("full"), [("", "LayerNormalization", 17)],
        "ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add -> LayerNormalization (opset 17)", needs=("ReduceMean",))
+fusion("layer-norm-scale-shift", "portable",
+       [r for square in ("pow", "mul") for divide in ("reciprocal", "div")
+        for r in LayerNormScaleShiftFusion.rule(f"layer-norm-ss-{square}-{divide}", square=square, divide=divide,
+                                                affine="full").commute()],
+       [("", "LayerNormalization", 17)],
+       "x*s + (beta - mean*s), s = gamma/sqrt(var+eps) (tf2onnx's Keras form) -> LayerNormalization (opset 17)",
+       needs=("ReduceMean",))
 fusion("layer-norm-no-bias", "portable", _rules("scale"), [("", "LayerNormalization", 17)],
        "the same without beta -> LayerNormalization (opset 17)", needs=("ReduceMean",))
 fusion("layer-norm-no-affine", "portable", _rules("none"), [("", "LayerNormalization", 17)],

@@ -90,3 +90,27 @@ def test_gamma_over_a_non_normalised_axis_stays_outside(rng):
     model, _ = fuse(_ln(gamma_shape=(5, 1)), feeds_for(rng, x=SHAPE))
     counts = op_counts(model)
     assert counts["LayerNormalization"] == 1 and counts["Mul"] == 1 and counts["Add"] == 1, counts
+
+
+def test_tf2onnx_scale_shift_form(rng):
+    """Keras LayerNormalization through tf2onnx: y = x*s + (beta - mean*s), s = gamma*rsqrt(var+eps)."""
+    g = (1 + 0.1 * rng.standard_normal(16)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(16)).astype(np.float32)
+    inits = [tensor("eps", np.float32(1e-3)), tensor("gamma", g), tensor("beta", b)]
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1], keepdims=1),
+        helper.make_node("Sub", ["x", "mean"], ["d"]),
+        helper.make_node("Mul", ["d", "d"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1], keepdims=1),
+        helper.make_node("Add", ["var", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["std"]),
+        helper.make_node("Reciprocal", ["std"], ["rstd"]),
+        helper.make_node("Mul", ["rstd", "gamma"], ["s"]),
+        helper.make_node("Mul", ["x", "s"], ["xs"]),
+        helper.make_node("Mul", ["mean", "s"], ["ms"]),
+        helper.make_node("Sub", ["beta", "ms"], ["shift"]),
+        helper.make_node("Add", ["xs", "shift"], ["y"]),
+    ]
+    proto = make_model(nodes, [vinfo("x", shape=SHAPE)], [vinfo("y", shape=SHAPE)], inits)
+    model, result = fuse(proto, feeds_for(rng, x=SHAPE))
+    assert op_counts(model) == {"LayerNormalization": 1}, result.details
