@@ -1025,6 +1025,13 @@ def _pass_table(passes: list[dict[str, Any]]) -> str:
     return _table("passes", header, rows)
 
 
+def _ratio_text(ratio: float | None) -> str:
+    """A speed-up as people say it: 2.10× (faster), or 82× slower below 0.5×."""
+    if not ratio:
+        return "–"
+    return f"{ratio:.2f}×" if ratio >= 0.5 else f"{1 / ratio:.0f}× slower"
+
+
 def _spread(*latencies: dict[str, Any]) -> float:
     """The larger relative spread (p90 - p50) / p50 of the runs: a speed-up smaller than
     this is not distinguishable from the noise of the measurement."""
@@ -1192,7 +1199,7 @@ def _comparison_charts(profiles: list[dict[str, Any]], labels: list[str]) -> str
                 (f"{lat['p50_ms']:.3f}", lat["p50_ms"]),
                 (f"{lat['p99_ms']:.3f}", lat["p99_ms"]),
                 (f"{lat['min_ms']:.3f}", lat["min_ms"]),
-                (f"{ratio:.2f}×" if ratio else "–", ratio),
+                (_ratio_text(ratio), ratio),
                 (
                     _fmt((p.get("totals") or {}).get("achieved_gflops_per_s")),
                     (p.get("totals") or {}).get("achieved_gflops_per_s"),

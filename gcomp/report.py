@@ -233,9 +233,13 @@ def _latency_table(labels: list[str], docs: list[dict[str, Any]]) -> str:
         gf = totals.get("achieved_gflops_per_s")
         rows.append([label, f"{d['backend'].get('name')}/{d['backend'].get('target')}", f"{lat['mean_ms']:.3f}",
                      f"{lat['p50_ms']:.3f}", f"{lat['p99_ms']:.3f}",
-                     f"{base / lat['p50_ms']:.2f}x" if lat["p50_ms"] else "-", f"{gf:.1f}" if gf else "-",
+                     _ratio(base / lat["p50_ms"]) if lat["p50_ms"] else "-", f"{gf:.1f}" if gf else "-",
                      len(d.get("ops", []))])
     return _table(["", "backend", "mean ms", "p50", "p99", "median speed-up vs first", "GFLOP/s", "kernels"], rows)
+
+
+def _ratio(ratio: float) -> str:
+    return f"{ratio:.2f}x" if ratio >= 0.5 else f"{1 / ratio:.0f}x slower"
 
 
 def _compare_md(doc: dict[str, Any]) -> str:
