@@ -472,7 +472,7 @@ def _timeline(timeline: list[dict[str, Any]], colors: dict[str, str], width: int
             f'fill="{colors.get(k["op_type"], _UNKNOWN)}"><title>{_e(k["node"])} ({_e(k["op_type"])}): '
             f"{k['dur_ms']:.3f} ms at {k['start_ms']:.3f} ms</title></rect>"
         )
-    for t in _nice_ticks(0, end, 8):
+    for t in (t for t in _nice_ticks(0, end, 8) if t <= end):
         x = ml + pw * t / end
         anchor = "start" if t == 0 else "end" if x > width - 40 else "middle"
         out.append(
@@ -892,7 +892,8 @@ def _profile_sections(doc: dict[str, Any], *, prefix: str = "p", top: int = 20) 
         f"Each dot is a kernel (area ∝ time). Roofs measured on this machine: "
         f"{_fmt(roof.get('bandwidth_gbs'))} GB/s copy bandwidth, {_fmt(peak)} GFLOP/s float32 matrix product"
         f" (theoretical {_fmt(roof.get('theoretical_gflops'))}: {roof.get('vector_bits', '?')}-bit vectors × "
-        f"{roof.get('fma_units', '?')} FMA units × {roof.get('cores', '?')} cores × {_fmt(roof.get('clock_ghz'))} GHz)."
+        f"{roof.get('fma_units', '?')} FMA units × {roof.get('cores', '?')} cores × {_fmt(roof.get('clock_ghz'))} GHz). "
+        "The memory roof is main-memory bandwidth: a small kernel whose tensors stay in cache can sit above it."
         if roof
         else ""
     )
