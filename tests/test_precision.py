@@ -733,3 +733,14 @@ def test_an_fp16_original_is_verified_like_with_like():
     result = gcomp.optimize(fp16, "O1")
     assert result.verification.passed, result.verification.summary()
     assert not any("emulation" in n for n in result.verification.notes)
+
+
+def test_emulator_sharing_weights_with_ort_gives_the_same_outputs():
+    """Large models hand their weights to ORT as OrtValues (no serialization): same result."""
+    model = zoo_model("transformer")
+    feeds, _, _ = calibrate(model)
+    model, _ = convert(model)
+    plain = emulate.emulate(model, feeds)
+    shared = emulate.emulate(model, feeds, share_weights_from=0)
+    for name in plain:
+        np.testing.assert_array_equal(shared[name], plain[name])
