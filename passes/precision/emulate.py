@@ -238,7 +238,7 @@ def _run_sharing_weights(copy: ir.Model, feeds: Mapping[str, np.ndarray]) -> dic
             names = [o.name for o in session.get_outputs()]
             wanted = {i.name for i in session.get_inputs()}
             return dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in wanted})))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (ORT raises its own types; the caller gets a BackendError)
             raise _backend_error("emulated run", e) from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
