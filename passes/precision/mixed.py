@@ -17,7 +17,8 @@ Guarantees (on the main graph and every If/Loop/Scan body):
 
 Calibration: the model runs once in fp32 on seeded generated inputs (or
 ``calibration_inputs``); any op whose output exceeds half the target's range there keeps
-fp32, and the tensor sizes weigh the Casts. Without a runnable model, conversion still
+fp32 (``finfo.min``-style mask fills excepted in ``auto``, which measures them instead),
+and the tensor sizes weigh the Casts. Without a runnable model, conversion still
 happens, without the range rule (reported).
 
 ``precision="auto"``: fp16 with a search for the largest fp16 region within
