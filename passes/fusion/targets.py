@@ -12,6 +12,8 @@ from __future__ import annotations
 
 __all__ = ["TARGETS", "accepts", "check_target", "backend_of"]
 
+import functools
+
 from gcomp.errors import OptionError
 
 TARGETS: tuple[str, ...] = ("portable", "ort-cpu", "ort-cuda", "tvm-llvm", "tvm-cuda")
@@ -43,13 +45,14 @@ def check_target(target: str) -> str:
     return target
 
 
+@functools.cache
 def accepts(target: str, domain: str, op_type: str, version: int) -> bool:
     """Whether ``target`` runs ``domain::op_type`` at opset ``version``."""
     check_target(target)
     if target == "portable":
         return all(accepts(t, domain, op_type, version) for t in ("ort-cpu", "tvm-llvm"))
     declared = _declared(target)
-    if declared is not None:
+    if declared is not None and backend_of(target) == "ort":
         return bool(declared(target, domain, op_type, version))
     standard = domain in ("", "ai.onnx")
     if backend_of(target) == "ort":
