@@ -5,7 +5,7 @@ Backends are imported lazily by name so that ``gcomp --help`` never loads a runt
 
 from __future__ import annotations
 
-__all__ = ["BACKENDS", "get_backend", "targets", "supports"]
+__all__ = ["BACKENDS", "get_backend", "targets", "supports", "target_accepts"]
 
 import importlib
 
@@ -39,3 +39,9 @@ def get_backend(name: str):
         raise OptionError(f"unknown backend '{name}' (backends: {', '.join(BACKENDS)})") from None
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)()
+
+
+def target_accepts(target: str, domain: str, op_type: str, version: int) -> bool:
+    """:func:`supports` in the argument order the fusion passes ask in
+    (``gcomp.passes.fusion.targets.accepts`` uses it when present)."""
+    return supports(target, op_type, domain, version)

@@ -278,6 +278,10 @@ def compile_for_profile(
         sel = select_backend(model, feeds, pairs=pairs, progress=progress)
         return sel.executable, sel
     if backend == "tvm":
+        from gcomp.backends.tvm import cuda_available
+
+        if device == "cuda" and not cuda_available():
+            raise BackendError("tvm: profiling on 'cuda' needs a CUDA GPU; none found")
         return _compile("tvm", device, model, shapes, progress=progress), None
     return _compile(backend, device, model_path, shapes, optimization=optimization, threads=threads), None
 
