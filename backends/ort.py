@@ -186,7 +186,8 @@ class OrtExecutable:
             t0 = time.perf_counter()
             self.run(feeds)
             samples.append((time.perf_counter() - t0) * 1e3)
-        ops, timeline = self._node_times(feeds, max(1, min(profile_runs, iters)))
+        runs = max(1, min(profile_runs, iters))
+        ops, timeline, spans = self._node_times(feeds, runs)
         model = self._ir if self._ir is not None else io.load(self._path, check=False)
         prof = Profile(
             model=model_identity(model, self._path),
@@ -202,10 +203,12 @@ class OrtExecutable:
             ops=ops,
             memory=_memory(),
             timeline=timeline,
+            profiled_run_ms=statistics.median(s for s, _ in spans) if spans else None,
+            run_coverage=statistics.median(c for _, c in spans) if spans else None,
         ).finish()
         return prof.annotate(model, {k: tuple(np.asarray(v).shape) for k, v in feeds.items()})
 
-    def _node_times(self, feeds, runs: int) -> tuple[list[OpRow], list[dict]]:
+    def _node_times(self, feeds, runs: int) -> tuple[list[OpRow], list[dict], list[tuple[float, float]]]:
         tmp = tempfile.mkdtemp(prefix="gcomp-prof-")
         try:
             options = self._options(enable_profiling=True, profile_file_prefix=str(Path(tmp) / "ort"))
@@ -217,7 +220,7 @@ class OrtExecutable:
             events = json.loads(Path(trace_path).read_text())
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return _parse_trace(events, runs), _timeline(events)
+        return _parse_trace(events, runs), _timeline(events), _run_spans(events, runs)
 
     def export(self, path: str | os.PathLike) -> Path:
         """Write ONNX Runtime's offline-optimized model (its own external data beside it)."""
@@ -295,6 +298,21 @@ def _trace_tensors(items) -> list | None:
             out.append({"dtype": dtype, "shape": [int(d) for d in shape]} if isinstance(shape, list) else None)
         else:
             out.append(None)
+    return out
+
+
+def _run_spans(events: list, runs: int) -> list[tuple[float, float]]:
+    """(span ms, share of it inside kernels) of each of the last ``runs`` runs in the trace:
+    taken run by run, so load that stretches some runs cannot skew the ratio."""
+    spans = [ev for ev in events if ev.get("cat") == "Session" and ev.get("name") == "model_run"][-runs:]
+    kernels = [(float(ev.get("ts", 0)), float(ev.get("dur", 0))) for ev in events
+               if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time")]
+    out = []
+    for span in spans:
+        lo, dur = float(span["ts"]), float(span.get("dur", 0))
+        inside = sum(d for ts, d in kernels if lo <= ts <= lo + dur)
+        if dur > 0:
+            out.append((dur / 1e3, inside / dur))
     return out
 
 

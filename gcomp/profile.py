@@ -127,6 +127,10 @@ class Profile:
     # One profiled run, ops as slices: [{"node", "op_type", "start_ms", "dur_ms"}], start
     # relative to the run's start; a row {"node": "model_run", "op_type": None} spans it.
     timeline: list[dict[str, Any]] = field(default_factory=list)
+    # The runtime's own span of a profiled run (median), when it reports one: what the
+    # per-op times of those same runs add up against.
+    profiled_run_ms: float | None = None
+    run_coverage: float | None = None  # median over those runs of (kernel time / run span)
 
     def finish(self) -> Profile:
         """Sort ops by time and fill in each op's share of the total op time."""
@@ -230,6 +234,8 @@ class Profile:
             "achieved_gflops_per_s": flops_total / (self.latency.p50_ms / 1e3) / 1e9
             if self.latency.p50_ms > 0 else None,
             "op_time_over_latency": op_time / self.latency.p50_ms if self.latency.p50_ms > 0 else None,
+            "profiled_run_ms": self.profiled_run_ms,
+            "op_time_over_profiled_run": self.run_coverage,
         }
         return self
 
@@ -249,6 +255,8 @@ class Profile:
             roofline=doc.get("roofline"),
             totals=doc.get("totals"),
             timeline=doc.get("timeline") or [],
+            profiled_run_ms=(doc.get("totals") or {}).get("profiled_run_ms"),
+            run_coverage=(doc.get("totals") or {}).get("op_time_over_profiled_run"),
         )
 
     def top_op_types(self) -> list[tuple[str, float, int]]:
