@@ -799,10 +799,11 @@ def _profile_sections(doc: dict[str, Any], *, prefix: str = "p", top: int = 20) 
                 else "",
             ),
             (
-                "kernel time",
+                "kernel time (Σ medians)",
                 f"{op_total:.2f} ms",
                 (
-                    f"{in_run * 100:.0f}% of the profiled runs · "
+                    f"kernels fill {in_run * 100:.0f}% of each profiled run "
+                    f"({totals.get('profiled_run_ms') or 0:.2f} ms median) · "
                     if in_run
                     else f"{coverage * 100:.0f}% of the median run · "
                     if coverage
