@@ -3,9 +3,10 @@
 What ``compile`` does, in order:
 
 1. *Make the model importable* (:func:`prepare`): symbolic input dims are bound to the
-   shapes asked for (``input_shapes``), then gcomp's O1 folds the shape arithmetic, so
-   ``Shape → Gather → Concat → Reshape`` chains become constants (TVM 0.27's importer
-   fails on a ``Shape`` of a shape value). The caller's model is never modified.
+   shapes asked for (``input_shapes``), then gcomp's O2 for this TVM target folds the
+   shape arithmetic, so ``Shape → Gather → Concat → Reshape`` chains become constants
+   (TVM 0.27's importer fails on a ``Shape`` of a shape value), and applies the fusions
+   TVM accepts. The caller's model is never modified.
 2. *Refuse clearly*: ops TVM's ONNX frontend has no converter for (LSTM, GRU, Loop, Scan,
    QLinearConv, ...), non-default domains, and opset-23 ``Attention`` (the frontend reads it
    as ORT's contrib Attention and fails) raise :class:`BackendError` naming every such op
@@ -153,11 +154,18 @@ def cuda_target(arch: str | None = None):
 def prepare(
     model: ir.Model | str | os.PathLike,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    *,
+    kind: str = "llvm",
+    pipeline: str = "O2",
 ) -> ir.Model:
-    """A copy of ``model`` that TVM can import: given input shapes bound, shapes folded.
+    """A copy of ``model`` that TVM can import: given input shapes bound, shapes folded,
+    and (``pipeline`` O2) gcomp's fusions that TVM accepts applied (BatchNormalization
+    folded into Conv weights, LayerNormalization/Gelu/Gemm: fewer, cheaper kernels;
+    cnn: compile 16.6 s -> 4.6 s). O1 is used when O2 fails.
 
     Refuses (BackendError) an input shape of the wrong rank. The original is untouched.
     """
+    from gcomp.errors import GcompError
     from gcomp.pipeline import optimize
 
     m = io.load(model) if not isinstance(model, ir.Model) else ir.serde.deserialize_model(
@@ -172,8 +180,13 @@ def prepare(
                     f"tvm: input '{value.name}' has rank {len(value.shape)}, shape given {list(want)}"
                 )
             value.shape = ir.Shape(want)
-    result = optimize(m, "O1", verify=False)
-    return result.model
+    if pipeline == "O2":
+        backup = ir.serde.serialize_model(m)
+        try:
+            return optimize(m, "O2", verify=False, target=f"tvm-{kind}").model
+        except GcompError:
+            m = ir.serde.deserialize_model(backup)
+    return optimize(m, "O1", verify=False).model
 
 
 class TvmBackend:
@@ -219,7 +232,7 @@ class TvmBackend:
         if bad:
             raise _unsupported_error(bad)
         say("preparing the model for TVM (binding shapes, folding)")
-        prepared = prepare(source, input_shapes)
+        prepared = prepare(source, input_shapes, kind=kind)
         bad = unsupported_nodes(prepared)
         if bad:
             raise _unsupported_error(bad)
