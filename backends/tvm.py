@@ -75,6 +75,7 @@ LIB_FILE = "model.so"
 # Attention fails with KeyError 'num_heads'.
 _BROKEN = {("", "Attention"): "TVM 0.27 reads Attention as ORT's contrib op and fails on ONNX's opset-23 Attention"}
 _PREFIX = "onnx__"
+_CALL_TIR = frozenset({"relax.call_tir", "relax.call_tir_inplace", "relax.call_tir_with_grad"})
 
 
 def _tvm():
@@ -387,7 +388,14 @@ def _fuse(mod, tgt):
 
 
 def _fused_members(mod) -> dict[str, list[str]]:
+    """``{fused function: its variables}``, plus ``"#sites"``: for every kernel call of
+    ``main`` in order (call_tir or a call of a fused function), the variables it computes.
+    FuseTIR turns each such call into one call_tir in the same order, so the list lines
+    up with :func:`_kernel_calls` and a call site names its own ONNX nodes even when
+    several sites share one kernel (Q, K, V). Variable names are not unique in Relax
+    (``lv6`` twice), hence positions, not names."""
     from tvm import relax
+    from tvm.ir import GlobalVar
 
     members: dict[str, list[str]] = {}
     for gvar, func in mod.functions.items():
@@ -399,6 +407,17 @@ def _fused_members(mod) -> dict[str, list[str]]:
             for binding in block.bindings:
                 names.append(_name(binding.var))
         members[_name(gvar)] = names
+    sites: list[list[str]] = []
+    for block in getattr(mod["main"].body, "blocks", []):
+        for binding in block.bindings:
+            value = getattr(binding, "value", None)
+            if not isinstance(value, relax.Call):
+                continue
+            if isinstance(value.op, GlobalVar) and _name(value.op) in members:
+                sites.append(members[_name(value.op)])
+            elif getattr(value.op, "name", None) in _CALL_TIR:
+                sites.append([_name(binding.var)])
+    members["#sites"] = sites
     return members
 
 
@@ -443,7 +462,7 @@ def _kernel_calls(mod) -> list[tuple[str, str]]:
     main = mod["main"]
     body = main.body
     blocks = body.blocks if isinstance(body, relax.SeqExpr) else []
-    call_tir = {"relax.call_tir", "relax.call_tir_inplace", "relax.call_tir_with_grad"}
+    call_tir = _CALL_TIR
     for block in blocks:
         for binding in block.bindings:
             value = getattr(binding, "value", None)
@@ -474,7 +493,11 @@ class TvmExecutable:
         self._path = source_path
         self._names = dict(names)
         self._kernels = list(kernels)
-        self._fused = {k: [n for n in v if n in self._names] for k, v in fused.items()}
+        sites = fused.get("#sites", [])
+        # Positions line up with the kernel calls only if FuseTIR kept one call per site.
+        self._site_members = [[n for n in v if n in self._names] for v in sites] if len(sites) == len(
+            kernels) else []
+        self._fused = {k: [n for n in v if n in self._names] for k, v in fused.items() if k != "#sites"}
         self._node_ops = {n.name: n.op_type for n in model.graph} if model is not None else {}
         inputs = [v for v in model.graph.inputs if v.const_value is None] if model is not None else []
         self.input_names = [v.name for v in inputs]
@@ -609,13 +632,19 @@ class TvmExecutable:
     def _rows(self, times: dict[tuple[str, int], float], runs: int) -> list[OpRow]:
         # The k-th call of a kernel in a run is its k-th call site in main.
         sites: dict[str, list[str]] = {}
-        for kernel, var in self._kernels:
+        positions: dict[str, list[int]] = {}
+        for i, (kernel, var) in enumerate(self._kernels):
             sites.setdefault(kernel, []).append(var)
+            positions.setdefault(kernel, []).append(i)
         rows: dict[str, OpRow] = {}
         for (kernel, k), total in times.items():
             var = sites.get(kernel, [])
             node = self._names.get(var[k]) if k < len(var) else None
-            members = [self._names[v] for v in self._fused.get(kernel, [])]
+            at = positions.get(kernel, [])
+            site = self._site_members[at[k]] if k < len(at) and self._site_members else None
+            members = [self._names[v] for v in (site if site is not None else self._fused.get(kernel, []))]
+            if site is not None and members:
+                node = members[-1]  # the site's own output, not a same-named variable elsewhere
             if node is None and members:
                 node = members[-1]  # a fused kernel produces its last op's value
             if node is not None:
@@ -675,6 +704,7 @@ class TvmExecutable:
                 "names": self._names,
                 "kernels": self._kernels,
                 "fused": self._fused,
+                "site_members": self._site_members,
                 "tuning": self.tuning.to_dict() if self.tuning is not None else None,
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
@@ -716,6 +746,7 @@ def load(path: str | os.PathLike) -> TvmExecutable:
     exe._names = meta.get("names", {})
     exe._kernels = [tuple(k) for k in meta.get("kernels", [])]
     exe._fused = meta.get("fused", {})
+    exe._site_members = meta.get("site_members", [])
     exe._node_ops = meta.get("nodes", {})
     exe.input_names = [i["name"] for i in meta["inputs"]]
     exe.output_names = list(meta["outputs"])
