@@ -62,9 +62,18 @@ def _heads(reshape_out, hidden) -> tuple[int, int] | None:
             and _same_dim(shape[0], source.shape[0]) and _same_dim(shape[1], source.shape[1])
             and shape[3] > 0 and hidden % shape[3] == 0):
         return hidden // shape[3], shape[3]  # [B, S, ?, D] from [B, S, hidden]: ? = hidden / D
-    target = const_array(reshape_out.producer().inputs[1])
+    node = reshape_out.producer()
+    target = const_array(node.inputs[1])
+    allowzero = node.attributes.get("allowzero")
     if target is None or target.shape != (4,) or not isinstance(hidden, int):
         return None
+    if allowzero is not None and allowzero.as_int() == 1:
+        return None
+    if source.shape is None or source.shape.rank() != 3:
+        return None
+    for i in (0, 1):  # batch and sequence copied (0) or the source's own static dims
+        if not (target[i] == 0 or (isinstance(source.shape[i], int) and target[i] == source.shape[i])):
+            return None
     h, d = int(target[2]), int(target[3])
     if h == -1 and d > 0 and hidden % d == 0:
         h = hidden // d
@@ -216,6 +225,12 @@ class Attention23(pattern.RewriteRuleClassBase):
                 return result.fail("Q, K, V are not rank 4", v)
             if v.dtype is None or not v.dtype.is_floating_point():
                 return result.fail("Q, K, V are not float tensors", v)
+        # Attention takes K [B, H, T, D] and V [B, H, T, Dv] with Q's batch and heads: no
+        # MatMul broadcasting over them (kr is [B, T, H, D], what the transpose reads).
+        q, k, v = q4.shape, kr.shape, v4.shape
+        if not (_same_dim(k[0], q[0]) and _same_dim(k[2], q[1]) and _same_dim(v[0], q[0])
+                and _same_dim(v[1], q[1]) and _same_dim(v[2], k[1])):
+            return result.fail("Q, K, V batch/heads/length cannot be proven to match (broadcasting)", kr)
         return result
 
     def rewrite(self, op, q4, kr, v4, c, mask=None, **_):
