@@ -162,10 +162,13 @@ def test_export_reload_round_trip(tmp_path):
         load(tmp_path)
 
 
-def test_cuda_code_generation_without_a_gpu():
+def test_cuda_code_generation_without_a_gpu(tmp_path):
     exe = TvmBackend().compile(models.build("mlp"), "cuda", input_shapes={"x": (2, 64)}, run=False)
     src = exe.generated_source()
     assert "__global__" in src and "threadIdx" in src
+    out = exe.export(tmp_path / "mlp.cuda")  # the artifact a GPU machine would load
+    meta = json.loads((out / "gcomp-tvm.json").read_text())
+    assert meta["target"] == "cuda" and (out / "model.so").stat().st_size > 0
     with pytest.raises(BackendError, match="no CUDA GPU"):
         exe.run({"x": np.zeros((2, 64), np.float32)})
 
