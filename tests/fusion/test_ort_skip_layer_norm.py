@@ -66,3 +66,18 @@ def test_skip_layer_norm_stays_off_for_ort_cpu_with_the_measured_reason(rng):
     model, result = fuse(_model(), _feeds(rng), target="ort-cpu", family="ort", explain=True)
     assert "com.microsoft::SkipLayerNormalization" not in op_counts(model)
     assert "slower" in result.details["rules"]["ort-skip-layer-norm"]["not_run"]
+
+
+@pytest.mark.parametrize("target", ["portable", "ort-cpu"])
+def test_residual_add_before_layer_norm_becomes_sum(rng, target):
+    """So ORT's own SkipLayerNormFusion (a slower CPU kernel) does not fire at session time."""
+    model, result = fuse(_model(bias=False, reuse_sum=False), _feeds(rng), target=target)
+    counts = op_counts(model)
+    assert counts["Sum"] == 1 and counts["LayerNormalization"] == 1 and "Add" not in counts, counts
+    model, cuda = fuse(_model(bias=False, reuse_sum=False), _feeds(rng), target="ort-cuda", explain=True)
+    assert "Sum" not in op_counts(model) and "not applied" in cuda.details["rules"]["residual-sum"]["not_run"]
+
+
+def test_residual_sum_must_not_fire_when_the_sum_is_read_elsewhere(rng):
+    model, _ = fuse(_model(bias=False, reuse_sum=True), _feeds(rng))
+    assert "Sum" not in op_counts(model)
