@@ -5,8 +5,10 @@
   (:func:`cache_dir`; ``GCOMP_CACHE_DIR`` or ``~/.cache/gcomp``): records are keyed by
   the workload (structural hash of the kernel) inside it, so any model with an identical
   kernel for the same target reuses the record.
-- Tasks already in the database are never tuned again: a second compile of the same
-  model makes no trials and only applies the records.
+- A kernel is tuned only for the trials it lacks: the folder also keeps how many trials
+  each workload has had (``gcomp-trials.json``), so a second compile of the same model
+  with the same budget makes no trials and only applies the records, and a larger budget
+  tunes each kernel up to its new share.
 - Tuning runs one task at a time, heaviest first, in a private copy of the database; after
   every task the copy's complete lines are committed into the cache folder by atomic
   rename under a file lock. An interrupt (Ctrl-C, SIGTERM, a spent time budget) loses at
@@ -113,7 +115,7 @@ def _locked(db_dir: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _commit(work: Path, db_dir: Path) -> None:
+def _commit(work: Path, db_dir: Path, attempts: dict[str, int] | None = None) -> None:
     """Copy the work database's complete lines into ``db_dir``, each file by atomic rename.
 
     The work copy started from ``db_dir``'s content and only appended, so workload
@@ -129,6 +131,12 @@ def _commit(work: Path, db_dir: Path) -> None:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write("".join(line + "\n" for line in lines))
             os.replace(tmp, db_dir / name)
+        if attempts is not None:
+            merged = {**_read_attempts(db_dir), **attempts}
+            fd, tmp = tempfile.mkstemp(prefix=f".{_ATTEMPTS}.", dir=db_dir)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(merged, f)
+            os.replace(tmp, db_dir / _ATTEMPTS)
 
 
 def _snapshot(db_dir: Path, work: Path) -> None:
@@ -231,10 +239,13 @@ def tune(
 ) -> TuningStats:
     """Tune the kernels of a fused Relax module ``mod`` for ``target``.
 
-    ``trials`` is the total number of candidates measured across the tasks not yet in
-    the database (split evenly, at least 8 each); ``seconds`` stops before starting a
-    task once spent. Returns what happened; the records live in :func:`database_dir`.
+    ``trials`` is split evenly over the model's tunable kernels (at least 8 each). A
+    kernel is tuned only for what it lacks: the database folder remembers how many trials
+    each workload has had (``gcomp-trials.json``), so the same budget again makes no
+    trials, and a larger one tunes each kernel up to its new share. ``seconds`` stops
+    before starting a kernel once spent. The records live in :func:`database_dir`.
     """
+    import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
     _quiet_meta_schedule()
@@ -248,29 +259,37 @@ def tune(
     try:
         _snapshot(db_dir, work)
         db = ms.database.JSONDatabase(work_dir=str(work))
-        todo = [t for t in tasks if not _task_is_tuned(db, t)]
-        stats.reused = len(tasks) - len(todo)
+        attempts = _read_attempts(db_dir)
         # Kernels that index with data (take/gather/scatter) read out of bounds on the
         # random arguments candidates are timed with, and in this process that is a
         # segfault (measured: a take kernel, TVMBackendParallelLaunch). They stay on the
         # default schedule; they are memory-bound copies anyway.
-        unsafe = [t for t in todo if _INDEXING.search(t.task_name)]
-        todo = [t for t in todo if not _INDEXING.search(t.task_name)]
-        stats.skipped += len(unsafe)
+        tunable = [t for t in tasks if not _INDEXING.search(t.task_name)]
+        stats.skipped = len(tasks) - len(tunable)
+        per_task = max(8, trials // max(1, len(tunable)))
+        todo = []
+        for task in tunable:
+            key = str(tvm_ffi.structural_hash(task.dispatched[0]))
+            had = attempts.get(key)
+            if had is None and _task_is_tuned(db, task):
+                had = per_task  # records from elsewhere: count them as enough
+            need = per_task - (had or 0)
+            if need < 8:  # one small search round at least, or nothing
+                stats.reused += 1
+            else:
+                todo.append((task, key, had or 0, need))
         if not todo or trials <= 0:
             stats.skipped += len(todo)
             return stats
         # Heaviest first, so a time budget spends itself where it matters.
-        todo.sort(key=lambda t: -_task_flop(t) * t.weight)
-        per_task = max(8, trials // len(todo))
+        todo.sort(key=lambda item: -_task_flop(item[0]) * item[0].weight)
         builder, runner = _in_process_builder_runner(
             work, evaluator or {"number": 3, "repeat": 1, "min_repeat_ms": 50}
         )
-        for i, task in enumerate(todo):
-            if stats.trials >= trials or (seconds is not None and time.perf_counter() - start >= seconds):
+        for i, (task, key, had, budget) in enumerate(todo):
+            if seconds is not None and time.perf_counter() - start >= seconds:
                 stats.skipped += len(todo) - i
                 break
-            budget = min(per_task, max(8, trials - stats.trials))
             if progress:
                 progress(f"tuning task {i + 1}/{len(todo)} {task.task_name} ({budget} trials)")
             # A population sized to the budget: the default (512, 50 unmeasured seeds)
@@ -291,16 +310,28 @@ def tune(
             stats.trials += len(db) - before
             stats.tuned += 1
             stats.task_names.append(task.task_name)
-            _commit(work, db_dir)
+            attempts[key] = had + budget
+            _commit(work, db_dir, attempts)
     except BaseException:
         stats.interrupted = True
         if (work / _DB_FILES[0]).is_file():
-            _commit(work, db_dir)  # keep the tasks finished before the interrupt
+            _commit(work, db_dir, None)  # keep the tasks finished before the interrupt
         raise
     finally:
         stats.seconds = time.perf_counter() - start
         shutil.rmtree(work, ignore_errors=True)
     return stats
+
+
+_ATTEMPTS = "gcomp-trials.json"
+
+
+def _read_attempts(db_dir: Path) -> dict[str, int]:
+    try:
+        data = json.loads((db_dir / _ATTEMPTS).read_text(encoding="utf-8"))
+        return {str(k): int(v) for k, v in data.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
 
 
 def _task_flop(task) -> float:

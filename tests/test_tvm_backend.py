@@ -266,6 +266,11 @@ def test_tuning_database_is_reused_and_survives_an_interrupt(tmp_path):
     assert (exe.tuning.reused, exe.tuning.tuned, exe.tuning.trials) == (2, 0, 0)
     assert tvm_tuning.count_records(db_dir) == second
     np.testing.assert_allclose(exe.run(feeds)["y"], ref["y"], rtol=1e-4, atol=1e-4)
+    # A larger budget tunes each kernel up to its new share (8 -> 16 trials each).
+    exe = TvmBackend().compile(model, "llvm", tune_trials=32, cache_dir=cache)
+    assert (exe.tuning.reused, exe.tuning.tuned) == (0, 2) and exe.tuning.trials > 0
+    assert tvm_tuning.count_records(db_dir) > second
+    np.testing.assert_allclose(exe.run(feeds)["y"], ref["y"], rtol=1e-4, atol=1e-4)
 
 
 def test_cli_auto_falls_back_to_ort_and_optimize_records_candidates(tmp_path):
