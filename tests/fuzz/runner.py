@@ -6,6 +6,7 @@ command runs, minus the ``sys.exit`` mapping of errors) as
 
     gcomp optimize MODEL -o OUT -O 0 -q      (verification on, the default)
     gcomp optimize MODEL -o OUT -O 1 -q
+    gcomp optimize MODEL -o OUT -O 3 -q      (fusion for ort-cpu)
     gcomp inspect MODEL --json
 
 and each run is classified (:data:`OUTCOMES`, mildest first; a case counts as its worst):
@@ -74,7 +75,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-OPS = ("optimize-O0", "optimize-O1", "inspect")
+OPS = ("optimize-O0", "optimize-O1", "optimize-O3", "inspect")
 OUTCOMES = ("success", "gcomp_error", "bug", "crash", "hang")
 FAILURES = ("bug", "crash", "hang")
 DEFAULT_TIMEOUT_S = 20.0
