@@ -559,7 +559,8 @@ def profile(model, backend, device, iters, warmup, optimization, threads, inputs
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Artifact: a folder (tvm: model.so + gcomp-tvm.json) or an .onnx file (ort).")
 @click.option("--tune-trials", type=click.IntRange(min=0), default=0, show_default=True,
-              help="MetaSchedule trials for kernels not yet in the tuning database (tvm).")
+              help="MetaSchedule trials split over the model's kernels (tvm); each kernel gets only the "
+                   "trials the tuning database has not given it yet, so a repeat makes none.")
 @click.option("--tune-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop tuning after this many minutes (finished kernels are kept).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
