@@ -626,7 +626,7 @@ class TvmExecutable:
                 seen.clear()
                 fn(*args)
         finally:
-            vm.set_instrument(None) if _accepts_none(vm) else vm.set_instrument(_noop_instrument(relax))
+            vm.set_instrument(_noop_instrument(relax))  # 0.27 has no way to remove one
         return self._rows(times, runs)
 
     def _rows(self, times: dict[tuple[str, int], float], runs: int) -> list[OpRow]:
@@ -754,10 +754,6 @@ def load(path: str | os.PathLike) -> TvmExecutable:
     exe._vm = None
     exe._runnable = exe.kind == "llvm" or cuda_available()
     return exe
-
-
-def _accepts_none(vm) -> bool:
-    return False
 
 
 def _noop_instrument(relax):
