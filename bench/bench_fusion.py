@@ -14,9 +14,10 @@ For every model, in one process and one run, on ONNX Runtime's CPU provider with
 * ``gcomp-O3``   ``gcomp.optimize(model, "O3", target="ort-cpu")``: plus com.microsoft ops;
 * ``ort-transformers`` (transformer models only) ``onnxruntime.transformers.optimizer``'s output.
 
-Sessions are created once; timed runs are interleaved (one run of each variant per
-round, ``--runs`` rounds, after ``--warmup`` rounds) so that machine noise hits all
-variants alike. The figure is the median latency; ratios are original / variant (above 1:
+Sessions are created once; timed runs are interleaved in blocks (each round runs every
+variant once untimed, then 5 timed runs; ``--runs`` timed runs in all, after ``--warmup``
+rounds) so that machine noise hits all variants alike, while no session is timed against
+the still-spinning thread pool of the one before it. The figure is the median latency; ratios are original / variant (above 1:
 faster than ORT alone). Every variant's outputs are compared with the original's on
 ``ORT_DISABLE_ALL`` (max abs difference). It also counts nodes after O2 against onnxslim's
 default output, and fused ops against the transformers optimizer's.
@@ -175,13 +176,19 @@ def bench_model(name: str, folder: Path, cache: Path, runs: int, warmup: int, th
         counts = _op_counts(path)
         row["variants"][key]["nodes"] = sum(counts.values())
         row["variants"][key]["fused_ops"] = {op: counts[op] for op in FUSED_OPS if counts.get(op)}
+    # Interleaved in blocks: ORT's intra-op threads spin for a while after a run, so a
+    # session timed right after another one competes with its spinning threads (on 2
+    # cores that tripled latencies). Each block first runs its session once untimed.
     samples = {key: [] for key in sessions}
-    for round_ in range(warmup + runs):
+    block = 5
+    for round_ in range(warmup + max(1, runs // block)):
         for key, (sess, f) in sessions.items():
-            t0 = time.perf_counter()
             sess.run(None, f)
-            if round_ >= warmup:
-                samples[key].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                sess.run(None, f)
+                if round_ >= warmup:
+                    samples[key].append((time.perf_counter() - t0) * 1e3)
     base = statistics.median(samples["original"])
     for key, values in samples.items():
         med = statistics.median(values)
@@ -204,7 +211,7 @@ def render_md(rows: list[dict], args) -> str:
         "",
         f"`{' '.join(['.venv/bin/python', 'bench/bench_fusion.py', *sys.argv[1:]])}` — "
         f"{platform.processor() or platform.machine()}, {args.threads} intra-op threads, "
-        f"median of {args.runs} interleaved runs after {args.warmup} warm-up rounds. Every variant runs "
+        f"median of {args.runs} runs interleaved in blocks of 5 after {args.warmup} warm-up rounds. Every variant runs "
         "with ORT_ENABLE_ALL; speed-up = original latency / variant latency (>1: faster than ORT alone).",
         "",
         "| model | original ms | O2 ms (x) | O3 ms (x) | ORT transformers opt ms (x) | nodes orig / O2 / onnxslim | max abs diff O3 |",
