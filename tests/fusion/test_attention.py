@@ -18,8 +18,10 @@ HID = H * D
 
 
 def _block(opset=17, *, scale_op="Div", softmax_axis=-1, mask=True, mask_shape=("batch", 1, 1, "seq"),
-           k_heads=H, dynamic=True, expose_scores=False):
+           k_heads=None, dynamic=True, expose_scores=False, heads=H, dim=D):
     rng = np.random.default_rng(3)
+    H, D, HID = heads, dim, heads * dim  # noqa: N806  (the module's names, per call)
+    k_heads = H if k_heads is None else k_heads
     bs = ("batch", "seq") if dynamic else (B, S)
     inits = [tensor(f"W{n}", (rng.standard_normal((HID, HID)) / np.sqrt(HID)).astype(np.float32)) for n in "qkv"]
     inits += [tensor("split", np.array([0, 0, H, D], np.int64)), tensor("ksplit", np.array([0, 0, k_heads, D], np.int64)),
@@ -113,3 +115,11 @@ def test_mha_for_ort_cpu_only_from_eight_heads(rng):
     model, result = fuse(_block(), _feeds(rng), target="ort-cpu", family="ort", explain=True)
     assert "com.microsoft::MultiHeadAttention" not in op_counts(model)
     assert any("below 8 heads" in r for r in result.details["rules"]["ort-mha"]["near_misses"])
+
+
+def test_mha_for_ort_cpu_from_eight_heads(rng):
+    heads, dim = 8, 4
+    feeds = {"x": rng.standard_normal((B, S, heads * dim)).astype(np.float32),
+             "m": np.zeros((B, 1, 1, S), np.float32)}
+    model, result = fuse(_block(heads=heads, dim=dim), feeds, target="ort-cpu", family="ort")
+    assert op_counts(model)["com.microsoft::MultiHeadAttention"] == 1, result.details
