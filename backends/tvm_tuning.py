@@ -153,6 +153,12 @@ def _quiet_meta_schedule() -> None:
         logger = logging.getLogger(name)
         logger.setLevel(logging.WARNING)
         logger.propagate = False
+        # MetaSchedule rebuilds its logging config from the names of this logger's handlers
+        # (``handler.get_name().format(...)``); a handler left unnamed — after a tuning run
+        # interrupted mid-configuration — crashes every later tuning in the process.
+        for handler in list(logger.handlers):
+            if handler.get_name() is None:
+                logger.removeHandler(handler)
 
 
 def _fast_inspect() -> None:
