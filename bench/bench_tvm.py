@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 SIZES = {
     "mlp": {"batch": 1},
-    "cnn": {"batch": 1, "size": 32},
+    "cnn": {"batch": 1, "size": 64},
     "transformer": {"seq": 128, "layers": 2},
     "resnet18": {"batch": 1, "size": 224},
 }
