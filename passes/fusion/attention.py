@@ -34,7 +34,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from gcomp.passes.fusion import _engine
-from gcomp.passes.fusion._engine import const_array, fusion
+from gcomp.passes.fusion._engine import const_array, fresh_initializer, fusion
 
 ORDER = 80
 
@@ -126,6 +126,8 @@ def _check_core(result, probs, c, divide, mask):
 class MultiHeadAttention(pattern.RewriteRuleClassBase):
     """The whole block, split to merge, -> com.microsoft.MultiHeadAttention (ORT)."""
 
+    cpu_min_heads = _CPU_MIN_HEADS
+
     def __init__(self, name: str, *, divide: bool, masked: bool, merged: bool = True):
         super().__init__(name)
         self.divide, self.masked, self.merged = divide, masked, merged
@@ -153,9 +155,9 @@ class MultiHeadAttention(pattern.RewriteRuleClassBase):
         if None in heads or len(set(heads)) != 1:
             return result.fail("Q, K, V head splits disagree or are unknown", qr)
         h, d = heads[0]
-        if _engine.TARGET == "ort-cpu" and h < _CPU_MIN_HEADS:
+        if _engine.TARGET == "ort-cpu" and h < self.cpu_min_heads:
             return result.fail(f"ort-cpu: MultiHeadAttention measured slower than ORT's own kernels below "
-                               f"{_CPU_MIN_HEADS} heads (this block has {h})", qr)
+                               f"{self.cpu_min_heads} heads (this block has {h})", qr)
         if any(v.shape[2] != h * d for v in (q3, k3, v3)):
             return result.fail("hidden size is not heads * head size", q3)
         if not (_same_dim(k3.shape[0], q3.shape[0]) and _same_dim(v3.shape[0], q3.shape[0])
@@ -241,6 +243,55 @@ class Attention23(pattern.RewriteRuleClassBase):
         return op.Attention(*inputs, scale=_scale(c, self.divide))
 
 
+class PackedAttention(MultiHeadAttention):
+    """Q, K, V projected from one input by constant weights and biases -> one
+    ``com.microsoft.Attention`` with the three weights packed side by side.
+
+    Math: [Q | K | V] = x @ [Wq | Wk | Wv] + [bq | bk | bv], so one GEMM replaces three
+    (and three bias Adds), and the attention block after it is the MultiHeadAttention math
+    above; the additive mask goes in as ``attention_bias``.
+
+    Measured on ORT's CPU provider (2 threads, torch BERT 4 layers/4 heads, batch 2): seq 16
+    2.41 ms vs 3.43 original, 2.66 unfused O3; seq 128 9.06 vs 9.38 and 9.90; ViT 9.05 vs
+    9.60 — faster at every size, so no head limit on ``ort-cpu`` (unlike MultiHeadAttention).
+    """
+
+    cpu_min_heads = 1
+
+    def pattern(self, op, x, wq, wk, wv, bq, bk, bv, qs, ks, vs, c, mask, out_shape):
+        q3 = op.Add(op.MatMul(x, wq), bq, _outputs=["q3"])
+        k3 = op.Add(op.MatMul(x, wk), bk, _outputs=["k3"])
+        v3 = op.Add(op.MatMul(x, wv), bv, _outputs=["v3"])
+        return super().pattern(op, q3, k3, v3, qs, ks, vs, c, mask, out_shape)
+
+    def check(self, context, x, wq, wk, wv, bq, bk, bv, q3, **kw):
+        result = super().check(context, q3=q3, x=x, **kw)
+        if not result:
+            return result
+        ws = [const_array(w) for w in (wq, wk, wv)]
+        bs = [const_array(b) for b in (bq, bk, bv)]
+        if any(w is None or w.ndim != 2 for w in ws) or any(b is None or b.ndim != 1 for b in bs):
+            return result.fail("Q/K/V weights or biases are not constant 2-D / 1-D", wq)
+        if len({w.shape for w in ws}) != 1 or any(b.shape != (w.shape[1],) for w, b in zip(ws, bs)):
+            return result.fail("Q/K/V weight or bias shapes differ", wk)
+        if len({w.dtype for w in ws + bs}) != 1 or x.dtype is None or x.dtype.numpy() != ws[0].dtype:
+            return result.fail("Q/K/V weight dtypes differ from the input's", wq)
+        if x.shape is None or x.shape.rank() != 3:
+            return result.fail("input is not rank 3", x)
+        return result
+
+    def rewrite(self, op, x, wq, wk, wv, bq, bk, bv, q3, qr, c, mask=None, **_):
+        h, _d = _heads(qr, q3.shape[2])
+        w = fresh_initializer(op, np.concatenate([const_array(v) for v in (wq, wk, wv)], axis=1), "qkv_weight")
+        b = fresh_initializer(op, np.concatenate([const_array(v) for v in (bq, bk, bv)]), "qkv_bias")
+        inputs = [x, w, b]
+        if mask is not None:
+            if not _full_query_axis(mask, q3.shape[1]):
+                mask = _with_query_axis(op, mask, x, 1)  # x: same [B, S] as q3, which goes away
+            inputs += [None, None, mask]
+        return op.Attention(*inputs, num_heads=h, scale=_scale(c, self.divide), _domain="com.microsoft")
+
+
 def _rules(cls, prefix: str, **kwargs) -> list:
     rules = []
     for masked in (True, False):
@@ -250,6 +301,10 @@ def _rules(cls, prefix: str, **kwargs) -> list:
     return rules
 
 
+fusion("ort-attention", "ort", _rules(PackedAttention, "ort-attention"),
+       [("com.microsoft", "Attention", 1)],
+       "x@Wq+bq, x@Wk+bk, x@Wv+bv + the attention block -> com.microsoft Attention with packed QKV weights",
+       needs=("Softmax",))
 fusion("ort-mha", "ort", _rules(MultiHeadAttention, "ort-mha"),
        [("com.microsoft", "MultiHeadAttention", 1)],
        "head split + QK^T*scale (+mask) + softmax + PV + head merge -> com.microsoft MultiHeadAttention", needs=("Softmax",))

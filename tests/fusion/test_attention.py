@@ -18,7 +18,7 @@ HID = H * D
 
 
 def _block(opset=17, *, scale_op="Div", softmax_axis=-1, mask=True, mask_shape=("batch", 1, 1, "seq"),
-           k_heads=None, dynamic=True, expose_scores=False, heads=H, dim=D):
+           k_heads=None, dynamic=True, expose_scores=False, heads=H, dim=D, bias=False):
     rng = np.random.default_rng(3)
     H, D, HID = heads, dim, heads * dim  # noqa: N806  (the module's names, per call)
     k_heads = H if k_heads is None else k_heads
@@ -27,7 +27,12 @@ def _block(opset=17, *, scale_op="Div", softmax_axis=-1, mask=True, mask_shape=(
     inits += [tensor("split", np.array([0, 0, H, D], np.int64)), tensor("ksplit", np.array([0, 0, k_heads, D], np.int64)),
               tensor("merge", np.array([0, 0, HID], np.int64)),
               tensor("c", np.float32(np.sqrt(D)) if scale_op == "Div" else np.float32(1 / np.sqrt(D)))]
-    nodes = [helper.make_node("MatMul", ["x", f"W{n}"], [f"{n}3"]) for n in "qkv"]
+    if bias:  # x @ W + b, the bias first as torch exports it
+        inits += [tensor(f"b{n}", rng.standard_normal(HID).astype(np.float32) * 0.1) for n in "qkv"]
+        nodes = [helper.make_node("MatMul", ["x", f"W{n}"], [f"{n}m"]) for n in "qkv"]
+        nodes += [helper.make_node("Add", [f"b{n}", f"{n}m"], [f"{n}3"]) for n in "qkv"]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", f"W{n}"], [f"{n}3"]) for n in "qkv"]
     nodes += [
         helper.make_node("Reshape", ["q3", "split"], ["qr"]),
         helper.make_node("Transpose", ["qr"], ["q4"], perm=[0, 2, 1, 3]),
@@ -106,7 +111,7 @@ def test_attention_fusions_on_the_default_model():
     result = optimize("models/default.onnx", "O3", target="ort-cuda")
     assert result.verification.passed, result.verification.summary()
     ops = result.after.op_types
-    assert ops.get("com.microsoft::MultiHeadAttention", 0) >= 2, ops
+    assert ops.get("com.microsoft::Attention", 0) + ops.get("com.microsoft::MultiHeadAttention", 0) == 2, ops
     assert ops.get("com.microsoft::SkipLayerNormalization", 0) >= 2, ops
     assert "Softmax" not in ops and "ReduceMean" not in ops, ops
 
@@ -123,3 +128,24 @@ def test_mha_for_ort_cpu_from_eight_heads(rng):
              "m": np.zeros((B, 1, 1, S), np.float32)}
     model, result = fuse(_block(heads=heads, dim=dim), feeds, target="ort-cpu", family="ort")
     assert op_counts(model)["com.microsoft::MultiHeadAttention"] == 1, result.details
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "ort-cuda"])
+@pytest.mark.parametrize("mask_shape", [("batch", 1, 1, "seq"), ("batch", 1, "seq", "seq")])
+def test_packed_qkv_attention(rng, target, mask_shape):
+    """Q/K/V projections of one input with biases -> com.microsoft.Attention, packed weights."""
+    concrete = tuple(B if d == "batch" else S if d == "seq" else d for d in mask_shape)
+    model, result = fuse(_block(bias=True, mask_shape=mask_shape), _feeds(rng, concrete), target=target, family="ort")
+    counts = op_counts(model)
+    assert counts["com.microsoft::Attention"] == 1, result.details
+    assert not {"MatMul", "Softmax", "Transpose"} & set(counts), counts
+    (node,) = [n for n in model.graph if n.op_type == "Attention"]
+    assert node.inputs[1].const_value.shape == (HID, 3 * HID)
+
+
+def test_packed_attention_needs_constant_weights(rng):
+    proto = _block(bias=True)
+    proto.graph.input.append(helper.make_tensor_value_info("Wk", TensorProto.FLOAT, [HID, HID]))
+    feeds = {**_feeds(rng), "Wk": rng.standard_normal((HID, HID)).astype(np.float32)}
+    model, _ = fuse(proto, feeds, target="ort-cuda", family="ort")
+    assert "com.microsoft::Attention" not in op_counts(model)
