@@ -14,7 +14,9 @@ For every model, in one process and one run, on ONNX Runtime's CPU provider with
 * ``gcomp-O3``   ``gcomp.optimize(model, "O3", target="ort-cpu")``: plus com.microsoft ops;
 * ``ort-transformers`` (transformer models only) ``onnxruntime.transformers.optimizer``'s output.
 
-Sessions are created once; timed runs are interleaved in blocks (each round runs every
+Timing happens in a fresh process that imports only ONNX Runtime (in the process that
+ran gcomp every variant measured ~3x slower). Sessions are created once; timed runs are
+interleaved in blocks (each round runs every
 variant once untimed, then 5 timed runs; ``--runs`` timed runs in all, after ``--warmup``
 rounds) so that machine noise hits all variants alike, while no session is timed against
 the still-spinning thread pool of the one before it. The figure is the median latency; ratios are original / variant (above 1:
@@ -166,36 +168,66 @@ def bench_model(name: str, folder: Path, cache: Path, runs: int, warmup: int, th
 
     feeds = common.make_inputs(src)
     reference = common.run_ort(src, feeds)
-    sessions = {}
     for key, path in variants.items():
-        sess = _session(path, threads)
-        wanted = {i.name for i in sess.get_inputs()}
-        sessions[key] = (sess, {k: v for k, v in feeds.items() if k in wanted})
         got = common.run_ort(path, feeds)
         row["variants"][key]["max_abs_diff"] = _max_diff(reference, got)
         counts = _op_counts(path)
         row["variants"][key]["nodes"] = sum(counts.values())
         row["variants"][key]["fused_ops"] = {op: counts[op] for op in FUSED_OPS if counts.get(op)}
+    medians = _time_in_fresh_process(variants, feeds, folder / f"{name}.feeds.npz", runs, warmup, threads)
+    base = medians["original"]
+    for key, med in medians.items():
+        row["variants"][key]["median_ms"] = med
+        row["variants"][key]["speedup"] = base / med
+    row["onnxslim_nodes"] = _onnxslim_nodes(src)
+    return row
+
+
+def _time_in_fresh_process(variants: dict, feeds: dict, feeds_path: Path, runs: int, warmup: int,
+                           threads: int) -> dict[str, float]:
+    """Median latency per variant, timed by a fresh Python process that imports only ORT.
+
+    The parent has run gcomp (verification sessions, thread pools, a large heap); timed in
+    the same process, every variant ran ~3x slower than in a clean one.
+    """
+    import subprocess
+
+    import numpy as np
+
+    np.savez(feeds_path, **feeds)
+    job = {"variants": {k: str(v) for k, v in variants.items()}, "feeds": str(feeds_path), "runs": runs,
+           "warmup": warmup, "threads": threads}
+    proc = subprocess.run([sys.executable, __file__, "--time-worker", json.dumps(job)], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"timing worker failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _time_worker(job: dict) -> None:
+    import numpy as np
+
+    data = np.load(job["feeds"])
+    feeds = {k: data[k] for k in data.files}
+    sessions = {}
+    for key, path in job["variants"].items():
+        sess = _session(Path(path), job["threads"])
+        wanted = {i.name for i in sess.get_inputs()}
+        sessions[key] = (sess, {k: v for k, v in feeds.items() if k in wanted})
     # Interleaved in blocks: ORT's intra-op threads spin for a while after a run, so a
-    # session timed right after another one competes with its spinning threads (on 2
-    # cores that tripled latencies). Each block first runs its session once untimed.
+    # session timed right after another one competes with its spinning threads. Each block
+    # first runs its session once untimed.
     samples = {key: [] for key in sessions}
     block = 5
-    for round_ in range(warmup + max(1, runs // block)):
+    for round_ in range(job["warmup"] + max(1, job["runs"] // block)):
         for key, (sess, f) in sessions.items():
             sess.run(None, f)
             for _ in range(block):
                 t0 = time.perf_counter()
                 sess.run(None, f)
-                if round_ >= warmup:
+                if round_ >= job["warmup"]:
                     samples[key].append((time.perf_counter() - t0) * 1e3)
-    base = statistics.median(samples["original"])
-    for key, values in samples.items():
-        med = statistics.median(values)
-        row["variants"][key]["median_ms"] = med
-        row["variants"][key]["speedup"] = base / med
-    row["onnxslim_nodes"] = _onnxslim_nodes(src)
-    return row
+    print(json.dumps({key: statistics.median(v) for key, v in samples.items()}))
 
 
 def _geomean(values):
@@ -258,6 +290,10 @@ def _fmt_ops(ops: dict) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--time-worker"]:
+        _time_worker(json.loads(argv[1]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
     parser.add_argument("--runs", type=int, default=30)
