@@ -744,3 +744,18 @@ def test_emulator_sharing_weights_with_ort_gives_the_same_outputs():
     shared = emulate.emulate(model, feeds, share_weights_from=0)
     for name in plain:
         np.testing.assert_array_equal(shared[name], plain[name])
+
+
+def test_bf16_cnn_needs_opset_22_and_says_so():
+    """ONNX's Conv/MaxPool/GlobalAveragePool take no bfloat16 before opset 22: at the model's
+    opset 17 they stay fp32 with that reason; with --target-opset 22 the weights halve."""
+    from gcomp.io import initializer_bytes
+
+    fp32 = initializer_bytes(build("cnn"))
+    plain = gcomp.optimize(build("cnn"), "O2", precision="bf16")
+    assert plain.verification.passed, plain.verification.summary()
+    notes = " ".join(str(s.details) for s in plain.passes if s.details)
+    assert "Conv takes no bfloat16 before opset 22" in notes
+    upgraded = gcomp.optimize(build("cnn"), "O2", precision="bf16", target_opset=22)
+    assert upgraded.verification.passed, upgraded.verification.summary()
+    assert initializer_bytes(upgraded.model) <= 0.51 * fp32

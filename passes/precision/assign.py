@@ -143,7 +143,12 @@ class Problem:
                 elif not any(is_fp32(node.inputs[i]) for i in slots.inputs if i < len(node.inputs)) and not any(
                     is_fp32(node.outputs[i]) for i in slots.outputs if i < len(node.outputs)
                 ):
-                    p.force_high[var] = "no input or output may take the target type"
+                    newer = policy.first_opset_allowing(node, opset, target)
+                    p.force_high[var] = (
+                        f"ONNX's {op} takes no {policy.type_name(target)} before opset {newer} "
+                        f"(--target-opset {newer} converts it)" if newer
+                        else "no input or output may take the target type"
+                    )
                 elif any(
                     v is not None and v.dtype is None
                     for v in [*(node.inputs[i] for i in slots.inputs if i < len(node.inputs)),

@@ -110,6 +110,24 @@ class Slots:
 _TYPE_NAMES = {ir.DataType.FLOAT16: "tensor(float16)", ir.DataType.BFLOAT16: "tensor(bfloat16)"}
 
 
+def type_name(target: ir.DataType) -> str:
+    return {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}.get(target, str(target))
+
+
+def first_opset_allowing(node: ir.Node, opset: int, target: ir.DataType) -> int | None:
+    """The first default-domain opset above ``opset`` whose schema of ``node``'s op takes
+    ``target`` (e.g. bfloat16 Conv: 22), or None."""
+    import onnx
+
+    if (node.domain or "") not in ("", "ai.onnx"):
+        return None
+    for version in range(opset + 1, onnx.defs.onnx_opset_version() + 1):
+        found = _schema_slots(node.op_type, version, target, len(node.inputs), len(node.outputs))
+        if found and (found[0] or found[1]):
+            return version
+    return None
+
+
 def node_slots(node: ir.Node, opset: int, target: ir.DataType) -> Slots:
     """Which inputs/outputs of ``node`` may take ``target`` (by the op's schema)."""
     domain = node.domain or ""
