@@ -17,12 +17,11 @@ and any intermediate value used outside the pattern (the matcher's rule).
 
 from __future__ import annotations
 
-__all__ = ["ORDER", "reduce_axes"]
+__all__ = ["ORDER", "epsilon", "normalised_axes", "reduce_axes", "variant_rules"]
 
 import numpy as np
-from onnxscript.rewriter import pattern
-
 from gcomp.passes.fusion._engine import const_array, fresh_initializer, fusion
+from onnxscript.rewriter import pattern
 
 ORDER = 30
 
@@ -39,6 +38,52 @@ def reduce_axes(node) -> list[int] | None:
 def _keepdims(node) -> int:
     attr = node.attributes.get("keepdims")
     return 1 if attr is None else attr.as_int()
+
+
+def normalised_axes(x, eps, *means):
+    """What the statistics of a decomposed norm have to satisfy, shared by LayerNorm and RMS
+    norm: a float input of known rank, ReduceMeans with the same constant trailing axes and
+    keepdims, an epsilon that is a non-negative scalar constant.
+
+    Returns ``(axes, None)`` (sorted, non-negative) or ``(None, (reason, culprit))``.
+    """
+    if x.dtype is None or not x.dtype.is_floating_point():
+        return None, ("input is not a float tensor", x)
+    rank = x.shape.rank() if x.shape is not None else None
+    if rank is None:
+        return None, ("input rank unknown (run shape inference)", x)
+    found = [reduce_axes(m.producer()) for m in means]
+    if any(a is None for a in found):
+        return None, ("ReduceMean axes are not constant", means[0])
+    axes = sorted(a % rank for a in found[0])
+    if any(sorted(a % rank for a in other) != axes for other in found[1:]):
+        return None, ("the two ReduceMeans reduce different axes", means[-1])
+    if not axes or axes != list(range(rank - len(axes), rank)):
+        return None, ("reduced axes are not the trailing axes", means[0])
+    if any(_keepdims(m.producer()) != 1 for m in means):
+        return None, ("ReduceMean without keepdims", means[0])
+    if epsilon(eps) is None:
+        return None, ("epsilon is not a non-negative scalar constant", eps)
+    return axes, None
+
+
+def epsilon(eps) -> float | None:
+    """The value of a non-negative finite scalar constant, else None."""
+    e = const_array(eps)
+    if e is None or e.size != 1 or not np.isfinite(e).all() or float(e.reshape(())) < 0:
+        return None
+    return float(e.reshape(()))
+
+
+def variant_rules(cls, prefix: str, **kwargs) -> list:
+    """``cls``'s rules for every way exporters write the square (Pow / Mul) and the division
+    (Div / Reciprocal), with their Add/Mul operand orders commuted."""
+    return [
+        rule
+        for square in ("pow", "mul")
+        for divide in ("div", "reciprocal")
+        for rule in cls.rule(f"{prefix}-{square}-{divide}", square=square, divide=divide, **kwargs).commute()
+    ]
 
 
 class LayerNormFusion(pattern.RewriteRuleClassBase):
@@ -62,24 +107,9 @@ class LayerNormFusion(pattern.RewriteRuleClassBase):
 
     def check(self, context, x, eps, mean, var, gamma=None, beta=None, **_):
         result = pattern.MatchResult()
-        if x.dtype is None or not x.dtype.is_floating_point():
-            return result.fail("input is not a float tensor", x)
-        rank = x.shape.rank() if x.shape is not None else None
-        if rank is None:
-            return result.fail("input rank unknown (run shape inference)", x)
-        axes_m, axes_v = reduce_axes(mean.producer()), reduce_axes(var.producer())
-        if axes_m is None or axes_v is None:
-            return result.fail("ReduceMean axes are not constant", mean)
-        norm = sorted(a % rank for a in axes_m)
-        if norm != sorted(a % rank for a in axes_v):
-            return result.fail("the two ReduceMeans reduce different axes", var)
-        if not norm or norm != list(range(rank - len(norm), rank)):
-            return result.fail("reduced axes are not the trailing axes", mean)
-        if _keepdims(mean.producer()) != 1 or _keepdims(var.producer()) != 1:
-            return result.fail("ReduceMean without keepdims", mean)
-        e = const_array(eps)
-        if e is None or e.size != 1 or not np.isfinite(e).all() or float(e.reshape(())) < 0:
-            return result.fail("epsilon is not a non-negative scalar constant", eps)
+        norm, failure = normalised_axes(x, eps, mean, var)
+        if failure:
+            return result.fail(*failure)
         norm_shape = [x.shape[a] for a in norm]
         for name, v in (("gamma", gamma), ("beta", beta)):
             if v is None:
@@ -98,23 +128,19 @@ class LayerNormFusion(pattern.RewriteRuleClassBase):
             if any(d == 1 and n != 1 for d, n in zip(reversed(dims), reversed(norm_shape))) or len(dims) < len(norm):
                 if const_array(v) is None or not all(isinstance(n, int) for n in norm_shape):
                     return result.fail(f"{name} must be broadcast to the normalised shape but is not constant", v)
-        if (gamma is None or beta is None) and not all(isinstance(n, int) for n in norm_shape):
-            if gamma is None:
-                return result.fail("normalised dims are symbolic: cannot build a unit gamma", x)
+        if gamma is None and not all(isinstance(n, int) for n in norm_shape):
+            return result.fail("normalised dims are symbolic: cannot build a unit gamma", x)
         return result
 
     def rewrite(self, op, x, eps, mean, gamma=None, beta=None, **_):
-        rank = x.shape.rank()
-        axes = sorted(a % rank for a in reduce_axes(mean.producer()))
+        axes, _ = normalised_axes(x, eps, mean)  # what check() accepted
         norm_shape = [x.shape[a] for a in axes]
         dtype = x.dtype.numpy()
         gamma = _as_norm_shaped(op, gamma, norm_shape, dtype, fill=1.0, base="ln_scale")
         inputs = [x, gamma]
         if beta is not None:
             inputs.append(_as_norm_shaped(op, beta, norm_shape, dtype, fill=0.0, base="ln_bias"))
-        return op.LayerNormalization(
-            *inputs, axis=axes[0], epsilon=float(const_array(eps).reshape(())), stash_type=1
-        )
+        return op.LayerNormalization(*inputs, axis=axes[0], epsilon=epsilon(eps), stash_type=1)
 
 
 def _as_norm_shaped(op, value, norm_shape, dtype, *, fill: float, base: str):
@@ -149,12 +175,7 @@ class LayerNormScaleShiftFusion(LayerNormFusion):
 
 
 def _rules(affine: str) -> list:
-    rules = []
-    for square in ("pow", "mul"):
-        for divide in ("div", "reciprocal"):
-            rules.extend(LayerNormFusion.rule(f"layer-norm-{square}-{divide}-{affine}", square=square,
-                                              divide=divide, affine=affine).commute())
-    return rules
+    return variant_rules(LayerNormFusion, f"layer-norm-{affine}", affine=affine)
 
 
 # Widest form first over the whole graph: the bare form would otherwise match the Div
@@ -162,9 +183,7 @@ def _rules(affine: str) -> list:
 fusion("layer-norm", "portable", _rules("full"), [("", "LayerNormalization", 17)],
        "ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add -> LayerNormalization (opset 17)", needs=("ReduceMean",))
 fusion("layer-norm-scale-shift", "portable",
-       [r for square in ("pow", "mul") for divide in ("reciprocal", "div")
-        for r in LayerNormScaleShiftFusion.rule(f"layer-norm-ss-{square}-{divide}", square=square, divide=divide,
-                                                affine="full").commute()],
+       variant_rules(LayerNormScaleShiftFusion, "layer-norm-ss", affine="full"),
        [("", "LayerNormalization", 17)],
        "x*s + (beta - mean*s), s = gamma/sqrt(var+eps) (tf2onnx's Keras form) -> LayerNormalization (opset 17)",
        needs=("ReduceMean",))

@@ -18,10 +18,9 @@ from __future__ import annotations
 __all__ = ["ORDER"]
 
 import numpy as np
-from onnxscript.rewriter import pattern
-
 from gcomp.passes.fusion._engine import const_array, fresh_initializer, fusion
-from gcomp.passes.fusion.layer_norm import reduce_axes
+from gcomp.passes.fusion.layer_norm import epsilon, normalised_axes, variant_rules
+from onnxscript.rewriter import pattern
 
 ORDER = 32
 
@@ -40,23 +39,9 @@ class RmsNormFusion(pattern.RewriteRuleClassBase):
 
     def check(self, context, x, eps, ms, gamma=None, **_):
         result = pattern.MatchResult()
-        if x.dtype is None or not x.dtype.is_floating_point():
-            return result.fail("input is not a float tensor", x)
-        rank = x.shape.rank() if x.shape is not None else None
-        if rank is None:
-            return result.fail("input rank unknown", x)
-        axes = reduce_axes(ms.producer())
-        if axes is None:
-            return result.fail("ReduceMean axes are not constant", ms)
-        axes = sorted(a % rank for a in axes)
-        if not axes or axes != list(range(rank - len(axes), rank)):
-            return result.fail("reduced axes are not the trailing axes", ms)
-        keep = ms.producer().attributes.get("keepdims")
-        if keep is not None and keep.as_int() != 1:
-            return result.fail("ReduceMean without keepdims", ms)
-        e = const_array(eps)
-        if e is None or e.size != 1 or not np.isfinite(e).all() or float(e.reshape(())) < 0:
-            return result.fail("epsilon is not a non-negative scalar constant", eps)
+        axes, failure = normalised_axes(x, eps, ms)
+        if failure:
+            return result.fail(*failure)
         norm_shape = [x.shape[a] for a in axes]
         if gamma is None:
             if not all(isinstance(d, int) for d in norm_shape):
@@ -72,8 +57,7 @@ class RmsNormFusion(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, eps, ms, gamma=None, **_):
-        rank = x.shape.rank()
-        axes = sorted(a % rank for a in reduce_axes(ms.producer()))
+        axes, _ = normalised_axes(x, eps, ms)  # what check() accepted
         norm_shape = [x.shape[a] for a in axes]
         if gamma is None:
             gamma = fresh_initializer(op, np.ones(norm_shape, dtype=x.dtype.numpy()), "rms_scale")
@@ -83,17 +67,11 @@ class RmsNormFusion(pattern.RewriteRuleClassBase):
                 gamma = fresh_initializer(op, array.reshape(norm_shape), gamma.name or "rms_scale")
             else:
                 gamma = op.Reshape(gamma, op.Constant(value_ints=norm_shape))
-        return op.RMSNormalization(x, gamma, axis=axes[0], epsilon=float(const_array(eps).reshape(())),
-                                   stash_type=1)
+        return op.RMSNormalization(x, gamma, axis=axes[0], epsilon=epsilon(eps), stash_type=1)
 
 
 def _rules(scaled: bool) -> list:
-    rules = []
-    for square in ("pow", "mul"):
-        for divide in ("div", "reciprocal"):
-            rules.extend(RmsNormFusion.rule(f"rms-norm-{square}-{divide}-{int(scaled)}", square=square,
-                                            divide=divide, scaled=scaled).commute())
-    return rules
+    return variant_rules(RmsNormFusion, f"rms-norm-{int(scaled)}", scaled=scaled)
 
 
 fusion("rms-norm", "portable", _rules(True), [("", "RMSNormalization", 23)],
