@@ -59,9 +59,17 @@ class FusionResult(ir.passes.PassResult):
 
 
 class _FuseBase(ir.passes.InPlacePass):
+    """The two fusion passes differ only in which rule families they run; the registry
+    reads both passes' options from this one signature."""
+
     families: tuple[str, ...] = ()
 
-    def __init__(self, *, target: str = "portable", explain_fusion: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        target: Annotated[str, f"what the output must run on: {', '.join(TARGETS)}"] = "portable",
+        explain_fusion: Annotated[bool, "record near misses of every rule in the report"] = False,
+    ) -> None:
         super().__init__()
         self.target = check_target(target)
         self.explain_fusion = explain_fusion
@@ -94,26 +102,10 @@ class Fuse(_FuseBase):
 
     families = ("portable",)
 
-    def __init__(
-        self,
-        *,
-        target: Annotated[str, f"what the output must run on: {', '.join(TARGETS)}"] = "portable",
-        explain_fusion: Annotated[bool, "record near misses of every rule in the report"] = False,
-    ) -> None:
-        super().__init__(target=target, explain_fusion=explain_fusion)
-
 
 @register_pass("fuse-target")
 class FuseTarget(_FuseBase):
     """Fuse into the target's own fastest ops (ONNX Runtime: com.microsoft contrib ops); no-op for portable."""
-
-    def __init__(
-        self,
-        *,
-        target: Annotated[str, f"what the output must run on: {', '.join(TARGETS)}"] = "portable",
-        explain_fusion: Annotated[bool, "record near misses of every rule in the report"] = False,
-    ) -> None:
-        super().__init__(target=target, explain_fusion=explain_fusion)
 
     def _families(self) -> tuple[str, ...]:
         return () if self.target == "portable" else (backend_of(self.target),)
