@@ -114,6 +114,14 @@ def _ints(ctx: Context, node: ir.Node, index: int, attr: str | None = None) -> l
     return [int(v) for v in np.asarray(array).reshape(-1)]
 
 
+def _producer_of(node: ir.Node, op_type: str) -> ir.Node | None:
+    """The node producing ``node``'s first input when it is ONNX's ``op_type``, else None."""
+    inner = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if inner is None or inner.op_type != op_type or inner.domain not in ("", "ai.onnx"):
+        return None
+    return inner
+
+
 def _single_use(value: ir.Value) -> bool:
     return len(value.uses()) == 1 and not value.is_graph_output()
 
@@ -229,8 +237,8 @@ def _squeeze_nothing(scope, node, ctx: Context) -> bool:
 
 
 def _transpose_transpose(scope, node, ctx: Context) -> bool:
-    inner = node.inputs[0].producer() if node.inputs[0] is not None else None
-    if inner is None or inner.op_type != "Transpose" or inner.domain not in ("", "ai.onnx"):
+    inner = _producer_of(node, "Transpose")
+    if inner is None:
         return False
     p, q = inner.attributes.get_ints("perm", None), node.attributes.get_ints("perm", None)
     if p is None or q is None or len(p) != len(q):
@@ -248,8 +256,8 @@ def _transpose_transpose(scope, node, ctx: Context) -> bool:
 
 
 def _reshape_reshape(scope, node, ctx: Context) -> bool:
-    inner = node.inputs[0].producer() if node.inputs[0] is not None else None
-    if inner is None or inner.op_type != "Reshape" or inner.domain not in ("", "ai.onnx") or inner.graph is not scope:
+    inner = _producer_of(node, "Reshape")
+    if inner is None or inner.graph is not scope:
         return False
     target = _ints(ctx, node, 1)
     if target is None or (0 in target and not node.attributes.get_int("allowzero", 0)):
@@ -261,8 +269,8 @@ def _reshape_reshape(scope, node, ctx: Context) -> bool:
 
 def _squeeze_pair(scope, node, ctx: Context) -> bool:
     inverse = {"Squeeze": "Unsqueeze", "Unsqueeze": "Squeeze"}[node.op_type]
-    inner = node.inputs[0].producer() if node.inputs[0] is not None else None
-    if inner is None or inner.op_type != inverse or inner.domain not in ("", "ai.onnx"):
+    inner = _producer_of(node, inverse)
+    if inner is None:
         return False
     a, b = _ints(ctx, inner, 1, "axes"), _ints(ctx, node, 1, "axes")
     if not a or not b:
@@ -284,9 +292,8 @@ def _squeeze_pair(scope, node, ctx: Context) -> bool:
 def _unsqueeze_unsqueeze(scope, node, ctx: Context) -> bool:
     """``Unsqueeze(Unsqueeze(x, a), b) = Unsqueeze(x, c)``: c holds the final positions of
     every inserted axis (b's as given; a's shifted past the b positions)."""
-    inner = node.inputs[0].producer() if node.inputs[0] is not None else None
-    if (inner is None or inner.op_type != "Unsqueeze" or inner.domain not in ("", "ai.onnx")
-            or inner.graph is not scope or not _single_use(inner.outputs[0])):
+    inner = _producer_of(node, "Unsqueeze")
+    if inner is None or inner.graph is not scope or not _single_use(inner.outputs[0]):
         return False
     a, b = _ints(ctx, inner, 1, "axes"), _ints(ctx, node, 1, "axes")
     if not a or not b:
