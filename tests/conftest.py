@@ -72,3 +72,27 @@ def small_model():
         helper.make_node("Neg", ["c"], ["dead"], name="dead"),
     ]
     return make_model(nodes, [vinfo("x")], [vinfo("y")], [tensor("W", w), tensor("W2", w.copy())])
+
+
+@pytest.fixture(scope="session")
+def torch_export(tmp_path_factory):
+    """``get(name, config, dynamo=False) -> Path``: a small models/export_torch.py export
+    (random weights, no PyTorch comparison), made once per session for each argument set."""
+    pytest.importorskip("torch", reason="needs torch==2.13.0 (the test extra installs it)")
+    pytest.importorskip("transformers", reason="needs transformers (the test extra installs it)")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from models import export_torch
+
+    root = tmp_path_factory.mktemp("torch-exports")
+    made: dict = {}
+
+    def get(name: str, config: dict, dynamo: bool = False) -> Path:
+        key = (name, tuple(sorted(config.items())), dynamo)
+        if key not in made:
+            made[key] = export_torch.export(name, root / str(len(made)), dynamo=dynamo, config=config, check=False)
+        return made[key]
+
+    return get

@@ -151,18 +151,12 @@ def test_cli_shard_annotates_and_run_reads_the_annotations(block_path, tmp_path)
 
 # ----------------------------------------------------------------- torch-exported models
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    pytest.importorskip("torch", reason="needs the export extra (torch==2.13.0, transformers)")
-    pytest.importorskip("transformers", reason="needs the export extra (torch==2.13.0, transformers)")
-    sys.path.insert(0, str(REPO))
-    from models import export_torch
-
-    folder = tmp_path_factory.mktemp("exported")
+def exported(torch_export):
     small = {
         "bert": {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 256},
         "gpt2": {"n_layer": 2, "n_embd": 64},
     }
-    return {name: export_torch.export(name, folder, config=cfg, check=False) for name, cfg in small.items()}
+    return {name: torch_export(name, cfg) for name, cfg in small.items()}
 
 
 @pytest.mark.slow

@@ -1,17 +1,13 @@
 """Transformer fusions on real torch.onnx exports (TorchScript and dynamo exporters).
 
-Small BERT / GPT-2 / ViT configs with random weights, exported here by models/export_torch.py:
+Small BERT / GPT-2 configs with random weights, exported by the shared ``torch_export`` fixture:
 O3 for ORT must verify and fuse every layer's attention, norms and GELU.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 SMALL = {
     "bert": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128},
     "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 4},
@@ -20,23 +16,8 @@ LAYERS = 2
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    pytest.importorskip("torch", reason="needs torch==2.13.0 (the test extra installs it)")
-    pytest.importorskip("transformers", reason="needs transformers (the test extra installs it)")
-    sys.path.insert(0, str(REPO))
-    from models import export_torch
-
-    folder = tmp_path_factory.mktemp("torch")
-    cache: dict = {}
-
-    def get(name: str, dynamo: bool) -> Path:
-        key = (name, dynamo)
-        if key not in cache:
-            out = folder / ("dynamo" if dynamo else "ts")
-            cache[key] = export_torch.export(name, out, dynamo=dynamo, config=SMALL[name], check=False)
-        return cache[key]
-
-    return get
+def export(torch_export):
+    return lambda name, dynamo: torch_export(name, SMALL[name], dynamo=dynamo)
 
 
 @pytest.mark.slow
