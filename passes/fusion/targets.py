@@ -31,7 +31,7 @@ _TVM_LACKS = frozenset({
 _ORT_CONTRIB = frozenset({
     "FusedConv", "FusedMatMul", "Gelu", "FastGelu", "BiasGelu", "QuickGelu",
     "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
-    "Attention", "MultiHeadAttention", "RotaryEmbedding", "BiasAdd",
+    "Attention", "MultiHeadAttention", "RotaryEmbedding", "BiasAdd", "EmbedLayerNormalization",
 })
 
 

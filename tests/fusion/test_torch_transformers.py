@@ -1,7 +1,7 @@
 """Transformer fusions on real torch.onnx exports (TorchScript and dynamo exporters).
 
 Small BERT / GPT-2 configs with random weights, exported by the shared ``torch_export`` fixture:
-O3 for ORT must verify and fuse every layer's attention, norms and GELU.
+O3 for ORT must verify and fuse every layer's attention, norms and GELU, and the embeddings.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def test_o3_fuses_every_layer(export, name, dynamo):
     attention = ops.get("com.microsoft::Attention", 0) + ops.get("com.microsoft::MultiHeadAttention", 0)
     assert attention == LAYERS, ops  # packed Attention where Q/K/V are biased projections of one input
     assert ops.get("com.microsoft::SkipLayerNormalization", 0) >= LAYERS, ops
+    # the embeddings (BERT: word + segment + position; GPT-2: word + position, sum kept)
+    assert ops.get("com.microsoft::EmbedLayerNormalization", 0) == 1, ops
     gelu = sum(ops.get(f"com.microsoft::{g}", 0) for g in ("BiasGelu", "FastGelu", "Gelu"))
     assert gelu == LAYERS, ops
     assert "Softmax" not in ops and "Erf" not in ops and "Pow" not in ops, ops  # (BERT's pooler keeps its Tanh)
