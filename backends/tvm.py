@@ -162,7 +162,8 @@ def prepare(
     """A copy of ``model`` that TVM can import: given input shapes bound, shapes folded,
     and (``pipeline`` O2) gcomp's fusions that TVM accepts applied (BatchNormalization
     folded into Conv weights, LayerNormalization/Gelu/Gemm: fewer, cheaper kernels;
-    cnn: compile 16.6 s -> 4.6 s). O1 is used when O2 fails.
+    cnn: compile 16.6 s -> 4.6 s), with the TVM family on top (O3 for ``tvm-<kind>``:
+    Q/K/V projections packed into one MatMul). O1 is used when that fails.
 
     Refuses (BackendError) an input shape of the wrong rank. The original is untouched.
     """
@@ -184,7 +185,7 @@ def prepare(
     if pipeline == "O2":
         backup = ir.serde.serialize_model(m)
         try:
-            return optimize(m, "O2", verify=False, target=f"tvm-{kind}").model
+            return optimize(m, "O3", verify=False, target=f"tvm-{kind}").model
         except GcompError:
             m = ir.serde.deserialize_model(backup)
     return optimize(m, "O1", verify=False).model

@@ -245,7 +245,8 @@ def tune(
 ) -> TuningStats:
     """Tune the kernels of a fused Relax module ``mod`` for ``target``.
 
-    ``trials`` is split evenly over the model's tunable kernels (at least 8 each). A
+    ``trials`` is split over the model's tunable kernels by their guessed share of its time
+    (:func:`trial_shares`; at least 8 each). A
     kernel is tuned only for what it lacks: the database folder remembers how many trials
     each workload has had (``gcomp-trials.json``), so the same budget again makes no
     trials, and a larger one tunes each kernel up to its new share. ``seconds`` stops
@@ -272,14 +273,14 @@ def tune(
         # default schedule; they are memory-bound copies anyway.
         tunable = [t for t in tasks if not _INDEXING.search(t.task_name)]
         stats.skipped = len(tasks) - len(tunable)
-        per_task = max(8, trials // max(1, len(tunable)))
+        shares = trial_shares([_task_cost(t) for t in tunable], trials)
         todo = []
-        for task in tunable:
+        for task, share in zip(tunable, shares):
             key = str(tvm_ffi.structural_hash(task.dispatched[0]))
             had = attempts.get(key)
             if had is None and _task_is_tuned(db, task):
-                had = per_task  # records from elsewhere: count them as enough
-            need = per_task - (had or 0)
+                had = share  # records from elsewhere: count them as enough
+            need = share - (had or 0)
             if need < 8:  # one small search round at least, or nothing
                 stats.reused += 1
             else:
@@ -288,7 +289,7 @@ def tune(
             stats.skipped += len(todo)
             return stats
         # Heaviest first, so a time budget spends itself where it matters.
-        todo.sort(key=lambda item: -_task_flop(item[0]) * item[0].weight)
+        todo.sort(key=lambda item: -_task_cost(item[0]))
         builder, runner = _in_process_builder_runner(
             work, evaluator or {"number": 3, "repeat": 1, "min_repeat_ms": 50}
         )
@@ -340,13 +341,63 @@ def _read_attempts(db_dir: Path) -> dict[str, int]:
         return {}
 
 
-def _task_flop(task) -> float:
+# A kernel's time per call, guessed from its work before any tuning: FLOPs at a tuned
+# kernel's rate plus the bytes its buffers hold at memory speed (FACTS.md: 324 GFLOP/s
+# peak, 19.2 GB/s measured here; tuned TVM kernels reach about half the peak).
+_GUESS_FLOPS = 150e9
+_GUESS_BYTES_PER_S = 15e9
+_MIN_TRIALS = 16  # below two search rounds of 8, MetaSchedule rarely beats its first guess
+
+
+def trial_shares(costs: list[float], trials: int) -> list[int]:
+    """Split ``trials`` over kernels by their share of the model's (guessed) time.
+
+    Every kernel gets at least ``_MIN_TRIALS`` (or an even split when the budget is too
+    small for that), and what is left goes in proportion to ``costs``: a mini-BERT's FFN
+    GEMMs are ~60 % of its time, its layer norms ~3 %, and an even split gave both the
+    same 114 trials (bench/TVM.md). The shares sum to at most ``max(trials, 8 * n)``.
+    """
+    n = len(costs)
+    if n == 0:
+        return []
+    floor = min(_MIN_TRIALS, max(8, trials // n))
+    spare = max(0, trials - floor * n)
+    total = sum(max(c, 0.0) for c in costs)
+    if total <= 0:
+        return [floor + spare // n] * n
+    return [floor + int(spare * max(c, 0.0) / total) for c in costs]
+
+
+def _bits(dtype) -> int:
+    bits = getattr(dtype, "bits", None)
+    if bits is not None:
+        return int(bits) * int(getattr(dtype, "lanes", 1) or 1)
+    digits = "".join(ch for ch in str(dtype) if ch.isdigit())
+    return int(digits) if digits else 32
+
+
+def _task_cost(task) -> float:
+    """Guessed seconds the task's kernel takes per model run (every call of it)."""
+    func = task.dispatched[0]["main"] if hasattr(task.dispatched[0], "functions") else task.dispatched[0]
     try:
         from tvm.s_tir.analysis import estimate_tir_flops
 
-        return float(estimate_tir_flops(task.dispatched[0]))
-    except Exception:  # an estimate only orders the tasks
-        return 1.0
+        flop = float(estimate_tir_flops(task.dispatched[0]))
+    except Exception:  # a guess only splits the budget
+        flop = 0.0
+    nbytes = 0
+    try:
+        for param in func.params:  # in TVM 0.27 a buffer parameter carries its shape
+            shape = getattr(param, "shape", None)
+            if shape is None:
+                continue
+            count = 1
+            for dim in shape:
+                count *= int(dim)
+            nbytes += count * ((_bits(param.dtype) + 7) // 8)
+    except Exception:  # symbolic shapes: FLOPs alone
+        pass
+    return max(1, int(task.weight)) * (flop / _GUESS_FLOPS + nbytes / _GUESS_BYTES_PER_S)
 
 
 def apply_database(mod, target, root: str | os.PathLike | None = None):

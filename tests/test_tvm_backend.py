@@ -330,3 +330,17 @@ def test_indexing_kernels_are_not_tuned(tmp_path):
     assert t.skipped >= 1 and not any("take" in name for name in t.task_names), t  # the index fix-up is tuned
     ids = np.array([0, 9, 3], dtype=np.int64)
     np.testing.assert_array_equal(exe.run({"ids": ids})["y"], table[ids])
+
+
+def test_trial_budget_follows_the_kernels_guessed_time():
+    from gcomp.backends.tvm_tuning import trial_shares
+
+    # A GEMM guessed 10x the time of a layer norm gets the larger share; every kernel at
+    # least 16 trials; the shares never exceed the budget.
+    shares = trial_shares([10.0, 1.0, 0.0], 400)
+    assert shares[0] > 5 * shares[1] and min(shares) == 16 and sum(shares) <= 400
+    assert shares[2] == 16
+    # A budget too small for 16 each: an even split, at least 8 (one search round).
+    assert trial_shares([5.0, 1.0], 16) == [8, 8]
+    assert trial_shares([], 100) == []
+    assert trial_shares([0.0, 0.0], 100) == [50, 50]

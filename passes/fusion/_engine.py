@@ -13,6 +13,9 @@ Rules run one at a time in catalogue order (a rule's output can feed a later rul
 LayerNormalization, then Add + LayerNormalization -> SkipLayerNormalization), each over
 the main graph, every If/Loop/Scan body and every model function, repeated until a
 round fires nothing (at most ``MAX_ROUNDS``).
+
+A fusion whose pattern has several roots (sibling MatMuls of one input) cannot be a
+single-output rewriter pattern; it is a :class:`GraphRule` instead, applied the same way.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from __future__ import annotations
 __all__ = [
     "Fusion",
     "FUSIONS",
+    "GraphRule",
     "fusion",
     "fusions_for",
     "run_fusions",
     "const_array",
     "fresh_initializer",
+    "fresh_name",
     "model_opset",
 ]
 
@@ -69,6 +74,27 @@ class Fusion:
         return True, ""
 
 
+class GraphRule:
+    """A rule that rewrites the model as a whole: ``apply(model)`` returns how many sites it
+    fused; it must leave the model unchanged where it does not fire, like a rewriter rule."""
+
+    name: str = ""
+
+    def apply(self, model: ir.Model) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _apply_rules(rules: Sequence[Any], model: ir.Model, tracer: Any = None) -> int:
+    from onnxscript.rewriter._rewrite_rule import RewriteRuleSet
+
+    graph_rules = [r for r in rules if isinstance(r, GraphRule)]
+    count = sum(r.apply(model) for r in graph_rules) if tracer is None else 0
+    rewrite_rules = [r for r in rules if not isinstance(r, GraphRule)]
+    if rewrite_rules:
+        count += RewriteRuleSet(rewrite_rules).apply_to_model(model, tracer=tracer)
+    return count
+
+
 FUSIONS: list[Fusion] = []
 # The target of the run in progress: a rule whose output depends on the device (ORT CUDA's
 # FusedConv runs only Relu) reads it in check().
@@ -86,7 +112,8 @@ def fusion(name: str, family: str, rules: Sequence[Any], emits: Sequence[tuple[s
     """
     for rule in rules:
         rule.name = rule.name or name
-        _filter_by_root(rule)
+        if not isinstance(rule, GraphRule):
+            _filter_by_root(rule)
     module = sys._getframe(1).f_globals.get("__name__", "")
     entry = Fusion(name, family, tuple(rules), tuple(emits), summary, module, frozenset(needs), tuple(not_for))
     FUSIONS[:] = [f for f in FUSIONS if f.name != name] + [entry]
@@ -160,13 +187,19 @@ _counter = itertools.count()
 _taken: set[str] = set()
 
 
-def fresh_initializer(op, array: np.ndarray, base: str) -> ir.Value:
-    """A new initializer holding ``array``, named after ``base`` and unique in the model."""
+def fresh_name(base: str) -> str:
+    """A name made from ``base`` that no value, node or initializer of the model has."""
     while True:
         name = f"{base or 'fused'}__f{next(_counter)}"
         if name not in _taken:
             break
     _taken.add(name)
+    return name
+
+
+def fresh_initializer(op, array: np.ndarray, base: str) -> ir.Value:
+    """A new initializer holding ``array``, named after ``base`` and unique in the model."""
+    name = fresh_name(base)
     return op.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
 
 
@@ -182,7 +215,6 @@ class FusionReport:
 
 def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: str, *, explain: bool = False) -> FusionReport:
     from onnxscript.rewriter import _basics
-    from onnxscript.rewriter._rewrite_rule import RewriteRuleSet
 
     global TARGET, _IR3
     TARGET = target
@@ -207,7 +239,7 @@ def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: str, *, expl
         for f in runnable:
             if f.needs and not (f.needs & _op_types(model)):
                 continue
-            count = RewriteRuleSet(list(f.rules)).apply_to_model(model)
+            count = _apply_rules(f.rules, model)
             fired[f.name] += count
             round_total += count
         if not round_total:
@@ -220,7 +252,7 @@ def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: str, *, expl
             if f.needs and not (f.needs & _op_types(model)):
                 continue
             tracer = _basics.MatchingTracer()
-            RewriteRuleSet(list(f.rules)).apply_to_model(model, tracer=tracer)
+            _apply_rules(f.rules, model, tracer)
             reasons: list[str] = []
             for matches in tracer.best_matches_map.values():
                 for info in matches:

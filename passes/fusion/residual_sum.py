@@ -26,6 +26,10 @@ from gcomp.passes.fusion._engine import fusion
 ORDER = 90  # after the LayerNorm fusions that make the pattern
 
 
+_TVM_WHY = ("TVM legalizes Sum as broadcast_to + stack + sum, a kernel of its own, where the Add "
+            "fuses into the producing MatMul's kernel")
+
+
 class ResidualSum(pattern.RewriteRuleClassBase):
     def pattern(self, op, a, b):
         s = op.Add(a, b)
@@ -48,4 +52,5 @@ class ResidualSum(pattern.RewriteRuleClassBase):
 fusion("residual-sum", "portable", [ResidualSum.rule("residual-sum")], [("", "Sum", 8)],
        "Add -> LayerNormalization written as Sum, so ORT's CPU SkipLayerNormFusion (a slower kernel) leaves it",
        needs=("LayerNormalization",),
-       not_for=[("ort-cuda", "ORT's CUDA SkipLayerNormalization is the fast kernel there")])
+       not_for=[("ort-cuda", "ORT's CUDA SkipLayerNormalization is the fast kernel there"),
+                ("tvm-llvm", _TVM_WHY), ("tvm-cuda", _TVM_WHY)])
