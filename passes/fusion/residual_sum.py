@@ -19,9 +19,8 @@ from __future__ import annotations
 
 __all__ = ["ORDER"]
 
-from onnxscript.rewriter import pattern
-
 from gcomp.passes.fusion._engine import fusion
+from onnxscript.rewriter import pattern
 
 ORDER = 90  # after the LayerNorm fusions that make the pattern
 
