@@ -19,8 +19,9 @@ from __future__ import annotations
 
 __all__ = ["ORDER"]
 
-from gcomp.passes.fusion._engine import fusion
 from onnxscript.rewriter import pattern
+
+from gcomp.passes.fusion._engine import fusion
 
 ORDER = 90  # after the LayerNorm fusions that make the pattern
 

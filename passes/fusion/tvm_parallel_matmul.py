@@ -26,6 +26,7 @@ __all__ = ["ORDER", "ParallelMatMul"]
 
 import numpy as np
 import onnx_ir as ir
+
 from gcomp.passes.fusion._engine import GraphRule, const_array, fresh_name, fusion, model_opset
 
 ORDER = 15
