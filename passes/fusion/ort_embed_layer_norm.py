@@ -42,66 +42,15 @@ __all__ = ["ORDER"]
 import numpy as np
 import onnx_ir as ir
 from gcomp.passes.fusion import _engine
+from gcomp.passes.fusion._dims import holds_dim
+from gcomp.passes.fusion._dims import int_attr as _int_attr
+from gcomp.passes.fusion._dims import same_dim as _same_dim
 from gcomp.passes.fusion._engine import const_array, fresh_initializer, fusion
 from onnxscript.rewriter import pattern
 
 ORDER = 60  # before SkipLayerNormalization (70), which would otherwise take the last Add
 
 _INT32_MAX = 2**31 - 1
-
-
-def _same_dim(a, b) -> bool:
-    if isinstance(a, int) or isinstance(b, int):
-        return a == b
-    return a is not None and b is not None and a.value is not None and a.value == b.value
-
-
-def _int_attr(node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
-
-
-def _dim_of(value, ids) -> bool:
-    """``value`` (a scalar or 1-element 1-D int tensor) provably equals S = ids.shape[1]."""
-    c = const_array(value)
-    if c is not None:
-        return c.size == 1 and isinstance(ids.shape[1], int) and int(c.reshape(())) == ids.shape[1]
-    node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx"):
-        return False
-    if node.op_type in ("Squeeze", "Unsqueeze", "Reshape", "Cast", "Identity"):
-        if node.op_type == "Cast" and _int_attr(node, "to", 0) not in (ir.DataType.INT64, ir.DataType.INT32):
-            return False
-        return _dim_of(node.inputs[0], ids)  # (a 1-element value keeps its element)
-    if node.op_type == "Shape":
-        return _is_seq_dim(node, 0, ids)
-    if node.op_type == "Gather" and _int_attr(node, "axis", 0) == 0:
-        shape_node = node.inputs[0].producer()
-        index = const_array(node.inputs[1])
-        if shape_node is None or shape_node.op_type != "Shape" or index is None or index.size != 1:
-            return False
-        return _is_seq_dim(shape_node, int(index.reshape(())), ids)
-    return False
-
-
-def _is_seq_dim(shape_node, index: int, ids) -> bool:
-    """Element ``index`` of ``Shape(x, start, end)`` is one element long there and is the
-    dim of x that is provably the ids' sequence length."""
-    x = shape_node.inputs[0]
-    if x.shape is None or x.shape.rank() is None:
-        return False
-    rank = x.shape.rank()
-    start = _int_attr(shape_node, "start", 0)
-    start = max(0, start + rank if start < 0 else start)
-    end = shape_node.attributes.get("end")
-    end = rank if end is None else end.as_int()
-    end = min(rank, end + rank if end < 0 else end)
-    dim = start + (index if index >= 0 else end - start + index)
-    if not start <= dim < end:
-        return False
-    if x is ids:
-        return dim == 1
-    return _same_dim(x.shape[dim], ids.shape[1])
 
 
 def _is_arange(array: np.ndarray) -> bool:
@@ -127,7 +76,7 @@ def _is_position_range(pids, ids) -> bool:
     if node.op_type == "Range":
         start, delta = const_array(node.inputs[0]), const_array(node.inputs[2])
         return (start is not None and delta is not None and start.size == 1 and delta.size == 1
-                and int(start.reshape(())) == 0 and int(delta.reshape(())) == 1 and _dim_of(node.inputs[1], ids))
+                and int(start.reshape(())) == 0 and int(delta.reshape(())) == 1 and holds_dim(node.inputs[1], ids, 1))
     if node.op_type == "Slice":  # a prefix of a constant range buffer: arange(N)[..., 0:S]
         data = const_array(node.inputs[0])
         if data is None or data.ndim not in (1, 2) or data.shape[:-1] not in ((), (1,)) or not _is_arange(data):
@@ -143,7 +92,7 @@ def _is_position_range(pids, ids) -> bool:
             return False
         # arange(N)[0:S] is 0..S-1 when S <= N; when S > N the original's Add fails to
         # broadcast and the fused kernel fails its range check: an error either way.
-        return _dim_of(inputs[2], ids)
+        return holds_dim(inputs[2], ids, 1)
     return False
 
 

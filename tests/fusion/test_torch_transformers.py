@@ -48,3 +48,17 @@ def test_o2_stays_portable_on_bert(export):
     ops = result.after.op_types
     assert not any(k.startswith("com.microsoft") for k in ops), ops
     assert "LayerNormalization" in ops
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_o3_for_ort_cpu_packs_gpt2_attention(export, dynamo):
+    """GPT-2's causal + padding-masked attention -> packed com.microsoft.Attention (the mask as
+    attention_bias); the CPU-slower SkipLayerNormalization / EmbedLayerNormalization stay off."""
+    from gcomp import optimize
+
+    result = optimize(export("gpt2", dynamo), "O3", target="ort-cpu")
+    assert result.verification.passed, result.verification.summary()
+    ops = result.after.op_types
+    assert ops.get("com.microsoft::Attention", 0) == LAYERS and "Softmax" not in ops, ops
+    assert not {"com.microsoft::SkipLayerNormalization", "com.microsoft::EmbedLayerNormalization"} & set(ops), ops

@@ -1,0 +1,69 @@
+"""Proving that a runtime-computed size equals a tensor's dim (shared by fusion rules).
+
+Exporters compute sizes from ``Shape``: the sequence length as ``Gather(Shape(x), 1)``,
+``Shape(x, start=1, end=2)``, wrapped in ``Unsqueeze``/``Squeeze``/``Cast``; a rule that
+replaces such a graph by an op that takes the size implicitly must prove the two equal.
+"""
+
+from __future__ import annotations
+
+__all__ = ["holds_dim", "int_attr", "same_dim"]
+
+import onnx_ir as ir
+from gcomp.passes.fusion._engine import const_array
+
+
+def same_dim(a, b) -> bool:
+    """Two dims that are provably equal: equal ints, or the same named symbol."""
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return a is not None and b is not None and a.value is not None and a.value == b.value
+
+
+def int_attr(node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def holds_dim(value, x, k: int) -> bool:
+    """``value`` (a scalar or 1-element int tensor) provably equals ``x.shape[k]``: a constant
+    equal to a static dim, or read (through Unsqueeze/Squeeze/Reshape/Cast/Identity, which keep
+    a single element) from ``Shape(y)`` at a dim of y that is x's dim k."""
+    c = const_array(value)
+    if c is not None:
+        return c.size == 1 and isinstance(x.shape[k], int) and int(c.reshape(())) == x.shape[k]
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type in ("Squeeze", "Unsqueeze", "Reshape", "Cast", "Identity"):
+        if node.op_type == "Cast" and int_attr(node, "to", 0) not in (ir.DataType.INT64, ir.DataType.INT32):
+            return False
+        return holds_dim(node.inputs[0], x, k)
+    if node.op_type == "Shape":
+        return _shape_element_is(node, 0, x, k)
+    if node.op_type == "Gather" and int_attr(node, "axis", 0) == 0:
+        shape_node = node.inputs[0].producer()
+        index = const_array(node.inputs[1])
+        if shape_node is None or shape_node.op_type != "Shape" or index is None or index.size != 1:
+            return False
+        return _shape_element_is(shape_node, int(index.reshape(())), x, k)
+    return False
+
+
+def _shape_element_is(shape_node, index: int, x, k: int) -> bool:
+    """Element ``index`` of ``Shape(y, start, end)`` exists and is y's dim that equals x's dim k."""
+    y = shape_node.inputs[0]
+    if y.shape is None or y.shape.rank() is None:
+        return False
+    rank = y.shape.rank()
+    start = int_attr(shape_node, "start", 0)
+    start = max(0, start + rank if start < 0 else start)
+    end = shape_node.attributes.get("end")
+    end = rank if end is None else end.as_int()
+    end = min(rank, end + rank if end < 0 else end)
+    dim = start + (index if index >= 0 else end - start + index)
+    if not start <= dim < end:
+        return False
+    if y is x:
+        return dim == k % x.shape.rank()
+    return x.shape is not None and same_dim(y.shape[dim], x.shape[k])
