@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = ["holds_dim", "int_attr", "same_dim"]
 
 import onnx_ir as ir
+
 from gcomp.passes.fusion._engine import const_array
 
 

@@ -31,10 +31,11 @@ __all__ = ["ORDER"]
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
 from gcomp.passes.fusion import _engine
 from gcomp.passes.fusion._dims import holds_dim, int_attr, same_dim
 from gcomp.passes.fusion._engine import const_array, fresh_initializer, fusion
-from onnxscript.rewriter import pattern
 
 ORDER = 80
 

@@ -41,12 +41,11 @@ __all__ = ["ORDER"]
 
 import numpy as np
 import onnx_ir as ir
-from gcomp.passes.fusion import _engine
-from gcomp.passes.fusion._dims import holds_dim
-from gcomp.passes.fusion._dims import int_attr as _int_attr
-from gcomp.passes.fusion._dims import same_dim as _same_dim
-from gcomp.passes.fusion._engine import const_array, fresh_initializer, fusion
 from onnxscript.rewriter import pattern
+
+from gcomp.passes.fusion import _engine
+from gcomp.passes.fusion._dims import holds_dim, int_attr, same_dim
+from gcomp.passes.fusion._engine import const_array, fresh_initializer, fusion
 
 ORDER = 60  # before SkipLayerNormalization (70), which would otherwise take the last Add
 
@@ -127,7 +126,7 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
         ln = y.producer()
         if any(out.uses() or out.is_graph_output() for out in ln.outputs[1:]):
             return None, ("LayerNormalization's mean / inv-std outputs are used", ln)
-        if _int_attr(ln, "axis", -1) not in (-1, 2):
+        if int_attr(ln, "axis", -1) not in (-1, 2):
             return None, ("LayerNormalization is not over the last axis of a rank-3 sum", ln)
         lookups = [(kw[f"e{k}"].producer(), kw[f"t{k}"], kw[f"i{k}"]) for k in range(self.lookups)]
         hidden = None
@@ -137,7 +136,7 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
         if _engine.TARGET == "ort-cpu" and dtype.numpy() != np.float32:
             return None, ("ort-cpu: ORT's EmbedLayerNormalization kernel is float32 only", s)
         for node, table, idx in lookups:
-            if _int_attr(node, "axis", 0) != 0:
+            if int_attr(node, "axis", 0) != 0:
                 return None, ("a Gather is not over axis 0", node)
             shape = table.shape
             if shape is None or shape.rank() != 2 or not all(isinstance(d, int) for d in shape.dims):
@@ -170,20 +169,20 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
         is_range = position is not None
         if position is None:
             # Position ids of [B|1, S] go in as the op's position_ids input (the same lookup).
-            candidates = [k for k in ids_like if _same_dim(lookups[k][2].shape[1], first.shape[1])
-                          and (_same_dim(lookups[k][2].shape[0], 1) or _same_dim(lookups[k][2].shape[0], first.shape[0]))]
+            candidates = [k for k in ids_like if same_dim(lookups[k][2].shape[1], first.shape[1])
+                          and (same_dim(lookups[k][2].shape[0], 1) or same_dim(lookups[k][2].shape[0], first.shape[0]))]
             if len(ids_like) != self.lookups or not candidates:
                 return None, ("no lookup is a proven 0..S-1 position range or [B|1, S] position ids", s)
-            position = next((k for k in candidates if _same_dim(lookups[k][2].shape[0], 1)), candidates[-1])
+            position = next((k for k in candidates if same_dim(lookups[k][2].shape[0], 1)), candidates[-1])
         others = [k for k in range(self.lookups) if k != position]
         for k in others:
             idx = lookups[k][2]
-            if idx.shape.rank() != 2 or not all(_same_dim(a, b) for a, b in zip(idx.shape.dims, lookups[others[0]][2].shape.dims)):
+            if idx.shape.rank() != 2 or not all(same_dim(a, b) for a, b in zip(idx.shape.dims, lookups[others[0]][2].shape.dims)):
                 return None, ("the word / segment ids' shapes cannot be proven equal", idx)
         if not is_range:
             pids, ids = lookups[position][2], lookups[others[0]][2]
-            if not (_same_dim(pids.shape[1], ids.shape[1])
-                    and (_same_dim(pids.shape[0], 1) or _same_dim(pids.shape[0], ids.shape[0]))):
+            if not (same_dim(pids.shape[1], ids.shape[1])
+                    and (same_dim(pids.shape[0], 1) or same_dim(pids.shape[0], ids.shape[0]))):
                 return None, ("position ids are not [1, S] or [B, S] of the ids' shape", pids)
         word = lookups[others[0]]
         segment = lookups[others[1]] if len(others) > 1 else None
@@ -213,7 +212,7 @@ def _embedding(e) -> bool:
     """``e`` is an embedding lookup the fusion below may take: a Gather on axis 0 whose
     output also feeds an Add/Sum that feeds a LayerNormalization."""
     node = e.producer()
-    if node is None or node.op_type != "Gather" or _int_attr(node, "axis", 0) != 0:
+    if node is None or node.op_type != "Gather" or int_attr(node, "axis", 0) != 0:
         return False
     return any(u.node.op_type in ("Add", "Sum")
                and any(v.node.op_type in ("LayerNormalization", "Add") for out in u.node.outputs for v in out.uses())
@@ -252,7 +251,7 @@ class ShapeOfLookup(pattern.RewriteRuleClassBase):
             if shape_node.attributes.get("start") is not None or shape_node.attributes.get("end") is not None:
                 return None
             index = const_array(k)
-            if _int_attr(out.producer(), "axis", 0) != 0 or index is None or index.size != 1:
+            if int_attr(out.producer(), "axis", 0) != 0 or index is None or index.size != 1:
                 return None
             dim = int(index.reshape(()))
             dim = dim + rank + 1 if dim < 0 else dim  # e has rank(ids) + 1 dims (a 2-D table)
@@ -261,9 +260,9 @@ class ShapeOfLookup(pattern.RewriteRuleClassBase):
         if node.attributes.get("start") is None and node.attributes.get("end") is None:
             return None  # the whole shape: not only the ids' dims
         full = rank + 1
-        start = _int_attr(node, "start", 0)
+        start = int_attr(node, "start", 0)
         start = max(0, start + full if start < 0 else start)
-        end = _int_attr(node, "end", full)
+        end = int_attr(node, "end", full)
         end = min(full, end + full if end < 0 else end)
         return (ids, start, end) if 0 <= start < end <= rank else None
 
