@@ -31,8 +31,9 @@ LayerNormalization over another axis, with its Mean/InvStdDev outputs read, or w
 gamma/beta are not 1-D of size H, a dtype the target's kernel lacks (ORT's CPU kernel is
 float32 only), and (the matcher's rule) an intermediate Add read elsewhere.
 
-For ``ort-cuda`` only: on ORT's CPU provider the fused kernel measured slower than the ops it
-replaces at small and medium sequence lengths (``_CPU_SLOWER`` below), so ``ort-cpu`` keeps them.
+For ``ort-cuda`` only: on ORT's CPU provider the fused kernel measured no faster or slower than
+the ops it replaces at small and medium sequence lengths (``_CPU_SLOWER`` below; measured with
+bench/bench_contrib_ops.py), so ``ort-cpu`` keeps them.
 """
 
 from __future__ import annotations
@@ -296,12 +297,13 @@ def _rules(keep_sum: bool) -> list:
     ]
 
 
-# Measured (micro-benchmark in a fresh process, ORT_ENABLE_ALL, 2 threads, min of 1200 runs
-# in interleaved blocks, onnxruntime 1.31; FACTS.md): ORT's CPU kernel is slower than the
-# lookups + Adds + LayerNormalization it replaces at the sizes the bench runs.
-_CPU_SLOWER = ("ORT's CPU EmbedLayerNormalization measured slower than Gathers + Adds + LayerNormalization "
-               "([2,16,256] BERT-style 15.2 vs 14.2 us, GPT-2-style 15.2 vs 12.0 us; [2,64,256] 33-53 vs 38 us and "
-               "27-52 vs 29 us; faster only from seq 128 with a segment lookup: 54-62 vs 88-98 us; onnxruntime 1.31)")
+# Measured with bench/bench_contrib_ops.py embed (fresh process, ORT_ENABLE_ALL, 2 threads,
+# 1200 runs in interleaved blocks, onnxruntime 1.31; FACTS.md): ORT's CPU kernel is slower than
+# the lookups + Adds + LayerNormalization it replaces at the sizes the bench runs.
+_CPU_SLOWER = ("ORT's CPU EmbedLayerNormalization measured no faster or slower than Gathers + Adds + "
+               "LayerNormalization (median, onnxruntime 1.31, 2 threads: [2,16,256] BERT-style 22-24 vs 22-25 us, "
+               "GPT-2-style 22-24 vs 18-22 us; [2,64,256] 62-63 vs 51-54 us and 63 vs 44 us; faster only at "
+               "[2,128,256] BERT-style: 115-117 vs 132-142 us)")
 fusion("ort-embed-shape", "ort", [ShapeOfLookup.rule("embed-shape-gather", gathered=True),
                                   ShapeOfLookup.rule("embed-shape-slice", gathered=False)],
        [("com.microsoft", "EmbedLayerNormalization", 1)],
