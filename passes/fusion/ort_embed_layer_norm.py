@@ -58,8 +58,9 @@ def _is_arange(array: np.ndarray) -> bool:
     return np.issubdtype(array.dtype, np.integer) and np.array_equal(flat, np.arange(flat.size))
 
 
-def _is_position_range(pids, ids) -> bool:
-    """``pids`` is provably 0..S-1, shaped [S] or [1, S] (S: the ids' sequence length)."""
+def _is_position_range(pids, ids, rows: int) -> bool:
+    """``pids`` is provably 0..S-1, shaped [S] or [1, S] (S: the ids' sequence length), or
+    the original fails where the op would (``rows``: the position table's)."""
     # (each form below proves the [S] / [1, S] shape itself: inference often leaves it unknown)
     c = const_array(pids)
     if c is not None:
@@ -72,7 +73,8 @@ def _is_position_range(pids, ids) -> bool:
         axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
         if axes is None and node.attributes.get("axes") is not None:
             axes = np.array(node.attributes["axes"].as_ints())
-        return axes is not None and axes.reshape(-1).tolist() in ([0], [-2]) and _is_position_range(node.inputs[0], ids)
+        return (axes is not None and axes.reshape(-1).tolist() in ([0], [-2])
+                and _is_position_range(node.inputs[0], ids, rows))
     if node.op_type == "Range":
         start, delta = const_array(node.inputs[0]), const_array(node.inputs[2])
         return (start is not None and delta is not None and start.size == 1 and delta.size == 1
@@ -90,9 +92,11 @@ def _is_position_range(pids, ids) -> bool:
         last = int(axes.reshape(())) % data.ndim == data.ndim - 1
         if not (last and int(starts.reshape(())) == 0 and int(steps.reshape(())) == 1):
             return False
-        # arange(N)[0:S] is 0..S-1 when S <= N; when S > N the original's Add fails to
-        # broadcast and the fused kernel fails its range check: an error either way.
-        return holds_dim(inputs[2], ids, 1)
+        # arange(N)[0:S] is 0..S-1 when S <= N. With N at least the table's rows, S > N means
+        # S > rows: the fused kernel fails its range check, and the original fails too (a
+        # Gather index out of range, or N > 1 rows that cannot broadcast against S). A
+        # buffer of N = 1 would broadcast position 0 over every token: refused.
+        return data.shape[-1] >= max(rows, 2) and holds_dim(inputs[2], ids, 1)
     return False
 
 
@@ -165,8 +169,9 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
         def reference(k):  # the ids a position candidate k is measured against: another lookup's
             return next((lookups[j][2] for j in ids_like if j != k), None)
 
-        position = next((k for k, (_, _, idx) in enumerate(lookups)
-                         if reference(k) is not None and _is_position_range(idx, reference(k))), None)
+        position = next((k for k, (_, table, idx) in enumerate(lookups)
+                         if reference(k) is not None and _is_position_range(idx, reference(k), table.shape[0])),
+                        None)
         is_range = position is not None
         if position is None:
             # Position ids of [B|1, S] go in as the op's position_ids input (the same lookup).

@@ -9,7 +9,7 @@ reads s after the norm keeps reading it, from the fused node. The contrib op nor
 the last axis only, keeps its statistics in fp32 and takes inputs of rank 3 with equal
 shapes. Refused: another axis, a LayerNormalization whose Mean/InvStdDev outputs are
 read, operands that are not both rank 3 with the same static hidden size, operands whose
-known dims differ, a bias that is not a 1-D constant of the hidden size.
+known dims differ or whose sequence dim is a static 1 on one side only (broadcast), a bias that is not a 1-D constant of the hidden size.
 
 For ``ort-cuda`` only: on ORT's CPU provider the fused kernel is much slower than the Add
 and LayerNormalization it replaces (measured 3-20x on BERT/ViT shapes, best of 60 runs of
@@ -34,13 +34,16 @@ ORDER = 70
 
 
 def _compatible(a, b) -> bool:
-    """Same rank, same static hidden size, and no pair of known dims that differ."""
+    """Same rank, same static hidden size, no pair of known dims that differ, and no sequence
+    dim that is a static 1 on one side only (it broadcasts in the Add; the kernel needs the
+    last two dims equal and would fail)."""
     if not isinstance(a.shape[-1], int) or a.shape[-1] != b.shape[-1]:
         return False
     for x, y in zip(a.shape.dims, b.shape.dims):
         if isinstance(x, int) and isinstance(y, int) and x != y:
             return False
-    return True
+    x, y = a.shape[-2], b.shape[-2]
+    return not ((x == 1) != (y == 1))
 
 
 class SkipLayerNorm(pattern.RewriteRuleClassBase):

@@ -19,7 +19,8 @@ def _const(name, value):
 
 
 def _model(*, style="bert", ids_type=TensorProto.INT64, top="Add", beta=True, gamma_shape=(H,),
-           position_start=0, leak_inner_sum=False, ln_axis=-1, seg_dims=("batch", "seq"), keep_sum=None):
+           position_start=0, leak_inner_sum=False, ln_axis=-1, seg_dims=("batch", "seq"), keep_sum=None,
+           buffer=P):
     """An embedding layer as the torch exporters write it.
 
     style: "bert" (word + segment, then + position from Slice(arange buffer, 0, S)),
@@ -34,7 +35,7 @@ def _model(*, style="bert", ids_type=TensorProto.INT64, top="Add", beta=True, ga
              tensor("T", rng.standard_normal((2, H)).astype(np.float32)),
              tensor("g", (1 + 0.1 * rng.standard_normal(gamma_shape)).astype(np.float32)),
              tensor("b", (0.1 * rng.standard_normal(H)).astype(np.float32)),
-             tensor("pbuf", np.arange(P, dtype=np_ids)[None])]
+             tensor("pbuf", np.arange(buffer, dtype=np_ids)[None])]
     inputs = [vinfo("ids", ids_type, ("batch", "seq"))]
     nodes = [helper.make_node("Gather", ["W", "ids"], ["ew"])]
     parts = ["ew"]
@@ -129,8 +130,14 @@ def test_other_sequence_lengths_and_batches(rng):
     {"position_start": 2},  # positions 2..S+1 (RoBERTa-like): not the op's 0..S-1
     {"ln_axis": 1},
     {"seg_dims": ("segments", "seq")},  # word and segment ids' shapes not provably equal
+    {"buffer": 1},  # arange(1)[0:S] is [0], broadcast over the sequence: every token at position 0
 ])
-def test_embed_layer_norm_must_not_fire(rng, case):
+def test_embed_layer_norm_must_not_fire(rng, case, monkeypatch):
+    from gcomp.passes.fusion import _engine
+
+    # SkipLayerNormalization would take the last Add where this refuses; its kernel fails on a
+    # [1, 1, H] skip it cannot see (FACTS: an error, not a number), which is not under test here
+    monkeypatch.setattr(_engine, "FUSIONS", [f for f in _engine.FUSIONS if f.name != "ort-skip-layer-norm"])
     model, result = _fused(_model(**case), _feeds(rng), explain=True)
     assert EMBED not in op_counts(model), case
     assert result.details["rules"]["ort-embed-layer-norm"]["fired"] == 0

@@ -81,3 +81,15 @@ def test_residual_add_before_layer_norm_becomes_sum(rng, target):
 def test_residual_sum_must_not_fire_when_the_sum_is_read_elsewhere(rng):
     model, _ = fuse(_model(bias=False, reuse_sum=True), _feeds(rng))
     assert "Sum" not in op_counts(model)
+
+
+def test_skip_layer_norm_refuses_a_skip_broadcast_over_the_sequence(rng):
+    """x [B, S, H] + skip [1, 1, H] broadcasts in the Add; ORT's kernel needs the last two dims
+    equal and would fail at run time."""
+    model = _model(bias=False, reuse_sum=False)
+    model.graph.input[1].type.tensor_type.shape.dim[0].dim_value = 1
+    model.graph.input[1].type.tensor_type.shape.dim[1].dim_value = 1
+    feeds = _feeds(rng)
+    feeds["skip"] = feeds["skip"][:1, :1]
+    fused, _ = fuse(model, feeds, target="ort-cuda", family="ort")
+    assert "com.microsoft::SkipLayerNormalization" not in op_counts(fused)
