@@ -5,6 +5,7 @@ op-support declarations, the CLI, and --backend auto."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -344,3 +345,19 @@ def test_trial_budget_follows_the_kernels_guessed_time():
     assert trial_shares([5.0, 1.0], 16) == [8, 8]
     assert trial_shares([], 100) == []
     assert trial_shares([0.0, 0.0], 100) == [50, 50]
+
+
+def test_kernels_run_on_every_core_unless_the_user_says_otherwise():
+    # TVM's default halves the x86 thread count (hyper-threads); with one thread per core
+    # that idles half the machine. gcomp sets TVM_NUM_THREADS to the core count before
+    # TVM's pool starts, and leaves a user's setting alone. Fresh processes: the pool
+    # starts once per process.
+    code = ("from gcomp.backends.tvm import runtime_threads, physical_cores; import os; "
+            "print(runtime_threads(), physical_cores(), os.environ.get('TVM_NUM_THREADS'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    threads, cores, var = out.stdout.split()
+    assert threads == cores == var
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "TVM_NUM_THREADS": "1"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split()[0] == "1" and out.stdout.split()[2] == "1"
