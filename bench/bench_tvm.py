@@ -105,7 +105,8 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         "# TVM backend vs ONNX Runtime (CPU)",
         "",
         f"`{meta['command']}` — {meta['cpu']}, {meta['cores']} cores, {meta['date']}; tuning budget "
-        f"{meta['trials']} trials" + (f", at most {meta['minutes']} min" if meta["minutes"] else "") + " per model.",
+        f"{meta['trials']} trials" + (f", at most {meta['minutes']} min" if meta["minutes"] else "") + " per model; "
+        f"TVM kernels on {meta.get('tvm_threads', '?')} threads, ORT on its default intra-op threads.",
         "Ratio = ORT ms / TVM ms (above 1: TVM is faster). Latency: median of "
         f"{meta['iters']} runs, inputs from numpy each run (as for ORT).",
         "",
@@ -150,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "trials": args.trials,
         "minutes": args.minutes, "iters": args.iters,
     }
+    from gcomp.backends.tvm import runtime_threads
+
+    meta["tvm_threads"] = runtime_threads()  # the pool the rows ran on (started by then)
     try:
         from gcomp.profile import environment
 

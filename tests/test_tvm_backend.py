@@ -361,3 +361,11 @@ def test_kernels_run_on_every_core_unless_the_user_says_otherwise():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "TVM_NUM_THREADS": "1"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.split()[0] == "1" and out.stdout.split()[2] == "1"
+
+
+def test_a_time_budget_scales_every_kernels_share_instead_of_dropping_the_last():
+    from gcomp.backends.tvm_tuning import _fit
+
+    assert _fit(400, 1000, 2000.0) == 400  # everything fits: unchanged
+    assert _fit(400, 1000, 500.0) == 200  # half fits: every share halved
+    assert _fit(20, 1000, 100.0) == 8  # never below one search round
