@@ -101,6 +101,13 @@ def runtime_threads() -> int:
     for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
         if os.environ.get(var, "").strip().isdigit():
             return int(os.environ[var])
+    return _start_pool()
+
+
+@functools.cache
+def _start_pool() -> int:
+    """Set the thread count and start TVM's pool, once: after that the pool's size is fixed,
+    and every later call (``_tvm()`` runs on each model run) only needs the answer."""
     want = physical_cores()
     os.environ["TVM_NUM_THREADS"] = str(want)
     import tvm

@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -367,7 +368,10 @@ _GUESS_BYTES_PER_S = 15e9
 _MIN_TRIALS = 16  # below two search rounds of 8, MetaSchedule rarely beats its first guess
 
 
-_GUESS_SECONDS_PER_TRIAL = 0.5  # measured here: 0.55-0.65 s (build, time, search), 2 cores
+# A first guess only: the rate is re-measured after each kernel. Measured here (2 cores,
+# build + time + search): 0.53 s per trial on a mini-BERT's kernels, 0.78 on a mini CNN's,
+# 1.65 on ResNet-18's convolutions (bench/TVM.md).
+_GUESS_SECONDS_PER_TRIAL = 0.5
 
 
 def _fit(budget: int, planned: int, affordable: float) -> int:
@@ -402,14 +406,6 @@ def trial_shares(costs: list[float], trials: int) -> list[int]:
     return [floor + int(spare * max(c, 0.0) / total) for c in costs]
 
 
-def _bits(dtype) -> int:
-    bits = getattr(dtype, "bits", None)
-    if bits is not None:
-        return int(bits) * int(getattr(dtype, "lanes", 1) or 1)
-    digits = "".join(ch for ch in str(dtype) if ch.isdigit())
-    return int(digits) if digits else 32
-
-
 def _task_cost(task) -> float:
     """Guessed seconds the task's kernel takes per model run (every call of it)."""
     func = task.dispatched[0]["main"] if hasattr(task.dispatched[0], "functions") else task.dispatched[0]
@@ -423,12 +419,9 @@ def _task_cost(task) -> float:
     try:
         for param in func.params:  # in TVM 0.27 a buffer parameter carries its shape
             shape = getattr(param, "shape", None)
-            if shape is None:
-                continue
-            count = 1
-            for dim in shape:
-                count *= int(dim)
-            nbytes += count * ((_bits(param.dtype) + 7) // 8)
+            if shape is not None:
+                bits = param.dtype.bits * param.dtype.lanes
+                nbytes += math.prod(int(dim) for dim in shape) * ((bits + 7) // 8)
     except Exception:  # symbolic shapes: FLOPs alone
         pass
     return max(1, int(task.weight)) * (flop / _GUESS_FLOPS + nbytes / _GUESS_BYTES_PER_S)

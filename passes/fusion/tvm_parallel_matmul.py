@@ -76,7 +76,7 @@ class ParallelMatMul(GraphRule):
 
 
 def _compatible(members: list[tuple[ir.Node, np.ndarray]]) -> list[tuple[ir.Node, np.ndarray]]:
-    """The largest set of siblings sharing the first one's K and dtype."""
+    """The siblings sharing the first one's K and dtype (the others stay as they are)."""
     if not members:
         return []
     k, dtype = members[0][1].shape[0], members[0][1].dtype
