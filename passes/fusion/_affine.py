@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
+from gcomp.passes.fusion._dims import int_attr
 from gcomp.passes.fusion._engine import const_array, fresh_initializer
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm")
@@ -54,11 +55,6 @@ class Linear:
     bias: np.ndarray | None  # Conv B / Gemm C constant (None when absent)
     has_bias: bool
     dtype: np.dtype
-
-
-def _int_attr(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
 
 
 def _float_attr(node: ir.Node, name: str, default: float) -> float:
@@ -87,7 +83,7 @@ def linear_of(node: ir.Node) -> tuple[Linear | None, str]:
         tuple(w_val.shape) if w_val.shape is not None else None)
     if node.op_type == "Gemm":
         rank, axis = 2, 1
-        trans_b = _int_attr(node, "transB", 0)
+        trans_b = int_attr(node, "transB", 0)
         dim = None if w_shape is None or len(w_shape) != 2 else w_shape[0 if trans_b else 1]
     else:
         if w_shape is not None:
@@ -102,7 +98,7 @@ def linear_of(node: ir.Node) -> tuple[Linear | None, str]:
         elif node.op_type == "Conv":
             dim = w_shape[0]
         else:
-            g = _int_attr(node, "group", 1)
+            g = int_attr(node, "group", 1)
             dim = w_shape[1] * g if isinstance(w_shape[1], int) else None
     channels = dim if isinstance(dim, int) else None
     return Linear(node, channels, rank, axis, weight, bias, has_bias, np.dtype(dtype)), ""
@@ -141,7 +137,7 @@ def check_fold(lin: Linear, scale: np.ndarray | None, shift: np.ndarray | None) 
     if lin.weight is None:
         return "the weights are not a constant"
     if lin.node.op_type == "ConvTranspose":
-        g = _int_attr(lin.node, "group", 1)
+        g = int_attr(lin.node, "group", 1)
         if g < 1 or lin.weight.shape[0] % g:
             return "input channels not divisible by group"
     return ""
@@ -154,12 +150,12 @@ def _scaled_weight(lin: Linear, scale: np.ndarray) -> np.ndarray:
         s = np.broadcast_to(scale, (w.shape[0],)).reshape((-1,) + (1,) * (w.ndim - 1))
         return w * s
     if node.op_type == "ConvTranspose":
-        g = _int_attr(node, "group", 1)
+        g = int_attr(node, "group", 1)
         c_in, m_g = w.shape[0], w.shape[1]
         s = np.broadcast_to(scale, (g * m_g,)).reshape((g, 1, m_g) + (1,) * (w.ndim - 2))
         return (w.reshape((g, c_in // g) + w.shape[1:]) * s).reshape(w.shape)
     # Gemm: scale the output columns of B'.
-    if _int_attr(node, "transB", 0):
+    if int_attr(node, "transB", 0):
         return w * np.broadcast_to(scale, (w.shape[0],))[:, None]
     return w * np.broadcast_to(scale, (w.shape[1],))[None, :]
 

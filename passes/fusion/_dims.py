@@ -7,7 +7,7 @@ replaces such a graph by an op that takes the size implicitly must prove the two
 
 from __future__ import annotations
 
-__all__ = ["holds_dim", "int_attr", "same_dim"]
+__all__ = ["holds_dim", "int_attr", "same_dim", "shape_range"]
 
 import onnx_ir as ir
 
@@ -51,17 +51,22 @@ def holds_dim(value, x, k: int) -> bool:
     return False
 
 
+def shape_range(shape_node, rank: int) -> tuple[int, int]:
+    """The dims ``[start, end)`` that ``Shape(y, start, end)`` returns for a y of ``rank``
+    (negative bounds count from the end, both clamped to ``[0, rank]`` as ONNX says)."""
+    start = int_attr(shape_node, "start", 0)
+    start = max(0, start + rank if start < 0 else start)
+    end = int_attr(shape_node, "end", rank)
+    end = min(rank, end + rank if end < 0 else end)
+    return start, end
+
+
 def _shape_element_is(shape_node, index: int, x, k: int) -> bool:
     """Element ``index`` of ``Shape(y, start, end)`` exists and is y's dim that equals x's dim k."""
     y = shape_node.inputs[0]
     if y.shape is None or y.shape.rank() is None:
         return False
-    rank = y.shape.rank()
-    start = int_attr(shape_node, "start", 0)
-    start = max(0, start + rank if start < 0 else start)
-    end = shape_node.attributes.get("end")
-    end = rank if end is None else end.as_int()
-    end = min(rank, end + rank if end < 0 else end)
+    start, end = shape_range(shape_node, y.shape.rank())
     dim = start + (index if index >= 0 else end - start + index)
     if not start <= dim < end:
         return False

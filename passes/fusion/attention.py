@@ -64,7 +64,7 @@ def _heads(reshape_out, hidden) -> tuple[int, int] | None:
     source = reshape_out.producer().inputs[0]
     if (shape is not None and shape.rank() == 4 and isinstance(shape[3], int) and isinstance(hidden, int)
             and source.shape is not None and source.shape.rank() == 3
-            and _same_dim(shape[0], source.shape[0]) and _same_dim(shape[1], source.shape[1])
+            and same_dim(shape[0], source.shape[0]) and same_dim(shape[1], source.shape[1])
             and shape[3] > 0 and hidden % shape[3] == 0):
         return hidden // shape[3], shape[3]  # [B, S, ?, D] from [B, S, hidden]: ? = hidden / D
     node = reshape_out.producer()
@@ -85,12 +85,6 @@ def _heads(reshape_out, hidden) -> tuple[int, int] | None:
     if d == -1 and h > 0 and hidden % h == 0:
         d = hidden // h
     return (h, d) if h > 0 and d > 0 else None
-
-
-def _same_dim(a, b) -> bool:
-    if isinstance(a, int) or isinstance(b, int):
-        return a == b
-    return a.value is not None and a.value == b.value
 
 
 def _scale(scale_value, divide: bool) -> float | None:
@@ -165,8 +159,8 @@ class MultiHeadAttention(pattern.RewriteRuleClassBase):
                                f"{self.cpu_min_heads} heads (this block has {h})", qr)
         if any(v.shape[2] != h * d for v in (q3, k3, v3)):
             return result.fail("hidden size is not heads * head size", q3)
-        if not (_same_dim(k3.shape[0], q3.shape[0]) and _same_dim(v3.shape[0], q3.shape[0])
-                and _same_dim(k3.shape[1], v3.shape[1])):
+        if not (same_dim(k3.shape[0], q3.shape[0]) and same_dim(v3.shape[0], q3.shape[0])
+                and same_dim(k3.shape[1], v3.shape[1])):
             return result.fail("Q, K, V batch / key lengths differ", k3)
         if self.merged and not _keeps_batch_and_sequence(out, q3, h * d):
             return result.fail("the merge reshape does not keep [batch, sequence]", out)
@@ -192,11 +186,11 @@ def _keeps_batch_and_sequence(out, q3, hidden) -> bool:
         if target[0] == 0 and target[1] == 0 and target[2] in (-1, hidden):
             return True  # 0 copies the input's dim: [B, S, -1] by construction
     return (out.shape is not None and out.shape.rank() == 3
-            and _same_dim(out.shape[0], q3.shape[0]) and _same_dim(out.shape[1], q3.shape[1]))
+            and same_dim(out.shape[0], q3.shape[0]) and same_dim(out.shape[1], q3.shape[1]))
 
 
 def _full_query_axis(mask, seq) -> bool:
-    return mask.shape is not None and mask.shape.rank() == 4 and _same_dim(mask.shape[2], seq)
+    return mask.shape is not None and mask.shape.rank() == 4 and same_dim(mask.shape[2], seq)
 
 
 def _with_query_axis(op, mask, q, axis: int):
@@ -235,8 +229,8 @@ class Attention23(pattern.RewriteRuleClassBase):
         # Attention takes K [B, H, T, D] and V [B, H, T, Dv] with Q's batch and heads: no
         # MatMul broadcasting over them (kr is [B, T, H, D], what the transpose reads).
         q, k, v = q4.shape, kr.shape, v4.shape
-        if not (_same_dim(k[0], q[0]) and _same_dim(k[2], q[1]) and _same_dim(v[0], q[0])
-                and _same_dim(v[1], q[1]) and _same_dim(v[2], k[1])):
+        if not (same_dim(k[0], q[0]) and same_dim(k[2], q[1]) and same_dim(v[0], q[0])
+                and same_dim(v[1], q[1]) and same_dim(v[2], k[1])):
             return result.fail("Q, K, V batch/heads/length cannot be proven to match (broadcasting)", kr)
         return result
 

@@ -45,7 +45,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from gcomp.passes.fusion import _engine
-from gcomp.passes.fusion._dims import holds_dim, int_attr, same_dim
+from gcomp.passes.fusion._dims import holds_dim, int_attr, same_dim, shape_range
 from gcomp.passes.fusion._engine import const_array, fresh_initializer, fusion
 
 ORDER = 60  # before SkipLayerNormalization (70), which would otherwise take the last Add
@@ -265,11 +265,7 @@ class ShapeOfLookup(pattern.RewriteRuleClassBase):
         node = out.producer()
         if node.attributes.get("start") is None and node.attributes.get("end") is None:
             return None  # the whole shape: not only the ids' dims
-        full = rank + 1
-        start = int_attr(node, "start", 0)
-        start = max(0, start + full if start < 0 else start)
-        end = int_attr(node, "end", full)
-        end = min(full, end + full if end < 0 else end)
+        start, end = shape_range(node, rank + 1)  # e has rank(ids) + 1 dims
         return (ids, start, end) if 0 <= start < end <= rank else None
 
     def check(self, context, e, out, k=None, **_):
