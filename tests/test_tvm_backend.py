@@ -369,3 +369,38 @@ def test_a_time_budget_scales_every_kernels_share_instead_of_dropping_the_last()
     assert _fit(400, 1000, 2000.0) == 400  # everything fits: unchanged
     assert _fit(400, 1000, 500.0) == 200  # half fits: every share halved
     assert _fit(20, 1000, 100.0) == 8  # never below one search round
+
+
+@pytest.mark.slow
+def test_every_kernel_gets_a_round_before_any_gets_a_second(tmp_path, monkeypatch):
+    """Phase 1 gives each kernel one search round (heaviest first); phase 2 gives the
+    rest of the budget, a round at a time, to the kernel with the most measured time per
+    trial so far. Rounds of 8 here so the test runs in seconds."""
+    from gcomp.backends import tvm_tuning
+
+    monkeypatch.setattr(tvm_tuning, "_ROUND", 8)
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="big"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="small")]
+    inits = [tensor("W1", rng.normal(size=(256, 256)).astype(np.float32)),
+             tensor("W2", rng.normal(size=(256, 4)).astype(np.float32))]
+    model = _as_ir(make_model(nodes, [vinfo("x", shape=(64, 256))], [vinfo("y", shape=(64, 4))], inits))
+    said = []
+    exe = TvmBackend().compile(model, "llvm", tune_trials=40, cache_dir=tmp_path, progress=said.append)
+    rounds = [m.split()[3] for m in said if m.startswith("tuning task")]
+    big = next(n for n in rounds if "relu" in n)
+    small = next(n for n in rounds if "relu" not in n)
+    # Heaviest first, each once, then the remaining 24 trials all go to the kernel that
+    # measures ~60x slower (8 trials had each: its time per trial stays the larger).
+    assert rounds == [big, small, big, big, big], said
+    t = exe.tuning
+    assert (t.tasks, t.tuned, t.reused, t.skipped) == (2, 2, 0, 0) and 0 < t.trials <= 40
+    (db_dir,) = (tmp_path / "tvm").iterdir()
+    had = json.loads((db_dir / "gcomp-trials.json").read_text())
+    assert sorted(had.values()) == [8, 32]
+    feeds = _feeds(model)
+    np.testing.assert_allclose(exe.run(feeds)["y"], ort_run(model, feeds)["y"], rtol=1e-4, atol=1e-3)
+    # The same budget again: nothing to do.
+    again = TvmBackend().compile(model, "llvm", tune_trials=40, cache_dir=tmp_path).tuning
+    assert (again.tuned, again.trials, again.reused) == (0, 0, 2)
