@@ -64,12 +64,42 @@ def shape_range(shape_node, rank: int) -> tuple[int, int]:
 def _shape_element_is(shape_node, index: int, x, k: int) -> bool:
     """Element ``index`` of ``Shape(y, start, end)`` exists and is y's dim that equals x's dim k."""
     y = shape_node.inputs[0]
-    if y.shape is None or y.shape.rank() is None:
+    rank = _rank(y)
+    if rank is None:
         return False
-    start, end = shape_range(shape_node, y.shape.rank())
+    start, end = shape_range(shape_node, rank)
     dim = start + (index if index >= 0 else end - start + index)
     if not start <= dim < end:
         return False
+    return _dim_is(y, dim, x, k)
+
+
+def _rank(y) -> int | None:
+    if y.shape is not None and y.shape.rank() is not None:
+        return y.shape.rank()
+    target = _zero_copy_target(y)
+    return None if target is None else target.size
+
+
+def _zero_copy_target(y):
+    """The constant shape of ``y = Reshape(z, shape)`` with allowzero=0, else None."""
+    node = y.producer()
+    if node is None or node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or int_attr(node, "allowzero", 0):
+        return None
+    target = const_array(node.inputs[1])
+    return None if target is None else target.reshape(-1)
+
+
+def _dim_is(y, dim: int, x, k: int, depth: int = 0) -> bool:
+    """y's dim ``dim`` (non-negative) is x's dim k: y is x, the inferred dims are the same
+    symbol or number, or y is ``Reshape(z, s)`` (allowzero=0) with ``s[dim] == 0``, which
+    copies z's dim ``dim`` (followed through a chain of such Reshapes)."""
     if y is x:
-        return dim == k % x.shape.rank()
-    return x.shape is not None and same_dim(y.shape[dim], x.shape[k])
+        return x.shape is not None and x.shape.rank() is not None and dim == k % x.shape.rank()
+    if (x.shape is not None and y.shape is not None and y.shape.rank() is not None
+            and dim < y.shape.rank() and same_dim(y.shape[dim], x.shape[k])):
+        return True
+    target = _zero_copy_target(y)
+    if target is None or depth > 8 or dim >= target.size or int(target[dim]) != 0:
+        return False
+    return _dim_is(y.producer().inputs[0], dim, x, k, depth + 1)
