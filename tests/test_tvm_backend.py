@@ -404,3 +404,40 @@ def test_every_kernel_gets_a_round_before_any_gets_a_second(tmp_path, monkeypatc
     # The same budget again: nothing to do.
     again = TvmBackend().compile(model, "llvm", tune_trials=40, cache_dir=tmp_path).tuning
     assert (again.tuned, again.trials, again.reused) == (0, 0, 2)
+
+
+def test_channels_last_convolutions_keep_every_op_around_them_exact():
+    """On the CPU, Conv2D runs NHWC with HWIO weights (faster kernels); the ops after it
+    either follow the layout or get a transpose back. Channel-axis ops, grouped, strided,
+    dilated and 1x1 convolutions all match ORT."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape):
+        return rng.normal(scale=0.3, size=shape).astype(np.float32)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], group=8, pads=[2, 2, 2, 2], dilations=[2, 2]),
+        helper.make_node("Conv", ["r1", "w3"], ["c3"]),
+        helper.make_node("Concat", ["c2", "c3"], ["cat"], axis=1),
+        helper.make_node("Softmax", ["cat"], ["sm"], axis=1),
+        helper.make_node("ReduceMean", ["sm"], ["rm"], axes=[1], keepdims=1),
+        helper.make_node("Split", ["cat", "halves"], ["s1", "s2"], axis=1),
+        helper.make_node("Mul", ["s1", "s2"], ["m"]),
+        helper.make_node("Resize", ["m", "", "scales"], ["up"], mode="nearest"),
+        helper.make_node("GlobalAveragePool", ["up"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["y"]),
+    ]
+    inits = [tensor("w1", w(8, 3, 3, 3)), tensor("b1", w(8)), tensor("w2", w(8, 1, 3, 3)), tensor("w3", w(8, 8, 1, 1)),
+             tensor("halves", np.array([8, 8], np.int64)),
+             tensor("scales", np.array([1, 1, 2, 2], np.float32))]
+    model = _as_ir(make_model(nodes, [vinfo("x", shape=(1, 3, 12, 12))],
+                              [vinfo("y", shape=(1, 8)), vinfo("rm", shape=(1, 1, 6, 6))], inits))
+    feeds = _feeds(model)
+    exe = TvmBackend().compile(model, "llvm")
+    out, ref = exe.run(feeds), ort_run(model, feeds)
+    for k in ref:
+        np.testing.assert_allclose(out[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    conv_kernels = [k for k in exe.generated_source().split("\n") if "conv2d_nhwc" in k]
+    assert conv_kernels, "the convolutions were not converted to NHWC"
