@@ -1,4 +1,5 @@
-"""A residual ``Add`` feeding ``LayerNormalization`` is written as ``Sum`` (not for ORT CUDA).
+"""A residual ``Add`` feeding ``LayerNormalization`` is written as ``Sum`` (not for ORT CUDA);
+a bias Add and the residual Add after it become one 3-input ``Sum`` (:class:`BiasResidualSum`).
 
 Math: ``Sum(a, b) = Add(a, b)`` exactly (both elementwise, multidirectional broadcasting,
 same type), so ``LayerNormalization(Sum(a, b))`` is the model unchanged.
@@ -54,7 +55,6 @@ fusion("residual-sum", "portable", [ResidualSum.rule("residual-sum")], [("", "Su
        needs=("LayerNormalization",),
        not_for=[("ort-cuda", "ORT's CUDA SkipLayerNormalization is the fast kernel there"),
                 ("tvm-llvm", _TVM_WHY), ("tvm-cuda", _TVM_WHY)])
-
 
 
 class BiasResidualSum(pattern.RewriteRuleClassBase):
