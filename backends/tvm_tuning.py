@@ -227,6 +227,7 @@ def _in_process_builder_runner(work: Path, evaluator: dict):
 
 
 _ROUND = 64  # candidates per search round (MetaSchedule's default)
+_POPULATION_PER_CANDIDATE = 4  # evolutionary population per candidate measured in a round
 
 
 def _task_is_tuned(db, task) -> bool:
@@ -340,7 +341,8 @@ def tune(
             # A population sized to the round: the default (512, 50 unmeasured seeds)
             # costs a minute of search per task even for 8 trials.
             strategy = ms.search_strategy.EvolutionarySearch(
-                population_size=min(512, max(32, n * 4)), init_min_unmeasured=min(50, max(8, n))
+                population_size=min(512, max(32, n * _POPULATION_PER_CANDIDATE)),
+                init_min_unmeasured=min(50, max(8, n)),
             )
             _quiet_meta_schedule()  # its logging config resets the level on every call
             ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
