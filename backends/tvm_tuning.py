@@ -19,7 +19,7 @@
 
 from __future__ import annotations
 
-__all__ = ["TuningStats", "apply_database", "cache_dir", "count_records", "database_dir", "tune"]
+__all__ = ["TuningStats", "apply_database", "cache_dir", "count_records", "database_dir", "search_round", "tune"]
 
 import contextlib
 import fcntl
@@ -237,6 +237,42 @@ def _task_is_tuned(db, task) -> bool:
     return db.query_tuning_record(mod, task.target, "main") is not None
 
 
+@dataclass
+class _Kernel:
+    """One tunable kernel in a tuning call's plan."""
+
+    task: Any
+    key: str  # structural hash of the kernel: its entry in gcomp-trials.json
+    had: int  # trials it has had (this call included)
+    first: int  # the size of its first round (phase 1)
+    cost: float  # guessed seconds per model run, until a measured time exists
+
+    @property
+    def lacks(self) -> int:
+        return self.first - self.had
+
+
+def search_round(ms, task, n: int, *, work: Path, db, builder, runner, cost_model="xgb", seed: int = 0) -> None:
+    """One MetaSchedule search round of ``n`` candidates for ``task``, records into ``db``.
+
+    The population is sized to the round: the default (512, 50 unmeasured seeds) costs a
+    minute of search per task even for 8 trials.
+    """
+    strategy = ms.search_strategy.EvolutionarySearch(
+        population_size=min(512, max(32, n * _POPULATION_PER_CANDIDATE)),
+        init_min_unmeasured=min(50, max(8, n)),
+    )
+    _quiet_meta_schedule()  # its logging config resets the level on every call
+    ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        [task], str(work / "logs"), strategy=strategy, num_threads=os.cpu_count() or 1, seed=seed
+    )
+    ms.tune_tasks(
+        tasks=ctxs, task_weights=weights, work_dir=str(work), max_trials_global=n, max_trials_per_task=n,
+        num_trials_per_iter=n, builder=builder, runner=runner, database=db, cost_model=cost_model,
+        task_scheduler="round-robin",
+    )
+
+
 def _best_seconds(db, task) -> float | None:
     """The fastest measured time of ``task``'s kernel in ``db`` (None: not measured)."""
     mod = task.dispatched[0]
@@ -306,14 +342,14 @@ def tune(
         stats.skipped = len(tasks) - len(tunable)
         costs = [_task_cost(t) for t in tunable]
         shares = trial_shares(costs, trials)
-        plan = []  # [task, key, trials had, first round, guessed cost], heaviest first
+        plan: list[_Kernel] = []  # heaviest first
         for task, share, cost in sorted(zip(tunable, shares, costs), key=lambda item: -item[2]):
             key = str(tvm_ffi.structural_hash(task.dispatched[0]))
             had = attempts.get(key)
             first = min(_ROUND, share)
             if had is None and _task_is_tuned(db, task):
                 had = first  # records from elsewhere: count them as its first round
-            plan.append([task, key, had or 0, first, cost])
+            plan.append(_Kernel(task, key, had or 0, first, cost))
         if trials <= 0 or not plan:
             return stats
         builder, runner = _in_process_builder_runner(
@@ -327,70 +363,59 @@ def tune(
         measured = {"trials": 0, "seconds": 0.0}
         tuned: set[str] = set()
 
-        def rate_of(key: str) -> float:
-            if key in rates:
-                return rates[key]
+        def rate_of(kernel: _Kernel) -> float:
+            if kernel.key in rates:
+                return rates[kernel.key]
             if measured["trials"]:
                 return measured["seconds"] / measured["trials"]
             return _GUESS_SECONDS_PER_TRIAL
 
-        def run_round(i: int, entry: list, n: int) -> None:
-            task, key = entry[0], entry[1]
+        def affordable(kernel: _Kernel) -> float:
+            return min(left() / rate_of(kernel), 1e9)
+
+        def run_round(i: int, kernel: _Kernel, n: int) -> None:
             if progress:
-                progress(f"tuning task {i + 1}/{len(plan)} {task.task_name} ({n} trials)")
-            # A population sized to the round: the default (512, 50 unmeasured seeds)
-            # costs a minute of search per task even for 8 trials.
-            strategy = ms.search_strategy.EvolutionarySearch(
-                population_size=min(512, max(32, n * _POPULATION_PER_CANDIDATE)),
-                init_min_unmeasured=min(50, max(8, n)),
-            )
-            _quiet_meta_schedule()  # its logging config resets the level on every call
-            ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                [task], str(work / "logs"), strategy=strategy, num_threads=os.cpu_count() or 1, seed=seed
-            )
+                progress(f"tuning task {i + 1}/{len(plan)} {kernel.task.task_name} ({n} trials)")
             t0, before = time.perf_counter(), len(db)
-            ms.tune_tasks(
-                tasks=ctxs, task_weights=weights, work_dir=str(work), max_trials_global=n,
-                max_trials_per_task=n, num_trials_per_iter=n, builder=builder, runner=runner,
-                database=db, cost_model=cost_model, task_scheduler="round-robin",
-            )
+            search_round(ms, kernel.task, n, work=work, db=db, builder=builder, runner=runner,
+                         cost_model=cost_model, seed=seed)
             spent, made = time.perf_counter() - t0, len(db) - before
             stats.trials += made
             measured["trials"] += max(1, made)
             measured["seconds"] += spent
-            rates[key] = spent / max(1, made)
-            if task.task_name not in stats.task_names:
-                stats.task_names.append(task.task_name)
-            tuned.add(key)
-            entry[2] += n
-            attempts[key] = entry[2]
+            rates[kernel.key] = spent / max(1, made)
+            if kernel.task.task_name not in stats.task_names:
+                stats.task_names.append(kernel.task.task_name)
+            tuned.add(kernel.key)
+            kernel.had += n
+            attempts[kernel.key] = kernel.had
             _commit(work, db_dir, attempts)
 
-        # Phase 1: one round for every kernel that lacks it, scaled to the time left.
-        first = [(i, e) for i, e in enumerate(plan) if e[3] - e[2] >= 8]
-        for j, (i, entry) in enumerate(first):
-            need = entry[3] - entry[2]
-            planned = sum(e[3] - e[2] for _, e in first[j:])
-            affordable = min(left() / rate_of(entry[1]), 1e9)
-            n = min(_fit(need, planned, affordable), int(affordable))
-            if n < 8:
-                break
-            run_round(i, entry, n)
-        # Phase 2: the rest of the budget where the measured time is.
-        remaining = trials - sum(max(e[2], e[3]) for e in plan)
-        while remaining >= 8 and left() > 0:
-            def value(e):
-                best = _best_seconds(db, e[0])
-                return (best if best is not None else e[4]) * max(1, int(e[0].weight)) / max(1, e[2])
+        def measured_time_per_trial(kernel: _Kernel) -> float:
+            best = _best_seconds(db, kernel.task)
+            calls = max(1, int(kernel.task.weight))
+            return (best if best is not None else kernel.cost) * calls / max(1, kernel.had)
 
-            i, entry = max(enumerate(plan), key=lambda item: value(item[1]))
-            n = min(_ROUND, remaining, int(min(left() / rate_of(entry[1]), 1e9)))
+        # Phase 1: one round for every kernel that lacks it, scaled to the time left.
+        pending = [(i, k) for i, k in enumerate(plan) if k.lacks >= 8]
+        for j, (i, kernel) in enumerate(pending):
+            planned = sum(k.lacks for _, k in pending[j:])
+            fits = affordable(kernel)
+            n = min(_fit(kernel.lacks, planned, fits), int(fits))
             if n < 8:
                 break
-            run_round(i, entry, n)
+            run_round(i, kernel, n)
+        # Phase 2: the rest of the budget where the measured time is.
+        remaining = trials - sum(max(k.had, k.first) for k in plan)
+        while remaining >= 8 and left() > 0:
+            i, kernel = max(enumerate(plan), key=lambda item: measured_time_per_trial(item[1]))
+            n = min(_ROUND, remaining, int(affordable(kernel)))
+            if n < 8:
+                break
+            run_round(i, kernel, n)
             remaining -= n
         stats.tuned = len(tuned)
-        unfinished = sum(1 for e in plan if e[1] not in tuned and e[2] < e[3] - 7)
+        unfinished = sum(1 for k in plan if k.key not in tuned and k.lacks > 7)
         stats.skipped += unfinished
         stats.reused = len(plan) - stats.tuned - unfinished
     except BaseException:

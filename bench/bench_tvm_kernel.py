@@ -85,14 +85,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gcomp-kernel-"))
     builder, runner = tvm_tuning._in_process_builder_runner(work, {"number": 3, "repeat": 1, "min_repeat_ms": 50})
     db = ms.database.JSONDatabase(work_dir=str(work))
-    n = args.trials
-    strategy = ms.search_strategy.EvolutionarySearch(population_size=min(512, max(32, n * 4)),
-                                                     init_min_unmeasured=min(50, max(8, n)))
     t0 = time.perf_counter()
-    ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        [task], str(work / "logs"), strategy=strategy, num_threads=os.cpu_count() or 1, seed=0)
-    ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=str(work), max_trials_global=n, max_trials_per_task=n,
-                  num_trials_per_iter=n, builder=builder, runner=runner, database=db, task_scheduler="round-robin")
+    tvm_tuning.search_round(ms, task, args.trials, work=work, db=db, builder=builder, runner=runner)
     total = time.perf_counter() - t0
     best = tvm_tuning._best_seconds(db, task)
     search = total - spent["build"] - spent["time"]
