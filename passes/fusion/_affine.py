@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
-from gcomp.passes.fusion._dims import int_attr
+from gcomp.passes.fusion._dims import float_attr, int_attr
 from gcomp.passes.fusion._engine import const_array, fresh_initializer
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm")
@@ -55,11 +55,6 @@ class Linear:
     bias: np.ndarray | None  # Conv B / Gemm C constant (None when absent)
     has_bias: bool
     dtype: np.dtype
-
-
-def _float_attr(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_float()
 
 
 def linear_of(node: ir.Node) -> tuple[Linear | None, str]:
@@ -171,13 +166,13 @@ def fold(op, lin: Linear, x: ir.Value, scale: np.ndarray | None, shift: np.ndarr
     weight = w_val
     if node.op_type == "Gemm" and scale.size == 1:
         if scale[0] != 1.0:
-            attrs["alpha"] = ir.AttrFloat32("alpha", float(_float_attr(node, "alpha", 1.0) * scale[0]))
+            attrs["alpha"] = ir.AttrFloat32("alpha", float(float_attr(node, "alpha", 1.0) * scale[0]))
     elif not np.all(scale == 1.0):
         weight = fresh_initializer(op, _scaled_weight(lin, scale).astype(lin.dtype), base)
     if node.op_type == "Gemm":
         # C' = beta * C * s + t (C may be a scalar, [N], [1, N], [M, 1] or [M, N]: numpy's
         # broadcasting against the per-column s and t gives a C' Gemm still broadcasts).
-        beta = _float_attr(node, "beta", 1.0)
+        beta = float_attr(node, "beta", 1.0)
         attrs.pop("beta", None)
         old = lin.bias.astype(np.float64) * beta if lin.has_bias else np.zeros(1)
         bias = old * scale + shift

@@ -7,7 +7,7 @@ replaces such a graph by an op that takes the size implicitly must prove the two
 
 from __future__ import annotations
 
-__all__ = ["holds_dim", "int_attr", "same_dim", "shape_range"]
+__all__ = ["float_attr", "holds_dim", "int_attr", "same_dim", "shape_range"]
 
 import onnx_ir as ir
 
@@ -24,6 +24,11 @@ def same_dim(a, b) -> bool:
 def int_attr(node, name: str, default: int) -> int:
     attr = node.attributes.get(name)
     return default if attr is None else attr.as_int()
+
+
+def float_attr(node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_float()
 
 
 def holds_dim(value, x, k: int) -> bool:

@@ -3,15 +3,18 @@
 Exporters write a linear layer on an N-D tensor (GPT-2's ``Conv1D``, torch ``addmm`` on a
 view) as flatten, Gemm, unflatten, with the sizes read back at run time:
 
-    y = Reshape(Gemm(Reshape(x, [-1, K]), W, c; transB=t), Concat(d0, ..., d_{r-2}, [N]))
+    y = Reshape(Gemm(Reshape(x, [-1, K]), W, c; transB=t), Concat(d0, ..., d_{j-1}, [N]))
 
-Math. For x of rank r >= 3 with last dim K, flattening to ``[-1, K]`` puts row
-``(i0, ..., i_{r-2})`` of x at row ``i0*s0 + ...`` of the matrix; the Gemm maps each row
-independently (``row @ W' + c`` with ``W' = W^T`` when transB=1, else W, and c a per-column
-bias); the unflatten to ``[d0, ..., d_{r-2}, N]`` puts every row back where it came from
-exactly when ``d_k = x.shape[k]`` for each k. So
+Math. For x of rank r >= 3 whose trailing dims ``x.shape[j:]`` multiply to K (j = r-1:
+the last dim alone; j < r-1 when the flatten also merges dims, as GPT-2's head merge
+does), flattening to ``[-1, K]`` puts row ``(i0, ..., i_{j-1})`` of x at row
+``i0*s0 + ...`` of the matrix; the Gemm maps each row independently (``row @ W' + c``
+with ``W' = W^T`` when transB=1, else W, and c a per-column bias); the unflatten to
+``[d0, ..., d_{j-1}, N]`` puts every row back where it came from exactly when
+``d_k = x.shape[k]`` for each k < j. So, with ``x' = Reshape(x, [0]*j + [K])`` (0 copies
+x's dim; x' = x when j = r-1),
 
-    y == MatMul(x, W') + c
+    y == MatMul(x', W') + c
 
 with the same products and sums per element (MatMul broadcasts a 2-D W' over the leading
 dims). Only the bias is added after the dot product instead of before: one rounding of the
@@ -19,7 +22,8 @@ same terms in another order.
 
 Proved, not assumed: every ``d_k`` is x's dim k (a constant equal to a static dim, or read
 from ``Shape`` of x or of a tensor with the same dim, see ``_dims.holds_dim``), or y's
-inferred shape says so; the flatten shape is the constant ``[-1, K]``; alpha = beta = 1;
+inferred shape says so; the flatten shape is the constant ``[-1, K]`` with K the product of
+x's static trailing dims; alpha = beta = 1;
 transA = 0; c is a constant of shape [N], [1, N] or a scalar (a c that differs by row
 cannot be unflattened); W is a constant when transB = 1 (the transpose is folded once);
 the Gemm and the flattened tensor have no other use.
@@ -37,16 +41,11 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion._dims import holds_dim, int_attr, same_dim
+from gcomp.passes.fusion._dims import float_attr, holds_dim, int_attr, same_dim
 from gcomp.passes.fusion._engine import const_array, fresh_initializer, fusion
 
 ORDER = 12  # before the parallel-MatMul packing (15), the bias folds (20) and attention (80)
 _FLOATS = (np.float16, np.float32, np.float64)
-
-
-def _float_attr(node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_float()
 
 
 def _kept(y, target, x) -> int | None:
@@ -101,7 +100,7 @@ class UnflattenGemm(pattern.RewriteRuleClassBase):
         gemm = g.producer()
         if int_attr(gemm, "transA", 0) != 0:
             return result.fail("transA=1", gemm)
-        if _float_attr(gemm, "alpha", 1.0) != 1.0 or _float_attr(gemm, "beta", 1.0) != 1.0:
+        if float_attr(gemm, "alpha", 1.0) != 1.0 or float_attr(gemm, "beta", 1.0) != 1.0:
             return result.fail("alpha or beta is not 1", gemm)
         trans_b = int_attr(gemm, "transB", 0)
         if w.shape is None or w.shape.rank() != 2 or w.dtype != x.dtype:
