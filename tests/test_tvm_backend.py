@@ -222,15 +222,16 @@ def test_cli_compile_then_profile_auto(tmp_path):
     assert chosen[0]["p50_ms"] == min(c["p50_ms"] for c in ok)
 
 
-def _two_kernel_model():
-    """x[1,32] -> MatMul W1 -> Relu -> MatMul W2: two tuning tasks, each tiny."""
+def _two_kernel_model(rows=1, k=32, hidden=48, out=16):
+    """x[rows,k] -> MatMul W1 -> Relu -> MatMul W2: two tuning tasks (MatMul+Relu, MatMul),
+    each tiny at the default sizes."""
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
              helper.make_node("Relu", ["h"], ["r"], name="relu"),
              helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2")]
-    inits = [tensor("W1", rng.normal(size=(32, 48)).astype(np.float32)),
-             tensor("W2", rng.normal(size=(48, 16)).astype(np.float32))]
-    return _as_ir(make_model(nodes, [vinfo("x", shape=(1, 32))], [vinfo("y", shape=(1, 16))], inits))
+    inits = [tensor("W1", rng.normal(size=(k, hidden)).astype(np.float32)),
+             tensor("W2", rng.normal(size=(hidden, out)).astype(np.float32))]
+    return _as_ir(make_model(nodes, [vinfo("x", shape=(rows, k))], [vinfo("y", shape=(rows, out))], inits))
 
 
 @pytest.mark.slow
@@ -379,13 +380,7 @@ def test_every_kernel_gets_a_round_before_any_gets_a_second(tmp_path, monkeypatc
     from gcomp.backends import tvm_tuning
 
     monkeypatch.setattr(tvm_tuning, "_ROUND", 8)
-    rng = np.random.default_rng(0)
-    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="big"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "W2"], ["y"], name="small")]
-    inits = [tensor("W1", rng.normal(size=(256, 256)).astype(np.float32)),
-             tensor("W2", rng.normal(size=(256, 4)).astype(np.float32))]
-    model = _as_ir(make_model(nodes, [vinfo("x", shape=(64, 256))], [vinfo("y", shape=(64, 4))], inits))
+    model = _two_kernel_model(rows=64, k=256, hidden=256, out=4)
     said = []
     exe = TvmBackend().compile(model, "llvm", tune_trials=40, cache_dir=tmp_path, progress=said.append)
     rounds = [m.split()[3] for m in said if m.startswith("tuning task")]
