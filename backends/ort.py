@@ -94,7 +94,7 @@ class OrtExecutable:
         self.threads = threads
         self._tmp: str | None = None
         self._ir = model if isinstance(model, ir.Model) else None
-        self._path = None if isinstance(model, ir.Model) else str(model)
+        self._path = None if isinstance(model, (ir.Model, bytes)) else str(model)
         self._source = self._materialize(model)
         self._session = self._new_session()
         self.input_names = [i.name for i in self._session.get_inputs()]
@@ -105,6 +105,8 @@ class OrtExecutable:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _materialize(self, model) -> str | bytes:
+        if isinstance(model, bytes):  # a serialized ModelProto
+            return model
         if not isinstance(model, ir.Model):
             return str(model)
         if io.initializer_bytes(model) < io.PROTOBUF_LIMIT_BYTES // 2:

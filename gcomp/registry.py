@@ -16,6 +16,14 @@ once: as a keyword-only parameter of the pass's ``__init__``, annotated with
 A pipeline is a named sequence of stages; a stage is a group of passes run in order
 and, when ``repeat > 1``, re-run until no pass in it reports a change (at most
 ``repeat`` rounds). Later pipelines extend earlier ones (``O1`` = ``O0`` + cleanup).
+
+The registry is the bottom layer: it never imports a pass. The core
+(:mod:`gcomp.pipeline`) imports :mod:`gcomp.passes`, which registers the built-in passes.
+
+A pass that needs more than the model (to run a model: precision ``auto``, calibration;
+to know what a target accepts: fusion) declares a keyword-only ``context`` parameter;
+the pipeline hands it a :class:`PassContext`. ``context`` is not an option: ``gcomp
+passes`` does not list it and ``--set`` cannot give it.
 """
 
 from __future__ import annotations
@@ -35,21 +43,91 @@ __all__ = [
     "parse_option_value",
     "canonical_name",
     "pipeline_options",
+    "PassContext",
+    "Runtime",
+    "Capabilities",
+    "CONTEXT",
 ]
 
 import inspect
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import onnx_ir as ir
 
 from gcomp.errors import OptionError
 
 _PASSES: dict[str, PassInfo] = {}
 _PIPELINES: dict[str, Pipeline] = {}
-_builtins_loaded = False
+
+# The keyword-only ``__init__`` parameter through which a pass receives a PassContext.
+CONTEXT = "context"
+
+
+class Runtime(Protocol):
+    """How a pass runs a model. The core provides it (:mod:`gcomp.runtime`); a pass never
+    imports a runtime itself."""
+
+    def run(
+        self,
+        model: Any,  # an ir.Model, or an onnx.ModelProto (small single-node models)
+        feeds: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] | None = None,
+        threads: int | None = None,
+        emulate: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """Outputs by name (``outputs``: which values, default the graph's outputs).
+
+        ``emulate``: evaluate an fp16/bf16 model as verification does (fp32 compute, every
+        reduced-precision value rounded where it is made), not as the runtime would.
+        Raises :class:`gcomp.errors.BackendError` when the model does not run.
+        """
+        ...
+
+
+class Capabilities(Protocol):
+    """What one compilation target accepts (defined by :mod:`gcomp.backends`)."""
+
+    name: str  # "portable", "ort-cpu", ...
+    backend: str | None  # "ort", "tvm"; None for portable
+    device: str | None  # "cpu", "cuda", "llvm"; None for portable
+
+    def accepts(self, domain: str, op_type: str, version: int) -> bool:
+        """Whether the target runs ``domain::op_type`` in a model of opset ``version``."""
+        ...
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What the pipeline hands a pass that declares a ``context`` parameter.
+
+    ``runtime`` runs models (the reference runtime: ONNX Runtime, optimizations off).
+    ``capabilities`` maps a target name to what it accepts; it raises
+    :class:`gcomp.errors.OptionError` for an unknown name.
+    """
+
+    runtime: Runtime | None = None
+    capabilities: Callable[[str], Capabilities] | None = None
+
+    def target(self, name: str) -> Capabilities:
+        if self.capabilities is None:
+            raise OptionError(
+                f"target '{name}': this pass needs the targets' capabilities; run it through "
+                "gcomp.optimize or give it context=gcomp.runtime.pass_context()"
+            )
+        return self.capabilities(name)
+
+    def need_runtime(self, what: str) -> Runtime:
+        if self.runtime is None:
+            raise OptionError(
+                f"{what} runs the model: run it through gcomp.optimize or give the pass "
+                "context=gcomp.runtime.pass_context()"
+            )
+        return self.runtime
 
 
 @dataclass(frozen=True)
@@ -73,8 +151,9 @@ class PassInfo:
     cls: type[ir.passes.PassBase]
     summary: str
     options: tuple[OptionInfo, ...]
+    takes_context: bool = False
 
-    def create(self, **options: Any) -> ir.passes.PassBase:
+    def create(self, *, context: PassContext | None = None, **options: Any) -> ir.passes.PassBase:
         known = {o.name: o for o in self.options}
         for key, value in options.items():
             if key not in known:
@@ -83,6 +162,8 @@ class PassInfo:
                     + (f" (options: {', '.join(known)})" if known else " (it takes none)")
                 )
             _check_type(known[key], value, self.name)
+        if self.takes_context and context is not None:
+            return self.cls(context=context, **options)
         return self.cls(**options)
 
 
@@ -100,12 +181,6 @@ class Pipeline:
     summary: str
     stages: tuple[Stage, ...] = field(default_factory=tuple)
 
-    def pass_names(self) -> list[str]:
-        names: list[str] = []
-        for stage in self.stages:
-            names.extend(n for n in stage.passes if n not in names)
-        return names
-
 
 def register_pass(name: str, *, summary: str | None = None) -> Callable[[type], type]:
     """Class decorator: register an onnx-ir pass under ``name``.
@@ -121,7 +196,8 @@ def register_pass(name: str, *, summary: str | None = None) -> Callable[[type], 
             raise ValueError(f"pass name '{name}' clashes with a pipeline")
         doc = inspect.getdoc(cls) or ""
         text = summary or (doc.splitlines()[0] if doc else cls.__name__)
-        _PASSES[name] = PassInfo(name, cls, text, _options_of(cls))
+        takes_context = CONTEXT in inspect.signature(cls.__init__).parameters
+        _PASSES[name] = PassInfo(name, cls, text, _options_of(cls), takes_context)
         return cls
 
     return decorate
@@ -138,17 +214,14 @@ def register_pipeline(name: str, summary: str, *stages: Stage | Sequence[str]) -
 
 
 def passes() -> dict[str, PassInfo]:
-    _load_builtins()
     return dict(_PASSES)
 
 
 def pipelines() -> dict[str, Pipeline]:
-    _load_builtins()
     return dict(_PIPELINES)
 
 
 def get_pass(name: str) -> PassInfo:
-    _load_builtins()
     try:
         return _PASSES[name]
     except KeyError:
@@ -158,7 +231,6 @@ def get_pass(name: str) -> PassInfo:
 
 
 def get_pipeline(name: str) -> Pipeline:
-    _load_builtins()
     key = canonical_name(name)
     try:
         return _PIPELINES[key]
@@ -175,7 +247,6 @@ def resolve(spec: str | Sequence[str | ir.passes.PassBase]) -> Pipeline | list:
     pipeline and pass names (``"O1,my-pass"``), or a list mixing names and pass
     instances. Returns a list of :class:`Stage` or pass instances, in order.
     """
-    _load_builtins()
     items: list[str | ir.passes.PassBase]
     if isinstance(spec, str):
         items = [s.strip() for s in spec.split(",") if s.strip()]
@@ -265,7 +336,7 @@ def _options_of(cls: type) -> tuple[OptionInfo, ...]:
         hints = {}
     options = []
     for p in sig.parameters.values():
-        if p.name == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+        if p.name in ("self", CONTEXT) or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
             continue
         if p.kind is not p.KEYWORD_ONLY:
             raise TypeError(
@@ -294,9 +365,3 @@ def canonical_name(name: str) -> str:
         return "O" + name[1]
     return name
 
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        import gcomp.passes  # noqa: F401  (registers the built-in passes and pipelines)

@@ -1,0 +1,81 @@
+"""The one way the core runs a model: what passes, verification and timing share.
+
+Passes never import a runtime. When one must evaluate a model (constant folding of heavy
+ops, precision ``auto``, calibration), the pipeline hands it a
+:class:`gcomp.registry.PassContext` built here, holding
+
+- a :class:`ReferenceRuntime`: ONNX Runtime on the CPU with its own graph optimizations
+  off (what gcomp verifies against), or emulated reduced precision with ``emulate=True``;
+- the targets' capabilities (:func:`gcomp.backends.capabilities`), so fusion asks what a
+  target accepts without importing a backend.
+
+Verification (:mod:`gcomp.verify`) and per-pass timing (:func:`time_model`) come through
+here too, so every place that runs a model runs it the same way.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ReferenceRuntime", "pass_context", "reference", "time_model"]
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from gcomp import backends
+from gcomp.backends.ort import OrtBackend, OrtExecutable
+from gcomp.errors import BackendError
+from gcomp.registry import PassContext
+
+
+def reference(model: ir.Model | str | Path | bytes, *, threads: int | None = None) -> OrtExecutable:
+    """``model`` loaded in ONNX Runtime on the CPU with its optimizations off."""
+    return OrtBackend().compile(model, "cpu", optimization="disable", threads=threads)
+
+
+class ReferenceRuntime:
+    """:class:`gcomp.registry.Runtime` on ONNX Runtime's CPU provider, optimizations off."""
+
+    def __init__(self, *, timeout: float | None = None) -> None:
+        self.timeout = timeout
+
+    def run(
+        self,
+        model: Any,
+        feeds: Mapping[str, np.ndarray],
+        *,
+        threads: int | None = None,
+        emulate: bool = False,
+    ) -> dict[str, np.ndarray]:
+        if emulate:
+            from gcomp.verify.emulate import emulate as run_emulated
+
+            return run_emulated(model, feeds, timeout=self.timeout)
+        if not isinstance(model, (ir.Model, str, Path, bytes)):
+            model = model.SerializeToString()  # an onnx.ModelProto (fold's one-node models)
+        timeout = {"timeout": self.timeout} if self.timeout else {}
+        return reference(model, threads=threads).run(feeds, **timeout)
+
+
+def pass_context(*, timeout: float | None = None) -> PassContext:
+    """The context the pipeline gives passes: the reference runtime and the targets."""
+    return PassContext(runtime=ReferenceRuntime(timeout=timeout), capabilities=backends.capabilities)
+
+
+def time_model(model: ir.Model, feeds: Mapping[str, np.ndarray], runs: int = 7) -> float | None:
+    """Median wall time (ms) of ``runs`` runs on ONNX Runtime (all its optimizations),
+    after one untimed run; None when the model does not run there."""
+    try:
+        exe = OrtBackend().compile(model, "cpu")
+        exe.run(feeds)
+        samples = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            exe.run(feeds)
+            samples.append((time.perf_counter() - t0) * 1e3)
+    except BackendError:
+        return None
+    return sorted(samples)[len(samples) // 2]
