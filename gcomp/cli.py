@@ -79,7 +79,7 @@ def _load_plugins(plugins: tuple[Path, ...]) -> None:
 
 
 def _parse_sets(pipeline, sets: tuple[str, ...]) -> dict:
-    from gcomp import registry
+    from gcomp.pipeline import registry  # the pipeline module loads the built-in passes
 
     declared = registry.pipeline_options(pipeline)
     options = {}
@@ -346,7 +346,7 @@ def _print_summary(result, doc) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def passes(as_json):
     """List the registered passes, their options, and the pipelines."""
-    from gcomp import registry
+    from gcomp.pipeline import registry  # the pipeline module loads the built-in passes
 
     ps, pls = registry.passes(), registry.pipelines()
     if as_json:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+import gcomp.passes  # noqa: F401  (registers the built-in passes and pipelines)
 from gcomp import io, registry
 from gcomp.errors import GcompError, OptionError, PassFailedError
 from gcomp.stats import ModelStats, model_stats

@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 
 import gcomp
-from gcomp import registry
+from gcomp.pipeline import registry  # importing the pipeline registers the built-in passes
 from gcomp.errors import OptionError, PassFailedError
 
 REPO = Path(__file__).resolve().parents[1]

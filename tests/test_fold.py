@@ -8,7 +8,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper
 
 import gcomp
-from gcomp import registry
+from gcomp.pipeline import registry  # importing the pipeline registers the built-in passes
 from tests.conftest import assert_same_outputs, make_model, tensor, vinfo
 
 X = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from gcomp import registry
+from gcomp.pipeline import registry  # importing the pipeline registers the built-in passes
 from tests.conftest import assert_same_outputs, make_model, tensor, vinfo
 
 FEEDS = {"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)}
