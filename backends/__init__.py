@@ -5,7 +5,7 @@ Backends are imported lazily by name so that ``gcomp --help`` never loads a runt
 
 from __future__ import annotations
 
-__all__ = ["BACKENDS", "get_backend", "targets", "supports", "target_accepts"]
+__all__ = ["BACKENDS", "get_backend", "targets", "supports", "target_accepts", "capabilities"]
 
 import importlib
 
@@ -45,3 +45,11 @@ def target_accepts(target: str, domain: str, op_type: str, version: int) -> bool
     """:func:`supports` in the argument order the fusion passes ask in
     (``gcomp.passes.fusion.targets.accepts`` uses it when present)."""
     return supports(target, op_type, domain, version)
+
+
+def capabilities(name: str):
+    """What target ``name`` accepts, as the :class:`gcomp.registry.Capabilities` the
+    pipeline hands fusion passes; OptionError for an unknown target."""
+    from gcomp.backends.target_ops import capabilities as _capabilities
+
+    return _capabilities(name)

@@ -16,9 +16,12 @@ The answers are about importing/loading, not speed.
 
 from __future__ import annotations
 
-__all__ = ["TARGETS", "ort_max_opset", "ort_supports", "supports", "targets"]
+__all__ = ["TARGETS", "Target", "capabilities", "ort_max_opset", "ort_supports", "supports", "targets"]
 
 import functools
+from dataclasses import dataclass
+
+from gcomp.errors import OptionError
 
 # target name -> (backend name, backend target); portable is the intersection of the rest.
 TARGETS: dict[str, tuple[str, str] | None] = {
@@ -29,6 +32,26 @@ TARGETS: dict[str, tuple[str, str] | None] = {
     "portable": None,
 }
 _STANDARD = ("", "ai.onnx")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target's capabilities (:class:`gcomp.registry.Capabilities`)."""
+
+    name: str
+    backend: str | None
+    device: str | None
+
+    def accepts(self, domain: str, op_type: str, version: int) -> bool:
+        return supports(self.name, op_type, domain, version)
+
+
+@functools.cache
+def capabilities(name: str) -> Target:
+    if name not in TARGETS:
+        raise OptionError(f"unknown target '{name}' (targets: {', '.join(TARGETS)})")
+    backend, device = TARGETS[name] or (None, None)
+    return Target(name, backend, device)
 
 
 def targets() -> list[str]:

@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 import gcomp.passes  # noqa: F401  (registers the built-in passes and pipelines)
-from gcomp import io, registry
+from gcomp import io, registry, runtime
 from gcomp.errors import GcompError, OptionError, PassFailedError
 from gcomp.stats import ModelStats, model_stats
 from gcomp.verify import CannotVerify, Reference, Tolerance, Verification
@@ -157,7 +157,7 @@ def optimize(
         given = dict(options)
         options = dict(options)
         precision_step = _precision_step(precision, options, inputs=inputs, input_shapes=input_shapes, seed=seed)
-    steps = _instantiate(pipeline, options)
+    steps = _instantiate(pipeline, options, runtime.pass_context())
     if precision_step is not None:
         steps.append(([precision_step], 1))  # after every pass of the pipeline (fusion first)
 
@@ -249,8 +249,11 @@ def _with_default_target(pipeline, options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def _instantiate(pipeline, options: Mapping[str, Any]) -> list[tuple[list[tuple[str, ir.passes.PassBase]], int]]:
-    """Resolve the pipeline and build pass objects; every option must be used by some pass."""
+def _instantiate(
+    pipeline, options: Mapping[str, Any], context: registry.PassContext | None = None
+) -> list[tuple[list[tuple[str, ir.passes.PassBase]], int]]:
+    """Resolve the pipeline and build pass objects; every option must be used by some pass.
+    Passes that declare a ``context`` parameter receive ``context``."""
     steps = []
     used: set[str] = set()
     for step in registry.resolve(pipeline):
@@ -262,7 +265,7 @@ def _instantiate(pipeline, options: Mapping[str, Any]) -> list[tuple[list[tuple[
             info = registry.get_pass(name)
             mine = {o.name: options[o.name] for o in info.options if o.name in options}
             used.update(mine)
-            group.append((name, info.create(**mine)))
+            group.append((name, info.create(context=context, **mine)))
         steps.append((group, step.repeat))
     unused = sorted(set(options) - used)
     if unused:

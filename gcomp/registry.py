@@ -107,11 +107,14 @@ class PassContext:
 
     ``runtime`` runs models (the reference runtime: ONNX Runtime, optimizations off).
     ``capabilities`` maps a target name to what it accepts; it raises
-    :class:`gcomp.errors.OptionError` for an unknown name.
+    :class:`gcomp.errors.OptionError` for an unknown name. ``specialize(model, mesh)``
+    returns ``model`` fixed to gcomp's default input shapes for a sharding mesh and
+    folded (pipeline O1), for passes that must see through exporters' shape arithmetic.
     """
 
     runtime: Runtime | None = None
     capabilities: Callable[[str], Capabilities] | None = None
+    specialize: Callable[[ir.Model, Any], ir.Model] | None = None
 
     def target(self, name: str) -> Capabilities:
         if self.capabilities is None:

@@ -61,8 +61,17 @@ class ReferenceRuntime:
 
 
 def pass_context(*, timeout: float | None = None) -> PassContext:
-    """The context the pipeline gives passes: the reference runtime and the targets."""
-    return PassContext(runtime=ReferenceRuntime(timeout=timeout), capabilities=backends.capabilities)
+    """The context the pipeline gives passes: the reference runtime, the targets, and
+    specialization for sharding plans."""
+    return PassContext(
+        runtime=ReferenceRuntime(timeout=timeout), capabilities=backends.capabilities, specialize=_specialize
+    )
+
+
+def _specialize(model: ir.Model, mesh: Any) -> ir.Model:
+    from gcomp.distributed.runner import specialize_for_mesh
+
+    return specialize_for_mesh(model, mesh)
 
 
 def time_model(model: ir.Model, feeds: Mapping[str, np.ndarray], runs: int = 7) -> float | None:

@@ -10,7 +10,9 @@ initializers in the main graph and ``Constant`` nodes in subgraphs and functions
 cannot hold initializers); ``Constant`` nodes of the main graph become initializers.
 
 Evaluation: ONNX's reference evaluator for small work (a fraction of a millisecond per
-node), ONNX Runtime for heavy ops and large inputs; if one fails the other is tried.
+node), the runtime the pipeline hands the pass (``context.runtime``: ONNX Runtime) for
+heavy ops and large inputs; if one fails the other is tried. Without a context (a pass
+built by hand), the reference evaluator does all the work.
 
 Refuses, and reports why in ``result.details``:
 - non-deterministic ops (Random*, Multinomial, Bernoulli, Dropout that may train),
@@ -41,7 +43,7 @@ import onnx_ir as ir
 from gcomp.passes.rewire import bypass
 from gcomp.passes.scopes import all_scopes
 from gcomp.passes.symbolic import SymbolicShapes
-from gcomp.registry import register_pass
+from gcomp.registry import PassContext, Runtime, register_pass
 
 NON_DETERMINISTIC = frozenset(
     {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike", "Multinomial", "Bernoulli"}
@@ -78,10 +80,12 @@ class FoldConstants(ir.passes.InPlacePass):
         *,
         max_fold_bytes: Annotated[int, "largest folded output allowed to be bigger than the node's inputs"] = 1024,
         lift_constants: Annotated[bool, "turn the main graph's Constant nodes into initializers"] = True,
+        context: PassContext | None = None,
     ) -> None:
         super().__init__()
         self.max_fold_bytes = max_fold_bytes
         self.lift_constants = lift_constants
+        self.runtime = context.runtime if context is not None else None
 
     def call(self, model: ir.Model) -> FoldResult:
         self._model = model
@@ -199,7 +203,8 @@ class FoldConstants(ir.passes.InPlacePass):
                     node, f"size: output {out_bytes} bytes > max_fold_bytes and > its inputs ({in_bytes} bytes)"
                 )
         try:
-            results = _evaluate(node, arrays, self._model, heavy=node.op_type in _HEAVY_OPS or in_bytes > (1 << 20))
+            heavy = node.op_type in _HEAVY_OPS or in_bytes > (1 << 20)
+            results = _evaluate(node, arrays, self._model, heavy=heavy, runtime=self.runtime)
         except _CannotEvaluate as e:
             return self._skip(node, f"evaluator: {e}")
         if sizes is None and sum(r.nbytes for r in results) > max(self.max_fold_bytes, in_bytes):
@@ -404,7 +409,7 @@ def _predict_output_bytes(node: ir.Node, arrays, model: ir.Model) -> list[int] |
     return sizes
 
 
-def _evaluate(node: ir.Node, arrays, model: ir.Model, heavy: bool) -> list[np.ndarray]:
+def _evaluate(node: ir.Node, arrays, model: ir.Model, heavy: bool, runtime: Runtime | None) -> list[np.ndarray]:
     import onnx
     from onnx import helper
 
@@ -420,17 +425,20 @@ def _evaluate(node: ir.Node, arrays, model: ir.Model, heavy: bool) -> list[np.nd
     graph = helper.make_graph([proto], "fold", inputs, [helper.make_empty_tensor_value_info(o) for o in outs])
     fold_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _opset(model))])
     fold_model.ir_version = min(model.ir_version or 10, 10)
-    engines = (_run_ort, _run_reference) if heavy else (_run_reference, _run_ort)
+    engines = [("reference", _run_reference)]
+    if runtime is not None:
+        # One thread: a folded node is small work, and threads cost more than they give.
+        engines.insert(0 if heavy else 1, ("ort", lambda m, f: list(runtime.run(m, f, threads=1).values())))
     errors = []
-    for engine in engines:
+    for name, engine in engines:
         try:
             results = engine(fold_model, feeds)
         except Exception as e:  # each engine has its gaps; the other may cover them
-            errors.append(f"{engine.__name__[5:]}: {' '.join(str(e).split())[:120]}")
+            errors.append(f"{name}: {' '.join(str(e).split())[:120]}")
             continue
         if all(isinstance(r, np.ndarray) for r in results):
             return [np.asarray(r) for r in results]
-        errors.append(f"{engine.__name__[5:]}: non-tensor output")
+        errors.append(f"{name}: non-tensor output")
     raise _CannotEvaluate("; ".join(errors))
 
 
@@ -443,17 +451,6 @@ def _run_reference(fold_model, feeds) -> list:
         warnings.simplefilter("ignore")
         with np.errstate(all="ignore"):
             return ReferenceEvaluator(fold_model).run(None, feeds)
-
-
-def _run_ort(fold_model, feeds) -> list:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 4
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(fold_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
 
 
 # ---------------------------------------------------------------- shape values

@@ -8,6 +8,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper
 
 import gcomp
+from gcomp import runtime
 from gcomp.pipeline import registry  # importing the pipeline registers the built-in passes
 from tests.conftest import assert_same_outputs, make_model, tensor, vinfo
 
@@ -16,7 +17,7 @@ X = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
 
 def fold(proto, **options):
     model = ir.from_proto(proto)
-    result = registry.get_pass("fold-constants").create(**options)(model)
+    result = registry.get_pass("fold-constants").create(context=runtime.pass_context(), **options)(model)
     return result, ir.to_proto(model)
 
 

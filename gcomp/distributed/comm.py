@@ -95,8 +95,5 @@ class MpiCommunicator:
     def barrier(self) -> None:
         self.world.Barrier()
 
-    def gather_to_root(self, obj):
-        return self.world.gather(obj, root=0)
-
     def bcast(self, obj):
         return self.world.bcast(obj, root=0)

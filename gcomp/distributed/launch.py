@@ -154,13 +154,13 @@ def shard_command(params: dict, echo=print) -> int:
     """``gcomp shard``: specialize to input shapes and fold (O1), plan, annotate (IR v11),
     print the summary, optionally write per-rank graphs."""
     from gcomp import io
-    from gcomp.passes.sharding import annotate, format_summary, partition, plan, summarize
+    from gcomp.passes.sharding import annotate, partition, plan, summarize
 
     source = Path(params["model"])
     output = Path(params["output"])
     io.check_writable(output, source=source)
     model = io.load(source)
-    from gcomp.distributed.runner import _specialize, make_feeds
+    from gcomp.distributed.runner import make_feeds, specialize
     from gcomp.inputs import parse_input_shapes
     from gcomp.passes.sharding import parse_mesh
 
@@ -171,7 +171,7 @@ def shard_command(params: dict, echo=print) -> int:
     if not input_shapes and not params.get("json"):
         shapes = " ".join(f"--input-shape {k}={','.join(map(str, v.shape))}" for k, v in feeds.items())
         echo(f"note: planned for the input shapes {shapes}")
-    model = _specialize(model, feeds)
+    model = specialize(model, feeds)
     overrides = dict(o.split("=", 1) for o in params.get("overrides") or ())
     p = plan(model, params["shard"], overrides=overrides)
     summary = summarize(model, p)
@@ -190,6 +190,30 @@ def shard_command(params: dict, echo=print) -> int:
         echo(format_summary(summary))
         echo(f"wrote {output}" + (f" and {len(rank_models)} rank graphs in {ranks_dir}" if ranks_dir else ""))
     return 0
+
+
+def format_summary(summary: dict) -> str:
+    """A short plain-text table of :func:`gcomp.passes.sharding.summarize`'s result."""
+    from gcomp.report import human_bytes
+
+    lines = [
+        f"mesh {summary['mesh']} ({summary['ranks']} ranks)",
+        (
+            f"parameters: {human_bytes(summary['parameter_bytes'])} "
+            f"(split {human_bytes(summary['sharded_parameter_bytes'])}, "
+            f"replicated {human_bytes(summary['replicated_parameter_bytes'])}); "
+            f"per rank {human_bytes(summary['parameter_bytes_per_rank'])}"
+        ),
+        (
+            f"collectives per forward: {summary['all_reduces']} all-reduce "
+            f"({summary['row_parallel_all_reduces']} after row-parallel layers), "
+            f"{summary['all_gathers']} all-gather"
+        ),
+    ]
+    for c in summary["collectives"]:
+        b = human_bytes(c["bytes"]) if c["bytes"] is not None else "?"
+        lines.append(f"  {c['kind']:<9} over {','.join(c['mesh_axes']):<3} {b:>10}  {c['tensor']}  ({c['reason']})")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

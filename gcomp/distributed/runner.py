@@ -98,7 +98,7 @@ def prepare(model, shard: str | Mesh | None, feeds: Mapping[str, np.ndarray], *,
         mesh = annotated[0]
     else:
         mesh = shard if isinstance(shard, Mesh) else parse_mesh(shard)
-    m = _specialize(m, feeds)
+    m = specialize(m, feeds)
     if annotated is not None:
         plan = propagate(m, mesh, annotated[1], {})
     else:
@@ -107,7 +107,7 @@ def prepare(model, shard: str | Mesh | None, feeds: Mapping[str, np.ndarray], *,
     return Prepared(m, mesh, plan, layouts)
 
 
-def _specialize(m: ir.Model, feeds: Mapping[str, np.ndarray] | None) -> ir.Model:
+def specialize(m: ir.Model, feeds: Mapping[str, np.ndarray] | None) -> ir.Model:
     """Fix input shapes to ``feeds``' (if given), fold with O1, and infer every shape:
     exporters' Shape/Gather/Concat chains become constants the planner can read."""
     from onnx_ir.passes.common import ShapeInferencePass
@@ -119,6 +119,12 @@ def _specialize(m: ir.Model, feeds: Mapping[str, np.ndarray] | None) -> ir.Model
             v.shape = ir.Shape(list(np.asarray(feeds[v.name]).shape))
     m = gcomp.optimize(m, "O1", verify=False).model
     return ShapeInferencePass()(m).model
+
+
+def specialize_for_mesh(model: ir.Model, mesh: Mesh) -> ir.Model:
+    """``model`` specialized to gcomp's default input shapes for ``mesh`` (a batch
+    divisible by dp), folded: what the shard pass plans on."""
+    return specialize(model, make_feeds(model, mesh))
 
 
 def segments(rank_model: ir.Model, *, threads: int | None = None, optimization: str = "all") -> list[Segment]:

@@ -22,7 +22,6 @@ __all__ = [
     "ShardingError",
     "annotate",
     "check_annotations",
-    "format_summary",
     "parse_mesh",
     "partition",
     "partition_rank",
@@ -38,7 +37,7 @@ from gcomp.passes.sharding.annotate import annotate, check_annotations, read_ann
 from gcomp.passes.sharding.mesh import Layout, Mesh, Shard, ShardingError, parse_mesh
 from gcomp.passes.sharding.partition import partition, partition_rank
 
-from gcomp.registry import register_pass
+from gcomp.registry import PassContext, register_pass
 
 
 def plan(model: ir.Model, mesh: str | Mesh, *, overrides: dict[str, str] | None = None):
@@ -61,30 +60,6 @@ def plan(model: ir.Model, mesh: str | Mesh, *, overrides: dict[str, str] | None 
     return propagate(model, mesh, seeds, roles)
 
 
-def format_summary(summary: dict) -> str:
-    """A short plain-text table of :func:`summarize`'s result."""
-    from gcomp.report import human_bytes
-
-    lines = [
-        f"mesh {summary['mesh']} ({summary['ranks']} ranks)",
-        (
-            f"parameters: {human_bytes(summary['parameter_bytes'])} "
-            f"(split {human_bytes(summary['sharded_parameter_bytes'])}, "
-            f"replicated {human_bytes(summary['replicated_parameter_bytes'])}); "
-            f"per rank {human_bytes(summary['parameter_bytes_per_rank'])}"
-        ),
-        (
-            f"collectives per forward: {summary['all_reduces']} all-reduce "
-            f"({summary['row_parallel_all_reduces']} after row-parallel layers), "
-            f"{summary['all_gathers']} all-gather"
-        ),
-    ]
-    for c in summary["collectives"]:
-        b = human_bytes(c["bytes"]) if c["bytes"] is not None else "?"
-        lines.append(f"  {c['kind']:<9} over {','.join(c['mesh_axes']):<3} {b:>10}  {c['tensor']}  ({c['reason']})")
-    return "\n".join(lines)
-
-
 @register_pass("shard")
 class ShardPass(ir.passes.InPlacePass):
     """Annotate the model with IR v11 sharding specs for a mesh (Megatron tp, batch dp).
@@ -92,19 +67,23 @@ class ShardPass(ir.passes.InPlacePass):
     Main graph only. The plan's seeds are always recorded; the standard per-node specs are
     complete where shapes are static (``gcomp shard --input-shape`` specializes first)."""
 
-    def __init__(self, *, shard: Annotated[str, "mesh: tp=N, dp=N or dp=A,tp=B"] = "tp=2") -> None:
+    def __init__(
+        self, *, shard: Annotated[str, "mesh: tp=N, dp=N or dp=A,tp=B"] = "tp=2", context: PassContext | None = None
+    ) -> None:
         super().__init__()
         self.mesh = parse_mesh(shard)
+        self.context = context or PassContext()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from gcomp.passes.sharding.propagate import propagate
 
-        from gcomp.distributed.runner import _specialize, make_feeds
-
         # Structure is found on a folded copy with gcomp's default input shapes (exporters'
         # Shape chains hide it otherwise); the seeds then annotate this model as it is.
+        if self.context.specialize is None:
+            raise ShardingError("the shard pass folds a copy of the model for the mesh: run it through "
+                                "gcomp.optimize or give it context=gcomp.runtime.pass_context()")
         copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-        folded = _specialize(copy, make_feeds(copy, self.mesh))
+        folded = self.context.specialize(copy, self.mesh)
         found = plan(folded, self.mesh)
         names = {v.name for v in model.graph.inputs} | set(model.graph.initializers)
         seeds = {k: v for k, v in found.seeds.items() if k in names}
