@@ -112,12 +112,12 @@ def specialize(m: ir.Model, feeds: Mapping[str, np.ndarray] | None) -> ir.Model:
     exporters' Shape/Gather/Concat chains become constants the planner can read."""
     from onnx_ir.passes.common import ShapeInferencePass
 
-    import gcomp
+    from gcomp.pipeline import optimize
 
     for v in m.graph.inputs:
         if feeds and v.name in feeds and v.const_value is None:
             v.shape = ir.Shape(list(np.asarray(feeds[v.name]).shape))
-    m = gcomp.optimize(m, "O1", verify=False).model
+    m = optimize(m, "O1", verify=False).model
     return ShapeInferencePass()(m).model
 
 
