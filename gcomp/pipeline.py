@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PassStats", "Result", "optimize"]
+__all__ = ["Checks", "PassStats", "Result", "optimize"]
 
 import gc
 import os
@@ -88,6 +88,39 @@ class Result:
 ProgressCallback = Callable[[str, int, "PassStats | None"], None]
 
 
+@dataclass(frozen=True)
+class Checks:
+    """How :func:`optimize` checks its work (its keyword arguments of the same names)."""
+
+    verify: bool = True
+    inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None
+    seed: int = 0
+    tolerances: Mapping[str, Tolerance] | None = None
+    bisect: bool = True
+    max_tensor_bytes: int | None = None
+    verify_timeout: float | None = None
+    pass_errors: bool = False
+    pass_latency: bool = False
+
+
+@dataclass
+class _Loaded:
+    model: ir.Model
+    source: str | None
+    from_file: bool
+    seconds: float
+
+
+@dataclass
+class _Baseline:
+    """The original model's outputs (``reference``), or why there are none."""
+
+    reference: Reference | None = None
+    verification: Verification | None = None
+    original_bytes: bytes | None = None  # a copy to bisect on, when the caller's model is changed in place
+
+
 def optimize(
     model: ir.Model | str | os.PathLike,
     pipeline: str | Sequence[str | ir.passes.PassBase] = "O1",
@@ -123,7 +156,7 @@ def optimize(
         verify_timeout: seconds a reference run may take before it is stopped (300).
         precision: ``"fp16"``, ``"bf16"`` or ``"auto"``: convert to mixed precision after
             the pipeline (pass ``convert-precision``; its options go in ``**options``);
-            verification then emulates the reduced precision (gcomp.passes.precision).
+            verification then emulates the reduced precision (gcomp.verify.emulate).
         pass_latency: after every pass that changes the model (and before the first
             pass, as ``Result.input_latency_ms``), time it on ONNX Runtime with its
             optimizations on (median of a few runs on the reference inputs; needs
@@ -138,97 +171,116 @@ def optimize(
         ``result.verification``, not raised: the caller decides.
     """
     t_start = time.perf_counter()
+    checks = Checks(verify, inputs, input_shapes, seed, tolerances, bisect, max_tensor_bytes, verify_timeout,
+                    pass_errors, pass_latency)
     options = _with_default_target(pipeline, dict(options))
-    source: str | None = None
-    load_seconds = 0.0
-    if isinstance(model, ir.Model):
-        ir_model = model
-        source_path = io.source_path(model)
-        source = str(source_path) if source_path else None
-    else:
-        source = str(Path(model))
-        t_load = time.perf_counter()
-        ir_model = io.load(model)
-        load_seconds = time.perf_counter() - t_load
-    precision_step = None
-    if precision is not None:
-        from gcomp.passes.precision.mixed import precision_step as _precision_step
-
-        given = dict(options)
-        options = dict(options)
-        precision_step = _precision_step(precision, options, inputs=inputs, input_shapes=input_shapes, seed=seed)
-    steps = _instantiate(pipeline, options, runtime.pass_context())
-    if precision_step is not None:
-        steps.append(([precision_step], 1))  # after every pass of the pipeline (fusion first)
-
-    reference: Reference | None = None
-    verification: Verification | None = None
-    original_bytes: bytes | None = None
-    if verify:
-        from_file = not isinstance(model, ir.Model)
-        if progress:
-            progress("verify: running the original model", 0, None)
-        try:
-            reference = Reference.build(
-                Path(source) if from_file else ir_model,
-                inputs=inputs,
-                input_shapes=input_shapes,
-                seed=seed,
-                tolerances=tolerances,
-                model=ir_model,
-                **({"max_tensor_bytes": max_tensor_bytes} if max_tensor_bytes is not None else {}),
-                **({"timeout": verify_timeout} if verify_timeout is not None else {}),
-            )
-        except CannotVerify as e:
-            verification = Verification("unverified", str(e))
-        if reference is not None and bisect and not from_file:
-            if io.initializer_bytes(ir_model) < io.PROTOBUF_LIMIT_BYTES // 2:
-                original_bytes = io.serialize(ir_model)
-
-    input_latency = time_model(ir_model, reference.feeds) if pass_latency and reference is not None else None
-    before = model_stats(ir_model)
+    loaded = _load(model)
+    context = runtime.pass_context()
+    steps, recorded = _plan(pipeline, options, precision, checks, context)
+    baseline = _baseline(loaded, checks, progress)
+    reference = baseline.reference
+    input_latency = runtime.time_model(loaded.model, reference.feeds) if pass_latency and reference else None
+    before = model_stats(loaded.model)
     executed: list[tuple[str, ir.passes.PassBase]] = []
-    # A model gcomp loaded itself was checked by io.load; until a pass modifies it,
-    # check-only passes (``validates = True``) would repeat that work.
+    stats = _run(loaded, steps, progress, executed, _after_pass(reference, pass_errors, pass_latency))
+    after = model_stats(loaded.model)
+    verification = baseline.verification
+    if reference is not None:
+        verification = _check(loaded, baseline, executed, checks, progress)
+    return Result(
+        model=loaded.model, pipeline=_pipeline_label(pipeline), passes=stats, before=before, after=after,
+        verification=verification, seconds=time.perf_counter() - t_start, source=loaded.source,
+        options=recorded, load_seconds=loaded.seconds, input_latency_ms=input_latency,
+    )
+
+
+def _load(model: ir.Model | str | os.PathLike) -> _Loaded:
+    """The model to transform: the caller's own, or read (and checked) from a file."""
+    if isinstance(model, ir.Model):
+        source_path = io.source_path(model)
+        return _Loaded(model, str(source_path) if source_path else None, False, 0.0)
+    t_load = time.perf_counter()
+    ir_model = io.load(model)
+    return _Loaded(ir_model, str(Path(model)), True, time.perf_counter() - t_load)
+
+
+def _plan(pipeline, options: dict[str, Any], precision: str | None, checks: Checks,
+          context: registry.PassContext) -> tuple[list, dict[str, Any]]:
+    """The pass objects to run, and the options to record in the result."""
+    if precision is None:
+        return _instantiate(pipeline, options, context), dict(options)
+    from gcomp.passes.precision.mixed import precision_step
+
+    given = dict(options)
+    options = dict(options)
+    step = precision_step(precision, options, inputs=checks.inputs, input_shapes=checks.input_shapes,
+                          seed=checks.seed)
+    steps = _instantiate(pipeline, options, context)
+    steps.append(([step], 1))  # after every pass of the pipeline (fusion first)
+    return steps, dict(given, precision=precision)
+
+
+def _baseline(loaded: _Loaded, checks: Checks, progress: ProgressCallback | None) -> _Baseline:
+    """Run the original model once on the reference runtime (when verifying)."""
+    if not checks.verify:
+        return _Baseline()
+    if progress:
+        progress("verify: running the original model", 0, None)
+    limits = {}
+    if checks.max_tensor_bytes is not None:
+        limits["max_tensor_bytes"] = checks.max_tensor_bytes
+    if checks.verify_timeout is not None:
+        limits["timeout"] = checks.verify_timeout
+    try:
+        reference = Reference.build(
+            Path(loaded.source) if loaded.from_file else loaded.model, inputs=checks.inputs,
+            input_shapes=checks.input_shapes, seed=checks.seed, tolerances=checks.tolerances,
+            model=loaded.model, **limits,
+        )
+    except CannotVerify as e:
+        return _Baseline(verification=Verification("unverified", str(e)))
+    original_bytes = None
+    small = io.initializer_bytes(loaded.model) < io.PROTOBUF_LIMIT_BYTES // 2
+    if checks.bisect and not loaded.from_file and small:
+        original_bytes = io.serialize(loaded.model)
+    return _Baseline(reference, None, original_bytes)
+
+
+def _run(loaded: _Loaded, steps, progress, executed, check) -> list[PassStats]:
+    """Run every step. A model gcomp loaded itself was checked by io.load; until a pass
+    modifies it, check-only passes (``validates = True``) would repeat that work."""
     # The loaded model is a million long-lived objects on a large graph: freezing them
     # keeps Python's cyclic GC from re-walking them at every collection (a third of O1's
     # time at 100k nodes); what the passes free is still collected after unfreeze.
     gc.freeze()
     try:
-        check = _after_pass(reference, pass_errors, pass_latency) if reference is not None else None
-        stats = _run_steps(ir_model, steps, progress, executed, checked=not isinstance(model, ir.Model), check=check)
+        return _run_steps(loaded.model, steps, progress, executed, checked=loaded.from_file, check=check)
     finally:
         gc.unfreeze()
-    after = model_stats(ir_model)
 
-    if reference is not None:
-        if progress:
-            progress("verify: running the optimized model", 0, None)
-        verification = reference.check(ir_model)
-        if not verification.passed and bisect:
-            original = (
-                io.load(source, check=False)
-                if original_bytes is None and source
-                else _from_bytes(original_bytes)
-            )
-            if original is not None:
-                verification.first_bad_pass = _bisect(original, executed, reference)
 
-    return Result(
-        model=ir_model,
-        pipeline=",".join(registry.canonical_name(p) for p in pipeline.split(","))
-        if isinstance(pipeline, str)
-        else ",".join(_label(p) for p in pipeline),
-        passes=stats,
-        before=before,
-        after=after,
-        verification=verification,
-        seconds=time.perf_counter() - t_start,
-        source=source,
-        options=dict(given, precision=precision) if precision is not None else dict(options),
-        load_seconds=load_seconds,
-        input_latency_ms=input_latency,
-    )
+def _check(loaded: _Loaded, baseline: _Baseline, executed, checks: Checks, progress) -> Verification:
+    """Compare the result with the original; on a mismatch, name the first bad pass."""
+    if progress:
+        progress("verify: running the optimized model", 0, None)
+    verification = baseline.reference.check(loaded.model)
+    if verification.passed or not checks.bisect:
+        return verification
+    if baseline.original_bytes is not None:
+        original = _from_bytes(baseline.original_bytes)
+    elif loaded.source:
+        original = io.load(loaded.source, check=False)
+    else:
+        original = None
+    if original is not None:
+        verification.first_bad_pass = _bisect(original, executed, baseline.reference)
+    return verification
+
+
+def _pipeline_label(pipeline) -> str:
+    if isinstance(pipeline, str):
+        return ",".join(registry.canonical_name(p) for p in pipeline.split(","))
+    return ",".join(_label(p) for p in pipeline)
 
 
 def _label(item: str | ir.passes.PassBase) -> str:
@@ -330,11 +382,11 @@ def _run_steps(model, steps, progress, executed, checked: bool = False, check=No
     return stats
 
 
-def _after_pass(reference: Reference, errors: bool, latency: bool):
+def _after_pass(reference: Reference | None, errors: bool, latency: bool):
     """A callback measuring a model after a pass: (largest output error against the
     reference, median latency on ONNX Runtime in ms); None for what is not asked or
     cannot run. None instead of a callback when nothing is asked."""
-    if not (errors or latency):
+    if reference is None or not (errors or latency):
         return None
 
     def check(model: ir.Model) -> tuple[float | None, float | None]:
@@ -342,28 +394,9 @@ def _after_pass(reference: Reference, errors: bool, latency: bool):
         if errors:
             v = reference.check(model)
             error = v.max_abs_error if v.outputs else None
-        return error, (time_model(model, reference.feeds) if latency else None)
+        return error, (runtime.time_model(model, reference.feeds) if latency else None)
 
     return check
-
-
-def time_model(model: ir.Model, feeds: Mapping[str, np.ndarray], runs: int = 7) -> float | None:
-    """Median wall time (ms) of ``runs`` runs on ONNX Runtime (all its optimizations),
-    after one untimed run; None when the model does not run there."""
-    from gcomp.backends.ort import OrtBackend
-    from gcomp.errors import BackendError
-
-    try:
-        exe = OrtBackend().compile(model, "cpu")
-        exe.run(feeds)
-        samples = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            exe.run(feeds)
-            samples.append((time.perf_counter() - t0) * 1e3)
-    except BackendError:
-        return None
-    return sorted(samples)[len(samples) // 2]
 
 
 def _from_bytes(data: bytes | None) -> ir.Model | None:
