@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"binding {r['binding']:6.3f}",
                     file=sys.stderr,
                 )
-    from gcomp.profile import environment
+    from gcomp.perf import environment
 
     env = environment()
     header = (

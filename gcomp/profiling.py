@@ -1,7 +1,7 @@
 """Profiling end to end, for ``gcomp profile``, ``gcomp optimize --report`` and ``gcomp report``.
 
 - :func:`profile_model` compiles a model on a backend, runs it on the given (or
-  generated, seeded) inputs and returns an annotated :class:`~gcomp.profile.Profile`:
+  generated, seeded) inputs and returns an annotated :class:`~gcomp.perf.Profile`:
   whatever backend produced it, the rows get gcomp's FLOPs, bytes and roofline bounds.
 - :func:`print_profile` is the terminal table; :func:`write_outputs` writes the report
   and trace files the options asked for.
@@ -90,7 +90,13 @@ def profile_model(
         kwargs = {"max_bytes": max_tensor_bytes} if max_tensor_bytes is not None else {}
         feeds, notes = generate_inputs(m, shapes=dict(input_shapes or {}), given=given, **kwargs)
     status(f"compiling for {backend}/{device}")
-    exe = get_backend(backend).compile(model, device, **dict(compile_options or {}))
+    options = dict(compile_options or {})
+    source = model
+    if backend == "tvm":  # the backend compiles what the pipeline prepared for it
+        from gcomp.autoselect import prepare_for_tvm
+
+        source = prepare_for_tvm(m, options.pop("input_shapes", None), target=device)
+    exe = get_backend(backend).compile(source, device, **options)
     status(
         f"profiling on {backend}/{device}: {warmup} warm-up + {iters} timed runs, then per-op times"
     )
@@ -112,7 +118,7 @@ def finish_profile(prof, model, feeds, *, path=None, status=None):
     if path is not None:
         prof.model["path"] = str(path)
     if prof.backend.get("target") == "cuda" and "gpu_peak_bytes" not in prof.memory:
-        from gcomp.profile import gpu_memory_of_process
+        from gcomp.perf import gpu_memory_of_process
 
         prof.memory["gpu_peak_bytes"] = gpu_memory_of_process()
     return prof
@@ -169,7 +175,7 @@ def print_profile(prof, *, title: str, top: int, console) -> None:
 def write_outputs(doc: dict[str, Any], *, report: Path | None, trace: Path | None) -> list[Path]:
     """Write the report (.json/.md/.html) and the Chrome trace (.json) asked for."""
     from gcomp import report as reports
-    from gcomp import trace as traces
+    from gcomp.report import trace as traces
 
     # Build the trace first: a profile without a timeline fails before any file is written.
     events = traces.trace_events(doc) if trace is not None else None
@@ -227,7 +233,7 @@ def optimize_profiles(
 
 def load_profiles(paths: list[Path]) -> list[dict[str, Any]]:
     """Saved profile documents, checked enough to render them."""
-    from gcomp.profile import SCHEMA_VERSION
+    from gcomp.perf import SCHEMA_VERSION
 
     docs = []
     major = SCHEMA_VERSION.split(".")[0]

@@ -13,8 +13,8 @@ from typing import Annotated
 
 import onnx_ir as ir
 
-from gcomp.passes.weightless import call_without_weights
 from gcomp.errors import GcompError
+from gcomp.io import call_without_weights
 from gcomp.registry import register_pass
 
 

@@ -10,8 +10,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from gcomp import flops, roofline
-from gcomp.flops import TensorInfo, graph_costs, op_cost
+from gcomp.perf import TensorInfo, flops, graph_costs, op_cost, roofline
 from tests.conftest import make_model, tensor, vinfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +100,7 @@ def test_graph_costs_use_inferred_shapes_at_the_given_input_shapes():
 def test_resnet18_is_1_82_g_multiply_adds():
     """The figure every paper quotes for ResNet-18 at 224x224: 1.82 G multiply-accumulates
     (which they call FLOPs); 11.69 M parameters."""
-    from gcomp.stats import model_stats
+    from gcomp.perf import model_stats
     from models import build
 
     model = build("resnet18")
@@ -202,7 +201,7 @@ def test_exporter_shape_chains_are_priced_at_concrete_shapes():
 def test_a_fused_kernel_is_priced_from_its_member_nodes():
     """A backend that fuses Conv+BN+Relu into one kernel (TVM) names the members: FLOPs are
     their sum, bytes only what crosses the group's boundary (no intermediate tensors)."""
-    from gcomp.profile import LatencyStats, OpRow, Profile
+    from gcomp.perf import LatencyStats, OpRow, Profile
     from models import build
 
     model = build("resnet18")

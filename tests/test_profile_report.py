@@ -14,10 +14,8 @@ import pytest
 from gcomp.backends import get_backend
 
 from gcomp import io
-from gcomp.flops import graph_costs
-from gcomp.profile import Profile
+from gcomp.perf import Profile, classify, graph_costs
 from gcomp.report import compare_document, render_markdown, schema
-from gcomp.roofline import classify
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "models" / "default.onnx"
@@ -192,7 +190,7 @@ TRACE_SCHEMA = {
 
 
 def test_chrome_trace_is_valid_trace_event_json(fused, tmp_path):
-    from gcomp.trace import write_trace
+    from gcomp.report.trace import write_trace
 
     path = write_trace(fused.to_dict(), tmp_path / "t.json")
     trace = json.loads(path.read_text())
@@ -216,7 +214,7 @@ def test_renderers(fused):
     md = render_markdown(doc)
     top = fused.ops[0]
     assert top.node in md and "GFLOP" in md and "## By op type" in md
-    from gcomp.html_report import render_html
+    from gcomp.report import render_html
 
     page = render_html(doc)
     assert page.startswith("<!DOCTYPE html>") and top.node in page
@@ -330,7 +328,7 @@ def test_optimize_report_has_pass_errors_and_profiles(tmp_path):
         after["totals"]["graph_flops"], rel=0.05
     )
     # The page says when a speed-up is smaller than the runs' own spread.
-    from gcomp.html_report import render_html
+    from gcomp.report import render_html
 
     b, a = before["latency"], after["latency"]
     b.update(p50_ms=10.0, p90_ms=11.0)

@@ -3,7 +3,7 @@
 The lent GPU machine has PyTorch with CUDA but no onnxruntime-gpu and no TVM, so
 ``gcomp profile --device cuda`` cannot run there. What can be checked: gcomp's
 environment block lists the GPU (name, memory) from nvidia-smi, and
-``gcomp.profile.gpu_memory_of_process`` sees memory this process holds on the GPU
+``gcomp.perf.gpu_memory_of_process`` sees memory this process holds on the GPU
 (allocated here with PyTorch), which is what a CUDA profile records as ``gpu_peak_bytes``.
 
     python bench/gpu/profile_env_check.py      # prints a JSON verdict, exits 1 on a failed check
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 def main() -> int:
     import torch
 
-    from gcomp.profile import environment, gpu_memory_of_process
+    from gcomp.perf import environment, gpu_memory_of_process
 
     env = environment()
     before = gpu_memory_of_process()

@@ -18,7 +18,7 @@ do not pay for it; a broken or unwritable cache only means calibrating again.
 
 from __future__ import annotations
 
-__all__ = ["Machine", "machine", "classify", "cpu_features"]
+__all__ = ["Machine", "machine", "classify", "cpu_features", "cpu_model"]
 
 import hashlib
 import json
@@ -95,6 +95,11 @@ def _cpuinfo() -> dict[str, str]:
     except OSError:
         pass
     return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what the platform says, else "unknown"."""
+    return _cpuinfo().get("model name") or platform.processor() or "unknown"
 
 
 def cpu_features() -> list[str]:
@@ -186,56 +191,43 @@ def machine(*, calibrate: bool = True, refresh: bool = False) -> Machine:
     ).hexdigest()[:16]
     if not refresh and key in _MEMO:
         return _MEMO[key]
-    measured = bandwidth = None
-    seconds = 0.0
-    cached = False
     path = _cache_file(key)
-    if not refresh:
-        try:
-            data = json.loads(path.read_text())
-            measured, bandwidth = float(data["measured_gflops"]), float(data["bandwidth_gbs"])
-            seconds, cached = float(data.get("calibration_seconds", 0.0)), True
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+    found = None if refresh else _read_cache(path)
+    cached = found is not None
+    measured, bandwidth, seconds = found or (None, None, 0.0)
     if not cached and calibrate:
         t0 = time.perf_counter()
         measured, bandwidth = _measure_flops(), _measure_bandwidth()
         seconds = time.perf_counter() - t0
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_text(
-                json.dumps(
-                    {
-                        "measured_gflops": measured,
-                        "bandwidth_gbs": bandwidth,
-                        "calibration_seconds": seconds,
-                        "cpu": cpu,
-                        "cores": cores,
-                    }
-                )
-            )
-            os.replace(tmp, path)
-        except OSError:
-            pass
+        _write_cache(path, {"measured_gflops": measured, "bandwidth_gbs": bandwidth,
+                            "calibration_seconds": seconds, "cpu": cpu, "cores": cores})
     peak, source = (measured, "measured") if measured else (theoretical, "theoretical")
-    result = Machine(
-        cpu,
-        cores,
-        bits,
-        fma,
-        clock,
-        theoretical,
-        measured,
-        bandwidth,
-        peak,
-        source,
-        seconds,
-        cached,
-    )
+    result = Machine(cpu, cores, bits, fma, clock, theoretical, measured, bandwidth, peak, source,
+                     seconds, cached)
     if measured or not calibrate:
         _MEMO[key] = result
     return result
+
+
+def _read_cache(path: Path) -> tuple[float, float, float] | None:
+    """(measured GFLOP/s, bandwidth GB/s, calibration seconds) from a cached calibration."""
+    try:
+        data = json.loads(path.read_text())
+        return (float(data["measured_gflops"]), float(data["bandwidth_gbs"]),
+                float(data.get("calibration_seconds", 0.0)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cache(path: Path, data: dict) -> None:
+    """Write a calibration atomically (a temporary file renamed); failing only loses the cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def classify(flops: int | None, nbytes: int | None, ridge: float | None) -> str | None:

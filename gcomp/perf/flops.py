@@ -38,13 +38,23 @@ Conventions (what the numbers mean):
 
 from __future__ import annotations
 
-__all__ = ["DTYPE_BYTES", "Cost", "TensorInfo", "fused_cost", "graph_costs", "op_cost"]
+__all__ = [
+    "DTYPE_BYTES",
+    "Cost",
+    "TensorInfo",
+    "attribute_dict",
+    "fused_cost",
+    "graph_costs",
+    "op_cost",
+]
 
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import onnx_ir as ir
+
+from gcomp.io import call_without_weights
 
 SYMBOLIC_NODE_LIMIT = 20_000
 
@@ -424,7 +434,8 @@ def fused_cost(
     return Cost(None if any(f is None for f in flops) else sum(flops), nbytes, macs)
 
 
-def _attribute_dict(node: ir.Node) -> dict[str, object]:
+def attribute_dict(node: ir.Node) -> dict[str, object]:
+    """A node's int, ints and float attributes by name (what :func:`op_cost` reads)."""
     out = {}
     for name, attr in node.attributes.items():
         if isinstance(attr, ir.Attr) and attr.type in (
@@ -455,7 +466,7 @@ def graph_costs(
         ins = [_info(v, types) if v is not None else None for v in node.inputs]
         outs = [_info(v, types) for v in node.outputs]
         name = node.name or f"{node.op_type}_{index}"
-        costs[name] = op_cost(node.op_type, ins, outs, _attribute_dict(node), node.domain)
+        costs[name] = op_cost(node.op_type, ins, outs, attribute_dict(node), node.domain)
         if tensors is not None:
             tensors[name] = (ins, outs)
     return costs
@@ -491,8 +502,6 @@ def _inferred(model: ir.Model, shapes: dict[str, Sequence[int]]) -> dict[str, tu
     """
     import onnx
 
-    from gcomp.passes.weightless import call_without_weights
-
     def fix_inputs(proto):
         for inp in proto.graph.input:
             if inp.name in shapes and inp.type.HasField("tensor_type"):
@@ -519,6 +528,12 @@ def _inferred(model: ir.Model, shapes: dict[str, Sequence[int]]) -> dict[str, tu
         # than the profile it annotates, and the unknown costs stay unknown.
         if incomplete and len(proto.graph.node) <= SYMBOLIC_NODE_LIMIT:
             try:
+                # Why not ONNX's inference alone: its data propagation loses dims computed
+                # through the Shape/Gather/Range/Concat/Expand chains exporters write (the
+                # exporter-style models/transformer.py loses the sequence dim at its
+                # position ids' Range), and every cost downstream would stay unknown. ORT's
+                # tool evaluates those chains symbolically. Imported lazily: onnxruntime is
+                # optional here, and the tool runs only when ONNX's result is incomplete.
                 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
                 better = _read_types(SymbolicShapeInference.infer_shapes(proto, auto_merge=True))

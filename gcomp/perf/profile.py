@@ -1,13 +1,12 @@
 """The profile data model: one run of a model on a backend, as numbers tied to graph nodes.
 
-Every backend's ``Executable.profile`` returns a :class:`Profile`; every renderer
-(JSON and Markdown in :mod:`gcomp.report`, HTML in :mod:`gcomp.html_report`, Chrome
-traces in :mod:`gcomp.trace`) reads one. The JSON form is documented by
-``gcomp/schemas/report.schema.json`` and carries ``schema_version``.
+Every backend's ``Executable.profile`` returns a :class:`Profile`; every renderer in
+:mod:`gcomp.report` (JSON, Markdown, HTML, Chrome traces) reads one. The JSON form is
+documented by ``gcomp/schemas/report.schema.json`` and carries ``schema_version``.
 
 :meth:`Profile.annotate` adds what gcomp computes itself, whatever the backend: FLOPs and
-bytes per op from shapes (:mod:`gcomp.flops`), achieved GFLOP/s and GB/s, and whether
-each op is compute- or memory-bound on this machine's roofline (:mod:`gcomp.roofline`).
+bytes per op from shapes (:mod:`gcomp.perf.flops`), achieved GFLOP/s and GB/s, and whether
+each op is compute- or memory-bound on this machine's roofline (:mod:`gcomp.perf.roofline`).
 Backends only report times, and shapes when they know the ones they ran.
 """
 
@@ -30,6 +29,10 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from gcomp.perf import flops as fl
+from gcomp.perf import roofline as rl
+from gcomp.perf.stats import model_stats
 
 # 1.1 added: op costs and roofline fields, totals, timeline, environment cpu_features/gpu,
 # optimize reports' per-pass max_abs_error and before/after profiles, kind "compare".
@@ -115,6 +118,9 @@ class OpRow:
 
 @dataclass
 class Profile:
+    """One model's profile on one backend: latency, per-op rows, memory, and once
+    :meth:`annotate` ran, the roofline and totals. ``to_dict``/``from_dict`` are its JSON form."""
+
     model: dict[str, Any]
     environment: dict[str, Any]
     backend: dict[str, Any]
@@ -156,19 +162,20 @@ class Profile:
         }
 
     def annotate(
-        self, model, input_shapes: dict[str, tuple[int, ...]] | None = None, *, calibrate: bool = True
+        self,
+        model,
+        input_shapes: dict[str, tuple[int, ...]] | None = None,
+        *,
+        calibrate: bool = True,
     ) -> Profile:
         """Add FLOPs, bytes, achieved rates and roofline bounds to every op row.
 
         A row that is a graph node is priced from the graph at ``input_shapes``
-        (:func:`gcomp.flops.graph_costs`); a kernel the runtime made itself (fused, layout
-        converted) from the tensor shapes the backend reported for it, so it is priced as
-        executed (its bytes miss weights the runtime's trace leaves out, e.g. ones ONNX
-        Runtime pre-packed). ``totals`` gets the sums and the whole graph's FLOPs.
+        (:func:`gcomp.perf.flops.graph_costs`); a kernel the runtime made itself (fused,
+        layout converted) from the tensor shapes the backend reported for it, so it is
+        priced as executed (its bytes miss weights the runtime's trace leaves out, e.g. ones
+        ONNX Runtime pre-packed). ``totals`` gets the sums and the whole graph's FLOPs.
         """
-        from gcomp import flops as fl
-        from gcomp import roofline as rl
-
         graph = {n.name: n for n in model.graph if n.name}
         # ONNX Runtime names a kernel it made after the value it writes
         # ("<value>_nchwc", or the value itself): that value's producer is the graph node
@@ -181,48 +188,20 @@ class Profile:
             graph_cost = {}
         m = rl.machine(calibrate=calibrate)
         self.roofline = m.to_dict()
-        ridge = m.ridge
         for op in self.ops:
-            node = graph.get(op.node)
-            if node is None:
-                node = producers.get(op.node.removesuffix("_nchwc"))
-            if op.graph_node is None and node is not None:
-                op.graph_node = node.name
-            if node is not None and node.op_type != op.op_type:
-                node = None  # a fused kernel: its own shapes, not the graph node's attributes
-            # A graph node is priced from the graph (inferred shapes, its attributes): a
-            # runtime's trace can omit inputs (ORT drops weights it pre-packed, e.g. Gemm's B).
-            # A kernel the runtime made is priced from the shapes its trace reports.
-            cost = graph_cost.get(op.node) if node is not None and node.name == op.node else None
-            if op.graph_nodes and len(op.graph_nodes) > 1:
-                cost = fl.fused_cost(model, op.graph_nodes, graph_cost, graph_tensors)
-            if cost is not None and op.node in graph_tensors:
-                ins, outs = graph_tensors[op.node]
-                if op.inputs is None or len(op.inputs) < len(ins):  # e.g. a pre-packed weight left out
-                    op.inputs = [_tensor_dict(t) for t in ins]
-                if op.outputs is None:
-                    op.outputs = [_tensor_dict(t) for t in outs]
-            if (cost is None or cost.flops is None) and op.inputs is not None and op.outputs is not None:
-                attrs = fl._attribute_dict(node) if node is not None else {}
-                cost = fl.op_cost(op.op_type, [_tensor_info(t) for t in op.inputs],
-                                  [_tensor_info(t) for t in op.outputs], attrs,
-                                  node.domain if node is not None else "")
-            if cost is None:
-                continue
-            op.flops, op.macs, op.bytes = cost.flops, cost.macs, cost.bytes
-            seconds = op.time_ms / 1e3
-            if seconds > 0:
-                op.gflops_per_s = cost.flops / seconds / 1e9 if cost.flops is not None else None
-                op.gb_per_s = cost.bytes / seconds / 1e9
-            op.intensity = cost.flops / cost.bytes if cost.flops is not None and cost.bytes else None
-            op.bound = rl.classify(cost.flops, cost.bytes, ridge)
-            if op.intensity is not None and op.gflops_per_s is not None and m.peak_gflops and m.bandwidth_gbs:
-                attainable = min(m.peak_gflops, op.intensity * m.bandwidth_gbs)
-                op.roof_efficiency = op.gflops_per_s / attainable if attainable > 0 else None
+            node = _graph_node(op, graph, producers)
+            cost = _row_cost(op, node, model, graph_cost, graph_tensors)
+            if cost is not None:
+                _set_rates(op, cost, m)
+        self.totals = self._totals(graph_cost)
+        return self
+
+    def _totals(self, graph_cost: dict[str, fl.Cost]) -> dict[str, Any]:
         op_time = sum(o.time_ms for o in self.ops)
         flops_total = sum(o.flops or 0 for o in self.ops)
         graph_flops = [c.flops for c in graph_cost.values()]
-        self.totals = {
+        p50_s = self.latency.p50_ms / 1e3
+        return {
             "op_time_ms": op_time,
             "flops": flops_total,
             "macs": sum(o.macs or 0 for o in self.ops),
@@ -231,13 +210,11 @@ class Profile:
             "graph_flops": sum(f for f in graph_flops if f is not None) if graph_cost else None,
             "graph_macs": sum(c.macs or 0 for c in graph_cost.values()) if graph_cost else None,
             # Medians: on a busy machine a few slow runs move the mean a lot.
-            "achieved_gflops_per_s": flops_total / (self.latency.p50_ms / 1e3) / 1e9
-            if self.latency.p50_ms > 0 else None,
-            "op_time_over_latency": op_time / self.latency.p50_ms if self.latency.p50_ms > 0 else None,
+            "achieved_gflops_per_s": flops_total / p50_s / 1e9 if p50_s > 0 else None,
+            "op_time_over_latency": op_time / self.latency.p50_ms if p50_s > 0 else None,
             "profiled_run_ms": self.profiled_run_ms,
             "op_time_over_profiled_run": self.run_coverage,
         }
-        return self
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Profile:
@@ -259,23 +236,64 @@ class Profile:
             run_coverage=(doc.get("totals") or {}).get("op_time_over_profiled_run"),
         )
 
-    def top_op_types(self) -> list[tuple[str, float, int]]:
-        """(op_type, total ms, node count), slowest first."""
-        agg: dict[str, list[float]] = {}
-        for op in self.ops:
-            entry = agg.setdefault(op.op_type, [0.0, 0])
-            entry[0] += op.time_ms
-            entry[1] += 1
-        return sorted(((k, v[0], int(v[1])) for k, v in agg.items()), key=lambda t: -t[1])
+
+def _graph_node(op: OpRow, graph: dict, producers: dict):
+    """The graph node a row computes, or None; fills ``op.graph_node`` when found.
+
+    A kernel of another op type than its graph node (a runtime's fusion) gets None: it is
+    priced from its own shapes, not from the graph node's attributes."""
+    node = graph.get(op.node)
+    if node is None:
+        node = producers.get(op.node.removesuffix("_nchwc"))
+    if op.graph_node is None and node is not None:
+        op.graph_node = node.name
+    if node is not None and node.op_type != op.op_type:
+        return None
+    return node
 
 
-def _tensor_info(t: dict[str, Any] | None):
-    from gcomp.flops import DTYPE_BYTES, TensorInfo
+def _row_cost(op: OpRow, node, model, graph_cost: dict, graph_tensors: dict) -> fl.Cost | None:
+    """What a row costs; fills in its tensors from the graph where the trace left them out."""
+    # A graph node is priced from the graph (inferred shapes, its attributes): a runtime's
+    # trace can omit inputs (ORT drops weights it pre-packed, e.g. Gemm's B). A kernel the
+    # runtime made is priced from the shapes its trace reports.
+    cost = graph_cost.get(op.node) if node is not None and node.name == op.node else None
+    if op.graph_nodes and len(op.graph_nodes) > 1:
+        cost = fl.fused_cost(model, op.graph_nodes, graph_cost, graph_tensors)
+    if cost is not None and op.node in graph_tensors:
+        ins, outs = graph_tensors[op.node]
+        if op.inputs is None or len(op.inputs) < len(ins):  # e.g. a pre-packed weight left out
+            op.inputs = [_tensor_dict(t) for t in ins]
+        if op.outputs is None:
+            op.outputs = [_tensor_dict(t) for t in outs]
+    if (cost is None or cost.flops is None) and op.inputs is not None and op.outputs is not None:
+        attrs = fl.attribute_dict(node) if node is not None else {}
+        cost = fl.op_cost(op.op_type, [_tensor_info(t) for t in op.inputs],
+                          [_tensor_info(t) for t in op.outputs], attrs,
+                          node.domain if node is not None else "")
+    return cost
 
+
+def _set_rates(op: OpRow, cost: fl.Cost, m: rl.Machine) -> None:
+    """A row's costs, achieved rates, bound and efficiency against this machine's roofline."""
+    op.flops, op.macs, op.bytes = cost.flops, cost.macs, cost.bytes
+    seconds = op.time_ms / 1e3
+    if seconds > 0:
+        op.gflops_per_s = cost.flops / seconds / 1e9 if cost.flops is not None else None
+        op.gb_per_s = cost.bytes / seconds / 1e9
+    op.intensity = cost.flops / cost.bytes if cost.flops is not None and cost.bytes else None
+    op.bound = rl.classify(cost.flops, cost.bytes, m.ridge)
+    roof_known = m.peak_gflops and m.bandwidth_gbs
+    if op.intensity is not None and op.gflops_per_s is not None and roof_known:
+        attainable = min(m.peak_gflops, op.intensity * m.bandwidth_gbs)
+        op.roof_efficiency = op.gflops_per_s / attainable if attainable > 0 else None
+
+
+def _tensor_info(t: dict[str, Any] | None) -> fl.TensorInfo | None:
     if not t or t.get("shape") is None or any(not isinstance(d, int) or d < 0 for d in t["shape"]):
         return None
     dtype = str(t.get("dtype", "float")).lower()
-    return TensorInfo(tuple(t["shape"]), DTYPE_BYTES.get(dtype, 4), dtype)
+    return fl.TensorInfo(tuple(t["shape"]), fl.DTYPE_BYTES.get(dtype, 4), dtype)
 
 
 def _tensor_dict(t) -> dict[str, Any] | None:
@@ -289,7 +307,9 @@ def environment() -> dict[str, Any]:
     from importlib import metadata
 
     versions = {}
-    for dist in ("gcomp", "onnx", "onnx-ir", "onnxscript", "onnxruntime-gpu", "onnxruntime", "numpy", "apache-tvm"):
+    dists = ("gcomp", "onnx", "onnx-ir", "onnxscript", "onnxruntime-gpu", "onnxruntime", "numpy",
+             "apache-tvm")
+    for dist in dists:
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -298,40 +318,23 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "cpu": _cpu_model(),
+        "cpu": rl.cpu_model(),
         "cores": os.cpu_count(),
-        "cpu_features": _cpu_features(),
+        "cpu_features": rl.cpu_features(),
         "gpu": _gpus(),
         "versions": versions,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
-def _cpu_features() -> list[str]:
-    from gcomp.roofline import cpu_features
-
-    return cpu_features()
-
-
 def _gpus() -> list[dict[str, Any]]:
     """NVIDIA GPUs from nvidia-smi (absent tool or no GPU: an empty list)."""
-    import shutil
-    import subprocess
-
-    tool = shutil.which("nvidia-smi")
-    if tool is None:
-        return []
-    try:
-        out = subprocess.run([tool, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
     gpus = []
-    for line in out.strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
+    for parts in _nvidia_smi("gpu=name,memory.total,driver_version") or []:
         if len(parts) == 3:
             try:
-                gpus.append({"name": parts[0], "memory_bytes": int(float(parts[1])) << 20, "driver": parts[2]})
+                memory = int(float(parts[1])) << 20
+                gpus.append({"name": parts[0], "memory_bytes": memory, "driver": parts[2]})
             except ValueError:
                 continue
     return gpus
@@ -341,21 +344,9 @@ def gpu_memory_of_process(pid: int | None = None) -> int | None:
     """Bytes of GPU memory the process holds now (nvidia-smi's compute apps; None without
     nvidia-smi or when the process holds none). Runtimes keep their memory pools after a
     run, so after profiling this is close to the peak."""
-    import shutil
-    import subprocess
-
-    tool = shutil.which("nvidia-smi")
-    if tool is None:
-        return None
     pid = os.getpid() if pid is None else pid
-    try:
-        out = subprocess.run([tool, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
     total = 0
-    for line in out.strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
+    for parts in _nvidia_smi("compute-apps=pid,used_memory") or []:
         if len(parts) == 2 and parts[0] == str(pid):
             try:
                 total += int(float(parts[1])) << 20
@@ -364,21 +355,25 @@ def gpu_memory_of_process(pid: int | None = None) -> int | None:
     return total or None
 
 
-def _cpu_model() -> str:
+def _nvidia_smi(query: str) -> list[list[str]] | None:
+    """nvidia-smi's answer to ``--query-<query>``: the fields of each line (None without the
+    tool or when it fails)."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("nvidia-smi")
+    if tool is None:
+        return None
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+        out = subprocess.run([tool, f"--query-{query}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [[p.strip() for p in line.split(",")] for line in out.strip().splitlines()]
 
 
 def model_identity(model, path: str | None = None) -> dict[str, Any]:
     """Name, opsets, node and parameter counts, and a hash of the graph (not the weights)."""
-    from gcomp.stats import model_stats
-
     stats = model_stats(model)
     digest = hashlib.sha256()
     for node in model.graph:

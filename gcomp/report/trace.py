@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from gcomp.errors import GcompError, OptionError
+from gcomp.report.writer import write_text
+
+_ARGS = ("graph_node", "flops", "bytes", "gflops_per_s", "gb_per_s", "bound", "share")
 
 
 def trace_events(doc: dict[str, Any]) -> dict[str, Any]:
@@ -41,35 +44,14 @@ def trace_events(doc: dict[str, Any]) -> dict[str, Any]:
         ts = round(item["start_ms"] * 1e3, 3)
         dur = round(max(item["dur_ms"], 0.0) * 1e3, 3)
         if item.get("op_type") is None:
-            events.append(
-                {
-                    "name": item["node"],
-                    "cat": "run",
-                    "ph": "X",
-                    "ts": ts,
-                    "dur": dur,
-                    "pid": pid,
-                    "tid": tid,
-                    "args": {},
-                }
-            )
-            continue
-        row = rows.get(item["node"], {})
-        args = {"node": item["node"]}
-        for key in ("graph_node", "flops", "bytes", "gflops_per_s", "gb_per_s", "bound", "share"):
-            if row.get(key) is not None:
-                args[key] = row[key]
+            name, cat, args = item["node"], "run", {}
+        else:
+            row = rows.get(item["node"], {})
+            name, cat = item["op_type"], "op"
+            args = {"node": item["node"]}
+            args.update((key, row[key]) for key in _ARGS if row.get(key) is not None)
         events.append(
-            {
-                "name": item["op_type"],
-                "cat": "op",
-                "ph": "X",
-                "ts": ts,
-                "dur": dur,
-                "pid": pid,
-                "tid": tid,
-                "args": args,
-            }
+            {"name": name, "cat": cat, "ph": "X", "ts": ts, "dur": dur, "pid": pid, "tid": tid, "args": args}
         )
     return {
         "traceEvents": events,
@@ -85,6 +67,4 @@ def write_trace(
     p = Path(path)
     if p.suffix.lower() != ".json":
         raise OptionError(f"--trace {p}: a trace is written as .json")
-    from gcomp.report import write_text
-
     return write_text(json.dumps(events if events is not None else trace_events(doc)) + "\n", p)

@@ -1,0 +1,243 @@
+"""The optimize page: one function per section of a pipeline run's report.
+
+Summary cards, the node-count waterfall over the passes, the per-pass table, op types
+that changed, verification per output, and when the models were profiled, before/after
+charts and both profiles in full.
+"""
+
+from __future__ import annotations
+
+__all__ = ["optimize_page"]
+
+from typing import Any
+
+from gcomp.report.charts import grouped_hbars, waterfall
+from gcomp.report.html_compare import comparison_charts
+from gcomp.report.html_profile import environment, profile_sections
+from gcomp.report.markup import cards, esc, fmt_bytes, section, table
+
+_PASS_HEADER = [
+    ("pass", False),
+    ("round", True),
+    ("ms", True),
+    ("modified", False),
+    ("nodes", True),
+    ("Δ nodes", True),
+    ("initializer bytes", True),
+    ("op changes", False),
+    ("max abs error", True),
+    ("latency after (ms)", True),
+]
+_VERIFY_HEADER = [
+    ("output", False),
+    ("dtype", False),
+    ("shape", False),
+    ("max abs error", True),
+    ("max rel error", True),
+    ("ok", False),
+]
+
+
+def optimize_page(doc: dict[str, Any]) -> tuple[str, str, str]:
+    """Title, subtitle and body of an optimize document's page."""
+    src = (doc.get("input") or {}).get("path") or "(in memory)"
+    dst = (doc.get("output") or {}).get("path") or "(not written)"
+    title = f"Optimize · {str(src).split('/')[-1]} · pipeline {doc['pipeline']}"
+    sub = f"<code>{esc(src)}</code> → <code>{esc(dst)}</code> in {doc['seconds']:.2f} s"
+    parts = [
+        section("Summary", "", cards(_summary_cards(doc)), "summary"),
+        section(
+            "Pipeline",
+            "Graph nodes before the pipeline and after every pass that changed the model, and the "
+            "model's median latency on ONNX Runtime after each (when measured: --report .html or "
+            "--pass-latency).",
+            waterfall(doc["passes"], doc.get("input_latency_ms")),
+            "waterfall",
+        ),
+        section(
+            "Passes",
+            "Every pass run, in order. “max abs error” is the largest output difference from "
+            "the original right after the pass (when measured).",
+            _pass_table(doc["passes"]),
+            "passes-s",
+        ),
+        _op_types_section(doc["before"], doc["after"]),
+        _verification_section(doc.get("verification")),
+        _profiles_sections(doc.get("profiles") or {}),
+        section("Environment", "", environment(doc), "env"),
+    ]
+    return title, sub, "".join(parts)
+
+
+# --------------------------------------------------------------------------- summary
+def _summary_cards(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Nodes, initializer bytes, passes, verification, and median latency when profiled."""
+    before, after = doc["before"], doc["after"]
+    items = [
+        (
+            "nodes",
+            f"{before['nodes']} → {after['nodes']}",
+            f"{after['nodes'] - before['nodes']:+d}",
+        ),
+        (
+            "initializer bytes",
+            f"{fmt_bytes(after['initializer_bytes'])}",
+            f"from {fmt_bytes(before['initializer_bytes'])}",
+        ),
+        (
+            "passes",
+            str(len(doc["passes"])),
+            f"{sum(1 for p in doc['passes'] if p['modified'])} changed the model",
+        ),
+        _verification_card(doc.get("verification")),
+    ]
+    profiles = doc.get("profiles") or {}
+    pb, pa = profiles.get("before"), profiles.get("after")
+    if pb and pa:
+        items.insert(0, _latency_card(pb, pa))
+    return items
+
+
+def _verification_card(v: dict[str, Any] | None) -> tuple[str, str, str]:
+    if v is None:
+        return "verification", '<span class="pill warn">skipped</span>', "--no-verify"
+    cls = {"passed": "ok", "failed": "bad"}.get(v["status"], "warn")
+    vtext = f'<span class="pill {cls}">{esc(v["status"])}</span>'
+    vsub = (
+        f"max abs error {v['max_abs_error']:.2g}"
+        if v["status"] == "passed"
+        else esc(v.get("reason"))
+    )
+    return "verification", vtext, vsub
+
+
+def _spread(*latencies: dict[str, Any]) -> float:
+    """The larger relative spread (p90 - p50) / p50 of the runs: a speed-up smaller than
+    this is not distinguishable from the noise of the measurement."""
+    spreads = [
+        (lat["p90_ms"] - lat["p50_ms"]) / lat["p50_ms"] for lat in latencies if lat.get("p50_ms")
+    ]
+    return max(spreads, default=0.0)
+
+
+def _latency_card(pb: dict[str, Any], pa: dict[str, Any]) -> tuple[str, str, str]:
+    """Median latency before → after, the speed-up, and whether it is within the noise."""
+    # Medians: a busy machine's outliers move the mean of a short run a lot.
+    speed = (
+        pb["latency"]["p50_ms"] / pa["latency"]["p50_ms"] if pa["latency"]["p50_ms"] else None
+    )
+    where = f"{esc(pa['backend'].get('name'))}/{esc(pa['backend'].get('target'))}"
+    note = f"{speed:.2f}× on {where}" if speed else ""
+    if speed and abs(speed - 1) < _spread(pb["latency"], pa["latency"]):
+        note += " — within run-to-run spread"
+    return (
+        "median latency",
+        f"{pb['latency']['p50_ms']:.2f} → {pa['latency']['p50_ms']:.2f} ms",
+        note,
+    )
+
+
+# --------------------------------------------------------------------------- sections
+def _pass_table(passes: list[dict[str, Any]]) -> str:
+    """Every pass run: time, nodes and bytes before → after, op changes, error and latency."""
+    return table("passes", _PASS_HEADER, [_pass_row(p) for p in passes])
+
+
+def _pass_row(p: dict[str, Any]) -> list[tuple[str, Any]]:
+    delta = p["nodes_after"] - p["nodes_before"]
+    err = p.get("max_abs_error")
+    lat = p.get("latency_ms")
+    return [
+        (esc(p["name"]), p["name"]),
+        (str(p["round"]), p["round"]),
+        (f"{p['seconds'] * 1e3:.1f}", p["seconds"]),
+        ('<span class="pill ok">yes</span>' if p["modified"] else "no", int(p["modified"])),
+        (f"{p['nodes_before']} → {p['nodes_after']}", p["nodes_after"]),
+        (
+            f'<span class="{"delta-good" if delta < 0 else "delta-bad" if delta > 0 else ""}">{delta:+d}</span>',
+            delta,
+        ),
+        (
+            esc(
+                f"{fmt_bytes(p['initializer_bytes_before'])} → {fmt_bytes(p['initializer_bytes_after'])}"
+            ),
+            p["initializer_bytes_after"],
+        ),
+        (
+            esc(
+                ", ".join(f"{k} {v:+d}" for k, v in p.get("op_delta", {}).items())
+                or p.get("note")
+                or "–"
+            ),
+            "",
+        ),
+        (f"{err:.3g}" if err is not None else "–", err),
+        (f"{lat:.3f}" if lat is not None else "–", lat),
+    ]
+
+
+def _op_types_section(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Node counts before and after of the op types whose count changed (empty if none)."""
+    ops = sorted(set(before["op_types"]) | set(after["op_types"]))
+    changed = [
+        (op, before["op_types"].get(op, 0), after["op_types"].get(op, 0))
+        for op in ops
+        if before["op_types"].get(op, 0) != after["op_types"].get(op, 0)
+    ]
+    if not changed:
+        return ""
+    return section(
+        "Op types that changed",
+        "",
+        grouped_hbars(
+            [c[0] for c in changed],
+            [
+                ("before", [float(c[1]) for c in changed]),
+                ("after", [float(c[2]) for c in changed]),
+            ],
+            unit="nodes",
+        ),
+        "optypes",
+    )
+
+
+def _verification_section(v: dict[str, Any] | None) -> str:
+    """Errors per output against the original (empty when not verified or no outputs)."""
+    if v is None or not v.get("outputs"):
+        return ""
+    rows = [
+        [
+            (esc(o["name"]), o["name"]),
+            (esc(o["dtype"]), o["dtype"]),
+            (esc(o["shape"]), str(o["shape"])),
+            (f"{o['max_abs_error']:.3g}", o["max_abs_error"]),
+            (f"{o['max_rel_error']:.3g}", o["max_rel_error"]),
+            (
+                '<span class="pill ok">yes</span>'
+                if o["ok"]
+                else '<span class="pill bad">NO</span>',
+                int(o["ok"]),
+            ),
+        ]
+        for o in v["outputs"]
+    ]
+    return section(
+        "Verification", esc(v.get("reason") or ""), table("verify", _VERIFY_HEADER, rows), "verify"
+    )
+
+
+def _profiles_sections(profiles: dict[str, Any]) -> str:
+    """Before/after charts, then the profile after and before in full (empty unless both)."""
+    pb, pa = profiles.get("before"), profiles.get("after")
+    if not (pb and pa):
+        return ""
+    return (
+        section(
+            "Before / after",
+            "The same inputs on the same backend.",
+            comparison_charts([pb, pa], ["before", "after"]),
+            "beforeafter",
+        )
+        + f'<h2 style="margin:28px 4px 0">Profile after the pipeline</h2>{profile_sections(pa, prefix="a")}'
+        + f'<h2 style="margin:28px 4px 0">Profile before the pipeline</h2>{profile_sections(pb, prefix="b")}'
+    )

@@ -1,0 +1,195 @@
+"""Markdown rendering of every report document (terminals, pull requests, CI logs).
+
+Plain GitHub-flavoured Markdown: headings and pipe tables, no HTML. One renderer per
+document kind; each section of a page is one function returning its lines.
+"""
+
+from __future__ import annotations
+
+__all__ = ["render_markdown"]
+
+from typing import Any
+
+from gcomp.report.units import human_bytes
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    """The Markdown page for ``doc`` (a profile, optimize or compare document)."""
+    if doc.get("kind") == "profile":
+        return _profile_md(doc)
+    if doc.get("kind") == "compare":
+        return _compare_md(doc)
+    return _optimize_md(doc)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- optimize
+def _optimize_md(doc: dict[str, Any]) -> str:
+    out = [f"# gcomp optimize — pipeline `{doc['pipeline']}`\n"]
+    src = (doc.get("input") or {}).get("path") or "(in memory)"
+    dst = (doc.get("output") or {}).get("path") or "(not written)"
+    out.append(f"`{src}` → `{dst}` in {doc['seconds']:.2f} s\n")
+    out += _before_after_md(doc)
+    out += _passes_md(doc["passes"])
+    out += _verification_md(doc.get("verification"))
+    profiles = doc.get("profiles")
+    if profiles:
+        out.append("## Profiles before / after\n")
+        out.append(_latency_table(["before", "after"], [profiles["before"], profiles["after"]]))
+    return "\n".join(out)
+
+
+def _before_after_md(doc: dict[str, Any]) -> list[str]:
+    """Counts and sizes before and after, and the op types whose count changed."""
+    before, after = doc["before"], doc["after"]
+    rows = [
+        ["nodes", before["nodes"], after["nodes"], after["nodes"] - before["nodes"]],
+        ["initializers", before["initializers"], after["initializers"], after["initializers"] - before["initializers"]],
+        ["initializer bytes", human_bytes(before["initializer_bytes"]), human_bytes(after["initializer_bytes"]),
+         after["initializer_bytes"] - before["initializer_bytes"]],
+    ]
+    if doc.get("input") and doc.get("output"):
+        rows.append(["file bytes", human_bytes(doc["input"]["file_bytes"]), human_bytes(doc["output"]["file_bytes"]), ""])
+    out = ["## Before / after\n", _table(["", "before", "after", "change"], rows)]
+    ops = sorted(set(before["op_types"]) | set(after["op_types"]))
+    changed = [[op, before["op_types"].get(op, 0), after["op_types"].get(op, 0)] for op in ops
+               if before["op_types"].get(op, 0) != after["op_types"].get(op, 0)]
+    if changed:
+        out.append("\n### Op types that changed\n")
+        out.append(_table(["op type", "before", "after"], changed))
+    return out
+
+
+def _passes_md(passes: list[dict[str, Any]]) -> list[str]:
+    """One row per pass run (error and latency columns when measured), and what folding left."""
+    errors = any(p.get("max_abs_error") is not None for p in passes)
+    latency = any(p.get("latency_ms") is not None for p in passes)
+    out = ["\n## Passes\n", _table(
+        ["pass", "round", "time (ms)", "modified", "nodes", "initializer bytes", "op changes"]
+        + (["max abs error"] if errors else []) + (["latency after (ms)"] if latency else []),
+        [[p["name"], p["round"], f"{p['seconds'] * 1e3:.1f}", "yes" if p["modified"] else "no",
+          f"{p['nodes_before']} → {p['nodes_after']}",
+          f"{human_bytes(p['initializer_bytes_before'])} → {human_bytes(p['initializer_bytes_after'])}",
+          ", ".join(f"{k} {v:+d}" for k, v in p["op_delta"].items()) or p.get("note") or "-"]
+         + ([f"{p['max_abs_error']:.3g}" if p.get("max_abs_error") is not None else "-"] if errors else [])
+         + ([f"{p['latency_ms']:.3f}" if p.get("latency_ms") is not None else "-"] if latency else [])
+         for p in passes],
+    )]
+    unfolded = _unfolded(passes)
+    if unfolded:
+        out.append("\n### Left unfolded\n")
+        out.append(_table(["node", "op type", "reason"], [[u["node"], u["op_type"], u["reason"]] for u in unfolded]))
+    return out
+
+
+def _unfolded(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Nodes constant folding left alone in its last run, with the reason."""
+    runs = [p for p in passes if p["name"] == "fold-constants" and p.get("details")]
+    return runs[-1]["details"].get("unfolded_nodes", []) if runs else []
+
+
+def _verification_md(v: dict[str, Any] | None) -> list[str]:
+    out = ["\n## Verification\n"]
+    if v is None:
+        out.append("Skipped (`--no-verify`).\n")
+        return out
+    out.append(f"**{v['status']}**" + (f": {v['reason']}" if v["reason"] else "") + "\n")
+    if v.get("first_bad_pass"):
+        out.append(f"\nFirst pass that broke it: `{v['first_bad_pass']}`\n")
+    if v["outputs"]:
+        out.append("\n" + _table(
+            ["output", "dtype", "shape", "max abs error", "max rel error", "ok"],
+            [[o["name"], o["dtype"], o["shape"], f"{o['max_abs_error']:.3g}", f"{o['max_rel_error']:.3g}",
+              "yes" if o["ok"] else "NO"] for o in v["outputs"]],
+        ))
+    for note in v.get("notes", []):
+        out.append(f"\n- note: {note}")
+    out.append("\n")
+    return out
+
+
+# --------------------------------------------------------------------------- compare
+def _latency_table(labels: list[str], docs: list[dict[str, Any]]) -> str:
+    base = docs[0]["latency"]["p50_ms"]
+    rows = []
+    for label, d in zip(labels, docs):
+        lat, totals = d["latency"], d.get("totals") or {}
+        gf = totals.get("achieved_gflops_per_s")
+        rows.append([label, f"{d['backend'].get('name')}/{d['backend'].get('target')}", f"{lat['mean_ms']:.3f}",
+                     f"{lat['p50_ms']:.3f}", f"{lat['p99_ms']:.3f}",
+                     _ratio(base / lat["p50_ms"]) if lat["p50_ms"] else "-", f"{gf:.1f}" if gf else "-",
+                     len(d.get("ops", []))])
+    return _table(["", "backend", "mean ms", "p50", "p99", "median speed-up vs first", "GFLOP/s", "kernels"], rows)
+
+
+def _ratio(ratio: float) -> str:
+    return f"{ratio:.2f}x" if ratio >= 0.5 else f"{1 / ratio:.0f}x slower"
+
+
+def _compare_md(doc: dict[str, Any]) -> str:
+    labels, docs = doc["labels"], doc["profiles"]
+    out = ["# gcomp report — comparison\n", _latency_table(labels, docs)]
+    types: dict[str, list[float]] = {}
+    for i, d in enumerate(docs):
+        for o in d.get("ops", []):
+            types.setdefault(o["op_type"], [0.0] * len(docs))[i] += o["time_ms"]
+    out.append("\n## Time by op type (ms per run)\n")
+    out.append(_table(["op type", *labels], [[t, *(f"{v:.3f}" for v in vals)]
+                                             for t, vals in sorted(types.items(), key=lambda kv: -max(kv[1]))]))
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- profile
+def _profile_md(doc: dict[str, Any], top: int = 20) -> str:
+    lat, be, model = doc["latency"], doc["backend"], doc["model"]
+    out = [f"# gcomp profile — `{model.get('path') or model.get('name')}`\n"]
+    out.append(f"Backend **{be['name']}** on **{be['target']}** ({', '.join(be.get('providers', []))}), "
+               f"{doc['environment'].get('cpu')}, {doc['environment'].get('cores')} cores\n")
+    out.append("## Latency\n")
+    out.append(_table(
+        ["mean ms", "p50", "p90", "p99", "min", "stdev", "iterations", "per second"],
+        [[f"{lat['mean_ms']:.3f}", f"{lat['p50_ms']:.3f}", f"{lat['p90_ms']:.3f}", f"{lat['p99_ms']:.3f}",
+          f"{lat['min_ms']:.3f}", f"{lat['stdev_ms']:.3f}", lat["iterations"], f"{lat['throughput_per_s']:.1f}"]],
+    ))
+    totals, roof = doc.get("totals") or {}, doc.get("roofline") or {}
+    if totals.get("graph_flops"):
+        gf, peak = totals.get("achieved_gflops_per_s"), roof.get("peak_gflops")
+        out.append(f"\n**{totals['graph_flops'] / 1e9:.3f} GFLOP** per run ({(totals.get('graph_macs') or 0) / 1e9:.3f} G "
+                   "multiply-adds)" + (f", achieved **{gf:.1f} GFLOP/s**" if gf else "")
+                   + (f" ({gf / peak * 100:.0f}% of the measured {peak:.0f} GFLOP/s peak; memory bandwidth "
+                      f"{roof.get('bandwidth_gbs', 0):.1f} GB/s)" if gf and peak else "") + ".\n")
+    if doc["ops"]:
+        out += _ops_md(doc["ops"], top)
+    return "\n".join(out)
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return format(v, fmt) if v is not None else "-"
+
+
+def _ops_md(ops: list[dict[str, Any]], top: int) -> list[str]:
+    """The ``top`` slowest kernels, then time, kernel count and work per op type."""
+    out = [f"\n## Top {min(top, len(ops))} ops of {len(ops)}\n"]
+    out.append(_table(
+        ["node", "op type", "time ms", "share", "GFLOP/s", "GB/s", "bound"],
+        [[o["node"], o["op_type"], f"{o['time_ms']:.4f}", f"{o['share'] * 100:.1f}%",
+          _num(o.get("gflops_per_s"), ".1f"), _num(o.get("gb_per_s"), ".2f"), o.get("bound") or "-"]
+         for o in ops[:top]],
+    ))
+    types: dict[str, list[float]] = {}
+    for o in ops:
+        entry = types.setdefault(o["op_type"], [0.0, 0, 0])
+        entry[0] += o["time_ms"]
+        entry[1] += 1
+        entry[2] += o.get("flops") or 0
+    total = sum(v[0] for v in types.values()) or 1.0
+    out.append("\n## By op type\n")
+    out.append(_table(["op type", "kernels", "time ms", "share", "GFLOP"],
+                      [[t, int(v[1]), f"{v[0]:.3f}", f"{v[0] / total * 100:.1f}%", f"{v[2] / 1e9:.3f}"]
+                       for t, v in sorted(types.items(), key=lambda kv: -kv[1][0])]))
+    return out
