@@ -5,7 +5,7 @@ Backends are imported lazily by name so that ``gcomp --help`` never loads a runt
 
 from __future__ import annotations
 
-__all__ = ["BACKENDS", "get_backend", "targets", "supports", "target_accepts", "capabilities"]
+__all__ = ["BACKENDS", "get_backend", "targets", "supports", "capabilities"]
 
 import importlib
 
@@ -16,8 +16,7 @@ BACKENDS: dict[str, str] = {"ort": "gcomp.backends.ort:OrtBackend", "tvm": "gcom
 
 
 def targets() -> list[str]:
-    """Compilation target names (ort-cpu, ort-cuda, tvm-llvm, tvm-cuda, portable); see
-    :mod:`gcomp.backends.target_ops`."""
+    """Compilation target names, ``portable`` last (:data:`gcomp.backends.target_ops.TARGETS`)."""
     from gcomp.backends.target_ops import targets as _targets
 
     return _targets()
@@ -41,15 +40,10 @@ def get_backend(name: str):
     return getattr(importlib.import_module(module), cls)()
 
 
-def target_accepts(target: str, domain: str, op_type: str, version: int) -> bool:
-    """:func:`supports` in the argument order the fusion passes ask in
-    (``gcomp.passes.fusion.targets.accepts`` uses it when present)."""
-    return supports(target, op_type, domain, version)
-
-
 def capabilities(name: str):
     """What target ``name`` accepts, as the :class:`gcomp.registry.Capabilities` the
-    pipeline hands fusion passes; OptionError for an unknown target."""
+    pipeline hands fusion passes (:func:`gcomp.backends.target_ops.capabilities`: the one
+    definition); OptionError for an unknown target."""
     from gcomp.backends.target_ops import capabilities as _capabilities
 
     return _capabilities(name)

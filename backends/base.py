@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import onnx_ir as ir
 
-from gcomp.profile import Profile
+from gcomp.perf import Profile
 
 
 @runtime_checkable

@@ -29,8 +29,9 @@ import numpy as np
 import onnx_ir as ir
 
 from gcomp import io
+from gcomp.backends._device import nvidia_gpu_present, peak_memory
 from gcomp.errors import BackendError
-from gcomp.profile import LatencyStats, OpRow, Profile, environment, model_identity
+from gcomp.perf import LatencyStats, OpRow, Profile, environment, model_identity
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 _NO_KERNEL = re.compile(
@@ -48,7 +49,7 @@ def _ort():
 @functools.cache
 def cuda_available() -> bool:
     """True when a CUDA device is present and ONNX Runtime has its CUDA provider."""
-    if not (Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()):
+    if not nvidia_gpu_present():
         return False
     return "CUDAExecutionProvider" in _ort().get_available_providers()
 
@@ -203,7 +204,7 @@ class OrtExecutable:
             },
             latency=LatencyStats.from_samples(samples, warmup),
             ops=ops,
-            memory=_memory(),
+            memory=peak_memory(),
             timeline=timeline,
             profiled_run_ms=statistics.median(s for s, _ in spans) if spans else None,
             run_coverage=statistics.median(c for _, c in spans) if spans else None,
@@ -338,16 +339,6 @@ def _timeline(events: list) -> list[dict]:
                 "dur_ms": float(ev.get("dur", 0)) / 1e3,
             })
     return rows
-
-
-def _memory() -> dict:
-    try:
-        import resource
-
-        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return {"peak_rss_bytes": int(peak_kb) * 1024}
-    except (ImportError, OSError):
-        return {}
 
 
 def _backend_error(what: str, e: Exception) -> BackendError:

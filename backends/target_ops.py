@@ -1,8 +1,11 @@
 """Compilation targets and the ops each consumes: what fusion rules ask before they fire.
 
 A *target* is a backend plus a device: ``ort-cpu``, ``ort-cuda``, ``tvm-llvm``,
-``tvm-cuda``, and ``portable`` (accepted by every other target). ``supports(target,
-op_type, domain, opset)`` answers from the runtimes themselves, read once and cached:
+``tvm-cuda``, and ``portable`` (accepted by every other target). This module is the one
+definition of both the target names (:data:`TARGETS`) and what each accepts.
+
+``supports(target, op_type, domain, opset)`` answers from the runtimes themselves, read
+once and cached:
 
 - ORT: the op schemas ONNX Runtime registers (``get_all_operator_schema``: standard ONNX
   ops, ``com.microsoft`` contrib ops, ``ai.onnx.ml``), for models whose default opset is
@@ -10,6 +13,13 @@ op_type, domain, opset)`` answers from the runtimes themselves, read once and ca
 - TVM: the ONNX frontend's converter table, default domain only (the frontend ignores
   domains, so a contrib op would be misread), minus converters known to be broken
   (opset-23 ``Attention``).
+
+``capabilities(name)`` is what the fusion passes receive (through
+:class:`gcomp.registry.PassContext`): a :class:`Target` whose ``accepts`` answers as
+``supports`` does for ORT, and for TVM from a static table (:data:`_TVM_LACKS`,
+:data:`_TVM_MAX_OPSET`), so that fusing never imports TVM (seconds per process);
+tests/fusion/test_targets.py checks that table against TVM's live converter table for
+every op a fusion emits. ``portable`` accepts what every other target accepts.
 
 The answers are about importing/loading, not speed.
 """
@@ -33,6 +43,15 @@ TARGETS: dict[str, tuple[str, str] | None] = {
 }
 _STANDARD = ("", "ai.onnx")
 
+# TVM 0.27's ONNX frontend (what fusion asks; no TVM import): standard ops up to this opset,
+# except those it has no converter for or (Attention-23) one that fails import with
+# KeyError 'num_heads' (docs/measurements.md).
+_TVM_MAX_OPSET = 23
+_TVM_LACKS = frozenset({
+    "LSTM", "GRU", "RNN", "Loop", "Scan", "QLinearConv", "QLinearMatMul", "ConvInteger",
+    "RotaryEmbedding", "DFT", "STFT", "Attention",
+})
+
 
 @dataclass(frozen=True)
 class Target:
@@ -43,11 +62,13 @@ class Target:
     device: str | None
 
     def accepts(self, domain: str, op_type: str, version: int) -> bool:
-        return supports(self.name, op_type, domain, version)
+        """Whether the target runs ``domain::op_type`` in a model of (``domain``) opset ``version``."""
+        return _accepts(self.name, domain, op_type, version)
 
 
 @functools.cache
 def capabilities(name: str) -> Target:
+    """The :class:`Target` called ``name``; OptionError for an unknown name."""
     if name not in TARGETS:
         raise OptionError(f"unknown target '{name}' (targets: {', '.join(TARGETS)})")
     backend, device = TARGETS[name] or (None, None)
@@ -75,6 +96,16 @@ def supports(target: str, op_type: str, domain: str = "", opset: int | None = No
     from gcomp.backends import tvm
 
     return tvm.supports(op_type, domain, opset)
+
+
+@functools.cache
+def _accepts(target: str, domain: str, op_type: str, version: int) -> bool:
+    if target == "portable":
+        return all(_accepts(t, domain, op_type, version) for t in TARGETS if t != "portable")
+    backend, _device = TARGETS[target]
+    if backend == "ort":
+        return ort_supports(op_type, domain, version)
+    return domain in _STANDARD and version <= _TVM_MAX_OPSET and op_type not in _TVM_LACKS
 
 
 @functools.cache

@@ -14,7 +14,7 @@ replacement). Per (model, tool) the table gives:
 * ``casts``: Cast nodes in the output (main graph and bodies);
 * ``bytes``: float initializer bytes of the output / of the fp32 model;
 * ``error``: max |a - e| / max(1, max |e|) over the outputs, where ``a`` is the output
-  evaluated in *emulated* reduced precision (gcomp.passes.precision.emulate: fp32 compute,
+  evaluated in *emulated* reduced precision (gcomp.verify.emulate: fp32 compute,
   every fp16/bf16 value rounded where it is made, overflow to inf) and ``e`` the fp32
   original on the same seeded inputs; ``nonfinite`` counts NaN/Inf in the outputs;
 * ``checker``: whether the output passes ``onnx.checker.check_model(full_check=True)``
@@ -32,6 +32,8 @@ Torch models are exported with models/export_torch.py (the ``export`` extra) and
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import argparse
 import json
@@ -127,10 +129,12 @@ def _convert(tool: str, proto, model_factory, tolerance: float, feeds):
         import onnx_ir as ir
         from gcomp.passes.precision.mixed import ConvertPrecision
 
+        from gcomp.runtime import pass_context
+
         precision = tool.split()[1]
         model = model_factory()
-        step = ConvertPrecision(precision=precision, tolerance=tolerance)
-        step.feeds = feeds
+        context = dataclasses.replace(pass_context(), inputs=lambda _model, _path: dict(feeds))
+        step = ConvertPrecision(precision=precision, tolerance=tolerance, context=context)
         t0 = time.perf_counter()
         step(model)
         seconds = time.perf_counter() - t0
@@ -155,7 +159,8 @@ def _convert(tool: str, proto, model_factory, tolerance: float, feeds):
 def _evaluate(out_proto, feeds, reference) -> dict[str, Any]:
     import onnx
     import onnx_ir as ir
-    from gcomp.passes.precision import emulate
+
+    from gcomp.verify import emulate
 
     row: dict[str, Any] = {}
     try:
@@ -180,12 +185,17 @@ def run(names: list[str], tools: list[str], cache: Path, repeat: int, tolerance:
     import onnx_ir as ir
     from gcomp.passes.precision.mixed import calibrate
 
+    from gcomp.runtime import pass_context
+    from gcomp.verify.precision import calibration_feeds
+
+    runtime = pass_context().runtime
     results = []
     for name in names:
         model, shapes = _load(name, cache)
         proto = ir.to_proto(model)
         data = proto.SerializeToString()
-        feeds, _, reference = calibrate(model, input_shapes=shapes)
+        feeds = calibration_feeds(model, input_shapes=shapes)
+        _, reference = calibrate(model, runtime, feeds)
         fp32_bytes = _float_bytes_proto(proto)
 
         def factory(data=data):

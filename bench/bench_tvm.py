@@ -61,6 +61,7 @@ def bench_model(name: str, args) -> dict:
     from gcomp.backends.tvm import TvmBackend
 
     import models
+    from gcomp.autoselect import prepare_for_tvm
     from gcomp.inputs import generate_inputs
     from gcomp.verify import TOLERANCES, compare_outputs
 
@@ -74,7 +75,7 @@ def bench_model(name: str, args) -> dict:
 
     def tvm_row(label: str, **kw):
         t0 = time.perf_counter()
-        exe = TvmBackend().compile(model, "llvm", input_shapes=shapes, **kw)
+        exe = TvmBackend().compile(prepare_for_tvm(model, shapes, target="llvm"), "llvm", **kw)
         compile_s = time.perf_counter() - t0
         checks = compare_outputs(ref, exe.run(feeds), TOLERANCES)
         ok = all(c.ok for c in checks)
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta["tvm_threads"] = runtime_threads()  # the pool the rows ran on (started by then)
     try:
-        from gcomp.profile import environment
+        from gcomp.perf import environment
 
         meta["cpu"] = environment()["cpu"]
     except Exception:  # the figure stands without the CPU's name

@@ -6,7 +6,7 @@ Usage (from the repository root)::
     .venv/bin/python bench/bench_tvm_kernel.py --task fused_conv2d1_add1_relu1 --layout NCHW
     .venv/bin/python bench/bench_tvm_kernel.py --task fused_conv2d1_add1_relu1 --layout NHWC,HWIO
 
-It builds the model as gcomp's TVM backend does (prepare, import, fuse), optionally with
+It builds the model as gcomp compiles for TVM (prepare_for_tvm, import, fuse), optionally with
 ``conv2d`` converted to another layout (``NCHW`` keeps the model's), tunes the one kernel for
 ``--trials`` candidates in one search round with gcomp's in-process builder and runner, and
 prints the best time and GFLOP/s with the seconds spent building, timing and searching. This
@@ -38,11 +38,12 @@ def main() -> None:
     os.environ["GCOMP_TVM_LAYOUT"] = "NCHW"  # the backend's own choice off: --layout decides
 
     import models
-    from gcomp.backends import tvm as backend
-    from gcomp.backends import tvm_tuning
+    from gcomp.autoselect import prepare_for_tvm
+    from gcomp.backends.tvm import lowering, measure, targets, threads, tuning
+    from gcomp.backends.tvm.diagnostics import quiet_meta_schedule
     from gcomp.inputs import generate_inputs
 
-    backend._start_pool()
+    threads.start_pool()
     import tvm
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
@@ -52,15 +53,15 @@ def main() -> None:
 
     model = models.build(args.model, batch=1, size=args.size)
     feeds, _ = generate_inputs(model, seed=0)
-    mod, _ = backend._import(backend.prepare(model, {k: v.shape for k, v in feeds.items()}))
-    tgt = backend.host_target()
+    mod, _ = lowering.import_onnx(prepare_for_tvm(model, {k: v.shape for k, v in feeds.items()}))
+    tgt = targets.host_target()
     if args.layout.upper() != "NCHW":
         with tgt:
             convert = relax.transform.ConvertLayout({"relax.nn.conv2d": args.layout.split(",")})
             mod = tvm.transform.Sequential([convert, relax.transform.Normalize()])(mod)
-    mod, _ = backend._fuse(mod, tgt)
-    tvm_tuning._quiet_meta_schedule()
-    tvm_tuning._fast_inspect()
+    mod, _ = lowering.fuse(mod, tgt)
+    quiet_meta_schedule()
+    measure.fast_inspect()
     tasks = ms.relax_integration.extract_tasks(mod, tgt)
     if args.list:
         for t in tasks:
@@ -83,12 +84,12 @@ def main() -> None:
     local_builder.default_build = timed("build", local_builder.default_build)
     local_runner._worker_func = timed("time", local_runner._worker_func)
     work = Path(tempfile.mkdtemp(prefix="gcomp-kernel-"))
-    builder, runner = tvm_tuning._in_process_builder_runner(work, {"number": 3, "repeat": 1, "min_repeat_ms": 50})
+    builder, runner = measure.in_process_builder_runner(work, tuning.DEFAULT_EVALUATOR)
     db = ms.database.JSONDatabase(work_dir=str(work))
     t0 = time.perf_counter()
-    tvm_tuning.search_round(ms, task, args.trials, work=work, db=db, builder=builder, runner=runner)
+    tuning.search_round(ms, task, args.trials, work=work, db=db, builder=builder, runner=runner)
     total = time.perf_counter() - t0
-    best = tvm_tuning._best_seconds(db, task)
+    best = tuning.best_seconds(db, task)
     search = total - spent["build"] - spent["time"]
     print(f"{args.task} layout={args.layout} trials={len(db)}: best {best * 1e3:.3f} ms = {flops / best / 1e9:.1f} GFLOP/s; "
           f"{total:.1f} s (build {spent['build']:.1f}, timing {spent['time']:.1f}, search {search:.1f})")

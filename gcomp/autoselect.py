@@ -8,11 +8,13 @@
   reference within the fp32 tolerances, time them, and pick the fastest. Every
   candidate's figures (compile seconds, latency, error, or why it was refused) are
   returned, to go into the report.
+- :func:`prepare_for_tvm` runs gcomp's pipeline for the TVM target before the TVM backend
+  compiles (backends never run the pipeline).
 """
 
 from __future__ import annotations
 
-__all__ = ["Candidate", "Selection", "candidates", "compile_model", "select_backend"]
+__all__ = ["Candidate", "Selection", "candidates", "compile_model", "prepare_for_tvm", "select_backend"]
 
 import os
 import time
@@ -115,9 +117,47 @@ def _compile(backend: str, target: str, model: ir.Model, shapes, *, tune_trials=
 
     be = get_backend(backend)
     if backend == "tvm":
-        return be.compile(model, target, input_shapes=shapes, tune_trials=tune_trials, tune_seconds=tune_seconds,
+        prepared = prepare_for_tvm(model, shapes, target=target, progress=progress)
+        return be.compile(prepared, target, tune_trials=tune_trials, tune_seconds=tune_seconds,
                           cache_dir=cache_dir, progress=progress)
     return be.compile(model, target, optimization=optimization, threads=threads)
+
+
+def prepare_for_tvm(
+    model: ir.Model | str | os.PathLike,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    *,
+    target: str = "llvm",
+    progress: Callable[[str], None] | None = None,
+) -> ir.Model:
+    """A copy of ``model`` that the TVM backend can import, for its ``target`` (``llvm``,
+    ``cuda`` or an alias): the backend's own part first (the target named, every op
+    importable, given input shapes bound), then gcomp's pipeline, which the backend never
+    runs itself: O3 for ``tvm-<kind>`` folds the shape arithmetic, so
+    ``Shape → Gather → Concat → Reshape`` chains become constants (TVM 0.27's importer
+    fails on a ``Shape`` of a shape value), and applies the fusions TVM accepts
+    (BatchNormalization folded into Conv weights, LayerNormalization/Gelu/Gemm: fewer,
+    cheaper kernels; cnn: compile 16.6 s -> 4.6 s), with the TVM family on top (Q/K/V
+    projections packed into one MatMul). O1 is used when that fails.
+
+    Refuses (BackendError) an unknown target, ops TVM cannot import, and an input shape
+    of the wrong rank. The original is untouched.
+    """
+    from gcomp import io
+    from gcomp.backends import tvm
+    from gcomp.pipeline import optimize
+
+    kind = tvm.target_kind(target)
+    source = model if isinstance(model, ir.Model) else io.load(model)
+    tvm.check_importable(source)
+    if progress:
+        progress("preparing the model for TVM (binding shapes, folding)")
+    bound = tvm.bind_input_shapes(source, input_shapes)
+    backup = ir.serde.serialize_model(bound)
+    try:
+        return optimize(bound, "O3", verify=False, target=f"tvm-{kind}").model
+    except GcompError:
+        return optimize(ir.serde.deserialize_model(backup), "O1", verify=False).model
 
 
 def select_backend(

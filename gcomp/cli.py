@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from gcomp import __version__
-from gcomp.errors import GcompError, OptionError
+from gcomp.errors import GcompError, OptionError, first_line
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 PathIn = click.Path(path_type=Path)  # existence is checked by gcomp.io with a clearer message
@@ -144,10 +144,8 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
              profile_iters=20, pass_errors=False, precision=None, tolerance=None, keep_io_types=None,
              select_backend=None, pass_latency=False):
     """Optimize MODEL with a verified pass pipeline and write OUTPUT."""
-    from gcomp import io
-    from gcomp import report as reports
     from gcomp.inputs import parse_input_shapes
-    from gcomp.pipeline import optimize as run_optimize
+    from gcomp.jobs import OptimizeRequest, VerificationFailed, optimize_file
 
     quiet = quiet or as_json
     _load_plugins(plugins)
@@ -158,78 +156,61 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
         from gcomp.passes.precision.mixed import cli_options
 
         options.update(cli_options(precision, tolerance, keep_io_types))
-    shapes = parse_input_shapes(input_shapes)
-    if report is not None:
-        reports.check_report_path(report)
-    html = report is not None and report.suffix.lower() == ".html"
-    profile_models = html if profile_models is None else profile_models
-    pass_errors = (pass_errors or html) and verify
-    pass_latency = (pass_latency or html) and verify
-    io.check_writable(output, source=model)
-
-    err = _stderr()
-    result = _run_with_progress(
-        lambda on_pass: run_optimize(model, pipeline, verify=verify, inputs=inputs, input_shapes=shapes,
-                                     bisect=bisect, progress=on_pass, max_tensor_bytes=max_tensor_bytes,
-                                     verify_timeout=verify_timeout, pass_errors=pass_errors,
-                                     pass_latency=pass_latency, **options),
-        quiet,
-        err,
+    request = OptimizeRequest(
+        model=model, output=output, pipeline=pipeline, options=options, verify=verify, inputs=inputs,
+        input_shapes=parse_input_shapes(input_shapes), max_tensor_bytes=max_tensor_bytes,
+        verify_timeout=verify_timeout, bisect=bisect, strict=strict, external_data=external_data, report=report,
+        profile=profile_models, profile_iters=profile_iters, pass_errors=pass_errors, pass_latency=pass_latency,
+        select_backend=bool(select_backend),
     )
-    v = result.verification
-    if v is not None and not quiet:
-        for note in v.notes:
-            err.print(f"note: {note}", soft_wrap=True)
-    if v is not None and v.status == "failed":
-        if not quiet:
-            _print_summary(result, None)
-        raise GcompError(f"{v.summary()}; nothing written")
-    if v is not None and v.status == "unverified":
-        if strict:
-            raise GcompError(f"{v.summary()} (--strict); nothing written")
-        err.print(f"[yellow]warning:[/] {v.summary()}; writing the output marked unverified", soft_wrap=True)
-    result.save(output, external_data=external_data)
-    doc = reports.optimize_document(result, output=str(output), input_path=str(model))
-    if profile_models:
-        from gcomp.profiling import optimize_profiles, spinner
-
-        with spinner("profiling before and after", quiet=quiet) as status:
-            doc["profiles"] = optimize_profiles(result, model, iters=profile_iters, warmup=3, inputs=inputs,
-                                                input_shapes=shapes, max_tensor_bytes=max_tensor_bytes,
-                                                output=str(output), status=status)
-    if select_backend:
-        from gcomp.autoselect import optimize_selection
-        from gcomp.profiling import spinner
-
-        with spinner("choosing a backend", quiet=quiet) as status:
-            doc["backend_selection"] = optimize_selection(result.model, inputs=inputs, input_shapes=shapes,
-                                                          max_tensor_bytes=max_tensor_bytes, progress=status)
-    if report is not None:
-        reports.write_report(doc, report)
+    err = _stderr()
+    with _PassProgress(quiet, err) as display:
+        try:
+            outcome = optimize_file(request, progress=display.on_pass, phase=display.phase)
+        except VerificationFailed as e:
+            display.stop()
+            _print_notes(e.result, quiet, err)
+            if not quiet:
+                _print_summary(e.result, None)
+            raise
+    _print_notes(outcome.result, quiet, err)
+    for warning in outcome.warnings:
+        err.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     if as_json:
-        click.echo(json.dumps(doc, indent=2, default=str))
+        click.echo(json.dumps(outcome.doc, indent=2, default=str))
     elif not quiet:
-        _print_summary(result, doc)
-        if explain_fusion:
-            _print_fusion_explain(result)
-        if precision:
-            from gcomp.passes.precision.mixed import summary_lines
-
-            for line in summary_lines(result):
-                _stdout().print(line, soft_wrap=True)
-        for c in doc.get("backend_selection", {}).get("candidates", []):
-            figure = f"p50 {c['p50_ms']:.3f} ms" if c["p50_ms"] is not None else c["error"]
-            _stdout().print(f"backend {'*' if c['chosen'] else ' '} {c['backend']}/{c['target']}: {c['status']}, "
-                            f"{figure}", soft_wrap=True)
+        _print_outcome(outcome, explain_fusion=explain_fusion, precision=precision)
         err.print(f"wrote {output}" + (f" and {report}" if report else ""))
+
+
+def _print_notes(result, quiet: bool, err) -> None:
+    if result.verification is not None and not quiet:
+        for note in result.verification.notes:
+            err.print(f"note: {note}", soft_wrap=True)
+
+
+def _print_outcome(outcome, *, explain_fusion: bool, precision: str | None) -> None:
+    result, doc = outcome.result, outcome.doc
+    _print_summary(result, doc)
+    if explain_fusion:
+        _print_fusion_explain(result)
+    if precision:
+        from gcomp.passes.precision.mixed import summary_lines
+
+        for line in summary_lines(result):
+            _stdout().print(line, soft_wrap=True)
+    for c in doc.get("backend_selection", {}).get("candidates", []):
+        figure = f"p50 {c['p50_ms']:.3f} ms" if c["p50_ms"] is not None else c["error"]
+        _stdout().print(f"backend {'*' if c['chosen'] else ' '} {c['backend']}/{c['target']}: {c['status']}, "
+                        f"{figure}", soft_wrap=True)
 
 
 def _fusion_options(target, target_opset, explain_fusion) -> dict:
     options = {}
     if target is not None:
-        from gcomp.passes.fusion.targets import check_target
+        from gcomp.backends import capabilities
 
-        options["target"] = check_target(target)
+        options["target"] = capabilities(target).name  # an unknown name is a one-line error
     if target_opset is not None:
         options["target_opset"] = target_opset
     if explain_fusion:
@@ -260,34 +241,49 @@ def _print_fusion_explain(result) -> None:
     _stdout().print(table)
 
 
-def _run_with_progress(work, quiet: bool, err):
-    """Run ``work(on_pass)``; a transient rich spinner names the current step.
+class _PassProgress:
+    """A transient rich spinner naming the current pass (nothing when quiet).
 
-    The spinner starts on the first callback, after the model has loaded, so load
-    errors print as one clean line.
+    It starts on the first callback, after the model has loaded, so load errors print as
+    one clean line; a later phase (profiling, backend choice) stops it and shows its own.
     """
-    if quiet:
-        return work(None)
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
-                        transient=True)
-    task = None
+    def __init__(self, quiet: bool, err) -> None:
+        self.quiet = quiet
+        self.err = err
+        self.display = None
+        self.task = None
 
-    def on_pass(name, round_, stats):
-        nonlocal task
-        if task is None:
-            progress.start()
-            task = progress.add_task("", total=None)
+    def __enter__(self) -> _PassProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def on_pass(self, name, round_, stats) -> None:
+        if self.quiet:
+            return
+        if self.display is None:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.display = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                    console=self.err, transient=True)
+            self.display.start()
+            self.task = self.display.add_task("", total=None)
         if stats is None:
             text = f"pass [bold]{name}[/] (round {round_})" if round_ else name
-            progress.update(task, description=text)
+            self.display.update(self.task, description=text)
 
-    try:
-        return work(on_pass)
-    finally:
-        if task is not None:
-            progress.stop()
+    def phase(self, text: str):
+        from gcomp.profiling import spinner
+
+        self.stop()
+        return spinner(text, quiet=self.quiet)
+
+    def stop(self) -> None:
+        if self.display is not None:
+            self.display.stop()
+            self.display = None
 
 
 def _print_summary(result, doc) -> None:
@@ -388,7 +384,7 @@ def inspect(model, as_json):
 
     from gcomp import io
     from gcomp.report import human_bytes
-    from gcomp.stats import model_stats
+    from gcomp.perf import model_stats
 
     m = io.load(model)
     stats = model_stats(m)
@@ -736,7 +732,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug in gcomp: still one line unless --debug
         if debug:
             raise
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        text = str(e).strip() and first_line(e)
         click.echo(f"gcomp: internal error: {type(e).__name__}: {text} (run with --debug for the traceback)", err=True)
         sys.exit(3)
     finally:

@@ -15,6 +15,7 @@ __all__ = [
     "PassFailedError",
     "VerificationError",
     "BackendError",
+    "first_line",
 ]
 
 
@@ -48,3 +49,10 @@ class VerificationError(GcompError):
 
 class BackendError(GcompError):
     """A backend could not compile or run the model."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none:
+    what gcomp shows of an error it did not raise itself."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -24,8 +24,8 @@ import onnx_ir as ir
 
 import gcomp.passes  # noqa: F401  (registers the built-in passes and pipelines)
 from gcomp import io, registry, runtime
-from gcomp.errors import GcompError, OptionError, PassFailedError
-from gcomp.stats import ModelStats, model_stats
+from gcomp.errors import GcompError, OptionError, PassFailedError, first_line
+from gcomp.perf import ModelStats, model_stats
 from gcomp.verify import CannotVerify, Reference, Tolerance, Verification
 
 
@@ -175,7 +175,7 @@ def optimize(
                     pass_errors, pass_latency)
     options = _with_default_target(pipeline, dict(options))
     loaded = _load(model)
-    context = runtime.pass_context()
+    context = runtime.pass_context(timeout=verify_timeout, inputs=inputs, input_shapes=input_shapes, seed=seed)
     steps, recorded = _plan(pipeline, options, precision, checks, context)
     baseline = _baseline(loaded, checks, progress)
     reference = baseline.reference
@@ -209,15 +209,15 @@ def _plan(pipeline, options: dict[str, Any], precision: str | None, checks: Chec
     """The pass objects to run, and the options to record in the result."""
     if precision is None:
         return _instantiate(pipeline, options, context), dict(options)
-    from gcomp.passes.precision.mixed import precision_step
-
-    given = dict(options)
-    options = dict(options)
-    step = precision_step(precision, options, inputs=checks.inputs, input_shapes=checks.input_shapes,
-                          seed=checks.seed)
-    steps = _instantiate(pipeline, options, context)
-    steps.append(([step], 1))  # after every pass of the pipeline (fusion first)
-    return steps, dict(given, precision=precision)
+    # convert-precision takes its options out of ``options``; the rest go to the pipeline.
+    info = registry.get_pass("convert-precision")
+    declared = {o.name for o in info.options} - {"precision"}
+    mine = {k: v for k, v in options.items() if k in declared}
+    rest = {k: v for k, v in options.items() if k not in declared}
+    steps = _instantiate(pipeline, rest, context)
+    step = info.create(context=context, precision=precision, **mine)
+    steps.append(([("convert-precision", step)], 1))  # after every pass of the pipeline (fusion first)
+    return steps, dict(options, precision=precision)
 
 
 def _baseline(loaded: _Loaded, checks: Checks, progress: ProgressCallback | None) -> _Baseline:
@@ -351,7 +351,7 @@ def _run_steps(model, steps, progress, executed, checked: bool = False, check=No
                     raise
                 except Exception as e:
                     done = ", ".join(n for n, _ in executed) or "none"
-                    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    text = first_line(e)
                     raise PassFailedError(f"pass '{name}' failed (after: {done}): {text}") from e
                 if result.model is not model:
                     raise PassFailedError(f"pass '{name}' returned a new model; gcomp pipelines run in place")

@@ -110,11 +110,16 @@ class PassContext:
     :class:`gcomp.errors.OptionError` for an unknown name. ``specialize(model, mesh)``
     returns ``model`` fixed to gcomp's default input shapes for a sharding mesh and
     folded (pipeline O1), for passes that must see through exporters' shape arithmetic.
+    ``inputs(model, path)`` returns feeds for every input of ``model``, made the way
+    verification makes its own (the arrays read from ``path``, an ``.npz`` or
+    ``test_data_set`` folder, when given; the user's inputs; the rest generated, seeded),
+    so calibration sees the values verification checks.
     """
 
     runtime: Runtime | None = None
     capabilities: Callable[[str], Capabilities] | None = None
     specialize: Callable[[ir.Model, Any], ir.Model] | None = None
+    inputs: Callable[[ir.Model, str | None], dict[str, np.ndarray]] | None = None
 
     def target(self, name: str) -> Capabilities:
         if self.capabilities is None:

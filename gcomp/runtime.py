@@ -60,11 +60,28 @@ class ReferenceRuntime:
         return reference(model, threads=threads).run(feeds, **timeout)
 
 
-def pass_context(*, timeout: float | None = None) -> PassContext:
-    """The context the pipeline gives passes: the reference runtime, the targets, and
-    specialization for sharding plans."""
+def pass_context(
+    *,
+    timeout: float | None = None,
+    inputs: str | Path | Mapping[str, np.ndarray] | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+) -> PassContext:
+    """The context the pipeline gives passes: the reference runtime, the targets,
+    specialization for sharding plans, and the inputs verification uses (``inputs``,
+    ``input_shapes`` and ``seed`` as :func:`gcomp.optimize` takes them)."""
+    from gcomp.verify.precision import calibration_feeds
+
+    given, path = (None, inputs) if isinstance(inputs, (str, Path)) else (inputs, None)
+    given = {k: np.asarray(v) for k, v in dict(given or {}).items()}
+
+    def feeds(model: ir.Model, calibration_path: str | None = None) -> dict[str, np.ndarray]:
+        return calibration_feeds(model, given=given, path=calibration_path or path,
+                                 input_shapes=dict(input_shapes or {}), seed=seed)
+
     return PassContext(
-        runtime=ReferenceRuntime(timeout=timeout), capabilities=backends.capabilities, specialize=_specialize
+        runtime=ReferenceRuntime(timeout=timeout), capabilities=backends.capabilities, specialize=_specialize,
+        inputs=feeds,
     )
 
 

@@ -21,13 +21,11 @@ from typing import Annotated, Any
 
 import onnx_ir as ir
 
+from gcomp.passes.opsets import NON_DETERMINISTIC
 from gcomp.passes.rewire import take_interface
 from gcomp.passes.scopes import all_scopes
 from gcomp.registry import register_pass
 
-_NON_DETERMINISTIC = frozenset(
-    {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike", "Multinomial", "Bernoulli"}
-)
 _STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 
 
@@ -63,7 +61,7 @@ class CommonSubexpressionElimination(ir.passes.InPlacePass):
         return modified
 
     def _key(self, node: ir.Node) -> tuple | None:
-        if node.domain not in _STANDARD_DOMAINS or node.op_type in _NON_DETERMINISTIC:
+        if node.domain not in _STANDARD_DOMAINS or node.op_type in NON_DETERMINISTIC:
             return None
         if node.op_type == "Dropout" and len(node.inputs) > 2 and node.inputs[2] is not None:
             training = node.inputs[2].const_value

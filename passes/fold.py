@@ -31,23 +31,21 @@ Scopes: main graph, every If/Loop/Scan body (with outer-scope constants), functi
 
 from __future__ import annotations
 
-__all__ = ["FoldConstants", "FoldResult", "constant_lookup", "standalone_node_proto"]
+__all__ = ["FoldConstants", "constant_lookup", "standalone_node_proto"]
 
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 import onnx_ir as ir
 
+from gcomp.passes.opsets import NON_DETERMINISTIC, model_opset
+from gcomp.passes.result import DetailedResult
 from gcomp.passes.rewire import bypass
 from gcomp.passes.scopes import all_scopes
 from gcomp.passes.symbolic import SymbolicShapes
 from gcomp.registry import PassContext, Runtime, register_pass
 
-NON_DETERMINISTIC = frozenset(
-    {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike", "Multinomial", "Bernoulli"}
-)
 # Heavy compute: ONNX Runtime evaluates these (the reference evaluator is pure numpy).
 _HEAVY_OPS = frozenset(
     {"Conv", "ConvTranspose", "ConvInteger", "MatMul", "MatMulInteger", "Gemm", "Einsum", "QLinearConv",
@@ -62,13 +60,6 @@ _SIZE_BOUNDED = frozenset(
 )
 _NUMPY_NATIVE = frozenset("biufcUSO?")
 _INT_TYPES = (ir.DataType.INT64, ir.DataType.INT32)
-
-
-@dataclass
-class FoldResult(ir.passes.PassResult):
-    """A pass result carrying what was folded and what was left unfolded, and why."""
-
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 @register_pass("fold-constants")
@@ -87,7 +78,7 @@ class FoldConstants(ir.passes.InPlacePass):
         self.lift_constants = lift_constants
         self.runtime = context.runtime if context is not None else None
 
-    def call(self, model: ir.Model) -> FoldResult:
+    def call(self, model: ir.Model) -> DetailedResult:
         self._model = model
         self._folded: Counter[str] = Counter()
         self._unfolded: dict[tuple[str, str], str] = {}
@@ -112,7 +103,7 @@ class FoldConstants(ir.passes.InPlacePass):
                 {"node": n, "op_type": op, "reason": r} for (n, op), r in list(self._unfolded.items())[:100]
             ],
         }
-        return FoldResult(model, modified=modified, details=details)
+        return DetailedResult(model, modified=modified, details=details)
 
     # ------------------------------------------------------------------ per node
 
@@ -348,10 +339,6 @@ def _unique_node_name(node: ir.Node, suffix: str) -> str:
     return f"{base}_{suffix}"
 
 
-def _opset(model: ir.Model, domain: str = "") -> int:
-    return model.opset_imports.get(domain, model.opset_imports.get("ai.onnx", 17))
-
-
 def standalone_node_proto(node: ir.Node, present: list[bool]):
     """The node as a NodeProto with inputs renamed ``i0, i1, ...`` (``""`` where absent)
     and outputs ``o0, o1, ...``: what ONNX's per-node tools and one-node models need."""
@@ -372,7 +359,7 @@ def _predict_output_bytes(node: ir.Node, arrays, model: ir.Model) -> list[int] |
     from onnx import defs, helper, numpy_helper, shape_inference
 
     try:
-        schema = defs.get_schema(node.op_type, _opset(model), "")
+        schema = defs.get_schema(node.op_type, model_opset(model), "")
     except Exception:
         return None
     proto, names, outs = standalone_node_proto(node, [a is not None for a in arrays])
@@ -423,7 +410,7 @@ def _evaluate(node: ir.Node, arrays, model: ir.Model, heavy: bool, runtime: Runt
         inputs.append(helper.make_tensor_value_info(name, elem, list(a.shape)))
         feeds[name] = a
     graph = helper.make_graph([proto], "fold", inputs, [helper.make_empty_tensor_value_info(o) for o in outs])
-    fold_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _opset(model))])
+    fold_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", model_opset(model))])
     fold_model.ir_version = min(model.ir_version or 10, 10)
     engines = [("reference", _run_reference)]
     if runtime is not None:

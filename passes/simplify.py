@@ -34,6 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from gcomp.passes.fold import constant_lookup, standalone_node_proto
+from gcomp.passes.opsets import model_opset
 from gcomp.passes.rewire import bypass
 from gcomp.passes.scopes import all_scopes
 from gcomp.registry import register_pass
@@ -59,7 +60,7 @@ class Simplify(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         ctx = Context(
-            opset=model.opset_imports.get("", model.opset_imports.get("ai.onnx", 17)),
+            opset=model_opset(model),
             constant=constant_lookup(model),
         )
         for scope in all_scopes(model):

@@ -1,4 +1,5 @@
-"""Mixed precision (gcomp.passes.precision): conversion, Casts, constants, scopes, emulation, auto.
+"""Mixed precision (gcomp.passes.precision, gcomp.verify.emulate): conversion, Casts, constants, scopes,
+emulation, auto.
 
 Every converted model is checked the way the issue asks: it passes the full ONNX
 checker, runs on ONNX Runtime, and its emulated fp16/bf16 outputs (every low value
@@ -10,14 +11,19 @@ computed here, on the same O1-optimized zoo models, with both peers run for real
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 from conftest import make_model, ort_run, tensor, vinfo
-from gcomp.passes.precision import emulate, policy
+from gcomp.passes.precision import mixed, policy
 from gcomp.passes.precision.convert import count_casts, to_low
-from gcomp.passes.precision.mixed import ConvertPrecision, calibrate
+from gcomp.passes.precision.mixed import ConvertPrecision
+from gcomp.runtime import pass_context
+from gcomp.verify import emulate
+from gcomp.verify.precision import calibration_feeds
 from onnx import TensorProto, helper
 
 import gcomp
@@ -40,9 +46,24 @@ def float_bytes(model: ir.Model) -> int:
     )
 
 
+CONTEXT = pass_context()
+
+
+def make_pass(**options) -> ConvertPrecision:
+    """The pass as the pipeline gives it: its runtime, and seeded calibration feeds."""
+    return ConvertPrecision(context=CONTEXT, **options)
+
+
 def convert(model: ir.Model, **options) -> tuple[ir.Model, dict]:
-    result = ConvertPrecision(**options)(model)
+    result = make_pass(**options)(model)
     return result.model, result.details
+
+
+def calibrate(model: ir.Model) -> tuple[dict, dict, dict]:
+    """(seeded feeds, calibration stats, fp32 outputs) as the pass's calibration sees them."""
+    feeds = calibration_feeds(model)
+    stats, reference = mixed.calibrate(model, CONTEXT.runtime, feeds)
+    return feeds, stats, reference
 
 
 def check_valid(model: ir.Model) -> onnx.ModelProto:
@@ -373,7 +394,7 @@ def test_without_keep_io_types_the_interface_is_fp16():
 def test_no_op_on_a_model_without_float_compute():
     m = make_model([helper.make_node("Add", ["a", "b"], ["c"])],
                    [vinfo("a", TensorProto.INT64), vinfo("b", TensorProto.INT64)], [vinfo("c", TensorProto.INT64)])
-    result = ConvertPrecision()(ir.from_proto(m))
+    result = make_pass()(ir.from_proto(m))
     assert not result.modified
 
 
@@ -382,6 +403,23 @@ def test_unknown_precision_is_refused():
 
     with pytest.raises(OptionError, match="precision must be one of"):
         ConvertPrecision(precision="fp8")
+
+
+def test_without_the_pipelines_runtime_or_feeds_calibration_says_why():
+    """Calibration runs on the runtime and the inputs the pipeline's context hands the
+    pass: built by hand without them, fp16 still converts (without the range rule) and says
+    why; auto, which cannot do without a run, refuses."""
+    from gcomp.errors import GcompError
+
+    no_context = ConvertPrecision()(zoo_model("mlp"))
+    assert no_context.modified
+    assert no_context.details["calibration"].startswith("not possible")
+    assert "context=gcomp.runtime.pass_context()" in no_context.details["calibration"]
+    no_feeds = ConvertPrecision(context=dataclasses.replace(CONTEXT, inputs=None))(zoo_model("mlp"))
+    assert "no calibration inputs" in no_feeds.details["calibration"]
+    assert ConvertPrecision(context=CONTEXT)(zoo_model("mlp")).details["calibration"].endswith("measured")
+    with pytest.raises(GcompError, match="auto needs a runnable model"):
+        ConvertPrecision(precision="auto")(zoo_model("mlp"))
 
 
 # --------------------------------------------------------------------------------- subgraphs
@@ -561,8 +599,9 @@ def _branches_model(n: int, bad: set[int]):
 def test_auto_search_scales_by_bisection():
     """64 regions, 2 of which must stay fp32: found with O(k log n) emulated runs, not n."""
     n, bad = 64, {9, 41}
-    step = ConvertPrecision(precision="auto", tolerance=1e-3)
-    step.feeds = {f"x{i}": np.full((2, 8), 1 - 2.0 ** -12, np.float32) for i in range(n)}
+    feeds = {f"x{i}": np.full((2, 8), 1 - 2.0 ** -12, np.float32) for i in range(n)}
+    context = dataclasses.replace(CONTEXT, inputs=lambda model, path: feeds)
+    step = ConvertPrecision(precision="auto", tolerance=1e-3, context=context)
     result = step(ir.from_proto(_branches_model(n, bad)))
     model, details = result.model, result.details
     check_valid(model)

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper
 
 import models
 from gcomp import backends, io
+from gcomp.autoselect import prepare_for_tvm
 from gcomp.errors import BackendError
 from gcomp.inputs import generate_inputs
 from tests.conftest import make_model, ort_run, tensor, vinfo
@@ -43,6 +44,13 @@ def _shapes(feeds):
     return {k: v.shape for k, v in feeds.items()}
 
 
+def _compile(model, target="llvm", *, input_shapes=None, **options):
+    """Compile as gcomp does: the core prepares the model (gcomp's pipeline for the TVM
+    target), then the backend compiles what it was given."""
+    prepared = prepare_for_tvm(model, input_shapes, target=target, progress=options.get("progress"))
+    return TvmBackend().compile(prepared, target, **options)
+
+
 def test_every_zoo_builder_is_covered():
     assert set(ZOO) == set(models.BUILDERS)
 
@@ -51,7 +59,7 @@ def test_every_zoo_builder_is_covered():
 def test_zoo_parity_with_ort(name):
     model = models.build(name, **ZOO[name])
     feeds = _feeds(model)
-    exe = TvmBackend().compile(model, "llvm", input_shapes=_shapes(feeds))
+    exe = _compile(model, input_shapes=_shapes(feeds))
     assert isinstance(exe, Executable)
     out, ref = exe.run(feeds), ort_run(model, feeds)
     assert list(out) == list(ref)
@@ -63,7 +71,7 @@ def test_zoo_parity_with_ort(name):
 def test_default_model_parity_and_profile_rows_are_graph_nodes():
     model = io.load(DEFAULT)
     feeds = _feeds(model)
-    exe = get_backend("tvm").compile(DEFAULT, "cpu", input_shapes=_shapes(feeds))
+    exe = _compile(DEFAULT, "cpu", input_shapes=_shapes(feeds))
     ref = ort_run(DEFAULT, feeds)
     np.testing.assert_allclose(exe.run(feeds)["last_hidden_state"], ref["last_hidden_state"], rtol=1e-4, atol=1e-5)
     prof = exe.profile(feeds, iters=3, warmup=1, profile_runs=2)
@@ -93,6 +101,13 @@ def test_protocol_registry_and_caller_model_untouched():
         backend.compile(model, "tpu")
     with pytest.raises(BackendError, match="rank 2, shape given"):
         backend.compile(model, "llvm", input_shapes={"x": (3,)})
+    prepared = prepare_for_tvm(model, {"x": (3, 64)})
+    assert [str(v.shape) for v in model.graph.inputs] == before
+    assert [tuple(v.shape) for v in prepared.graph.inputs] == [(3, 64)]
+    with pytest.raises(BackendError, match="rank 2, shape given"):
+        prepare_for_tvm(model, {"x": (3,)})
+    with pytest.raises(BackendError, match="unknown target 'tpu'"):
+        prepare_for_tvm(model, target="tpu")
 
 
 def _lstm_model():
@@ -145,7 +160,7 @@ def test_target_op_declarations():
 def test_export_reload_round_trip(tmp_path):
     model = models.build("cnn", size=16)
     feeds = _feeds(model)
-    exe = TvmBackend().compile(model, "llvm", input_shapes=_shapes(feeds))
+    exe = _compile(model, input_shapes=_shapes(feeds))
     out = exe.export(tmp_path / "cnn.tvm")
     assert sorted(p.name for p in out.iterdir()) == ["gcomp-tvm.json", "model.so"]
     again = load(out)
@@ -164,7 +179,7 @@ def test_export_reload_round_trip(tmp_path):
 
 
 def test_cuda_code_generation_without_a_gpu(tmp_path):
-    exe = TvmBackend().compile(models.build("mlp"), "cuda", input_shapes={"x": (2, 64)}, run=False)
+    exe = _compile(models.build("mlp"), "cuda", input_shapes={"x": (2, 64)}, run=False)
     src = exe.generated_source()
     assert "__global__" in src and "threadIdx" in src
     out = exe.export(tmp_path / "mlp.cuda")  # the artifact a GPU machine would load
@@ -179,7 +194,7 @@ def test_cuda_code_generation_without_a_gpu(tmp_path):
 def test_cuda_parity_on_gpu():
     model = models.build("mlp")
     feeds = _feeds(model, x=(2, 64))
-    exe = TvmBackend().compile(model, "cuda", input_shapes=_shapes(feeds))
+    exe = _compile(model, "cuda", input_shapes=_shapes(feeds))
     np.testing.assert_allclose(exe.run(feeds)["probs"], ort_run(model, feeds)["probs"], rtol=1e-4, atol=1e-5)
 
 
@@ -236,7 +251,7 @@ def _two_kernel_model(rows=1, k=32, hidden=48, out=16):
 
 @pytest.mark.slow
 def test_tuning_database_is_reused_and_survives_an_interrupt(tmp_path):
-    from gcomp.backends import tvm_tuning
+    from gcomp.backends.tvm.database import count_records
 
     model = _two_kernel_model()
     feeds = _feeds(model)
@@ -249,29 +264,29 @@ def test_tuning_database_is_reused_and_survives_an_interrupt(tmp_path):
 
     # Interrupted before the second task: the first task's records are committed, whole.
     with pytest.raises(KeyboardInterrupt):
-        TvmBackend().compile(model, "llvm", tune_trials=16, cache_dir=cache, progress=stop_at_second_task)
+        _compile(model, tune_trials=16, cache_dir=cache, progress=stop_at_second_task)
     (db_dir,) = (cache / "tvm").iterdir()
-    first = tvm_tuning.count_records(db_dir)
+    first = count_records(db_dir)
     assert first > 0
     for name in ("database_workload.json", "database_tuning_record.json"):
         for line in (db_dir / name).read_text().splitlines():
             json.loads(line)
     # Resumed: the finished task is reused, only the other one is tuned.
-    exe = TvmBackend().compile(model, "llvm", tune_trials=16, cache_dir=cache)
+    exe = _compile(model, tune_trials=16, cache_dir=cache)
     t = exe.tuning
     assert (t.tasks, t.reused, t.tuned, t.skipped) == (2, 1, 1, 0) and t.trials > 0
-    second = tvm_tuning.count_records(db_dir)
+    second = count_records(db_dir)
     assert second > first
     np.testing.assert_allclose(exe.run(feeds)["y"], ref["y"], rtol=1e-4, atol=1e-4)
     # Everything is in the database now: no new trials, same records, same answers.
-    exe = TvmBackend().compile(model, "llvm", tune_trials=16, cache_dir=cache)
+    exe = _compile(model, tune_trials=16, cache_dir=cache)
     assert (exe.tuning.reused, exe.tuning.tuned, exe.tuning.trials) == (2, 0, 0)
-    assert tvm_tuning.count_records(db_dir) == second
+    assert count_records(db_dir) == second
     np.testing.assert_allclose(exe.run(feeds)["y"], ref["y"], rtol=1e-4, atol=1e-4)
     # A larger budget tunes each kernel up to its new share (8 -> 16 trials each).
-    exe = TvmBackend().compile(model, "llvm", tune_trials=32, cache_dir=cache)
+    exe = _compile(model, tune_trials=32, cache_dir=cache)
     assert (exe.tuning.reused, exe.tuning.tuned) == (0, 2) and exe.tuning.trials > 0
-    assert tvm_tuning.count_records(db_dir) > second
+    assert count_records(db_dir) > second
     np.testing.assert_allclose(exe.run(feeds)["y"], ref["y"], rtol=1e-4, atol=1e-4)
 
 
@@ -305,7 +320,7 @@ def test_mixed_precision_model_compiles_and_verifies_at_its_precision():
     fp16 = optimize(model, "O1", precision="fp16", verify=False).model
     assert any(v.dtype == ir_dtype("FLOAT16") for v in fp16.graph.initializers.values())
     feeds = _feeds(fp16)
-    exe = TvmBackend().compile(fp16, "llvm", input_shapes=_shapes(feeds))
+    exe = _compile(fp16, input_shapes=_shapes(feeds))
     ok, err = _check(_reference(fp16, feeds), exe.run(feeds), fp16)
     assert ok and err > 1e-3  # TVM computes in fp16: close to the reference, not bit-equal
     # The same difference in an fp32 model is a mismatch.
@@ -327,7 +342,7 @@ def test_indexing_kernels_are_not_tuned(tmp_path):
     node = helper.make_node("Gather", ["table", "ids"], ["y"], name="lookup")
     model = _as_ir(make_model([node], [vinfo("ids", TensorProto.INT64, (3,))], [vinfo("y", shape=(3, 4))],
                               [tensor("table", table)]))
-    exe = TvmBackend().compile(model, "llvm", tune_trials=8, cache_dir=tmp_path)
+    exe = _compile(model, tune_trials=8, cache_dir=tmp_path)
     t = exe.tuning
     assert t.skipped >= 1 and not any("take" in name for name in t.task_names), t  # the index fix-up is tuned
     ids = np.array([0, 9, 3], dtype=np.int64)
@@ -335,7 +350,7 @@ def test_indexing_kernels_are_not_tuned(tmp_path):
 
 
 def test_trial_budget_follows_the_kernels_guessed_time():
-    from gcomp.backends.tvm_tuning import trial_shares
+    from gcomp.backends.tvm.tuning import trial_shares
 
     # A GEMM guessed 10x the time of a layer norm gets the larger share; every kernel at
     # least 16 trials; the shares never exceed the budget.
@@ -365,7 +380,7 @@ def test_kernels_run_on_every_core_unless_the_user_says_otherwise():
 
 
 def test_a_time_budget_scales_every_kernels_share_instead_of_dropping_the_last():
-    from gcomp.backends.tvm_tuning import _fit
+    from gcomp.backends.tvm.tuning import _fit
 
     assert _fit(400, 1000, 2000.0) == 400  # everything fits: unchanged
     assert _fit(400, 1000, 500.0) == 200  # half fits: every share halved
@@ -377,12 +392,12 @@ def test_every_kernel_gets_a_round_before_any_gets_a_second(tmp_path, monkeypatc
     """Phase 1 gives each kernel one search round (heaviest first); phase 2 gives the
     rest of the budget, a round at a time, to the kernel with the most measured time per
     trial so far. Rounds of 8 here so the test runs in seconds."""
-    from gcomp.backends import tvm_tuning
+    from gcomp.backends.tvm import tuning
 
-    monkeypatch.setattr(tvm_tuning, "_ROUND", 8)
+    monkeypatch.setattr(tuning, "_ROUND", 8)
     model = _two_kernel_model(rows=64, k=256, hidden=256, out=4)
     said = []
-    exe = TvmBackend().compile(model, "llvm", tune_trials=40, cache_dir=tmp_path, progress=said.append)
+    exe = _compile(model, tune_trials=40, cache_dir=tmp_path, progress=said.append)
     rounds = [m.split()[3] for m in said if m.startswith("tuning task")]
     big = next(n for n in rounds if "relu" in n)
     small = next(n for n in rounds if "relu" not in n)
@@ -397,7 +412,7 @@ def test_every_kernel_gets_a_round_before_any_gets_a_second(tmp_path, monkeypatc
     feeds = _feeds(model)
     np.testing.assert_allclose(exe.run(feeds)["y"], ort_run(model, feeds)["y"], rtol=1e-4, atol=1e-3)
     # The same budget again: nothing to do.
-    again = TvmBackend().compile(model, "llvm", tune_trials=40, cache_dir=tmp_path).tuning
+    again = _compile(model, tune_trials=40, cache_dir=tmp_path).tuning
     assert (again.tuned, again.trials, again.reused) == (0, 0, 2)
 
 
@@ -430,7 +445,7 @@ def test_channels_last_convolutions_keep_every_op_around_them_exact():
     model = _as_ir(make_model(nodes, [vinfo("x", shape=(1, 3, 12, 12))],
                               [vinfo("y", shape=(1, 8)), vinfo("rm", shape=(1, 1, 6, 6))], inits))
     feeds = _feeds(model)
-    exe = TvmBackend().compile(model, "llvm")
+    exe = _compile(model)
     out, ref = exe.run(feeds), ort_run(model, feeds)
     for k in ref:
         np.testing.assert_allclose(out[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=k)

@@ -27,6 +27,8 @@ Without CUDA the run phase uses the CPU (a dry run: torch's CPU fp16 kernels) an
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import sys
 from pathlib import Path
@@ -41,17 +43,22 @@ def prepare(out: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
     sys.path.insert(0, str(repo))
     import onnx_ir as ir
-    from gcomp.passes.precision import emulate
     from gcomp.passes.precision.mixed import ConvertPrecision, calibrate
 
     import gcomp
+    from gcomp.runtime import pass_context
+    from gcomp.verify import emulate
+    from gcomp.verify.precision import calibration_feeds
     from models import build, large_activations
+
+    context = pass_context()
 
     for case in CASES:
         name = case.removesuffix("_ort_tool").removesuffix("_bf16")
         model = large_activations.build() if name == "large_activations" else build(name)
         model = gcomp.optimize(model, "O1", verify=False).model
-        feeds, _, reference = calibrate(model)
+        feeds = calibration_feeds(model)
+        _, reference = calibrate(model, context.runtime, feeds)
         if case.endswith("_ort_tool"):
             from onnxruntime.transformers import float16 as ort_fp16
 
@@ -60,7 +67,9 @@ def prepare(out: Path) -> None:
             for g in model.graphs():
                 g.sort()
         else:
-            ConvertPrecision(precision="bf16" if case.endswith("_bf16") else "fp16")(model)
+            fixed = dataclasses.replace(context, inputs=lambda _model, _path: dict(feeds))
+            step = ConvertPrecision(precision="bf16" if case.endswith("_bf16") else "fp16", context=fixed)
+            step(model)
         emulated = emulate.emulate(model, feeds)
         folder = out / case
         folder.mkdir(parents=True, exist_ok=True)

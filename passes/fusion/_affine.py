@@ -36,8 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
+
 from gcomp.passes.fusion._dims import float_attr, int_attr
-from gcomp.passes.fusion._engine import const_array, fresh_initializer
+from gcomp.passes.fusion._engine import FusionRun, RunRule
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm")
 _FLOATS = (np.float16, np.float32, np.float64)
@@ -57,7 +58,7 @@ class Linear:
     dtype: np.dtype
 
 
-def linear_of(node: ir.Node) -> tuple[Linear | None, str]:
+def linear_of(run: FusionRun, node: ir.Node) -> tuple[Linear | None, str]:
     """Describe ``node`` (a Conv/ConvTranspose/Gemm), or say why it cannot be folded into."""
     if node.domain != "" or node.op_type not in LINEAR_OPS:
         return None, f"{node.op_type} is not a Conv/ConvTranspose/Gemm"
@@ -66,10 +67,10 @@ def linear_of(node: ir.Node) -> tuple[Linear | None, str]:
         return None, "missing input or weight"
     w_val = inputs[1]
     has_bias = len(inputs) > 2 and inputs[2] is not None
-    bias = const_array(inputs[2]) if has_bias else None
+    bias = run.const(inputs[2]) if has_bias else None
     if has_bias and bias is None:
         return None, "the existing bias is not a constant"
-    weight = const_array(w_val)
+    weight = run.const(w_val)
     dtype = w_val.dtype.numpy() if w_val.dtype is not None else (weight.dtype if weight is not None else None)
     if dtype is None or dtype.type not in _FLOATS:
         return None, "weights are not a float tensor"
@@ -155,7 +156,8 @@ def _scaled_weight(lin: Linear, scale: np.ndarray) -> np.ndarray:
     return w * np.broadcast_to(scale, (w.shape[1],))[None, :]
 
 
-def fold(op, lin: Linear, x: ir.Value, scale: np.ndarray | None, shift: np.ndarray | None) -> ir.Value:
+def fold(op, run: FusionRun, lin: Linear, x: ir.Value, scale: np.ndarray | None,
+         shift: np.ndarray | None) -> ir.Value:
     """Emit ``lin``'s op computing ``lin(x) * scale + shift`` (both per channel, float64; None = 1 / 0)."""
     node = lin.node
     attrs = dict(node.attributes)
@@ -168,7 +170,7 @@ def fold(op, lin: Linear, x: ir.Value, scale: np.ndarray | None, shift: np.ndarr
         if scale[0] != 1.0:
             attrs["alpha"] = ir.AttrFloat32("alpha", float(float_attr(node, "alpha", 1.0) * scale[0]))
     elif not np.all(scale == 1.0):
-        weight = fresh_initializer(op, _scaled_weight(lin, scale).astype(lin.dtype), base)
+        weight = run.fresh_initializer(op, _scaled_weight(lin, scale).astype(lin.dtype), base)
     if node.op_type == "Gemm":
         # C' = beta * C * s + t (C may be a scalar, [N], [1, N], [M, 1] or [M, N]: numpy's
         # broadcasting against the per-column s and t gives a C' Gemm still broadcasts).
@@ -186,7 +188,7 @@ def fold(op, lin: Linear, x: ir.Value, scale: np.ndarray | None, shift: np.ndarr
     inputs = [x, weight]
     if bias is not None:
         bias_name = (node.inputs[2].name if lin.has_bias else "") or f"{base}_bias"
-        inputs.append(fresh_initializer(op, np.asarray(bias).astype(lin.dtype), bias_name))
+        inputs.append(run.fresh_initializer(op, np.asarray(bias).astype(lin.dtype), bias_name))
     return getattr(op, node.op_type)(*inputs, **attrs)
 
 
@@ -217,11 +219,11 @@ def affine_of(kind: str, v: np.ndarray) -> tuple[np.ndarray | None, np.ndarray |
     return -np.ones(1), v, ""  # c - y
 
 
-class FoldIntoLinear(pattern.RewriteRuleClassBase):
+class FoldIntoLinear(RunRule):
     """``Linear(x, W[, B]) op c`` with ``c`` a per-output-channel constant -> ``Linear(x, W', B')``."""
 
-    def __init__(self, name: str, *, op_type: str, kind: str):
-        super().__init__(name)
+    def __init__(self, name: str, run: FusionRun, *, op_type: str, kind: str):
+        super().__init__(name, run)
         self.op_type, self.kind = op_type, kind
 
     def pattern(self, op, x, c):
@@ -230,10 +232,10 @@ class FoldIntoLinear(pattern.RewriteRuleClassBase):
         return getattr(op, onnx_op)(c, y) if const_first else getattr(op, onnx_op)(y, c)
 
     def _plan(self, lin_out, c):
-        lin, why = linear_of(lin_out.producer())
+        lin, why = linear_of(self.run, lin_out.producer())
         if lin is None:
             return None, why
-        array = const_array(c)
+        array = self.run.const(c)
         if array is None:
             return None, "the other operand is not a constant"
         v, why = per_channel(array, lin)
@@ -251,8 +253,9 @@ class FoldIntoLinear(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, lin_out, c, **_):
         lin, scale, shift = self._plan(lin_out, c)[0]
-        return fold(op, lin, x, scale, shift)
+        return fold(op, self.run, lin, x, scale, shift)
 
 
-def fold_rules(prefix: str, kinds) -> list:
-    return [FoldIntoLinear.rule(f"{prefix}-{t.lower()}-{k}", op_type=t, kind=k) for t in LINEAR_OPS for k in kinds]
+def fold_rules(run: FusionRun, prefix: str, kinds) -> list:
+    return [FoldIntoLinear.rule(f"{prefix}-{t.lower()}-{k}", run, op_type=t, kind=k)
+            for t in LINEAR_OPS for k in kinds]

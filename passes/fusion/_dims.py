@@ -3,6 +3,7 @@
 Exporters compute sizes from ``Shape``: the sequence length as ``Gather(Shape(x), 1)``,
 ``Shape(x, start=1, end=2)``, wrapped in ``Unsqueeze``/``Squeeze``/``Cast``; a rule that
 replaces such a graph by an op that takes the size implicitly must prove the two equal.
+The functions that read constants take the run's :class:`gcomp.passes.fusion._engine.FusionRun`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ __all__ = ["float_attr", "holds_dim", "int_attr", "same_dim", "shape_range"]
 
 import onnx_ir as ir
 
-from gcomp.passes.fusion._engine import const_array
+from gcomp.passes.fusion._engine import FusionRun
 
 
 def same_dim(a, b) -> bool:
@@ -31,11 +32,11 @@ def float_attr(node, name: str, default: float) -> float:
     return default if attr is None else attr.as_float()
 
 
-def holds_dim(value, x, k: int) -> bool:
+def holds_dim(run: FusionRun, value, x, k: int) -> bool:
     """``value`` (a scalar or 1-element int tensor) provably equals ``x.shape[k]``: a constant
     equal to a static dim, or read (through Unsqueeze/Squeeze/Reshape/Cast/Identity, which keep
     a single element) from ``Shape(y)`` at a dim of y that is x's dim k."""
-    c = const_array(value)
+    c = run.const(value)
     if c is not None:
         return c.size == 1 and isinstance(x.shape[k], int) and int(c.reshape(())) == x.shape[k]
     node = value.producer()
@@ -44,15 +45,15 @@ def holds_dim(value, x, k: int) -> bool:
     if node.op_type in ("Squeeze", "Unsqueeze", "Reshape", "Cast", "Identity"):
         if node.op_type == "Cast" and int_attr(node, "to", 0) not in (ir.DataType.INT64, ir.DataType.INT32):
             return False
-        return holds_dim(node.inputs[0], x, k)
+        return holds_dim(run, node.inputs[0], x, k)
     if node.op_type == "Shape":
-        return _shape_element_is(node, 0, x, k)
+        return _shape_element_is(run, node, 0, x, k)
     if node.op_type == "Gather" and int_attr(node, "axis", 0) == 0:
         shape_node = node.inputs[0].producer()
-        index = const_array(node.inputs[1])
+        index = run.const(node.inputs[1])
         if shape_node is None or shape_node.op_type != "Shape" or index is None or index.size != 1:
             return False
-        return _shape_element_is(shape_node, int(index.reshape(())), x, k)
+        return _shape_element_is(run, shape_node, int(index.reshape(())), x, k)
     return False
 
 
@@ -66,36 +67,36 @@ def shape_range(shape_node, rank: int) -> tuple[int, int]:
     return start, end
 
 
-def _shape_element_is(shape_node, index: int, x, k: int) -> bool:
+def _shape_element_is(run: FusionRun, shape_node, index: int, x, k: int) -> bool:
     """Element ``index`` of ``Shape(y, start, end)`` exists and is y's dim that equals x's dim k."""
     y = shape_node.inputs[0]
-    rank = _rank(y)
+    rank = _rank(run, y)
     if rank is None:
         return False
     start, end = shape_range(shape_node, rank)
     dim = start + (index if index >= 0 else end - start + index)
     if not start <= dim < end:
         return False
-    return _dim_is(y, dim, x, k)
+    return _dim_is(run, y, dim, x, k)
 
 
-def _rank(y) -> int | None:
+def _rank(run: FusionRun, y) -> int | None:
     if y.shape is not None and y.shape.rank() is not None:
         return y.shape.rank()
-    target = _zero_copy_target(y)
+    target = _zero_copy_target(run, y)
     return None if target is None else target.size
 
 
-def _zero_copy_target(y):
+def _zero_copy_target(run: FusionRun, y):
     """The constant shape of ``y = Reshape(z, shape)`` with allowzero=0, else None."""
     node = y.producer()
     if node is None or node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or int_attr(node, "allowzero", 0):
         return None
-    target = const_array(node.inputs[1])
+    target = run.const(node.inputs[1])
     return None if target is None else target.reshape(-1)
 
 
-def _dim_is(y, dim: int, x, k: int, depth: int = 0) -> bool:
+def _dim_is(run: FusionRun, y, dim: int, x, k: int, depth: int = 0) -> bool:
     """y's dim ``dim`` (non-negative) is x's dim k: y is x, the inferred dims are the same
     symbol or number, or y is ``Reshape(z, s)`` (allowzero=0) with ``s[dim] == 0``, which
     copies z's dim ``dim`` (followed through a chain of such Reshapes)."""
@@ -104,7 +105,7 @@ def _dim_is(y, dim: int, x, k: int, depth: int = 0) -> bool:
     if (x.shape is not None and y.shape is not None and y.shape.rank() is not None
             and dim < y.shape.rank() and same_dim(y.shape[dim], x.shape[k])):
         return True
-    target = _zero_copy_target(y)
+    target = _zero_copy_target(run, y)
     if target is None or depth > 8 or dim >= target.size or int(target[dim]) != 0:
         return False
-    return _dim_is(y.producer().inputs[0], dim, x, k, depth + 1)
+    return _dim_is(run, y.producer().inputs[0], dim, x, k, depth + 1)

@@ -22,18 +22,16 @@ their values.
 
 from __future__ import annotations
 
-__all__ = ["ORDER"]
+__all__ = ["CONV_BN"]
 
 import numpy as np
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion._affine import check_fold, fold, linear_of
-from gcomp.passes.fusion._engine import const_array, fusion
-
-ORDER = 10
+from gcomp.passes.fusion._affine import LINEAR_OPS, check_fold, fold, linear_of
+from gcomp.passes.fusion._engine import FusionRun, RunRule, fusion
 
 
-def _bn_affine(bn) -> tuple[np.ndarray | None, np.ndarray | None, np.dtype | None, str]:
+def _bn_affine(run: FusionRun, bn) -> tuple[np.ndarray | None, np.ndarray | None, np.dtype | None, str]:
     """(s, t, parameter dtype) of an inference BatchNormalization node (float64), or why not."""
     if len(bn.outputs) != 1:
         return None, None, None, "BatchNormalization has running-statistics outputs (training form)"
@@ -43,7 +41,7 @@ def _bn_affine(bn) -> tuple[np.ndarray | None, np.ndarray | None, np.dtype | Non
     spatial = bn.attributes.get("spatial")
     if spatial is not None and spatial.as_int() == 0:
         return None, None, None, "legacy spatial=0 BatchNormalization (per-element statistics)"
-    params = [const_array(v) for v in bn.inputs[1:5]]
+    params = [run.const(v) for v in bn.inputs[1:5]]
     if len(params) != 4 or any(p is None for p in params):
         return None, None, None, "BatchNormalization parameters are not constants"
     if any(p.ndim != 1 or p.shape != params[0].shape for p in params):
@@ -55,9 +53,9 @@ def _bn_affine(bn) -> tuple[np.ndarray | None, np.ndarray | None, np.dtype | Non
     return s, beta - mean * s, params[0].dtype, ""
 
 
-class _FoldBatchNorm(pattern.RewriteRuleClassBase):
-    def __init__(self, name: str, *, op_type: str):
-        super().__init__(name)
+class _FoldBatchNorm(RunRule):
+    def __init__(self, name: str, run: FusionRun, *, op_type: str):
+        super().__init__(name, run)
         self.op_type = op_type
 
     def pattern(self, op, x, gamma, beta, mean, var):
@@ -65,10 +63,10 @@ class _FoldBatchNorm(pattern.RewriteRuleClassBase):
         return op.BatchNormalization(y, gamma, beta, mean, var, _outputs=["bn_out"])
 
     def _plan(self, lin_out, bn_out):
-        lin, why = linear_of(lin_out.producer())
+        lin, why = linear_of(self.run, lin_out.producer())
         if lin is None:
             return None, why
-        s, t, dtype, why = _bn_affine(bn_out.producer())
+        s, t, dtype, why = _bn_affine(self.run, bn_out.producer())
         if s is None:
             return None, why
         if dtype != lin.dtype:
@@ -84,10 +82,12 @@ class _FoldBatchNorm(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, lin_out, bn_out, **_):
         lin, s, t = self._plan(lin_out, bn_out)[0]
-        return fold(op, lin, x, s, t)
+        return fold(op, self.run, lin, x, s, t)
 
 
-fusion("conv-bn", "portable",
-       [_FoldBatchNorm.rule(f"{t.lower()}-bn", op_type=t) for t in ("Conv", "ConvTranspose", "Gemm")],
-       [("", "Conv", 1), ("", "ConvTranspose", 1), ("", "Gemm", 1)],
-       "BatchNormalization(Conv/ConvTranspose/Gemm) -> the same op with BN folded into weights and bias")
+def _rules(run: FusionRun) -> list:
+    return [_FoldBatchNorm.rule(f"{t.lower()}-bn", run, op_type=t) for t in LINEAR_OPS]
+
+
+CONV_BN = fusion("conv-bn", _rules, [("", "Conv", 1), ("", "ConvTranspose", 1), ("", "Gemm", 1)],
+                 "BatchNormalization(Conv/ConvTranspose/Gemm) -> the same op with BN folded into weights and bias")

@@ -38,17 +38,14 @@ bench/bench_contrib_ops.py), so ``ort-cpu`` keeps them.
 
 from __future__ import annotations
 
-__all__ = ["ORDER"]
+__all__ = ["ORT_EMBED_LAYER_NORM", "ORT_EMBED_SHAPE"]
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion import _engine
 from gcomp.passes.fusion._dims import holds_dim, int_attr, same_dim, shape_range
-from gcomp.passes.fusion._engine import const_array, fresh_initializer, fusion
-
-ORDER = 60  # before SkipLayerNormalization (70), which would otherwise take the last Add
+from gcomp.passes.fusion._engine import FusionRun, RunRule, fusion
 
 _INT32_MAX = 2**31 - 1
 
@@ -58,11 +55,11 @@ def _is_arange(array: np.ndarray) -> bool:
     return np.issubdtype(array.dtype, np.integer) and np.array_equal(flat, np.arange(flat.size))
 
 
-def _is_position_range(pids, ids, rows: int) -> bool:
+def _is_position_range(run: FusionRun, pids, ids, rows: int) -> bool:
     """``pids`` is provably 0..S-1, shaped [S] or [1, S] (S: the ids' sequence length), or
     the original fails where the op would (``rows``: the position table's)."""
     # (each form below proves the [S] / [1, S] shape itself: inference often leaves it unknown)
-    c = const_array(pids)
+    c = run.const(pids)
     if c is not None:
         return (c.ndim in (1, 2) and c.shape[:-1] in ((), (1,)) and isinstance(ids.shape[1], int)
                 and c.shape[-1] == ids.shape[1] and _is_arange(c))
@@ -70,23 +67,23 @@ def _is_position_range(pids, ids, rows: int) -> bool:
     if node is None or node.domain not in ("", "ai.onnx"):
         return False
     if node.op_type == "Unsqueeze":  # [S] -> [1, S]
-        axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        axes = run.const(node.inputs[1]) if len(node.inputs) > 1 else None
         if axes is None and node.attributes.get("axes") is not None:
             axes = np.array(node.attributes["axes"].as_ints())
         return (axes is not None and axes.reshape(-1).tolist() in ([0], [-2])
-                and _is_position_range(node.inputs[0], ids, rows))
+                and _is_position_range(run, node.inputs[0], ids, rows))
     if node.op_type == "Range":
-        start, delta = const_array(node.inputs[0]), const_array(node.inputs[2])
+        start, delta = run.const(node.inputs[0]), run.const(node.inputs[2])
         return (start is not None and delta is not None and start.size == 1 and delta.size == 1
-                and int(start.reshape(())) == 0 and int(delta.reshape(())) == 1 and holds_dim(node.inputs[1], ids, 1))
+                and int(start.reshape(())) == 0 and int(delta.reshape(())) == 1 and holds_dim(run, node.inputs[1], ids, 1))
     if node.op_type == "Slice":  # a prefix of a constant range buffer: arange(N)[..., 0:S]
-        data = const_array(node.inputs[0])
+        data = run.const(node.inputs[0])
         if data is None or data.ndim not in (1, 2) or data.shape[:-1] not in ((), (1,)) or not _is_arange(data):
             return False
         inputs = list(node.inputs) + [None] * (5 - len(node.inputs))
-        starts = const_array(inputs[1])
-        axes = const_array(inputs[3]) if inputs[3] is not None else np.array([0])
-        steps = const_array(inputs[4]) if inputs[4] is not None else np.array([1])
+        starts = run.const(inputs[1])
+        axes = run.const(inputs[3]) if inputs[3] is not None else np.array([0])
+        steps = run.const(inputs[4]) if inputs[4] is not None else np.array([1])
         if starts is None or axes is None or steps is None or starts.size != 1 or axes.size != 1 or steps.size != 1:
             return False
         last = int(axes.reshape(())) % data.ndim == data.ndim - 1
@@ -96,13 +93,13 @@ def _is_position_range(pids, ids, rows: int) -> bool:
         # S > rows: the fused kernel fails its range check, and the original fails too (a
         # Gather index out of range, or N > 1 rows that cannot broadcast against S). A
         # buffer of N = 1 would broadcast position 0 over every token: refused.
-        return data.shape[-1] >= max(rows, 2) and holds_dim(inputs[2], ids, 1)
+        return data.shape[-1] >= max(rows, 2) and holds_dim(run, inputs[2], ids, 1)
     return False
 
 
-class EmbedLayerNorm(pattern.RewriteRuleClassBase):
-    def __init__(self, name: str, *, lookups: int, top: str, with_beta: bool, keep_sum: bool):
-        super().__init__(name)
+class EmbedLayerNorm(RunRule):
+    def __init__(self, name: str, run: FusionRun, *, lookups: int, top: str, with_beta: bool, keep_sum: bool):
+        super().__init__(name, run)
         self.lookups, self.top, self.with_beta, self.keep_sum = lookups, top, with_beta, keep_sum
 
     def pattern(self, op, t0, i0, t1, i1, t2, i2, gamma, beta):
@@ -134,33 +131,42 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
         if int_attr(ln, "axis", -1) not in (-1, 2):
             return None, ("LayerNormalization is not over the last axis of a rank-3 sum", ln)
         lookups = [(kw[f"e{k}"].producer(), kw[f"t{k}"], kw[f"i{k}"]) for k in range(self.lookups)]
+        failure = self._lookups_failure(lookups, s, gamma, beta)
+        return (None, failure) if failure else self._assign(lookups, s)
+
+    def _lookups_failure(self, lookups, s, gamma, beta):
+        """Why the Gathers, their tables and ids, or gamma/beta cannot go into the op (None: they can)."""
         hidden = None
         dtype = s.dtype
         if dtype is None or dtype.numpy() not in (np.float32, np.float16):
-            return None, ("embeddings are not float32/float16", s)
-        if _engine.TARGET == "ort-cpu" and dtype.numpy() != np.float32:
-            return None, ("ort-cpu: ORT's EmbedLayerNormalization kernel is float32 only", s)
+            return "embeddings are not float32/float16", s
+        if self.run.target.name == "ort-cpu" and dtype.numpy() != np.float32:
+            return "ort-cpu: ORT's EmbedLayerNormalization kernel is float32 only", s
         for node, table, idx in lookups:
             if int_attr(node, "axis", 0) != 0:
-                return None, ("a Gather is not over axis 0", node)
+                return "a Gather is not over axis 0", node
             shape = table.shape
             if shape is None or shape.rank() != 2 or not all(isinstance(d, int) for d in shape.dims):
-                return None, ("an embedding table is not 2-D with static dims", table)
+                return "an embedding table is not 2-D with static dims", table
             if shape[0] > _INT32_MAX:
-                return None, ("an embedding table has more rows than int32 ids can address", table)
+                return "an embedding table has more rows than int32 ids can address", table
             if table.dtype != dtype:
-                return None, ("an embedding table's dtype differs from the sum's", table)
+                return "an embedding table's dtype differs from the sum's", table
             if hidden is not None and shape[1] != hidden:
-                return None, ("the embedding tables' hidden sizes differ", table)
+                return "the embedding tables' hidden sizes differ", table
             hidden = shape[1]
             if idx.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
-                return None, ("ids are not int64/int32", idx)
+                return "ids are not int64/int32", idx
             if idx.shape is None or idx.shape.rank() not in (1, 2):
-                return None, ("ids are not 1-D or 2-D", idx)
+                return "ids are not 1-D or 2-D", idx
         for name, v in (("gamma", gamma), ("beta", beta)):
             if v is not None and (v.shape is None or list(v.shape.dims) != [hidden] or v.dtype != dtype):
-                return None, (f"{name} is not 1-D of the hidden size {hidden}", v)
-        # The word (and segment) ids: [B, S] of equal shapes; the position: a proven range.
+                return f"{name} is not 1-D of the hidden size {hidden}", v
+        return None
+
+    def _assign(self, lookups, s):
+        """Which lookup is the word, the position, the segment one: the word (and segment) ids
+        are [B, S] of equal shapes; the position ids a proven 0..S-1 range, else [B|1, S] ids."""
         ids_like = [k for k, (_, _, idx) in enumerate(lookups) if idx.shape.rank() == 2]
         if not ids_like:
             return None, ("no lookup takes [batch, sequence] ids", s)
@@ -169,9 +175,8 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
         def reference(k):  # the ids a position candidate k is measured against: another lookup's
             return next((lookups[j][2] for j in ids_like if j != k), None)
 
-        position = next((k for k, (_, table, idx) in enumerate(lookups)
-                         if reference(k) is not None and _is_position_range(idx, reference(k), table.shape[0])),
-                        None)
+        position = next((k for k, (_, table, idx) in enumerate(lookups) if reference(k) is not None
+                         and _is_position_range(self.run, idx, reference(k), table.shape[0])), None)
         is_range = position is not None
         if position is None:
             # Position ids of [B|1, S] go in as the op's position_ids input (the same lookup).
@@ -183,7 +188,8 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
         others = [k for k in range(self.lookups) if k != position]
         for k in others:
             idx = lookups[k][2]
-            if idx.shape.rank() != 2 or not all(same_dim(a, b) for a, b in zip(idx.shape.dims, lookups[others[0]][2].shape.dims)):
+            if idx.shape.rank() != 2 or not all(
+                    same_dim(a, b) for a, b in zip(idx.shape.dims, lookups[others[0]][2].shape.dims)):
                 return None, ("the word / segment ids' shapes cannot be proven equal", idx)
         if not is_range:
             pids, ids = lookups[position][2], lookups[others[0]][2]
@@ -200,7 +206,7 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
         eps = ln.attributes.get("epsilon")
         eps = 1e-5 if eps is None else eps.as_float()
         if beta is None:
-            beta = fresh_initializer(op, np.zeros(gamma.shape[0], dtype=s.dtype.numpy()), "embed_ln_beta")
+            beta = self.run.fresh_initializer(op, np.zeros(gamma.shape[0], dtype=s.dtype.numpy()), "embed_ln_beta")
 
         def int32(v):
             return v if v.dtype == ir.DataType.INT32 else op.Cast(v, to=ir.DataType.INT32)
@@ -225,7 +231,7 @@ def _embedding(e) -> bool:
                for u in e.uses())
 
 
-class ShapeOfLookup(pattern.RewriteRuleClassBase):
+class ShapeOfLookup(RunRule):
     """Dims of an embedding lookup read from its ids instead (GPT-2 takes the position
     range's length from ``Shape(wte(ids))``, which keeps the lookup alive after fusion).
 
@@ -235,8 +241,8 @@ class ShapeOfLookup(pattern.RewriteRuleClassBase):
     The Shape may have other readers: the rewrite leaves it for them (``remove_nodes=False``).
     """
 
-    def __init__(self, name: str, *, gathered: bool):
-        super().__init__(name, remove_nodes=False)
+    def __init__(self, name: str, run: FusionRun, *, gathered: bool):
+        super().__init__(name, run, remove_nodes=False)
         self.gathered = gathered
 
     def pattern(self, op, e, k):
@@ -256,7 +262,7 @@ class ShapeOfLookup(pattern.RewriteRuleClassBase):
             shape_node = out.producer().inputs[0].producer()
             if shape_node.attributes.get("start") is not None or shape_node.attributes.get("end") is not None:
                 return None
-            index = const_array(k)
+            index = self.run.const(k)
             if int_attr(out.producer(), "axis", 0) != 0 or index is None or index.size != 1:
                 return None
             dim = int(index.reshape(()))
@@ -280,13 +286,13 @@ class ShapeOfLookup(pattern.RewriteRuleClassBase):
     def rewrite(self, op, e, out, k=None, **_):
         ids, start, end = self._ids_range(e, out, k)
         if self.gathered:
-            scalar = const_array(k).ndim == 0
+            scalar = self.run.const(k).ndim == 0
             index = op.Constant(value=ir.tensor(np.array(start if scalar else [start], dtype=np.int64)))
             return op.Gather(op.Shape(ids), index, axis=0)
         return op.Shape(ids, start=start, end=end)
 
 
-def _rules(keep_sum: bool) -> list:
+def _rules(run: FusionRun, keep_sum: bool) -> list:
     tag = "-sum" if keep_sum else ""
     return [
         rule
@@ -294,25 +300,28 @@ def _rules(keep_sum: bool) -> list:
         for top in ("add", "sum")  # Sum: the residual-sum rewrite of an Add before a LayerNormalization
         for with_beta in (True, False)
         for rule in EmbedLayerNorm.rule(f"embed-layer-norm{tag}-{lookups}-{top}{'' if with_beta else '-nobeta'}",
-                                        lookups=lookups, top=top, with_beta=with_beta, keep_sum=keep_sum).commute()
+                                        run, lookups=lookups, top=top, with_beta=with_beta, keep_sum=keep_sum).commute()
     ]
 
 
 # Measured with bench/bench_contrib_ops.py embed (fresh process, ORT_ENABLE_ALL, 2 threads,
-# 1200 runs in interleaved blocks, onnxruntime 1.31; FACTS.md): ORT's CPU kernel is slower than
+# 1200 runs in interleaved blocks, onnxruntime 1.31; docs/measurements.md): ORT's CPU kernel is slower than
 # the lookups + Adds + LayerNormalization it replaces at the sizes the bench runs.
 _CPU_SLOWER = ("ORT's CPU EmbedLayerNormalization measured no faster or slower than Gathers + Adds + "
                "LayerNormalization (median, onnxruntime 1.31, 2 threads: [2,16,256] BERT-style 22-24 vs 22-25 us, "
                "GPT-2-style 22-24 vs 18-22 us; [2,64,256] 62-63 vs 51-54 us and 63 vs 44 us; faster only at "
                "[2,128,256] BERT-style: 115-117 vs 132-142 us)")
-fusion("ort-embed-shape", "ort", [ShapeOfLookup.rule("embed-shape-gather", gathered=True),
-                                  ShapeOfLookup.rule("embed-shape-slice", gathered=False)],
-       [("com.microsoft", "EmbedLayerNormalization", 1)],
-       "dims of an embedding lookup read from its ids (so the EmbedLayerNormalization fusion can take the lookup)",
-       needs=("LayerNormalization",), not_for=[("ort-cpu", _CPU_SLOWER)])
+ORT_EMBED_SHAPE = fusion(
+    "ort-embed-shape",
+    lambda run: [ShapeOfLookup.rule("embed-shape-gather", run, gathered=True),
+                 ShapeOfLookup.rule("embed-shape-slice", run, gathered=False)],
+    [("com.microsoft", "EmbedLayerNormalization", 1)],
+    "dims of an embedding lookup read from its ids (so the EmbedLayerNormalization fusion can take the lookup)",
+    needs=("LayerNormalization",), not_for=[("ort-cpu", _CPU_SLOWER)])
 # The sum read only by the norm first (one output); then the sum read elsewhere too (GPT-2's
 # residual stream), which takes the op's embedding_sum output.
-fusion("ort-embed-layer-norm", "ort", _rules(False) + _rules(True),
-       [("com.microsoft", "EmbedLayerNormalization", 1)],
-       "word/position(/segment) Gathers + Adds + LayerNormalization -> com.microsoft EmbedLayerNormalization",
-       needs=("LayerNormalization",), not_for=[("ort-cpu", _CPU_SLOWER)])
+ORT_EMBED_LAYER_NORM = fusion(
+    "ort-embed-layer-norm", lambda run: _rules(run, False) + _rules(run, True),
+    [("com.microsoft", "EmbedLayerNormalization", 1)],
+    "word/position(/segment) Gathers + Adds + LayerNormalization -> com.microsoft EmbedLayerNormalization",
+    needs=("LayerNormalization",), not_for=[("ort-cpu", _CPU_SLOWER)])

@@ -23,22 +23,19 @@ whose bounds are not constants, and a Conv output used elsewhere, are refused.
 
 from __future__ import annotations
 
-__all__ = ["ORDER"]
+__all__ = ["ACTIVATIONS", "ORT_FUSED_CONV"]
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion import _engine
-from gcomp.passes.fusion._engine import const_array, fusion
-
-ORDER = 60
+from gcomp.passes.fusion._engine import FusionRun, RunRule, fusion
 
 _DEFAULTS = {"LeakyRelu": (("alpha", 0.01),), "HardSigmoid": (("alpha", 0.2), ("beta", 0.5))}
 ACTIVATIONS = ("Relu", "Sigmoid", "Tanh", "LeakyRelu", "Clip", "HardSigmoid")
 
 
-def _clip_bounds(node: ir.Node) -> tuple[list[float] | None, str]:
+def _clip_bounds(run: FusionRun, node: ir.Node) -> tuple[list[float] | None, str]:
     lo, hi = float(np.finfo(np.float32).min), float(np.finfo(np.float32).max)
     if "min" in node.attributes or "max" in node.attributes:  # Clip-1/-6: bounds are attributes
         lo = node.attributes["min"].as_float() if "min" in node.attributes else lo
@@ -48,23 +45,23 @@ def _clip_bounds(node: ir.Node) -> tuple[list[float] | None, str]:
     for i, v in enumerate(list(node.inputs)[1:3]):
         if v is None:
             continue
-        array = const_array(v)
+        array = run.const(v)
         if array is None or array.size != 1:
             return None, "Clip bound is not a constant scalar"
         bounds[i] = float(array.reshape(()))
     return bounds, ""
 
 
-def _params(act: ir.Node) -> tuple[list[float] | None, str]:
+def _params(run: FusionRun, act: ir.Node) -> tuple[list[float] | None, str]:
     if act.op_type == "Clip":
-        return _clip_bounds(act)
+        return _clip_bounds(run, act)
     return [act.attributes[k].as_float() if k in act.attributes else d
             for k, d in _DEFAULTS.get(act.op_type, ())], ""
 
 
-class _ConvActivation(pattern.RewriteRuleClassBase):
-    def __init__(self, name: str, *, activation: str):
-        super().__init__(name)
+class _ConvActivation(RunRule):
+    def __init__(self, name: str, run: FusionRun, *, activation: str):
+        super().__init__(name, run)
         self.activation = activation
 
     def pattern(self, op, x):
@@ -77,14 +74,14 @@ class _ConvActivation(pattern.RewriteRuleClassBase):
         result = pattern.MatchResult()
         if x.dtype != ir.DataType.FLOAT:
             return result.fail("FusedConv runs float32 only", x)
-        if _engine.TARGET == "ort-cuda" and self.activation != "Relu":
+        if self.run.target.name == "ort-cuda" and self.activation != "Relu":
             return result.fail(f"ORT's CUDA FusedConv runs Relu only, not {self.activation}", act_out)
-        _, why = _params(act_out.producer())
+        _, why = _params(self.run, act_out.producer())
         return result.fail(why, act_out) if why else result
 
     def rewrite(self, op, x, conv_out, act_out, **_):
         conv = conv_out.producer()
-        params, _ = _params(act_out.producer())
+        params, _ = _params(self.run, act_out.producer())
         attrs = dict(conv.attributes)
         attrs["activation"] = ir.AttrString("activation", self.activation)
         if params:
@@ -92,6 +89,8 @@ class _ConvActivation(pattern.RewriteRuleClassBase):
         return op.FusedConv(*conv.inputs, _domain="com.microsoft", **attrs)
 
 
-fusion("ort-fused-conv", "ort", [_ConvActivation.rule(f"ort-fused-conv-{a.lower()}", activation=a) for a in ACTIVATIONS],
-       [("com.microsoft", "FusedConv", 1)],
-       "Conv(+bias) + Relu/Sigmoid/Tanh/LeakyRelu/Clip/HardSigmoid -> com.microsoft FusedConv")
+ORT_FUSED_CONV = fusion(
+    "ort-fused-conv",
+    lambda run: [_ConvActivation.rule(f"ort-fused-conv-{a.lower()}", run, activation=a) for a in ACTIVATIONS],
+    [("com.microsoft", "FusedConv", 1)],
+    "Conv(+bias) + Relu/Sigmoid/Tanh/LeakyRelu/Clip/HardSigmoid -> com.microsoft FusedConv")

@@ -24,15 +24,13 @@ the Attention fusions (ours or ORT's own, which a FusedMatMul would hide from).
 
 from __future__ import annotations
 
-__all__ = ["ORDER"]
+__all__ = ["ORT_FUSED_MATMUL"]
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion._engine import const_array, fusion
-
-ORDER = 62
+from gcomp.passes.fusion._engine import FusionRun, RunRule, fusion
 _MS = "com.microsoft"
 
 
@@ -97,11 +95,11 @@ def _emit(op, a, b, attrs: dict, **changes):
     return op.FusedMatMul(a, b, _domain=_MS, **out)
 
 
-class _TransposeInto(pattern.RewriteRuleClassBase):
+class _TransposeInto(RunRule):
     """MatMul / FusedMatMul with a Transpose (last two axes) on operand A or B -> flip that flag."""
 
-    def __init__(self, name: str, *, fused: bool, operand: int):
-        super().__init__(name)
+    def __init__(self, name: str, run: FusionRun, *, fused: bool, operand: int):
+        super().__init__(name, run)
         self.fused, self.operand = fused, operand
 
     def pattern(self, op, x, other):
@@ -132,11 +130,11 @@ class _TransposeInto(pattern.RewriteRuleClassBase):
         return _emit(op, a, b, attrs, **{flag: 1 - _get(attrs, flag, 0)})
 
 
-class _ScaleInto(pattern.RewriteRuleClassBase):
+class _ScaleInto(RunRule):
     """MatMul / FusedMatMul times (or divided by) a scalar constant -> alpha."""
 
-    def __init__(self, name: str, *, fused: bool, kind: str):
-        super().__init__(name)
+    def __init__(self, name: str, run: FusionRun, *, fused: bool, kind: str):
+        super().__init__(name, run)
         self.fused, self.kind = fused, kind
 
     def pattern(self, op, a, b, c):
@@ -149,7 +147,7 @@ class _ScaleInto(pattern.RewriteRuleClassBase):
         return op.Mul(c, mm, _outputs=["y"]) if self.kind == "mul-r" else op.Mul(mm, c, _outputs=["y"])
 
     def _factor(self, c, mm_out) -> tuple[float | None, str]:
-        array = const_array(c)
+        array = self.run.const(c)
         if array is None or array.size != 1 or array.dtype != np.float32:
             return None, "the factor is not a float32 scalar constant"
         if array.ndim > (_rank(mm_out) or 0):
@@ -177,10 +175,13 @@ class _ScaleInto(pattern.RewriteRuleClassBase):
         return _emit(op, a, b, attrs, alpha=_get(attrs, "alpha", 1.0) * factor)
 
 
-fusion("ort-fused-matmul", "ort",
-       [_TransposeInto.rule(f"ort-fused-matmul-t{'ab'[i]}{'-f' if f else ''}", fused=f, operand=i)
-        for f in (False, True) for i in (0, 1)]
-       + [_ScaleInto.rule(f"ort-fused-matmul-{k}{'-f' if f else ''}", fused=f, kind=k)
-          for f in (False, True) for k in ("mul", "mul-r", "div")],
-       [(_MS, "FusedMatMul", 1)],
-       "MatMul with last-two-axes Transpose operands and/or a scalar Mul/Div -> com.microsoft FusedMatMul")
+def _rules(run: FusionRun) -> list:
+    return ([_TransposeInto.rule(f"ort-fused-matmul-t{'ab'[i]}{'-f' if f else ''}", run, fused=f, operand=i)
+             for f in (False, True) for i in (0, 1)]
+            + [_ScaleInto.rule(f"ort-fused-matmul-{k}{'-f' if f else ''}", run, fused=f, kind=k)
+               for f in (False, True) for k in ("mul", "mul-r", "div")])
+
+
+ORT_FUSED_MATMUL = fusion(
+    "ort-fused-matmul", _rules, [(_MS, "FusedMatMul", 1)],
+    "MatMul with last-two-axes Transpose operands and/or a scalar Mul/Div -> com.microsoft FusedMatMul")

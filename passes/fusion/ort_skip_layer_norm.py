@@ -23,14 +23,12 @@ original's or an error at run time, never a different number.
 
 from __future__ import annotations
 
-__all__ = ["ORDER"]
+__all__ = ["ORT_SKIP_LAYER_NORM"]
 
 import numpy as np
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion._engine import const_array, fusion
-
-ORDER = 70
+from gcomp.passes.fusion._engine import FusionRun, RunRule, fusion
 
 
 def _compatible(a, b) -> bool:
@@ -46,9 +44,9 @@ def _compatible(a, b) -> bool:
     return not ((x == 1) != (y == 1))
 
 
-class SkipLayerNorm(pattern.RewriteRuleClassBase):
-    def __init__(self, name: str, *, with_bias: bool, with_beta: bool):
-        super().__init__(name)
+class SkipLayerNorm(RunRule):
+    def __init__(self, name: str, run: FusionRun, *, with_bias: bool, with_beta: bool):
+        super().__init__(name, run)
         self.with_bias, self.with_beta = with_bias, with_beta
 
     def pattern(self, op, x, skip, bias, gamma, beta):
@@ -82,7 +80,7 @@ class SkipLayerNorm(pattern.RewriteRuleClassBase):
             if v is not None and (v.shape is None or list(v.shape.dims) != [hidden]):
                 return result.fail(f"{name} is not 1-D of the hidden size", v)
         if bias is not None:
-            b = const_array(bias)
+            b = self.run.const(bias)
             if b is None or b.shape != (hidden,) or x.dtype is None or b.dtype != x.dtype.numpy():
                 return result.fail("bias is not a 1-D constant of the hidden size and input dtype", bias)
         if x.dtype is None or x.dtype.numpy() not in (np.float32, np.float16):
@@ -103,11 +101,11 @@ class SkipLayerNorm(pattern.RewriteRuleClassBase):
         return out, total
 
 
-def _rules() -> list:
+def _rules(run: FusionRun) -> list:
     rules = []
     for with_bias in (True, False):
         for with_beta in (True, False):
-            rules.extend(SkipLayerNorm.rule(f"skip-layer-norm-{int(with_bias)}{int(with_beta)}",
+            rules.extend(SkipLayerNorm.rule(f"skip-layer-norm-{int(with_bias)}{int(with_beta)}", run,
                                             with_bias=with_bias, with_beta=with_beta).commute())
     return rules
 
@@ -115,6 +113,7 @@ def _rules() -> list:
 # Measured (bench note in the module docstring): ORT's CPU kernel is the slow one.
 _CPU_SLOWER = ("ORT's CPU SkipLayerNormalization kernel measured 3-20x slower than Add + "
                "LayerNormalization ([2,128,256]: 920 vs 46 us; [2,197,192]: 534 vs 58 us, onnxruntime 1.31)")
-fusion("ort-skip-layer-norm", "ort", _rules(), [("com.microsoft", "SkipLayerNormalization", 1)],
-       "Add(+bias) + LayerNormalization -> com.microsoft SkipLayerNormalization (sum kept as its 4th output)", needs=("LayerNormalization",),
-       not_for=[("ort-cpu", _CPU_SLOWER)])
+ORT_SKIP_LAYER_NORM = fusion(
+    "ort-skip-layer-norm", _rules, [("com.microsoft", "SkipLayerNormalization", 1)],
+    "Add(+bias) + LayerNormalization -> com.microsoft SkipLayerNormalization (sum kept as its 4th output)",
+    needs=("LayerNormalization",), not_for=[("ort-cpu", _CPU_SLOWER)])

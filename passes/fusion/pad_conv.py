@@ -11,7 +11,8 @@ for TensorFlow-style "same" padding (e.g. transformers' MobileNetV2); ONNX Runti
 own PadFusion does the same at session start but only for a plain Conv: a Pad left
 before a com.microsoft FusedConv stays, and splits ORT's NCHWc layout into reorders
 (transformers' MobileNetV2 at O3 without this rule: 18 Pads, 35 reorders). So the
-rule is registered twice: for Conv (portable) and for FusedConv (ort, same ``pads``).
+rule serves twice: here for Conv (portable) and in ort_pad_fused_conv.py for FusedConv
+(same ``pads``).
 
 Refused: a mode other than constant, a non-zero or non-constant pad value, pads that are
 not constant, negative pads (cropping), pads on the batch or channel axes, a Pad with
@@ -21,22 +22,20 @@ NOTSET, and a padded value used elsewhere.
 
 from __future__ import annotations
 
-__all__ = ["ORDER"]
+__all__ = ["PAD_CONV", "PadIntoConv"]
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion._engine import const_array, fusion
-
-ORDER = 5
+from gcomp.passes.fusion._engine import FusionRun, RunRule, fusion
 
 
 def _rank(value) -> int | None:
     return None if value is None or value.shape is None else value.shape.rank()
 
 
-def _pad_amounts(pad: ir.Node, rank: int) -> tuple[np.ndarray | None, str]:
+def _pad_amounts(run: FusionRun, pad: ir.Node, rank: int) -> tuple[np.ndarray | None, str]:
     """The Pad's per-axis amounts as a [2, rank] array (begins, ends), or why not usable."""
     mode = pad.attributes.get("mode")
     if mode is not None and mode.as_string() != "constant":
@@ -47,18 +46,18 @@ def _pad_amounts(pad: ir.Node, rank: int) -> tuple[np.ndarray | None, str]:
         value = pad.attributes["value"].as_float() if "value" in pad.attributes else 0.0
         axes = None
     else:
-        amounts = const_array(inputs[1]) if len(inputs) > 1 else None
+        amounts = run.const(inputs[1]) if len(inputs) > 1 else None
         if amounts is None:
             return None, "Pad amounts are not a constant"
         value = 0.0
         if len(inputs) > 2 and inputs[2] is not None:
-            v = const_array(inputs[2])
+            v = run.const(inputs[2])
             if v is None or v.size != 1:
                 return None, "Pad value is not a constant scalar"
             value = float(v.reshape(()))
         axes = None
         if len(inputs) > 3 and inputs[3] is not None:
-            axes = const_array(inputs[3])
+            axes = run.const(inputs[3])
             if axes is None:
                 return None, "Pad axes are not a constant"
     if value != 0.0:
@@ -77,9 +76,12 @@ def _pad_amounts(pad: ir.Node, rank: int) -> tuple[np.ndarray | None, str]:
     return full, ""
 
 
-class _PadIntoConv(pattern.RewriteRuleClassBase):
-    def __init__(self, name: str, *, domain: str = "", op_type: str = "Conv"):
-        super().__init__(name)
+class PadIntoConv(RunRule):
+    """``Conv(Pad(x, q), W; pads=p)`` -> ``Conv(x, W; pads=p + q)`` (``op_type`` in ``domain``:
+    Conv, or a Conv with the same ``pads`` attribute such as com.microsoft FusedConv)."""
+
+    def __init__(self, name: str, run: FusionRun, *, domain: str = "", op_type: str = "Conv"):
+        super().__init__(name, run)
         self.domain, self.op_type = domain, op_type
 
     def pattern(self, op, x):
@@ -95,7 +97,7 @@ class _PadIntoConv(pattern.RewriteRuleClassBase):
         auto_pad = conv.attributes.get("auto_pad")
         if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", ""):
             return None, "Conv uses auto_pad"
-        amounts, why = _pad_amounts(pad_out.producer(), rank)
+        amounts, why = _pad_amounts(self.run, pad_out.producer(), rank)
         if amounts is None:
             return None, why
         if np.any(amounts < 0):
@@ -123,9 +125,5 @@ class _PadIntoConv(pattern.RewriteRuleClassBase):
         return getattr(op, self.op_type)(x, *list(conv.inputs)[1:], _domain=self.domain, **attrs)
 
 
-fusion("pad-conv", "portable", [_PadIntoConv.rule("pad-conv")], [("", "Conv", 1)],
-       "Pad(constant 0, spatial axes) -> Conv's pads")
-# At O3 the target's fusions run first, so a Conv may already be a FusedConv (same pads).
-fusion("ort-pad-fused-conv", "ort",
-       [_PadIntoConv.rule("ort-pad-fused-conv", domain="com.microsoft", op_type="FusedConv")],
-       [("com.microsoft", "FusedConv", 1)], "Pad(constant 0, spatial axes) -> com.microsoft FusedConv's pads")
+PAD_CONV = fusion("pad-conv", lambda run: [PadIntoConv.rule("pad-conv", run)], [("", "Conv", 1)],
+                  "Pad(constant 0, spatial axes) -> Conv's pads")

@@ -15,19 +15,18 @@ gamma that broadcasts over non-normalised axes, intermediates used elsewhere.
 
 from __future__ import annotations
 
-__all__ = ["ORDER"]
+__all__ = ["RMS_NORM", "RMS_NORM_NO_SCALE"]
 
 import numpy as np
-from gcomp.passes.fusion._engine import const_array, fresh_initializer, fusion
-from gcomp.passes.fusion.layer_norm import epsilon, normalised_axes, variant_rules
 from onnxscript.rewriter import pattern
 
-ORDER = 32
+from gcomp.passes.fusion._engine import FusionRun, RunRule, fusion
+from gcomp.passes.fusion._norm import epsilon, normalised_axes, variant_rules
 
 
-class RmsNormFusion(pattern.RewriteRuleClassBase):
-    def __init__(self, name: str, *, square: str, divide: str, scaled: bool):
-        super().__init__(name)
+class RmsNormFusion(RunRule):
+    def __init__(self, name: str, run: FusionRun, *, square: str, divide: str, scaled: bool):
+        super().__init__(name, run)
         self.square, self.divide, self.scaled = square, divide, scaled
 
     def pattern(self, op, x, eps, gamma):
@@ -39,7 +38,7 @@ class RmsNormFusion(pattern.RewriteRuleClassBase):
 
     def check(self, context, x, eps, ms, gamma=None, **_):
         result = pattern.MatchResult()
-        axes, failure = normalised_axes(x, eps, ms)
+        axes, failure = normalised_axes(self.run, x, eps, ms)
         if failure:
             return result.fail(*failure)
         norm_shape = [x.shape[a] for a in axes]
@@ -57,24 +56,26 @@ class RmsNormFusion(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, eps, ms, gamma=None, **_):
-        axes, _ = normalised_axes(x, eps, ms)  # what check() accepted
+        axes, _ = normalised_axes(self.run, x, eps, ms)  # what check() accepted
         norm_shape = [x.shape[a] for a in axes]
         if gamma is None:
-            gamma = fresh_initializer(op, np.ones(norm_shape, dtype=x.dtype.numpy()), "rms_scale")
+            gamma = self.run.fresh_initializer(op, np.ones(norm_shape, dtype=x.dtype.numpy()), "rms_scale")
         elif list(gamma.shape.dims) != norm_shape:
-            array = const_array(gamma)
+            array = self.run.const(gamma)
             if array is not None:
-                gamma = fresh_initializer(op, array.reshape(norm_shape), gamma.name or "rms_scale")
+                gamma = self.run.fresh_initializer(op, array.reshape(norm_shape), gamma.name or "rms_scale")
             else:
                 gamma = op.Reshape(gamma, op.Constant(value_ints=norm_shape))
-        return op.RMSNormalization(x, gamma, axis=axes[0], epsilon=epsilon(eps), stash_type=1)
+        return op.RMSNormalization(x, gamma, axis=axes[0], epsilon=epsilon(self.run, eps), stash_type=1)
 
 
-def _rules(scaled: bool) -> list:
-    return variant_rules(RmsNormFusion, f"rms-norm-{int(scaled)}", scaled=scaled)
+def _rules(scaled: bool):
+    return lambda run: variant_rules(RmsNormFusion, f"rms-norm-{int(scaled)}", run, scaled=scaled)
 
 
-fusion("rms-norm", "portable", _rules(True), [("", "RMSNormalization", 23)],
-       "x / sqrt(mean(x^2) + eps) * gamma -> RMSNormalization (opset 23)", needs=("ReduceMean",))
-fusion("rms-norm-no-scale", "portable", _rules(False), [("", "RMSNormalization", 23)],
-       "x / sqrt(mean(x^2) + eps) -> RMSNormalization with a unit scale (opset 23)", needs=("ReduceMean",))
+# The scaled form is the first fusion: the bare one would take x / rms and leave the Mul.
+RMS_NORM = fusion("rms-norm", _rules(True), [("", "RMSNormalization", 23)],
+                  "x / sqrt(mean(x^2) + eps) * gamma -> RMSNormalization (opset 23)", needs=("ReduceMean",))
+RMS_NORM_NO_SCALE = fusion(
+    "rms-norm-no-scale", _rules(False), [("", "RMSNormalization", 23)],
+    "x / sqrt(mean(x^2) + eps) -> RMSNormalization with a unit scale (opset 23)", needs=("ReduceMean",))

@@ -19,13 +19,12 @@ change, and any match whose intermediate value is used elsewhere.
 
 from __future__ import annotations
 
-__all__ = ["ORDER"]
+__all__ = ["SCALE"]
 
 from gcomp.passes.fusion._affine import fold_rules
 from gcomp.passes.fusion._engine import fusion
 
-ORDER = 22
-
-fusion("scale", "portable", fold_rules("scale", ("mul", "mul-r", "div", "sub", "sub-r")),
-       [("", "Conv", 1), ("", "ConvTranspose", 1), ("", "Gemm", 1)],
-       "Conv/ConvTranspose/Gemm followed by Mul/Div/Sub by a per-channel constant -> folded weights and bias")
+SCALE = fusion(
+    "scale", lambda run: fold_rules(run, "scale", ("mul", "mul-r", "div", "sub", "sub-r")),
+    [("", "Conv", 1), ("", "ConvTranspose", 1), ("", "Gemm", 1)],
+    "Conv/ConvTranspose/Gemm followed by Mul/Div/Sub by a per-channel constant -> folded weights and bias")

@@ -17,15 +17,13 @@ non-float tensors, and a Transpose whose output is also used elsewhere.
 
 from __future__ import annotations
 
-__all__ = ["ORDER"]
+__all__ = ["TRANSPOSE_GEMM"]
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion._engine import fusion
-
-ORDER = 25
+from gcomp.passes.fusion._engine import FusionRun, RunRule, fusion
 _FLOATS = (np.float16, np.float32, np.float64)
 
 
@@ -45,11 +43,11 @@ def _is_matrix_transpose(t_out, x) -> str:
     return ""
 
 
-class _TransposeIntoGemm(pattern.RewriteRuleClassBase):
+class _TransposeIntoGemm(RunRule):
     """Gemm(Transpose(x), other) or Gemm(other, Transpose(x)) -> flip transA / transB."""
 
-    def __init__(self, name: str, *, operand: int):
-        super().__init__(name)
+    def __init__(self, name: str, run: FusionRun, *, operand: int):
+        super().__init__(name, run)
         self.operand = operand  # 0: A, 1: B
 
     def pattern(self, op, x, other):
@@ -71,11 +69,11 @@ class _TransposeIntoGemm(pattern.RewriteRuleClassBase):
         return op.Gemm(*args, *list(gemm.inputs)[2:], **attrs)
 
 
-class _TransposeMatMulToGemm(pattern.RewriteRuleClassBase):
+class _TransposeMatMulToGemm(RunRule):
     """MatMul(Transpose(x), other) / MatMul(other, Transpose(x)), all rank 2 -> Gemm with a trans flag."""
 
-    def __init__(self, name: str, *, operand: int):
-        super().__init__(name)
+    def __init__(self, name: str, run: FusionRun, *, operand: int):
+        super().__init__(name, run)
         self.operand = operand
 
     def pattern(self, op, x, other):
@@ -99,8 +97,11 @@ class _TransposeMatMulToGemm(pattern.RewriteRuleClassBase):
         return op.Gemm(other, x, transB=1)
 
 
-fusion("transpose-gemm", "portable",
-       [_TransposeIntoGemm.rule(f"transpose-gemm-{'ab'[i]}", operand=i) for i in (0, 1)]
-       + [_TransposeMatMulToGemm.rule(f"transpose-matmul-gemm-{'ab'[i]}", operand=i) for i in (0, 1)],
-       [("", "Gemm", 1)],
-       "Transpose(perm=[1,0]) into Gemm's transA/transB; rank-2 MatMul with a transposed operand -> Gemm")
+def _rules(run: FusionRun) -> list:
+    return ([_TransposeIntoGemm.rule(f"transpose-gemm-{'ab'[i]}", run, operand=i) for i in (0, 1)]
+            + [_TransposeMatMulToGemm.rule(f"transpose-matmul-gemm-{'ab'[i]}", run, operand=i) for i in (0, 1)])
+
+
+TRANSPOSE_GEMM = fusion(
+    "transpose-gemm", _rules, [("", "Gemm", 1)],
+    "Transpose(perm=[1,0]) into Gemm's transA/transB; rank-2 MatMul with a transposed operand -> Gemm")

@@ -22,21 +22,20 @@ initializers there). Biases are folded only when every sibling has one.
 
 from __future__ import annotations
 
-__all__ = ["ORDER", "ParallelMatMul"]
+__all__ = ["TVM_PARALLEL_MATMUL", "ParallelMatMul"]
 
 import numpy as np
 import onnx_ir as ir
 
-from gcomp.passes.fusion._engine import GraphRule, const_array, fresh_name, fusion, model_opset
-
-ORDER = 15
+from gcomp.passes.fusion._engine import FusionRun, GraphRule, fusion
+from gcomp.passes.opsets import model_opset
 
 
 def _is_std(node: ir.Node, op_type: str) -> bool:
     return node.op_type == op_type and node.domain in ("", "ai.onnx")
 
 
-def _bias(matmul: ir.Node, width: int) -> tuple[ir.Node, np.ndarray] | None:
+def _bias(run: FusionRun, matmul: ir.Node, width: int) -> tuple[ir.Node, np.ndarray] | None:
     """The ``Add`` of a constant ``[width]`` bias that is the MatMul's only use."""
     out = matmul.outputs[0]
     uses = list(out.uses())
@@ -46,7 +45,7 @@ def _bias(matmul: ir.Node, width: int) -> tuple[ir.Node, np.ndarray] | None:
     if not _is_std(add, "Add") or len(add.inputs) != 2:
         return None
     other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-    bias = const_array(other)
+    bias = run.const(other)
     if bias is None or bias.shape != (width,) or add.outputs[0].is_graph_output():
         return None
     return add, bias
@@ -63,14 +62,14 @@ class ParallelMatMul(GraphRule):
             for node in graph:
                 if not _is_std(node, "MatMul") or len(node.inputs) != 2 or node.inputs[0] is None:
                     continue
-                weight = const_array(node.inputs[1])
+                weight = self.run.const(node.inputs[1])
                 if weight is None or weight.ndim != 2 or node.outputs[0].is_graph_output():
                     continue
                 groups.setdefault(id(node.inputs[0]), []).append((node, weight))
             for members in groups.values():
                 members = _compatible(members)
                 if len(members) >= 2:
-                    _pack(graph, members, opset)
+                    _pack(self.run, graph, members, opset)
                     fired += 1
         return fired
 
@@ -83,15 +82,15 @@ def _compatible(members: list[tuple[ir.Node, np.ndarray]]) -> list[tuple[ir.Node
     return [(n, w) for n, w in members if w.shape[0] == k and w.dtype == dtype]
 
 
-def _pack(graph: ir.Graph, members: list[tuple[ir.Node, np.ndarray]], opset: int) -> None:
+def _pack(run: FusionRun, graph: ir.Graph, members: list[tuple[ir.Node, np.ndarray]], opset: int) -> None:
     x = members[0][0].inputs[0]
     widths = [int(w.shape[1]) for _, w in members]
-    biases = [_bias(n, width) for (n, _), width in zip(members, widths)]
+    biases = [_bias(run, n, width) for (n, _), width in zip(members, widths)]
     with_bias = all(b is not None for b in biases)
     first = min((n for n, _ in members), key=lambda n: _position(graph, n))
 
     def initializer(array: np.ndarray, base: str) -> ir.Value:
-        name = fresh_name(base)
+        name = run.fresh_name(base)
         value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                          shape=ir.Shape(array.shape), const_value=ir.tensor(np.ascontiguousarray(array), name=name))
         graph.register_initializer(value)
@@ -99,11 +98,11 @@ def _pack(graph: ir.Graph, members: list[tuple[ir.Node, np.ndarray]], opset: int
 
     base = members[0][0].name or "matmul"
     weight = initializer(np.concatenate([w for _, w in members], axis=1), f"{base}_packed_weight")
-    nodes = [ir.node("MatMul", [x, weight], name=fresh_name(f"{base}_packed"))]
+    nodes = [ir.node("MatMul", [x, weight], name=run.fresh_name(f"{base}_packed"))]
     y = nodes[-1].outputs[0]
     if with_bias:
         bias = initializer(np.concatenate([b[1] for b in biases]), f"{base}_packed_bias")
-        nodes.append(ir.node("Add", [y, bias], name=fresh_name(f"{base}_packed_bias_add")))
+        nodes.append(ir.node("Add", [y, bias], name=run.fresh_name(f"{base}_packed_bias_add")))
         y = nodes[-1].outputs[0]
     # Slices, not one Split: Relax fuses each Slice into the reshape/transpose that reads
     # it, while Split's tuple is a kernel of its own.
@@ -114,14 +113,14 @@ def _pack(graph: ir.Graph, members: list[tuple[ir.Node, np.ndarray]], opset: int
         if opset >= 10:
             inputs = [y, *(initializer(np.array([v], dtype=np.int64), f"{base}_packed_{what}")
                            for v, what in ((lo, "start"), (hi, "end"), (-1, "axis")))]
-            slices.append(ir.node("Slice", inputs, name=fresh_name(f"{base}_packed_slice")))
+            slices.append(ir.node("Slice", inputs, name=run.fresh_name(f"{base}_packed_slice")))
         else:
             slices.append(ir.node("Slice", [y], attributes={"starts": [lo], "ends": [hi], "axes": [-1]},
-                                  name=fresh_name(f"{base}_packed_slice")))
+                                  name=run.fresh_name(f"{base}_packed_slice")))
     nodes.extend(slices)
     outputs = [n.outputs[0] for n in slices]
     for node in nodes:
-        node.outputs[0].name = fresh_name(f"{base}_packed_out")
+        node.outputs[0].name = run.fresh_name(f"{base}_packed_out")
     graph.insert_before(first, nodes)
     for i, (node, _) in enumerate(members):
         old_nodes = [node] if not with_bias else [biases[i][0], node]
@@ -139,6 +138,7 @@ def _position(graph: ir.Graph, node: ir.Node) -> int:
     return 1 << 30
 
 
-fusion("tvm-parallel-matmul", "tvm", [ParallelMatMul()], [("", "MatMul", 1), ("", "Slice", 1)],
-       "sibling MatMuls of one input with constant weights (Q, K, V) -> one MatMul on the concatenated weights + Slices",
-       needs=("MatMul",))
+TVM_PARALLEL_MATMUL = fusion(
+    "tvm-parallel-matmul", lambda run: [ParallelMatMul(run)], [("", "MatMul", 1), ("", "Slice", 1)],
+    "sibling MatMuls of one input with constant weights (Q, K, V) -> one MatMul on the concatenated weights + Slices",
+    needs=("MatMul",))

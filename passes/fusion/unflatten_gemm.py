@@ -35,25 +35,24 @@ after it (BiasGelu/FastGelu take the bias; a residual Add takes it as a third Su
 
 from __future__ import annotations
 
-__all__ = ["ORDER"]
+__all__ = ["UNFLATTEN_GEMM"]
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from gcomp.passes.fusion._dims import float_attr, holds_dim, int_attr, same_dim
-from gcomp.passes.fusion._engine import const_array, fresh_initializer, fusion
+from gcomp.passes.fusion._engine import FusionRun, RunRule, fusion
 
-ORDER = 12  # before the parallel-MatMul packing (15), the bias folds (20) and attention (80)
 _FLOATS = (np.float16, np.float32, np.float64)
 
 
-def _kept(y, target, x) -> int | None:
+def _kept(run: FusionRun, y, target, x) -> int | None:
     """How many leading dims of x the unflatten puts back (j, with ``target = x.shape[:j] + [N]``),
     proven by construction (a constant, or a Concat of sizes read from x's dims) or by y's
     inferred shape; None when it is not proven."""
     r = x.shape.rank()
-    c = const_array(target)
+    c = run.const(target)
     if c is not None:
         dims = c.reshape(-1).tolist()
         j = len(dims) - 1
@@ -63,7 +62,7 @@ def _kept(y, target, x) -> int | None:
     node = target.producer()
     if node is not None and node.op_type == "Concat" and 2 <= len(node.inputs) <= r:
         j = len(node.inputs) - 1
-        if all(holds_dim(node.inputs[k], x, k) for k in range(j)):
+        if all(holds_dim(run, node.inputs[k], x, k) for k in range(j)):
             return j
     if y.shape is not None and y.shape.rank() is not None and 2 <= y.shape.rank() <= r:
         j = y.shape.rank() - 1
@@ -72,7 +71,7 @@ def _kept(y, target, x) -> int | None:
     return None
 
 
-class UnflattenGemm(pattern.RewriteRuleClassBase):
+class UnflattenGemm(RunRule):
     def pattern(self, op, x, flat_shape, w, c, target):
         flat = op.Reshape(x, flat_shape, _allow_other_attributes=True, _outputs=["flat"])
         g = op.Gemm(flat, w, c, _allow_other_attributes=True, _outputs=["g"])
@@ -84,11 +83,11 @@ class UnflattenGemm(pattern.RewriteRuleClassBase):
             return result.fail("the flattened tensor is not known to be of rank 3 or more", x)
         if x.dtype is None or x.dtype.numpy().type not in _FLOATS:
             return result.fail("not a float tensor", x)
-        fs = const_array(flat_shape)
+        fs = self.run.const(flat_shape)
         if fs is None or fs.size != 2 or int(fs.reshape(-1)[0]) != -1:
             return result.fail("the flatten is not Reshape(x, [-1, K])", flat_shape)
         k = int(fs.reshape(-1)[1])
-        j = _kept(y, target, x)
+        j = _kept(self.run, y, target, x)
         if j is None:
             return result.fail("the unflatten shape is not proven to be x's leading dims", target)
         trailing = [x.shape[i] for i in range(j, x.shape.rank())]
@@ -107,10 +106,10 @@ class UnflattenGemm(pattern.RewriteRuleClassBase):
             return result.fail("the weight is not a 2-D tensor of x's dtype", w)
         if w.shape[1 if trans_b else 0] != k:
             return result.fail("the weight's inner size differs from K", w)
-        if trans_b and const_array(w) is None:
+        if trans_b and self.run.const(w) is None:
             return result.fail("transB=1 on a weight that is not a constant", w)
         n = w.shape[0 if trans_b else 1]
-        bias = const_array(c)
+        bias = self.run.const(c)
         if bias is None or bias.dtype != x.dtype.numpy():
             return result.fail("the bias is not a constant of x's dtype", c)
         if bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1) or (bias.size != 1 and bias.shape[-1] != n):
@@ -122,13 +121,14 @@ class UnflattenGemm(pattern.RewriteRuleClassBase):
     def rewrite(self, op, x, w, c, g, y, target, flat_shape, **_):
         gemm = g.producer()
         if int_attr(gemm, "transB", 0):
-            w = fresh_initializer(op, const_array(w).T, f"{w.name or 'weight'}_t")
-        j = _kept(y, target, x)
+            w = self.run.fresh_initializer(op, self.run.const(w).T, f"{w.name or 'weight'}_t")
+        j = _kept(self.run, y, target, x)
         if j < x.shape.rank() - 1:  # merge the trailing dims; 0 copies a dim of x (allowzero=0)
-            k = int(const_array(flat_shape).reshape(-1)[1])
+            k = int(self.run.const(flat_shape).reshape(-1)[1])
             x = op.Reshape(x, op.Constant(value=ir.tensor(np.array([0] * j + [k], np.int64))))
         return op.Add(op.MatMul(x, w), c)
 
 
-fusion("unflatten-gemm", "portable", [UnflattenGemm.rule("unflatten-gemm")], [("", "MatMul", 1), ("", "Add", 1)],
-       "Reshape(Gemm(Reshape(x, [-1, K]), W, c), x's leading dims + [N]) -> MatMul(x, W) + c", needs=("Gemm",))
+UNFLATTEN_GEMM = fusion(
+    "unflatten-gemm", lambda run: [UnflattenGemm.rule("unflatten-gemm", run)], [("", "MatMul", 1), ("", "Add", 1)],
+    "Reshape(Gemm(Reshape(x, [-1, K]), W, c), x's leading dims + [N]) -> MatMul(x, W) + c", needs=("Gemm",))

@@ -24,13 +24,19 @@ small constants that would flush to zero (an ``eps`` of 1e-12 in fp16), and ops 
 out-of-range values are mask sentinels (``SENTINEL``: ``finfo(float32).min`` fills).
 Forced low: compute ops (:data:`~.policy.COMPUTE`) and nodes
 reading a float constant of ``WEIGHT_ELEMENTS`` or more, so weights always halve.
+
+The node decisions are a table, :data:`RULES`, tried in order (the first that decides
+wins: block list, unknown op, no slot for the target type, unknown element type, allow
+list, sensitive op, compute op); the value rules (float-to-int Casts, range, weights,
+flushes) then add theirs, and :meth:`Problem._settle` resolves the conflicts.
 """
 
 from __future__ import annotations
 
-__all__ = ["CAST_COST", "RANGE_HEADROOM", "WEIGHT_ELEMENTS", "Assignment", "Problem"]
+__all__ = ["CAST_COST", "RANGE_HEADROOM", "RULES", "WEIGHT_ELEMENTS", "Assignment", "Problem", "Setting", "Site"]
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +67,94 @@ def constant_tensor(value: ir.Value) -> ir.TensorProtocol | None:
         if attr is not None and attr.type == ir.AttributeType.TENSOR:
             return attr.as_tensor()
     return None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the decisions depend on beyond the node: the target, the opset, the calibration
+    stats ({value name: (max |value|, elements)}) and the user's lists."""
+
+    target: ir.DataType
+    opset: int
+    stats: dict[str, tuple[float, int]]
+    block_ops: frozenset[str] = frozenset()
+    allow_ops: frozenset[str] = frozenset()
+    block_nodes: frozenset[str] = frozenset()
+    allow_nodes: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Site:
+    """A node being decided: the node, its convertible slots, the setting."""
+
+    node: ir.Node
+    slots: policy.Slots
+    setting: Setting
+
+    def slot_values(self) -> list[ir.Value | None]:
+        """The node's inputs and outputs in convertible slots."""
+        node, slots = self.node, self.slots
+        return [*(node.inputs[i] for i in slots.inputs if i < len(node.inputs)),
+                *(node.outputs[i] for i in slots.outputs if i < len(node.outputs))]
+
+
+# What a rule decides: (FP32, why) forces fp32, (LOW, "") the low precision, (SENSITIVE, why)
+# fp32 unless the auto search relaxes it; None: the next rule decides.
+FP32, LOW, SENSITIVE = "fp32", "low", "sensitive"
+Decision = tuple[str, str]
+
+
+def _blocked(site: Site) -> Decision | None:
+    if site.node.op_type in site.setting.block_ops or (site.node.name or "") in site.setting.block_nodes:
+        return FP32, "block list"
+    return None
+
+
+def _unknown_op(site: Site) -> Decision | None:
+    if site.slots.known:
+        return None
+    return FP32, f"op {site.node.domain or 'ai.onnx'}::{site.node.op_type} unknown to the converter"
+
+
+def _no_target_slot(site: Site) -> Decision | None:
+    if any(is_fp32(v) for v in site.slot_values()):
+        return None
+    node, target = site.node, site.setting.target
+    newer = policy.first_opset_allowing(node, site.setting.opset, target)
+    if newer:
+        return FP32, (f"ONNX's {node.op_type} takes no {policy.type_name(target)} before opset {newer} "
+                      f"(--target-opset {newer} converts it)")
+    return FP32, "no input or output may take the target type"
+
+
+def _unknown_type(site: Site) -> Decision | None:
+    if any(v is not None and v.dtype is None for v in site.slot_values()):
+        return FP32, "a tensor of unknown element type"
+    return None
+
+
+def _allowed(site: Site) -> Decision | None:
+    if site.node.op_type in site.setting.allow_ops or (site.node.name or "") in site.setting.allow_nodes:
+        return LOW, ""
+    return None
+
+
+def _sensitive(site: Site) -> Decision | None:
+    if site.node.op_type in policy.SENSITIVE and site.node.domain in ("", "ai.onnx"):
+        return SENSITIVE, f"precision-sensitive op {site.node.op_type}"
+    return None
+
+
+def _compute(site: Site) -> Decision | None:
+    return (LOW, "") if site.node.op_type in policy.COMPUTE else None
+
+
+# A node's precision constraint: the first rule that decides (a node no rule decides is
+# free: the min cut places it). Then, whatever was decided, the value rules of
+# Problem._decide/_outputs/_inputs add theirs (float-to-int Casts, range, weights, flushes).
+RULES: tuple[Callable[[Site], Decision | None], ...] = (
+    _blocked, _unknown_op, _no_target_slot, _unknown_type, _allowed, _sensitive, _compute,
+)
 
 
 @dataclass
@@ -111,108 +205,118 @@ class Problem:
         allow_nodes: frozenset[str] = frozenset(),
         stats: dict[str, tuple[float, int]] | None = None,
     ) -> Problem:
+        """The problem for ``model``: one variable per node, the constraints of :data:`RULES`
+        and of the calibration ``stats``, a Cast hyperedge per value."""
         p = cls(target)
         p.HIGH = p.new_var()
         p.LOW = p.new_var()
         p.force_high[p.HIGH] = "anchor"
         p.force_low.add(p.LOW)
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 17))
-        stats = stats or {}
-        fmax, tiny = LIMITS[target]
-        io_var = p.HIGH if keep_io_types else p.LOW
-
+        setting = Setting(
+            target, model.opset_imports.get("", model.opset_imports.get("ai.onnx", 17)), stats or {},
+            block_ops, allow_ops, block_nodes, allow_nodes,
+        )
         for graph in model.graphs():
             for node in graph:
-                if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                    continue
-                if node.op_type in CONTROL_FLOW and node.domain in ("", "ai.onnx"):
-                    p._control_flow(node)
-                    continue
-                if not any(is_fp32(v) for v in (*node.inputs, *node.outputs)):
-                    continue
-                var = p.new_var(node)
-                p.var_of_node[id(node)] = var
-                slots = policy.node_slots(node, opset, target)
-                p.slots[var] = slots
-                name = node.name or ""
-                op = node.op_type
-                if op in block_ops or name in block_nodes:
-                    p.force_high[var] = "block list"
-                elif not slots.known:
-                    p.force_high[var] = f"op {node.domain or 'ai.onnx'}::{op} unknown to the converter"
-                elif not any(is_fp32(node.inputs[i]) for i in slots.inputs if i < len(node.inputs)) and not any(
-                    is_fp32(node.outputs[i]) for i in slots.outputs if i < len(node.outputs)
-                ):
-                    newer = policy.first_opset_allowing(node, opset, target)
-                    p.force_high[var] = (
-                        f"ONNX's {op} takes no {policy.type_name(target)} before opset {newer} "
-                        f"(--target-opset {newer} converts it)" if newer
-                        else "no input or output may take the target type"
-                    )
-                elif any(
-                    v is not None and v.dtype is None
-                    for v in [*(node.inputs[i] for i in slots.inputs if i < len(node.inputs)),
-                              *(node.outputs[i] for i in slots.outputs if i < len(node.outputs))]
-                ):
-                    p.force_high[var] = "a tensor of unknown element type"
-                elif op in allow_ops or name in allow_nodes:
-                    p.force_low.add(var)
-                elif op in policy.SENSITIVE and node.domain in ("", "ai.onnx"):
-                    p.sensitive[var] = f"precision-sensitive op {op}"
-                elif op in policy.COMPUTE:
-                    p.force_low.add(var)
-                if op == "Cast" and node.inputs and is_fp32(node.inputs[0]):
-                    to = ir.DataType(node.attributes["to"].as_int())
-                    big = not stats or stats.get(node.inputs[0].name, (0.0, 0))[0] > 2048
-                    if not to.is_floating_point() and big:
-                        p.force_high.setdefault(var, "float-to-integer Cast of values over 2048")
-                for i, v in enumerate(node.outputs):
-                    if not is_fp32(v):
-                        continue
-                    p._value(v, var if i in slots.outputs else p.HIGH)
-                    peak = stats.get(v.name, (0.0, 0))[0]
-                    if i in slots.outputs and peak > RANGE_HEADROOM * fmax:
-                        if peak >= SENTINEL:
-                            # finfo.min-style masks: saturated to the target's max they usually
-                            # still work; only the auto search (which measures) may convert them.
-                            p.sensitive.setdefault(
-                                var, f"mask-like sentinel over the target range: '{v.name}' reaches {peak:.3g}")
-                        else:
-                            p.force_high.setdefault(
-                                var, f"over the target range on calibration: '{v.name}' reaches {peak:.3g}")
-                for i, v in enumerate(node.inputs):
-                    if not is_fp32(v):
-                        continue
-                    const = constant_tensor(v)
-                    if const is not None:
-                        if i in slots.inputs:
-                            p.const_uses.append((node, i, v, var))
-                            size = int(np.prod(const.shape.numpy())) if const.shape is not None else 0
-                            if size >= WEIGHT_ELEMENTS:
-                                p.force_low.add(var)
-                            if _flushes(const, tiny):
-                                p.sensitive.setdefault(var, f"reads a constant that would flush to zero: '{v.name}'")
-                        continue
-                    reader = var if i in slots.inputs else p.HIGH
-                    p.consumers[id(v)].add(reader)
-                    p.values[id(v)] = v
-                    p.input_var[(id(node), i)] = reader
+                p._node(node, setting)
+        p._interface(model.graph, p.HIGH if keep_io_types else p.LOW)
+        for key, v in p.values.items():
+            n = setting.stats.get(v.name, (0.0, 0))[1] or _static_elements(v)
+            p.cost[key] = CAST_COST + n
+        p._settle()
+        return p
 
-        main = model.graph
+    def _node(self, node: ir.Node, setting: Setting) -> None:
+        """A variable for ``node`` with its constraints, its values and the values it reads."""
+        standard = node.domain in ("", "ai.onnx")
+        if standard and node.op_type == "Constant":
+            return  # constants are no variables (see the module docstring)
+        if standard and node.op_type in CONTROL_FLOW:
+            self._control_flow(node)
+            return
+        if not any(is_fp32(v) for v in (*node.inputs, *node.outputs)):
+            return
+        var = self.new_var(node)
+        self.var_of_node[id(node)] = var
+        site = Site(node, policy.node_slots(node, setting.opset, setting.target), setting)
+        self.slots[var] = site.slots
+        self._decide(var, site)
+        self._outputs(var, site)
+        self._inputs(var, site)
+
+    def _decide(self, var: int, site: Site) -> None:
+        """The first rule of :data:`RULES` that decides, then the float-to-int Cast rule."""
+        for rule in RULES:
+            decision = rule(site)
+            if decision is not None:
+                kind, reason = decision
+                if kind == FP32:
+                    self.force_high[var] = reason
+                elif kind == LOW:
+                    self.force_low.add(var)
+                else:
+                    self.sensitive[var] = reason
+                break
+        node = site.node
+        if node.op_type == "Cast" and node.inputs and is_fp32(node.inputs[0]):
+            to = ir.DataType(node.attributes["to"].as_int())
+            stats = site.setting.stats
+            big = not stats or stats.get(node.inputs[0].name, (0.0, 0))[0] > 2048
+            if not to.is_floating_point() and big:
+                self.force_high.setdefault(var, "float-to-integer Cast of values over 2048")
+
+    def _outputs(self, var: int, site: Site) -> None:
+        """The node's fp32 outputs, made by ``var`` in its slots; the range rule on them."""
+        fmax = LIMITS[site.setting.target][0]
+        for i, v in enumerate(site.node.outputs):
+            if not is_fp32(v):
+                continue
+            converts = i in site.slots.outputs
+            self._value(v, var if converts else self.HIGH)
+            peak = site.setting.stats.get(v.name, (0.0, 0))[0]
+            if not (converts and peak > RANGE_HEADROOM * fmax):
+                continue
+            if peak >= SENTINEL:
+                # finfo.min-style masks: saturated to the target's max they usually
+                # still work; only the auto search (which measures) may convert them.
+                self.sensitive.setdefault(var, f"mask-like sentinel over the target range: '{v.name}' reaches {peak:.3g}")
+            else:
+                self.force_high.setdefault(var, f"over the target range on calibration: '{v.name}' reaches {peak:.3g}")
+
+    def _inputs(self, var: int, site: Site) -> None:
+        """The node's fp32 inputs: read by ``var`` in its slots; constants per use (weights
+        force the low precision, constants that would flush to zero make it sensitive)."""
+        node = site.node
+        for i, v in enumerate(node.inputs):
+            if not is_fp32(v):
+                continue
+            const = constant_tensor(v)
+            if const is None:
+                self._consume(v, var if i in site.slots.inputs else self.HIGH, node=node, index=i)
+                continue
+            if i not in site.slots.inputs:
+                continue
+            self.const_uses.append((node, i, v, var))
+            size = int(np.prod(const.shape.numpy())) if const.shape is not None else 0
+            if size >= WEIGHT_ELEMENTS:
+                self.force_low.add(var)
+            if _flushes(const, LIMITS[site.setting.target][1]):
+                self.sensitive.setdefault(var, f"reads a constant that would flush to zero: '{v.name}'")
+
+    def _interface(self, main: ir.Graph, io_var: int) -> None:
+        """The main graph's inputs and outputs, made and read by ``io_var``."""
         for v in main.inputs:
             if is_fp32(v) and constant_tensor(v) is None:
-                p._value(v, io_var)
+                self._value(v, io_var)
         for i, v in enumerate(main.outputs):
-            p._consume(v, io_var, graph=main, index=i)
-        for key, v in p.values.items():
-            n = stats.get(v.name, (0.0, 0))[1] or _static_elements(v)
-            p.cost[key] = CAST_COST + n
-        # Compute ops and weights win over sensitivity; a block list or an overflow wins over all.
-        p.force_low -= set(p.force_high)
-        for var in list(p.sensitive):
-            if var in p.force_low or var in p.force_high:
-                del p.sensitive[var]
-        return p
+            self._consume(v, io_var, graph=main, index=i)
+
+    def _settle(self) -> None:
+        """Compute ops and weights win over sensitivity; a block list or an overflow wins over all."""
+        self.force_low -= set(self.force_high)
+        for var in list(self.sensitive):
+            if var in self.force_low or var in self.force_high:
+                del self.sensitive[var]
 
     def _value(self, v: ir.Value, var: int) -> None:
         self.producer[id(v)] = var

@@ -125,61 +125,79 @@ class _Namer:
 def apply(model: ir.Model, problem: Problem, assignment: Assignment,
           cache: dict[int, tuple[ir.Tensor, dict, Any]] | None = None) -> ApplyReport:
     """Convert ``model`` in place according to ``assignment`` (see the module docstring)."""
-    target = problem.target
-    low_vars = assignment.low
     report = ApplyReport()
     namer = _Namer(model)
     cache = {} if cache is None else cache
-
-    def is_low(var: int | None) -> bool:
-        return var is not None and var in low_vars
-
+    low_vars = assignment.low
     # Decide everything from the unmodified types first.
-    src_low = {key: is_low(problem.producer.get(key, problem.HIGH)) for key in problem.values}
-    uses: dict[int, list[tuple[ir.Node, int, bool]]] = {}
-    for key, v in problem.values.items():
-        uses[key] = [
-            (node, i, is_low(problem.input_var.get((id(node), i), problem.HIGH)))
-            for node, i in v.uses()
-        ]
-    outputs: list[tuple[ir.Graph, int, ir.Value, bool]] = []
+    src_low = {key: _is_low(problem.producer.get(key, problem.HIGH), low_vars) for key in problem.values}
+    uses = {
+        key: [(node, i, _is_low(problem.input_var.get((id(node), i), problem.HIGH), low_vars)) for node, i in v.uses()]
+        for key, v in problem.values.items()
+    }
+    outputs = [
+        (graph, i, v, _is_low(problem.output_var.get((id(graph), i), problem.HIGH), low_vars))
+        for graph in model.graphs() for i, v in enumerate(graph.outputs) if id(v) in problem.values
+    ]
+    _convert_nodes(problem, assignment, report, cache)
+    for key, v in problem.values.items():  # types of produced values
+        if src_low[key] and v.dtype == FLOAT:
+            v.type = ir.TensorType(problem.target)  # a new object: clones share types
+    cast_of = _Casts(problem.target, namer, report)
+    for key, v in problem.values.items():  # Casts between disagreeing producers and consumers
+        for node, i, want in uses[key]:
+            if want != src_low[key]:
+                node.replace_input_with(i, cast_of(v, want))
+    for graph, i, v, want in outputs:
+        if want != src_low[id(v)]:
+            _cast_output(model, graph, i, v, cast_of(v, want), namer)
+    # Constants read by low consumers.
+    _convert_constants(problem, low_vars, problem.target, namer, report, cache)
+    report.casts_removed = _clean_casts(model)
     for graph in model.graphs():
-        for i, v in enumerate(graph.outputs):
-            if id(v) in problem.values:
-                outputs.append((graph, i, v, is_low(problem.output_var.get((id(graph), i), problem.HIGH))))
+        graph.sort()
+    return report
 
-    # Node variables: report and update dtype-carrying attributes.
+
+def _is_low(var: int | None, low_vars: set[int]) -> bool:
+    return var is not None and var in low_vars
+
+
+def _convert_nodes(problem: Problem, assignment: Assignment, report: ApplyReport, cache) -> None:
+    """Node variables: report them, and update the dtype-carrying attributes of the low ones."""
     reasons: Counter[str] = Counter()
     for var, node in enumerate(problem.nodes):
         if node is None:
             continue
-        if is_low(var):
+        if _is_low(var, assignment.low):
             report.converted_nodes += 1
-            _update_attributes(node, problem, target, report, cache)
-        else:
-            why = assignment.forced.get(var, "fewer Casts in fp32 (between fp32 ops)")
-            key = why.split(" '")[0].rstrip(":") if "'" in why else why
-            reasons[key] += 1
-            if len(report.kept_nodes) < 50 and var in assignment.forced:
-                report.kept_nodes.append({"node": node.name or node.op_type, "op_type": node.op_type, "reason": why})
+            _update_attributes(node, problem, problem.target, report, cache)
+            continue
+        why = assignment.forced.get(var, "fewer Casts in fp32 (between fp32 ops)")
+        key = why.split(" '")[0].rstrip(":") if "'" in why else why
+        reasons[key] += 1
+        if len(report.kept_nodes) < 50 and var in assignment.forced:
+            report.kept_nodes.append({"node": node.name or node.op_type, "op_type": node.op_type, "reason": why})
     report.kept_fp32 = dict(reasons.most_common())
 
-    # Types of produced values.
-    for key, v in problem.values.items():
-        if src_low[key] and v.dtype == FLOAT:
-            v.type = ir.TensorType(target)  # a new object: clones share types
 
-    # Casts between disagreeing producers and consumers.
-    casts: dict[tuple[int, bool], ir.Value] = {}
+class _Casts:
+    """One Cast per (value, direction), right after the value's producer, made on demand."""
 
-    def cast_of(v: ir.Value, to_low_: bool) -> ir.Value:
-        key = (id(v), to_low_)
-        if key in casts:
-            return casts[key]
-        to = target if to_low_ else FLOAT
-        out = ir.Value(name=namer(f"{v.name or 'value'}_to_{SHORT[to]}"), type=ir.TensorType(to), shape=v.shape)
+    def __init__(self, target: ir.DataType, namer: _Namer, report: ApplyReport) -> None:
+        self.target = target
+        self.namer = namer
+        self.report = report
+        self.made: dict[tuple[int, bool], ir.Value] = {}
+
+    def __call__(self, v: ir.Value, to_low: bool) -> ir.Value:
+        key = (id(v), to_low)
+        if key in self.made:
+            return self.made[key]
+        to = self.target if to_low else FLOAT
+        out = ir.Value(name=self.namer(f"{v.name or 'value'}_to_{SHORT[to]}"), type=ir.TensorType(to), shape=v.shape)
         node = ir.Node("", "Cast", [v], {"to": ir.AttrInt64("to", int(to))}, outputs=[out],
-                       name=namer(f"{v.name or 'value'}/Cast_{SHORT[to]}"))
+                       name=self.namer(f"{v.name or 'value'}/Cast_{SHORT[to]}"))
         producer = v.producer()
         if producer is not None:
             producer.graph.insert_after(producer, node)
@@ -189,32 +207,19 @@ def apply(model: ir.Model, problem: Problem, assignment: Assignment,
                 graph.insert_before(graph.node(0), node)
             else:
                 graph.append(node)
-        report.casts_inserted += 1
-        casts[key] = out
+        self.report.casts_inserted += 1
+        self.made[key] = out
         return out
 
-    for key, v in problem.values.items():
-        for node, i, want in uses[key]:
-            if want != src_low[key]:
-                node.replace_input_with(i, cast_of(v, want))
-    for graph, i, v, want in outputs:
-        if want == src_low[id(v)]:
-            continue
-        cast = cast_of(v, want)
-        if graph is model.graph:
-            # The interface keeps its name: the Cast's output takes it.
-            name = v.name
-            v.name = namer(f"{name}_{SHORT[v.dtype]}")
-            cast.name = name
-        graph.outputs[i] = cast
 
-    # Constants read by low consumers.
-    _convert_constants(model, problem, low_vars, target, namer, report, cache)
-
-    report.casts_removed = _clean_casts(model)
-    for graph in model.graphs():
-        graph.sort()
-    return report
+def _cast_output(model: ir.Model, graph: ir.Graph, i: int, v: ir.Value, cast: ir.Value, namer: _Namer) -> None:
+    """Output ``i`` of ``graph`` becomes ``cast`` (``v`` Cast to the type its reader wants)."""
+    if graph is model.graph:
+        # The interface keeps its name: the Cast's output takes it.
+        name = v.name
+        v.name = namer(f"{name}_{SHORT[v.dtype]}")
+        cast.name = name
+    graph.outputs[i] = cast
 
 
 def _convert_tensor(tensor, name: str, target, report: ApplyReport, cache) -> ir.Tensor:
@@ -249,7 +254,7 @@ def _update_attributes(node: ir.Node, problem: Problem, target, report: ApplyRep
         node.attributes["dtype"] = ir.AttrInt64("dtype", int(target))
 
 
-def _convert_constants(model, problem: Problem, low_vars, target, namer, report: ApplyReport, cache) -> None:
+def _convert_constants(problem: Problem, low_vars, target, namer, report: ApplyReport, cache) -> None:
     low_uses: dict[int, list[tuple[ir.Node, int]]] = defaultdict(list)
     values: dict[int, ir.Value] = {}
     for node, i, v, var in problem.const_uses:

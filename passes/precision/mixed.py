@@ -15,15 +15,17 @@ Guarantees (on the main graph and every If/Loop/Scan body):
 - with ``keep_io_types`` (default) the inputs and outputs keep fp32, so the result is a
   drop-in replacement; the output is topologically sorted with unique names.
 
-Calibration: the model runs once in fp32 on seeded generated inputs (or
-``calibration_inputs``); any op whose output exceeds half the target's range there keeps
+Calibration: the model runs once in fp32, on the pipeline's runtime (``context``), on the
+feeds the core gives (``context.inputs``: seeded generated
+inputs, or ``calibration_inputs``, as verification makes them); any op whose output exceeds half the target's range there keeps
 fp32 (``finfo.min``-style mask fills excepted in ``auto``, which measures them instead),
-and the tensor sizes weigh the Casts. Without a runnable model, conversion still
-happens, without the range rule (reported).
+and the tensor sizes weigh the Casts. Without a runnable model (or without a context or
+feeds), conversion still happens, without the range rule (reported).
 
 ``precision="auto"``: fp16 with a search for the largest fp16 region within
 ``tolerance``: starting from the safe conversion, the sensitive regions are converted
-all at once, and when the emulated fp16 result (:mod:`.emulate`) is off by more than
+all at once, and when the emulated fp16 result (``context.runtime.run(..., emulate=True)``:
+:mod:`gcomp.verify.emulate`) is off by more than
 ``tolerance`` (max |a - e| / max(1, max |e|), per output, no new NaN/Inf), the set is
 bisected, keeping the regions that pass (a half known to fail because its sibling passed
 is split without another run). Each step is reported. Cost: at most about
@@ -36,33 +38,27 @@ even the safe conversion misses the tolerance. Model functions are not converted
 
 from __future__ import annotations
 
-__all__ = [
-    "PRECISIONS", "ConvertPrecision", "PrecisionResult", "calibrate", "cli_options", "precision_step",
-    "summary_lines",
-]
+__all__ = ["PRECISIONS", "ConvertPrecision", "calibrate", "cli_options", "summary_lines"]
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import onnx_ir as ir
-from gcomp.passes.precision import convert, emulate
-from gcomp.passes.precision.assign import Problem
 
-from gcomp.errors import GcompError, OptionError
-from gcomp.registry import register_pass
+from gcomp.errors import BackendError, GcompError, OptionError
+from gcomp.passes.precision import accuracy, convert
+from gcomp.passes.precision.assign import Problem
+from gcomp.passes.precision.policy import CONTRIB_SLOTS, ORT_DOMAIN, same_type_inputs
+from gcomp.passes.result import DetailedResult
+from gcomp.passes.shapes import InferShapes
+from gcomp.registry import PassContext, Runtime, register_pass
 
 PRECISIONS = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16, "auto": ir.DataType.FLOAT16}
 _INFERRED = "gcomp.inferred_from"  # what infer-shapes records (see gcomp.passes.shapes)
-
-
-@dataclass
-class PrecisionResult(ir.passes.PassResult):
-    """The pass result with what was converted, kept, clamped, and the search steps."""
-
-    details: dict[str, Any] = field(default_factory=dict)
+Feeds = Mapping[str, np.ndarray]
 
 
 @register_pass("convert-precision")
@@ -81,6 +77,7 @@ class ConvertPrecision(ir.passes.InPlacePass):
         allow_nodes: Annotated[tuple, "node names converted even if precision-sensitive"] = (),
         calibrate: Annotated[bool, "run the model once to find overflowing ops and tensor sizes"] = True,
         calibration_inputs: Annotated[str, "an .npz or test_data_set folder for calibration"] = "",
+        context: PassContext | None = None,
     ) -> None:
         super().__init__()
         if precision not in PRECISIONS:
@@ -96,38 +93,22 @@ class ConvertPrecision(ir.passes.InPlacePass):
         }
         self.calibrate = calibrate
         self.calibration_inputs = calibration_inputs
-        # Set by gcomp.optimize so calibration sees the verification inputs.
-        self.feeds: dict[str, np.ndarray] | None = None
-        self.input_shapes: dict[str, tuple[int, ...]] | None = None
-        self.seed = 0
+        self.context = context or PassContext()
 
-    def call(self, model: ir.Model) -> PrecisionResult:
+    def call(self, model: ir.Model) -> DetailedResult:
         t0 = time.perf_counter()
         target = PRECISIONS[self.precision]
         details: dict[str, Any] = {"precision": self.precision if self.precision != "auto" else "auto (fp16)"}
         _infer_types(model)
-        stats: dict[str, tuple[float, int]] = {}
-        feeds = reference = None
-        if self.calibrate or self.precision == "auto":
-            try:
-                feeds, stats, reference = calibrate(
-                    model, feeds=self.feeds, inputs=self.calibration_inputs or None,
-                    input_shapes=self.input_shapes, seed=self.seed,
-                )
-            except GcompError as e:
-                if self.precision == "auto":
-                    raise GcompError(f"--precision auto needs a runnable model: {e}") from None
-                details["calibration"] = f"not possible: {e}; no range rule applied"
-        if stats:
-            details["calibration"] = f"{len(stats)} tensors measured"
+        feeds, stats, reference = self._calibrate(model, details)
         before_bytes = _float_bytes(model)
         build = dict(keep_io_types=self.keep_io_types, stats=stats, **self.lists)
         problem = Problem.build(model, target, **build)
         relaxed: set[int] = set()
         cache: dict = {}  # converted constants, shared by the search's trials and the result
         if self.precision == "auto":
-            relaxed, steps = _search(model, problem, build, feeds, reference, self.tolerance, cache)
-            details["search"] = steps
+            search = _Search(model, problem, build, self._runtime(), feeds, reference, self.tolerance, cache)
+            relaxed, details["search"] = search.run()
         assignment = problem.solve(relaxed)
         report = convert.apply(model, problem, assignment, cache)
         _forget_inferred_shapes(model)
@@ -139,7 +120,33 @@ class ConvertPrecision(ir.passes.InPlacePass):
         modified = report.converted_nodes > 0 or report.casts_inserted > 0 or report.constants_converted > 0
         if modified:
             model.metadata_props["gcomp.precision"] = PRECISIONS[self.precision].name.lower()
-        return PrecisionResult(model, modified=modified, details=details)
+        return DetailedResult(model, modified=modified, details=details)
+
+    def _runtime(self) -> Runtime:
+        return self.context.need_runtime("convert-precision (calibration, auto)")
+
+    def _calibrate(self, model: ir.Model, details: dict[str, Any]):
+        """(feeds, stats, fp32 outputs) of the calibration run; (None, {}, None) without one.
+        Only ``auto`` needs it: the other precisions report why there was none."""
+        if not (self.calibrate or self.precision == "auto"):
+            return None, {}, None
+        try:
+            runtime = self._runtime()
+            feeds = self._feeds(model)
+            stats, reference = calibrate(model, runtime, feeds)
+        except GcompError as e:
+            if self.precision == "auto":
+                raise GcompError(f"--precision auto needs a runnable model: {e}") from None
+            details["calibration"] = f"not possible: {e}; no range rule applied"
+            return None, {}, None
+        if stats:
+            details["calibration"] = f"{len(stats)} tensors measured"
+        return feeds, stats, reference
+
+    def _feeds(self, model: ir.Model) -> dict[str, np.ndarray]:
+        if self.context.inputs is None:
+            raise GcompError("no calibration inputs: give the pass context=gcomp.runtime.pass_context()")
+        return self.context.inputs(model, self.calibration_inputs or None)
 
 
 def _infer_types(model: ir.Model) -> None:
@@ -147,34 +154,36 @@ def _infer_types(model: ir.Model) -> None:
     for the com.microsoft ops it does not know (fusion at -O3), their type rule (outputs
     of the data type parameter take input 0's type, statistics are fp32), alternately
     until nothing new is learned."""
-    from gcomp.passes.precision.policy import CONTRIB_SLOTS, ORT_DOMAIN, same_type_inputs
-    from gcomp.passes.shapes import InferShapes
-
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 17))
     for _ in range(3):
         InferShapes()(model)
         learned = False
         for graph in model.graphs():
             for node in graph:  # topological order: one sweep carries types through chains
-                untyped = [i for i, v in enumerate(node.outputs) if v.type is None and v.name]
-                if not untyped or not node.inputs:
+                if not node.inputs:
                     continue
-                for i in untyped:
-                    v = node.outputs[i]
-                    if node.domain == ORT_DOMAIN and node.op_type in CONTRIB_SLOTS:
-                        first = node.inputs[0]
-                        dtype = (first.dtype if first is not None else None) if i in CONTRIB_SLOTS[
-                            node.op_type][1] else ir.DataType.FLOAT
-                    else:
-                        dtypes = {node.inputs[j].dtype for j in same_type_inputs(node, opset, i)
-                                  if j < len(node.inputs) and node.inputs[j] is not None}
-                        dtype = dtypes.pop() if len(dtypes) == 1 else None
+                for i, v in enumerate(node.outputs):
+                    if v.type is not None or not v.name:
+                        continue
+                    dtype = _output_type(node, i, opset)
                     if dtype is not None:
                         v.meta.setdefault(_INFERRED, (None, v.shape))
                         v.type = ir.TensorType(dtype)
                         learned = True
         if not learned:
             return
+
+
+def _output_type(node: ir.Node, i: int, opset: int) -> ir.DataType | None:
+    """Output ``i``'s element type by the op's type rule, when its inputs tell."""
+    if node.domain == ORT_DOMAIN and node.op_type in CONTRIB_SLOTS:
+        if i not in CONTRIB_SLOTS[node.op_type][1]:
+            return ir.DataType.FLOAT  # statistics
+        first = node.inputs[0]
+        return first.dtype if first is not None else None
+    dtypes = {node.inputs[j].dtype for j in same_type_inputs(node, opset, i)
+              if j < len(node.inputs) and node.inputs[j] is not None}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def _float_bytes(model: ir.Model) -> int:
@@ -197,39 +206,23 @@ def _forget_inferred_shapes(model: ir.Model) -> None:
 
 
 def calibrate(
-    model: ir.Model,
-    *,
-    feeds: dict[str, np.ndarray] | None = None,
-    inputs: str | None = None,
-    input_shapes: dict[str, tuple[int, ...]] | None = None,
-    seed: int = 0,
-) -> tuple[dict[str, np.ndarray], dict[str, tuple[float, int]], dict[str, Any]]:
-    """Run ``model`` in fp32 once with every float intermediate exposed.
+    model: ir.Model, runtime: Runtime, feeds: Feeds
+) -> tuple[dict[str, tuple[float, int]], dict[str, Any]]:
+    """Run ``model`` in fp32 once on ``feeds`` with every float intermediate exposed.
 
-    Returns (feeds, {value name: (max |finite value|, elements)}, graph outputs). Values
-    of unknown type are not measured. Raises ``GcompError`` when the model cannot run.
+    Returns ({value name: (max |finite value|, elements)}, graph outputs). Values of
+    unknown type are not measured. Raises ``GcompError`` when the model cannot run.
     """
-    from gcomp.backends.ort import OrtBackend
-
-    from gcomp import inputs as _inputs
-    from gcomp.errors import BackendError
-
-    given = dict(feeds or {})
-    if inputs:
-        given.update(_inputs.load_inputs(Path(inputs), model))
-    feeds, _ = _inputs.generate_inputs(model, shapes=dict(input_shapes or {}), given=given, seed=seed)
     copy = model.clone()
     originals = {v.name for v in copy.graph.outputs}
-    by_name = {}
     for node in copy.graph:
         for v in node.outputs:
             if v.name and v.name not in originals and v.dtype in (None, ir.DataType.FLOAT):
                 if v.type is None:
                     continue  # ORT needs a type on a graph output; unknown types stay unmeasured
                 copy.graph.outputs.append(v)
-                by_name[v.name] = v
     try:
-        outs = OrtBackend().compile(copy, "cpu", optimization="disable").run(feeds)
+        outs = runtime.run(copy, feeds)
     except BackendError as e:
         raise GcompError(str(e).splitlines()[0]) from None
     stats = {}
@@ -239,90 +232,78 @@ def calibrate(
             finite = a[np.isfinite(a)]
             stats[name] = (float(np.abs(finite).max()) if finite.size else 0.0, int(a.size))
     reference = {v.name: outs[v.name] for v in model.graph.outputs if v.name in outs}
-    return feeds, stats, reference
+    return stats, reference
 
 
-def _search(model, problem: Problem, build: dict, feeds, reference, tolerance: float, cache: dict):
-    """Group testing over the sensitive regions (see the module docstring)."""
-    safe = problem.solve()
-    regions = problem.regions(safe)
-    steps: list[dict[str, Any]] = []
-    fp32_cache: dict = {}
+@dataclass
+class _Search:
+    """Group testing over the sensitive regions (see the module docstring): each trial
+    converts a copy with some regions relaxed to fp16 and evaluates it in emulated fp16 on
+    the pipeline's runtime against the fp32 ``reference``."""
 
-    def trial(relaxed: set[int], label: str) -> bool:
+    model: ir.Model
+    problem: Problem
+    build: dict[str, Any]
+    runtime: Runtime
+    feeds: Feeds
+    reference: dict[str, Any]
+    tolerance: float
+    cache: dict  # converted constants, shared by the trials and the result
+    regions: list[set[int]] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    accepted: set[int] = field(default_factory=set)
+
+    def run(self) -> tuple[set[int], list[dict[str, Any]]]:
+        """(the sensitive variables converted, the steps taken)."""
+        self.regions = self.problem.regions(self.problem.solve())
+        if not self.trial(set(), "safe conversion (all sensitive regions fp32)"):
+            last = self.steps[-1]
+            raise GcompError(
+                f"--precision auto: even the safe fp16 conversion misses --tolerance {self.tolerance:g} "
+                f"(error {last['error']:.3g}{', new NaN/Inf' if last['new_nan_inf'] else ''}); "
+                "raise the tolerance or use fp32"
+            )
+        self.visit(self.regions, 0)
+        fp16 = self._within(self.accepted)
+        self.steps.append({"regions": len(self.regions), "regions_fp16": fp16, "regions_fp32": len(self.regions) - fp16})
+        return self.accepted, self.steps
+
+    def trial(self, relaxed: set[int], label: str) -> bool:
+        """Whether converting with ``relaxed`` keeps every output within the tolerance."""
         t0 = time.perf_counter()
-        clone = model.clone()
-        p = Problem.build(clone, problem.target, **build)
-        convert.apply(clone, p, p.solve(relaxed), cache)
-        rows = emulate.compare(reference, emulate.emulate(clone, feeds, cache=fp32_cache))
+        clone = self.model.clone()
+        p = Problem.build(clone, self.problem.target, **self.build)
+        convert.apply(clone, p, p.solve(relaxed), self.cache)
+        rows = accuracy.compare(self.reference, self.runtime.run(clone, self.feeds, emulate=True))
         worst = max((r.scaled_error for r in rows), default=0.0)
         bad = any(r.new_nonfinite for r in rows)
-        ok = not bad and worst <= tolerance
-        steps.append({
-            "step": len(steps) + 1, "trial": label, "regions_fp16": len(relaxed_regions(relaxed)),
+        ok = not bad and worst <= self.tolerance
+        self.steps.append({
+            "step": len(self.steps) + 1, "trial": label, "regions_fp16": self._within(relaxed),
             "error": worst, "new_nan_inf": bad, "accepted": ok, "seconds": round(time.perf_counter() - t0, 2),
         })
         return ok
 
-    def relaxed_regions(relaxed):
-        return [r for r in regions if r <= relaxed]
-
-    if not trial(set(), "safe conversion (all sensitive regions fp32)"):
-        err = steps[-1]["error"]
-        raise GcompError(
-            f"--precision auto: even the safe fp16 conversion misses --tolerance {tolerance:g} "
-            f"(error {err:.3g}{', new NaN/Inf' if steps[-1]['new_nan_inf'] else ''}); raise the tolerance or use fp32"
-        )
-    accepted: set[int] = set()
-
-    def visit(group: list[set[int]], depth: int, known_bad: bool = False) -> bool:
+    def visit(self, group: list[set[int]], depth: int, known_bad: bool = False) -> bool:
         """Convert what passes in ``group``; True when all of it was converted. A group
         known to fail (its sibling passed whole after their union failed: the
         monotonicity the search assumes) is split without being tried again."""
         if not group:
             return True
         union = set().union(*group)
-        if not known_bad and trial(accepted | union, f"{len(group)} region(s) more in fp16 (depth {depth})"):
-            accepted.update(union)
+        if not known_bad and self.trial(self.accepted | union, f"{len(group)} region(s) more in fp16 (depth {depth})"):
+            self.accepted.update(union)
             return True
         if len(group) == 1:
             return False
         mid = len(group) // 2
-        left_all = visit(group[:mid], depth + 1)
-        visit(group[mid:], depth + 1, known_bad=left_all)
+        left_all = self.visit(group[:mid], depth + 1)
+        self.visit(group[mid:], depth + 1, known_bad=left_all)
         return False
 
-    visit(regions, 0)
-    steps.append({"regions": len(regions), "regions_fp16": len(relaxed_regions(accepted)),
-                  "regions_fp32": len(regions) - len(relaxed_regions(accepted))})
-    return accepted, steps
-
-
-def precision_step(
-    precision: str,
-    options: dict[str, Any],
-    *,
-    inputs: Any = None,
-    input_shapes: dict[str, tuple[int, ...]] | None = None,
-    seed: int = 0,
-) -> tuple[str, ConvertPrecision]:
-    """The ``convert-precision`` step ``gcomp.optimize(precision=...)`` appends.
-
-    Takes this pass's options out of ``options`` (the rest go to the pipeline) and
-    gives calibration the verification inputs, so both see the same values.
-    """
-    from gcomp import registry
-
-    declared = {o.name for o in registry.get_pass("convert-precision").options} - {"precision"}
-    mine = {k: options.pop(k) for k in list(options) if k in declared}
-    step = registry.get_pass("convert-precision").create(precision=precision, **mine)
-    if isinstance(inputs, (str, Path)):
-        step.calibration_inputs = step.calibration_inputs or str(inputs)
-    elif inputs is not None:
-        step.feeds = {k: np.asarray(v) for k, v in dict(inputs).items()}
-    step.input_shapes = dict(input_shapes or {})
-    step.seed = seed
-    return "convert-precision", step
+    def _within(self, relaxed: set[int]) -> int:
+        """How many regions lie wholly in ``relaxed``."""
+        return sum(1 for r in self.regions if r <= relaxed)
 
 
 def cli_options(precision: str | None, tolerance: float | None, keep_io_types: bool | None) -> dict[str, Any]:

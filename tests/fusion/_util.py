@@ -7,7 +7,8 @@ import collections
 import numpy as np
 import onnx_ir as ir
 
-from gcomp.passes.fusion import Fuse, FuseTarget
+from gcomp.passes.fusion import Fuse, FuseTarget, fuse_model
+from gcomp.runtime import pass_context
 from tests.conftest import assert_same_outputs
 
 
@@ -19,18 +20,24 @@ def op_counts(model: ir.Model) -> collections.Counter:
     )
 
 
-def fuse(proto, feeds, *, target="portable", family="portable", rtol=1e-5, atol=1e-5, explain=False):
+def fuse(proto, feeds, *, target="portable", family="portable", rtol=1e-5, atol=1e-5, explain=False,
+         without=()):
     """Fuse ``proto`` (shapes inferred first, like the pipeline does) and prove it on ORT.
 
-    Returns (fused ir.Model, pass result details).
+    ``without``: names of fusions of the pass's list not to run. Returns (fused ir.Model,
+    pass result details).
     """
     from gcomp.passes.shapes import ForgetInferredShapes, InferShapes
 
     model = ir.serde.deserialize_model(proto)
     InferShapes()(model)
-    pass_ = Fuse(target=target, explain_fusion=explain) if family == "portable" else FuseTarget(
-        target=target, explain_fusion=explain)
-    result = pass_(model)
+    kind = Fuse if family == "portable" else FuseTarget
+    pass_ = kind(target=target, explain_fusion=explain, context=pass_context())
+    if without:
+        fusions = [f for f in pass_.fusions(pass_.capabilities) if f.name not in without]
+        result = fuse_model(model, fusions, pass_.capabilities, explain=explain)
+    else:
+        result = pass_(model)
     ForgetInferredShapes()(model)
     assert_same_outputs(proto, model, feeds, rtol=rtol, atol=atol)
     return model, result

@@ -8,6 +8,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from gcomp.passes.fusion import Fuse
+from gcomp.runtime import pass_context
 
 from tests.conftest import assert_same_outputs, make_model, tensor, vinfo
 from tests.fusion._util import feeds_for, fuse, op_counts
@@ -88,7 +89,7 @@ def test_training_mode_bn_does_not_fire(rng):
     proto, _ = _conv_bn(rng)
     proto.graph.node[1].attribute.append(helper.make_attribute("training_mode", 1))
     proto.opset_import[0].version = 15
-    assert not Fuse()(ir.serde.deserialize_model(proto)).modified
+    assert not Fuse(context=pass_context())(ir.serde.deserialize_model(proto)).modified
 
 
 @pytest.mark.parametrize("group", [1, 2])

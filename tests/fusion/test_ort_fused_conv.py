@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from gcomp.passes.fusion import FuseTarget
+from gcomp.runtime import pass_context
 from gcomp.passes.shapes import InferShapes
 from tests.conftest import make_model, tensor, vinfo
 from tests.fusion._util import feeds_for, fuse, op_counts
@@ -73,13 +74,13 @@ def test_fused_conv_does_not_fire(rng):
     # float64: ORT has no FusedConv kernel for it (nor a Conv one: structural check only).
     model = ir.serde.deserialize_model(_conv_act(rng, "Relu", dtype=np.float64))
     InferShapes()(model)
-    assert not FuseTarget(target="ort-cpu")(model).modified
+    assert not FuseTarget(target="ort-cpu", context=pass_context())(model).modified
 
 
 def test_cuda_target_fuses_relu_only(rng):
     for act, expect in (("Relu", True), ("Sigmoid", False)):
         model = ir.serde.deserialize_model(_conv_act(rng, act))
-        assert FuseTarget(target="ort-cuda")(model).modified == expect, act
+        assert FuseTarget(target="ort-cuda", context=pass_context())(model).modified == expect, act
 
 
 def test_portable_target_does_not_fuse(rng):

@@ -20,9 +20,11 @@ after the op that produces it — a ``Cast`` down and back up, which ORT perform
 
 Cost: one fp32 run plus two Casts per low value: it evaluates a BERT-base-sized model in
 well under a second per input batch on 2 cores, where numpy's true fp16 matmul runs at
-~0.5 GFLOP/s. :func:`compare` reports, per output, the largest absolute and relative
-error against the fp32 reference and the NaN/Inf counts; :data:`TOLERANCES` are the
-per-precision defaults ``gcomp verify`` and ``gcomp optimize --precision`` apply.
+~0.5 GFLOP/s. :func:`compare` (:mod:`gcomp.passes.precision.accuracy`, the ``auto``
+search's measure) reports, per output, the largest absolute and relative error against
+the fp32 reference and the NaN/Inf counts; :data:`TOLERANCES` are the per-precision
+defaults ``gcomp verify`` and ``gcomp optimize --precision`` apply. The pipeline's
+runtime (:mod:`gcomp.runtime`, ``emulate=True``) runs models through :func:`emulate`.
 """
 
 from __future__ import annotations
@@ -38,13 +40,14 @@ __all__ = [
 ]
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from gcomp.verify import Tolerance
+from gcomp import runtime
+from gcomp.passes.precision.accuracy import OutputError, compare
+from gcomp.verify.compare import Tolerance
 
 FLOAT = ir.DataType.FLOAT
 LOW_TYPES = {ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}
@@ -88,27 +91,16 @@ def validation_copy(model: ir.Model, cache: dict | None = None) -> ir.Model:
     """An fp32 copy of ``model`` that rounds every low-precision value where it is made.
 
     ``cache`` (a dict the caller keeps) reuses fp32 copies of the same low tensors across
-    calls, as the ``auto`` search's trials share converted weights."""
+    calls that share low tensors (variants of one converted model)."""
     copy = model.clone()
     if any(v.type is None for g in copy.graphs() for n in g for v in n.outputs):
         # Values without a declared type (no value_info) would go unrounded: infer them.
         from gcomp.passes.shapes import InferShapes
 
         InferShapes()(copy)
-    counter = [0]
-
-    def fresh(base: str) -> str:
-        counter[0] += 1
-        return f"{base}__emu{counter[0]}"
-
+    fresh = _Fresh()
     for graph in copy.graphs():
-        for v in graph.inputs:
-            if v.dtype in LOW_TYPES:
-                v.type = ir.TensorType(FLOAT)  # a new object: clones share types
-        for v in graph.initializers.values():
-            if v.dtype in LOW_TYPES and v.const_value is not None:
-                v.const_value = _fp32_tensor(v.const_value, v.name, cache)
-                v.type = ir.TensorType(FLOAT)  # a new object: clones share types
+        _fp32_interface(graph, cache)
         for node in list(graph):
             _fp32_attributes(node)
             if node.op_type in ("If", "Loop", "Scan") and node.domain in ("", "ai.onnx"):
@@ -121,24 +113,50 @@ def validation_copy(model: ir.Model, cache: dict | None = None) -> ir.Model:
                 if low not in LOW_TYPES:
                     continue
                 v.type = ir.TensorType(FLOAT)  # a new object: clones share types
-                if node.op_type == "Constant":
-                    continue  # its value is already exact in fp32
-                name = v.name or fresh("value")
-                consumers = list(v.uses())  # before the Cast below becomes one
-                outputs_at = [i for i, o in enumerate(graph.outputs) if o is v]
-                down = ir.Value(name=fresh(name), type=ir.TensorType(low), shape=v.shape)
-                up = ir.Value(name=fresh(name), type=ir.TensorType(FLOAT), shape=v.shape)
-                c1 = ir.Node("", "Cast", [v], {"to": ir.AttrInt64("to", int(low))}, outputs=[down], name=fresh("round"))
-                c2 = ir.Node("", "Cast", [down], {"to": ir.AttrInt64("to", int(FLOAT))}, outputs=[up],
-                             name=fresh("round"))
-                graph.insert_after(node, [c1, c2])
-                for user, i in consumers:
-                    user.replace_input_with(i, up)
-                for i in outputs_at:
-                    graph.outputs[i] = up
-                if outputs_at:
-                    v.name, up.name = fresh(name), name
+                if node.op_type != "Constant":  # a Constant's value is already exact in fp32
+                    _round_after(graph, node, v, low, fresh)
     return copy
+
+
+class _Fresh:
+    """Names no model has: ``base__emuN``."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, base: str) -> str:
+        self.count += 1
+        return f"{base}__emu{self.count}"
+
+
+def _fp32_interface(graph: ir.Graph, cache: dict | None) -> None:
+    """The graph's low inputs and initializers become fp32 holding the same numbers."""
+    for v in graph.inputs:
+        if v.dtype in LOW_TYPES:
+            v.type = ir.TensorType(FLOAT)  # a new object: clones share types
+    for v in graph.initializers.values():
+        if v.dtype in LOW_TYPES and v.const_value is not None:
+            v.const_value = _fp32_tensor(v.const_value, v.name, cache)
+            v.type = ir.TensorType(FLOAT)  # a new object: clones share types
+
+
+def _round_after(graph: ir.Graph, node: ir.Node, v: ir.Value, low: ir.DataType, fresh: _Fresh) -> None:
+    """Cast ``v`` (now fp32) down to ``low`` and back up right after ``node``; every reader
+    of ``v`` (a graph output too, which keeps its name) reads the rounded value."""
+    name = v.name or fresh("value")
+    consumers = list(v.uses())  # before the Cast below becomes one
+    outputs_at = [i for i, o in enumerate(graph.outputs) if o is v]
+    down = ir.Value(name=fresh(name), type=ir.TensorType(low), shape=v.shape)
+    up = ir.Value(name=fresh(name), type=ir.TensorType(FLOAT), shape=v.shape)
+    c1 = ir.Node("", "Cast", [v], {"to": ir.AttrInt64("to", int(low))}, outputs=[down], name=fresh("round"))
+    c2 = ir.Node("", "Cast", [down], {"to": ir.AttrInt64("to", int(FLOAT))}, outputs=[up], name=fresh("round"))
+    graph.insert_after(node, [c1, c2])
+    for user, i in consumers:
+        user.replace_input_with(i, up)
+    for i in outputs_at:
+        graph.outputs[i] = up
+    if outputs_at:
+        v.name, up.name = fresh(name), name
 
 
 def _fp32_attributes(node: ir.Node) -> None:
@@ -168,8 +186,6 @@ def emulate(model: ir.Model, feeds: Mapping[str, np.ndarray], *, timeout: float 
     ``share_weights_from`` bytes of weights gets them into ORT without serialization
     (no ``timeout`` there: large models are not the hostile ones).
     """
-    from gcomp.backends.ort import OrtBackend
-
     declared = {v.name: v.dtype for v in model.graph.inputs}
     out_types = {v.name: v.dtype for v in model.graph.outputs}
     runnable = {}
@@ -183,8 +199,7 @@ def emulate(model: ir.Model, feeds: Mapping[str, np.ndarray], *, timeout: float 
     if weights >= share_weights_from:
         outs = _run_sharing_weights(copy, runnable)
     else:
-        exe = OrtBackend().compile(copy, "cpu", optimization="disable")
-        outs = exe.run(runnable, **({"timeout": timeout} if timeout else {}))
+        outs = runtime.reference(copy).run(runnable, **({"timeout": timeout} if timeout else {}))
     result = {}
     for name, y in outs.items():
         dtype = out_types.get(name)
@@ -250,44 +265,3 @@ def _np_type(dtype: ir.DataType):
     import ml_dtypes
 
     return ml_dtypes.bfloat16
-
-
-@dataclass
-class OutputError:
-    """One output compared with its fp32 reference."""
-
-    name: str
-    max_abs_error: float
-    max_rel_error: float
-    scaled_error: float  # max |a - e| / max(1, max |e|): the auto search's measure
-    nan: int
-    inf: int
-    reference_nan: int
-    reference_inf: int
-
-    @property
-    def new_nonfinite(self) -> bool:
-        return self.nan > self.reference_nan or self.inf > self.reference_inf
-
-
-def compare(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[OutputError]:
-    """Errors of ``actual`` against ``expected`` per float output (other outputs skipped)."""
-    rows = []
-    for name, e in expected.items():
-        e = np.asarray(e)
-        if name not in actual or e.dtype.kind != "f" and str(e.dtype) != "bfloat16":
-            continue
-        e64 = e.astype(np.float64)
-        a64 = np.asarray(actual[name]).astype(np.float64)
-        finite = np.isfinite(e64) & np.isfinite(a64)
-        diff = np.abs(np.where(finite, a64 - e64, 0.0))
-        scale = np.abs(np.where(finite, e64, 0.0))
-        rel = np.where(diff > 0, diff / np.maximum(scale, np.finfo(np.float64).tiny), 0.0)
-        peak = float(scale.max()) if scale.size else 0.0
-        max_abs = float(diff.max()) if diff.size else 0.0
-        rows.append(OutputError(
-            name, max_abs, float(rel.max()) if rel.size else 0.0, max_abs / max(1.0, peak),
-            int(np.isnan(a64).sum()), int(np.isinf(a64).sum()),
-            int(np.isnan(e64).sum()), int(np.isinf(e64).sum()),
-        ))
-    return rows

@@ -1,0 +1,202 @@
+"""The original model's outputs on fixed inputs, and checking candidates against them.
+
+:class:`Reference` runs the original once on the reference runtime
+(:func:`gcomp.runtime.reference`: ONNX Runtime on the CPU, optimizations off) on given or
+seeded generated inputs (:mod:`gcomp.inputs`); :meth:`Reference.check` runs a candidate on
+the same inputs and compares every output (:mod:`.compare`). A reduced-precision
+candidate of a full-precision original runs in emulation instead (:mod:`.precision`). A
+model that cannot run is *unverified* (:class:`CannotVerify`), never *passed*.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DEFAULT_RUN_TIMEOUT", "CannotVerify", "Reference", "Verification", "verify"]
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from gcomp import inputs as _inputs
+from gcomp import io, runtime
+from gcomp.errors import BackendError, first_line
+from gcomp.verify.compare import TOLERANCES, OutputCheck, Tolerance, compare_outputs
+from gcomp.verify.emulate import reduced_precision
+from gcomp.verify.limits import DEFAULT_MAX_TENSOR_BYTES, huge_tensor
+from gcomp.verify.precision import emulated_outputs
+
+# A reference run still going after this many seconds is stopped (an endless Loop).
+DEFAULT_RUN_TIMEOUT = 300.0
+
+
+@dataclass
+class Verification:
+    """Outcome of comparing a transformed model with its original."""
+
+    status: str  # "passed" | "failed" | "unverified"
+    reason: str = ""
+    outputs: list[OutputCheck] = field(default_factory=list)
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    first_bad_pass: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((o.max_abs_error for o in self.outputs), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["max_abs_error"] = self.max_abs_error
+        return d
+
+    def summary(self) -> str:
+        if self.status == "passed":
+            return f"verified: {len(self.outputs)} output(s) match, max abs error {self.max_abs_error:.3g}"
+        if self.status == "unverified":
+            return f"not verified: {self.reason}"
+        where = f" (first bad pass: {self.first_bad_pass})" if self.first_bad_pass else ""
+        return f"verification FAILED: {self.reason}{where}"
+
+
+class CannotVerify(Exception):
+    """The original model cannot be run on these inputs; carries the reason."""
+
+
+class Reference:
+    """The original model's outputs on a fixed set of inputs, to check candidates against."""
+
+    def __init__(
+        self,
+        feeds: dict[str, np.ndarray],
+        outputs: dict[str, Any],
+        notes: list[str],
+        tolerances: Mapping[str, Tolerance] | None = None,
+    ) -> None:
+        self.feeds = feeds
+        self.outputs = outputs
+        self.notes = notes
+        self.tolerances = dict(TOLERANCES, **(tolerances or {}))
+        self.explicit_tolerances = dict(tolerances or {})
+        # "fp16"/"bf16" when the original itself holds reduced precision: then candidates
+        # run on ORT like it (an O1 of an fp16 model compares like with like).
+        self.original_precision: str | None = None
+        self.timeout = DEFAULT_RUN_TIMEOUT
+
+    @classmethod
+    def build(
+        cls,
+        original: ir.Model | str | Path,
+        *,
+        inputs: str | Path | Mapping[str, np.ndarray] | None = None,
+        input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        seed: int = 0,
+        tolerances: Mapping[str, Tolerance] | None = None,
+        model: ir.Model | None = None,
+        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+        timeout: float = DEFAULT_RUN_TIMEOUT,
+    ) -> Reference:
+        """Run the original model once; raise :class:`CannotVerify` when it cannot run.
+
+        ``model`` is ``original`` already loaded, when the caller has it. Nothing is run
+        when an input or a constant-sized tensor would exceed ``max_tensor_bytes``.
+        """
+        if model is None:
+            model = original if isinstance(original, ir.Model) else io.load(original, check=False)
+        if isinstance(inputs, (str, Path)):
+            given = _inputs.load_inputs(inputs, model)
+        else:
+            given = dict(inputs or {})
+        too_big = huge_tensor(model, max_tensor_bytes)
+        if too_big:
+            raise CannotVerify(too_big)
+        feeds, notes = _generate(model, given, input_shapes, seed, max_tensor_bytes)
+        outputs = _run_original(original, feeds, given=inputs is not None, timeout=timeout)
+        reference = cls(feeds, outputs, notes, tolerances)
+        reference.timeout = timeout
+        reference.original_precision = reduced_precision(model)
+        return reference
+
+    def check(self, candidate: ir.Model | str | Path) -> Verification:
+        """Run ``candidate`` on the reference inputs and compare every output."""
+        info = {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)} for k, v in self.feeds.items()}
+        try:
+            actual, tolerances, note = self._run(candidate)
+        except BackendError as e:
+            reason = f"the transformed model does not run: {first_line(e)}"
+            return Verification("failed", reason, inputs=info, notes=list(self.notes))
+        checks = compare_outputs(self.outputs, actual, tolerances)
+        notes = list(self.notes) + ([note] if note else [])
+        bad = [c for c in checks if not c.ok]
+        if bad:
+            reason = "; ".join(f"output '{c.name}': {c.detail}" for c in bad[:3])
+            return Verification("failed", reason, checks, info, notes)
+        return Verification("passed", "", checks, info, notes)
+
+    def _run(self, candidate: ir.Model | str | Path) -> tuple[dict[str, Any], Mapping[str, Tolerance], str | None]:
+        """(outputs, tolerances, a note). A reduced-precision (fp16/bf16) candidate of a
+        full-precision original runs in emulation with its own tolerances: ORT on the CPU
+        upcasts and would hide overflow (:mod:`gcomp.verify.emulate`)."""
+        if self.original_precision is None:
+            emulated = emulated_outputs(candidate, self.feeds, self.outputs, self.explicit_tolerances, self.timeout)
+            if emulated is not None:
+                return emulated
+        return runtime.reference(candidate).run(self.feeds, timeout=self.timeout), self.tolerances, None
+
+
+def _generate(model: ir.Model, given: dict[str, np.ndarray], input_shapes, seed: int, max_tensor_bytes: int):
+    """(feeds, notes): ``given``, the other inputs generated; CannotVerify when impossible."""
+    try:
+        return _inputs.generate_inputs(
+            model, shapes=dict(input_shapes or {}), given=given, seed=seed, max_bytes=max_tensor_bytes
+        )
+    except _inputs.InputsTooLarge as e:
+        raise CannotVerify(f"{e} (--max-tensor-bytes; or smaller --input-shape)") from None
+    except _inputs.CannotGenerate as e:
+        raise CannotVerify(str(e)) from None
+
+
+def _run_original(original: ir.Model | str | Path, feeds, *, given: bool, timeout: float) -> dict[str, Any]:
+    """The original's outputs on the reference runtime; CannotVerify when it does not run."""
+    try:
+        runner = runtime.reference(original)
+    except BackendError as e:
+        raise CannotVerify(f"the original model does not load in ONNX Runtime: {first_line(e)}") from None
+    try:
+        return runner.run(feeds, timeout=timeout)
+    except BackendError as e:
+        if "stopped after" in str(e):
+            hint = " (--verify-timeout)"
+        else:
+            hint = "" if given else " (pass real inputs with --inputs or shapes with --input-shape)"
+        raise CannotVerify(
+            f"the original model does not run on the {'given' if given else 'generated'} inputs: {first_line(e)}{hint}"
+        ) from None
+
+
+def verify(
+    original: ir.Model | str | Path,
+    candidate: ir.Model | str | Path,
+    *,
+    inputs: str | Path | Mapping[str, np.ndarray] | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+    tolerances: Mapping[str, Tolerance] | None = None,
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    timeout: float = DEFAULT_RUN_TIMEOUT,
+) -> Verification:
+    """Compare two models on the same inputs; never raises for a model that cannot run."""
+    try:
+        ref = Reference.build(
+            original, inputs=inputs, input_shapes=input_shapes, seed=seed, tolerances=tolerances,
+            max_tensor_bytes=max_tensor_bytes, timeout=timeout,
+        )
+    except CannotVerify as e:
+        return Verification("unverified", str(e))
+    return ref.check(candidate)
