@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-__all__ = ["OrtBackend", "OrtExecutable", "cuda_available", "OPTIMIZATION_LEVELS"]
+__all__ = ["OrtBackend", "OrtExecutable", "cuda_available", "run_sharing_weights", "OPTIMIZATION_LEVELS"]
 
 import functools
 import json
@@ -247,6 +247,54 @@ class OrtExecutable:
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
         return out
+
+
+_SHAREABLE = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.INT64,
+              ir.DataType.INT32, ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.BOOL}
+
+
+def run_sharing_weights(copy: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run ``copy`` on ORT with its large weights passed as OrtValues (``add_initializer``).
+
+    Optimizations off (the reference). Serializing a BERT-base-sized copy for ORT costs
+    more than running it, and the emulator (gcomp.verify.emulate) builds one copy per trial.
+    ``copy`` is changed: its shared weights point into a placeholder file afterwards. ORT takes an added initializer instead of
+    the model's own, but still checks that the model's external-data file exists: the
+    model is written with its weights pointing into a sparse placeholder file.
+    """
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 4
+    folder = tempfile.mkdtemp(prefix="gcomp-emulate-")
+    keep = []  # the arrays and OrtValues must outlive the session
+    try:
+        offset = 0
+        for v in copy.graph.initializers.values():
+            t = v.const_value
+            if t is None or t.dtype not in _SHAREABLE or t.nbytes < 4096:
+                continue
+            array = np.ascontiguousarray(t.numpy())
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            keep.append((array, value))
+            so.add_initializer(v.name, value)
+            v.const_value = ir.ExternalTensor("weights.bin", offset, t.nbytes, t.dtype, shape=t.shape,
+                                              name=v.name, base_dir=folder)
+            offset += t.nbytes
+        with open(f"{folder}/weights.bin", "wb") as f:
+            f.truncate(offset)  # sparse: ORT checks it exists, never reads it
+        path = f"{folder}/model.onnx"
+        with open(path, "wb") as f:
+            f.write(ir.to_proto(copy).SerializeToString())
+        try:
+            session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            names = [o.name for o in session.get_outputs()]
+            wanted = {i.name for i in session.get_inputs()}
+            return dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in wanted})))
+        except Exception as e:  # noqa: BLE001  (ORT raises its own types; the caller gets a BackendError)
+            raise _backend_error("emulated run", e) from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _parse_trace(events: list, runs: int) -> list[OpRow]:

@@ -46,6 +46,7 @@ import numpy as np
 import onnx_ir as ir
 
 from gcomp import runtime
+from gcomp.backends.ort import run_sharing_weights
 from gcomp.passes.precision.accuracy import OutputError, compare
 from gcomp.verify.compare import Tolerance
 
@@ -173,7 +174,7 @@ def _fp32_attributes(node: ir.Node) -> None:
 
 
 # From this many bytes of main-graph weights on, the validation copy's weights are handed
-# to ORT as OrtValues instead of being serialized into the model (see _run_sharing_weights).
+# to ORT as OrtValues instead of being serialized into the model (see gcomp.backends.ort.run_sharing_weights).
 SHARE_WEIGHTS_FROM = 64 << 20
 
 
@@ -197,7 +198,7 @@ def emulate(model: ir.Model, feeds: Mapping[str, np.ndarray], *, timeout: float 
     copy = validation_copy(model, cache)
     weights = sum(v.const_value.nbytes for v in copy.graph.initializers.values() if v.const_value is not None)
     if weights >= share_weights_from:
-        outs = _run_sharing_weights(copy, runnable)
+        outs = run_sharing_weights(copy, runnable)
     else:
         outs = runtime.reference(copy).run(runnable, **({"timeout": timeout} if timeout else {}))
     result = {}
@@ -205,58 +206,6 @@ def emulate(model: ir.Model, feeds: Mapping[str, np.ndarray], *, timeout: float 
         dtype = out_types.get(name)
         result[name] = np.asarray(y).astype(_np_type(dtype)) if dtype in LOW_TYPES else y
     return result
-
-
-_SHAREABLE = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.INT64,
-              ir.DataType.INT32, ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.BOOL}
-
-
-def _run_sharing_weights(copy: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Run ``copy`` on ORT with its large weights passed as OrtValues (``add_initializer``).
-
-    Serializing a BERT-base-sized copy for ORT costs more than running it, and the
-    ``auto`` search builds one copy per trial. ORT takes an added initializer instead of
-    the model's own, but still checks that the model's external-data file exists: the
-    model is written with its weights pointing into a sparse placeholder file.
-    """
-    import shutil
-    import tempfile
-
-    from gcomp.backends.ort import _backend_error, _ort
-
-    ort = _ort()
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 4
-    folder = tempfile.mkdtemp(prefix="gcomp-emulate-")
-    keep = []  # the arrays and OrtValues must outlive the session
-    try:
-        offset = 0
-        for v in copy.graph.initializers.values():
-            t = v.const_value
-            if t is None or t.dtype not in _SHAREABLE or t.nbytes < 4096:
-                continue
-            array = np.ascontiguousarray(t.numpy())
-            value = ort.OrtValue.ortvalue_from_numpy(array)
-            keep.append((array, value))
-            so.add_initializer(v.name, value)
-            v.const_value = ir.ExternalTensor("weights.bin", offset, t.nbytes, t.dtype, shape=t.shape,
-                                              name=v.name, base_dir=folder)
-            offset += t.nbytes
-        with open(f"{folder}/weights.bin", "wb") as f:
-            f.truncate(offset)  # sparse: ORT checks it exists, never reads it
-        path = f"{folder}/model.onnx"
-        with open(path, "wb") as f:
-            f.write(ir.to_proto(copy).SerializeToString())
-        try:
-            session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-            names = [o.name for o in session.get_outputs()]
-            wanted = {i.name for i in session.get_inputs()}
-            return dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in wanted})))
-        except Exception as e:  # noqa: BLE001  (ORT raises its own types; the caller gets a BackendError)
-            raise _backend_error("emulated run", e) from None
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _np_type(dtype: ir.DataType):

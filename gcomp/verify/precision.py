@@ -24,9 +24,8 @@ import numpy as np
 import onnx_ir as ir
 
 from gcomp import inputs as _inputs
-from gcomp import io, registry, runtime
+from gcomp import io, runtime
 from gcomp.errors import first_line
-from gcomp.passes.precision.mixed import ConvertPrecision
 from gcomp.verify.compare import Tolerance
 from gcomp.verify.emulate import TOLERANCES, emulate, reduced_precision
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 __all__ = ["PRECISIONS", "ConvertPrecision", "calibrate", "cli_options", "summary_lines"]
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
