@@ -253,3 +253,65 @@ def _generate_integer(value: ir.Value, shape, np_dtype, rng, notes: list[str]) -
         return rng.integers(0, high, size=shape).astype(np_dtype)
     low = 0
     return rng.integers(low, 2, size=shape).astype(np_dtype)
+
+
+MIN_CALIBRATION_SAMPLES = 8
+
+
+def load_calibration(path: str | os.PathLike, model: ir.Model, *, option: str = "--calibration",
+                     minimum: int = MIN_CALIBRATION_SAMPLES) -> list[dict[str, np.ndarray]]:
+    """Samples (one feed dict each) for calibration and accuracy checks, checked against
+    ``model``'s inputs.
+
+    ``path`` is a folder of ``.npz`` files (one sample each), a folder of ONNX
+    ``test_data_set_*`` folders, or one ``.npz`` whose arrays carry one extra leading
+    sample axis before the model's own dims. Every sample must name exactly the model's
+    runtime inputs, with their element type and rank, and fixed dims equal; at least
+    ``minimum`` samples. Anything else is one :class:`OptionError` naming the input.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise OptionError(f"{option} {p}: no such file or folder")
+    samples = _calibration_samples(p, model, option)
+    if len(samples) < minimum:
+        raise OptionError(f"{option} {p}: {len(samples)} sample(s); at least {minimum} are needed")
+    for i, sample in enumerate(samples):
+        _check_sample(sample, model, f"{option} {p} (sample {i})")
+    return samples
+
+
+def _calibration_samples(p: Path, model: ir.Model, option: str) -> list[dict[str, np.ndarray]]:
+    if p.is_file():
+        stacked = load_inputs(p, model)
+        counts = {k: (a.shape[0] if a.ndim else None) for k, a in stacked.items()}
+        if not counts or None in counts.values() or len(set(counts.values())) != 1:
+            raise OptionError(f"{option} {p}: every array needs the same leading sample axis "
+                              f"({', '.join(f'{k}: {c}' for k, c in counts.items())})")
+        n = next(iter(counts.values()))
+        return [{k: a[i] for k, a in stacked.items()} for i in range(n)]
+    sets = sorted(d for d in p.iterdir() if d.is_dir() and d.name.startswith("test_data_set"))
+    files = sorted(f for f in p.iterdir() if f.suffix == ".npz")
+    if not sets and not files:
+        raise OptionError(f"{option} {p}: the folder holds no .npz files and no test_data_set_* folders")
+    return [load_inputs(d, model) for d in sets] + [load_inputs(f, model) for f in files]
+
+
+def _check_sample(sample: dict[str, np.ndarray], model: ir.Model, where: str) -> None:
+    expected = {v.name: v for v in runtime_inputs(model)}
+    unknown = sorted(set(sample) - set(expected))
+    missing = sorted(set(expected) - set(sample))
+    if unknown or missing:
+        raise OptionError(f"{where}: input names {sorted(sample)} do not match the model's "
+                          f"{sorted(expected)}" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    for name, value in expected.items():
+        array = sample[name]
+        want = value.dtype.numpy() if value.dtype is not None else None
+        if want is not None and array.dtype != want:
+            raise OptionError(f"{where}: input '{name}' is {array.dtype}, the model expects {np.dtype(want)}")
+        if value.shape is None:
+            continue
+        dims = list(value.shape)
+        fixed = [d if isinstance(d, int) else None for d in dims]
+        if array.ndim != len(dims) or any(f is not None and f != s for f, s in zip(fixed, array.shape)):
+            shown = "x".join(str(d) if d is not None else "?" for d in fixed)
+            raise OptionError(f"{where}: input '{name}' has shape {list(array.shape)}, the model expects [{shown}]")

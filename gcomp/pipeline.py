@@ -27,6 +27,7 @@ from gcomp import io, registry, runtime
 from gcomp.errors import GcompError, OptionError, PassFailedError, first_line
 from gcomp.perf import ModelStats, model_stats
 from gcomp.verify import CannotVerify, Reference, Tolerance, Verification
+from gcomp.verify.metrics import Budget
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Result:
     options: dict[str, Any] = field(default_factory=dict)
     load_seconds: float = 0.0  # time in gcomp.io.load when optimize() read the file itself
     input_latency_ms: float | None = None  # the input model on ONNX Runtime (pass_latency=True)
+    quantization: Any = None  # a gcomp.quantize.QuantReport when quantize= was given
 
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
         """Write the model atomically; refuses to overwrite the input."""
@@ -80,6 +82,7 @@ class Result:
             "after": self.after.to_dict(),
             "passes": [asdict(p) for p in self.passes],
             "verification": self.verification.to_dict() if self.verification else None,
+            "quantization": self.quantization.to_dict() if self.quantization else None,
         }
 
 
@@ -102,6 +105,18 @@ class Checks:
     verify_timeout: float | None = None
     pass_errors: bool = False
     pass_latency: bool = False
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """What :func:`optimize` quantizes, after the pipeline (``gcomp.quantize``)."""
+
+    mode: str
+    budget: Budget
+    calibration: str | None = None
+    speed_gate: bool = True
+    target: str = "ort-cpu"
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -137,6 +152,10 @@ def optimize(
     pass_errors: bool = False,
     pass_latency: bool = False,
     precision: str | None = None,
+    quantize: str | None = None,
+    calibration: str | os.PathLike | None = None,
+    metric: str | None = None,
+    speed_gate: bool = True,
     **options: Any,
 ) -> Result:
     """Run ``pipeline`` over ``model`` and verify the result against the original.
@@ -164,6 +183,14 @@ def optimize(
         pass_errors: after every pass that changes the model, run it on the reference
             and record the largest output error in ``PassStats.max_abs_error`` (one
             reference run per changing pass; needs ``verify``).
+        quantize: ``"int8-dynamic"``, ``"int8-weights"`` or ``"int4"``: quantize after the
+            pipeline (and precision), within an accuracy budget (``metric``, default
+            ``"cosine"``, and the ``tolerance`` option, default 0.01: cosine >= 0.99,
+            measured on ``calibration`` samples, else ``inputs``, else generated ones),
+            keeping the model only where it is faster (``speed_gate``); see
+            :mod:`gcomp.quantize`. Declining raises ``gcomp.quantize.QuantizationDeclined``.
+            Options of the quantization pass (``per_channel``, ``block_size``,
+            ``exclude_nodes``, ...) go in ``**options``.
         **options: pass options by name; each goes to every pass declaring it.
 
     Returns:
@@ -174,6 +201,7 @@ def optimize(
     checks = Checks(verify, inputs, input_shapes, seed, tolerances, bisect, max_tensor_bytes, verify_timeout,
                     pass_errors, pass_latency)
     options = _with_default_target(pipeline, dict(options))
+    quant = _quantize_plan(quantize, calibration, metric, speed_gate, options, precision, pipeline) if quantize else None
     loaded = _load(model)
     context = runtime.pass_context(timeout=verify_timeout, inputs=inputs, input_shapes=input_shapes, seed=seed)
     steps, recorded = _plan(pipeline, options, precision, checks, context)
@@ -183,15 +211,50 @@ def optimize(
     before = model_stats(loaded.model)
     executed: list[tuple[str, ir.passes.PassBase]] = []
     stats = _run(loaded, steps, progress, executed, _after_pass(reference, pass_errors, pass_latency))
+    report = _quantize(loaded, quant, checks, progress) if quant else None
     after = model_stats(loaded.model)
     verification = baseline.verification
-    if reference is not None:
+    if reference is not None and quant is not None:
+        verification = reference.check_budget(loaded.model, quant.budget)
+    elif reference is not None:
         verification = _check(loaded, baseline, executed, checks, progress)
+    if quant is not None:
+        recorded = dict(recorded, quantize=quant.mode, metric=quant.budget.metric, tolerance=quant.budget.tolerance)
     return Result(
         model=loaded.model, pipeline=_pipeline_label(pipeline), passes=stats, before=before, after=after,
         verification=verification, seconds=time.perf_counter() - t_start, source=loaded.source,
-        options=recorded, load_seconds=loaded.seconds, input_latency_ms=input_latency,
+        options=recorded, load_seconds=loaded.seconds, input_latency_ms=input_latency, quantization=report,
     )
+
+
+def _quantize_plan(mode, calibration, metric, speed_gate, options: dict[str, Any], precision, pipeline) -> Quantize:
+    """Take the quantization pass's options out of ``options`` (the pipeline's passes get
+    the rest). ``tolerance`` serves both the precision pass and the accuracy budget."""
+    from gcomp.quantize import MODES
+
+    if mode not in MODES:
+        raise OptionError(f"unknown quantization mode '{mode}' (modes: {', '.join(MODES)})")
+    declared = {o.name for o in registry.get_pass(MODES[mode][0]).options} - {"target"}
+    mine = {k: options.pop(k) for k in list(options) if k in declared}
+    tolerance = options.get("tolerance") if precision else options.pop("tolerance", None)
+    target = options.get("target", DEFAULT_FUSION_TARGET)
+    if "target" not in registry.pipeline_options(pipeline):  # no fusion pass: the target is quantization's
+        options.pop("target", None)
+    return Quantize(mode, Budget(metric or "cosine", 0.01 if tolerance is None else float(tolerance)),
+                    str(calibration) if calibration is not None else None, speed_gate, target, mine)
+
+
+def _quantize(loaded: _Loaded, quant: Quantize, checks: Checks, progress) -> Any:
+    """Quantize the pipeline's result (gcomp.quantize); the model is replaced."""
+    from gcomp.quantize import quantize
+
+    say = (lambda text: progress(text, 0, None)) if progress else None
+    loaded.model, report = quantize(
+        loaded.model, quant.mode, target=quant.target, budget=quant.budget, calibration=quant.calibration,
+        inputs=checks.inputs, input_shapes=checks.input_shapes, speed_gate=quant.speed_gate,
+        options=quant.options, progress=say,
+    )
+    return report
 
 
 def _load(model: ir.Model | str | os.PathLike) -> _Loaded:

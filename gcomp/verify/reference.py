@@ -26,6 +26,7 @@ from gcomp.errors import BackendError, first_line
 from gcomp.verify.compare import TOLERANCES, OutputCheck, Tolerance, compare_outputs
 from gcomp.verify.emulate import reduced_precision
 from gcomp.verify.limits import DEFAULT_MAX_TENSOR_BYTES, huge_tensor
+from gcomp.verify.metrics import Budget, measure
 from gcomp.verify.precision import emulated_outputs
 
 # A reference run still going after this many seconds is stopped (an endless Loop).
@@ -136,6 +137,29 @@ class Reference:
         bad = [c for c in checks if not c.ok]
         if bad:
             reason = "; ".join(f"output '{c.name}': {c.detail}" for c in bad[:3])
+            return Verification("failed", reason, checks, info, notes)
+        return Verification("passed", "", checks, info, notes)
+
+    def check_budget(self, candidate: ir.Model, budget: Budget) -> Verification:
+        """Compare a lossy candidate (a quantized model) under an accuracy budget instead
+        of element-wise tolerances (:mod:`gcomp.verify.metrics`)."""
+        info = {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)} for k, v in self.feeds.items()}
+        try:
+            actual = runtime.reference(candidate).run(self.feeds, timeout=self.timeout)
+        except BackendError as e:
+            reason = f"the transformed model does not run: {first_line(e)}"
+            return Verification("failed", reason, inputs=info, notes=list(self.notes))
+        checks = []
+        for row in measure([self.outputs], [actual], budget):
+            e, a = np.asarray(self.outputs[row.name]), np.asarray(actual.get(row.name))
+            same = e.shape == a.shape and e.dtype.kind == "f" and a.dtype.kind == "f"
+            diff = float(np.max(np.abs(a.astype(np.float64) - e))) if same and e.size else 0.0
+            detail = f"{budget.metric} error {row.error:.4g}" + (f", cosine {row.cosine:.5f}" if row.cosine else "")
+            checks.append(OutputCheck(row.name, str(e.dtype), list(e.shape), row.within, diff, detail=detail))
+        notes = list(self.notes) + [f"compared under the accuracy budget {budget.describe()} (a lossy model)"]
+        bad = [c for c in checks if not c.ok]
+        if bad:
+            reason = "; ".join(f"output '{c.name}': {c.detail} exceeds {budget.describe()}" for c in bad[:3])
             return Verification("failed", reason, checks, info, notes)
         return Verification("passed", "", checks, info, notes)
 

@@ -1,0 +1,287 @@
+"""Quantization as the core runs it: the pass, an accuracy budget, and a speed gate.
+
+``gcomp.optimize(..., quantize=MODE)`` calls :func:`quantize` on the model the pipeline
+produced (fusion first, so fused ops are quantized as units):
+
+1. **Samples**: the calibration data (``--calibration``), else the user's ``--inputs``,
+   else :data:`GENERATED_SAMPLES` seeded generated samples (dynamic and weight-only modes
+   need no calibration: their accuracy is still measured).
+2. **Quantize** a copy with the mode's registry pass (``passes/quant``), and measure the
+   error against the float model on every sample under the budget's metric
+   (:mod:`gcomp.verify.metrics`; default cosine >= 0.99).
+3. **Sensitivity**, when the budget is not met: each quantized node's contribution is
+   measured (the error with only that node quantized); the most sensitive nodes return
+   to float, the fewest that meet the budget (found by bisection over the ranking), and
+   they are reported by ONNX node name with their contribution.
+4. **Speed gate**: float and quantized models are timed on ONNX Runtime (all its
+   optimizations, the target's device) interleaved in one process. int8 must be faster
+   (median ratio > 1); weight-only modes are chosen for size and are refused only when
+   more than :data:`WEIGHT_ONLY_SLOWDOWN` slower. ``speed_gate=False`` skips it.
+
+A model gcomp declines to quantize (nothing to quantize, budget unreachable, slower)
+raises :class:`QuantizationDeclined`: one line with the figures; the CLI exits 1 and
+writes nothing.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MODES", "QuantizationDeclined", "QuantReport", "budget_of", "quantize", "summary"]
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from gcomp import inputs as _inputs
+from gcomp import registry, runtime
+from gcomp.backends.ort import OrtBackend
+from gcomp.errors import GcompError, OptionError
+from gcomp.verify.metrics import Budget, OutputError, measure
+
+# mode -> (registry pass, its options)
+MODES: dict[str, tuple[str, dict[str, Any]]] = {
+    "int8-dynamic": ("quantize-dynamic", {}),
+    "int8-weights": ("quantize-weights", {"bits": 8}),
+    "int4": ("quantize-weights", {"bits": 4}),
+}
+WEIGHT_ONLY = frozenset({"int8-weights", "int4"})
+WEIGHT_ONLY_SLOWDOWN = 1.10  # weight-only modes are refused only when more than 10 % slower
+GENERATED_SAMPLES = 4
+SPEED_ROUNDS = 30  # interleaved float/quantized runs (after warm-up); the median ratio decides
+
+
+class QuantizationDeclined(GcompError):
+    """gcomp will not quantize this model (nothing to quantize, accuracy, or speed)."""
+
+
+@dataclass
+class QuantReport:
+    """What quantization did, for the report and the CLI."""
+
+    mode: str
+    target: str
+    budget: str
+    samples: int
+    sample_source: str
+    quantized: list[dict[str, Any]] = field(default_factory=list)
+    returned_to_float: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    accuracy: list[dict[str, Any]] = field(default_factory=list)
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    speed: dict[str, Any] | None = None
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Attempt:
+    model: ir.Model
+    details: dict[str, Any]
+    errors: list[OutputError]
+
+    @property
+    def within(self) -> bool:
+        return all(e.within for e in self.errors)
+
+    @property
+    def worst(self) -> float:
+        return max((e.error for e in self.errors), default=0.0)
+
+
+def quantize(
+    model: ir.Model,
+    mode: str,
+    *,
+    target: str = "ort-cpu",
+    budget: Budget | None = None,
+    calibration: str | None = None,
+    inputs: Any = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    speed_gate: bool = True,
+    options: Mapping[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[ir.Model, QuantReport]:
+    """The quantized model (a new one; ``model`` is not changed) and its report."""
+    budget = budget or Budget()
+    say = progress or (lambda _text: None)
+    pass_name, fixed = _mode(mode, target)
+    samples, source = _samples(model, calibration, inputs, input_shapes)
+    expected = [_run(model, s) for s in samples]
+    run = _Quantizer(model, pass_name, {**fixed, **dict(options or {}), "target": target}, samples, expected,
+                     budget)
+    say(f"quantize ({mode}): quantizing")
+    attempt = run.attempt(frozenset(run.excluded))
+    report = QuantReport(mode, target, budget.describe(), len(samples), source)
+    if not attempt.details.get("quantized"):
+        reason = attempt.details.get("note") or _nothing_to_quantize(mode, attempt.details)
+        raise QuantizationDeclined(f"--quantize {mode}: {reason}; nothing written")
+    if not attempt.within:
+        say(f"quantize ({mode}): {budget.describe()} not met; measuring each node's contribution")
+        attempt, report.returned_to_float = run.meet_budget(attempt)
+    _describe(report, attempt)
+    if speed_gate:
+        say(f"quantize ({mode}): timing float and quantized models")
+        report.speed = _speed(model, attempt.model, samples[0], target)
+        _gate(mode, report.speed)
+    return attempt.model, report
+
+
+def _mode(mode: str, target: str) -> tuple[str, dict[str, Any]]:
+    if mode not in MODES:
+        raise OptionError(f"unknown quantization mode '{mode}' (modes: {', '.join(MODES)})")
+    if target.startswith("tvm"):
+        raise OptionError(f"--quantize {mode}: quantized models are timed and verified on ONNX Runtime; "
+                          f"TVM targets ({target}) are not supported yet: use --target ort-cpu or portable")
+    return MODES[mode]
+
+
+def _samples(model, calibration, inputs, input_shapes) -> tuple[list[dict[str, np.ndarray]], str]:
+    if calibration is not None:
+        return _inputs.load_calibration(calibration, model), f"calibration data ({calibration})"
+    if inputs is not None:
+        given = _inputs.load_inputs(inputs, model) if not isinstance(inputs, Mapping) else dict(inputs)
+        feeds, _ = _inputs.generate_inputs(model, shapes=dict(input_shapes or {}), given=given)
+        return [feeds], "the given inputs"
+    samples = [_inputs.generate_inputs(model, shapes=dict(input_shapes or {}), seed=seed)[0]
+               for seed in range(GENERATED_SAMPLES)]
+    return samples, f"{GENERATED_SAMPLES} generated samples (seeded; --calibration gives real data)"
+
+
+def _run(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return runtime.reference(model).run(feeds)
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+class _Quantizer:
+    """Quantizes copies of one float model with one pass, leaving chosen nodes float."""
+
+    def __init__(self, model, pass_name, options, samples, expected, budget: Budget) -> None:
+        self.model, self.pass_name, self.samples, self.expected, self.budget = (
+            model, pass_name, samples, expected, budget)
+        options = dict(options)
+        self.excluded = frozenset(options.pop("exclude_nodes", ()) or ())
+        self.options = options
+        self.context = runtime.pass_context()
+
+    def attempt(self, excluded: frozenset[str]) -> _Attempt:
+        copy = _copy(self.model)
+        step = registry.get_pass(self.pass_name).create(
+            context=self.context, exclude_nodes=tuple(sorted(excluded)), **self.options)
+        result = step(copy)
+        details = getattr(result, "details", {}) or {}
+        actual = [_run(result.model, s) for s in self.samples] if details.get("quantized") else self.expected
+        return _Attempt(result.model, details, measure(self.expected, actual, self.budget))
+
+    def meet_budget(self, full: _Attempt) -> tuple[_Attempt, list[dict[str, Any]]]:
+        """Return the most sensitive nodes to float, the fewest that meet the budget."""
+        nodes = [q["node"] for q in full.details["quantized"]]
+        contribution = {}
+        for node in nodes:  # the error with only this node quantized
+            alone = self.attempt(self.excluded | (frozenset(nodes) - {node}))
+            contribution[node] = alone.worst
+        ranked = sorted(nodes, key=lambda n: -contribution[n])
+        best = None
+        lo, hi = 1, len(ranked)
+        while lo <= hi:  # the smallest k whose top-k exclusion meets the budget
+            k = (lo + hi) // 2
+            trial = self.attempt(self.excluded | frozenset(ranked[:k]))
+            if trial.within:
+                best, hi = (k, trial), k - 1
+            else:
+                lo = k + 1
+        if best is None or not best[1].details.get("quantized"):
+            worst = ", ".join(f"{n} ({contribution[n]:.3g})" for n in ranked[:5])
+            raise QuantizationDeclined(
+                f"{self.budget.describe()} cannot be met with any node quantized (error {full.worst:.4g} "
+                f"quantizing all; most sensitive: {worst}); nothing written")
+        k, attempt = best
+        back = [{"node": n, "contribution": contribution[n], "reason": f"alone it costs {self.budget.metric} "
+                 f"{contribution[n]:.4g}"} for n in ranked[:k]]
+        return attempt, back
+
+
+def _nothing_to_quantize(mode: str, details: Mapping[str, Any]) -> str:
+    skipped = details.get("skipped") or []
+    what = "MatMul/Gemm" + (" or embedding Gather" if mode in WEIGHT_ONLY else "")
+    if skipped:
+        reasons = sorted({s["reason"] for s in skipped})
+        return f"no {what} could be quantized ({len(skipped)} candidate(s): {'; '.join(reasons[:3])})"
+    return f"the model has no {what} with constant weights to quantize"
+
+
+def _describe(report: QuantReport, attempt: _Attempt) -> None:
+    d = attempt.details
+    report.quantized = list(d.get("quantized") or [])
+    report.skipped = list(d.get("skipped") or [])
+    report.weight_bytes_before = int(d.get("weight_bytes_before") or 0)
+    report.weight_bytes_after = int(d.get("weight_bytes_after") or 0)
+    report.accuracy = [e.to_dict() for e in attempt.errors]
+
+
+def _speed(float_model: ir.Model, quant_model: ir.Model, feeds, target: str) -> dict[str, Any]:
+    """Both models on ONNX Runtime (all optimizations) on the target's device, interleaved."""
+    device = "cuda" if target.endswith("cuda") else "cpu"
+    exes = [OrtBackend().compile(m, device) for m in (float_model, quant_model)]
+    for exe in exes:  # warm-up: first runs allocate and pick kernels
+        for _ in range(3):
+            exe.run(feeds)
+    times: list[list[float]] = [[], []]
+    for _ in range(SPEED_ROUNDS):
+        for i, exe in enumerate(exes):
+            t0 = time.perf_counter()
+            exe.run(feeds)
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    ratios = sorted(f / q for f, q in zip(*times))
+    return {
+        "rounds": SPEED_ROUNDS,
+        "float_ms_min": min(times[0]), "quantized_ms_min": min(times[1]),
+        "float_ms_median": statistics.median(times[0]), "quantized_ms_median": statistics.median(times[1]),
+        "speedup_median": statistics.median(ratios),
+        "speedup_p10": ratios[len(ratios) // 10], "speedup_p90": ratios[(9 * len(ratios)) // 10],
+    }
+
+
+def _gate(mode: str, speed: Mapping[str, Any]) -> None:
+    ratio = speed["speedup_median"]
+    figures = (f"float {speed['float_ms_median']:.3f} ms, quantized {speed['quantized_ms_median']:.3f} ms "
+               f"(median of {speed['rounds']} interleaved runs; speed-up {ratio:.2f}x, "
+               f"p10-p90 {speed['speedup_p10']:.2f}-{speed['speedup_p90']:.2f}x)")
+    if mode in WEIGHT_ONLY and ratio < 1 / WEIGHT_ONLY_SLOWDOWN:
+        raise QuantizationDeclined(f"--quantize {mode} is more than 10 % slower than float: {figures}; "
+                                   "nothing written (--no-speed-gate keeps it)")
+    if mode not in WEIGHT_ONLY and ratio <= 1.0:
+        raise QuantizationDeclined(f"--quantize {mode} is not faster than float: {figures}; nothing written "
+                                   "(--no-speed-gate keeps it)")
+
+
+def summary(report: QuantReport) -> list[str]:
+    """Lines for the CLI."""
+    lines = [f"quantized ({report.mode}, {report.target}): {len(report.quantized)} node(s); accuracy on "
+             f"{report.samples} sample(s) from {report.sample_source}: {report.budget}"]
+    for a in report.accuracy:
+        cos = f", cosine {a['cosine']:.5f}" if a.get("cosine") is not None else ""
+        lines.append(f"  output '{a['name']}': error {a['error']:.4g}{cos}")
+    if report.weight_bytes_before:
+        lines.append(f"  weights touched: {report.weight_bytes_before:,} -> {report.weight_bytes_after:,} bytes "
+                     f"({report.weight_bytes_after / report.weight_bytes_before:.3f}x)")
+    for r in report.returned_to_float:
+        lines.append(f"  kept float: {r['node']} ({r['reason']})")
+    if report.speed:
+        s = report.speed
+        lines.append(f"  speed: {s['speedup_median']:.2f}x (p10-p90 {s['speedup_p10']:.2f}-{s['speedup_p90']:.2f}x; "
+                     f"float {s['float_ms_median']:.3f} ms, quantized {s['quantized_ms_median']:.3f} ms)")
+    return lines
+
+
+def budget_of(metric: str | None, tolerance: float | None) -> Budget:
+    return Budget(metric or "cosine", tolerance if tolerance is not None else 0.01)

@@ -1,0 +1,120 @@
+"""Error measures that catch lost signal, for lossy transformations (quantization).
+
+Per float output, over a list of samples (one feed dict each), the candidate's outputs
+``a`` against the float model's ``e``:
+
+- ``cosine``: ``1 - cos(a, e)`` of the flattened outputs, the worst sample: a quantized
+  model that keeps the direction of every output vector keeps its meaning;
+- ``rel-l2``: ``||a - e|| / ||e||``, the worst sample;
+- ``top1``: the fraction of rows (every index of the leading axes; the last axis holds
+  the classes) whose argmax differs, over all samples;
+- ``max-abs``: ``max |a - e|``, over all samples (the plain check's measure).
+
+A :class:`Budget` bounds one of them: ``error(metric) <= tolerance`` for every output.
+``cosine`` with tolerance 0.01 (cosine >= 0.99) is the default for quantization.
+Non-float outputs (indices, masks) must be equal; a NaN or infinity the float model did
+not have counts as an infinite error.
+"""
+
+from __future__ import annotations
+
+__all__ = ["METRICS", "Budget", "OutputError", "measure"]
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gcomp.errors import OptionError
+
+METRICS = ("cosine", "rel-l2", "top1", "max-abs")
+
+
+@dataclass(frozen=True)
+class Budget:
+    metric: str = "cosine"
+    tolerance: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise OptionError(f"unknown metric '{self.metric}' (metrics: {', '.join(METRICS)})")
+        if not self.tolerance > 0:
+            raise OptionError(f"tolerance must be positive, got {self.tolerance}")
+
+    def describe(self) -> str:
+        if self.metric == "cosine":
+            return f"cosine >= {1 - self.tolerance:g}"
+        return f"{self.metric} <= {self.tolerance:g}"
+
+
+@dataclass
+class OutputError:
+    name: str
+    error: float  # under the budget's metric
+    within: bool
+    cosine: float | None = None  # the plain cosine similarity (worst sample), for reports
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "error": self.error, "within": self.within, "cosine": self.cosine}
+
+
+def measure(
+    expected: Sequence[Mapping[str, Any]], actual: Sequence[Mapping[str, Any]], budget: Budget
+) -> list[OutputError]:
+    """One :class:`OutputError` per output of the expected samples."""
+    rows = []
+    for name in expected[0]:
+        pairs = [(np.asarray(e[name]), np.asarray(a[name])) for e, a in zip(expected, actual)]
+        error = _error(pairs, budget.metric)
+        cosine = None
+        if all(e.dtype.kind == "f" for e, _ in pairs):
+            cosine = 1.0 - max(_one_minus_cos(e, a) for e, a in pairs)
+        rows.append(OutputError(name, error, bool(error <= budget.tolerance), cosine))
+    return rows
+
+
+def _error(pairs: list[tuple[np.ndarray, np.ndarray]], metric: str) -> float:
+    if any(e.shape != a.shape for e, a in pairs):
+        return float("inf")
+    if not all(e.dtype.kind == "f" for e, _ in pairs):
+        return 0.0 if all(np.array_equal(e, a) for e, a in pairs) else float("inf")
+    if any(_new_nonfinite(e, a) for e, a in pairs):
+        return float("inf")
+    if metric == "cosine":
+        return max(_one_minus_cos(e, a) for e, a in pairs)
+    if metric == "rel-l2":
+        return max(_rel_l2(e, a) for e, a in pairs)
+    if metric == "top1":
+        differ = total = 0
+        for e, a in pairs:
+            rows_e = e.reshape(-1, e.shape[-1]) if e.ndim else e.reshape(1, 1)
+            rows_a = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
+            differ += int((rows_e.argmax(-1) != rows_a.argmax(-1)).sum())
+            total += rows_e.shape[0]
+        return differ / max(total, 1)
+    return max(float(np.max(np.abs(a.astype(np.float64) - e))) if e.size else 0.0 for e, a in pairs)
+
+
+def _new_nonfinite(e: np.ndarray, a: np.ndarray) -> bool:
+    return bool(np.any(~np.isfinite(a) & np.isfinite(e)))
+
+
+def _one_minus_cos(e: np.ndarray, a: np.ndarray) -> float:
+    x = e.astype(np.float64).ravel()
+    y = a.astype(np.float64).ravel()
+    finite = np.isfinite(x) & np.isfinite(y)
+    x, y = x[finite], y[finite]
+    nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+    if nx == 0 and ny == 0:
+        return 0.0
+    if nx == 0 or ny == 0:
+        return 1.0
+    return float(max(0.0, 1.0 - np.dot(x, y) / (nx * ny)))
+
+
+def _rel_l2(e: np.ndarray, a: np.ndarray) -> float:
+    x = e.astype(np.float64)
+    diff = np.linalg.norm(a.astype(np.float64) - x)
+    norm = np.linalg.norm(x)
+    return float(diff / norm) if norm else float(diff)

@@ -1,0 +1,126 @@
+"""The core side of quantization: error measures, calibration data, and their errors."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import helper, numpy_helper
+
+from gcomp.errors import OptionError
+from gcomp.inputs import load_calibration
+from gcomp.verify.metrics import Budget, measure
+from tests.conftest import make_model, tensor, vinfo
+
+
+def _mlp(k=16, n=4):
+    w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="proj")]
+    return ir.from_proto(make_model(nodes, [vinfo("x", shape=("batch", k))], [vinfo("y", shape=("batch", n))],
+                                    [tensor("W", w)]))
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def test_cosine_catches_a_lost_signal_that_max_abs_misses():
+    """A small output whose direction is gone: max-abs error tiny, cosine far from 1."""
+    e = np.array([[1e-3, -1e-3, 2e-3, 0.0]], np.float32)
+    a = -e  # same magnitudes, opposite direction
+    cos = measure([{"y": e}], [{"y": a}], Budget("cosine", 0.01))[0]
+    abs_ = measure([{"y": e}], [{"y": a}], Budget("max-abs", 0.01))[0]
+    assert abs_.within and abs_.error < 0.005
+    assert not cos.within and cos.error == pytest.approx(2.0)
+    assert cos.cosine == pytest.approx(-1.0)
+
+
+def test_each_metric_matches_its_definition_on_the_worst_sample():
+    rng = np.random.default_rng(1)
+    e1, e2 = rng.standard_normal((3, 10)), rng.standard_normal((3, 10))
+    a1, a2 = e1 + 0.01 * rng.standard_normal((3, 10)), e2 + 0.2 * rng.standard_normal((3, 10))
+    exp, act = [{"y": e1}, {"y": e2}], [{"y": a1}, {"y": a2}]
+    rel = max(np.linalg.norm(a - e) / np.linalg.norm(e) for e, a in ((e1, a1), (e2, a2)))
+    cos = max(1 - np.dot(e.ravel(), a.ravel()) / np.linalg.norm(e) / np.linalg.norm(a)
+              for e, a in ((e1, a1), (e2, a2)))
+    assert measure(exp, act, Budget("rel-l2", 1))[0].error == pytest.approx(rel)
+    assert measure(exp, act, Budget("cosine", 1))[0].error == pytest.approx(cos)
+    assert measure(exp, act, Budget("max-abs", 1))[0].error == pytest.approx(np.abs(a2 - e2).max())
+    flips = sum(int((e.argmax(-1) != a.argmax(-1)).sum()) for e, a in ((e1, a1), (e2, a2)))
+    assert measure(exp, act, Budget("top1", 1))[0].error == pytest.approx(flips / 6)
+
+
+def test_new_nan_or_changed_integers_are_infinite_errors():
+    e = np.ones((2, 3), np.float32)
+    a = e.copy()
+    a[0, 0] = np.nan
+    assert measure([{"y": e}], [{"y": a}], Budget())[0].error == float("inf")
+    ints = measure([{"i": np.arange(3)}], [{"i": np.array([0, 1, 3])}], Budget())[0]
+    assert not ints.within
+
+
+def test_budget_refuses_unknown_metrics_and_non_positive_tolerances():
+    with pytest.raises(OptionError, match="unknown metric 'l1'"):
+        Budget("l1", 0.1)
+    with pytest.raises(OptionError, match="tolerance must be positive"):
+        Budget("cosine", 0)
+    assert Budget().describe() == "cosine >= 0.99"
+
+
+# ------------------------------------------------------------------------------ calibration data
+
+
+def _samples(n, k=16, batch=2):
+    rng = np.random.default_rng(2)
+    return [rng.standard_normal((batch, k)).astype(np.float32) for _ in range(n)]
+
+
+def test_calibration_from_a_folder_of_npz_a_stacked_npz_and_test_data_sets(tmp_path):
+    model = _mlp()
+    arrays = _samples(8)
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    for i, x in enumerate(arrays):
+        np.savez(folder / f"s{i}.npz", x=x)
+    stacked = tmp_path / "all.npz"
+    np.savez(stacked, x=np.stack(arrays))
+    sets = tmp_path / "sets"
+    for i, x in enumerate(arrays):
+        (sets / f"test_data_set_{i}").mkdir(parents=True)
+        (sets / f"test_data_set_{i}" / "input_0.pb").write_bytes(
+            numpy_helper.from_array(x, "x").SerializeToString())
+    for path in (folder, stacked, sets):
+        loaded = load_calibration(path, model)
+        assert len(loaded) == 8
+        assert all(np.array_equal(s["x"], x) for s, x in zip(loaded, arrays)), path
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda d: None, "the folder holds no .npz files"),
+        (lambda d: [np.savez(d / f"s{i}.npz", x=x) for i, x in enumerate(_samples(3))], "3 sample(s); at least 8"),
+        (lambda d: [np.savez(d / f"s{i}.npz", z=x) for i, x in enumerate(_samples(8))], "unknown: z"),
+        (lambda d: [np.savez(d / f"s{i}.npz", x=x.astype(np.float64)) for i, x in enumerate(_samples(8))],
+         "input 'x' is float64, the model expects float32"),
+        (lambda d: [np.savez(d / f"s{i}.npz", x=x) for i, x in enumerate(_samples(8, k=5))],
+         "input 'x' has shape [2, 5], the model expects [?x16]"),
+    ],
+)
+def test_calibration_data_that_does_not_fit_is_one_clear_error(tmp_path, make, expected):
+    folder = tmp_path / "cal"
+    folder.mkdir()
+    make(folder)
+    with pytest.raises(OptionError, match=re.escape(expected)):
+        load_calibration(folder, _mlp())
+
+
+def test_a_stacked_npz_needs_one_sample_axis_shared_by_every_array(tmp_path):
+    nodes = [helper.make_node("Add", ["a", "b"], ["y"])]
+    model = ir.from_proto(make_model(nodes, [vinfo("a"), vinfo("b")], [vinfo("y")]))
+    np.savez(tmp_path / "bad.npz", a=np.zeros((8, 1, 4), np.float32), b=np.zeros((9, 1, 4), np.float32))
+    with pytest.raises(OptionError, match="same leading sample axis"):
+        load_calibration(tmp_path / "bad.npz", model)
+    with pytest.raises(OptionError, match="no such file"):
+        load_calibration(tmp_path / "missing", model)
