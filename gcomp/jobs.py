@@ -45,6 +45,10 @@ class OptimizeRequest:
     pass_errors: bool = False
     pass_latency: bool = False
     select_backend: bool = False
+    quantize: str | None = None  # "int8-dynamic", "int8-weights", "int4" (gcomp.quantize)
+    calibration: Path | None = None
+    metric: str | None = None
+    speed_gate: bool = True
 
     @property
     def html(self) -> bool:
@@ -96,8 +100,15 @@ def _optimize(request: OptimizeRequest, progress: ProgressCallback | None) -> Re
         max_tensor_bytes=request.max_tensor_bytes, verify_timeout=request.verify_timeout,
         pass_errors=(request.pass_errors or request.html) and request.verify,
         pass_latency=(request.pass_latency or request.html) and request.verify,
-        **request.options,
+        **_quantization(request), **request.options,
     )
+
+
+def _quantization(request: OptimizeRequest) -> dict[str, Any]:
+    if request.quantize is None:
+        return {}
+    return {"quantize": request.quantize, "calibration": request.calibration, "metric": request.metric,
+            "speed_gate": request.speed_gate}
 
 
 def _decide_to_write(request: OptimizeRequest, result: Result) -> list[str]:

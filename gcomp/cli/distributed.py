@@ -1,0 +1,64 @@
+"""``gcomp run`` and ``gcomp shard``: sharded models over several ranks.
+
+Both hand their options to :mod:`gcomp.distributed.launch` as a plain dict (the same
+parameters an MPI rank receives) and exit with the status it returns.
+"""
+
+from __future__ import annotations
+
+__all__ = ["run", "shard"]
+
+import sys
+from pathlib import Path
+
+import click
+
+from gcomp.cli.group import CONTEXT, PathIn, cli
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=PathIn)
+@click.option("--ranks", type=click.IntRange(min=1), default=None, help="Number of ranks (must match the mesh).")
+@click.option("--shard", default=None, metavar="MESH",
+              help="tp=N, dp=N or dp=A,tp=B. [default: the model's annotations, else tp=RANKS]")
+@click.option("--inputs", type=click.Path(path_type=Path), default=None, help="Inputs: .npz or a test_data_set folder.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...", help="Shape of a generated input.")
+@click.option("--outputs", type=click.Path(path_type=Path), default=None, help="Write rank 0's outputs to an .npz.")
+@click.option("--check", is_flag=True, help="Also run the unsharded model and compare (exit 1 beyond --tolerance).")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Max abs error allowed by --check.")
+@click.option("--simulate", is_flag=True, help="Run every rank in this process (no MPI).")
+@click.option("--hostfile", type=click.Path(path_type=Path), default=None, help="MPI hostfile for several hosts.")
+@click.option("--mpi-arg", "mpi_args", multiple=True, help="Extra option for mpiexec (repeatable).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads per rank.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def run(model, ranks, shard, inputs, input_shapes, outputs, check, tolerance, simulate, hostfile, mpi_args, threads,
+        as_json):
+    """Run MODEL split over RANKS (MPI processes, or simulated in one process)."""
+    from gcomp.distributed.launch import run_command
+
+    params = {"model": str(model), "ranks": ranks, "shard": shard, "inputs": str(inputs) if inputs else None,
+              "input_shapes": list(input_shapes), "outputs": str(outputs) if outputs else None, "check": check,
+              "tolerance": tolerance, "simulate": simulate, "hostfile": str(hostfile) if hostfile else None,
+              "mpi_args": list(mpi_args), "threads": threads, "json": as_json}
+    sys.exit(run_command(params, echo=click.echo))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=PathIn)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The annotated model.")
+@click.option("--shard", required=True, metavar="MESH", help="tp=N, dp=N or dp=A,tp=B.")
+@click.option("--override", "overrides", multiple=True, metavar="TENSOR=AXIS:MESH[,...]|replicated",
+              help="Replace the plan's layout of a weight or input (repeatable).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
+              help="Specialize to these input shapes first (static shapes, per-rank graphs need them).")
+@click.option("--ranks-dir", type=click.Path(path_type=Path), default=None,
+              help="Also write one graph per rank (with collectives) into this folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def shard(model, output, shard, overrides, input_shapes, ranks_dir, as_json):
+    """Annotate MODEL with IR v11 sharding specs for a mesh; print memory and collectives per rank."""
+    from gcomp.distributed.launch import shard_command
+
+    params = {"model": str(model), "output": str(output), "shard": shard, "overrides": list(overrides),
+              "input_shapes": list(input_shapes), "ranks_dir": str(ranks_dir) if ranks_dir else None,
+              "json": as_json}
+    sys.exit(shard_command(params, echo=click.echo))

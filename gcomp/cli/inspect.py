@@ -1,0 +1,173 @@
+"""``gcomp passes``, ``gcomp inspect`` and ``gcomp verify``: look at passes and models.
+
+``passes`` and ``inspect`` never import a runtime (they stay fast); ``verify`` runs both
+models on ONNX Runtime through :func:`gcomp.verify.verify` and exits 1 on a mismatch
+(or, with ``--strict``, when verification was not possible).
+"""
+
+from __future__ import annotations
+
+__all__ = ["inspect", "passes", "verify"]
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from gcomp.cli.group import CONTEXT, PathIn, cli, input_options, stdout
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def passes(as_json):
+    """List the registered passes, their options, and the pipelines."""
+    from gcomp.pipeline import registry  # the pipeline module loads the built-in passes
+
+    ps, pls = registry.passes(), registry.pipelines()
+    if as_json:
+        click.echo(json.dumps({
+            "pipelines": {n: {"summary": p.summary, "stages": [{"passes": list(s.passes), "repeat": s.repeat} for s in p.stages]} for n, p in pls.items()},
+            "passes": {n: {"summary": p.summary, "options": [{"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help} for o in p.options]} for n, p in ps.items()},
+        }, indent=2, default=str))
+        return
+    from rich.table import Table
+
+    out = stdout()
+    t = Table(title="pipelines", title_justify="left")
+    t.add_column("name")
+    t.add_column("passes")
+    t.add_column("summary")
+    for name, p in pls.items():
+        stages = " → ".join(
+            ("(" + ", ".join(s.passes) + f")×≤{s.repeat}") if s.repeat > 1 else ", ".join(s.passes) for s in p.stages
+        )
+        t.add_row(name, stages, p.summary)
+    out.print(t)
+    t = Table(title="passes", title_justify="left")
+    t.add_column("name")
+    t.add_column("summary")
+    t.add_column("options (--set NAME=VALUE)")
+    for name in sorted(ps):
+        p = ps[name]
+        opts = "\n".join(f"{o.name}: {o.type.__name__} = {o.default!r} — {o.help}" for o in p.options) or "-"
+        t.add_row(name, p.summary, opts)
+    out.print(t)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=PathIn)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(model, as_json):
+    """Print MODEL's opsets, inputs/outputs, op histogram and parameter bytes."""
+    from gcomp import io
+    from gcomp.perf import model_stats
+
+    m = io.load(model)
+    stats = model_stats(m)
+    info = _model_info(model, m, stats)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    _print_model_info(model, m, stats, info)
+
+
+def _model_info(model, m, stats) -> dict:
+    """What ``inspect --json`` prints: the file, its opsets, inputs/outputs and statistics."""
+    import onnx_ir as ir
+
+    from gcomp import io
+
+    def describe(v):
+        t = v.type
+        dtype = t.dtype.name if isinstance(t, ir.TensorType) else str(t)
+        shape = [d if isinstance(d, int) else (d.value or "?") for d in v.shape] if v.shape is not None else None
+        return {"name": v.name, "dtype": dtype, "shape": shape}
+
+    return {
+        "path": str(model),
+        "file_bytes": Path(model).stat().st_size,
+        "ir_version": m.ir_version,
+        "producer": f"{m.producer_name or ''} {m.producer_version or ''}".strip(),
+        "opsets": dict(m.opset_imports),
+        "inputs": [describe(v) for v in m.graph.inputs if v.const_value is None],
+        "outputs": [describe(v) for v in m.graph.outputs],
+        "external_data": sorted({str(t.location) for t in io.external_tensors(m)}),
+        **stats.to_dict(),
+    }
+
+
+def _print_model_info(model, m, stats, info: dict) -> None:
+    from rich.table import Table
+
+    from gcomp.report import human_bytes
+
+    out = stdout()
+    out.print(f"[bold]{model}[/]  ir_version {m.ir_version}  producer {info['producer'] or '-'}  "
+              f"file {human_bytes(info['file_bytes'])}")
+    out.print("opsets: " + ", ".join(f"{d or 'ai.onnx'}={v}" for d, v in info["opsets"].items()))
+    io_table = Table(title="inputs / outputs", title_justify="left")
+    for col in ("", "name", "dtype", "shape"):
+        io_table.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            io_table.add_row(kind[:-1], v["name"], v["dtype"], str(v["shape"]))
+    out.print(io_table)
+    hist = Table(title=f"{stats.nodes} nodes", title_justify="left")
+    hist.add_column("op type")
+    hist.add_column("count", justify="right")
+    for op, n in info["op_types"].items():
+        hist.add_row(op, str(n))
+    out.print(hist)
+    out.print(f"parameters: {stats.parameters:,} in {stats.initializers} initializers, "
+              f"{human_bytes(stats.initializer_bytes)}" + (f"; external data: {', '.join(info['external_data'])}" if info["external_data"] else ""))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("original", type=PathIn)
+@click.argument("candidate", type=PathIn)
+@input_options
+@click.option("--rtol", type=float, default=None, help="Relative tolerance for float32 outputs.")
+@click.option("--atol", type=float, default=None, help="Absolute tolerance for float32 outputs.")
+@click.option("--strict", is_flag=True, help="Exit 1 when verification is not possible.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def verify(original, candidate, inputs, input_shapes, max_tensor_bytes, verify_timeout, rtol, atol, strict, as_json):
+    """Compare CANDIDATE's outputs with ORIGINAL's on ONNX Runtime (optimizations off)."""
+    from gcomp import io
+    from gcomp.inputs import parse_input_shapes
+    from gcomp.verify import TOLERANCES, Tolerance
+    from gcomp.verify import verify as run_verify
+
+    io.load(original)
+    io.load(candidate)
+    tolerances = None
+    if rtol is not None or atol is not None:
+        base = TOLERANCES["float32"]
+        tolerances = {"float32": Tolerance(rtol if rtol is not None else base.rtol, atol if atol is not None else base.atol)}
+    v = run_verify(original, candidate, inputs=inputs, input_shapes=parse_input_shapes(input_shapes),
+                   tolerances=tolerances, max_tensor_bytes=max_tensor_bytes, timeout=verify_timeout)
+    if as_json:
+        click.echo(json.dumps(v.to_dict(), indent=2))
+    else:
+        _print_verification(v)
+    if v.status == "failed":
+        sys.exit(1)
+    if v.status == "unverified" and strict:
+        sys.exit(1)
+
+
+def _print_verification(v) -> None:
+    from rich.table import Table
+
+    out = stdout()
+    if v.outputs:
+        t = Table(title="outputs", title_justify="left")
+        for col in ("output", "dtype", "shape", "max abs error", "max rel error", "ok"):
+            t.add_column(col)
+        for o in v.outputs:
+            t.add_row(o.name, o.dtype, str(o.shape), f"{o.max_abs_error:.3g}", f"{o.max_rel_error:.3g}",
+                      "[green]yes[/]" if o.ok else "[red]NO[/]")
+        out.print(t)
+    for note in v.notes:
+        out.print(f"note: {note}")
+    out.print(v.summary())

@@ -1,0 +1,310 @@
+"""``gcomp optimize``: run a verified pass pipeline over a model, and print what it did.
+
+The command parses options into a :class:`gcomp.jobs.OptimizeRequest` and hands it to
+:func:`gcomp.jobs.optimize_file`; this module only shows progress (a transient spinner
+naming the current pass, on stderr) and prints the summary tables on stdout.
+"""
+
+from __future__ import annotations
+
+__all__ = ["optimize"]
+
+import json
+from pathlib import Path
+
+import click
+
+from gcomp.backends.target_ops import TARGETS
+from gcomp.cli.group import CONTEXT, PathIn, cli, input_options, stderr, stdout
+from gcomp.errors import OptionError
+
+# portable first, then the backend targets in their table's order
+_TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=PathIn)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the optimized model.")
+@click.option("-O", "level", default="1", show_default=True, metavar="LEVEL",
+              help="Pipeline level 0-3: 2 adds portable fusion, 3 the target's own fused ops (see `gcomp passes`).")
+@click.option("--target", default=None, metavar="TARGET",
+              help=f"What the output must run on: {_TARGET_NAMES} "
+                   "[default: portable; ort-cpu with -O3]. Fusions fire only when it accepts their ops.")
+@click.option("--target-opset", type=click.IntRange(min=1), default=None,
+              help="Upgrade the model to this opset first, so newer fused ops (Gelu-20, Attention-23) may be emitted.")
+@click.option("--explain-fusion", is_flag=True, help="List every fusion rule: fired, why not run, near misses.")
+@click.option("--precision", type=click.Choice(["fp16", "bf16", "auto"]), default=None,
+              help="Convert to mixed precision after the pipeline (auto: fp16 regions within --tolerance); "
+                   "verified in emulated fp16/bf16. More options: --set block_ops=..., see `gcomp passes`.")
+@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="--precision auto: largest error allowed, max|a-e| / max(1, max|e|) per output. [default: 0.01]")
+@click.option("--keep-io-types/--no-keep-io-types", default=None,
+              help="--precision: keep fp32 graph inputs and outputs. [default: keep]")
+@click.option("--passes", "pass_spec", default=None, metavar="SPEC",
+              help="Explicit pipeline instead of -O: comma-separated pipeline and pass names, e.g. O1,my-pass.")
+@click.option("--set", "sets", multiple=True, metavar="OPTION=VALUE", help="Set a pass option (repeatable).")
+@click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path),
+              help="A Python file that registers extra passes (repeatable).")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check outputs against the original on ONNX Runtime.")
+@input_options
+@click.option("--bisect/--no-bisect", default=True, show_default=True, help="On a mismatch, name the first pass that broke it.")
+@click.option("--strict", is_flag=True, help="Fail (exit 1, write nothing) when verification is not possible.")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Write weights to OUTPUT.data. [default: when the input had external data or weights exceed 1 GiB]")
+@click.option("--report", type=click.Path(path_type=Path), default=None,
+              help="Write a report: .json, .md or .html (HTML adds per-pass errors and before/after profiles).")
+@click.option("--profile/--no-profile", "profile_models", default=None,
+              help="Profile the model before and after on ONNX Runtime for the report. [default: with --report .html]")
+@click.option("--profile-iters", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed runs of each before/after profile.")
+@click.option("--pass-errors", is_flag=True,
+              help="Measure the output error after every changing pass (on with --report .html).")
+@click.option("--pass-latency", is_flag=True,
+              help="Time the model on ONNX Runtime after every changing pass (on with --report .html).")
+@click.option("--backend", "select_backend", type=click.Choice(["auto"]), default=None,
+              help="Then compile the output on every available backend, check and time each, and report "
+                   "the fastest that matches (every candidate's figures go into the report).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or tables; errors only.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (implies --quiet).")
+def optimize(model, output, level, target, target_opset, explain_fusion, pass_spec, sets, plugins, verify, inputs, input_shapes, max_tensor_bytes,
+             verify_timeout, bisect, strict, external_data, report, quiet, as_json, profile_models=None,
+             profile_iters=20, pass_errors=False, precision=None, tolerance=None, keep_io_types=None,
+             select_backend=None, pass_latency=False):
+    """Optimize MODEL with a verified pass pipeline and write OUTPUT."""
+    from gcomp.inputs import parse_input_shapes
+    from gcomp.jobs import OptimizeRequest, VerificationFailed, optimize_file
+
+    quiet = quiet or as_json
+    _load_plugins(plugins)
+    pipeline = pass_spec or level
+    options = _parse_sets(f"{pipeline},convert-precision" if precision else pipeline, sets)
+    options.update(_fusion_options(target, target_opset, explain_fusion))
+    if precision or tolerance is not None or keep_io_types is not None:
+        from gcomp.passes.precision.mixed import cli_options
+
+        options.update(cli_options(precision, tolerance, keep_io_types))
+    request = OptimizeRequest(
+        model=model, output=output, pipeline=pipeline, options=options, verify=verify, inputs=inputs,
+        input_shapes=parse_input_shapes(input_shapes), max_tensor_bytes=max_tensor_bytes,
+        verify_timeout=verify_timeout, bisect=bisect, strict=strict, external_data=external_data, report=report,
+        profile=profile_models, profile_iters=profile_iters, pass_errors=pass_errors, pass_latency=pass_latency,
+        select_backend=bool(select_backend),
+    )
+    err = stderr()
+    with _PassProgress(quiet, err) as display:
+        try:
+            outcome = optimize_file(request, progress=display.on_pass, phase=display.phase)
+        except VerificationFailed as e:
+            display.stop()
+            _print_notes(e.result, quiet, err)
+            if not quiet:
+                _print_summary(e.result, None)
+            raise
+    _print_notes(outcome.result, quiet, err)
+    for warning in outcome.warnings:
+        err.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+    if as_json:
+        click.echo(json.dumps(outcome.doc, indent=2, default=str))
+    elif not quiet:
+        _print_outcome(outcome, explain_fusion=explain_fusion, precision=precision)
+        err.print(f"wrote {output}" + (f" and {report}" if report else ""))
+
+
+def _load_plugins(plugins: tuple[Path, ...]) -> None:
+    import importlib.util
+
+    for i, path in enumerate(plugins):
+        if not path.is_file():
+            raise OptionError(f"--plugin {path}: no such file")
+        spec = importlib.util.spec_from_file_location(f"gcomp_plugin_{i}_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 - any failure in the user's file is one line
+            raise OptionError(f"--plugin {path}: failed to import: {e}") from None
+
+
+def _parse_sets(pipeline, sets: tuple[str, ...]) -> dict:
+    from gcomp.pipeline import registry  # the pipeline module loads the built-in passes
+
+    declared = registry.pipeline_options(pipeline)
+    options = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise OptionError(f"--set '{item}': expected OPTION=VALUE")
+        if key not in declared:
+            known = ", ".join(sorted(declared)) or "none"
+            raise OptionError(f"--set {key}: no pass in this pipeline has that option (options: {known})")
+        options[key] = declared[key].parse(value)
+    return options
+
+
+def _fusion_options(target, target_opset, explain_fusion) -> dict:
+    options = {}
+    if target is not None:
+        from gcomp.backends import capabilities
+
+        options["target"] = capabilities(target).name  # an unknown name is a one-line error
+    if target_opset is not None:
+        options["target_opset"] = target_opset
+    if explain_fusion:
+        options["explain_fusion"] = True
+    return options
+
+
+class _PassProgress:
+    """A transient rich spinner naming the current pass (nothing when quiet).
+
+    It starts on the first callback, after the model has loaded, so load errors print as
+    one clean line; a later phase (profiling, backend choice) stops it and shows its own.
+    """
+
+    def __init__(self, quiet: bool, err) -> None:
+        self.quiet = quiet
+        self.err = err
+        self.display = None
+        self.task = None
+
+    def __enter__(self) -> _PassProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def on_pass(self, name, round_, stats) -> None:
+        if self.quiet:
+            return
+        if self.display is None:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.display = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                    console=self.err, transient=True)
+            self.display.start()
+            self.task = self.display.add_task("", total=None)
+        if stats is None:
+            text = f"pass [bold]{name}[/] (round {round_})" if round_ else name
+            self.display.update(self.task, description=text)
+
+    def phase(self, text: str):
+        from gcomp.profiling import spinner
+
+        self.stop()
+        return spinner(text, quiet=self.quiet)
+
+    def stop(self) -> None:
+        if self.display is not None:
+            self.display.stop()
+            self.display = None
+
+
+def _print_notes(result, quiet: bool, err) -> None:
+    if result.verification is not None and not quiet:
+        for note in result.verification.notes:
+            err.print(f"note: {note}", soft_wrap=True)
+
+
+def _print_outcome(outcome, *, explain_fusion: bool, precision: str | None) -> None:
+    result, doc = outcome.result, outcome.doc
+    _print_summary(result, doc)
+    if explain_fusion:
+        _print_fusion_explain(result)
+    if precision:
+        from gcomp.passes.precision.mixed import summary_lines
+
+        for line in summary_lines(result):
+            stdout().print(line, soft_wrap=True)
+    for c in doc.get("backend_selection", {}).get("candidates", []):
+        figure = f"p50 {c['p50_ms']:.3f} ms" if c["p50_ms"] is not None else c["error"]
+        stdout().print(f"backend {'*' if c['chosen'] else ' '} {c['backend']}/{c['target']}: {c['status']}, "
+                       f"{figure}", soft_wrap=True)
+
+
+def _print_summary(result, doc) -> None:
+    """The before/after table, the unfolded-nodes line, the changing passes, a failure."""
+    out = stdout()
+    out.print(_changes_table(result, doc))
+    folds = [p for p in result.passes if p.name == "fold-constants" and p.details]
+    if folds and folds[-1].details.get("unfolded"):
+        reasons = ", ".join(f"{k}: {n}" for k, n in folds[-1].details["unfolded_by_reason"].items())
+        out.print(f"left unfolded: {folds[-1].details['unfolded']} node(s) ({reasons}); the report lists them")
+    out.print(_passes_table(result))
+    v = result.verification
+    if v is not None and v.status == "failed":
+        out.print(f"[red]{v.summary()}[/]")
+
+
+def _changes_table(result, doc):
+    """Counts before and after, the op types that changed, and the verification status."""
+    from rich.table import Table
+
+    from gcomp.report import human_bytes
+
+    before, after = result.before, result.after
+    table = Table(title=f"gcomp optimize — pipeline {result.pipeline}", title_justify="left")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    table.add_row("nodes", str(before.nodes), str(after.nodes), f"{after.nodes - before.nodes:+d}")
+    table.add_row("initializers", str(before.initializers), str(after.initializers),
+                  f"{after.initializers - before.initializers:+d}")
+    table.add_row("initializer bytes", human_bytes(before.initializer_bytes), human_bytes(after.initializer_bytes),
+                  f"{after.initializer_bytes - before.initializer_bytes:+d}")
+    if doc and doc.get("input") and doc.get("output"):
+        table.add_row("file size", human_bytes(doc["input"]["file_bytes"]), human_bytes(doc["output"]["file_bytes"]), "")
+    ops = sorted(set(before.op_types) | set(after.op_types))
+    for op in ops:
+        b, a = before.op_types.get(op, 0), after.op_types.get(op, 0)
+        if a != b:
+            table.add_row(f"  {op}", str(b), str(a), f"{a - b:+d}")
+    v = result.verification
+    if v is None:
+        table.add_row("verification", "", "skipped", "")
+    elif v.status == "passed":
+        table.add_row("verification", "", "[green]passed[/]", f"max abs err {v.max_abs_error:.2g}")
+    elif v.status == "unverified":
+        table.add_row("verification", "", "[yellow]not possible[/]", "")
+    else:
+        table.add_row("verification", "", "[red]FAILED[/]", v.first_bad_pass or "")
+    return table
+
+
+def _passes_table(result):
+    """One row per pass run that changed the model."""
+    from rich.table import Table
+
+    passes = Table(title="passes", title_justify="left")
+    for col in ("pass", "round", "ms", "nodes", "op changes"):
+        passes.add_column(col, justify="right" if col in ("round", "ms", "nodes") else "left")
+    for p in result.passes:
+        if p.modified:
+            passes.add_row(p.name, str(p.round), f"{p.seconds * 1e3:.1f}", f"{p.nodes_before}→{p.nodes_after}",
+                           ", ".join(f"{k} {v:+d}" for k, v in p.op_delta.items()) or "-")
+    total_ms = sum(p.seconds for p in result.passes) * 1e3
+    passes.caption = f"{len(result.passes)} pass runs in {total_ms:.1f} ms; unchanged runs not shown"
+    return passes
+
+
+def _print_fusion_explain(result) -> None:
+    """One table row per fusion rule, summed over the pipeline's fusion pass runs."""
+    from rich.table import Table
+
+    rules: dict[str, dict] = {}
+    for s in result.passes:
+        for name, info in ((s.details or {}).get("rules") or {}).items():
+            row = rules.setdefault(name, {"fired": 0, "why": "", "near": []})
+            row["fired"] += info.get("fired", 0)
+            row["why"] = info.get("not_run", row["why"])
+            row["near"] = info.get("near_misses", row["near"])
+    if not rules:
+        stdout().print("no fusion pass ran (use -O2 or -O3)")
+        return
+    table = Table(title="fusion rules", title_justify="left")
+    for col in ("rule", "fired", "not run because", "near misses (check rejected)"):
+        table.add_column(col, justify="right" if col == "fired" else "left", overflow="fold")
+    for name, row in rules.items():
+        near = "; ".join(row["near"][:3]) + (f" (+{len(row['near']) - 3} more)" if len(row["near"]) > 3 else "")
+        table.add_row(name, str(row["fired"]), row["why"], near)
+    stdout().print(table)

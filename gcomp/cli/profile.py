@@ -1,0 +1,172 @@
+"""``gcomp profile``, ``gcomp compile`` and ``gcomp report``: measure, compile, compare.
+
+``profile`` times a model and its ops on a backend (:mod:`gcomp.profiling`),
+``compile`` compiles (and tunes) it and exports the artifact (:mod:`gcomp.autoselect`),
+``report`` puts saved profiles side by side (:mod:`gcomp.report`). With ``--backend auto``
+the first two choose the fastest backend whose outputs match the reference.
+"""
+
+from __future__ import annotations
+
+__all__ = ["compile_", "profile", "report"]
+
+import json
+from pathlib import Path
+
+import click
+
+from gcomp.cli.group import CONTEXT, PathIn, cli, input_options, stderr, stdout
+from gcomp.errors import OptionError
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=PathIn)
+@click.option("--backend", type=click.Choice(["ort", "tvm", "auto"]), default="ort", show_default=True,
+              help="Runtime to profile on; auto: the fastest that matches the reference (all are recorded).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
+@click.option("--optimization", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
+              show_default=True, help="ONNX Runtime graph optimization level.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads (0: runtime default).")
+@input_options
+@click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Ops to list.")
+@click.option("--report", type=click.Path(path_type=Path), default=None,
+              help="Write the profile: .json, .md or .html (a self-contained page with charts).")
+@click.option("--trace", type=click.Path(path_type=Path), default=None,
+              help="Write one profiled run as a Chrome/Perfetto trace (.json).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or tables; errors only.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON on stdout (implies --quiet).")
+def profile(model, backend, device, iters, warmup, optimization, threads, inputs, input_shapes, max_tensor_bytes,
+            verify_timeout, top, report, as_json, trace=None, quiet=False):
+    """Measure MODEL's latency and per-op times on a backend.
+
+    Each op row gets its FLOPs, bytes moved, achieved GFLOP/s and GB/s, and whether it is
+    compute- or memory-bound on this machine's roofline.
+    """
+    from gcomp import io
+    from gcomp import report as reports
+    from gcomp.inputs import generate_inputs, load_inputs, parse_input_shapes
+    from gcomp.profiling import finish_profile, print_profile, spinner, write_outputs
+
+    quiet = quiet or as_json
+    if report is not None:
+        reports.check_report_path(report)
+    if trace is not None:
+        reports.check_report_path(trace, option="--trace", formats=(".json",))
+    m = io.load(model)
+    given = load_inputs(inputs, m) if inputs else None
+    feeds, notes = generate_inputs(m, shapes=parse_input_shapes(input_shapes), given=given, max_bytes=max_tensor_bytes)
+    with spinner(f"compiling for {backend}/{device}", quiet=quiet) as status:
+        from gcomp.autoselect import compile_for_profile
+
+        exe, selection = compile_for_profile(backend, device, model, m, feeds, optimization=optimization,
+                                             threads=threads or None, progress=status)
+        if selection is not None:
+            backend, device = selection.chosen.backend, selection.chosen.target
+        status(f"profiling on {backend}/{device}: {warmup} warm-up + {iters} timed runs, then per-op times")
+        prof = exe.profile(feeds, iters=iters, warmup=warmup)
+        prof = finish_profile(prof, m, feeds, path=model, status=status)
+    doc = prof.to_dict()
+    if selection is not None:
+        doc["backend_selection"] = selection.to_dict()
+    written = write_outputs(doc, report=report, trace=trace)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    if quiet:
+        return
+    out = stdout()
+    for note in notes:
+        out.print(f"note: {note}")
+    print_profile(prof, title=f"{model} on {backend}/{device} ({optimization} optimizations)", top=top, console=out)
+    for c in (selection.candidates if selection is not None else []):
+        figure = f"p50 {c.p50_ms:.3f} ms" if c.p50_ms is not None else c.error
+        out.print(f"backend {'*' if c.chosen else ' '} {c.backend}/{c.target}: {c.status}, {figure}", soft_wrap=True)
+    if written:
+        stderr().print("wrote " + " and ".join(str(p) for p in written))
+
+
+@cli.command("compile", context_settings=CONTEXT)
+@click.argument("model", type=PathIn)
+@click.option("--backend", type=click.Choice(["tvm", "ort", "auto"]), default="tvm", show_default=True,
+              help="Backend to compile for; auto: the fastest that matches the reference.")
+@click.option("--target", default="llvm", show_default=True,
+              help="tvm: llvm (this CPU, its real features) or cuda; ort: cpu or cuda.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Artifact: a folder (tvm: model.so + gcomp-tvm.json) or an .onnx file (ort).")
+@click.option("--tune-trials", type=click.IntRange(min=0), default=0, show_default=True,
+              help="MetaSchedule trials split over the model's kernels (tvm); each kernel gets only the "
+                   "trials the tuning database has not given it yet, so a repeat makes none.")
+@click.option("--tune-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop tuning after this many minutes (finished kernels are kept).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Tuning database root. [default: $GCOMP_CACHE_DIR or ~/.cache/gcomp]")
+@click.option("--inputs", "inputs", type=click.Path(path_type=Path), default=None,
+              help="Inputs: an .npz file or an ONNX test_data_set folder of input_*.pb.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
+              help="Shape to compile for (repeatable); symbolic dims are bound to it.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the executable's outputs against ONNX Runtime before writing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def compile_(model, backend, target, output, tune_trials, tune_minutes, cache_dir, inputs, input_shapes, verify,
+             as_json):
+    """Compile MODEL for a backend (tuning it with --tune-trials) and export the artifact."""
+    from gcomp.autoselect import compile_model
+    from gcomp.inputs import parse_input_shapes
+    from gcomp.profiling import spinner
+
+    if backend == "ort" and target == "llvm":
+        target = "cpu"
+    with spinner(f"compiling for {backend}/{target}", quiet=as_json) as status:
+        doc = compile_model(model, backend=backend, target=target, output=output,
+                            input_shapes=parse_input_shapes(input_shapes), inputs=inputs, tune_trials=tune_trials,
+                            tune_seconds=tune_minutes * 60 if tune_minutes else None, cache_dir=cache_dir,
+                            verify=verify, progress=status)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+        return
+    _print_compiled(doc)
+
+
+def _print_compiled(doc: dict) -> None:
+    """Notes, backend candidates, tuning and verification of a ``compile_model`` summary."""
+    out = stdout()
+    for note in doc["notes"]:
+        out.print(f"note: {note}")
+    if doc["selection"]:
+        for c in doc["selection"]["candidates"]:
+            figure = f"p50 {c['p50_ms']:.3f} ms" if c["p50_ms"] is not None else c["error"]
+            out.print(f"  {'*' if c['chosen'] else ' '} {c['backend']}/{c['target']}: {c['status']}, {figure}")
+    t = doc["tuning"]
+    if t:
+        out.print(f"tuning: {t['tasks']} kernels, {t['reused']} from the database, {t['tuned']} tuned with "
+                  f"{t['trials']} trials in {t['seconds']:.1f} s, {t['skipped']} left untuned"
+                  + (" (interrupted)" if t["interrupted"] else "") + f"; database {t['database']}")
+    v = doc["verification"]
+    out.print(f"compiled for {doc['backend']}/{doc['target']} in {doc['compile_seconds']:.1f} s; verification "
+              + (f"{v['status']} (max abs error {v['max_abs_error']:.2g})" if "max_abs_error" in v else v["status"]))
+    if doc["output"]:
+        stderr().print(f"wrote {doc['output']}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("profiles", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Where to write the comparison: .html, .md or .json.")
+@click.option("--label", "labels", multiple=True, help="A name per profile, in order (repeatable).")
+def report(profiles, output, labels):
+    """Compare saved profiles (gcomp profile --report x.json) in one report.
+
+    E.g. two backends, two versions of a model, before/after an optimization; the first
+    profile is the baseline. An optimize report with profiles counts as its two profiles.
+    """
+    from gcomp import report as reports
+    from gcomp.profiling import load_profiles
+
+    reports.check_report_path(output, option="--output")
+    docs = load_profiles(list(profiles))
+    if labels and len(labels) != len(docs):
+        raise OptionError(f"--label given {len(labels)} times for {len(docs)} profiles")
+    reports.write_report(reports.compare_document(docs, list(labels) or None), output)
+    stderr().print(f"wrote {output}")
