@@ -25,8 +25,9 @@ _TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", type=PathIn)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the optimized model.")
-@click.option("-O", "level", default="1", show_default=True, metavar="LEVEL",
-              help="Pipeline level 0-3: 2 adds portable fusion, 3 the target's own fused ops (see `gcomp passes`).")
+@click.option("-O", "level", default=None, metavar="LEVEL",
+              help="Pipeline level 0-3: 2 adds portable fusion, 3 the target's own fused ops (see `gcomp passes`). "
+                   "[default: 1; 2 with --quantize, so fused ops are quantized as units]")
 @click.option("--target", default=None, metavar="TARGET",
               help=f"What the output must run on: {_TARGET_NAMES} "
                    "[default: portable; ort-cpu with -O3]. Fusions fire only when it accepts their ops.")
@@ -36,8 +37,22 @@ _TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "auto"]), default=None,
               help="Convert to mixed precision after the pipeline (auto: fp16 regions within --tolerance); "
                    "verified in emulated fp16/bf16. More options: --set block_ops=..., see `gcomp passes`.")
+@click.option("--quantize", type=click.Choice(["int8-dynamic", "int8-weights", "int4"]), default=None,
+              help="Quantize after the pipeline: int8-dynamic (int8 weights, activations quantized at run time), "
+                   "int8-weights / int4 (weight-only, block-wise). Kept only within the accuracy budget "
+                   "(--metric, --tolerance) and where measured faster; otherwise exit 1, nothing written.")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="--quantize: samples to measure accuracy on: a folder of .npz files (one sample each) or "
+                   "test_data_set_* folders, or one .npz with a leading sample axis; at least 8 samples.")
+@click.option("--metric", type=click.Choice(["cosine", "rel-l2", "top1", "max-abs"]), default=None,
+              help="--quantize: the accuracy measure per float output, against the float model: cosine (1 - cos), "
+                   "rel-l2 (||a-e||/||e||), top1 (share of argmax changes), max-abs. [default: cosine]")
+@click.option("--speed-gate/--no-speed-gate", default=True, show_default=True,
+              help="--quantize: time float and quantized models and refuse a quantized model that is not faster "
+                   "(weight-only: more than 10 % slower).")
 @click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="--precision auto: largest error allowed, max|a-e| / max(1, max|e|) per output. [default: 0.01]")
+              help="--precision auto: largest error allowed, max|a-e| / max(1, max|e|) per output. --quantize: the "
+                   "largest --metric error allowed per output (cosine: 1 - cos). One value serves both. [default: 0.01]")
 @click.option("--keep-io-types/--no-keep-io-types", default=None,
               help="--precision: keep fp32 graph inputs and outputs. [default: keep]")
 @click.option("--passes", "pass_spec", default=None, metavar="SPEC",
@@ -69,26 +84,26 @@ _TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
 def optimize(model, output, level, target, target_opset, explain_fusion, pass_spec, sets, plugins, verify, inputs, input_shapes, max_tensor_bytes,
              verify_timeout, bisect, strict, external_data, report, quiet, as_json, profile_models=None,
              profile_iters=20, pass_errors=False, precision=None, tolerance=None, keep_io_types=None,
-             select_backend=None, pass_latency=False):
+             select_backend=None, pass_latency=False, quantize=None, calibration=None, metric=None,
+             speed_gate=True):
     """Optimize MODEL with a verified pass pipeline and write OUTPUT."""
     from gcomp.inputs import parse_input_shapes
     from gcomp.jobs import OptimizeRequest, VerificationFailed, optimize_file
 
     quiet = quiet or as_json
     _load_plugins(plugins)
-    pipeline = pass_spec or level
-    options = _parse_sets(f"{pipeline},convert-precision" if precision else pipeline, sets)
+    pipeline = pass_spec or level or ("2" if quantize else "1")
+    options = _parse_sets(_options_spec(pipeline, precision, quantize), sets)
     options.update(_fusion_options(target, target_opset, explain_fusion))
-    if precision or tolerance is not None or keep_io_types is not None:
-        from gcomp.passes.precision.mixed import cli_options
-
-        options.update(cli_options(precision, tolerance, keep_io_types))
+    options.update(_precision_options(precision, tolerance, keep_io_types, quantize))
+    _check_quantize_options(quantize, calibration, metric)
     request = OptimizeRequest(
         model=model, output=output, pipeline=pipeline, options=options, verify=verify, inputs=inputs,
         input_shapes=parse_input_shapes(input_shapes), max_tensor_bytes=max_tensor_bytes,
         verify_timeout=verify_timeout, bisect=bisect, strict=strict, external_data=external_data, report=report,
         profile=profile_models, profile_iters=profile_iters, pass_errors=pass_errors, pass_latency=pass_latency,
-        select_backend=bool(select_backend),
+        select_backend=bool(select_backend), quantize=quantize, calibration=calibration, metric=metric,
+        speed_gate=speed_gate,
     )
     err = stderr()
     with _PassProgress(quiet, err) as display:
@@ -139,6 +154,34 @@ def _parse_sets(pipeline, sets: tuple[str, ...]) -> dict:
             raise OptionError(f"--set {key}: no pass in this pipeline has that option (options: {known})")
         options[key] = declared[key].parse(value)
     return options
+
+
+def _options_spec(pipeline: str, precision: str | None, quantize: str | None) -> str:
+    """The pipeline spec whose passes' options ``--set`` may name."""
+    spec = f"{pipeline},convert-precision" if precision else pipeline
+    if quantize:
+        from gcomp.quantize import MODES
+
+        spec += f",{MODES[quantize][0]}"
+    return spec
+
+
+def _precision_options(precision, tolerance, keep_io_types, quantize) -> dict:
+    """--precision's options; --tolerance also bounds --quantize's budget (gcomp.pipeline)."""
+    options = {}
+    if precision or keep_io_types is not None or (tolerance is not None and not quantize):
+        from gcomp.passes.precision.mixed import cli_options
+
+        serves_precision = tolerance if precision == "auto" or not quantize else None
+        options.update(cli_options(precision, serves_precision, keep_io_types))
+    if tolerance is not None and quantize:
+        options["tolerance"] = tolerance
+    return options
+
+
+def _check_quantize_options(quantize, calibration, metric) -> None:
+    if not quantize and (calibration is not None or metric is not None):
+        raise OptionError(f"{'--calibration' if calibration is not None else '--metric'} needs --quantize")
 
 
 def _fusion_options(target, target_opset, explain_fusion) -> dict:
@@ -215,6 +258,11 @@ def _print_outcome(outcome, *, explain_fusion: bool, precision: str | None) -> N
 
         for line in summary_lines(result):
             stdout().print(line, soft_wrap=True)
+    if result.quantization is not None:
+        from gcomp.quantize import summary
+
+        for line in summary(result.quantization):
+            stdout().print(line, soft_wrap=True, markup=False)
     for c in doc.get("backend_selection", {}).get("candidates", []):
         figure = f"p50 {c['p50_ms']:.3f} ms" if c["p50_ms"] is not None else c["error"]
         stdout().print(f"backend {'*' if c['chosen'] else ' '} {c['backend']}/{c['target']}: {c['status']}, "
