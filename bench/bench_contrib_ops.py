@@ -6,8 +6,10 @@ Usage (from the repository root)::
     .venv/bin/python bench/bench_contrib_ops.py embed --shape 2,16,256 --keep-sum # GPT-2-style
     .venv/bin/python bench/bench_contrib_ops.py attention --shape 2,16,256 --heads 4
 
-A target-specific fusion exists to be faster; this is the measurement behind each
-``not_for`` / head-count decision in passes/fusion/ (FACTS.md has the figures).
+A target-specific fusion exists to be faster; this is the measurement behind the
+``not_for`` of ``ort-embed-layer-norm`` and the packed Attention's lack of a head limit in
+passes/fusion/ (docs/measurements.md has the figures, and names the decisions no script
+here measures yet: SkipLayerNormalization, MultiHeadAttention).
 
 * ``embed``: word + position (+ segment) Gathers, their sum and LayerNormalization, with
   int64 ids and positions from ``Slice(arange buffer, 0, S)`` (the torch BERT export), vs

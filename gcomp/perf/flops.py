@@ -524,8 +524,10 @@ def _inferred(model: ir.Model, shapes: dict[str, Sequence[int]]) -> dict[str, tu
         out = _read_types(inferred)
         unknown_dims = any(t[0] is None or None in t[0] for t in out.values())
         incomplete = (bool(shapes) and unknown_dims) or len(out) < _value_count(proto)
-        # ORT's tool is pure Python (about 0.2 ms a node): past this size it would cost more
-        # than the profile it annotates, and the unknown costs stay unknown.
+        # ORT's tool is pure Python and linear in nodes (0.045 ms a node on an idle 2-core
+        # machine, 0.08-0.17 ms with other work on its cores; docs/measurements.md): past
+        # this size it would cost more than the profile it annotates, and the unknown costs
+        # stay unknown.
         if incomplete and len(proto.graph.node) <= SYMBOLIC_NODE_LIMIT:
             try:
                 # Why not ONNX's inference alone: its data propagation loses dims computed

@@ -6,9 +6,9 @@ Peaks come from two sources, both reported:
   AVX-512 16, AVX2/AVX 8, SSE/NEON 4) x 2 (a fused multiply-add is 2 FLOPs) x FMA units
   per core (assumed 2 with FMA, 1 without: ``/proc/cpuinfo`` does not say) x cores x
   clock (``cpuinfo_max_freq`` where the kernel exposes it, else ``cpu MHz``);
-- *measured*, by a short calibration (about a second): a float32 matrix product with
-  numpy's BLAS on all cores for FLOP/s, and a large array copy (read + write, one
-  thread, buffers well past the last-level cache) for bandwidth.
+- *measured*, by a short calibration (about 2 s; docs/measurements.md): a float32 matrix
+  product with numpy's BLAS on all cores for FLOP/s, and a large array copy (read +
+  write, one thread, buffers well past the last-level cache) for bandwidth.
 
 The roofline uses the measured figures (what software reaches); the theoretical peak is
 drawn as a second roof. Calibration results are cached per machine (CPU model, cores,

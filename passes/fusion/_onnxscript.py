@@ -6,7 +6,8 @@ and both live here, behind a version check:
 
 - the root op of a rule's pattern, to try a rule only at nodes of that op
   (:class:`RootFilteredRule`; onnxscript tries every rule at every node and lets the
-  matcher reject, ~10^5 calls on a small transformer with the commuted variants);
+  matcher reject, ~10^5 calls on a small transformer with the commuted variants;
+  docs/measurements.md);
 - the near misses of a rule set (:func:`near_misses`: the match tracer's records of
   matches whose ``check`` failed).
 

@@ -12,7 +12,7 @@ to the query axis when it would broadcast there (ORT's kernels broadcast over ba
 heads only).
 
 For ``ort-cpu`` only from 8 heads up (measured: below that ORT's own unfused kernels are
-faster; :data:`_CPU_MIN_HEADS`). Refused besides the core's cases: head reshapes whose H
+faster; :data:`_CPU_MIN_HEADS`; figures in docs/measurements.md). Refused besides the core's cases: head reshapes whose H
 and D disagree between Q, K and V or with the hidden size, projections that are not rank 3
 with a static hidden size or not float32/float16, batch or key lengths that differ, a merge
 reshape that does not keep [B, S], any intermediate used elsewhere.

@@ -5,9 +5,10 @@ same type), so ``LayerNormalization(Sum(a, b))`` is the model unchanged.
 
 Why: ONNX Runtime's session-time SkipLayerNormFusion turns ``Add -> LayerNormalization``
 into ``com.microsoft.SkipLayerNormalization`` whenever it can prove the operands' shapes
-equal, and on the CPU provider that kernel is 3-8x slower than the two ops it replaces
-(best of 60 x 20 runs, onnxruntime 1.31, 2 threads: [2,16,128] 24.9 vs 7.8 us; [2,128,256]
-201.5 vs 50.5 us; [2,197,192] 477.7 vs 60.7 us; docs/measurements.md). The fusion matches ``Add`` only.
+equal, and on the CPU provider that kernel is 3-20x slower than the two ops it replaces
+(best of 60 x 20 runs, onnxruntime 1.31, 2 threads, two sessions: [2,16,128] 24.9 vs 7.8 us,
+[2,128,256] 201.5 vs 50.5 us, [2,197,192] 477.7 vs 60.7 us in one; [2,128,256] 920 vs 46 us,
+[2,197,192] 534 vs 58 us in the other; docs/measurements.md). The fusion matches ``Add`` only.
 gcomp's own folding makes those shapes provable more often than in the exported model,
 so without this the optimized model could run slower than the original under
 ORT_ENABLE_ALL (the default runtime; measured on the zoo transformer: O2 0.87x before).
