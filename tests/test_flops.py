@@ -218,3 +218,23 @@ def test_a_fused_kernel_is_priced_from_its_member_nodes():
     assert row.bytes == 4 * (image + weight + bn + out)
     assert row.graph_node == "/stem/relu/Relu"
     assert row.gflops_per_s == pytest.approx(row.flops / 2e6)
+
+
+def test_shape_tool_fallback_never_writes_into_the_current_folder(tmp_path, monkeypatch):
+    """ORT's symbolic shape tool saves "sym_shape_infer_temp.onnx" in the current folder
+    when its inference is incomplete (here: an op of an unknown domain); gcomp runs it in
+    a temporary folder, so profiling a model leaves the user's folder as it was."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from gcomp.perf import flops
+
+    nodes = [helper.make_node("Foo", ["x"], ["t"], domain="custom"), helper.make_node("Relu", ["t"], ["u"]),
+             helper.make_node("MatMul", ["u", "x"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)])
+    monkeypatch.chdir(tmp_path)
+    costs = flops.graph_costs(ir.from_proto(proto), {"x": (4, 4)})
+    assert costs, "no costs computed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -48,7 +48,10 @@ __all__ = [
     "op_cost",
 ]
 
+import contextlib
 import math
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -538,7 +541,11 @@ def _inferred(model: ir.Model, shapes: dict[str, Sequence[int]]) -> dict[str, tu
                 # optional here, and the tool runs only when ONNX's result is incomplete.
                 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-                better = _read_types(SymbolicShapeInference.infer_shapes(proto, auto_merge=True))
+                # When its own inference is incomplete, the tool saves its result as
+                # "sym_shape_infer_temp.onnx" (+ external data) in the current folder: run
+                # it in a temporary one, so profiling never writes into the user's folder.
+                with _in_temporary_folder():
+                    better = _read_types(SymbolicShapeInference.infer_shapes(proto, auto_merge=True))
             except Exception:  # a tool for what ONNX's inference missed: best effort
                 better = {}
             for name, (shape, itemsize, dtype) in better.items():
@@ -548,6 +555,18 @@ def _inferred(model: ir.Model, shapes: dict[str, Sequence[int]]) -> dict[str, tu
         return out
 
     return call_without_weights(infer, model)
+
+
+@contextlib.contextmanager
+def _in_temporary_folder():
+    """Run with the process's current folder set to a fresh temporary one, removed after."""
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="gcomp-symbolic-") as folder:
+        os.chdir(folder)
+        try:
+            yield folder
+        finally:
+            os.chdir(previous)
 
 
 def _value_count(proto) -> int:
