@@ -1,0 +1,165 @@
+"""``--quantize`` end to end: budget, sensitivity, speed gate decisions, and refusals.
+
+Timings are never asserted (tests check behaviour): runs that would depend on this
+machine's speed use ``speed_gate=False`` / ``--no-speed-gate``, and the gate's decision
+is tested on given figures.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+import gcomp
+import models
+from gcomp import quantize as q
+from gcomp.runtime import reference
+from gcomp.verify.metrics import Budget, measure
+from tests.conftest import make_model, tensor, vinfo
+from tests.test_cli import DEFAULT, assert_one_line_error, gcomp as run_gcomp
+
+
+def _layers_model(scales=(1.0, 1.0, 1.0), k=64, seed=0):
+    """x -> MatMul(W0) -> Relu -> MatMul(W1) -> Relu -> MatMul(W2): one weight per scale.
+
+    A weight whose columns mix one huge value with small ones loses the small ones to
+    per-tensor int8 rounding; ``scales`` puts such outliers in chosen layers."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "x"
+    for i, s in enumerate(scales):
+        w = (rng.standard_normal((k, k)) * 0.1).astype(np.float32)
+        if s != 1.0:
+            w[0, :] *= s  # one row of outliers: the other rows lose their bits per tensor
+        inits.append(tensor(f"W{i}", w))
+        out = f"h{i}" if i < len(scales) - 1 else "y"
+        nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [f"m{i}" if out != "y" else "y"], name=f"layer{i}"))
+        if out != "y":
+            nodes.append(helper.make_node("Relu", [f"m{i}"], [out], name=f"relu{i}"))
+        prev = out
+    return ir.from_proto(make_model(nodes, [vinfo("x", shape=("batch", k))], [vinfo("y", shape=("batch", k))], inits))
+
+
+def test_int8_dynamic_keeps_cosine_within_the_default_budget_and_verifies():
+    model = models.build("transformer")
+    float_copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    result = gcomp.optimize(model, "O2", quantize="int8-dynamic", target="ort-cpu", speed_gate=False)
+    report = result.quantization
+    assert report is not None and report.quantized, report
+    assert result.verification.passed, result.verification.summary()
+    assert "accuracy budget cosine >= 0.99" in " ".join(result.verification.notes)
+    ops = {n.op_type for n in result.model.graph}
+    assert "DynamicQuantizeMatMul" in ops, ops
+    # independently of gcomp's own measure: the cosine on fresh inputs
+    rng = np.random.default_rng(7)
+    feeds = {"input_ids": rng.integers(0, 100, (1, 16)).astype(np.int64)}
+    feeds = {v.name: feeds.get(v.name, np.ones((1, 16), np.int64)) for v in float_copy.graph.inputs}
+    e = reference(float_copy).run(feeds)
+    a = reference(result.model).run(feeds)
+    cos = measure([e], [a], Budget())[0]
+    assert cos.within, f"cosine {cos.cosine}"
+    assert report.weight_bytes_after < 0.3 * report.weight_bytes_before
+
+
+def test_a_budget_not_met_returns_the_most_sensitive_node_to_float_by_name():
+    """Per-tensor int8 on a layer with an outlier row breaks max-abs; the other layers
+    are harmless: exactly that layer goes back to float, with its measured contribution."""
+    model = _layers_model(scales=(1.0, 400.0, 1.0))
+    result = gcomp.optimize(model, "O1", quantize="int8-dynamic", per_channel=False, metric="rel-l2",
+                            tolerance=0.02, speed_gate=False, verify=True)
+    back = [r["node"] for r in result.quantization.returned_to_float]
+    assert back == ["layer1"], result.quantization
+    assert result.quantization.returned_to_float[0]["contribution"] > 0.02
+    kept = {n.name: n.op_type for n in result.model.graph}
+    assert kept["layer1"] == "MatMul", kept
+    assert all(r["within"] for r in result.quantization.accuracy), result.quantization.accuracy
+    assert result.verification.passed
+
+
+def test_a_budget_no_quantization_meets_is_declined():
+    model = _layers_model(scales=(400.0, 400.0, 400.0))
+    with pytest.raises(q.QuantizationDeclined, match="cannot be met with any node quantized"):
+        gcomp.optimize(model, "O1", quantize="int8-dynamic", per_channel=False, metric="max-abs",
+                       tolerance=1e-9, speed_gate=False)
+
+
+@pytest.mark.parametrize(
+    ("mode", "speed", "declined"),
+    [
+        ("int8-dynamic", 1.4, False),
+        ("int8-dynamic", 1.0, True),  # not faster: declined
+        ("int4", 0.95, False),  # weight-only: 5 % slower is accepted (chosen for size)
+        ("int4", 0.85, True),  # more than 10 % slower: declined
+    ],
+)
+def test_the_speed_gate_decides_on_the_median_ratio(mode, speed, declined):
+    figures = {"speedup_median": speed, "float_ms_median": 2.0, "quantized_ms_median": 2.0 / speed,
+               "rounds": 30, "speedup_p10": speed - 0.1, "speedup_p90": speed + 0.1}
+    if declined:
+        with pytest.raises(q.QuantizationDeclined, match="nothing written"):
+            q._gate(mode, figures)
+    else:
+        q._gate(mode, figures)
+
+
+def test_int4_shrinks_matmul_weights_below_016x(tmp_path):
+    model = models.build("mlp")
+    result = gcomp.optimize(model, "O1", quantize="int4", target="ort-cpu", speed_gate=False)
+    report = result.quantization
+    assert report.weight_bytes_after <= 0.16 * report.weight_bytes_before, report
+    assert "MatMulNBits" in {n.op_type for n in result.model.graph}
+    assert result.verification.passed, result.verification.summary()
+
+
+def test_cli_quantize_writes_the_model_and_reports_it(tmp_path):
+    out, rep = tmp_path / "q.onnx", tmp_path / "q.json"
+    proc = run_gcomp("optimize", DEFAULT, "-o", out, "--quantize", "int8-dynamic", "--no-speed-gate",
+                     "--report", rep)
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists()
+    doc = json.loads(rep.read_text())
+    assert doc["quantization"]["mode"] == "int8-dynamic"
+    assert doc["options"]["quantize"] == "int8-dynamic" and doc["pipeline"] == "O2"
+    assert doc["verification"]["status"] == "passed"
+    assert "quantized (int8-dynamic" in proc.stdout
+
+
+def test_cli_declines_a_model_with_nothing_to_quantize_and_writes_nothing(tmp_path):
+    nodes = [helper.make_node("Relu", ["x"], ["y"])]
+    src = tmp_path / "relu.onnx"
+    src.write_bytes(make_model(nodes, [vinfo("x")], [vinfo("y")]).SerializeToString())
+    out = tmp_path / "out.onnx"
+    proc = run_gcomp("optimize", src, "-o", out, "--quantize", "int4", "--no-speed-gate")
+    assert_one_line_error(proc, code=1, contains="no MatMul/Gemm")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "contains"),
+    [
+        (["--metric", "cosine"], "--metric needs --quantize"),
+        (["--calibration", "nowhere"], "--calibration needs --quantize"),
+        (["--quantize", "int8-dynamic", "--calibration", "nowhere"], "no such file or folder"),
+        (["--quantize", "int8-dynamic", "--target", "tvm-llvm"], "TVM targets"),
+    ],
+)
+def test_cli_quantize_option_errors_are_one_line(tmp_path, args, contains):
+    out = tmp_path / "out.onnx"
+    proc = run_gcomp("optimize", DEFAULT, "-o", out, *args)
+    assert_one_line_error(proc, code=2, contains=contains)
+    assert not out.exists()
+
+
+def test_calibration_samples_are_what_accuracy_is_measured_on(tmp_path):
+    model = _layers_model()
+    folder = tmp_path / "cal"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(8):
+        np.savez(folder / f"{i}.npz", x=rng.standard_normal((2, 64)).astype(np.float32))
+    result = gcomp.optimize(model, "O1", quantize="int8-dynamic", calibration=folder, speed_gate=False)
+    assert result.quantization.samples == 8
+    assert "calibration data" in result.quantization.sample_source
