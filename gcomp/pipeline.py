@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = ["Checks", "PassStats", "Result", "optimize"]
 
+import dataclasses
 import gc
 import os
 import time
@@ -203,6 +204,9 @@ def optimize(
     options = _with_default_target(pipeline, dict(options))
     quant = _quantize_plan(quantize, calibration, metric, speed_gate, options, precision, pipeline) if quantize else None
     loaded = _load(model)
+    if quant is not None and quant.calibration is not None and inputs is None:
+        # verify on real data too: the first calibration sample
+        checks = dataclasses.replace(checks, inputs=_first_sample(loaded.model, quant.calibration))
     context = runtime.pass_context(timeout=verify_timeout, inputs=inputs, input_shapes=input_shapes, seed=seed)
     steps, recorded = _plan(pipeline, options, precision, checks, context)
     baseline = _baseline(loaded, checks, progress)
@@ -211,7 +215,7 @@ def optimize(
     before = model_stats(loaded.model)
     executed: list[tuple[str, ir.passes.PassBase]] = []
     stats = _run(loaded, steps, progress, executed, _after_pass(reference, pass_errors, pass_latency))
-    report = _quantize(loaded, quant, checks, progress) if quant else None
+    report = _quantize(loaded, quant, checks, progress, reference) if quant else None
     after = model_stats(loaded.model)
     verification = baseline.verification
     if reference is not None and quant is not None:
@@ -244,7 +248,13 @@ def _quantize_plan(mode, calibration, metric, speed_gate, options: dict[str, Any
                     str(calibration) if calibration is not None else None, speed_gate, target, mine)
 
 
-def _quantize(loaded: _Loaded, quant: Quantize, checks: Checks, progress) -> Any:
+def _first_sample(model: ir.Model, calibration: str) -> dict[str, np.ndarray]:
+    from gcomp.inputs import load_calibration
+
+    return load_calibration(calibration, model)[0]
+
+
+def _quantize(loaded: _Loaded, quant: Quantize, checks: Checks, progress, reference: Reference | None) -> Any:
     """Quantize the pipeline's result (gcomp.quantize); the model is replaced."""
     from gcomp.quantize import quantize
 
@@ -252,7 +262,7 @@ def _quantize(loaded: _Loaded, quant: Quantize, checks: Checks, progress) -> Any
     loaded.model, report = quantize(
         loaded.model, quant.mode, target=quant.target, budget=quant.budget, calibration=quant.calibration,
         inputs=checks.inputs, input_shapes=checks.input_shapes, speed_gate=quant.speed_gate,
-        options=quant.options, progress=say,
+        options=quant.options, progress=say, verification_feeds=reference.feeds if reference else None,
     )
     return report
 

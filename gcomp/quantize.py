@@ -107,12 +107,19 @@ def quantize(
     speed_gate: bool = True,
     options: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    verification_feeds: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[ir.Model, QuantReport]:
-    """The quantized model (a new one; ``model`` is not changed) and its report."""
+    """The quantized model (a new one; ``model`` is not changed) and its report.
+
+    ``verification_feeds``: the inputs the pipeline verifies on; they join the samples, so
+    the budget is met on what verification then checks."""
     budget = budget or Budget()
     say = progress or (lambda _text: None)
     pass_name, fixed = _mode(mode, target)
     samples, source = _samples(model, calibration, inputs, input_shapes)
+    if verification_feeds is not None and calibration is None and inputs is None:
+        samples = [dict(verification_feeds), *samples]
+        source += " and the verification inputs"
     expected = [_run(model, s) for s in samples]
     run = _Quantizer(model, pass_name, {**fixed, **dict(options or {}), "target": target}, samples, expected,
                      budget)
@@ -130,6 +137,7 @@ def quantize(
         say(f"quantize ({mode}): timing float and quantized models")
         report.speed = _speed(model, attempt.model, samples[0], target)
         _gate(mode, report.speed)
+    attempt.model.metadata_props["gcomp.quantize"] = mode
     return attempt.model, report
 
 

@@ -125,6 +125,10 @@ def test_cli_quantize_writes_the_model_and_reports_it(tmp_path):
     assert doc["options"]["quantize"] == "int8-dynamic" and doc["pipeline"] == "O2"
     assert doc["verification"]["status"] == "passed"
     assert "quantized (int8-dynamic" in proc.stdout
+    shown = run_gcomp("inspect", out)
+    assert "quantization: quantized (DynamicQuantizeMatMul x" in shown.stdout, shown.stdout
+    assert "by gcomp --quantize int8-dynamic" in shown.stdout
+    assert "quantization: none (float)" in run_gcomp("inspect", DEFAULT).stdout
 
 
 def test_cli_declines_a_model_with_nothing_to_quantize_and_writes_nothing(tmp_path):

@@ -77,6 +77,7 @@ def _model_info(model, m, stats) -> dict:
     import onnx_ir as ir
 
     from gcomp import io
+    from gcomp.passes.quant._common import already_quantized
 
     def describe(v):
         t = v.type
@@ -93,6 +94,9 @@ def _model_info(model, m, stats) -> dict:
         "inputs": [describe(v) for v in m.graph.inputs if v.const_value is None],
         "outputs": [describe(v) for v in m.graph.outputs],
         "external_data": sorted({str(t.location) for t in io.external_tensors(m)}),
+        # "already quantized (MatMulNBits x12 found)", or None for a float model
+        "quantization": already_quantized(m),
+        "quantized_by": m.metadata_props.get("gcomp.quantize"),
         **stats.to_dict(),
     }
 
@@ -119,6 +123,10 @@ def _print_model_info(model, m, stats, info: dict) -> None:
     for op, n in info["op_types"].items():
         hist.add_row(op, str(n))
     out.print(hist)
+    quantized = info["quantization"]
+    mode = f" by gcomp --quantize {info['quantized_by']}" if info["quantized_by"] else ""
+    out.print(f"quantization: {quantized.removeprefix('already ') + mode if quantized else 'none (float)'}",
+              markup=False)
     out.print(f"parameters: {stats.parameters:,} in {stats.initializers} initializers, "
               f"{human_bytes(stats.initializer_bytes)}" + (f"; external data: {', '.join(info['external_data'])}" if info["external_data"] else ""))
 
