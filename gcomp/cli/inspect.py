@@ -126,7 +126,7 @@ def _print_model_info(model, m, stats, info: dict) -> None:
     quantized = info["quantization"]
     mode = f" by gcomp --quantize {info['quantized_by']}" if info["quantized_by"] else ""
     out.print(f"quantization: {quantized.removeprefix('already ') + mode if quantized else 'none (float)'}",
-              markup=False)
+              markup=False, soft_wrap=True)
     out.print(f"parameters: {stats.parameters:,} in {stats.initializers} initializers, "
               f"{human_bytes(stats.initializer_bytes)}" + (f"; external data: {', '.join(info['external_data'])}" if info["external_data"] else ""))
 
