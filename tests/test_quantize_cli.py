@@ -124,6 +124,11 @@ def test_cli_quantize_writes_the_model_and_reports_it(tmp_path):
     assert doc["quantization"]["mode"] == "int8-dynamic"
     assert doc["options"]["quantize"] == "int8-dynamic" and doc["pipeline"] == "O2"
     assert doc["verification"]["status"] == "passed"
+    from gcomp.report import render_html, render_markdown
+
+    assert "## Quantization (int8-dynamic, ort-cpu)" in render_markdown(doc)
+    assert "| both inputs are activations |" in render_markdown(doc)  # the kept-float decisions
+    assert 'quant-nodes' in render_html(doc)
     assert "quantized (int8-dynamic" in proc.stdout
     shown = run_gcomp("inspect", out)
     assert "quantization: quantized (DynamicQuantizeMatMul x" in shown.stdout, shown.stdout

@@ -14,7 +14,7 @@ from typing import Any
 from gcomp.report.charts import grouped_hbars, waterfall
 from gcomp.report.html_compare import comparison_charts
 from gcomp.report.html_profile import environment, profile_sections
-from gcomp.report.markup import cards, esc, fmt_bytes, section, table
+from gcomp.report.markup import cards, esc, fmt_bytes, generic_table, section, table
 
 _PASS_HEADER = [
     ("pass", False),
@@ -63,6 +63,7 @@ def optimize_page(doc: dict[str, Any]) -> tuple[str, str, str]:
         ),
         _op_types_section(doc["before"], doc["after"]),
         _verification_section(doc.get("verification")),
+        _quantization_section(doc.get("quantization")),
         _profiles_sections(doc.get("profiles") or {}),
         section("Environment", "", environment(doc), "env"),
     ]
@@ -224,6 +225,27 @@ def _verification_section(v: dict[str, Any] | None) -> str:
     return section(
         "Verification", esc(v.get("reason") or ""), table("verify", _VERIFY_HEADER, rows), "verify"
     )
+
+
+def _quantization_section(q: dict[str, Any] | None) -> str:
+    """Accuracy per output, then every candidate node's decision (empty without quantization)."""
+    if not q:
+        return ""
+    speed = q.get("speed")
+    note = f"Mode {q['mode']} for {q['target']}; budget {q['budget']} on {q['samples']} sample(s) from " \
+           f"{q['sample_source']}."
+    if speed:
+        note += (f" Speed on ONNX Runtime: float {speed['float_ms_median']:.3f} ms, quantized "
+                 f"{speed['quantized_ms_median']:.3f} ms ({speed['speedup_median']:.2f}x, "
+                 f"p10–p90 {speed['speedup_p10']:.2f}–{speed['speedup_p90']:.2f}x).")
+    if q.get("weight_bytes_before"):
+        note += f" Weights {fmt_bytes(q['weight_bytes_before'])} → {fmt_bytes(q['weight_bytes_after'])}."
+    rows = [{"node": r["node"], "decision": "quantized", "detail": r.get("op_type")} for r in q["quantized"]]
+    rows += [{"node": r["node"], "decision": "kept float (accuracy)", "detail": r["reason"]}
+             for r in q["returned_to_float"]]
+    rows += [{"node": r["node"], "decision": "kept float", "detail": r["reason"]} for r in q["skipped"]]
+    accuracy = generic_table("quant-acc", [dict(a) for a in q["accuracy"]])
+    return section("Quantization", esc(note), accuracy + generic_table("quant-nodes", rows), "quant")
 
 
 def _profiles_sections(profiles: dict[str, Any]) -> str:

@@ -37,11 +37,37 @@ def _optimize_md(doc: dict[str, Any]) -> str:
     out += _before_after_md(doc)
     out += _passes_md(doc["passes"])
     out += _verification_md(doc.get("verification"))
+    out += _quantization_md(doc.get("quantization"))
     profiles = doc.get("profiles")
     if profiles:
         out.append("## Profiles before / after\n")
         out.append(_latency_table(["before", "after"], [profiles["before"], profiles["after"]]))
     return "\n".join(out)
+
+
+def _quantization_md(q: dict[str, Any] | None) -> list[str]:
+    """The quantization's accuracy, size, speed and per-node decisions (empty without one)."""
+    if not q:
+        return []
+    out = [f"## Quantization ({q['mode']}, {q['target']})\n",
+           f"Accuracy budget {q['budget']} on {q['samples']} sample(s) from {q['sample_source']}.\n"]
+    out.append(_table(["output", "error", "cosine", "within"],
+                      [[a["name"], f"{a['error']:.4g}", _num(a.get("cosine"), ".5f"), "yes" if a["within"] else "NO"]
+                       for a in q["accuracy"]]))
+    if q.get("weight_bytes_before"):
+        ratio = q["weight_bytes_after"] / q["weight_bytes_before"]
+        out.append(f"\nWeights quantized: {human_bytes(q['weight_bytes_before'])} → "
+                   f"{human_bytes(q['weight_bytes_after'])} ({ratio:.3f}x).\n")
+    speed = q.get("speed")
+    if speed:
+        out.append(f"Speed (ONNX Runtime, {speed['rounds']} interleaved runs): float {speed['float_ms_median']:.3f} ms, "
+                   f"quantized {speed['quantized_ms_median']:.3f} ms, {speed['speedup_median']:.2f}x "
+                   f"(p10–p90 {speed['speedup_p10']:.2f}–{speed['speedup_p90']:.2f}x).\n")
+    decisions = [[r["node"], "quantized", r.get("op_type", "")] for r in q["quantized"]]
+    decisions += [[r["node"], "kept float (accuracy)", r["reason"]] for r in q["returned_to_float"]]
+    decisions += [[r["node"], "kept float", r["reason"]] for r in q["skipped"]]
+    out.append(_table(["node", "decision", "why / op"], decisions))
+    return out
 
 
 def _before_after_md(doc: dict[str, Any]) -> list[str]:
