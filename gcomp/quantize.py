@@ -27,6 +27,7 @@ from __future__ import annotations
 
 __all__ = ["MODES", "QuantizationDeclined", "QuantReport", "budget_of", "quantize", "summary"]
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -44,11 +45,13 @@ from gcomp.verify.metrics import Budget, OutputError, measure
 
 # mode -> (registry pass, its options)
 MODES: dict[str, tuple[str, dict[str, Any]]] = {
+    "int8": ("quantize-static", {}),
     "int8-dynamic": ("quantize-dynamic", {}),
     "int8-weights": ("quantize-weights", {"bits": 8}),
     "int4": ("quantize-weights", {"bits": 4}),
 }
 WEIGHT_ONLY = frozenset({"int8-weights", "int4"})
+CALIBRATED = frozenset({"int8"})  # modes that need real calibration data
 WEIGHT_ONLY_SLOWDOWN = 1.10  # weight-only modes are refused only when more than 10 % slower
 GENERATED_SAMPLES = 4
 SPEED_ROUNDS = 30  # interleaved float/quantized runs (after warm-up); the median ratio decides
@@ -116,6 +119,10 @@ def quantize(
     budget = budget or Budget()
     say = progress or (lambda _text: None)
     pass_name, fixed = _mode(mode, target)
+    if mode in CALIBRATED and calibration is None:
+        raise OptionError(f"--quantize {mode} calibrates activation ranges and needs real data: give "
+                          "--calibration PATH (a folder of .npz samples, test_data_set_* folders, or one .npz with a "
+                          "leading sample axis; at least 8 samples); generated inputs calibrate nothing real")
     samples, source = _samples(model, calibration, inputs, input_shapes)
     if verification_feeds is not None and calibration is None and inputs is None:
         samples = [dict(verification_feeds), *samples]
@@ -179,7 +186,7 @@ class _Quantizer:
         options = dict(options)
         self.excluded = frozenset(options.pop("exclude_nodes", ()) or ())
         self.options = options
-        self.context = runtime.pass_context()
+        self.context = dataclasses.replace(runtime.pass_context(), calibration=tuple(samples))
 
     def attempt(self, excluded: frozenset[str]) -> _Attempt:
         copy = _copy(self.model)

@@ -120,6 +120,9 @@ class PassContext:
     capabilities: Callable[[str], Capabilities] | None = None
     specialize: Callable[[ir.Model, Any], ir.Model] | None = None
     inputs: Callable[[ir.Model, str | None], dict[str, np.ndarray]] | None = None
+    # The samples a calibrating pass (static int8) measures activation ranges on: a list of
+    # feed dicts; the core sets it from --calibration.
+    calibration: Sequence[Mapping[str, np.ndarray]] | None = None
 
     def target(self, name: str) -> Capabilities:
         if self.capabilities is None:
