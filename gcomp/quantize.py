@@ -13,7 +13,9 @@ produced (fusion first, so fused ops are quantized as units):
    measured (the error with only that node quantized); the most sensitive nodes return
    to float, the fewest that meet the budget (found by bisection over the ranking), and
    they are reported by ONNX node name with their contribution.
-4. **Speed gate**: float and quantized models are timed on ONNX Runtime (all its
+4. **Speed gate**: for int8-dynamic, each quantized node is first timed alone against its
+   float form (:mod:`gcomp.quantize_regions`); nodes slower quantized return to float.
+   Then float and quantized models are timed on ONNX Runtime (all its
    optimizations, the target's device) interleaved in one process. int8 must be faster
    (median ratio > 1); weight-only modes are chosen for size and are refused only when
    more than :data:`WEIGHT_ONLY_SLOWDOWN` slower. ``speed_gate=False`` skips it.
@@ -52,6 +54,7 @@ MODES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 WEIGHT_ONLY = frozenset({"int8-weights", "int4"})
 CALIBRATED = frozenset({"int8"})  # modes that need real calibration data
+PER_NODE_GATE = frozenset({"int8-dynamic"})  # each quantized node is a region of its own (gcomp.quantize_regions)
 WEIGHT_ONLY_SLOWDOWN = 1.10  # weight-only modes are refused only when more than 10 % slower
 GENERATED_SAMPLES = 4
 SPEED_ROUNDS = 30  # interleaved float/quantized runs (after warm-up); the median ratio decides
@@ -77,6 +80,7 @@ class QuantReport:
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
     speed: dict[str, Any] | None = None
+    regions: list[dict[str, Any]] = field(default_factory=list)  # per-node timings (int8-dynamic)
     note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +92,7 @@ class _Attempt:
     model: ir.Model
     details: dict[str, Any]
     errors: list[OutputError]
+    excluded: frozenset[str] = frozenset()
 
     @property
     def within(self) -> bool:
@@ -139,6 +144,9 @@ def quantize(
     if not attempt.within:
         say(f"quantize ({mode}): {budget.describe()} not met; measuring each node's contribution")
         attempt, report.returned_to_float = run.meet_budget(attempt)
+    if speed_gate and mode in PER_NODE_GATE:
+        say(f"quantize ({mode}): timing each quantized node against its float form")
+        attempt = _per_node_gate(run, attempt, report, samples[0], target)
     _describe(report, attempt)
     if speed_gate:
         say(f"quantize ({mode}): timing float and quantized models")
@@ -195,7 +203,7 @@ class _Quantizer:
         result = step(copy)
         details = getattr(result, "details", {}) or {}
         actual = [_run(result.model, s) for s in self.samples] if details.get("quantized") else self.expected
-        return _Attempt(result.model, details, measure(self.expected, actual, self.budget))
+        return _Attempt(result.model, details, measure(self.expected, actual, self.budget), excluded)
 
     def meet_budget(self, full: _Attempt) -> tuple[_Attempt, list[dict[str, Any]]]:
         """Return the most sensitive nodes to float, the fewest that meet the budget."""
@@ -223,6 +231,26 @@ class _Quantizer:
         back = [{"node": n, "contribution": contribution[n], "reason": f"alone it costs {self.budget.metric} "
                  f"{contribution[n]:.4g}"} for n in ranked[:k]]
         return attempt, back
+
+
+def _per_node_gate(run: _Quantizer, attempt: _Attempt, report: QuantReport, feeds, target: str) -> _Attempt:
+    """Nodes slower quantized than float return to float (measured one node at a time)."""
+    from gcomp.quantize_regions import ROUNDS, slower_nodes
+
+    names = [q["node"] for q in attempt.details["quantized"]]
+    timings = slower_nodes(run.model, names, feeds, pass_name=run.pass_name, options=run.options, target=target)
+    report.regions = [dict(t.to_dict(), decision="quantized" if t.faster else "float (slower quantized)")
+                      for t in timings]
+    slow = [t for t in timings if not t.faster]
+    if not slow:
+        return attempt
+    narrower = run.attempt(attempt.excluded | {t.node for t in slow})
+    if not narrower.within or not narrower.details.get("quantized"):
+        return attempt  # keeping those nodes quantized is what met the budget (or all were slower)
+    report.returned_to_float += [{"node": t.node, "contribution": None, "reason": (
+        f"slower quantized: {t.quantized_us:.1f} us vs {t.float_us:.1f} us float (median of "
+        f"{ROUNDS} interleaved runs of the node alone)")} for t in slow]
+    return narrower
 
 
 def _nothing_to_quantize(mode: str, details: Mapping[str, Any]) -> str:

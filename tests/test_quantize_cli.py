@@ -172,3 +172,39 @@ def test_calibration_samples_are_what_accuracy_is_measured_on(tmp_path):
     result = gcomp.optimize(model, "O1", quantize="int8-dynamic", calibration=folder, speed_gate=False)
     assert result.quantization.samples == 8
     assert "calibration data" in result.quantization.sample_source
+
+
+def test_a_node_slower_quantized_returns_to_float_with_its_times(monkeypatch):
+    """The per-node gate (gcomp.quantize_regions) on given timings: only the slower node
+    goes back to float, and the report gives both times."""
+    from gcomp import quantize_regions
+
+    def fake_time(name, floaty, quantized, feeds, target):
+        assert {n.op_type for n in quantized.graph} != {n.op_type for n in floaty.graph}  # really quantized
+        slow = name == "layer2"
+        return quantize_regions.NodeTiming(name, 10.0, 12.0 if slow else 5.0)
+
+    monkeypatch.setattr(quantize_regions, "_time", fake_time)
+    monkeypatch.setattr(q, "_speed", lambda *a: {"speedup_median": 1.5, "float_ms_median": 1.0,
+                                                 "quantized_ms_median": 0.7, "rounds": 1,
+                                                 "speedup_p10": 1.4, "speedup_p90": 1.6})
+    result = gcomp.optimize(_layers_model(), "O1", quantize="int8-dynamic")
+    report = result.quantization
+    assert [r["node"] for r in report.returned_to_float] == ["layer2"]
+    assert "slower quantized: 12.0 us vs 10.0 us float" in report.returned_to_float[0]["reason"]
+    assert {r["node"]: r["decision"] for r in report.regions} == {
+        "layer0": "quantized", "layer1": "quantized", "layer2": "float (slower quantized)"}
+    assert {n.name: n.op_type for n in result.model.graph}["layer2"] == "MatMul"
+
+
+def test_one_node_models_run_for_every_quantized_node():
+    """Real timings (values not asserted): every quantized node gets a float and a
+    quantized one-node model that run on its real activation."""
+    from gcomp import quantize_regions
+
+    model = _layers_model()
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)}
+    timings = quantize_regions.slower_nodes(model, ["layer0", "layer1", "layer2"], feeds,
+                                            pass_name="quantize-dynamic", options={}, target="ort-cpu")
+    assert [t.node for t in timings] == ["layer0", "layer1", "layer2"]
+    assert all(t.float_us > 0 and t.quantized_us > 0 for t in timings)

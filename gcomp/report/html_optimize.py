@@ -245,7 +245,8 @@ def _quantization_section(q: dict[str, Any] | None) -> str:
              for r in q["returned_to_float"]]
     rows += [{"node": r["node"], "decision": "kept float", "detail": r["reason"]} for r in q["skipped"]]
     accuracy = generic_table("quant-acc", [dict(a) for a in q["accuracy"]])
-    return section("Quantization", esc(note), accuracy + generic_table("quant-nodes", rows), "quant")
+    regions = generic_table("quant-regions", q["regions"]) if q.get("regions") else ""
+    return section("Quantization", esc(note), accuracy + regions + generic_table("quant-nodes", rows), "quant")
 
 
 def _profiles_sections(profiles: dict[str, Any]) -> str:

@@ -63,6 +63,12 @@ def _quantization_md(q: dict[str, Any] | None) -> list[str]:
         out.append(f"Speed (ONNX Runtime, {speed['rounds']} interleaved runs): float {speed['float_ms_median']:.3f} ms, "
                    f"quantized {speed['quantized_ms_median']:.3f} ms, {speed['speedup_median']:.2f}x "
                    f"(p10–p90 {speed['speedup_p10']:.2f}–{speed['speedup_p90']:.2f}x).\n")
+    if q.get("regions"):
+        out.append("Each quantized node timed alone, float against quantized (median µs):\n")
+        out.append(_table(["node", "float µs", "quantized µs", "decision"],
+                          [[r["node"], f"{r['float_us']:.1f}", f"{r['quantized_us']:.1f}", r["decision"]]
+                           for r in q["regions"]]))
+        out.append("")
     decisions = [[r["node"], "quantized", r.get("op_type", "")] for r in q["quantized"]]
     decisions += [[r["node"], "kept float (accuracy)", r["reason"]] for r in q["returned_to_float"]]
     decisions += [[r["node"], "kept float", r["reason"]] for r in q["skipped"]]

@@ -1,0 +1,125 @@
+"""The per-node half of the quantization speed gate: a node that is slower quantized
+goes back to float.
+
+For ``int8-dynamic``, each quantized MatMul/Gemm is a region of its own: its activation is
+quantized at run time inside the node. Whether that pays depends on the node's size (a
+small classifier head spends more quantizing its input than it saves in the product), so
+it is measured, not guessed: every quantized node is rebuilt as a one-node model on the
+activation it really receives (its shape and values, from one run of the float model on
+the first sample), quantized by the same pass with the same options, and both one-node
+models run on ONNX Runtime (all optimizations, the target's device) interleaved in one
+process, :data:`ROUNDS` times each. A node whose quantized median time is not below its
+float one returns to float, and the report gives both times.
+
+Weight-only modes are chosen for size and are not gated per node; their whole-model
+gate (gcomp.quantize) stays.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ROUNDS", "NodeTiming", "slower_nodes"]
+
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from gcomp import registry, runtime
+from gcomp.backends.ort import OrtBackend
+from gcomp.errors import GcompError
+from gcomp.passes.quant._common import Candidate, linear_candidates, read_const
+
+ROUNDS = 40  # interleaved runs of each one-node model (after warm-up)
+
+
+@dataclass
+class NodeTiming:
+    node: str
+    float_us: float
+    quantized_us: float
+
+    @property
+    def faster(self) -> bool:
+        return self.quantized_us < self.float_us
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "float_us": self.float_us, "quantized_us": self.quantized_us,
+                "speedup": self.float_us / self.quantized_us if self.quantized_us else None}
+
+
+def slower_nodes(model: ir.Model, nodes: Sequence[str], feeds: Mapping[str, np.ndarray], *, pass_name: str,
+                 options: Mapping[str, Any], target: str) -> list[NodeTiming]:
+    """Timings of every node of ``nodes`` (ONNX names in the float ``model``) that could be
+    measured, float against quantized, on the activation it receives for ``feeds``."""
+    found = {c.name: c for c in linear_candidates(model.graph, ("MatMul", "Gemm")) if c.name in set(nodes)}
+    activations = _activations(model, [c.activation for c in found.values()], feeds)
+    timings = []
+    for name, c in found.items():
+        x = activations.get(c.activation.name)
+        if x is None:
+            continue
+        floaty = _one_node_model(model, c, x)
+        quantized = floaty.clone()
+        step = registry.get_pass(pass_name).create(context=runtime.pass_context(), **{**options, "target": target})
+        if not (getattr(step(quantized), "details", {}) or {}).get("quantized"):
+            continue
+        timings.append(_time(name, floaty, quantized, {"x": x}, target))
+    return timings
+
+
+def _activations(model: ir.Model, values: Sequence[ir.Value], feeds) -> dict[str, np.ndarray]:
+    """The values ``values`` take for ``feeds`` (one run with them exposed as outputs)."""
+    copy = model.clone()
+    wanted = {v.name for v in values}
+    outputs = {v.name for v in copy.graph.outputs}
+    for node in copy.graph:
+        for v in node.outputs:
+            if v.name in wanted and v.name not in outputs:
+                if v.type is None:
+                    v.type = ir.TensorType(ir.DataType.FLOAT)  # the pass quantizes float32 activations only
+                copy.graph.outputs.append(v)
+    given = {v.name for v in copy.graph.inputs}
+    run = runtime.reference(copy).run(feeds)
+    found = {k: np.asarray(v) for k, v in run.items() if k in wanted}
+    found.update({k: np.asarray(feeds[k]) for k in wanted & given if k in feeds})
+    return found
+
+
+def _one_node_model(model: ir.Model, c: Candidate, x: np.ndarray) -> ir.Model:
+    """``c``'s node alone: input ``x`` of the activation's shape, its constants as initializers."""
+    xv = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(list(x.shape)))
+    initializers = []
+    inputs: list[ir.Value | None] = [xv]
+    for i, value in enumerate(c.node.inputs[1:], start=1):
+        const = read_const(value)
+        if const is None:
+            raise GcompError(f"node '{c.name}': input {i} is not a constant")
+        v = ir.Value(name=f"c{i}", const_value=ir.tensor(np.ascontiguousarray(const.array), name=f"c{i}"))
+        initializers.append(v)
+        inputs.append(v)
+    attributes = [ir.Attr(a.name, a.type, a.value) for a in c.node.attributes.values()]
+    node = ir.Node("", c.op_type, inputs, attributes=attributes, name=c.name, num_outputs=1)
+    node.outputs[0].name = "y"
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([xv], node.outputs, nodes=[node], initializers=initializers,
+                     opset_imports=dict(model.opset_imports), name="one-node")
+    return ir.Model(graph, ir_version=model.ir_version or 10)
+
+
+def _time(name: str, floaty: ir.Model, quantized: ir.Model, feeds, target: str) -> NodeTiming:
+    device = "cuda" if target.endswith("cuda") else "cpu"
+    exes = [OrtBackend().compile(m, device) for m in (floaty, quantized)]
+    for exe in exes:
+        for _ in range(3):
+            exe.run(feeds)
+    times: list[list[float]] = [[], []]
+    for _ in range(ROUNDS):
+        for i, exe in enumerate(exes):
+            t0 = time.perf_counter()
+            exe.run(feeds)
+            times[i].append((time.perf_counter() - t0) * 1e6)
+    return NodeTiming(name, statistics.median(times[0]), statistics.median(times[1]))
