@@ -215,11 +215,12 @@ def optimize(
     before = model_stats(loaded.model)
     executed: list[tuple[str, ir.passes.PassBase]] = []
     stats = _run(loaded, steps, progress, executed, _after_pass(reference, pass_errors, pass_latency))
+    float_model = loaded.model
     report = _quantize(loaded, quant, checks, progress, reference) if quant else None
     after = model_stats(loaded.model)
     verification = baseline.verification
     if reference is not None and quant is not None:
-        verification = reference.check_budget(loaded.model, quant.budget)
+        verification = _check_quantized(reference, float_model, loaded.model, quant.budget)
     elif reference is not None:
         verification = _check(loaded, baseline, executed, checks, progress)
     if quant is not None:
@@ -246,6 +247,18 @@ def _quantize_plan(mode, calibration, metric, speed_gate, options: dict[str, Any
         options.pop("target", None)
     return Quantize(mode, Budget(metric or "cosine", 0.01 if tolerance is None else float(tolerance)),
                     str(calibration) if calibration is not None else None, speed_gate, target, mine)
+
+
+def _check_quantized(reference: Reference, float_model: ir.Model, quantized: ir.Model, budget: Budget):
+    """Verification under the budget; a miss names the first node over it."""
+    from gcomp.verify.divergence import first_divergent_node
+
+    verification = reference.check_budget(quantized, budget)
+    if not verification.passed and verification.outputs:
+        divergence = first_divergent_node(float_model, quantized, reference.feeds, budget)
+        if divergence is not None:
+            verification.reason += f"; {divergence.describe(budget)}"
+    return verification
 
 
 def _first_sample(model: ir.Model, calibration: str) -> dict[str, np.ndarray]:

@@ -15,6 +15,8 @@ import pytest
 from onnx import helper
 
 import gcomp
+import gcomp.pipeline
+import gcomp.runtime
 import models
 from gcomp import quantize as q
 from gcomp.runtime import reference
@@ -208,3 +210,20 @@ def test_one_node_models_run_for_every_quantized_node():
                                             pass_name="quantize-dynamic", options={}, target="ort-cpu")
     assert [t.node for t in timings] == ["layer0", "layer1", "layer2"]
     assert all(t.float_us > 0 and t.quantized_us > 0 for t in timings)
+
+
+def test_a_verification_miss_names_the_first_node_over_the_budget():
+    """Quantize layer1 alone per tensor against its outlier row, then check under a budget
+    it misses: the walk through the intermediate values names layer1, not a later node."""
+    from gcomp.verify.divergence import first_divergent_node
+
+    float_model = _layers_model(scales=(1.0, 400.0, 1.0))
+    quantized = float_model.clone()
+    step = gcomp.pipeline.registry.get_pass("quantize-dynamic").create(
+        context=gcomp.runtime.pass_context(), per_channel=False, exclude_nodes=("layer0", "layer2"))
+    assert step(quantized).details["quantized"]
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)}
+    found = first_divergent_node(float_model, quantized, feeds, Budget("rel-l2", 0.02))
+    assert found is not None and found.node == "layer1", found
+    assert found.error > 0.02
+    assert first_divergent_node(float_model, float_model.clone(), feeds, Budget("rel-l2", 0.02)) is None
