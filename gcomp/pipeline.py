@@ -204,9 +204,7 @@ def optimize(
     options = _with_default_target(pipeline, dict(options))
     quant = _quantize_plan(quantize, calibration, metric, speed_gate, options, precision, pipeline) if quantize else None
     loaded = _load(model)
-    if quant is not None and quant.calibration is not None and inputs is None:
-        # verify on real data too: the first calibration sample
-        checks = dataclasses.replace(checks, inputs=_first_sample(loaded.model, quant.calibration))
+    checks = _on_calibration_data(checks, quant, loaded.model)
     context = runtime.pass_context(timeout=verify_timeout, inputs=inputs, input_shapes=input_shapes, seed=seed)
     steps, recorded = _plan(pipeline, options, precision, checks, context)
     baseline = _baseline(loaded, checks, progress)
@@ -219,10 +217,9 @@ def optimize(
     report = _quantize(loaded, quant, checks, progress, reference) if quant else None
     after = model_stats(loaded.model)
     verification = baseline.verification
-    if reference is not None and quant is not None:
-        verification = _check_quantized(reference, float_model, loaded.model, quant.budget)
-    elif reference is not None:
-        verification = _check(loaded, baseline, executed, checks, progress)
+    if reference is not None:
+        verification = (_check_quantized(reference, float_model, loaded.model, quant.budget) if quant
+                        else _check(loaded, baseline, executed, checks, progress))
     if quant is not None:
         recorded = dict(recorded, quantize=quant.mode, metric=quant.budget.metric, tolerance=quant.budget.tolerance)
     return Result(
@@ -261,10 +258,13 @@ def _check_quantized(reference: Reference, float_model: ir.Model, quantized: ir.
     return verification
 
 
-def _first_sample(model: ir.Model, calibration: str) -> dict[str, np.ndarray]:
+def _on_calibration_data(checks: Checks, quant: Quantize | None, model: ir.Model) -> Checks:
+    """Verify a model quantized on calibration data on real data too: its first sample."""
+    if quant is None or quant.calibration is None or checks.inputs is not None:
+        return checks
     from gcomp.inputs import load_calibration
 
-    return load_calibration(calibration, model)[0]
+    return dataclasses.replace(checks, inputs=load_calibration(quant.calibration, model)[0])
 
 
 def _quantize(loaded: _Loaded, quant: Quantize, checks: Checks, progress, reference: Reference | None) -> Any:
