@@ -276,6 +276,7 @@ def _quantize(loaded: _Loaded, quant: Quantize, checks: Checks, progress, refere
         loaded.model, quant.mode, target=quant.target, budget=quant.budget, calibration=quant.calibration,
         inputs=checks.inputs, input_shapes=checks.input_shapes, speed_gate=quant.speed_gate,
         options=quant.options, progress=say, verification_feeds=reference.feeds if reference else None,
+        timeout=checks.verify_timeout, max_tensor_bytes=checks.max_tensor_bytes,
     )
     return report
 

@@ -10,7 +10,8 @@ produced (fusion first, so fused ops are quantized as units):
    error against the float model on every sample under the budget's metric
    (:mod:`gcomp.verify.metrics`; default cosine >= 0.99).
 3. **Sensitivity**, when the budget is not met: each quantized node's contribution is
-   measured (the error with only that node quantized); the most sensitive nodes return
+   measured (the error of its own output quantized, on the activation it really
+   receives: :mod:`gcomp.quantize_regions`); the most sensitive nodes return
    to float, the fewest that meet the budget (found by bisection over the ranking), and
    they are reported by ONNX node name with their contribution.
 4. **Speed gate**: for int8-dynamic, each quantized node is first timed alone against its
@@ -42,7 +43,9 @@ import onnx_ir as ir
 from gcomp import inputs as _inputs
 from gcomp import registry, runtime
 from gcomp.backends.ort import OrtBackend
-from gcomp.errors import GcompError, OptionError
+from gcomp.errors import BackendError, GcompError, OptionError, first_line
+from gcomp.verify.limits import DEFAULT_MAX_TENSOR_BYTES, huge_tensor
+from gcomp.verify.reference import DEFAULT_RUN_TIMEOUT
 from gcomp.verify.metrics import Budget, OutputError, measure
 
 # mode -> (registry pass, its options)
@@ -116,11 +119,14 @@ def quantize(
     options: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
     verification_feeds: Mapping[str, np.ndarray] | None = None,
+    timeout: float | None = None,
+    max_tensor_bytes: int | None = None,
 ) -> tuple[ir.Model, QuantReport]:
     """The quantized model (a new one; ``model`` is not changed) and its report.
 
     ``verification_feeds``: the inputs the pipeline verifies on; they join the samples, so
-    the budget is met on what verification then checks."""
+    the budget is met on what verification then checks. ``timeout`` (seconds per model run)
+    and ``max_tensor_bytes`` bound every run the way verification bounds its own."""
     budget = budget or Budget()
     say = progress or (lambda _text: None)
     pass_name, fixed = _mode(mode, target)
@@ -132,9 +138,9 @@ def quantize(
     if verification_feeds is not None and calibration is None and inputs is None:
         samples = [dict(verification_feeds), *samples]
         source += " and the verification inputs"
-    expected = [_run(model, s) for s in samples]
+    expected = _float_outputs(model, samples, source, timeout, max_tensor_bytes)
     run = _Quantizer(model, pass_name, {**fixed, **dict(options or {}), "target": target}, samples, expected,
-                     budget)
+                     budget, timeout)
     say(f"quantize ({mode}): quantizing")
     attempt = run.attempt(frozenset(run.excluded))
     report = QuantReport(mode, target, budget.describe(), len(samples), source)
@@ -177,20 +183,35 @@ def _samples(model, calibration, inputs, input_shapes) -> tuple[list[dict[str, n
     return samples, f"{GENERATED_SAMPLES} generated samples (seeded; --calibration gives real data)"
 
 
-def _run(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return runtime.reference(model).run(feeds)
+def _run(model: ir.Model, feeds: Mapping[str, np.ndarray], timeout: float | None) -> dict[str, np.ndarray]:
+    return runtime.reference(model).run(feeds, timeout=timeout or DEFAULT_RUN_TIMEOUT)
+
+
+def _float_outputs(model, samples, source: str, timeout, max_tensor_bytes) -> list[dict[str, np.ndarray]]:
+    """The float model's outputs on every sample, under verification's limits: nothing runs
+    that would allocate a tensor over ``max_tensor_bytes`` or loop forever, and every run
+    has a deadline."""
+    too_big = huge_tensor(model, max_tensor_bytes or DEFAULT_MAX_TENSOR_BYTES)
+    if too_big:
+        raise QuantizationDeclined(f"cannot measure accuracy: {too_big}; nothing written")
+    try:
+        return [_run(model, s, timeout) for s in samples]
+    except BackendError as e:
+        raise QuantizationDeclined(f"cannot measure accuracy: the float model does not run on {source}: "
+                                   f"{first_line(e)}; nothing written") from None
 
 
 def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    return model.clone()
 
 
 class _Quantizer:
     """Quantizes copies of one float model with one pass, leaving chosen nodes float."""
 
-    def __init__(self, model, pass_name, options, samples, expected, budget: Budget) -> None:
+    def __init__(self, model, pass_name, options, samples, expected, budget: Budget, timeout=None) -> None:
         self.model, self.pass_name, self.samples, self.expected, self.budget = (
             model, pass_name, samples, expected, budget)
+        self.timeout = timeout
         options = dict(options)
         self.excluded = frozenset(options.pop("exclude_nodes", ()) or ())
         self.options = options
@@ -202,16 +223,18 @@ class _Quantizer:
             context=self.context, exclude_nodes=tuple(sorted(excluded)), **self.options)
         result = step(copy)
         details = getattr(result, "details", {}) or {}
-        actual = [_run(result.model, s) for s in self.samples] if details.get("quantized") else self.expected
+        actual = ([_run(result.model, s, self.timeout) for s in self.samples] if details.get("quantized")
+                  else self.expected)
         return _Attempt(result.model, details, measure(self.expected, actual, self.budget), excluded)
 
     def meet_budget(self, full: _Attempt) -> tuple[_Attempt, list[dict[str, Any]]]:
         """Return the most sensitive nodes to float, the fewest that meet the budget."""
+        from gcomp.quantize_regions import local_errors
+
         nodes = [q["node"] for q in full.details["quantized"]]
-        contribution = {}
-        for node in nodes:  # the error with only this node quantized
-            alone = self.attempt(self.excluded | (frozenset(nodes) - {node}))
-            contribution[node] = alone.worst
+        contribution = local_errors(self.model, nodes, self.samples[0], self.budget, pass_name=self.pass_name,
+                                    options=self.options, target=self.options.get("target", "ort-cpu"))
+        contribution.update({n: self._alone(nodes, n) for n in nodes if n not in contribution})
         ranked = sorted(nodes, key=lambda n: -contribution[n])
         best = None
         lo, hi = 1, len(ranked)
@@ -228,9 +251,14 @@ class _Quantizer:
                 f"{self.budget.describe()} cannot be met with any node quantized (error {full.worst:.4g} "
                 f"quantizing all; most sensitive: {worst}); nothing written")
         k, attempt = best
-        back = [{"node": n, "contribution": contribution[n], "reason": f"alone it costs {self.budget.metric} "
-                 f"{contribution[n]:.4g}"} for n in ranked[:k]]
+        back = [{"node": n, "contribution": contribution[n], "reason": f"its own output's {self.budget.metric} "
+                 f"error quantized: {contribution[n]:.4g}"} for n in ranked[:k]]
         return attempt, back
+
+    def _alone(self, nodes: list[str], node: str) -> float:
+        """The model's error with only ``node`` quantized (for nodes the one-node
+        measure cannot rebuild, such as an embedding Gather)."""
+        return self.attempt(self.excluded | (frozenset(nodes) - {node})).worst
 
 
 def _per_node_gate(run: _Quantizer, attempt: _Attempt, report: QuantReport, feeds, target: str) -> _Attempt:

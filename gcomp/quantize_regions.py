@@ -1,5 +1,5 @@
-"""The per-node half of the quantization speed gate: a node that is slower quantized
-goes back to float.
+"""Quantized nodes measured one at a time: the per-node half of the speed gate (a node
+slower quantized goes back to float) and each node's own error (the sensitivity ranking).
 
 For ``int8-dynamic``, each quantized MatMul/Gemm is a region of its own: its activation is
 quantized at run time inside the node. Whether that pays depends on the node's size (a
@@ -17,7 +17,7 @@ gate (gcomp.quantize) stays.
 
 from __future__ import annotations
 
-__all__ = ["ROUNDS", "NodeTiming", "slower_nodes"]
+__all__ = ["ROUNDS", "NodeTiming", "local_errors", "slower_nodes"]
 
 import statistics
 import time
@@ -32,6 +32,7 @@ from gcomp import registry, runtime
 from gcomp.backends.ort import OrtBackend
 from gcomp.errors import GcompError
 from gcomp.passes.quant._common import Candidate, linear_candidates, read_const
+from gcomp.verify.metrics import Budget, measure
 
 ROUNDS = 40  # interleaved runs of each one-node model (after warm-up)
 
@@ -55,9 +56,28 @@ def slower_nodes(model: ir.Model, nodes: Sequence[str], feeds: Mapping[str, np.n
                  options: Mapping[str, Any], target: str) -> list[NodeTiming]:
     """Timings of every node of ``nodes`` (ONNX names in the float ``model``) that could be
     measured, float against quantized, on the activation it receives for ``feeds``."""
+    return [_time(name, floaty, quantized, {"x": x}, target)
+            for name, floaty, quantized, x in _one_node_pairs(model, nodes, feeds, pass_name, options, target)]
+
+
+def local_errors(model: ir.Model, nodes: Sequence[str], feeds: Mapping[str, np.ndarray], budget: Budget, *,
+                 pass_name: str, options: Mapping[str, Any], target: str) -> dict[str, float]:
+    """Each node's own contribution: the error (under ``budget``'s metric) of its output
+    quantized against float, on the activation it really receives for ``feeds``. One run
+    of the float model and two tiny runs per node: a ranking that costs no full-model run
+    per node."""
+    errors = {}
+    for name, floaty, quantized, x in _one_node_pairs(model, nodes, feeds, pass_name, options, target):
+        e = runtime.reference(floaty).run({"x": x})
+        a = runtime.reference(quantized).run({"x": x})
+        errors[name] = measure([e], [a], budget)[0].error
+    return errors
+
+
+def _one_node_pairs(model, nodes, feeds, pass_name, options, target):
+    """(name, float one-node model, quantized one-node model, activation) per node."""
     found = {c.name: c for c in linear_candidates(model.graph, ("MatMul", "Gemm")) if c.name in set(nodes)}
     activations = _activations(model, [c.activation for c in found.values()], feeds)
-    timings = []
     for name, c in found.items():
         x = activations.get(c.activation.name)
         if x is None:
@@ -65,10 +85,8 @@ def slower_nodes(model: ir.Model, nodes: Sequence[str], feeds: Mapping[str, np.n
         floaty = _one_node_model(model, c, x)
         quantized = floaty.clone()
         step = registry.get_pass(pass_name).create(context=runtime.pass_context(), **{**options, "target": target})
-        if not (getattr(step(quantized), "details", {}) or {}).get("quantized"):
-            continue
-        timings.append(_time(name, floaty, quantized, {"x": x}, target))
-    return timings
+        if (getattr(step(quantized), "details", {}) or {}).get("quantized"):
+            yield name, floaty, quantized, x
 
 
 def _activations(model: ir.Model, values: Sequence[ir.Value], feeds) -> dict[str, np.ndarray]:

@@ -66,6 +66,41 @@ def test_worker_classifies_crash_hang_and_restarts(tmp_path):
     assert worker.starts == 4  # first start, after the crash, the exit and the hang
 
 
+QUANTIZE_ARGS = ["--quantize", "int8-dynamic", "--no-speed-gate"]
+
+
+def test_gcomp_args_pass_through_reaches_gcomp_and_is_recorded(tmp_path):
+    """A saved case's recorded pass-through is replayed by ``--case``: every ``gcomp optimize``
+    of the mlp seed (MatMuls) writes an int8-dynamic model, and the results record the args."""
+    from tests.fuzz import campaign
+
+    unchanged = {"index": 3, "seed": "mlp", "kind": "subgraph_junk",  # mlp has no subgraph: seed unchanged
+                 "params": {"node": 0, "graph": 0, "pick": 0, "how": "remove_node"}}
+    saved = tmp_path / "00003-subgraph_junk-mlp.json"
+    saved.write_text(json.dumps({"case": unchanged, "gcomp_args": QUANTIZE_ARGS}))
+    out = tmp_path / "out"
+    code = campaign.main(["--case", str(saved), "--out", str(out), "--jobs", "1", "--cli-sample", "0", "--quiet"])
+    assert code == 0
+    (line,) = (out / "results.jsonl").read_text().splitlines()
+    result = json.loads(line)
+    assert result["gcomp_args"] == QUANTIZE_ARGS
+    optimizes = [o for o in result["ops"] if o["op"].startswith("optimize")]
+    assert [(o["outcome"], o["quantized"]) for o in optimizes] == [("success", "int8-dynamic")] * 3, optimizes
+    summary = (out / "summary.txt").read_text()
+    assert "pass-through: --quantize int8-dynamic --no-speed-gate" in summary
+    assert "quantized outputs: 3 of 3" in summary
+
+
+def test_gcomp_args_are_checked_by_the_optimize_parser(tmp_path):
+    assert runner.check_gcomp_args(QUANTIZE_ARGS) == QUANTIZE_ARGS
+    for bad in (["--quantize", "int9"], ["--no-such-option"], ["-O", "2"], ["-o", "x.onnx"], ["extra.onnx"]):
+        with pytest.raises(ValueError, match="--gcomp-args"):
+            runner.check_gcomp_args(bad)
+    from tests.fuzz import campaign
+
+    assert campaign.main(["--cases", "1", "--out", str(tmp_path), "--gcomp-args", "--quantize int9"]) == 2
+
+
 def test_cases_are_deterministic_and_every_kind_mutates():
     kinds = list(mutations.KINDS)
     first = mutations.draw_cases(3 * len(kinds), seed=1)

@@ -227,3 +227,32 @@ def test_a_verification_miss_names_the_first_node_over_the_budget():
     assert found is not None and found.node == "layer1", found
     assert found.error > 0.02
     assert first_divergent_node(float_model, float_model.clone(), feeds, Budget("rel-l2", 0.02)) is None
+
+
+@pytest.mark.parametrize("endless", ["static", "computed"])
+def test_quantization_runs_are_bounded_like_verification(endless):
+    """A model that never ends (found by the fuzz campaign with --quantize): a Loop whose
+    condition stays true is refused before any run; one whose condition is computed is
+    stopped by the run deadline. Either way one clean QuantizationDeclined, no hang."""
+    import time
+
+    from onnx import TensorProto
+
+    cond = (helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going") if endless == "static"
+            else helper.make_node("Less", ["i", "big"], ["cond_out"], name="less"))
+    body = helper.make_graph(
+        [cond, helper.make_node("Add", ["acc_in", "x"], ["acc_out"], name="add")], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         vinfo("acc_in", shape=(3,))],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), vinfo("acc_out", shape=(3,))],
+    )
+    nodes = [helper.make_node("Loop", ["", "keep", "x"], ["final"], body=body, name="loop"),
+             helper.make_node("MatMul", ["v", "W"], ["y"], name="proj")]
+    proto = make_model(nodes, [vinfo("x", shape=(3,)), vinfo("v", shape=(2, 16))],
+                       [vinfo("final", shape=(3,)), vinfo("y", shape=(2, 16))],
+                       [tensor("keep", np.bool_(True)), tensor("big", np.int64(2**62)),
+                        tensor("W", np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32))])
+    start = time.perf_counter()
+    with pytest.raises(q.QuantizationDeclined, match="never ends" if endless == "static" else "stopped after 2 s"):
+        gcomp.optimize(ir.from_proto(proto), "O0", quantize="int8-dynamic", speed_gate=False, verify_timeout=2)
+    assert time.perf_counter() - start < 30

@@ -9,7 +9,8 @@
   ``gcomp inspect --json`` through the CLI's code, errors classified), the parent that
   enforces the timeout of each command and restarts the worker after a crash or a
   hang, the summary, and the check of the real ``gcomp`` command's one-line errors.
-- :mod:`tests.fuzz.campaign`: a long run from the command line, failing cases saved.
+- :mod:`tests.fuzz.campaign`: a long run from the command line, failing cases saved;
+  ``--gcomp-args`` appends gcomp's own options (``--quantize ...``) to every ``gcomp optimize``.
 
 ``tests/test_fuzz.py`` runs a bounded, seeded campaign in the test suite.
 

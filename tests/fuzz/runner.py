@@ -9,17 +9,26 @@ command runs, minus the ``sys.exit`` mapping of errors) as
     gcomp optimize MODEL -o OUT -O 3 -q      (fusion for ort-cpu)
     gcomp inspect MODEL --json
 
-and each run is classified (:data:`OUTCOMES`, mildest first; a case counts as its worst):
+followed, on every ``optimize`` (and on the real command of :func:`cli_check`), by the
+campaign's pass-through arguments, if any (``gcomp_args``: e.g. ``--quantize int8-dynamic
+--no-speed-gate``; :func:`check_gcomp_args` parses them with the command's own click
+parser first). Each case records them (``CaseResult.gcomp_args``), and each successful
+``optimize`` records the quantization mode its output carries (``OpResult.quantized``,
+the output's ``gcomp.quantize`` metadata), so a run shows whether the arguments took effect.
+Each run is classified (:data:`OUTCOMES`, mildest first; a case counts as its worst):
 
 - ``success``: it returned; ``optimize`` wrote OUT, which ``onnx.load`` reads and
   ``onnx.checker.check_model`` accepts; ``inspect`` printed JSON;
 - ``gcomp_error``: a :class:`gcomp.errors.GcompError` whose message is one line, not
-  empty, and names something concrete (the file, a quoted name, a number);
+  empty, and names something concrete (the file, a quoted name, a number); gcomp
+  declining to quantize (``gcomp.quantize.QuantizationDeclined``) is one of these;
 - ``bug``: any other exception (type, message, traceback recorded), a GcompError with a
   bad message, an output that fails to load or check, no output, ``inspect`` not JSON;
-- ``crash``: the worker died (signal or exit code; the tail of its stderr is kept);
+- ``crash``: the worker died (signal or exit code; the tail of its stderr is kept,
+  with the Python stack that ``faulthandler`` writes on a fatal signal);
 - ``hang``: a command of the case ran past the timeout (each gets the full timeout, so
-  a slow command does not push the next one into a false hang). The parent kills the
+  a slow command does not push the next one into a false hang). The parent asks the
+  worker for its Python stack (:data:`DUMP_SIGNAL`; kept like a crash's), kills the
   worker (a Python-level timeout cannot interrupt ONNX Runtime's native code) and
   starts a fresh one; the case's remaining commands are not run.
 
@@ -43,6 +52,7 @@ __all__ = [
     "CliCheck",
     "OpResult",
     "Worker",
+    "check_gcomp_args",
     "cli_check",
     "format_failures",
     "run_cases",
@@ -60,6 +70,7 @@ import os
 import queue
 import re
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -81,6 +92,7 @@ FAILURES = ("bug", "crash", "hang")
 DEFAULT_TIMEOUT_S = 20.0
 DEFAULT_MEMORY_BYTES = 4 << 30  # address space of a worker (ORT reserves some virtual memory up front)
 START_TIMEOUT_S = 120.0  # a cold worker imports onnx, onnx-ir, onnxruntime and gcomp
+DUMP_SIGNAL = signal.SIGUSR1  # a worker writes its Python stack to its log on this signal
 
 
 @dataclass
@@ -92,6 +104,7 @@ class OpResult:
     message: str | None = None
     traceback: str | None = None
     cause: str | None = None  # for a GcompError: the type of the exception it wraps, if any
+    quantized: str | None = None  # a successful optimize: the output's "gcomp.quantize" metadata (the mode)
 
 
 @dataclass
@@ -101,6 +114,7 @@ class CaseResult:
     size: int
     ops: list[OpResult] = field(default_factory=list)
     cli: CliCheck | None = None
+    gcomp_args: list[str] = field(default_factory=list)  # appended to every `gcomp optimize`
 
     @property
     def outcome(self) -> str:
@@ -116,6 +130,7 @@ class CaseResult:
         return {
             "case": self.case.to_dict() if hasattr(self.case, "to_dict") else str(self.case),
             "description": self.description,
+            "gcomp_args": list(self.gcomp_args),
             "bytes": self.size,
             "outcome": self.outcome,
             "ops": [asdict(o) for o in self.ops],
@@ -135,13 +150,43 @@ VERIFY_TIMEOUT_S = 5
 
 # --------------------------------------------------------------------------- the worker side
 
-def _gcomp_args(op: str, model: str, out: str) -> list[str]:
+def _gcomp_args(op: str, model: str, out: str, extra: Sequence[str] = ()) -> list[str]:
+    """The command line of ``op``; ``extra`` (the pass-through) follows every ``optimize``."""
     if op == "inspect":
         return ["inspect", model, "--json"]
     level = op.rsplit("-O", 1)[1]
     # Verification's own deadline, well inside the harness's per-case timeout: a model
     # whose reference run never ends must come back "unverified", not hang.
-    return ["optimize", model, "-o", out, "-O", level, "-q", "--verify-timeout", str(VERIFY_TIMEOUT_S)]
+    return ["optimize", model, "-o", out, "-O", level, "-q", "--verify-timeout", str(VERIFY_TIMEOUT_S), *extra]
+
+
+# What the harness itself sets on each optimize: the pass-through must leave them alone.
+_HARNESS_PARAMS = {"model": "MODEL", "output": "OUT", "level": "1", "pass_spec": None}
+
+
+def check_gcomp_args(extra: Sequence[str]) -> list[str]:
+    """``extra`` as a list, once ``gcomp optimize``'s own click parser accepts it after the
+    harness's arguments; ValueError (one line) if it does not, or if it would change the
+    model, the output or the pipeline level that the harness sets."""
+    import click
+
+    from gcomp.cli import cli
+
+    command = cli.commands["optimize"]
+    if {"-h", "--help"} & set(extra):  # would print the help and stop every command
+        raise ValueError(f"--gcomp-args {' '.join(extra)!r}: asks for the help, not a run")
+    argv = _gcomp_args("optimize-O1", "MODEL", "OUT", extra)[1:]
+    try:
+        with command.make_context("optimize", list(argv)) as ctx:
+            params = dict(ctx.params)
+    except click.ClickException as e:
+        raise ValueError(f"--gcomp-args {' '.join(extra)!r}: {e.format_message()}") from None
+    changed = [name for name, value in _HARNESS_PARAMS.items()
+               if (None if params.get(name) is None else str(params[name])) != value]
+    if changed:
+        raise ValueError(f"--gcomp-args {' '.join(extra)!r}: sets {', '.join(changed)}, which the harness "
+                         "sets itself (each case runs -O 0, 1 and 3 on its own model and output)")
+    return list(extra)
 
 
 def message_problem(message: str, model_path: str) -> str | None:
@@ -160,17 +205,18 @@ def message_problem(message: str, model_path: str) -> str | None:
     return None
 
 
-def _check_output(out: str) -> str | None:
+def _check_output(out: str) -> tuple[str | None, str | None]:
+    """(what is wrong with the output or None, the quantization mode its metadata names or None)."""
     import onnx
 
     if not os.path.exists(out):
-        return "returned without error but wrote no output"
+        return "returned without error but wrote no output", None
     try:
-        onnx.load(out)
+        model = onnx.load(out)
         onnx.checker.check_model(out)
     except Exception as e:  # noqa: BLE001 - any failure to read back the output is the finding
-        return f"output does not load/check: {type(e).__name__}: {_one_line(e)}"
-    return None
+        return f"output does not load/check: {type(e).__name__}: {_one_line(e)}", None
+    return None, next((p.value for p in model.metadata_props if p.key == "gcomp.quantize"), None)
 
 
 def _one_line(e: BaseException | str, limit: int = 500) -> str:
@@ -178,8 +224,9 @@ def _one_line(e: BaseException | str, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def run_op(op: str, model: str, out: str) -> OpResult:
-    """Run one gcomp command in this process and classify it (never raises)."""
+def run_op(op: str, model: str, out: str, extra: Sequence[str] = ()) -> OpResult:
+    """Run one gcomp command (``extra`` after an optimize's own arguments) in this process
+    and classify it (never raises)."""
     from click import ClickException
 
     from gcomp.cli import cli
@@ -191,7 +238,7 @@ def run_op(op: str, model: str, out: str) -> OpResult:
         with contextlib.redirect_stdout(stdout):
             if op.startswith("_selftest:"):  # the harness's own tests: misbehave on purpose
                 _selftest(op.split(":", 1)[1], model)
-            cli.main(args=_gcomp_args(op, model, out), prog_name="gcomp", standalone_mode=False)
+            cli.main(args=_gcomp_args(op, model, out, extra), prog_name="gcomp", standalone_mode=False)
     except GcompError as e:
         seconds = time.perf_counter() - t0
         message = str(e)
@@ -219,10 +266,10 @@ def run_op(op: str, model: str, out: str) -> OpResult:
         if problem:
             return OpResult(op, "bug", seconds, "BadInspectOutput", problem)
         return OpResult(op, "success", seconds)
-    problem = _check_output(out)
+    problem, quantized = _check_output(out)
     if problem:
         return OpResult(op, "bug", seconds, "InvalidOutput", problem)
-    return OpResult(op, "success", seconds)
+    return OpResult(op, "success", seconds, quantized=quantized)
 
 
 def _selftest(what: str, model: str) -> None:
@@ -245,13 +292,20 @@ def _selftest(what: str, model: str) -> None:
 
 
 def _serve(conn, memory_bytes: int | None, log_path: str) -> None:
-    """The worker's main loop: receive (op, model, out), send an OpResult, until None or EOF."""
+    """The worker's main loop: receive (op, model, out, extra), send an OpResult, until None or EOF."""
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 2)  # native code (ONNX Runtime, protobuf) writes here; kept for crash reports
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     if memory_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    import faulthandler
+
+    # The Python stack goes to the log on a fatal signal, and on DUMP_SIGNAL, which the
+    # parent sends before it kills a hung worker: a crash or a hang shows where it was.
+    log_file = os.fdopen(os.dup(2), "w")
+    faulthandler.enable(log_file, all_threads=True)
+    faulthandler.register(DUMP_SIGNAL, log_file, all_threads=True)
     import logging
     import warnings
 
@@ -272,9 +326,9 @@ def _serve(conn, memory_bytes: int | None, log_path: str) -> None:
             return
         if job is None:
             return
-        op, model, out = job
-        os.write(2, f"\n=== {op} {model}\n".encode())
-        conn.send(run_op(op, model, out))
+        op, model, out, extra = job
+        os.write(2, f"\n=== {shlex.join([op, model, *extra])}\n".encode())
+        conn.send(run_op(op, model, out, extra))
 
 
 # --------------------------------------------------------------------------- the parent side
@@ -309,17 +363,18 @@ class Worker:
             self.kill()
             raise RuntimeError(f"fuzz worker died while starting (exit {code}; log: {self.log_path})") from None
 
-    def call(self, op: str, model: str, out: str, timeout: float) -> OpResult:
+    def call(self, op: str, model: str, out: str, timeout: float, gcomp_args: Sequence[str] = ()) -> OpResult:
         """Run ``op`` in the worker; a crash or a timeout is a result too, never an exception."""
         if self.process is None or not self.process.is_alive():
             self.start()
         log_offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+        job = (op, model, out, tuple(gcomp_args))
         try:
-            self.conn.send((op, model, out))
+            self.conn.send(job)
         except OSError:  # it died after its last answer: start afresh
             self.kill()
             self.start()
-            self.conn.send((op, model, out))
+            self.conn.send(job)
         t0 = time.monotonic()
         ready = wait([self.conn, self.process.sentinel], timeout=max(timeout, 0.0))
         seconds = time.monotonic() - t0
@@ -329,6 +384,7 @@ class Worker:
             except (EOFError, OSError):
                 pass  # died while answering: a crash
         if not ready:  # the deadline passed with the worker still busy
+            self._dump_stack()
             self.kill()
             return OpResult(op, "hang", seconds, "timeout",
                             f"no answer after {timeout:.1f} s; worker killed and restarted",
@@ -345,7 +401,13 @@ class Worker:
             kind = f"exit code {code}"
         return OpResult(op, "crash", seconds, kind, f"worker died: {kind}", self._log_tail(log_offset))
 
-    def _log_tail(self, offset: int, lines: int = 15) -> str:
+    def _dump_stack(self) -> None:
+        """Ask a hung worker for its Python stack (written to its log by faulthandler)."""
+        with contextlib.suppress(OSError):
+            os.kill(self.process.pid, DUMP_SIGNAL)
+            time.sleep(0.5)
+
+    def _log_tail(self, offset: int, lines: int = 40) -> str:
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(offset)
@@ -372,8 +434,9 @@ class Worker:
 
 
 def run_case_file(worker: Worker, model_path: str, workdir: str, timeout: float,
-                  ops: Sequence[str] = OPS) -> list[OpResult]:
-    """Run ``ops`` on one model file, each command within ``timeout`` seconds (worker start excluded).
+                  ops: Sequence[str] = OPS, gcomp_args: Sequence[str] = ()) -> list[OpResult]:
+    """Run ``ops`` on one model file, each command within ``timeout`` seconds (worker start excluded),
+    ``gcomp_args`` appended to each optimize.
 
     After a crash the next command runs in a fresh worker; after a hang the case stops
     there (its other commands would most likely hang as well, 20 s each).
@@ -383,7 +446,7 @@ def run_case_file(worker: Worker, model_path: str, workdir: str, timeout: float,
         out = os.path.join(workdir, f"out-{op}.onnx")
         if worker.process is None:
             worker.start()  # outside the command's time
-        result = worker.call(op, model_path, out, timeout)
+        result = worker.call(op, model_path, out, timeout, gcomp_args)
         if result.outcome == "hang":
             result.message = f"{op} still running after {timeout:g} s; worker killed and restarted"
         results.append(result)
@@ -404,8 +467,12 @@ def run_cases(
     workdir: str | os.PathLike | None = None,
     materialize: Callable[[Any], tuple[bytes, str]] | None = None,
     on_result: Callable[[CaseResult], None] | None = None,
+    gcomp_args: Sequence[str] = (),
+    ops: Sequence[str] = OPS,
 ) -> list[CaseResult]:
-    """Run every case (materialized in the parent's threads) on ``jobs`` workers; results in case order."""
+    """Run every case (materialized in the parent's threads) on ``jobs`` workers; results in case order.
+
+    ``gcomp_args`` follow every ``gcomp optimize`` (see :func:`check_gcomp_args`)."""
     if materialize is None:
         from tests.fuzz.mutations import materialize
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="gcomp-fuzz-"))
@@ -430,8 +497,8 @@ def run_cases(
                 data, description = materialize(case)
                 path = folder / "model.onnx"
                 path.write_bytes(data)
-                ops = run_case_file(worker, str(path), str(folder), timeout)
-                result = CaseResult(case, description, len(data), ops)
+                op_results = run_case_file(worker, str(path), str(folder), timeout, ops, gcomp_args)
+                result = CaseResult(case, description, len(data), op_results, gcomp_args=list(gcomp_args))
                 results[i] = result
                 if on_result:
                     with lock:
@@ -454,14 +521,14 @@ def run_cases(
 
 
 def run_file(path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT_S,
-             memory_bytes: int | None = DEFAULT_MEMORY_BYTES) -> list[OpResult]:
+             memory_bytes: int | None = DEFAULT_MEMORY_BYTES, gcomp_args: Sequence[str] = ()) -> list[OpResult]:
     """Run one model file (a saved failing case, say) through the ops in a fresh worker."""
     with tempfile.TemporaryDirectory(prefix="gcomp-fuzz-") as tmp:
         model = Path(tmp) / "model.onnx"
         shutil.copyfile(path, model)
         worker = Worker(tmp, memory_bytes=memory_bytes)
         try:
-            return run_case_file(worker, str(model), tmp, timeout)
+            return run_case_file(worker, str(model), tmp, timeout, gcomp_args=gcomp_args)
         finally:
             worker.close()
 
@@ -472,12 +539,13 @@ def _gcomp_command() -> list[str]:
     return [sys.executable, "-m", "gcomp"]
 
 
-def cli_check_one(data: bytes, *, timeout: float = 120.0) -> CliCheck:
-    """``gcomp optimize`` (``-O 1``, verification on) of a model gcomp rejects, as a subprocess."""
+def cli_check_one(data: bytes, *, timeout: float = 120.0, gcomp_args: Sequence[str] = ()) -> CliCheck:
+    """``gcomp optimize`` (``-O 1``, verification on, then ``gcomp_args``) of a model gcomp
+    rejects, as a subprocess."""
     with tempfile.TemporaryDirectory(prefix="gcomp-fuzz-cli-") as tmp:
         model, out = Path(tmp) / "model.onnx", Path(tmp) / "out.onnx"
         model.write_bytes(data)
-        cmd = [*_gcomp_command(), "optimize", str(model), "-o", str(out), "-O", "1", "-q"]
+        cmd = [*_gcomp_command(), "optimize", str(model), "-o", str(out), "-O", "1", "-q", *gcomp_args]
         try:
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=tmp,
                                   start_new_session=True)
@@ -506,7 +574,8 @@ def cli_check(results: Sequence[CaseResult], *, sample: int, jobs: int = 2,
     """Run the real command on up to ``sample`` cases whose ``optimize-O1`` ended in a GcompError.
 
     The sample takes kinds in turn (first case of each kind, then the second, ...), so it
-    is deterministic and spread over the kinds. Sets ``result.cli``; returns the checked.
+    is deterministic and spread over the kinds. Each runs with its case's ``gcomp_args``.
+    Sets ``result.cli``; returns the checked.
     """
     if materialize is None:
         from tests.fuzz.mutations import materialize
@@ -522,7 +591,7 @@ def cli_check(results: Sequence[CaseResult], *, sample: int, jobs: int = 2,
     from concurrent.futures import ThreadPoolExecutor
 
     def check(r: CaseResult) -> None:
-        r.cli = cli_check_one(materialize(r.case)[0])
+        r.cli = cli_check_one(materialize(r.case)[0], gcomp_args=r.gcomp_args)
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         list(pool.map(check, chosen))
@@ -551,6 +620,7 @@ def summarize(results: Sequence[CaseResult], seconds: float | None = None) -> st
     errors = Counter(o.error_type for r in results for o in r.ops if o.outcome == "gcomp_error")
     if errors:
         lines.append("GcompError types: " + ", ".join(f"{t} {n}" for t, n in errors.most_common()))
+    lines.extend(_pass_through_lines(results))
     verify_failed = sum(1 for r in results for o in r.ops
                         if o.outcome == "gcomp_error" and (o.message or "").startswith("verification FAILED"))
     if verify_failed:
@@ -570,11 +640,25 @@ def summarize(results: Sequence[CaseResult], seconds: float | None = None) -> st
     return "\n".join(lines)
 
 
+def _pass_through_lines(results: Sequence[CaseResult]) -> list[str]:
+    """The pass-through arguments, and how many successful optimizes wrote a quantized model."""
+    arg_sets = Counter(shlex.join(r.gcomp_args) for r in results if r.gcomp_args)
+    lines = [f"gcomp optimize pass-through: {args} ({n} case(s))" for args, n in sorted(arg_sets.items())]
+    written = [o for r in results for o in r.ops if o.op.startswith("optimize") and o.outcome == "success"]
+    modes = Counter(o.quantized for o in written if o.quantized)
+    if arg_sets or modes:
+        lines.append(f"quantized outputs: {sum(modes.values())} of {len(written)} successful optimize commands"
+                     + "".join(f"; {mode} {n}" for mode, n in sorted(modes.items())))
+    return lines
+
+
 def signature(o: OpResult) -> str:
     """What tells one failure from another: outcome, type, the innermost gcomp frame, the message's gist."""
     where = ""
     if o.traceback:
-        frames = re.findall(r'File "([^"]+)", line \d+, in (\S+)', o.traceback)
+        frames = re.findall(r'File "([^"]+)", line \d+,? in (\S+)', o.traceback)
+        if "most recent call first" in o.traceback:  # a faulthandler dump (a crash or a hang)
+            frames.reverse()
         ours = [f for f in frames
                 if f[0].endswith(".py") and "site-packages" not in f[0] and "/tests/fuzz/" not in f[0]]
         if ours or frames:
@@ -598,7 +682,8 @@ def format_failures(results: Sequence[CaseResult], limit: int = 10) -> str:
         cases = len({id(r) for r, _ in hits})
         ops = ", ".join(sorted({op for _, op in hits}))
         case = first.case.to_dict() if hasattr(first.case, "to_dict") else first.case
-        lines.append(f"- {sig}\n  {cases} case(s); {ops}\n  first: {json.dumps(case)}\n  mutation: {first.description}")
+        lines.append(f"- {sig}\n  {cases} case(s); {ops}\n  first: {json.dumps(case)}\n  mutation: {first.description}"
+                     + (f"\n  gcomp optimize ... {shlex.join(first.gcomp_args)}" if first.gcomp_args else ""))
     if len(groups) > limit:
         lines.append(f"... and {len(groups) - limit} more kinds of failure")
     return "\n".join(lines)
