@@ -31,8 +31,6 @@ from __future__ import annotations
 __all__ = ["MODES", "QuantizationDeclined", "QuantReport", "budget_of", "quantize", "summary"]
 
 import dataclasses
-import statistics
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -60,7 +58,7 @@ CALIBRATED = frozenset({"int8"})  # modes that need real calibration data
 PER_NODE_GATE = frozenset({"int8-dynamic"})  # each quantized node is a region of its own (gcomp.quantize_regions)
 WEIGHT_ONLY_SLOWDOWN = 1.10  # weight-only modes are refused only when more than 10 % slower
 GENERATED_SAMPLES = 4
-SPEED_ROUNDS = 30  # interleaved float/quantized runs (after warm-up); the median ratio decides
+SPEED_BLOCKS, SPEED_BLOCK = 6, 8  # 6 alternating blocks of 8 runs per model; the median ratio decides
 
 
 class QuantizationDeclined(GcompError):
@@ -283,7 +281,7 @@ def _per_node_gate(run: _Quantizer, attempt: _Attempt, report: QuantReport, feed
 
 def _nothing_to_quantize(mode: str, details: Mapping[str, Any]) -> str:
     skipped = details.get("skipped") or []
-    what = "MatMul/Gemm" + (" or embedding Gather" if mode in WEIGHT_ONLY else "")
+    what = "MatMul/Gemm" + (" or embedding Gather" if mode in WEIGHT_ONLY else "") + (" or Conv" if mode in CALIBRATED else "")
     if skipped:
         reasons = sorted({s["reason"] for s in skipped})
         return f"no {what} could be quantized ({len(skipped)} candidate(s): {'; '.join(reasons[:3])})"
@@ -300,32 +298,22 @@ def _describe(report: QuantReport, attempt: _Attempt) -> None:
 
 
 def _speed(float_model: ir.Model, quant_model: ir.Model, feeds, target: str) -> dict[str, Any]:
-    """Both models on ONNX Runtime (all optimizations) on the target's device, interleaved."""
+    """Both models on ONNX Runtime (all optimizations) on the target's device, interleaved
+    in blocks (gcomp.runtime.time_interleaved)."""
     device = "cuda" if target.endswith("cuda") else "cpu"
     exes = [OrtBackend().compile(m, device) for m in (float_model, quant_model)]
-    for exe in exes:  # warm-up: first runs allocate and pick kernels
-        for _ in range(3):
-            exe.run(feeds)
-    times: list[list[float]] = [[], []]
-    for _ in range(SPEED_ROUNDS):
-        for i, exe in enumerate(exes):
-            t0 = time.perf_counter()
-            exe.run(feeds)
-            times[i].append((time.perf_counter() - t0) * 1e3)
-    ratios = sorted(f / q for f, q in zip(*times))
+    t = runtime.time_interleaved(*exes, feeds, blocks=SPEED_BLOCKS, block=SPEED_BLOCK).summary()
     return {
-        "rounds": SPEED_ROUNDS,
-        "float_ms_min": min(times[0]), "quantized_ms_min": min(times[1]),
-        "float_ms_median": statistics.median(times[0]), "quantized_ms_median": statistics.median(times[1]),
-        "speedup_median": statistics.median(ratios),
-        "speedup_p10": ratios[len(ratios) // 10], "speedup_p90": ratios[(9 * len(ratios)) // 10],
+        "rounds": t["rounds"], "float_ms_min": t["a_ms_min"], "quantized_ms_min": t["b_ms_min"],
+        "float_ms_median": t["a_ms_median"], "quantized_ms_median": t["b_ms_median"],
+        "speedup_median": t["ratio_median"], "speedup_p10": t["ratio_p10"], "speedup_p90": t["ratio_p90"],
     }
 
 
 def _gate(mode: str, speed: Mapping[str, Any]) -> None:
     ratio = speed["speedup_median"]
     figures = (f"float {speed['float_ms_median']:.3f} ms, quantized {speed['quantized_ms_median']:.3f} ms "
-               f"(median of {speed['rounds']} interleaved runs; speed-up {ratio:.2f}x, "
+               f"(median of {speed['rounds']} runs in interleaved blocks; speed-up {ratio:.2f}x, "
                f"p10-p90 {speed['speedup_p10']:.2f}-{speed['speedup_p90']:.2f}x)")
     if mode in WEIGHT_ONLY and ratio < 1 / WEIGHT_ONLY_SLOWDOWN:
         raise QuantizationDeclined(f"--quantize {mode} is more than 10 % slower than float: {figures}; "

@@ -7,8 +7,8 @@ small classifier head spends more quantizing its input than it saves in the prod
 it is measured, not guessed: every quantized node is rebuilt as a one-node model on the
 activation it really receives (its shape and values, from one run of the float model on
 the first sample), quantized by the same pass with the same options, and both one-node
-models run on ONNX Runtime (all optimizations, the target's device) interleaved in one
-process, :data:`ROUNDS` times each. A node whose quantized median time is not below its
+models run on ONNX Runtime (all optimizations, the target's device) in alternating blocks
+in one process, :data:`ROUNDS` times each. A node whose quantized median time is not below its
 float one returns to float, and the report gives both times.
 
 Weight-only modes are chosen for size and are not gated per node; their whole-model
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 __all__ = ["ROUNDS", "NodeTiming", "local_errors", "slower_nodes"]
 
-import statistics
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +32,7 @@ from gcomp.errors import GcompError
 from gcomp.passes.quant._common import Candidate, linear_candidates, read_const
 from gcomp.verify.metrics import Budget, measure
 
-ROUNDS = 40  # interleaved runs of each one-node model (after warm-up)
+ROUNDS, BLOCKS = 40, 5  # runs of each one-node model, in 5 alternating blocks (after warm-up)
 
 
 @dataclass
@@ -131,13 +129,5 @@ def _one_node_model(model: ir.Model, c: Candidate, x: np.ndarray) -> ir.Model:
 def _time(name: str, floaty: ir.Model, quantized: ir.Model, feeds, target: str) -> NodeTiming:
     device = "cuda" if target.endswith("cuda") else "cpu"
     exes = [OrtBackend().compile(m, device) for m in (floaty, quantized)]
-    for exe in exes:
-        for _ in range(3):
-            exe.run(feeds)
-    times: list[list[float]] = [[], []]
-    for _ in range(ROUNDS):
-        for i, exe in enumerate(exes):
-            t0 = time.perf_counter()
-            exe.run(feeds)
-            times[i].append((time.perf_counter() - t0) * 1e6)
-    return NodeTiming(name, statistics.median(times[0]), statistics.median(times[1]))
+    t = runtime.time_interleaved(*exes, feeds, blocks=BLOCKS, block=ROUNDS // BLOCKS).summary()
+    return NodeTiming(name, t["a_ms_median"] * 1e3, t["b_ms_median"] * 1e3)

@@ -11,8 +11,8 @@
 - ``simplify``: no-op removal, merges, exact identities, constant-If inlining.
 - ``fusion``: operator fusion rules (onnxscript rewriter), portable and per target.
 - ``precision``: fp16/bf16 mixed precision (``convert-precision``) and its emulating evaluator.
-- ``quant``: int8 dynamic (``quantize-dynamic``) and weight-only block-wise int4/int8
-  (``quantize-weights``) quantization.
+- ``quant``: static int8 QDQ (``quantize-static``, calibrated), int8 dynamic
+  (``quantize-dynamic``) and weight-only block-wise int4/int8 (``quantize-weights``).
 - ``sharding``: IR v11 sharding plans (Megatron tp, dp), propagation, per-rank partitions.
 - ``pipelines``: the named pipelines O0, O1, ... built from the passes above.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from gcomp.passes import cleanup, cse, dedup, fold, fusion, identity, shapes, simplify, validate  # noqa: F401
 from gcomp.passes import precision  # noqa: F401
-from gcomp.passes import quant  # noqa: F401  (registers quantize-dynamic, quantize-weights)
+from gcomp.passes import quant  # noqa: F401  (registers quantize-static, quantize-dynamic, quantize-weights)
 from gcomp.passes import sharding  # noqa: F401  (registers the shard pass)
 from gcomp.passes import pipelines  # noqa: F401  (after the passes it names)
 
