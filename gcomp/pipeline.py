@@ -184,7 +184,8 @@ def optimize(
         pass_errors: after every pass that changes the model, run it on the reference
             and record the largest output error in ``PassStats.max_abs_error`` (one
             reference run per changing pass; needs ``verify``).
-        quantize: ``"int8-dynamic"``, ``"int8-weights"`` or ``"int4"``: quantize after the
+        quantize: ``"int8"`` (static, needs ``calibration``), ``"int8-dynamic"``,
+            ``"int8-weights"`` or ``"int4"``: quantize after the
             pipeline (and precision), within an accuracy budget (``metric``, default
             ``"cosine"``, and the ``tolerance`` option, default 0.01: cosine >= 0.99,
             measured on ``calibration`` samples, else ``inputs``, else generated ones),

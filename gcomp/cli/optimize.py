@@ -37,8 +37,9 @@ _TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "auto"]), default=None,
               help="Convert to mixed precision after the pipeline (auto: fp16 regions within --tolerance); "
                    "verified in emulated fp16/bf16. More options: --set block_ops=..., see `gcomp passes`.")
-@click.option("--quantize", type=click.Choice(["int8-dynamic", "int8-weights", "int4"]), default=None,
-              help="Quantize after the pipeline: int8-dynamic (int8 weights, activations quantized at run time), "
+@click.option("--quantize", type=click.Choice(["int8", "int8-dynamic", "int8-weights", "int4"]), default=None,
+              help="Quantize after the pipeline: int8 (static QDQ, calibrated: needs --calibration), "
+                   "int8-dynamic (int8 weights, activations quantized at run time), "
                    "int8-weights / int4 (weight-only, block-wise). Kept only within the accuracy budget "
                    "(--metric, --tolerance) and where measured faster; otherwise exit 1, nothing written.")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
