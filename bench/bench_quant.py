@@ -72,7 +72,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-DEFAULT_MODELS = ("minilm", "digits_cnn", "digits_transformer")
+DEFAULT_MODELS = ("minilm", "resnet18", "digits_cnn", "digits_transformer")
 ALL_MODELS = (*DEFAULT_MODELS, "gpt2_small")
 GPT2_SMALL = {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}
 CALIBRATION_IMAGES = 64  # training images: ORT's static calibration and gcomp's samples
@@ -102,6 +102,7 @@ class Case:
     timings: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # label -> feeds
     calibration: Path | None = None  # a folder of .npz samples (gcomp's --calibration)
     static_images: np.ndarray | None = None  # ORT quantize_static's calibration (CNN)
+    static_input: str = "pixels"  # the input those images feed
     ort: tuple[str, ...] = ("ort-dynamic", "ort-dynamic-pc")
     gcomp_modes: tuple[str, ...] = ()
 
@@ -168,11 +169,33 @@ def _case_digits(kind: str, results: Path) -> Case:
     )
 
 
+def _case_resnet18(results: Path) -> Case:
+    """ResNet-18 (models/resnet.py, random weights) at 1x3x224x224: static int8 against ORT's
+    quantize_static, cosine against fp32 on 4 seeded images; 16 other seeded images calibrate."""
+    import onnx_ir as ir
+
+    from models import resnet
+
+    path = results / "resnet18.onnx"
+    if not path.exists():
+        ir.save(resnet.build(batch=1), path)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((20, 1, 3, 224, 224)).astype(np.float32)
+    evals = [{"input": images[i]} for i in range(4)]
+    return Case(
+        "resnet18", "ResNet-18 (models/resnet.py), random weights", path, "cosine", evals,
+        timings={"1x3x224x224": evals[0]},
+        calibration=_write_samples(results / "resnet18_calibration", [{"input": images[i]} for i in range(4, 20)]),
+        static_images=images[4:20, 0], static_input="input", ort=("ort-static-qdq",), gcomp_modes=("int8",),
+    )
+
+
 CASES: dict[str, Callable[[Path], Case]] = {
     "minilm": _case_minilm,
     "digits_cnn": lambda results: _case_digits("cnn", results),
     "digits_transformer": lambda results: _case_digits("transformer", results),
     "gpt2_small": _case_gpt2,
+    "resnet18": _case_resnet18,
 }
 
 
@@ -207,8 +230,8 @@ def _preprocess(src: Path, work: Path) -> tuple[Path, dict[str, Any]]:
 class _Images:
     """An ORT CalibrationDataReader over images, one at a time (batch 1)."""
 
-    def __init__(self, images: np.ndarray) -> None:
-        self._it = iter([{"pixels": images[i:i + 1]} for i in range(len(images))])
+    def __init__(self, images: np.ndarray, name: str) -> None:
+        self._it = iter([{name: images[i:i + 1]} for i in range(len(images))])
 
     def get_next(self):
         return next(self._it, None)
@@ -228,7 +251,7 @@ def _ort_variant(key: str, src: Path, dst: Path, case: Case) -> str:
         q.quantize_dynamic(str(src), str(dst), per_channel=True)
         return "quantize_dynamic, per_channel=True"
     if key == "ort-static-qdq":
-        q.quantize_static(str(src), str(dst), _Images(case.static_images), quant_format=q.QuantFormat.QDQ,
+        q.quantize_static(str(src), str(dst), _Images(case.static_images, case.static_input), quant_format=q.QuantFormat.QDQ,
                           per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                           calibrate_method=q.CalibrationMethod.MinMax)
         return f"quantize_static QDQ, per-channel s8 weights, u8 activations, MinMax on {len(case.static_images)} images"
