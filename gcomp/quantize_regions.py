@@ -19,6 +19,7 @@ from __future__ import annotations
 
 __all__ = ["ROUNDS", "NodeTiming", "local_errors", "slower_nodes"]
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,7 +83,10 @@ def _one_node_pairs(model, nodes, feeds, pass_name, options, target):
             continue
         floaty = _one_node_model(model, c, x)
         quantized = floaty.clone()
-        step = registry.get_pass(pass_name).create(context=runtime.pass_context(), **{**options, "target": target})
+        # calibrated on the activation it really receives, so smoothing (int8-dynamic) is what
+        # the whole model gets
+        context = dataclasses.replace(runtime.pass_context(), calibration=({"x": x},))
+        step = registry.get_pass(pass_name).create(context=context, **{**options, "target": target})
         if (getattr(step(quantized), "details", {}) or {}).get("quantized"):
             yield name, floaty, quantized, x
 

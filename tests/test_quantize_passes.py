@@ -179,6 +179,29 @@ def test_dynamic_per_channel_beats_per_tensor_on_a_weight_with_one_large_column(
     assert rel[True] < INT8_REL and rel[True] * 5 < rel[False], rel
 
 
+def test_dynamic_ort_takes_the_bias_add_of_a_matmul_as_its_bias_input(context):
+    """MatMul -> Add(constant [N]) becomes one DynamicQuantizeMatMul with that bias (ONNX
+    Runtime does not fuse the Add after it); a MatMul whose output has other readers keeps
+    its Add, and portable keeps the graph's Add."""
+    model, _, _ = _quantize(_mlp(), "quantize-dynamic", context, target="ort-cpu")
+    fc1 = next(n for n in model.graph if n.name == "fc1")
+    assert [v.name for v in fc1.inputs][-1] == "b1" and "fc1_bias" not in {n.name for n in model.graph}
+    assert "Add" not in _ops(model), _ops(model)
+    _assert_close(_mlp(), model, _mlp_feeds(), INT8_REL, "int8 dynamic MLP, bias taken in")
+    model, _, _ = _quantize(_mlp(opset=17), "quantize-dynamic", context, target="portable")
+    assert "fc1_bias" in {n.name for n in model.graph}
+    rng = _rng()
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Add", ["h", "b"], ["y"], name="bias"),
+             helper.make_node("Relu", ["h"], ["z"], name="other_reader")]
+    proto = make_model(nodes, [vinfo("x", shape=("batch", 32))],
+                       [vinfo("y", shape=("batch", 8)), vinfo("z", shape=("batch", 8))],
+                       [tensor("W", (rng.standard_normal((32, 8)) / 6).astype(np.float32)),
+                        tensor("b", rng.standard_normal(8).astype(np.float32))])
+    model, _, _ = _quantize(proto, "quantize-dynamic", context, target="ort-cpu")
+    assert _ops(model)["Add"] == 1 and len(next(n for n in model.graph if n.name == "mm").inputs) == 4
+
+
 def test_dynamic_n_d_activations_and_exclude_nodes(context):
     rng = _rng()
     w1 = (rng.standard_normal((32, 48)) / np.sqrt(32)).astype(np.float32)
@@ -439,7 +462,7 @@ def test_options_are_checked_and_listed():
                                               "embeddings", "exclude_nodes"]
     assert info.takes_context
     assert [o.name for o in registry.get_pass("quantize-dynamic").options] == [
-        "target", "per_channel", "op_types", "exclude_nodes"]
+        "target", "per_channel", "smooth", "op_types", "exclude_nodes"]
     for bad in ({"bits": 3}, {"block_size": 48}, {"accuracy_level": 5}):
         with pytest.raises(OptionError):
             info.create(**bad)

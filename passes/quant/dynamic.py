@@ -26,7 +26,10 @@ Representation, by target:
 - ONNX Runtime (``ort-*``): ``com.microsoft.DynamicQuantizeMatMul(X, Wq, s, zero point,
   bias?)``, ``s`` and the int8 zero point 1-D ``[N]`` per column or scalars (the contrib
   op's schema: a scalar or one value per column of B; ONNX Runtime 1.31's CPU kernel scales
-  per column, measured by tests/test_quantize_passes.py).
+  per column, measured by tests/test_quantize_passes.py). A MatMul's bias ``Add`` (its only
+  reader, adding a float32 ``[N]`` initializer, not a graph output) becomes the op's ``bias``
+  input and goes: ONNX Runtime fuses no Add after this op (on MiniLM at 1x128, ORT's profile:
+  26 Adds, 0.67 ms of 7.4 ms, before; 8 Adds, 0.26 ms of 7.0 ms, after; docs/measurements.md).
 - ``portable`` and TVM: standard ops only: ``DynamicQuantizeLinear(X) -> (Xq, a, z)``,
   ``MatMulInteger(Xq, Wq, z, 0) -> int32``, ``Cast(to=FLOAT)``, ``Mul`` by ``a * s``
   (``Mul(a, s)``, ``[N]``), ``Add`` of the bias when there is one (needs opset 11).
@@ -46,6 +49,19 @@ with a bias, or a bias that is not 1-D ``[N]``; nodes named in ``exclude_nodes``
 that is already quantized is left unchanged (``details["note"]``). OptionError: a
 ``portable``/TVM model below opset 11 with something to quantize.
 
+Smoothing (``smooth``, SmoothQuant's migration strength alpha, default 0.65; 0 turns it
+off): before quantizing, activation outlier channels move into the weights, ``X' = X / s``,
+``W' = diag(s) W`` with ``X' W' = X W`` exactly in float (:mod:`._smooth` has the math, the
+choice of ``s`` from calibration maxima, and why 0.65). Nodes sharing an activation or a
+weight share one ``s``; a group is smoothed only when its output error, simulated in numpy on
+the calibration rows, drops below 0.8 times the plain one. ``X / s`` is folded into X's
+producer when that is exact and free (a LayerNormalization's scale and bias, a per-channel
+Mul/Div/Add constant), else one ``Mul(X, 1/s)`` is inserted. Each ``details["quantized"]``
+entry says ``smoothed`` and how or why not (``smoothing``, ``simulated_error``);
+``details["smoothing"]`` has the totals, or why nothing was smoothed (no runtime or samples
+in the context). It runs the float model once per calibration sample (``context.calibration``,
+else one from ``context.inputs``).
+
 Scopes: the main graph only (subgraphs and model functions stay float).
 """
 
@@ -61,10 +77,14 @@ import onnx_ir as ir
 
 from gcomp.errors import OptionError
 from gcomp.passes.quant._common import (ORT_DOMAIN, TARGET_HELP, Candidate, QuantPass, Workspace,
-                                        gemm_refusal, linear_candidates, require_opset)
+                                        gemm_refusal, linear_candidates, read_const, require_opset)
+from gcomp.passes.quant._smooth import Smoother, smoothed_candidate
+from gcomp.passes.result import DetailedResult
+from gcomp.passes.rewire import bypass
 from gcomp.registry import PassContext, register_pass
 
 OP_TYPES = ("MatMul", "Gemm")
+SMOOTH = 0.65  # SmoothQuant's alpha, measured on MiniLM (passes/quant/_smooth.py, docs/measurements.md)
 
 
 def quantize_int8(w: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -95,6 +115,8 @@ class QuantizeDynamic(QuantPass):
         *,
         target: Annotated[str, TARGET_HELP] = "portable",
         per_channel: Annotated[bool, "one weight scale per output column (else one per tensor)"] = True,
+        smooth: Annotated[float, "SmoothQuant migration strength alpha in [0, 1]: activation outlier "
+                                 "channels moved into the weights (calibrated); 0: off"] = SMOOTH,
         op_types: Annotated[tuple, "op types to quantize (MatMul, Gemm)"] = OP_TYPES,
         exclude_nodes: Annotated[tuple, "ONNX node names kept float"] = (),
         context: PassContext | None = None,
@@ -104,9 +126,24 @@ class QuantizeDynamic(QuantPass):
         if unknown:
             raise OptionError(f"quantize-dynamic: op_types {', '.join(unknown)} not supported "
                               f"(supported: {', '.join(OP_TYPES)})")
+        if not 0.0 <= smooth <= 1.0:
+            raise OptionError(f"quantize-dynamic: smooth must lie in [0, 1], got {smooth}")
         self.per_channel = per_channel
+        self.smooth = float(smooth)
+        self.smoother = self._smoother()
         self.op_types = tuple(op_types)
         self.ort = False
+
+    def call(self, model: ir.Model) -> DetailedResult:
+        self.smoother = self._smoother()  # planned afresh for each model (in check)
+        result = super().call(model)
+        for entry in result.details["quantized"]:
+            entry.update(self.smoother.describe(entry["node"]))
+        result.details["smoothing"] = self.smoother.summary()
+        return result
+
+    def _smoother(self) -> Smoother:
+        return Smoother(self.smooth, lambda w: np.multiply(*quantize_int8(w, self.per_channel)))
 
     def find(self, model: ir.Model) -> list[Candidate]:
         caps = self.capabilities()
@@ -121,25 +158,51 @@ class QuantizeDynamic(QuantPass):
     def check(self, model: ir.Model, todo: list[Candidate]) -> None:
         if not self.ort:
             require_opset(model, 11, "quantize-dynamic (portable: DynamicQuantizeLinear)")
+        self.smoother.plan(model, todo, self.context)  # the last look at the float model
 
     def quantize(self, ws: Workspace, c: Candidate) -> Any:
-        key = (id(c.weight.root), c.trans_b, self.per_channel)
+        c = smoothed_candidate(self.smoother, ws, c)  # reading X / s when smoothed
+        key = (id(c.weight.root), c.trans_b, self.per_channel)  # shared weights share s: one copy
         base = c.weight.root.name or c.name
 
         def arrays():
-            q, scale = quantize_int8(c.weight_kn(), self.per_channel)
+            q, scale = quantize_int8(self.smoother.weight_kn(c), self.per_channel)
             return [(f"{base}_int8", q), (f"{base}_scale", scale),
                     (f"{base}_zero_point", np.zeros(scale.shape, np.int8))]
 
         wq, ws_, wz = ws.initializers(key, arrays)
-        if self.ort:
-            ws.use_domain(ORT_DOMAIN)
-            nodes = [ws.node("DynamicQuantizeMatMul", [c.activation, wq, ws_, wz, c.bias], c.name,
-                             domain=ORT_DOMAIN)]
-        else:
-            nodes = _standard_ops(ws, c, wq, ws_, wz)
-        ws.replace(c.node, nodes)
+        if not self.ort:
+            ws.replace(c.node, _standard_ops(ws, c, wq, ws_, wz))
+            return key
+        ws.use_domain(ORT_DOMAIN)
+        add, bias = _bias_add(c) or (None, c.bias)
+        op = ws.node("DynamicQuantizeMatMul", [c.activation, wq, ws_, wz, bias], c.name, domain=ORT_DOMAIN)
+        ws.replace(c.node, [op])
+        if add is not None:  # the op adds the bias itself: the Add goes
+            out = op.outputs[0]
+            out.type, out.shape = add.outputs[0].type, add.outputs[0].shape
+            bypass(ws.graph, add.outputs[0], out)
+            ws.graph.remove(add, safe=True)
         return key
+
+
+def _bias_add(c: Candidate) -> tuple[ir.Node, ir.Value] | None:
+    """(the Add, its bias) when a MatMul's only reader adds a float32 ``[N]`` initializer to it
+    (and is no graph output): ``DynamicQuantizeMatMul`` takes that as its bias input."""
+    out = c.node.outputs[0]
+    uses = list(out.uses())
+    if c.op_type != "MatMul" or c.bias is not None or len(uses) != 1 or out.is_graph_output():
+        return None
+    add, at = uses[0].node, uses[0].idx
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2 or \
+            add.outputs[0].is_graph_output():
+        return None
+    bias = add.inputs[1 - at]
+    const = read_const(bias)
+    if const is None or bias.producer() is not None or const.array.dtype != np.float32 or \
+            const.array.shape != (c.kn[1],):
+        return None  # an initializer only: a Constant node may come after the MatMul
+    return add, bias
 
 
 def _standard_ops(ws: Workspace, c: Candidate, wq: ir.Value, scale: ir.Value, zero: ir.Value) -> list[ir.Node]:
