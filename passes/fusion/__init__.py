@@ -39,7 +39,7 @@ from gcomp.passes.fusion import (attention, bias, bias_residual_sum, conv_bn, ge
                                  ort_packed_attention, ort_pad_fused_conv, ort_skip_layer_norm, ort_split_attention,
                                  pad_conv, residual_sum, rms_norm, scale, transpose_gemm, tvm_parallel_matmul,
                                  unflatten_gemm)
-from gcomp.passes.fusion._engine import Fusion, run_fusions
+from gcomp.passes.fusion._engine import BuiltRules, Fusion, run_fusions
 from gcomp.passes.opsets import model_opset
 from gcomp.passes.result import DetailedResult
 from gcomp.registry import Capabilities, PassContext, register_pass
@@ -127,13 +127,13 @@ FAMILIES: dict[str, tuple[Fusion, ...]] = {"portable": PORTABLE, "ort": ORT, "tv
 
 
 def fuse_model(model: ir.Model, fusions: Sequence[Fusion], target: Capabilities, *,
-               explain: bool = False) -> DetailedResult:
+               explain: bool = False, built: BuiltRules | None = None) -> DetailedResult:
     """Apply ``fusions`` in order for ``target``: what both fusion passes do with their list.
 
     ``details``: the target, the fusions that fired (name -> count) and, with ``explain``,
     per fusion: fired, why it did not run (``not_run``), near misses, summary.
     """
-    report = run_fusions(model, fusions, target, explain=explain)
+    report = run_fusions(model, fusions, target, explain=explain, built=built)
     fired = {k: v for k, v in report.fired.items() if v}
     details: dict[str, Any] = {"target": target.name, "fired": fired}
     if explain:
@@ -170,13 +170,14 @@ class _FuseBase(ir.passes.InPlacePass):
         self.explain_fusion = explain_fusion
         # An unknown target fails here when the context is given (OptionError), else in call().
         self.capabilities = context.target(target) if context is not None else None
+        self._built = BuiltRules()  # the rules of this pass's runs (the pipeline re-runs it to a fixed point)
 
     def fusions(self, target: Capabilities) -> tuple[Fusion, ...]:
         raise NotImplementedError
 
     def call(self, model: ir.Model) -> DetailedResult:
         target = self.capabilities or PassContext().target(self.target)  # the latter raises: no context
-        return fuse_model(model, self.fusions(target), target, explain=self.explain_fusion)
+        return fuse_model(model, self.fusions(target), target, explain=self.explain_fusion, built=self._built)
 
 
 @register_pass("fuse")

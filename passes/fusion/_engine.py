@@ -26,6 +26,7 @@ single-output rewriter pattern; it is a :class:`GraphRule` instead, applied the 
 from __future__ import annotations
 
 __all__ = [
+    "BuiltRules",
     "MAX_ROUNDS",
     "Fusion",
     "FusionReport",
@@ -39,7 +40,7 @@ __all__ = [
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,12 @@ class FusionRun:
 
     def __init__(self, model: ir.Model, target: Capabilities) -> None:
         self.target = target
+        self.restart(model)
+
+    def restart(self, model: ir.Model) -> None:
+        """Serve a run over ``model``: rules built for an earlier run of the same pass (same
+        target) are reused, since building them (patterns, commuted variants) costs more
+        than a run of them on a small model."""
         # IR version < 4: every initializer had to be listed as a graph input, and is a constant.
         self.inputs_are_constant = model.ir_version is not None and model.ir_version < 4
         self._taken = _all_names(model)
@@ -176,10 +183,24 @@ class FusionReport:
     near_misses: dict[str, list[str]]  # fusion -> reasons check() rejected (explain only)
 
 
+@dataclass
+class BuiltRules:
+    """Rules built for one pass's runs (one target), kept by the pass between its runs."""
+
+    run: FusionRun | None = None
+    rules: dict[str, list[Any]] = field(default_factory=dict)
+
+
 def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: Capabilities, *,
-                explain: bool = False) -> FusionReport:
-    """Apply ``fusions`` in order, round after round, for ``target``."""
-    run = FusionRun(model, target)
+                explain: bool = False, built: BuiltRules | None = None) -> FusionReport:
+    """Apply ``fusions`` in order, round after round, for ``target``; ``built`` keeps the
+    rules for the next run of the same pass."""
+    built = built if built is not None else BuiltRules()
+    if built.run is None or built.run.target is not target:
+        built.run, built.rules = FusionRun(model, target), {}
+    else:
+        built.run.restart(model)
+    run = built.run
     opset = model_opset(model)
     report = FusionReport({}, {}, {})
     runnable: list[Fusion] = []
@@ -191,7 +212,7 @@ def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: Capabilities
         else:
             report.skipped[f.name] = why
     swapped = canonical_operands(model, run)
-    rules: dict[str, list[Any]] = {}  # built when first needed
+    rules = built.rules  # built when first needed
 
     def rules_of(f: Fusion) -> list[Any]:
         if f.name not in rules:

@@ -78,9 +78,12 @@ class RootFilteredRule(pattern.RewriteRule):
             rule.as_function,
         )
         self.root = (domain, op_type)
+        # what a node's own fields may hold (onnxscript calls this at every node: keep it cheap)
+        self._op_type = op_type
+        self._domains = ("", "ai.onnx") if domain == "" else (domain,)
 
     def try_rewrite(self, model, graph_or_function, node, **kwargs):
-        if node.op_type != self.root[1] or _domain(node.domain) != self.root[0]:
+        if node.op_type != self._op_type or node.domain not in self._domains:
             return None
         return super().try_rewrite(model, graph_or_function, node, **kwargs)
 
