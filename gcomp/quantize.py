@@ -132,7 +132,7 @@ def quantize(
         raise OptionError(f"--quantize {mode} calibrates activation ranges and needs real data: give "
                           "--calibration PATH (a folder of .npz samples, test_data_set_* folders, or one .npz with a "
                           "leading sample axis; at least 8 samples); generated inputs calibrate nothing real")
-    samples, source = _samples(model, calibration, inputs, input_shapes)
+    samples, source = _samples(model, calibration, inputs, input_shapes, max_tensor_bytes)
     if verification_feeds is not None and calibration is None and inputs is None:
         samples = [dict(verification_feeds), *samples]
         source += " and the verification inputs"
@@ -169,15 +169,21 @@ def _mode(mode: str, target: str) -> tuple[str, dict[str, Any]]:
     return MODES[mode]
 
 
-def _samples(model, calibration, inputs, input_shapes) -> tuple[list[dict[str, np.ndarray]], str]:
+def _samples(model, calibration, inputs, input_shapes, max_bytes) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The samples accuracy is measured on; inputs are generated under verification's size
+    bound (found by the fuzz campaign: a declared dim of 10^12 allocated terabytes)."""
     if calibration is not None:
         return _inputs.load_calibration(calibration, model), f"calibration data ({calibration})"
-    if inputs is not None:
-        given = _inputs.load_inputs(inputs, model) if not isinstance(inputs, Mapping) else dict(inputs)
-        feeds, _ = _inputs.generate_inputs(model, shapes=dict(input_shapes or {}), given=given)
-        return [feeds], "the given inputs"
-    samples = [_inputs.generate_inputs(model, shapes=dict(input_shapes or {}), seed=seed)[0]
-               for seed in range(GENERATED_SAMPLES)]
+    shapes = dict(input_shapes or {})
+    limit = max_bytes or DEFAULT_MAX_TENSOR_BYTES
+    try:
+        if inputs is not None:
+            given = _inputs.load_inputs(inputs, model) if not isinstance(inputs, Mapping) else dict(inputs)
+            return [_inputs.generate_inputs(model, shapes=shapes, given=given, max_bytes=limit)[0]], "the given inputs"
+        samples = [_inputs.generate_inputs(model, shapes=shapes, seed=seed, max_bytes=limit)[0]
+                   for seed in range(GENERATED_SAMPLES)]
+    except _inputs.CannotGenerate as e:  # InputsTooLarge included
+        raise QuantizationDeclined(f"cannot measure accuracy: {e}; nothing written") from None
     return samples, f"{GENERATED_SAMPLES} generated samples (seeded; --calibration gives real data)"
 
 

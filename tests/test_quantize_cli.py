@@ -281,3 +281,13 @@ def test_cli_int8_without_calibration_says_how_to_give_it(tmp_path):
     proc = run_gcomp("optimize", DEFAULT, "-o", out, "--quantize", "int8")
     assert_one_line_error(proc, code=2, contains="needs real data: give --calibration PATH")
     assert not out.exists()
+
+
+def test_generated_samples_are_bounded_like_verification_inputs():
+    """Found by the fuzz campaign with --quantize: an input declared with a dim of 10^12
+    made the sample generator allocate terabytes; it is one clean refusal now."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="proj")]
+    proto = make_model(nodes, [vinfo("x", shape=(10**12, 16))], [vinfo("y", shape=(10**12, 16))],
+                       [tensor("W", np.ones((16, 16), np.float32))])
+    with pytest.raises(q.QuantizationDeclined, match="generated inputs would take"):
+        gcomp.optimize(ir.from_proto(proto), "O0", quantize="int8-dynamic", speed_gate=False, verify=False)
