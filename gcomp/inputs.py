@@ -70,31 +70,31 @@ def parse_input_shapes(specs: list[str] | tuple[str, ...] | None) -> dict[str, t
     return shapes
 
 
-def load_inputs(path: str | os.PathLike, model: ir.Model | None = None) -> dict[str, np.ndarray]:
+def load_inputs(path: str | os.PathLike, model: ir.Model | None = None, *, option: str = "--inputs") -> dict[str, np.ndarray]:
     """Read inputs from an ``.npz`` file or a ``test_data_set`` folder of ``input_*.pb``."""
     p = Path(path)
     if not p.exists():
-        raise OptionError(f"--inputs {p}: no such file or folder")
+        raise OptionError(f"{option} {p}: no such file or folder")
     if p.is_dir():
-        return _load_pb_folder(p, model)
+        return _load_pb_folder(p, model, option)
     try:
         with np.load(p, allow_pickle=False) as data:
             if not hasattr(data, "files"):
-                raise OptionError(f"--inputs {p}: expected an .npz archive of named arrays")
+                raise OptionError(f"{option} {p}: expected an .npz archive of named arrays")
             return {k: data[k] for k in data.files}
     except OptionError:
         raise
     except Exception as e:
-        raise OptionError(f"--inputs {p}: not a readable .npz file ({e})") from None
+        raise OptionError(f"{option} {p}: not a readable .npz file ({e})") from None
 
 
-def _load_pb_folder(folder: Path, model: ir.Model | None) -> dict[str, np.ndarray]:
+def _load_pb_folder(folder: Path, model: ir.Model | None, option: str = "--inputs") -> dict[str, np.ndarray]:
     import onnx
     from onnx import numpy_helper
 
     files = sorted(folder.glob("input_*.pb"), key=lambda f: int(re.sub(r"\D", "", f.stem) or 0))
     if not files:
-        raise OptionError(f"--inputs {folder}: no input_*.pb files in the folder")
+        raise OptionError(f"{option} {folder}: no input_*.pb files in the folder")
     names = [v.name for v in model.graph.inputs if not v.const_value] if model is not None else []
     feeds: dict[str, np.ndarray] = {}
     for i, f in enumerate(files):
@@ -103,7 +103,7 @@ def _load_pb_folder(folder: Path, model: ir.Model | None) -> dict[str, np.ndarra
             tensor.ParseFromString(f.read_bytes())
             array = numpy_helper.to_array(tensor)
         except Exception as e:
-            raise OptionError(f"--inputs {f}: not a TensorProto ({e})") from None
+            raise OptionError(f"{option} {f}: not a TensorProto ({e})") from None
         name = tensor.name or (names[i] if i < len(names) else f"input_{i}")
         feeds[name] = array
     return feeds
@@ -282,18 +282,22 @@ def load_calibration(path: str | os.PathLike, model: ir.Model, *, option: str = 
 
 def _calibration_samples(p: Path, model: ir.Model, option: str) -> list[dict[str, np.ndarray]]:
     if p.is_file():
-        stacked = load_inputs(p, model)
+        stacked = load_inputs(p, model, option=option)
         counts = {k: (a.shape[0] if a.ndim else None) for k, a in stacked.items()}
         if not counts or None in counts.values() or len(set(counts.values())) != 1:
             raise OptionError(f"{option} {p}: every array needs the same leading sample axis "
                               f"({', '.join(f'{k}: {c}' for k, c in counts.items())})")
         n = next(iter(counts.values()))
         return [{k: a[i] for k, a in stacked.items()} for i in range(n)]
-    sets = sorted(d for d in p.iterdir() if d.is_dir() and d.name.startswith("test_data_set"))
-    files = sorted(f for f in p.iterdir() if f.suffix == ".npz")
+    try:
+        entries = list(p.iterdir())
+    except OSError as e:
+        raise OptionError(f"{option} {p}: cannot read the folder ({e.strerror})") from None
+    sets = sorted(d for d in entries if d.is_dir() and d.name.startswith("test_data_set"))
+    files = sorted(f for f in entries if f.suffix == ".npz")
     if not sets and not files:
         raise OptionError(f"{option} {p}: the folder holds no .npz files and no test_data_set_* folders")
-    return [load_inputs(d, model) for d in sets] + [load_inputs(f, model) for f in files]
+    return [load_inputs(d, model, option=option) for d in sets] + [load_inputs(f, model, option=option) for f in files]
 
 
 def _check_sample(sample: dict[str, np.ndarray], model: ir.Model, where: str) -> None:

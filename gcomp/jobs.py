@@ -45,7 +45,7 @@ class OptimizeRequest:
     pass_errors: bool = False
     pass_latency: bool = False
     select_backend: bool = False
-    quantize: str | None = None  # "int8-dynamic", "int8-weights", "int4" (gcomp.quantize)
+    quantize: str | None = None  # "int8", "int8-dynamic", "int8-weights", "int4" (gcomp.quantize)
     calibration: Path | None = None
     metric: str | None = None
     speed_gate: bool = True

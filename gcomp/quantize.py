@@ -128,6 +128,9 @@ def quantize(
     budget = budget or Budget()
     say = progress or (lambda _text: None)
     pass_name, fixed = _mode(mode, target)
+    clash = sorted(k for k in fixed if k in (options or {}))
+    if clash:
+        raise OptionError(f"--quantize {mode} sets {', '.join(clash)} itself; choose the mode instead")
     if mode in CALIBRATED and calibration is None:
         raise OptionError(f"--quantize {mode} calibrates activation ranges and needs real data: give "
                           "--calibration PATH (a folder of .npz samples, test_data_set_* folders, or one .npz with a "
@@ -271,14 +274,14 @@ def _per_node_gate(run: _Quantizer, attempt: _Attempt, report: QuantReport, feed
 
     names = [q["node"] for q in attempt.details["quantized"]]
     timings = slower_nodes(run.model, names, feeds, pass_name=run.pass_name, options=run.options, target=target)
-    report.regions = [dict(t.to_dict(), decision="quantized" if t.faster else "float (slower quantized)")
-                      for t in timings]
     slow = [t for t in timings if not t.faster]
-    if not slow:
+    narrower = run.attempt(attempt.excluded | {t.node for t in slow}) if slow else None
+    kept = narrower is None or not narrower.within or not narrower.details.get("quantized")
+    report.regions = [dict(t.to_dict(), decision="quantized" if t.faster else (
+        "quantized (slower, but float breaks the budget or leaves nothing)" if kept else "float (slower quantized)"))
+        for t in timings]
+    if kept:
         return attempt
-    narrower = run.attempt(attempt.excluded | {t.node for t in slow})
-    if not narrower.within or not narrower.details.get("quantized"):
-        return attempt  # keeping those nodes quantized is what met the budget (or all were slower)
     report.returned_to_float += [{"node": t.node, "contribution": None, "reason": (
         f"slower quantized: {t.quantized_us:.1f} us vs {t.float_us:.1f} us float (median of "
         f"{ROUNDS} interleaved runs of the node alone)")} for t in slow]

@@ -79,8 +79,8 @@ def _one_node_pairs(model, nodes, feeds, pass_name, options, target):
     activations = _activations(model, [c.activation for c in found.values()], feeds)
     for name, c in found.items():
         x = activations.get(c.activation.name)
-        if x is None:
-            continue
+        if x is None or any(read_const(v) is None for v in c.node.inputs[1:]):
+            continue  # only nodes whose other inputs are constants can be rebuilt alone
         floaty = _one_node_model(model, c, x)
         quantized = floaty.clone()
         # calibrated on the activation it really receives, so smoothing (int8-dynamic) is what

@@ -76,11 +76,10 @@ class Runtime(Protocol):
         model: Any,  # an ir.Model, or an onnx.ModelProto (small single-node models)
         feeds: Mapping[str, np.ndarray],
         *,
-        outputs: Sequence[str] | None = None,
         threads: int | None = None,
         emulate: bool = False,
     ) -> dict[str, np.ndarray]:
-        """Outputs by name (``outputs``: which values, default the graph's outputs).
+        """The graph's outputs by name.
 
         ``emulate``: evaluate an fp16/bf16 model as verification does (fp32 compute, every
         reduced-precision value rounded where it is made), not as the runtime would.

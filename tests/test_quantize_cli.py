@@ -291,3 +291,37 @@ def test_generated_samples_are_bounded_like_verification_inputs():
                        [tensor("W", np.ones((16, 16), np.float32))])
     with pytest.raises(q.QuantizationDeclined, match="generated inputs would take"):
         gcomp.optimize(ir.from_proto(proto), "O0", quantize="int8-dynamic", speed_gate=False, verify=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "contains"),
+    [
+        (["--no-speed-gate"], "--no-speed-gate needs --quantize"),
+        (["--quantize", "int8-dynamic", "--precision", "fp16"], "cannot be combined"),
+        (["--quantize", "int4", "--set", "bits=8"], "sets bits itself"),
+    ],
+)
+def test_cli_quantize_combinations_refused_before_any_work(tmp_path, args, contains):
+    out = tmp_path / "out.onnx"
+    proc = run_gcomp("optimize", DEFAULT, "-o", out, *args)
+    assert_one_line_error(proc, code=2, contains=contains)
+    assert not out.exists()
+
+
+def test_calibration_errors_name_the_calibration_option(tmp_path):
+    from gcomp.errors import OptionError
+    from gcomp.inputs import load_calibration
+
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz")
+    with pytest.raises(OptionError, match="^--calibration .*not a readable .npz file"):
+        load_calibration(bad, _layers_model())
+
+
+def test_top1_on_an_empty_class_axis_and_an_infinite_tolerance():
+    e = np.zeros((3, 0), np.float32)
+    assert measure([{"y": e}], [{"y": e}], Budget("top1", 0.01))[0].within
+    from gcomp.errors import OptionError
+
+    with pytest.raises(OptionError, match="positive and finite"):
+        Budget("cosine", float("inf"))

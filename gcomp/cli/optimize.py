@@ -30,7 +30,7 @@ _TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
                    "[default: 1; 2 with --quantize, so fused ops are quantized as units]")
 @click.option("--target", default=None, metavar="TARGET",
               help=f"What the output must run on: {_TARGET_NAMES} "
-                   "[default: portable; ort-cpu with -O3]. Fusions fire only when it accepts their ops.")
+                   "[default: portable; ort-cpu with -O3 or --quantize]. Fusions fire only when it accepts their ops.")
 @click.option("--target-opset", type=click.IntRange(min=1), default=None,
               help="Upgrade the model to this opset first, so newer fused ops (Gelu-20, Attention-23) may be emitted.")
 @click.option("--explain-fusion", is_flag=True, help="List every fusion rule: fired, why not run, near misses.")
@@ -41,7 +41,8 @@ _TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
               help="Quantize after the pipeline: int8 (static QDQ, calibrated: needs --calibration), "
                    "int8-dynamic (int8 weights, activations quantized at run time), "
                    "int8-weights / int4 (weight-only, block-wise). Kept only within the accuracy budget "
-                   "(--metric, --tolerance) and where measured faster; otherwise exit 1, nothing written.")
+                   "(--metric, --tolerance) and where measured faster (weight-only: at most 10 % slower); "
+                   "otherwise exit 1, nothing written.")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="--quantize: samples to measure accuracy on: a folder of .npz files (one sample each) or "
                    "test_data_set_* folders, or one .npz with a leading sample axis; at least 8 samples.")
@@ -97,7 +98,7 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
     options = _parse_sets(_options_spec(pipeline, precision, quantize), sets)
     options.update(_fusion_options(target, target_opset, explain_fusion))
     options.update(_precision_options(precision, tolerance, keep_io_types, quantize))
-    _check_quantize_options(quantize, calibration, metric)
+    _check_quantize_options(quantize, calibration, metric, speed_gate, precision, target)
     request = OptimizeRequest(
         model=model, output=output, pipeline=pipeline, options=options, verify=verify, inputs=inputs,
         input_shapes=parse_input_shapes(input_shapes), max_tensor_bytes=max_tensor_bytes,
@@ -180,9 +181,21 @@ def _precision_options(precision, tolerance, keep_io_types, quantize) -> dict:
     return options
 
 
-def _check_quantize_options(quantize, calibration, metric) -> None:
-    if not quantize and (calibration is not None or metric is not None):
-        raise OptionError(f"{'--calibration' if calibration is not None else '--metric'} needs --quantize")
+def _check_quantize_options(quantize, calibration, metric, speed_gate=True, precision=None, target=None) -> None:
+    """Option combinations refused before any work is done."""
+    if not quantize:
+        given = [o for o, v in (("--calibration", calibration), ("--metric", metric)) if v is not None]
+        if not speed_gate:
+            given.append("--no-speed-gate")
+        if given:
+            raise OptionError(f"{given[0]} needs --quantize")
+        return
+    if quantize == "int8" and calibration is None:
+        raise OptionError("--quantize int8 calibrates activation ranges and needs real data: give --calibration PATH")
+    if target is not None and target.startswith("tvm"):
+        raise OptionError(f"--quantize: TVM targets ({target}) are not supported yet: use --target ort-cpu or portable")
+    if precision in ("fp16", "bf16", "auto"):
+        raise OptionError("--quantize and --precision cannot be combined: quantization works on float32 weights")
 
 
 def _fusion_options(target, target_opset, explain_fusion) -> dict:

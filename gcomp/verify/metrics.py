@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import math
+
 import numpy as np
 
 from gcomp.errors import OptionError
@@ -39,8 +41,8 @@ class Budget:
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise OptionError(f"unknown metric '{self.metric}' (metrics: {', '.join(METRICS)})")
-        if not self.tolerance > 0:
-            raise OptionError(f"tolerance must be positive, got {self.tolerance}")
+        if not (self.tolerance > 0 and math.isfinite(self.tolerance)):
+            raise OptionError(f"tolerance must be positive and finite, got {self.tolerance}")
 
     def describe(self) -> str:
         if self.metric == "cosine":
@@ -88,6 +90,8 @@ def _error(pairs: list[tuple[np.ndarray, np.ndarray]], metric: str) -> float:
     if metric == "top1":
         differ = total = 0
         for e, a in pairs:
+            if e.size == 0:
+                continue
             rows_e = e.reshape(-1, e.shape[-1]) if e.ndim else e.reshape(1, 1)
             rows_a = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
             differ += int((rows_e.argmax(-1) != rows_a.argmax(-1)).sum())
