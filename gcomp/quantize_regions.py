@@ -93,17 +93,10 @@ def _one_node_pairs(model, nodes, feeds, pass_name, options, target):
 
 def _activations(model: ir.Model, values: Sequence[ir.Value], feeds) -> dict[str, np.ndarray]:
     """The values ``values`` take for ``feeds`` (one run with them exposed as outputs)."""
-    copy = model.clone()
     wanted = {v.name for v in values}
-    outputs = {v.name for v in copy.graph.outputs}
-    for node in copy.graph:
-        for v in node.outputs:
-            if v.name in wanted and v.name not in outputs:
-                if v.type is None:
-                    v.type = ir.TensorType(ir.DataType.FLOAT)  # the pass quantizes float32 activations only
-                copy.graph.outputs.append(v)
-    given = {v.name for v in copy.graph.inputs}
-    run = runtime.reference(copy).run(feeds)
+    given = {v.name for v in model.graph.inputs}
+    # an untyped activation is float32: the pass quantizes float32 activations only
+    run = runtime.run_exposing(model, wanted, feeds, untyped=ir.DataType.FLOAT)
     found = {k: np.asarray(v) for k, v in run.items() if k in wanted}
     found.update({k: np.asarray(feeds[k]) for k in wanted & given if k in feeds})
     return found

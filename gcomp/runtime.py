@@ -15,7 +15,8 @@ here too, so every place that runs a model runs it the same way.
 
 from __future__ import annotations
 
-__all__ = ["ReferenceRuntime", "Interleaved", "pass_context", "reference", "time_interleaved", "time_model"]
+__all__ = ["ReferenceRuntime", "Interleaved", "pass_context", "reference", "run_exposing", "time_interleaved",
+           "time_model"]
 
 import statistics
 import time
@@ -60,6 +61,24 @@ class ReferenceRuntime:
             model = model.SerializeToString()  # an onnx.ModelProto (fold's one-node models)
         timeout = {"timeout": self.timeout} if self.timeout else {}
         return reference(model, threads=threads).run(feeds, **timeout)
+
+
+def run_exposing(model: ir.Model, names: set[str], feeds: Mapping[str, np.ndarray], *,
+                 untyped: ir.DataType | None = None) -> dict[str, np.ndarray]:
+    """``model`` run on the reference runtime with the node outputs named in ``names`` also
+    returned (on a copy; ``model`` is not changed). ORT needs a type on every graph output:
+    a value without one gets ``untyped``, or is left out when that is None."""
+    copy = model.clone()
+    present = {v.name for v in copy.graph.outputs}
+    for node in copy.graph:
+        for v in node.outputs:
+            if v.name in names and v.name not in present:
+                if v.type is None:
+                    if untyped is None:
+                        continue
+                    v.type = ir.TensorType(untyped)
+                copy.graph.outputs.append(v)
+    return reference(copy).run(feeds)
 
 
 def pass_context(
@@ -127,11 +146,7 @@ def time_interleaved(a, b, feeds: Mapping[str, np.ndarray], *, blocks: int = 8, 
     for _ in range(blocks):
         medians = []
         for i, exe in enumerate((a, b)):
-            block_times = []
-            for _ in range(block):
-                t0 = time.perf_counter()
-                exe.run(feeds)
-                block_times.append((time.perf_counter() - t0) * 1e3)
+            block_times = _timed_runs(exe, feeds, block)
             times[i] += block_times
             medians.append(statistics.median(block_times))
         ratios.append(medians[0] / medians[1])
@@ -144,11 +159,17 @@ def time_model(model: ir.Model, feeds: Mapping[str, np.ndarray], runs: int = 7) 
     try:
         exe = OrtBackend().compile(model, "cpu")
         exe.run(feeds)
-        samples = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            exe.run(feeds)
-            samples.append((time.perf_counter() - t0) * 1e3)
+        samples = _timed_runs(exe, feeds, runs)
     except BackendError:
         return None
     return sorted(samples)[len(samples) // 2]
+
+
+def _timed_runs(exe, feeds: Mapping[str, np.ndarray], runs: int) -> list[float]:
+    """Wall time (ms) of each of ``runs`` runs of ``exe`` on ``feeds``."""
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        exe.run(feeds)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return samples

@@ -155,6 +155,10 @@ def test_cli_declines_a_model_with_nothing_to_quantize_and_writes_nothing(tmp_pa
         (["--calibration", "nowhere"], "--calibration needs --quantize"),
         (["--quantize", "int8-dynamic", "--calibration", "nowhere"], "no such file or folder"),
         (["--quantize", "int8-dynamic", "--target", "tvm-llvm"], "TVM targets"),
+        # combinations --quantize cannot honour: refused before any work
+        (["--no-speed-gate"], "--no-speed-gate needs --quantize"),
+        (["--quantize", "int8-dynamic", "--precision", "fp16"], "cannot be combined"),
+        (["--quantize", "int4", "--set", "bits=8"], "sets bits itself"),
     ],
 )
 def test_cli_quantize_option_errors_are_one_line(tmp_path, args, contains):
@@ -291,21 +295,6 @@ def test_generated_samples_are_bounded_like_verification_inputs():
                        [tensor("W", np.ones((16, 16), np.float32))])
     with pytest.raises(q.QuantizationDeclined, match="generated inputs would take"):
         gcomp.optimize(ir.from_proto(proto), "O0", quantize="int8-dynamic", speed_gate=False, verify=False)
-
-
-@pytest.mark.parametrize(
-    ("args", "contains"),
-    [
-        (["--no-speed-gate"], "--no-speed-gate needs --quantize"),
-        (["--quantize", "int8-dynamic", "--precision", "fp16"], "cannot be combined"),
-        (["--quantize", "int4", "--set", "bits=8"], "sets bits itself"),
-    ],
-)
-def test_cli_quantize_combinations_refused_before_any_work(tmp_path, args, contains):
-    out = tmp_path / "out.onnx"
-    proc = run_gcomp("optimize", DEFAULT, "-o", out, *args)
-    assert_one_line_error(proc, code=2, contains=contains)
-    assert not out.exists()
 
 
 def test_calibration_errors_name_the_calibration_option(tmp_path):

@@ -39,8 +39,8 @@ def first_divergent_node(float_model: ir.Model, candidate: ir.Model, feeds: Mapp
     float_copy, candidate_copy = _typed(float_model), _typed(candidate)
     shared = _float_values(float_copy) & _float_values(candidate_copy)
     try:
-        expected = _run_exposed(float_copy, shared, feeds)
-        actual = _run_exposed(candidate_copy, shared, feeds)
+        expected = runtime.run_exposing(float_copy, shared, feeds)
+        actual = runtime.run_exposing(candidate_copy, shared, feeds)
     except BackendError:
         return None
     labels = {node: node.name or f"{node.op_type}_{i}" for i, node in enumerate(float_copy.graph)}
@@ -74,13 +74,3 @@ def _typed(model: ir.Model) -> ir.Model:
 def _float_values(model: ir.Model) -> set[str]:
     return {v.name for node in model.graph for v in node.outputs
             if v.name and v.type is not None and v.dtype == ir.DataType.FLOAT}
-
-
-def _run_exposed(model: ir.Model, names: set[str], feeds) -> dict[str, np.ndarray]:
-    copy = model  # already a private copy (_typed)
-    present = {v.name for v in copy.graph.outputs}
-    for node in copy.graph:
-        for v in node.outputs:
-            if v.name in names and v.name not in present:
-                copy.graph.outputs.append(v)
-    return runtime.reference(copy).run(feeds)
