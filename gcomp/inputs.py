@@ -2,8 +2,11 @@
 
 Files (``--inputs``):
 - an ``.npz`` archive whose keys are input names;
-- an ONNX ``test_data_set_N`` folder of ``input_<i>.pb`` TensorProtos (names taken from
-  each tensor, or from the model's input order when a tensor has none).
+- an ONNX ``test_data_set_N`` folder of ``input_<i>.pb`` files (names taken from each
+  message, or from the model's input order when a message has none): TensorProtos, and
+  SequenceProtos or OptionalProtos for inputs of those types (the model's input type says
+  which message a file holds). A sequence is fed as a list of arrays, an optional as its
+  element or None (empty).
 
 Generated inputs (seeded, so every run and every model variant sees the same values):
 - symbolic or unknown dims: ``--input-shape NAME=D1,D2,...`` fixes an input's shape and
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 __all__ = [
     "load_inputs",
+    "describe_feeds",
     "generate_inputs",
     "InputsTooLarge",
     "CannotGenerate",
@@ -34,11 +38,12 @@ __all__ = [
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from gcomp.errors import OptionError
+from gcomp.errors import OptionError, first_line
 
 DEFAULT_BATCH_DIM = 1
 DEFAULT_DIM = 32
@@ -70,8 +75,11 @@ def parse_input_shapes(specs: list[str] | tuple[str, ...] | None) -> dict[str, t
     return shapes
 
 
-def load_inputs(path: str | os.PathLike, model: ir.Model | None = None, *, option: str = "--inputs") -> dict[str, np.ndarray]:
-    """Read inputs from an ``.npz`` file or a ``test_data_set`` folder of ``input_*.pb``."""
+def load_inputs(path: str | os.PathLike, model: ir.Model | None = None, *, option: str = "--inputs") -> dict[str, Any]:
+    """Read inputs from an ``.npz`` file or a ``test_data_set`` folder of ``input_*.pb``.
+
+    Values are arrays, except for sequence inputs (lists) and optional ones (the element,
+    or None) read from a folder, which needs ``model`` to tell their types."""
     p = Path(path)
     if not p.exists():
         raise OptionError(f"{option} {p}: no such file or folder")
@@ -88,25 +96,101 @@ def load_inputs(path: str | os.PathLike, model: ir.Model | None = None, *, optio
         raise OptionError(f"{option} {p}: not a readable .npz file ({e})") from None
 
 
-def _load_pb_folder(folder: Path, model: ir.Model | None, option: str = "--inputs") -> dict[str, np.ndarray]:
-    import onnx
-    from onnx import numpy_helper
-
+def _load_pb_folder(folder: Path, model: ir.Model | None, option: str = "--inputs") -> dict[str, Any]:
+    """``input_<i>.pb`` files in index order. Which protobuf message a file holds is not
+    written in it (the bytes of a SequenceProto also parse as a TensorProto, wrongly), so
+    the model says it, as ONNX's own test runner reads them: file ``i`` is runtime input
+    ``i``, a TensorProto, SequenceProto or OptionalProto by that input's type. A file
+    whose message names another input is read by that input's type."""
     files = sorted(folder.glob("input_*.pb"), key=lambda f: int(re.sub(r"\D", "", f.stem) or 0))
     if not files:
         raise OptionError(f"{option} {folder}: no input_*.pb files in the folder")
-    names = [v.name for v in model.graph.inputs if not v.const_value] if model is not None else []
-    feeds: dict[str, np.ndarray] = {}
+    inputs = runtime_inputs(model) if model is not None else []
+    kinds = {v.name: _message_kind(v.type) for v in inputs}
+    feeds: dict[str, Any] = {}
     for i, f in enumerate(files):
-        tensor = onnx.TensorProto()
-        try:
-            tensor.ParseFromString(f.read_bytes())
-            array = numpy_helper.to_array(tensor)
-        except Exception as e:
-            raise OptionError(f"{option} {f}: not a TensorProto ({e})") from None
-        name = tensor.name or (names[i] if i < len(names) else f"input_{i}")
-        feeds[name] = array
+        data = f.read_bytes()
+        slot = inputs[i] if i < len(inputs) else None
+        kind = kinds[slot.name] if slot is not None else "tensor"
+        name, value = _parse_message(data, kind, slot, f, option)
+        if name in kinds and kinds[name] != kind:
+            named = next(v for v in inputs if v.name == name)
+            name, value = _parse_message(data, kinds[name], named, f, option)
+        feeds[name or (slot.name if slot is not None else f"input_{i}")] = value
     return feeds
+
+
+def _message_kind(type_: ir.TypeProtocol | None) -> str:
+    """Which protobuf message holds a value of this type in a test_data_set file."""
+    if isinstance(type_, ir.SequenceType):
+        return "sequence"
+    if isinstance(type_, ir.OptionalType):
+        return "optional"
+    return "tensor"
+
+
+def _parse_message(data: bytes, kind: str, slot: ir.Value | None, path: Path, option: str) -> tuple[str, Any]:
+    """(the message's name, its value as ONNX Runtime takes it: an array, a list of them
+    for a sequence, the element or None for an optional)."""
+    import onnx
+    from onnx import numpy_helper
+
+    message, convert = {
+        "tensor": (onnx.TensorProto, numpy_helper.to_array),
+        "sequence": (onnx.SequenceProto, numpy_helper.to_list),
+        "optional": (onnx.OptionalProto, _optional_value),
+    }[kind]
+    proto = message()
+    try:
+        proto.ParseFromString(data)
+        if _unknown_fields(proto):  # protobuf parses any message's bytes as another, silently
+            raise ValueError(f"it holds fields a {message.__name__} does not have")
+        value = convert(proto)
+    except Exception as e:
+        why = f" (the model's input '{slot.name}' is a {slot.type})" if slot is not None else ""
+        article = "an" if kind == "optional" else "a"
+        raise OptionError(f"{option} {path}: not {article} {message.__name__}{why}: {first_line(e)}") from None
+    return proto.name, value
+
+
+def _unknown_fields(proto) -> int:
+    try:
+        from google.protobuf.unknown_fields import UnknownFieldSet
+    except ImportError:  # protobuf < 4.22: no check
+        return 0
+    return len(UnknownFieldSet(proto))
+
+
+def _optional_value(proto) -> Any:
+    """An OptionalProto's element, None when it holds none (also when its element type is
+    set but the value is absent, as ``numpy_helper.from_optional(None, dtype=...)`` writes)."""
+    from onnx import OptionalProto, numpy_helper
+
+    field = {
+        OptionalProto.TENSOR: "tensor_value", OptionalProto.SPARSE_TENSOR: "sparse_tensor_value",
+        OptionalProto.SEQUENCE: "sequence_value", OptionalProto.MAP: "map_value",
+        OptionalProto.OPTIONAL: "optional_value",
+    }.get(proto.elem_type)
+    if field is None or not proto.HasField(field):
+        return None
+    return numpy_helper.to_optional(proto)
+
+
+def describe_feeds(feeds: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{name: {"shape": [...], "dtype": "..."}}`` for reports: a sequence is shown as its
+    length and ``sequence(<element dtype>)``, an empty optional as ``optional(empty)``."""
+    return {name: _describe(value) for name, value in feeds.items()}
+
+
+def _describe(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {"shape": [], "dtype": "optional(empty)"}
+    if isinstance(value, (list, tuple)) and any(not np.isscalar(v) for v in value):
+        inner = {_describe(v)["dtype"] for v in value}
+        return {"shape": [len(value)], "dtype": f"sequence({inner.pop() if len(inner) == 1 else 'mixed'})"}
+    if isinstance(value, dict):
+        return {"shape": [len(value)], "dtype": "map"}
+    return {"shape": list(np.shape(value)), "dtype": str(np.asarray(value).dtype)}
 
 
 class CannotGenerate(OptionError):
@@ -149,8 +233,8 @@ def generate_inputs(
     bound: dict[str, int] = {}
     for value in inputs:
         fixed = shapes.get(value.name)
-        if fixed is None and value.name in feeds:
-            fixed = tuple(np.shape(feeds[value.name]))
+        if fixed is None and value.name in feeds and _message_kind(value.type) == "tensor":
+            fixed = tuple(np.shape(feeds[value.name]))  # a sequence has no one shape
         if fixed is not None and value.shape is not None and len(value.shape) == len(fixed):
             for dim, size in zip(value.shape, fixed):
                 if isinstance(dim, ir.SymbolicDim) and dim.value:

@@ -126,7 +126,7 @@ class Reference:
 
     def check(self, candidate: ir.Model | str | Path) -> Verification:
         """Run ``candidate`` on the reference inputs and compare every output."""
-        info = {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)} for k, v in self.feeds.items()}
+        info = _inputs.describe_feeds(self.feeds)
         try:
             actual, tolerances, note = self._run(candidate)
         except BackendError as e:
@@ -143,7 +143,7 @@ class Reference:
     def check_budget(self, candidate: ir.Model, budget: Budget) -> Verification:
         """Compare a lossy candidate (a quantized model) under an accuracy budget instead
         of element-wise tolerances (:mod:`gcomp.verify.metrics`)."""
-        info = {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)} for k, v in self.feeds.items()}
+        info = _inputs.describe_feeds(self.feeds)
         try:
             actual = runtime.reference(candidate).run(self.feeds, timeout=self.timeout)
         except BackendError as e:
