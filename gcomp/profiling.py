@@ -5,6 +5,9 @@
   whatever backend produced it, the rows get gcomp's FLOPs, bytes and roofline bounds.
 - :func:`print_profile` is the terminal table; :func:`write_outputs` writes the report
   and trace files the options asked for.
+- :func:`interleaved_speed` times the models before and after optimization in one
+  process, in alternating blocks, for the optimize report's speed headline
+  (:mod:`gcomp.report.speed` words it);
 - :func:`load_profiles` reads saved profile JSON files for ``gcomp report`` with clear
   errors (not a file, not JSON, not a gcomp profile, a newer major schema).
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 __all__ = [
     "finish_profile",
+    "interleaved_speed",
     "load_profiles",
     "optimize_profiles",
     "print_profile",
@@ -126,7 +130,11 @@ def finish_profile(prof, model, feeds, *, path=None, status=None):
 
 def print_profile(prof, *, title: str, top: int, console) -> None:
     """The latency table, then the top ``top`` ops with costs and bounds."""
+    from dataclasses import asdict
+
     from rich.table import Table
+
+    from gcomp.report.roof import kernel_roof_text
 
     lat = prof.latency
     t = Table(title=title, title_justify="left")
@@ -144,7 +152,7 @@ def print_profile(prof, *, title: str, top: int, console) -> None:
     )
     console.print(t)
     ops = Table(title=f"top {min(top, len(prof.ops))} of {len(prof.ops)} ops", title_justify="left")
-    for col in ("node", "op type", "ms", "share", "GFLOP/s", "GB/s", "bound"):
+    for col in ("node", "op type", "ms", "share", "GFLOP/s", "GB/s", "bound", "of roof"):
         ops.add_column(col, justify="right" if col not in ("node", "op type", "bound") else "left")
     for o in prof.ops[:top]:
         ops.add_row(
@@ -155,21 +163,33 @@ def print_profile(prof, *, title: str, top: int, console) -> None:
             f"{o.gflops_per_s:.1f}" if o.gflops_per_s is not None else "-",
             f"{o.gb_per_s:.2f}" if o.gb_per_s is not None else "-",
             o.bound or "-",
+            kernel_roof_text(asdict(o)),
         )
     console.print(ops)
-    totals, roof = prof.totals or {}, prof.roofline or {}
+    _print_figures(prof, console)
+
+
+def _print_figures(prof, console) -> None:
+    """Work per run against the peak, where the roofs came from, and the memory figures."""
+    from gcomp.report.roof import peak_share_text, roof_origin
+    from gcomp.report.units import human_bytes, model_memory_words
+
+    totals, roof, memory = prof.totals or {}, prof.roofline or {}, prof.memory or {}
     if totals.get("graph_flops"):
         achieved = totals.get("achieved_gflops_per_s")
-        peak = roof.get("peak_gflops")
+        share = peak_share_text(achieved, roof)
         console.print(
             f"{totals['graph_flops'] / 1e9:.3f} GFLOP per run ({(totals.get('graph_macs') or 0) / 1e9:.3f} G multiply-adds)"
             + (f"; achieved {achieved:.1f} GFLOP/s" if achieved else "")
-            + (
-                f" = {achieved / peak * 100:.0f}% of the measured {peak:.0f} GFLOP/s peak"
-                if achieved and peak
-                else ""
-            )
+            + (f" = {share}" if share else ""), soft_wrap=True, markup=False,
         )
+    if roof:
+        console.print(f"roofline: {roof_origin(roof)}", soft_wrap=True, markup=False)
+    if memory.get("peak_rss_bytes") is not None:
+        console.print(f"process peak RSS {human_bytes(memory['peak_rss_bytes'])} (the whole Python process)"
+                      + (f"; model memory {human_bytes(memory['model_bytes_estimate'])} (estimate: "
+                         f"{model_memory_words(memory)})" if memory.get("model_bytes_estimate") is not None else ""),
+                      soft_wrap=True, markup=False)
 
 
 def write_outputs(doc: dict[str, Any], *, report: Path | None, trace: Path | None) -> list[Path]:
@@ -219,8 +239,9 @@ def optimize_profiles(
         feeds=feeds,
         status=status,
     )
+    optimized = output if output is not None else result.model
     after, _ = profile_model(
-        output if output is not None else result.model,
+        optimized,
         backend=backend,
         device=device,
         iters=iters,
@@ -228,7 +249,43 @@ def optimize_profiles(
         feeds=feeds,
         status=status,
     )
-    return {"before": before.to_dict(), "after": after.to_dict()}
+    speed = interleaved_speed(source, optimized, feeds, backend=backend, device=device, status=status)
+    return {"before": before.to_dict(), "after": after.to_dict(), "speed": speed}
+
+
+# The interleaved before/after timing: this many block pairs, sized to about this budget.
+SPEED_BLOCKS = 12
+SPEED_BUDGET_MS = 3000.0
+
+
+def interleaved_speed(before, after, feeds, *, backend: str = "ort", device: str = "cpu",
+                      blocks: int = SPEED_BLOCKS, budget_ms: float = SPEED_BUDGET_MS, status=None) -> dict[str, Any]:
+    """Time ``before`` and ``after`` (paths or ``ir.Model``) in one process, in alternating
+    blocks (:func:`gcomp.runtime.time_interleaved`), and word the result by the rule of
+    :mod:`gcomp.report.speed`. Blocks hold 3-25 runs, as many as fit ``budget_ms`` in all."""
+    from gcomp.backends import get_backend
+    from gcomp.report.speed import speed_summary
+    from gcomp.runtime import time_interleaved
+
+    if status:
+        status(f"timing before and after interleaved on {backend}/{device}")
+    a = get_backend(backend).compile(before, device)
+    b = get_backend(backend).compile(after, device)
+    one_ms = max(_one_run_ms(a, feeds), _one_run_ms(b, feeds), 1e-3)
+    block = int(min(25, max(3, budget_ms / (2 * blocks * one_ms))))
+    timing = time_interleaved(a, b, feeds, blocks=blocks, block=block)
+    return speed_summary(timing.a_ms, timing.b_ms, timing.block_ratios, block=block,
+                         backend=f"{backend}/{device}")
+
+
+def _one_run_ms(exe, feeds) -> float:
+    """Wall time of one run after one untimed run (the first run pays for allocation)."""
+    import time
+
+    exe.run(feeds)
+    t0 = time.perf_counter()
+    exe.run(feeds)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def load_profiles(paths: list[Path]) -> list[dict[str, Any]]:

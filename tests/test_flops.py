@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -128,40 +127,65 @@ def test_roofline_classification():
     assert roofline.classify(None, 100, ridge=5.0) is None
 
 
-def test_machine_peaks_from_cpuinfo_and_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("GCOMP_CACHE_DIR", str(tmp_path))
+def test_machine_peaks_from_cpuinfo_calibrated_once_per_process(monkeypatch):
     monkeypatch.setattr(roofline, "_MEMO", {})
     info = {"model name": "Test CPU", "flags": "sse2 avx avx2 fma avx512f", "cpu MHz": "2500.000"}
     monkeypatch.setattr(roofline, "_cpuinfo", lambda: info)
     monkeypatch.setattr(roofline.os, "cpu_count", lambda: 4)
     monkeypatch.setattr(roofline.Path, "read_text", _no_sysfs(roofline.Path.read_text))
+    monkeypatch.setattr(roofline, "_calibrate", lambda: pytest.fail("calibrated with calibrate=False"))
     theory = roofline.machine(calibrate=False)
     # 512-bit vectors = 16 float32 lanes, x2 (FMA), x2 FMA units, x4 cores, x2.5 GHz.
     assert theory.theoretical_gflops == pytest.approx(16 * 2 * 2 * 4 * 2.5)
     assert theory.peak_source == "theoretical" and theory.bandwidth_gbs is None
-    assert not list(tmp_path.iterdir())  # calibrate=False writes no cache
-    # The first calibration is measured and cached; later ones read the cache.
-    monkeypatch.setattr(roofline, "_MEMO", {})
-    monkeypatch.setattr(roofline, "_measure_flops", lambda: 200.0)
-    monkeypatch.setattr(roofline, "_measure_bandwidth", lambda: 20.0)
+    assert theory.peak_method.startswith("theoretical: 512-bit vectors")
+    # The best matrix product is the compute roof, and the report is told which it was.
+    gemms = {"numpy 512": 150.0, "onnxruntime 512": 200.0, "onnxruntime 1024": 180.0}
+    monkeypatch.setattr(roofline, "_calibrate", lambda: (gemms, 20.0))
     first = roofline.machine()
-    assert (first.measured_gflops, first.bandwidth_gbs, first.cached) == (200.0, 20.0, False)
-    assert first.ridge == pytest.approx(10.0)
-    (cache,) = tmp_path.iterdir()
-    data = json.loads(cache.read_text())
-    data["measured_gflops"] = 123.0
-    cache.write_text(json.dumps(data))
+    assert (first.measured_gflops, first.peak_gflops, first.bandwidth_gbs) == (200.0, 200.0, 20.0)
+    assert first.peak_source == "measured" and first.ridge == pytest.approx(10.0)
+    assert "onnxruntime 512 fastest" in first.peak_method and "256x256, 512x512, 1024x1024" in first.peak_method
+    assert "copies of 256 MiB" in first.bandwidth_method and first.to_dict()["gemm_gflops"] == gemms
+    # Kept for the process: no second calibration, and calibrate=False sees it too.
+    monkeypatch.setattr(roofline, "_calibrate", lambda: pytest.fail("calibrated twice in one process"))
+    assert roofline.machine() is first and roofline.machine(calibrate=False) is first
+    # refresh measures again; a failed calibration leaves the theoretical peak, saying why.
+    monkeypatch.setattr(roofline, "_calibrate", lambda: ({"numpy 256": 90.0}, 10.0))
+    assert roofline.machine(refresh=True).peak_gflops == 90.0
+
+    def broken():
+        raise roofline.subprocess.CalledProcessError(1, ["python"], stderr="boom")
+
     monkeypatch.setattr(roofline, "_MEMO", {})
-    monkeypatch.setattr(
-        roofline, "_measure_flops", lambda: pytest.fail("calibrated despite the cache")
-    )
-    again = roofline.machine()
-    assert again.cached and again.measured_gflops == 123.0 and again.peak_gflops == 123.0
-    # A corrupt cache means measuring again, not a crash.
-    cache.write_text("{not json")
-    monkeypatch.setattr(roofline, "_MEMO", {})
-    monkeypatch.setattr(roofline, "_measure_flops", lambda: 150.0)
-    assert roofline.machine().measured_gflops == 150.0
+    monkeypatch.setattr(roofline, "_calibrate", broken)
+    failed = roofline.machine()
+    assert failed.peak_source == "theoretical" and "calibration failed" in failed.peak_method
+
+
+def test_calibration_runs_in_a_child_and_times_every_product():
+    """The real calibration: every size with numpy and ONNX Runtime, positive figures, and
+    its 512 MiB of copy buffers never reach this process's peak RSS (profiles report it)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gemms, bandwidth = roofline._calibrate()
+    grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    expected = {f"{lib} {n}" for lib in ("numpy", "onnxruntime") for n in roofline.GEMM_SIZES}
+    assert set(gemms) == expected and all(v > 0 for v in gemms.values()) and bandwidth > 0
+    assert grew < roofline.COPY_BYTES // 2, grew
+
+
+def test_a_kernel_above_its_roof_is_judged_a_calibration_error():
+    assert roofline.attainable(400.0, 25.0, 2.0) == 50.0  # memory roof: 2 FLOP/B x 25 GB/s
+    assert roofline.attainable(400.0, 25.0, 100.0) == 400.0  # compute roof
+    assert roofline.attainable(None, 25.0, 2.0) is None
+    under = roofline.judge(40.0, 50.0)
+    assert (under.efficiency, under.above_roof) == (pytest.approx(0.8), False)
+    over = roofline.judge(65.0, 50.0)  # 130 % of the roof
+    assert (over.efficiency, over.above_roof, over.attainable_gflops) == (None, True, 50.0)
+    assert roofline.judge(50.0, 50.0).efficiency == 1.0  # exactly on the roof is fine
+    assert roofline.judge(None, 50.0).efficiency is None and not roofline.judge(None, 50.0).above_roof
 
 
 def _no_sysfs(original):

@@ -301,7 +301,7 @@ def _changes_table(result, doc):
     """Counts before and after, the op types that changed, and the verification status."""
     from rich.table import Table
 
-    from gcomp.report import human_bytes
+    from gcomp.report import bytes_change, file_size, human_bytes
 
     before, after = result.before, result.after
     table = Table(title=f"gcomp optimize — pipeline {result.pipeline}", title_justify="left")
@@ -313,9 +313,16 @@ def _changes_table(result, doc):
     table.add_row("initializers", str(before.initializers), str(after.initializers),
                   f"{after.initializers - before.initializers:+d}")
     table.add_row("initializer bytes", human_bytes(before.initializer_bytes), human_bytes(after.initializer_bytes),
-                  f"{after.initializer_bytes - before.initializer_bytes:+d}")
+                  bytes_change(before.initializer_bytes, after.initializer_bytes))
     if doc and doc.get("input") and doc.get("output"):
-        table.add_row("file size", human_bytes(doc["input"]["file_bytes"]), human_bytes(doc["output"]["file_bytes"]), "")
+        size_in, size_out = file_size(doc["input"]), file_size(doc["output"])
+        table.add_row("file size", human_bytes(size_in), human_bytes(size_out), bytes_change(size_in, size_out))
+    speed = ((doc or {}).get("profiles") or {}).get("speed")
+    if speed:  # the interleaved timing, worded by gcomp.report.speed's rule
+        from gcomp.report.speed import headline
+
+        table.add_row("latency (median ms)", f"{speed['before_ms_median']:.3f}", f"{speed['after_ms_median']:.3f}",
+                      headline(speed))
     ops = sorted(set(before.op_types) | set(after.op_types))
     for op in ops:
         b, a = before.op_types.get(op, 0), after.op_types.get(op, 0)

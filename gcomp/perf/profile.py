@@ -32,11 +32,14 @@ from typing import Any
 
 from gcomp.perf import flops as fl
 from gcomp.perf import roofline as rl
-from gcomp.perf.stats import model_stats
+from gcomp.perf.stats import memory_estimate, model_stats
 
 # 1.1 added: op costs and roofline fields, totals, timeline, environment cpu_features/gpu,
 # optimize reports' per-pass max_abs_error and before/after profiles, kind "compare".
-SCHEMA_VERSION = "1.1"
+# 1.2 added: optimize profiles' interleaved "speed"; ops' attainable_gflops_per_s and
+# above_roof; roofline peak_method, bandwidth_method, gemm_gflops; memory weights_bytes,
+# activations_peak_bytes, unsized_activations, model_bytes_estimate, model_bytes_method.
+SCHEMA_VERSION = "1.2"
 
 
 @dataclass
@@ -113,7 +116,11 @@ class OpRow:
     gb_per_s: float | None = None
     intensity: float | None = None  # FLOP per byte
     bound: str | None = None  # "compute" | "memory"
-    roof_efficiency: float | None = None  # achieved / attainable at this intensity
+    roof_efficiency: float | None = None  # achieved / attainable at this intensity (never above 1)
+    # The roof at this kernel's intensity (GFLOP/s), and whether the kernel measured above
+    # it: a calibration or timing error, shown as such (roof_efficiency is then None).
+    attainable_gflops_per_s: float | None = None
+    above_roof: bool = False
 
 
 @dataclass
@@ -174,7 +181,9 @@ class Profile:
         (:func:`gcomp.perf.flops.graph_costs`); a kernel the runtime made itself (fused,
         layout converted) from the tensor shapes the backend reported for it, so it is
         priced as executed (its bytes miss weights the runtime's trace leaves out, e.g. ones
-        ONNX Runtime pre-packed). ``totals`` gets the sums and the whole graph's FLOPs.
+        ONNX Runtime pre-packed). ``totals`` gets the sums and the whole graph's FLOPs;
+        ``memory`` gets what the model itself needs (:func:`gcomp.perf.stats.memory_estimate`)
+        beside the process's peak RSS the backend recorded.
         """
         graph = {n.name: n for n in model.graph if n.name}
         # ONNX Runtime names a kernel it made after the value it writes
@@ -194,6 +203,7 @@ class Profile:
             if cost is not None:
                 _set_rates(op, cost, m)
         self.totals = self._totals(graph_cost)
+        self.memory.update(memory_estimate(model, graph_tensors))
         return self
 
     def _totals(self, graph_cost: dict[str, fl.Cost]) -> dict[str, Any]:
@@ -207,6 +217,7 @@ class Profile:
             "macs": sum(o.macs or 0 for o in self.ops),
             "bytes": sum(o.bytes or 0 for o in self.ops),
             "unpriced_ops": sum(1 for o in self.ops if o.flops is None),
+            "above_roof_ops": sum(1 for o in self.ops if o.above_roof),
             "graph_flops": sum(f for f in graph_flops if f is not None) if graph_cost else None,
             "graph_macs": sum(c.macs or 0 for c in graph_cost.values()) if graph_cost else None,
             # Medians: on a busy machine a few slow runs move the mean a lot.
@@ -283,10 +294,9 @@ def _set_rates(op: OpRow, cost: fl.Cost, m: rl.Machine) -> None:
         op.gb_per_s = cost.bytes / seconds / 1e9
     op.intensity = cost.flops / cost.bytes if cost.flops is not None and cost.bytes else None
     op.bound = rl.classify(cost.flops, cost.bytes, m.ridge)
-    roof_known = m.peak_gflops and m.bandwidth_gbs
-    if op.intensity is not None and op.gflops_per_s is not None and roof_known:
-        attainable = min(m.peak_gflops, op.intensity * m.bandwidth_gbs)
-        op.roof_efficiency = op.gflops_per_s / attainable if attainable > 0 else None
+    verdict = rl.judge(op.gflops_per_s, rl.attainable(m.peak_gflops, m.bandwidth_gbs, op.intensity))
+    op.attainable_gflops_per_s, op.roof_efficiency, op.above_roof = (
+        verdict.attainable_gflops, verdict.efficiency, verdict.above_roof)
 
 
 def _tensor_info(t: dict[str, Any] | None) -> fl.TensorInfo | None:

@@ -13,18 +13,19 @@ Three kinds of document (:mod:`gcomp.report.document`): ``optimize``, ``profile`
   :mod:`~gcomp.report.html_compare`, charts in :mod:`~gcomp.report.charts` and building
   blocks in :mod:`~gcomp.report.markup`;
 - :mod:`~gcomp.report.trace`: the trace-event JSON of one run;
-- :mod:`~gcomp.report.units`: :func:`human_bytes`, the one byte-size formatter.
+- :mod:`~gcomp.report.units`: :func:`human_bytes`, the one byte-size formatter, and
+  :func:`bytes_change`, the one size-change formatter.
 """
 
 from __future__ import annotations
 
 __all__ = [
-    "FORMATS", "check_report_path", "compare_document", "human_bytes", "optimize_document",
+    "FORMATS", "bytes_change", "check_report_path", "compare_document", "file_size", "human_bytes", "optimize_document",
     "render_html", "render_markdown", "schema", "write_report", "write_text",
 ]
 
 from gcomp.report.document import compare_document, optimize_document, schema
 from gcomp.report.html import render_html
 from gcomp.report.markdown import render_markdown
-from gcomp.report.units import human_bytes
+from gcomp.report.units import bytes_change, file_size, human_bytes
 from gcomp.report.writer import FORMATS, check_report_path, write_report, write_text

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gcomp.report.markup import esc, fmt_num
+from gcomp.report.roof import above_roof, kernel_roof_text
 
 # Colour per op family (stable across reports so a reader learns them).
 _PALETTE = [
@@ -394,7 +395,8 @@ def _roofs(plot: _LogPlot, peak: float, bw: float, theo: float | None) -> list[s
 
 
 def _roofline_dots(plot: _LogPlot, points: list[dict[str, Any]], palette: dict[str, str]) -> list[str]:
-    """A dot per kernel, area proportional to its time; the slowest drawn first."""
+    """A dot per kernel, area proportional to its time; the slowest drawn first. A kernel
+    measured above its roof is a hollow red ring whose tooltip says calibration error."""
     tmax = max(o["time_ms"] for o in points) or 1.0
     out = []
     for o in sorted(points, key=lambda o: -o["time_ms"]):
@@ -403,10 +405,14 @@ def _roofline_dots(plot: _LogPlot, points: list[dict[str, Any]], palette: dict[s
             f"{o['node']} ({o['op_type']}): {o['time_ms']:.3f} ms, {o['intensity']:.2f} FLOP/B, "
             f"{o['gflops_per_s']:.1f} GFLOP/s, {o.get('bound') or '?'}-bound"
         )
+        if above_roof(o):
+            tip += f"; {kernel_roof_text(o)}"
+            paint = 'fill="none" stroke="#c0392b" stroke-width="2"'
+        else:
+            paint = f'fill="{palette.get(o["op_type"], UNKNOWN)}" fill-opacity=".72" stroke="#fff" stroke-width="1"'
         out.append(
             f'<circle cx="{plot.px(o["intensity"]):.1f}" cy="{plot.py(o["gflops_per_s"]):.1f}" r="{r:.1f}" '
-            f'fill="{palette.get(o["op_type"], UNKNOWN)}" fill-opacity=".72" stroke="#fff" stroke-width="1">'
-            f"<title>{esc(tip)}</title></circle>"
+            f"{paint}><title>{esc(tip)}</title></circle>"
         )
     return out
 

@@ -50,8 +50,10 @@ def compare_page(doc: dict[str, Any]) -> tuple[str, str, str]:
     return title, sub, "".join(parts)
 
 
-def comparison_charts(profiles: list[dict[str, Any]], labels: list[str]) -> str:
-    """Latency figures per profile (table and bars) and time per op type per profile."""
+def comparison_charts(profiles: list[dict[str, Any]], labels: list[str], *, speedup: bool = True) -> str:
+    """Latency figures per profile (table and bars) and time per op type per profile;
+    ``speedup=False`` leaves out the p50 ratio column (an optimize page takes its speed
+    from the interleaved timing, and two figures must not disagree)."""
     lat_chart = grouped_hbars(
         ["mean", "p50", "p99"],
         [
@@ -69,7 +71,7 @@ def comparison_charts(profiles: list[dict[str, Any]], labels: list[str]) -> str:
         cats, [(label, [totals[c][i] for c in cats]) for i, label in enumerate(labels)], unit="ms"
     )
     return (
-        _latency_table(profiles, labels)
+        _latency_table(profiles, labels, speedup=speedup)
         + "<h3>Latency (ms)</h3>"
         + lat_chart
         + "<h3>Time by op type (ms per run)</h3>"
@@ -77,8 +79,9 @@ def comparison_charts(profiles: list[dict[str, Any]], labels: list[str]) -> str:
     )
 
 
-def _latency_table(profiles: list[dict[str, Any]], labels: list[str]) -> str:
-    """Mean, p50, p99, min, speed-up over the first, GFLOP/s and kernels per profile."""
+def _latency_table(profiles: list[dict[str, Any]], labels: list[str], *, speedup: bool = True) -> str:
+    """Mean, p50, p99, min, speed-up over the first (when ``speedup``), GFLOP/s and kernels
+    per profile."""
     lat_rows = []
     base = profiles[0]["latency"]["p50_ms"]
     for label, p in zip(labels, profiles):
@@ -103,6 +106,10 @@ def _latency_table(profiles: list[dict[str, Any]], labels: list[str]) -> str:
                 ),
             ]
         )
+    if not speedup:
+        column = _LATENCY_HEADER.index(("median speed-up vs first", True))
+        header = [h for i, h in enumerate(_LATENCY_HEADER) if i != column]
+        return table("cmp-latency", header, [row[:column] + row[column + 1:] for row in lat_rows])
     return table("cmp-latency", _LATENCY_HEADER, lat_rows)
 
 

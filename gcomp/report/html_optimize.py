@@ -15,6 +15,8 @@ from gcomp.report.charts import grouped_hbars, waterfall
 from gcomp.report.html_compare import comparison_charts
 from gcomp.report.html_profile import environment, profile_sections
 from gcomp.report.markup import cards, esc, fmt_bytes, generic_table, section, table
+from gcomp.report.speed import RULE, detail, headline
+from gcomp.report.units import bytes_change, file_size
 
 _PASS_HEADER = [
     ("pass", False),
@@ -83,8 +85,9 @@ def _summary_cards(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
         (
             "initializer bytes",
             f"{fmt_bytes(after['initializer_bytes'])}",
-            f"from {fmt_bytes(before['initializer_bytes'])}",
+            f"from {fmt_bytes(before['initializer_bytes'])} · {_change(before, after, 'initializer_bytes')}",
         ),
+        *_file_size_card(doc),
         (
             "passes",
             str(len(doc["passes"])),
@@ -93,10 +96,21 @@ def _summary_cards(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
         _verification_card(doc.get("verification")),
     ]
     profiles = doc.get("profiles") or {}
-    pb, pa = profiles.get("before"), profiles.get("after")
-    if pb and pa:
-        items.insert(0, _latency_card(pb, pa))
+    if profiles.get("before") and profiles.get("after"):
+        items.insert(0, _latency_card(profiles))
     return items
+
+
+def _change(before: dict[str, Any], after: dict[str, Any], key: str) -> str:
+    return esc(bytes_change(before[key], after[key]))
+
+
+def _file_size_card(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The model's size on disk before and after, external data included (none when unknown)."""
+    size_in, size_out = file_size(doc.get("input")), file_size(doc.get("output"))
+    if size_in is None or size_out is None:
+        return []
+    return [("file size", fmt_bytes(size_out), f"from {fmt_bytes(size_in)} · {esc(bytes_change(size_in, size_out))}")]
 
 
 def _verification_card(v: dict[str, Any] | None) -> tuple[str, str, str]:
@@ -112,29 +126,18 @@ def _verification_card(v: dict[str, Any] | None) -> tuple[str, str, str]:
     return "verification", vtext, vsub
 
 
-def _spread(*latencies: dict[str, Any]) -> float:
-    """The larger relative spread (p90 - p50) / p50 of the runs: a speed-up smaller than
-    this is not distinguishable from the noise of the measurement."""
-    spreads = [
-        (lat["p90_ms"] - lat["p50_ms"]) / lat["p50_ms"] for lat in latencies if lat.get("p50_ms")
-    ]
-    return max(spreads, default=0.0)
-
-
-def _latency_card(pb: dict[str, Any], pa: dict[str, Any]) -> tuple[str, str, str]:
-    """Median latency before → after, the speed-up, and whether it is within the noise."""
-    # Medians: a busy machine's outliers move the mean of a short run a lot.
-    speed = (
-        pb["latency"]["p50_ms"] / pa["latency"]["p50_ms"] if pa["latency"]["p50_ms"] else None
-    )
-    where = f"{esc(pa['backend'].get('name'))}/{esc(pa['backend'].get('target'))}"
-    note = f"{speed:.2f}× on {where}" if speed else ""
-    if speed and abs(speed - 1) < _spread(pb["latency"], pa["latency"]):
-        note += " — within run-to-run spread"
+def _latency_card(profiles: dict[str, Any]) -> tuple[str, str, str]:
+    """The speed headline: the interleaved before/after timing worded by the rule of
+    :mod:`gcomp.report.speed`; a document without one (written by an older gcomp) shows
+    the two profiles' medians and claims no speed-up (they were timed apart)."""
+    speed = profiles.get("speed")
+    if speed:
+        return "speed (interleaved)", esc(headline(speed)), esc(detail(speed))
+    pb, pa = profiles["before"], profiles["after"]
     return (
         "median latency",
         f"{pb['latency']['p50_ms']:.2f} → {pa['latency']['p50_ms']:.2f} ms",
-        note,
+        "profiled one after the other: no speed-up claimed",
     )
 
 
@@ -249,6 +252,13 @@ def _quantization_section(q: dict[str, Any] | None) -> str:
     return section("Quantization", esc(note), accuracy + regions + generic_table("quant-nodes", rows), "quant")
 
 
+def _speed_note(speed: dict[str, Any] | None) -> str:
+    """The speed headline, its figures and the rule it follows (empty without one)."""
+    if not speed:
+        return "The profiles ran one after the other; their latencies are not a speed-up measurement."
+    return f"Speed: {headline(speed)}; {detail(speed)}. Rule: {speed.get('rule') or RULE}."
+
+
 def _profiles_sections(profiles: dict[str, Any]) -> str:
     """Before/after charts, then the profile after and before in full (empty unless both)."""
     pb, pa = profiles.get("before"), profiles.get("after")
@@ -257,8 +267,8 @@ def _profiles_sections(profiles: dict[str, Any]) -> str:
     return (
         section(
             "Before / after",
-            "The same inputs on the same backend.",
-            comparison_charts([pb, pa], ["before", "after"]),
+            "The same inputs on the same backend. " + esc(_speed_note(profiles.get("speed"))),
+            comparison_charts([pb, pa], ["before", "after"], speedup=False),
             "beforeafter",
         )
         + f'<h2 style="margin:28px 4px 0">Profile after the pipeline</h2>{profile_sections(pa, prefix="a")}'

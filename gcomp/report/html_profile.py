@@ -17,6 +17,8 @@ from gcomp.report.charts import (
     COMPUTE, MEMORY, UNKNOWN, colors, hbars, histogram, legend, roofline, timeline,
 )
 from gcomp.report.markup import cards, esc, fmt_bytes, fmt_num, generic_table, section, table
+from gcomp.report.roof import above_roof, kernel_roof_text, peak_share_text, roof_origin
+from gcomp.report.units import model_memory_words
 
 
 def profile_page(doc: dict[str, Any]) -> tuple[str, str, str]:
@@ -65,7 +67,8 @@ def profile_sections(doc: dict[str, Any], *, prefix: str = "p", top: int = 20) -
             "All kernels",
             "Click a column to sort. FLOPs count a multiply-add as 2; bytes are inputs "
             "read once plus outputs written once; “of roof” is achieved GFLOP/s over what the roofline "
-            "allows at the kernel's intensity.",
+            "allows at the kernel's intensity, never above 100 %: a kernel measured above its roof is "
+            "marked as a calibration error with its measured GFLOP/s.",
             _op_table(ops, f"{prefix}-ops"),
             f"{prefix}-ops-s",
         ),
@@ -97,20 +100,13 @@ def _work_cards(totals: dict[str, Any], roof: dict[str, Any]) -> list[tuple[str,
     """FLOPs per run, and the GFLOP/s achieved against the measured peak."""
     gflop = totals.get("graph_flops") or totals.get("flops")
     achieved = totals.get("achieved_gflops_per_s")
-    peak = roof.get("peak_gflops")
     return [
         (
             "work per run",
             f"{gflop / 1e9:.2f} GFLOP" if gflop else "–",
             f"{(totals.get('graph_macs') or totals.get('macs') or 0) / 1e9:.2f} G multiply-adds",
         ),
-        (
-            "achieved",
-            f"{achieved:.1f} GFLOP/s" if achieved else "–",
-            f"{achieved / peak * 100:.0f}% of {peak:.0f} measured peak"
-            if achieved and peak
-            else "",
-        ),
+        ("achieved", f"{achieved:.1f} GFLOP/s" if achieved else "–", esc(peak_share_text(achieved, roof))),
     ]
 
 
@@ -149,11 +145,12 @@ def _machine_cards(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
     mem, be = doc.get("memory") or {}, doc.get("backend", {})
     return [
         (
-            "peak memory",
+            "process peak RSS",
             fmt_bytes(mem.get("peak_rss_bytes")),
-            "process RSS"
+            "the whole Python process (gcomp, runtimes, libraries), not the model"
             + (f" · GPU {fmt_bytes(mem['gpu_peak_bytes'])}" if mem.get("gpu_peak_bytes") else ""),
         ),
+        *_model_memory_card(mem),
         (
             "backend",
             esc(f"{be.get('name', '?')}/{be.get('target', '?')}"),
@@ -164,6 +161,14 @@ def _machine_cards(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
             ),
         ),
     ]
+
+
+def _model_memory_card(mem: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """What the model itself needs (estimate), when the profile has it."""
+    if mem.get("model_bytes_estimate") is None:
+        return []
+    return [("model memory (estimate)", fmt_bytes(mem["model_bytes_estimate"]),
+             f'<span title="{esc(mem.get("model_bytes_method"))}">{esc(model_memory_words(mem))}</span>')]
 
 
 # --------------------------------------------------------------------------- charts
@@ -246,17 +251,18 @@ def _top_kernels(ops: list[dict[str, Any]], top: int, prefix: str) -> str:
 def _roofline_section(
     ops: list[dict[str, Any]], roof: dict[str, Any], palette: dict[str, str], prefix: str
 ) -> str:
-    """The roofline scatter, with how the roofs were measured."""
+    """The roofline scatter, with how the roofs were obtained and the kernels above them."""
+    above = [o for o in ops if above_roof(o)]
     roof_note = (
-        f"Each dot is a kernel (area ∝ time). Roofs measured on this machine: "
-        f"{fmt_num(roof.get('bandwidth_gbs'))} GB/s copy bandwidth, {fmt_num(roof.get('peak_gflops'))} GFLOP/s float32 matrix product"
-        f" (theoretical {fmt_num(roof.get('theoretical_gflops'))}: {roof.get('vector_bits', '?')}-bit vectors × "
-        f"{roof.get('fma_units', '?')} FMA units × {roof.get('cores', '?')} cores × {fmt_num(roof.get('clock_ghz'))} GHz). "
-        "The memory roof is main-memory bandwidth: a small kernel whose tensors stay in cache can sit above it."
+        "Each dot is a kernel (area ∝ time). " + roof_origin(roof)
+        + " The memory roof is main-memory bandwidth: a small kernel whose tensors stay in cache can sit above it."
         if roof
         else ""
     )
-    return section("Roofline", roof_note, roofline(ops, roof, palette), f"{prefix}-roofline")
+    if above:
+        roof_note += (f" {len(above)} kernel(s) measured above the roof (hollow red rings): a calibration error "
+                      "(or a kernel shorter than the timer resolves), not an efficiency above 100 %.")
+    return section("Roofline", esc(roof_note), roofline(ops, roof, palette), f"{prefix}-roofline")
 
 
 def _timeline_section(doc: dict[str, Any], palette: dict[str, str], prefix: str) -> str:
@@ -316,10 +322,10 @@ def _op_row(o: dict[str, Any]) -> list[tuple[str, Any]]:
         (fmt_num(o.get("intensity")), o.get("intensity")),
         (pill, bound or ""),
         (
-            f"{o['roof_efficiency'] * 100:.0f}%"
-            if o.get("roof_efficiency") is not None
-            else "–",
-            o.get("roof_efficiency"),
+            f'<span class="pill bad" title="measured above the roof">{esc(kernel_roof_text(o))}</span>'
+            if above_roof(o)
+            else esc(kernel_roof_text(o, missing="–")),
+            -1.0 if above_roof(o) else o.get("roof_efficiency"),
         ),
         (
             f"<small>{esc(_shape_text(o.get('inputs')))}</small>",

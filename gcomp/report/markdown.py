@@ -10,7 +10,9 @@ __all__ = ["render_markdown"]
 
 from typing import Any
 
-from gcomp.report.units import human_bytes
+from gcomp.report.roof import above_roof, kernel_roof_text, peak_share_text, roof_origin
+from gcomp.report.speed import RULE, detail, headline
+from gcomp.report.units import bytes_change, file_size, human_bytes, model_memory_words
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
@@ -41,8 +43,37 @@ def _optimize_md(doc: dict[str, Any]) -> str:
     profiles = doc.get("profiles")
     if profiles:
         out.append("## Profiles before / after\n")
-        out.append(_latency_table(["before", "after"], [profiles["before"], profiles["after"]]))
+        out += _speed_md(profiles.get("speed"))
+        out.append(_latency_table(["before", "after"], [profiles["before"], profiles["after"]], speedup=False))
+        out += _profile_facts_md(profiles["before"], profiles["after"])
     return "\n".join(out)
+
+
+def _profile_facts_md(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Memory before and after (process and model), kernels above the roof, and the roofs' origin."""
+    rows = [[label, human_bytes((d.get("memory") or {}).get("peak_rss_bytes")),
+             human_bytes((d.get("memory") or {}).get("model_bytes_estimate")),
+             model_memory_words(d.get("memory") or {}) or "-",
+             sum(1 for o in d.get("ops", []) if above_roof(o))]
+            for label, d in (("before", before), ("after", after))]
+    out = ["\n" + _table(["", "process peak RSS", "model memory (estimate)", "made of",
+                           "kernels above the roof (calibration errors)"], rows)]
+    roof = after.get("roofline") or {}
+    if roof:
+        out.append(f"\nRoofline: {roof_origin(roof)}\n")
+    method = (after.get("memory") or {}).get("model_bytes_method")
+    if method:
+        out.append(f"Model memory: {method}. Process peak RSS is the whole Python process, not the model.\n")
+    return out
+
+
+def _speed_md(speed: dict[str, Any] | None) -> list[str]:
+    """The speed headline with its figures and rule; without an interleaved timing, a line
+    saying the profiles' latencies are no speed-up measurement."""
+    if not speed:
+        return ["The profiles ran one after the other; their latencies are not a speed-up measurement.\n"]
+    return [f"**Speed: {headline(speed)}** ({detail(speed)}).\n",
+            f"Rule: {speed.get('rule') or RULE}.\n"]
 
 
 def _quantization_md(q: dict[str, Any] | None) -> list[str]:
@@ -83,10 +114,11 @@ def _before_after_md(doc: dict[str, Any]) -> list[str]:
         ["nodes", before["nodes"], after["nodes"], after["nodes"] - before["nodes"]],
         ["initializers", before["initializers"], after["initializers"], after["initializers"] - before["initializers"]],
         ["initializer bytes", human_bytes(before["initializer_bytes"]), human_bytes(after["initializer_bytes"]),
-         after["initializer_bytes"] - before["initializer_bytes"]],
+         bytes_change(before["initializer_bytes"], after["initializer_bytes"])],
     ]
     if doc.get("input") and doc.get("output"):
-        rows.append(["file bytes", human_bytes(doc["input"]["file_bytes"]), human_bytes(doc["output"]["file_bytes"]), ""])
+        size_in, size_out = file_size(doc["input"]), file_size(doc["output"])
+        rows.append(["file size", human_bytes(size_in), human_bytes(size_out), bytes_change(size_in, size_out)])
     out = ["## Before / after\n", _table(["", "before", "after", "change"], rows)]
     ops = sorted(set(before["op_types"]) | set(after["op_types"]))
     changed = [[op, before["op_types"].get(op, 0), after["op_types"].get(op, 0)] for op in ops
@@ -146,17 +178,21 @@ def _verification_md(v: dict[str, Any] | None) -> list[str]:
 
 
 # --------------------------------------------------------------------------- compare
-def _latency_table(labels: list[str], docs: list[dict[str, Any]]) -> str:
+def _latency_table(labels: list[str], docs: list[dict[str, Any]], *, speedup: bool = True) -> str:
+    """Latency and work per profile; ``speedup`` adds the p50 ratio to the first (left out
+    where an interleaved timing gives the speed, so two figures never disagree)."""
     base = docs[0]["latency"]["p50_ms"]
     rows = []
     for label, d in zip(labels, docs):
         lat, totals = d["latency"], d.get("totals") or {}
         gf = totals.get("achieved_gflops_per_s")
+        ratio = [_ratio(base / lat["p50_ms"]) if lat["p50_ms"] else "-"] if speedup else []
         rows.append([label, f"{d['backend'].get('name')}/{d['backend'].get('target')}", f"{lat['mean_ms']:.3f}",
-                     f"{lat['p50_ms']:.3f}", f"{lat['p99_ms']:.3f}",
-                     _ratio(base / lat["p50_ms"]) if lat["p50_ms"] else "-", f"{gf:.1f}" if gf else "-",
+                     f"{lat['p50_ms']:.3f}", f"{lat['p99_ms']:.3f}", *ratio, f"{gf:.1f}" if gf else "-",
                      len(d.get("ops", []))])
-    return _table(["", "backend", "mean ms", "p50", "p99", "median speed-up vs first", "GFLOP/s", "kernels"], rows)
+    header = ["", "backend", "mean ms", "p50", "p99", *(["median speed-up vs first"] if speedup else []),
+              "GFLOP/s", "kernels"]
+    return _table(header, rows)
 
 
 def _ratio(ratio: float) -> str:
@@ -190,14 +226,30 @@ def _profile_md(doc: dict[str, Any], top: int = 20) -> str:
     ))
     totals, roof = doc.get("totals") or {}, doc.get("roofline") or {}
     if totals.get("graph_flops"):
-        gf, peak = totals.get("achieved_gflops_per_s"), roof.get("peak_gflops")
+        gf = totals.get("achieved_gflops_per_s")
+        share = peak_share_text(gf, roof)
         out.append(f"\n**{totals['graph_flops'] / 1e9:.3f} GFLOP** per run ({(totals.get('graph_macs') or 0) / 1e9:.3f} G "
                    "multiply-adds)" + (f", achieved **{gf:.1f} GFLOP/s**" if gf else "")
-                   + (f" ({gf / peak * 100:.0f}% of the measured {peak:.0f} GFLOP/s peak; memory bandwidth "
-                      f"{roof.get('bandwidth_gbs', 0):.1f} GB/s)" if gf and peak else "") + ".\n")
+                   + (f" ({share})" if share else "") + ".\n")
+    out += _memory_md(doc.get("memory") or {})
+    if roof:
+        out.append(f"\nRoofline: {roof_origin(roof)} “of roof” is a kernel's GFLOP/s over its roof, never above "
+                   "100 %: a kernel measured above it is a calibration error, shown with its measured GFLOP/s.\n")
     if doc["ops"]:
         out += _ops_md(doc["ops"], top)
     return "\n".join(out)
+
+
+def _memory_md(memory: dict[str, Any]) -> list[str]:
+    """The process's peak RSS and, apart from it, what the model needs (estimate)."""
+    out = []
+    if memory.get("peak_rss_bytes") is not None:
+        out.append(f"\nProcess peak RSS: {human_bytes(memory['peak_rss_bytes'])} (the whole Python process: gcomp, "
+                   "the runtime and its libraries, not the model).\n")
+    if memory.get("model_bytes_estimate") is not None:
+        out.append(f"\nModel memory (estimate): {human_bytes(memory['model_bytes_estimate'])} = "
+                   f"{model_memory_words(memory)}. Method: {memory.get('model_bytes_method')}.\n")
+    return out
 
 
 def _num(v: float | None, fmt: str) -> str:
@@ -208,9 +260,10 @@ def _ops_md(ops: list[dict[str, Any]], top: int) -> list[str]:
     """The ``top`` slowest kernels, then time, kernel count and work per op type."""
     out = [f"\n## Top {min(top, len(ops))} ops of {len(ops)}\n"]
     out.append(_table(
-        ["node", "op type", "time ms", "share", "GFLOP/s", "GB/s", "bound"],
+        ["node", "op type", "time ms", "share", "GFLOP/s", "GB/s", "bound", "of roof"],
         [[o["node"], o["op_type"], f"{o['time_ms']:.4f}", f"{o['share'] * 100:.1f}%",
-          _num(o.get("gflops_per_s"), ".1f"), _num(o.get("gb_per_s"), ".2f"), o.get("bound") or "-"]
+          _num(o.get("gflops_per_s"), ".1f"), _num(o.get("gb_per_s"), ".2f"), o.get("bound") or "-",
+          kernel_roof_text(o)]
          for o in ops[:top]],
     ))
     types: dict[str, list[float]] = {}
