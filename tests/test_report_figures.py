@@ -230,3 +230,15 @@ def test_a_fabricated_speed_is_worded_by_the_rule_on_every_page(optimized):
     del doc["profiles"]["speed"]
     assert "not a speed-up measurement" in render_markdown(doc)
     assert "no speed-up claimed" in render_html(doc) and "×" not in render_html(doc).split("Summary")[1][:400]
+
+
+# --------------------------------------------------------------------------- demo model
+def test_demo_model_is_generated_deterministically_and_takes_256_tokens(tmp_path):
+    from models import make_demo
+
+    paths = [make_demo.write_demo(tmp_path / f"d{i}.onnx") for i in range(2)]
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    assert paths[0].stat().st_size < make_demo.MAX_BYTES
+    model = ir.load(paths[0])
+    assert [d for d in model.graph.inputs[0].shape] == [1, 256]
+    assert make_demo.DEMO_CONFIG["layers"] > 2  # larger than models/default.onnx
