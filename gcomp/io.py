@@ -6,6 +6,8 @@
   :class:`~gcomp.errors.ModelLoadError` whose message names the file and the problem:
   missing file, a directory, not ONNX, truncated protobuf, checker failure,
   external data that is missing, too short, or outside the model's folder.
+  :func:`from_proto` and :func:`from_bytes` give an ``onnx.ModelProto`` or serialized
+  bytes the same checks (a proto's tensors must be in memory: it has no folder).
 - :func:`save` writes atomically: into a temporary folder beside the target, then
   renamed into place, so a failure never leaves a half-written output. It refuses to
   write over the input model or over any data file the model still reads from.
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 __all__ = [
     "load",
+    "from_proto",
+    "from_bytes",
     "save",
     "check_writable",
     "serialize",
@@ -85,24 +89,8 @@ def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
-        if "MaxDepth" in str(e) or "recursion" in str(e).lower():
-            raise ModelLoadError(
-                f"{p}: nested too deeply for the protobuf parser (subgraphs within subgraphs)"
-            ) from None
-        raise ModelLoadError(
-            f"{p}: not a valid ONNX protobuf (truncated or corrupt file?): {_first_line(e)}"
-        ) from None
-    if proto.ir_version == 0 or not proto.HasField("graph"):
-        raise ModelLoadError(f"{p}: not an ONNX model (no ir_version or graph)")
-    depth = _subgraph_depth(proto)
-    if depth > MAX_SUBGRAPH_DEPTH:
-        raise ModelLoadError(
-            f"{p}: subgraphs nested {depth} deep (gcomp's limit is {MAX_SUBGRAPH_DEPTH})"
-        )
-    try:
-        model = ir.serde.deserialize_model(proto)
-    except Exception as e:  # onnx-ir raises assorted types on malformed protos
-        raise ModelLoadError(f"{p}: cannot be read into the IR: {_first_line(_root_cause(e))}") from None
+        raise _parse_error(p, e) from None
+    model = _to_ir(proto, p)
     base_dir = p.resolve().parent
     ir.external_data.set_base_dir(model.graph, base_dir)
     _check_external_data(model, p, base_dir)
@@ -118,6 +106,67 @@ def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     del proto
     model.meta[_SOURCE_KEY] = str(p.resolve())
     return model
+
+
+def from_proto(proto, *, where: str = "the ModelProto", check: bool = True) -> ir.Model:
+    """An ``onnx.ModelProto`` as an :class:`onnx_ir.Model`, checked as :func:`load` checks
+    a file. The proto is not modified; its tensors are shared, not copied.
+
+    Refused (one-line :class:`ModelLoadError` starting with ``where``): no graph, subgraphs
+    nested too deeply, an empty required input, a checker failure, and tensors whose
+    bytes live in external files (a proto has no folder to resolve them against: pass
+    the model's path, or ``onnx.load`` it with its data).
+    """
+    model = _to_ir(proto, where)
+    for tensor in external_tensors(model):
+        raise ModelLoadError(
+            f"{where}: tensor '{tensor.name}' reads external data '{tensor.location}', which a "
+            "ModelProto cannot locate: pass the model's path, or load it with its data"
+        )
+    if check:
+        import onnx
+
+        _check_required_inputs(model, where)
+        try:  # weights as typed inputs: any size, and no serialization of their bytes
+            call_without_weights(onnx.checker.check_model, model)
+        except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"{where}: fails the ONNX checker: {_first_line(e)}") from None
+    return model
+
+
+def from_bytes(data: bytes, *, where: str = "the model bytes", check: bool = True) -> ir.Model:
+    """Serialized ONNX bytes as an :class:`onnx_ir.Model`, checked as :func:`from_proto`."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    if not data:
+        raise ModelLoadError(f"{where}: empty, not an ONNX model")
+    try:
+        proto = onnx.load_from_string(bytes(data))
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
+        raise _parse_error(where, e) from None
+    return from_proto(proto, where=where, check=check)
+
+
+def _parse_error(where, e: BaseException) -> ModelLoadError:
+    if "MaxDepth" in str(e) or "recursion" in str(e).lower():
+        return ModelLoadError(f"{where}: nested too deeply for the protobuf parser (subgraphs within subgraphs)")
+    return ModelLoadError(f"{where}: not a valid ONNX protobuf (truncated or corrupt file?): {_first_line(e)}")
+
+
+def _to_ir(proto, where) -> ir.Model:
+    """The parsed proto in the IR, after the structural checks every source gets."""
+    if proto.ir_version == 0 or not proto.HasField("graph"):
+        raise ModelLoadError(f"{where}: not an ONNX model (no ir_version or graph)")
+    depth = _subgraph_depth(proto)
+    if depth > MAX_SUBGRAPH_DEPTH:
+        raise ModelLoadError(
+            f"{where}: subgraphs nested {depth} deep (gcomp's limit is {MAX_SUBGRAPH_DEPTH})"
+        )
+    try:
+        return ir.serde.deserialize_model(proto)
+    except Exception as e:  # onnx-ir raises assorted types on malformed protos
+        raise ModelLoadError(f"{where}: cannot be read into the IR: {_first_line(_root_cause(e))}") from None
 
 
 def _subgraph_depth(proto) -> int:

@@ -5,6 +5,12 @@
     result = gcomp.optimize("model.onnx", pipeline="O1")
     result.verification.passed  # outputs equal the original's on ONNX Runtime
     result.save("model.opt.onnx")
+    result.model                # the optimized onnx_ir.Model; result.to_onnx(): a ModelProto
+
+The model may be a path, serialized bytes, an ``onnx.ModelProto`` or an ``onnx_ir.Model``;
+a caller's proto or model is never modified (the pipeline works on a copy). Every mistake
+of the caller (a wrong argument type, an unreadable model, an unknown option) raises a
+:class:`~gcomp.errors.GcompError` whose message is the one line the CLI prints.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import onnx_ir as ir
 
 import gcomp.passes  # noqa: F401  (registers the built-in passes and pipelines)
 from gcomp import io, registry, runtime
-from gcomp.errors import GcompError, OptionError, PassFailedError, first_line
+from gcomp.errors import GcompError, ModelLoadError, OptionError, PassFailedError, first_line
 from gcomp.perf import ModelStats, model_stats
 from gcomp.verify import CannotVerify, Reference, Tolerance, Verification
 from gcomp.verify.metrics import Budget
@@ -70,6 +76,13 @@ class Result:
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
         """Write the model atomically; refuses to overwrite the input."""
         return io.save(self.model, path, external_data=external_data, source=self.source)
+
+    def to_onnx(self) -> Any:
+        """The optimized model as an ``onnx.ModelProto``, every weight in memory (external
+        data is read in; for models near protobuf's 2 GB limit, :meth:`save` instead)."""
+        import onnx
+
+        return onnx.ModelProto.FromString(io.serialize(self.model))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,10 +135,12 @@ class Quantize:
 
 @dataclass
 class _Loaded:
-    model: ir.Model
+    model: ir.Model  # gcomp's own: read from a file, bytes or a proto, or a copy of the caller's
     source: str | None
     from_file: bool
     seconds: float
+    checked: bool  # exactly as the ONNX checker accepted it at load
+    original: Callable[[], ir.Model]  # a fresh copy of the untouched input (to bisect on)
 
 
 @dataclass
@@ -134,11 +149,10 @@ class _Baseline:
 
     reference: Reference | None = None
     verification: Verification | None = None
-    original_bytes: bytes | None = None  # a copy to bisect on, when the caller's model is changed in place
 
 
 def optimize(
-    model: ir.Model | str | os.PathLike,
+    model: ir.Model | str | os.PathLike | bytes | Any,
     pipeline: str | Sequence[str | ir.passes.PassBase] = "O1",
     *,
     verify: bool = True,
@@ -162,7 +176,10 @@ def optimize(
     """Run ``pipeline`` over ``model`` and verify the result against the original.
 
     Args:
-        model: a path (loaded and checked) or an ``ir.Model``, transformed in place.
+        model: a path (``str`` or ``os.PathLike``), serialized ``bytes``, an
+            ``onnx.ModelProto`` (all three read and checked) or an ``onnx_ir.Model``. A
+            proto or ``ir.Model`` is not modified: the pipeline runs on a copy (weights
+            shared, not copied) and ``Result.model`` is the optimized one.
         pipeline: a pipeline name (``"O0"``, ``"O1"``, ``"1"``), a comma-separated list
             of pipeline and pass names, or a list of names and onnx-ir pass instances.
         verify: run original and result on ONNX Runtime (optimizations off) and compare.
@@ -200,6 +217,7 @@ def optimize(
         ``result.verification``, not raised: the caller decides.
     """
     t_start = time.perf_counter()
+    _check_arguments(pipeline, inputs, input_shapes, seed, tolerances)
     checks = Checks(verify, inputs, input_shapes, seed, tolerances, bisect, max_tensor_bytes, verify_timeout,
                     pass_errors, pass_latency)
     options = _with_default_target(pipeline, dict(options))
@@ -282,14 +300,60 @@ def _quantize(loaded: _Loaded, quant: Quantize, checks: Checks, progress, refere
     return report
 
 
-def _load(model: ir.Model | str | os.PathLike) -> _Loaded:
-    """The model to transform: the caller's own, or read (and checked) from a file."""
+MODEL_KINDS = "a path (str or os.PathLike), bytes, an onnx.ModelProto or an onnx_ir.Model"
+
+
+def _load(model: Any) -> _Loaded:
+    """The model to transform: read (and checked) from a file, bytes or a proto, or a
+    copy of the caller's ``ir.Model`` (graph objects copied, weights shared)."""
+    t_load = time.perf_counter()
     if isinstance(model, ir.Model):
         source_path = io.source_path(model)
-        return _Loaded(model, str(source_path) if source_path else None, False, 0.0)
-    t_load = time.perf_counter()
-    ir_model = io.load(model)
-    return _Loaded(ir_model, str(Path(model)), True, time.perf_counter() - t_load)
+        return _Loaded(_copy(model), str(source_path) if source_path else None, False, 0.0, False,
+                       lambda: _copy(model))
+    if isinstance(model, (str, os.PathLike)):
+        ir_model = io.load(model)
+        source = str(Path(model))
+        return _Loaded(ir_model, source, True, time.perf_counter() - t_load, True,
+                       lambda: io.load(source, check=False))
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        data = bytes(model)
+        return _Loaded(io.from_bytes(data), None, False, time.perf_counter() - t_load, True,
+                       lambda: io.from_bytes(data, check=False))
+    if type(model).__name__ == "ModelProto" and hasattr(model, "SerializeToString"):
+        proto = model
+        return _Loaded(io.from_proto(proto), None, False, time.perf_counter() - t_load, True,
+                       lambda: io.from_proto(proto, check=False))
+    raise ModelLoadError(f"gcomp.optimize: the model must be {MODEL_KINDS}, not {type(model).__name__}")
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    copy = model.clone()
+    copy.meta.update(model.meta)  # where it was loaded from: never overwritten on save
+    return copy
+
+
+def _check_arguments(pipeline, inputs, input_shapes, seed, tolerances) -> None:
+    """Arguments of the wrong kind, refused in one line before any work."""
+    def refuse(what: str, value: Any) -> None:
+        raise OptionError(f"gcomp.optimize: {what}, not {type(value).__name__}")
+
+    if not isinstance(pipeline, (str, Sequence)):
+        refuse("pipeline must be a name such as 'O1' or a list of names and onnx-ir passes", pipeline)
+    if inputs is not None and not isinstance(inputs, (str, os.PathLike, Mapping)):
+        refuse("inputs must be a path (.npz or test_data_set folder) or a dict of arrays", inputs)
+    if input_shapes is not None:
+        if not isinstance(input_shapes, Mapping):
+            refuse("input_shapes must be a dict of input name to shape", input_shapes)
+        for name, shape in input_shapes.items():
+            if (not isinstance(shape, Sequence) or isinstance(shape, str)
+                    or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape)):
+                raise OptionError(f"gcomp.optimize: input_shapes['{name}'] must be a sequence of non-negative "
+                                  f"ints, not {shape!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        refuse("seed must be an int", seed)
+    if tolerances is not None and not isinstance(tolerances, Mapping):
+        refuse("tolerances must be a dict of output name to gcomp.verify.Tolerance", tolerances)
 
 
 def _plan(pipeline, options: dict[str, Any], precision: str | None, checks: Checks,
@@ -327,11 +391,7 @@ def _baseline(loaded: _Loaded, checks: Checks, progress: ProgressCallback | None
         )
     except CannotVerify as e:
         return _Baseline(verification=Verification("unverified", str(e)))
-    original_bytes = None
-    small = io.initializer_bytes(loaded.model) < io.PROTOBUF_LIMIT_BYTES // 2
-    if checks.bisect and not loaded.from_file and small:
-        original_bytes = io.serialize(loaded.model)
-    return _Baseline(reference, None, original_bytes)
+    return _Baseline(reference, None)
 
 
 def _run(loaded: _Loaded, steps, progress, executed, check) -> list[PassStats]:
@@ -342,7 +402,7 @@ def _run(loaded: _Loaded, steps, progress, executed, check) -> list[PassStats]:
     # time at 100k nodes); what the passes free is still collected after unfreeze.
     gc.freeze()
     try:
-        return _run_steps(loaded.model, steps, progress, executed, checked=loaded.from_file, check=check)
+        return _run_steps(loaded.model, steps, progress, executed, checked=loaded.checked, check=check)
     finally:
         gc.unfreeze()
 
@@ -354,14 +414,7 @@ def _check(loaded: _Loaded, baseline: _Baseline, executed, checks: Checks, progr
     verification = baseline.reference.check(loaded.model)
     if verification.passed or not checks.bisect:
         return verification
-    if baseline.original_bytes is not None:
-        original = _from_bytes(baseline.original_bytes)
-    elif loaded.source:
-        original = io.load(loaded.source, check=False)
-    else:
-        original = None
-    if original is not None:
-        verification.first_bad_pass = _bisect(original, executed, baseline.reference)
+    verification.first_bad_pass = _bisect(loaded.original(), executed, baseline.reference)
     return verification
 
 
@@ -485,14 +538,6 @@ def _after_pass(reference: Reference | None, errors: bool, latency: bool):
         return error, (runtime.time_model(model, reference.feeds) if latency else None)
 
     return check
-
-
-def _from_bytes(data: bytes | None) -> ir.Model | None:
-    if data is None:
-        return None
-    import onnx
-
-    return ir.serde.deserialize_model(onnx.load_from_string(data))
 
 
 def _bisect(original: ir.Model, executed: list[tuple[str, ir.passes.PassBase]], reference: Reference) -> str | None:

@@ -58,5 +58,5 @@ def test_target_opset_upgrade_lets_rms_norm_fire():
     model = ir.serde.deserialize_model(_rms(opset=18))
     result = optimize(model, "O2", target_opset=23)
     assert result.verification.passed, result.verification.summary()
-    assert model.opset_imports[""] == 23
+    assert result.model.opset_imports[""] == 23
     assert result.after.op_types.get("RMSNormalization") == 1, result.after.op_types
