@@ -29,6 +29,7 @@ __all__ = [
     "check_writable",
     "serialize",
     "external_tensors",
+    "external_data_files",
     "initializer_bytes",
     "source_path",
     "call_without_weights",
@@ -87,7 +88,7 @@ def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     if p.stat().st_size == 0:
         raise ModelLoadError(f"{p}: empty file, not an ONNX model")
     try:
-        proto = onnx.load(str(p), load_external_data=False)
+        proto = onnx.load(str(p), format="protobuf", load_external_data=False)  # whatever its suffix
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
         raise _parse_error(p, e) from None
     model = _to_ir(proto, p)
@@ -237,6 +238,36 @@ def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
         for value in graph.initializers.values():
             if isinstance(value.const_value, ir.ExternalTensor):
                 yield value.const_value
+
+
+def external_data_files(path: str | os.PathLike) -> set[Path]:
+    """The files a model file's tensors name as their external data (resolved, inside its
+    folder), read from its graph alone: also for a model whose data is missing or short,
+    which :func:`load` refuses. Empty when the file is not a readable ONNX protobuf."""
+    import onnx
+    from onnx import AttributeProto
+
+    try:
+        proto = onnx.load(str(path), format="protobuf", load_external_data=False)
+    except Exception:  # noqa: BLE001 - unreadable: it names no files (load says why)
+        return set()
+    base = Path(path).resolve().parent
+    files: set[Path] = set()
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        tensors = list(graph.initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                tensors.extend([attr.t] if attr.type == AttributeProto.TENSOR else [])
+                graphs.extend([attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs))
+        for tensor in tensors:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if tensor.data_location == onnx.TensorProto.EXTERNAL and location and not os.path.isabs(location):
+                target = (base / location).resolve()
+                if target.is_relative_to(base):
+                    files.add(target)
+    return files
 
 
 def initializer_bytes(model: ir.Model) -> int:

@@ -183,7 +183,7 @@ def bad_files(tmp_path, small_model):
     "args, code, contains",
     [
         (["optimize", "{d}/missing.onnx", "-o", "{d}/o.onnx"], 1, "no such file"),
-        (["optimize", "{d}/folder.onnx", "-o", "{d}/o.onnx"], 1, "is a directory"),
+        (["optimize", "{d}/folder.onnx", "-o", "{d}/o.onnx"], 2, "is a folder of models, so -o must be a folder"),
         (["optimize", "{d}/text.onnx", "-o", "{d}/o.onnx"], 1, "not a valid ONNX protobuf"),
         (["optimize", "{d}/trunc.onnx", "-o", "{d}/o.onnx"], 1, "text"),
         (["optimize", "{d}/invalid.onnx", "-o", "{d}/o.onnx"], 1, "fails the ONNX checker"),

@@ -24,7 +24,9 @@ _TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", type=PathIn)
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the optimized model.")
+@click.option("-o", "--output", type=click.Path(), required=True,
+              help="Where to write the optimized model: a file, or a folder (one that exists, or a path ending in "
+                   "'/', created) to write it into under MODEL's file name. MODEL a folder of models: a folder.")
 @click.option("-O", "level", default=None, metavar="LEVEL",
               help="Pipeline level 0-3: 2 adds portable fusion, 3 the target's own fused ops (see `gcomp passes`). "
                    "[default: 1; 2 with --quantize, so fused ops are quantized as units]")
@@ -69,7 +71,8 @@ _TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
 @click.option("--external-data/--no-external-data", default=None,
               help="Write weights to OUTPUT.data. [default: when the input had external data or weights exceed 1 GiB]")
 @click.option("--report", type=click.Path(path_type=Path), default=None,
-              help="Write a report: .json, .md or .html (HTML adds per-pass errors and before/after profiles).")
+              help="Write a report: .json, .md or .html (HTML adds per-pass errors and before/after profiles); "
+                   "a format alone (html, md, json) writes OUTPUT's name .report.FORMAT beside the output.")
 @click.option("--profile/--no-profile", "profile_models", default=None,
               help="Profile the model before and after on ONNX Runtime for the report. [default: with --report .html]")
 @click.option("--profile-iters", type=click.IntRange(min=1), default=20, show_default=True,
@@ -88,9 +91,14 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
              profile_iters=20, pass_errors=False, precision=None, tolerance=None, keep_io_types=None,
              select_backend=None, pass_latency=False, quantize=None, calibration=None, metric=None,
              speed_gate=True):
-    """Optimize MODEL with a verified pass pipeline and write OUTPUT."""
+    """Optimize MODEL with a verified pass pipeline and write OUTPUT.
+
+    MODEL may be a folder of models (an optimum or Olive export): each .onnx model under
+    it is optimized into the OUTPUT folder, the other files are copied, and one table
+    sums up; a model that fails is named and not written, the others are (exit 1).
+    """
     from gcomp.inputs import parse_input_shapes
-    from gcomp.jobs import OptimizeRequest, VerificationFailed, optimize_file
+    from gcomp.jobs import OptimizeRequest, VerificationFailed, optimize_file, output_file, report_file
 
     quiet = quiet or as_json
     _load_plugins(plugins)
@@ -99,14 +107,22 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
     options.update(_fusion_options(target, target_opset, explain_fusion))
     options.update(_precision_options(precision, tolerance, keep_io_types, quantize))
     _check_quantize_options(quantize, calibration, metric, speed_gate, precision, target)
+    folder = model.is_dir()
+    target, into_folder = (Path(output), True) if folder else output_file(model, output)
     request = OptimizeRequest(
-        model=model, output=output, pipeline=pipeline, options=options, verify=verify, inputs=inputs,
+        model=model, output=target, pipeline=pipeline, options=options, verify=verify, inputs=inputs,
         input_shapes=parse_input_shapes(input_shapes), max_tensor_bytes=max_tensor_bytes,
-        verify_timeout=verify_timeout, bisect=bisect, strict=strict, external_data=external_data, report=report,
+        verify_timeout=verify_timeout, bisect=bisect, strict=strict, external_data=external_data,
+        report=report if folder else report_file(report, target),
         profile=profile_models, profile_iters=profile_iters, pass_errors=pass_errors, pass_latency=pass_latency,
         select_backend=bool(select_backend), quantize=quantize, calibration=calibration, metric=metric,
-        speed_gate=speed_gate,
+        speed_gate=speed_gate, create_folder=into_folder,
     )
+    if folder:
+        from gcomp.cli.optimize_folder import optimize_folder
+
+        optimize_folder(request, quiet=quiet, as_json=as_json)
+        return
     err = stderr()
     with _PassProgress(quiet, err) as display:
         try:
@@ -124,7 +140,8 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
         click.echo(json.dumps(outcome.doc, indent=2, default=str))
     elif not quiet:
         _print_outcome(outcome, explain_fusion=explain_fusion, precision=precision)
-        err.print(f"wrote {output}" + (f" and {report}" if report else ""))
+        err.print(f"wrote {request.output}" + (f" and {request.report}" if request.report else ""), soft_wrap=True,
+                  markup=False)
 
 
 def _load_plugins(plugins: tuple[Path, ...]) -> None:
