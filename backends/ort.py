@@ -209,7 +209,9 @@ class OrtExecutable:
             profiled_run_ms=statistics.median(s for s, _ in spans) if spans else None,
             run_coverage=statistics.median(c for _, c in spans) if spans else None,
         ).finish()
-        return prof.annotate(model, {k: tuple(np.asarray(v).shape) for k, v in feeds.items()})
+        # a sequence or optional input has no one shape
+        shapes = {k: tuple(np.shape(v)) for k, v in feeds.items() if isinstance(v, (np.ndarray, np.generic))}
+        return prof.annotate(model, shapes)
 
     def _node_times(self, feeds, runs: int) -> tuple[list[OpRow], list[dict], list[tuple[float, float]]]:
         tmp = tempfile.mkdtemp(prefix="gcomp-prof-")

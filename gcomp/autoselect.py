@@ -177,7 +177,7 @@ def select_backend(
     Raises BackendError only when no candidate both runs and matches the reference.
     """
     say = progress or (lambda _m: None)
-    shapes = {k: tuple(np.shape(v)) for k, v in feeds.items()}
+    shapes = {k: tuple(np.shape(v)) for k, v in feeds.items() if isinstance(v, (np.ndarray, np.generic))}
     expected = _reference(model, feeds)
     selection = Selection(chosen=None)
     best_exe = None
@@ -251,7 +251,7 @@ def compile_model(
             raise GcompError(f"{out}: refusing to write over the input model")
     given = load_inputs(inputs, m) if inputs else None
     feeds, notes = generate_inputs(m, shapes=dict(input_shapes or {}), given=given, max_bytes=max_tensor_bytes)
-    shapes = {k: tuple(np.shape(v)) for k, v in feeds.items()}
+    shapes = {k: tuple(np.shape(v)) for k, v in feeds.items() if isinstance(v, (np.ndarray, np.generic))}
     if backend == "auto":
         sel = select_backend(m, feeds, tune_trials=tune_trials, tune_seconds=tune_seconds, cache_dir=cache_dir,
                              progress=say)
@@ -309,7 +309,7 @@ def compile_for_profile(
 ) -> tuple[Any, Selection | None]:
     """The executable ``gcomp profile`` measures: on ``backend`` for ``device`` (cpu or
     cuda), or with ``backend == "auto"`` the fastest verified one for that device."""
-    shapes = {k: tuple(np.shape(v)) for k, v in feeds.items()}
+    shapes = {k: tuple(np.shape(v)) for k, v in feeds.items() if isinstance(v, (np.ndarray, np.generic))}
     if backend == "auto":
         wanted = {"cpu": {"cpu", "llvm"}, "cuda": {"cuda"}}.get(device, {device})
         pairs = [p for p in candidates() if p[1] in wanted]

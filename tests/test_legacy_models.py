@@ -58,6 +58,7 @@ def _sequence_model() -> onnx.ModelProto:
     return model
 
 
+@pytest.mark.slow  # profiles before and after: ~9 s
 def test_sequence_input_from_test_data_set(tmp_path):
     src, out, report = tmp_path / "seq.onnx", tmp_path / "seq.opt.onnx", tmp_path / "r.json"
     onnx.save(_sequence_model(), src)
@@ -66,11 +67,13 @@ def test_sequence_input_from_test_data_set(tmp_path):
     folder = _write_set(tmp_path / "test_data_set_0", [
         numpy_helper.from_list(items, name="seq"), numpy_helper.from_array(np.array(1, np.int64), "pos"),
     ])
-    proc = gcomp("optimize", src, "-o", out, "--inputs", folder, "--report", report)
+    # --profile: the model profiled before and after on these inputs too
+    proc = gcomp("optimize", src, "-o", out, "--inputs", folder, "--report", report, "--profile", "--profile-iters", 2)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(report.read_text())
     assert doc["verification"]["status"] == "passed", doc["verification"]
     assert doc["verification"]["inputs"]["seq"] == {"shape": [2], "dtype": "sequence(float32)"}
+    assert {row["op_type"] for row in doc["profiles"]["after"]["ops"]} >= {"ConcatFromSequence", "SequenceAt"}
     assert doc["before"]["op_types"]["Identity"] == 1 and "Identity" not in doc["after"]["op_types"]
     onnx.checker.check_model(str(out), full_check=True)
     feeds = {"seq": items, "pos": np.array(1, np.int64)}
