@@ -69,6 +69,7 @@ class OptimizeRequest:
     calibration: Path | None = None
     metric: str | None = None
     speed_gate: bool = True
+    static: bool = False  # fix every dim at the input shapes (gcomp.optimize's static)
     create_folder: bool = False  # make output's missing folders (removed again if nothing is written)
 
     @property
@@ -170,7 +171,7 @@ def _optimize(request: OptimizeRequest, progress: ProgressCallback | None) -> Re
     return optimize(
         request.model, request.pipeline, verify=request.verify, inputs=request.inputs,
         input_shapes=request.input_shapes, bisect=request.bisect, progress=progress,
-        max_tensor_bytes=request.max_tensor_bytes, verify_timeout=request.verify_timeout,
+        max_tensor_bytes=request.max_tensor_bytes, verify_timeout=request.verify_timeout, static=request.static,
         pass_errors=(request.pass_errors or request.html) and request.verify,
         pass_latency=(request.pass_latency or request.html) and request.verify,
         **_quantization(request), **request.options,

@@ -171,6 +171,7 @@ def optimize(
     calibration: str | os.PathLike | None = None,
     metric: str | None = None,
     speed_gate: bool = True,
+    static: bool = False,
     **options: Any,
 ) -> Result:
     """Run ``pipeline`` over ``model`` and verify the result against the original.
@@ -185,7 +186,12 @@ def optimize(
         verify: run original and result on ONNX Runtime (optimizations off) and compare.
         inputs: an ``.npz`` path, a ``test_data_set`` folder or a dict of arrays;
             missing inputs are generated (see :mod:`gcomp.inputs`).
-        input_shapes: shapes for generated inputs, ``{"x": (1, 3, 224, 224)}``.
+        input_shapes: shapes for generated inputs, ``{"x": (1, 3, 224, 224)}``; the model
+            keeps its symbolic dims unless ``static``.
+        static: fix every dim at the input shapes (``input_shapes``, the shapes of
+            ``inputs``, and the dims they name on other inputs; pass ``static-shapes``):
+            shape arithmetic folds away and every value of the result has int dims. An
+            input whose dims stay unknown is an :class:`~gcomp.errors.OptionError`.
         bisect: on a mismatch, replay the passes to name the first one that broke it.
         progress: callback ``(pass_name, round, stats_or_None)``.
         max_tensor_bytes: verification does not run a model whose inputs or
@@ -224,8 +230,14 @@ def optimize(
     quant = _quantize_plan(quantize, calibration, metric, speed_gate, options, precision, pipeline) if quantize else None
     loaded = _load(model)
     checks = _on_calibration_data(checks, quant, loaded.model)
-    context = runtime.pass_context(timeout=verify_timeout, inputs=inputs, input_shapes=input_shapes, seed=seed)
+    static_step = None
+    if static:
+        checks, static_step = _static_plan(loaded.model, checks)
+    context = runtime.pass_context(timeout=verify_timeout, inputs=inputs, input_shapes=checks.input_shapes, seed=seed)
     steps, recorded = _plan(pipeline, options, precision, checks, context)
+    if static_step is not None:
+        steps.insert(0, static_step)
+        recorded = dict(recorded, static=True, input_shapes={k: list(v) for k, v in checks.input_shapes.items()})
     baseline = _baseline(loaded, checks, progress)
     reference = baseline.reference
     input_latency = runtime.time_model(loaded.model, reference.feeds) if pass_latency and reference else None
@@ -234,6 +246,8 @@ def optimize(
     stats = _run(loaded, steps, progress, executed, _after_pass(reference, pass_errors, pass_latency))
     float_model = loaded.model
     report = _quantize(loaded, quant, checks, progress, reference) if quant else None
+    if static_step is not None:  # after quantization too: every value it made gets its dims
+        stats += _run(loaded, [static_step], progress, executed, _after_pass(reference, pass_errors, pass_latency))
     after = model_stats(loaded.model)
     verification = baseline.verification
     if reference is not None:
@@ -354,6 +368,28 @@ def _check_arguments(pipeline, inputs, input_shapes, seed, tolerances) -> None:
         refuse("seed must be an int", seed)
     if tolerances is not None and not isinstance(tolerances, Mapping):
         refuse("tolerances must be a dict of output name to gcomp.verify.Tolerance", tolerances)
+
+
+def _static_plan(model: ir.Model, checks: Checks) -> tuple[Checks, tuple]:
+    """Every runtime input's static shape (given, from ``inputs``' arrays, or named by
+    them), and the ``static-shapes`` step fixing them. Verification runs at these shapes."""
+    from gcomp.passes.static import format_shapes, static_input_shapes
+
+    known = dict(_given_shapes(checks.inputs, model))
+    known.update({k: tuple(int(d) for d in v) for k, v in (checks.input_shapes or {}).items()})
+    shapes = static_input_shapes(model, known)
+    step = registry.get_pass("static-shapes").create(shapes=format_shapes(shapes))
+    return dataclasses.replace(checks, input_shapes=shapes), ([("static-shapes", step)], 1)
+
+
+def _given_shapes(inputs, model: ir.Model) -> dict[str, tuple[int, ...]]:
+    if inputs is None:
+        return {}
+    if not isinstance(inputs, Mapping):
+        from gcomp.inputs import load_inputs
+
+        inputs = load_inputs(inputs, model)
+    return {k: tuple(np.shape(v)) for k, v in inputs.items() if isinstance(v, np.ndarray) or np.isscalar(v)}
 
 
 def _plan(pipeline, options: dict[str, Any], precision: str | None, checks: Checks,

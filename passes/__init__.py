@@ -7,6 +7,7 @@
 - ``identity``: Identity elimination that never renames or breaks a graph interface.
 - ``dedup``: initializer dedup that reads only weights that could be duplicates.
 - ``shapes``: ONNX shape inference on the weightless model (types and dims for folding).
+- ``static``: every dim fixed at given input shapes (``static-shapes``, ``--static``).
 - ``fold``: constant folding and shape folding with size limits.
 - ``simplify``: no-op removal, merges, exact identities, constant-If inlining.
 - ``fusion``: operator fusion rules (onnxscript rewriter), portable and per target.
@@ -20,9 +21,10 @@
 from __future__ import annotations
 
 from gcomp.passes import cleanup, cse, dedup, fold, fusion, identity, shapes, simplify, validate  # noqa: F401
+from gcomp.passes import static  # noqa: F401  (registers static-shapes, for --static)
 from gcomp.passes import precision  # noqa: F401
 from gcomp.passes import quant  # noqa: F401  (registers quantize-static, quantize-dynamic, quantize-weights)
 from gcomp.passes import sharding  # noqa: F401  (registers the shard pass)
 from gcomp.passes import pipelines  # noqa: F401  (after the passes it names)
 
-__all__ = ["cleanup", "cse", "dedup", "fold", "fusion", "identity", "shapes", "simplify", "validate", "precision", "quant", "pipelines"]
+__all__ = ["cleanup", "cse", "dedup", "fold", "fusion", "identity", "shapes", "simplify", "static", "validate", "precision", "quant", "pipelines"]

@@ -12,7 +12,7 @@ and the pass reports no change. Scopes: main graph and subgraphs (as ONNX infers
 
 from __future__ import annotations
 
-__all__ = ["InferShapes", "ForgetInferredShapes"]
+__all__ = ["InferShapes", "ForgetInferredShapes", "keep_inferred_shapes"]
 
 from typing import Annotated
 
@@ -91,6 +91,16 @@ class ForgetInferredShapes(ir.passes.InPlacePass):
 
 
 _KEY = "gcomp.inferred_from"  # also cleared by gcomp.passes.rewire.take_interface
+
+
+def keep_inferred_shapes(model: ir.Model) -> int:
+    """Make what ``infer-shapes`` inferred the model's own annotations (``forget-inferred-shapes``
+    then leaves them); the number of values kept. For ``static-shapes``, which writes them."""
+    kept = 0
+    for graph in model.graphs():
+        for value in _values(graph):
+            kept += value.meta.pop(_KEY, None) is not None
+    return kept
 
 
 # ONNX's inference does not know the com.microsoft ops gcomp's fusions emit, and every value

@@ -44,8 +44,15 @@ def cli(debug: bool) -> None:
     """
 
 
-def input_options(f):
-    """The options that say what a model is run on when it is verified or profiled."""
+_SHAPE_HELP = "Shape of a generated input (repeatable); a dim name it fixes holds for every generated input."
+
+
+def input_options(f=None, *, shape_help: str = _SHAPE_HELP):
+    """The options that say what a model is run on when it is verified or profiled
+    (``@input_options``, or ``@input_options(shape_help=...)`` for a command whose
+    ``--input-shape`` does more)."""
+    if f is None:
+        return lambda g: input_options(g, shape_help=shape_help)
     f = click.option(
         "--verify-timeout", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True,
         help="Seconds one verification run may take before it is stopped (then: not verified).",
@@ -56,7 +63,7 @@ def input_options(f):
     )(f)
     f = click.option(
         "--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
-        help="Shape of a generated input (repeatable); also fixes its symbolic dims everywhere.",
+        help=shape_help,
     )(f)
     f = click.option(
         "--inputs", "inputs", type=click.Path(path_type=Path), default=None,

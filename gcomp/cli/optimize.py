@@ -65,7 +65,12 @@ _TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path),
               help="A Python file that registers extra passes (repeatable).")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check outputs against the original on ONNX Runtime.")
-@input_options
+@input_options(shape_help="Shape of a generated input for verification (repeatable); a dim name it fixes holds for "
+                          "every generated input. The written model keeps its symbolic dims unless --static.")
+@click.option("--static", is_flag=True,
+              help="Fix every dim at the input shapes (--input-shape, the shapes of --inputs, and the dims they name "
+                   "on other inputs): shape arithmetic folds away, every value gets int dims, verified at those "
+                   "shapes. An input left with unknown dims is an error.")
 @click.option("--bisect/--no-bisect", default=True, show_default=True, help="On a mismatch, name the first pass that broke it.")
 @click.option("--strict", is_flag=True, help="Fail (exit 1, write nothing) when verification is not possible.")
 @click.option("--external-data/--no-external-data", default=None,
@@ -90,7 +95,7 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
              verify_timeout, bisect, strict, external_data, report, quiet, as_json, profile_models=None,
              profile_iters=20, pass_errors=False, precision=None, tolerance=None, keep_io_types=None,
              select_backend=None, pass_latency=False, quantize=None, calibration=None, metric=None,
-             speed_gate=True):
+             speed_gate=True, static=False):
     """Optimize MODEL with a verified pass pipeline and write OUTPUT.
 
     MODEL may be a folder of models (an optimum or Olive export): each .onnx model under
@@ -116,7 +121,7 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
         report=report if folder else report_file(report, target),
         profile=profile_models, profile_iters=profile_iters, pass_errors=pass_errors, pass_latency=pass_latency,
         select_backend=bool(select_backend), quantize=quantize, calibration=calibration, metric=metric,
-        speed_gate=speed_gate, create_folder=into_folder,
+        speed_gate=speed_gate, static=static, create_folder=into_folder,
     )
     if folder:
         from gcomp.cli.optimize_folder import optimize_folder
