@@ -8,6 +8,11 @@
   external data that is missing, too short, or outside the model's folder.
   :func:`from_proto` and :func:`from_bytes` give an ``onnx.ModelProto`` or serialized
   bytes the same checks (a proto's tensors must be in memory: it has no folder).
+  Models ONNX Runtime runs though the checker or onnx-ir refuse them are repaired as
+  they are read (:mod:`gcomp.compat`: an IR-3 model with unlisted initializers is read
+  as IR 4; a map-typed tail such as ZipMap is kept aside and attached again wherever
+  the model leaves the IR: :func:`save`, :func:`serialize`, :func:`call_without_weights`);
+  :func:`load_notes` says what was done, one line each.
 - :func:`save` writes atomically: into a temporary folder beside the target, then
   renamed into place, so a failure never leaves a half-written output. It refuses to
   write over the input model or over any data file the model still reads from.
@@ -25,6 +30,7 @@ __all__ = [
     "load",
     "from_proto",
     "from_bytes",
+    "load_notes",
     "save",
     "check_writable",
     "serialize",
@@ -48,6 +54,7 @@ from typing import TypeVar
 
 import onnx_ir as ir
 
+from gcomp import compat
 from gcomp.errors import ModelLoadError, ModelSaveError
 
 # A serialized ModelProto cannot exceed 2 GiB; stay clear of it.
@@ -61,6 +68,9 @@ MAX_SUBGRAPH_DEPTH = 64
 EXTERNAL_DATA_MIN_TENSOR_BYTES = 1024
 
 _SOURCE_KEY = "gcomp.source_path"
+# In the main graph's meta, which ir.Model.clone() keeps (the model's own meta it drops):
+_NOTES_KEY = "gcomp.load_notes"
+_TAIL_KEY = "gcomp.map_tail"  # a compat.MapTail: written back by serialize, save, call_without_weights
 
 
 def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
@@ -91,7 +101,7 @@ def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
         proto = onnx.load(str(p), format="protobuf", load_external_data=False)  # whatever its suffix
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
         raise _parse_error(p, e) from None
-    model = _to_ir(proto, p)
+    model = _to_ir(proto, p, owned=True)
     base_dir = p.resolve().parent
     ir.external_data.set_base_dir(model.graph, base_dir)
     _check_external_data(model, p, base_dir)
@@ -100,8 +110,12 @@ def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     if check:
         try:
             # By path: the C++ checker reads the file itself (no Python re-serialization of
-            # the weights) and resolves external data against the model's folder.
-            onnx.checker.check_model(str(p))
+            # the weights) and resolves external data against the model's folder. A model
+            # read as another IR version is checked as read (weights as typed inputs).
+            if model.ir_version == proto.ir_version:
+                onnx.checker.check_model(str(p))
+            else:
+                call_without_weights(onnx.checker.check_model, model, limit=0)
         except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
             raise ModelLoadError(f"{p}: fails the ONNX checker: {_first_line(e)}") from None
     del proto
@@ -155,8 +169,10 @@ def _parse_error(where, e: BaseException) -> ModelLoadError:
     return ModelLoadError(f"{where}: not a valid ONNX protobuf (truncated or corrupt file?): {_first_line(e)}")
 
 
-def _to_ir(proto, where) -> ir.Model:
-    """The parsed proto in the IR, after the structural checks every source gets."""
+def _to_ir(proto, where, *, owned: bool = False) -> ir.Model:
+    """The parsed proto in the IR, after the structural checks every source gets, with
+    the repairs of :mod:`gcomp.compat` (``owned``: the proto may be changed, else it is
+    copied first when a repair changes it)."""
     if proto.ir_version == 0 or not proto.HasField("graph"):
         raise ModelLoadError(f"{where}: not an ONNX model (no ir_version or graph)")
     depth = _subgraph_depth(proto)
@@ -164,10 +180,51 @@ def _to_ir(proto, where) -> ir.Model:
         raise ModelLoadError(
             f"{where}: subgraphs nested {depth} deep (gcomp's limit is {MAX_SUBGRAPH_DEPTH})"
         )
+    notes = []
+    legacy = compat.legacy_ir_note(proto)
+    tail = None
+    if compat.holds_maps(proto):
+        if not owned:
+            proto = type(proto).FromString(proto.SerializeToString())
+        tail = compat.detach_map_tail(proto, str(where))
     try:
-        return ir.serde.deserialize_model(proto)
+        model = ir.serde.deserialize_model(proto)
     except Exception as e:  # onnx-ir raises assorted types on malformed protos
         raise ModelLoadError(f"{where}: cannot be read into the IR: {_first_line(_root_cause(e))}") from None
+    if legacy:
+        model.ir_version = compat.LEGACY_IR_REPAIRED
+        notes.append(legacy)
+    if tail is not None:
+        model.graph.meta[_TAIL_KEY] = tail
+        notes.append(tail.note())
+        _type_boundary(model, tail)
+    model.graph.meta[_NOTES_KEY] = notes
+    return model
+
+
+def _type_boundary(model: ir.Model, tail: compat.MapTail) -> None:
+    """Give the values the tail reads (now graph outputs) the types ONNX infers for them
+    (with the tail attached, so they are inferred where the tail uses them)."""
+    import onnx
+
+    untyped = {v.name: v for v in model.graph.outputs if v.name in tail.boundary and v.type is None}
+    if not untyped:
+        return
+    try:
+        inferred = call_without_weights(lambda p: onnx.shape_inference.infer_shapes(p, strict_mode=False), model)
+    except Exception:  # best effort: an untyped output is still a valid IR value
+        return
+    for info in inferred.graph.value_info:
+        value = untyped.get(info.name)
+        if value is not None and info.type.HasField("tensor_type"):
+            value.type = ir.serde.deserialize_type_proto_for_type(info.type)
+            value.shape = ir.serde.deserialize_type_proto_for_shape(info.type)
+
+
+def load_notes(model: ir.Model) -> list[str]:
+    """What :func:`load` (or :func:`from_proto`) changed to read the model, one line each
+    (an IR version repaired, map-typed outputs kept aside): for the user to see."""
+    return list(model.graph.meta.get(_NOTES_KEY, ()))
 
 
 def _subgraph_depth(proto) -> int:
@@ -333,6 +390,7 @@ def save(
     """
     out = Path(path)
     externals = list(external_tensors(model))
+    tail = model.graph.meta.get(_TAIL_KEY)
     check_writable(out, source, model)
     out_abs = out.resolve()
     folder = out_abs.parent
@@ -358,6 +416,7 @@ def save(
             if externals:
                 model = _with_tensors_in_memory(model)
             ir.save(model, tmp / out.name)
+        _attach_saved_tail(tmp / out.name, tail)
         with _folder_lock(folder):
             # Two writers of the same output take turns here, so a model file never
             # lands beside the other writer's data file.
@@ -374,6 +433,18 @@ def save(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _attach_saved_tail(path: Path, tail: compat.MapTail | None) -> None:
+    """Put a map-typed tail kept aside at load back into the file just written (onnx-ir
+    writes the rest; its external data, already written beside it, is not read)."""
+    if tail is None:
+        return
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    compat.attach_map_tail(proto, tail)
+    path.write_bytes(proto.SerializeToString())
 
 
 @contextlib.contextmanager
@@ -438,10 +509,13 @@ def serialize(model: ir.Model) -> bytes:
     """
     if initializer_bytes(model) >= PROTOBUF_LIMIT_BYTES:
         raise ModelSaveError("model weights exceed protobuf's 2 GB limit; use a file with external data")
+    tail = model.graph.meta.get(_TAIL_KEY)
     if any(True for _ in external_tensors(model)):
         model = _with_tensors_in_memory(model)
     try:
-        return ir.serde.serialize_model(model).SerializeToString()
+        proto = ir.serde.serialize_model(model)
+        compat.attach_map_tail(proto, tail)
+        return proto.SerializeToString()
     except Exception as e:  # e.g. a string field that is not UTF-8, let through by protobuf
         raise ModelSaveError(f"the model cannot be serialized: {_first_line(_root_cause(e))}") from None
 
@@ -453,7 +527,8 @@ def call_without_weights(func: Callable[[object], _R], model: ir.Model, *, limit
     """``func(model_proto)`` where initializers over ``limit`` bytes are inputs instead.
 
     The model is restored exactly afterwards (inputs, initializers and their order), also
-    when serializing raises; ``func`` runs on the proto after the model is restored.
+    when serializing raises; ``func`` runs on the proto after the model is restored. The
+    proto is the whole model: a map-typed tail kept aside at load is attached.
     """
     graph = model.graph
     moved: list[tuple[ir.Value, ir.TensorProtocol, bool]] = []
@@ -487,6 +562,7 @@ def call_without_weights(func: Callable[[object], _R], model: ir.Model, *, limit
             graph.initializers.clear()
             for name in order:
                 graph.initializers.add(values[name])
+    compat.attach_map_tail(proto, model.graph.meta.get(_TAIL_KEY))
     return func(proto)
 
 

@@ -97,6 +97,7 @@ def _model_info(model, m, stats) -> dict:
         # "already quantized (MatMulNBits x12 found)", or None for a float model
         "quantization": already_quantized(m),
         "quantized_by": m.metadata_props.get("gcomp.quantize"),
+        "notes": io.load_notes(m),  # what reading the model changed (an IR version, map outputs kept aside)
         **stats.to_dict(),
     }
 
@@ -110,6 +111,8 @@ def _print_model_info(model, m, stats, info: dict) -> None:
     out.print(f"[bold]{model}[/]  ir_version {m.ir_version}  producer {info['producer'] or '-'}  "
               f"file {human_bytes(info['file_bytes'])}")
     out.print("opsets: " + ", ".join(f"{d or 'ai.onnx'}={v}" for d, v in info["opsets"].items()))
+    for note in info["notes"]:
+        out.print(f"note: {note}", markup=False, soft_wrap=True)
     io_table = Table(title="inputs / outputs", title_justify="left")
     for col in ("", "name", "dtype", "shape"):
         io_table.add_column(col)

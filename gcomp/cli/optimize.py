@@ -279,9 +279,13 @@ class _PassProgress:
 
 
 def _print_notes(result, quiet: bool, err) -> None:
-    if result.verification is not None and not quiet:
-        for note in result.verification.notes:
-            err.print(f"note: {note}", soft_wrap=True)
+    """What loading the model changed (gcomp.io.load_notes), then verification's notes."""
+    from gcomp import io
+
+    if quiet:
+        return
+    for note in io.load_notes(result.model) + (result.verification.notes if result.verification else []):
+        err.print(f"note: {note}", soft_wrap=True, markup=False)
 
 
 def _print_outcome(outcome, *, explain_fusion: bool, precision: str | None) -> None:

@@ -7,7 +7,7 @@ Every output is compared with explicit tolerances by dtype (:data:`TOLERANCES`):
 where ``scale`` is the output's root-mean-square magnitude, at least 1 (see the
 :mod:`gcomp.verify` docstring for why). NaN must sit where NaN sat, infinities must match
 exactly, integers, bools and strings must be equal, and shapes and dtypes must match;
-sequence outputs are compared element by element.
+sequence outputs are compared element by element, maps (dicts) key by key.
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ def compare_outputs(
 def _compare(name: str, exp: Any, act: Any, tolerances: Mapping[str, Tolerance]) -> OutputCheck:
     if isinstance(exp, list) or isinstance(act, list):
         return _compare_sequences(name, exp, act, tolerances)
+    if isinstance(exp, dict) or isinstance(act, dict):
+        return _compare_maps(name, exp, act, tolerances)
     e = np.asarray(exp)
     a = np.asarray(act)
     dtype = str(e.dtype)
@@ -94,6 +96,22 @@ def _compare_sequences(name: str, exp: Any, act: Any, tolerances: Mapping[str, T
         max((p.max_rel_error for p in parts), default=0.0),
         sum(p.mismatched for p in parts), bad[0].detail if bad else "",
     )
+
+
+def _compare_maps(name: str, exp: Any, act: Any, tolerances: Mapping[str, Tolerance]) -> OutputCheck:
+    """Maps (ONNX Runtime returns dicts, e.g. ZipMap's): the same keys, values compared as
+    one array. ORT hands float map values over as Python floats, though ZipMap's are
+    float32: float values get the float32 tolerance."""
+    if not (isinstance(exp, dict) and isinstance(act, dict)) or set(exp) != set(act):
+        return OutputCheck(name, "map", [], False, detail="map keys or kind differ")
+    keys = list(exp)
+    e, a = np.asarray([exp[k] for k in keys]), np.asarray([act[k] for k in keys])
+    if e.dtype.kind == "f" and e.dtype == a.dtype:
+        check = _compare_floats(name, e, a, tolerances.get("float32", tolerances.get(str(e.dtype))))
+    else:
+        check = _compare(name, e, a, tolerances)
+    check.dtype = "map"
+    return check
 
 
 def _compare_exact(name: str, e: np.ndarray, a: np.ndarray) -> OutputCheck:
