@@ -316,6 +316,58 @@ def test_inspect_says_what_loading_changed(tmp_path):
     assert len(notes) == 1 and notes[0].startswith("output(s) 'output_probability' hold maps"), notes
 
 
+def _mlp_classifier() -> onnx.ModelProto:
+    """As skl2onnx converts an MLPClassifier with ZipMap: MatMul/Add/Relu layers, Softmax,
+    ArgMax for the label, ZipMap of the probabilities."""
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((16, 64)).astype(np.float32) / 4, "W1"),
+        numpy_helper.from_array(rng.standard_normal(64).astype(np.float32) / 4, "B1"),
+        numpy_helper.from_array(rng.standard_normal((64, 3)).astype(np.float32) / 8, "W2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["X", "W1"], ["h"]), helper.make_node("Add", ["h", "B1"], ["hb"]),
+        helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "W2"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["prob"], axis=1),
+        helper.make_node("ArgMax", ["prob"], ["label"], axis=1, keepdims=0),
+        helper.make_node("ZipMap", ["prob"], ["output_probability"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]),
+    ]
+    maps = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+    )
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]), helper.make_value_info("output_probability", maps)],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("args, rtol, expect_op", [
+    (("--precision", "fp16"), 1e-2, "Cast"),
+    (("--quantize", "int8-dynamic", "--no-speed-gate"), 2e-2, "DynamicQuantizeMatMul"),
+], ids=["fp16", "int8-dynamic"])
+def test_zipmap_model_converted_keeps_its_maps(tmp_path, args, rtol, expect_op):
+    """Precision and quantization run on copies of the model: the ZipMap comes along, and
+    the maps are held to the budget (as arrays of their values)."""
+    src, out = tmp_path / "mlp.onnx", tmp_path / "mlp.out.onnx"
+    onnx.save(_mlp_classifier(), src)
+    proc = gcomp("optimize", src, "-o", out, *args, "--input-shape", "X=8,16")
+    assert proc.returncode == 0, proc.stderr
+    onnx.checker.check_model(str(out), full_check=True)
+    written = onnx.load(str(out))
+    assert [o.name for o in written.graph.output] == ["label", "output_probability"]
+    assert {expect_op, "ZipMap"} <= {n.op_type for n in written.graph.node}
+    x = np.random.default_rng(4).random((8, 16), dtype=np.float32)
+    before, after = ort_run(src, {"X": x}), ort_run(out, {"X": x})
+    np.testing.assert_array_equal(after["label"], before["label"])
+    for a, e in zip(after["output_probability"], before["output_probability"]):
+        assert set(a) == set(e)
+        np.testing.assert_allclose([a[k] for k in e], [e[k] for k in e], rtol=rtol, atol=rtol)
+
+
 def test_api_zipmap_proto_is_not_modified():
     """gcomp.optimize on a caller's ModelProto: the tail is taken from a copy, the result
     holds the whole model (ZipMap and its output) and is verified."""

@@ -13,7 +13,8 @@ Per float output, over a list of samples (one feed dict each), the candidate's o
 A :class:`Budget` bounds one of them: ``error(metric) <= tolerance`` for every output.
 ``cosine`` with tolerance 0.01 (cosine >= 0.99) is the default for quantization.
 Non-float outputs (indices, masks) must be equal; a NaN or infinity the float model did
-not have counts as an infinite error.
+not have counts as an infinite error. A sequence of maps (ZipMap's) is measured as the
+array of its values, one row per map.
 """
 
 from __future__ import annotations
@@ -67,13 +68,22 @@ def measure(
     """One :class:`OutputError` per output of the expected samples."""
     rows = []
     for name in expected[0]:
-        pairs = [(np.asarray(e[name]), np.asarray(a[name])) for e, a in zip(expected, actual)]
+        pairs = [(_array(e[name]), _array(a[name])) for e, a in zip(expected, actual)]
         error = _error(pairs, budget.metric)
         cosine = None
         if all(e.dtype.kind == "f" for e, _ in pairs):
             cosine = 1.0 - max(_one_minus_cos(e, a) for e, a in pairs)
         rows.append(OutputError(name, error, bool(error <= budget.tolerance), cosine))
     return rows
+
+
+def _array(value: Any) -> np.ndarray:
+    """An output as one array: a sequence of maps (ZipMap's probabilities, which ONNX
+    Runtime returns as a list of dicts) as one row of values per map, in key order."""
+    if isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
+        keys = sorted(value[0])
+        return np.asarray([[row.get(k) for k in keys] for row in value])
+    return np.asarray(value)
 
 
 def _error(pairs: list[tuple[np.ndarray, np.ndarray]], metric: str) -> float:
