@@ -226,7 +226,7 @@ class _Quantizer:
         options = dict(options)
         self.excluded = frozenset(options.pop("exclude_nodes", ()) or ())
         self.options = options
-        self.context = dataclasses.replace(runtime.pass_context(), calibration=tuple(samples))
+        self.context = dataclasses.replace(runtime.pass_context(), calibration=tuple(samples), memo={})
 
     def attempt(self, excluded: frozenset[str]) -> _Attempt:
         copy = _copy(self.model)

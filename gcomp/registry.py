@@ -122,6 +122,10 @@ class PassContext:
     # The samples a calibrating pass (static int8) measures activation ranges on: a list of
     # feed dicts; the core sets it from --calibration.
     calibration: Sequence[Mapping[str, np.ndarray]] | None = None
+    # Results a pass may keep between its runs on copies of one model with the same samples
+    # (the quantization core gives each job one: its accuracy budget quantizes the same float
+    # model again with other nodes left float); None: nothing kept.
+    memo: dict[Any, Any] | None = None
 
     def target(self, name: str) -> Capabilities:
         if self.capabilities is None:

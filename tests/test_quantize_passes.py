@@ -19,6 +19,7 @@ Numbers are printed in the assertion messages.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from gcomp import registry, runtime
 from gcomp.errors import OptionError
 from gcomp.passes.quant import dynamic, weights
 from gcomp.passes.quant._blockwise import pack, quantize_blocks
+from gcomp.passes.quant._gptq import gptq_blocks
 from tests.conftest import make_model, tensor, vinfo
 
 INT8_REL = 2e-2
@@ -355,7 +357,7 @@ def test_matmul_nbits_packing_matches_float_dequantization(bits, symmetric, k, b
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="proj")]
     proto = make_model(nodes, [vinfo("x", shape=(2, 5, k))], [vinfo("y", shape=(2, 5, 24))], [tensor("W", w)])
     model, _, _ = _quantize(proto, "quantize-weights", context, target="ort-cpu", bits=bits, block_size=block,
-                            symmetric=symmetric, accuracy_level=0)
+                            symmetric=symmetric, accuracy_level=0, method="rtn")
     x = rng.standard_normal((2, 5, k)).astype(np.float32)
     expected = x @ quantize_blocks(w, bits, block, symmetric).dequantize()
     np.testing.assert_allclose(_run(model, {"x": x})["y"], expected, rtol=1e-4, atol=1e-4)
@@ -374,10 +376,98 @@ def test_portable_dequantize_linear_matches_float_dequantization(context):
     x = rng.standard_normal((3, 40)).astype(np.float32)
     for bits, symmetric in ((4, True), (4, False), (8, True), (8, False)):
         model, _, _ = _quantize(proto, "quantize-weights", context, target="portable", bits=bits,
-                                symmetric=symmetric)
+                                symmetric=symmetric, method="rtn")
         expected = x @ quantize_blocks(w, bits, 32, symmetric).dequantize()
         np.testing.assert_allclose(_run(model, {"x": x})["y"], expected, rtol=1e-5, atol=1e-5)
         assert _ops(model)["DequantizeLinear"] == 1
+
+
+def _correlated_linear(k=96, n=48, tokens=64, seed=3):
+    """A MatMul whose activation has a few strong directions (as real activations do): the
+    case GPTQ is for. Returns the model and two disjoint sets of feeds."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((8, k)) + 0.05 * rng.standard_normal((8, k))
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+
+    def feeds(s):
+        r = np.random.default_rng(s)
+        x = r.standard_normal((1, tokens, 8)) @ mix + 0.05 * r.standard_normal((1, tokens, k))
+        return {"x": x.astype(np.float32)}
+
+    proto = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="proj")],
+                       [vinfo("x", shape=(1, tokens, k))], [vinfo("y", shape=(1, tokens, n))], [tensor("W", w)])
+    return proto, [feeds(s) for s in range(8)], [feeds(100 + s) for s in range(4)]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_beats_round_to_nearest_on_held_out_inputs(symmetric):
+    """GPTQ, fitted on 8 calibration samples, leaves a smaller output error than round to
+    nearest on 4 other samples, and says so per node."""
+    proto, calibration, held_out = _correlated_linear()
+    context = dataclasses.replace(runtime.pass_context(), calibration=tuple(calibration))
+    errors = {}
+    for method in ("gptq", "rtn"):
+        model, details, _ = _quantize(proto, "quantize-weights", context, target="ort-cpu", symmetric=symmetric,
+                                      accuracy_level=1, method=method)
+        (q,) = details["quantized"]
+        assert q["method"] == method, q
+        errors[method] = max(_errors(_run(proto, f)["y"], _run(model, f)["y"])[1] for f in held_out)
+    print(f"held-out rel-L2 ({'sym' if symmetric else 'asym'}): gptq {errors['gptq']:.4f}, rtn {errors['rtn']:.4f}")
+    assert errors["gptq"] < 0.6 * errors["rtn"], errors
+    assert details["method"] == {"asked": "rtn", "gptq": 0, "rtn": 1, "note": None}
+
+
+def test_gptq_results_are_kept_in_the_context_memo():
+    """The accuracy budget quantizes copies of one float model again and again: with a memo in
+    the context, the moments and each weight's GPTQ are computed once and reused, with the
+    same result."""
+    proto, calibration, _ = _correlated_linear()
+    context = dataclasses.replace(runtime.pass_context(), calibration=tuple(calibration), memo={})
+    first, _, _ = _quantize(proto, "quantize-weights", context, target="ort-cpu")
+    kinds = sorted(k[0] for k in context.memo)
+    assert kinds == ["gptq", "grams"], context.memo.keys()
+    entries = dict(context.memo)
+    second, details, _ = _quantize(proto, "quantize-weights", context, target="ort-cpu")
+    assert all(context.memo[k] is v for k, v in entries.items()) and len(context.memo) == len(entries)
+    assert details["quantized"][0]["method"] == "gptq"
+    for name, value in first.graph.initializers.items():
+        np.testing.assert_array_equal(value.const_value.numpy(), second.graph.initializers[name].const_value.numpy())
+
+
+def test_gptq_falls_back_to_round_to_nearest_when_it_does_not_validate():
+    """Zero-mean isotropic activations with far fewer calibration rows than K: GPTQ overfits
+    the rows it saw, loses on the held-out half, and the weight is rounded to nearest (exactly)."""
+    rng = _rng()
+    w = rng.standard_normal((128, 16)).astype(np.float32)
+    proto = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="proj")],
+                       [vinfo("x", shape=(4, 128))], [vinfo("y", shape=(4, 16))], [tensor("W", w)])
+    samples = tuple({"x": rng.standard_normal((4, 128)).astype(np.float32)} for _ in range(2))
+    context = dataclasses.replace(runtime.pass_context(), calibration=samples)
+    model, details, _ = _quantize(proto, "quantize-weights", context, target="ort-cpu", accuracy_level=0)
+    (q,) = details["quantized"]
+    assert q["method"] == "rtn" and q["held_out_error"]["gptq"] >= q["held_out_error"]["rtn"], q
+    x = rng.standard_normal((4, 128)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, {"x": x})["y"], x @ quantize_blocks(w, 4, 32, True).dequantize(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_without_a_runtime_rounds_to_nearest_and_says_why():
+    model = ir.serde.deserialize_model(_mlp(opset=21, layers=2))
+    result = registry.get_pass("quantize-weights").create(target="portable")(model)
+    assert result.details["method"]["rtn"] == 2 and result.details["method"]["note"].startswith("rtn: no runtime")
+
+
+def test_gptq_blocks_match_the_round_to_nearest_layout():
+    """Same code ranges and block layout as round to nearest; on an identity second moment
+    (uncorrelated, equal channels) GPTQ has nothing to compensate and equals it."""
+    rng = _rng()
+    w = rng.standard_normal((70, 9)).astype(np.float32)  # K = 70: a partial last block
+    for bits, symmetric in ((4, True), (4, False), (8, True)):
+        got = gptq_blocks(w, np.eye(70), bits, 32, symmetric)
+        want = quantize_blocks(w, bits, 32, symmetric)
+        assert got.codes.shape == want.codes.shape and got.scale.shape == want.scale.shape
+        np.testing.assert_array_equal(got.codes, want.codes)
+        np.testing.assert_allclose(got.dequantize(), want.dequantize(), rtol=1e-6)
 
 
 def _embedding(opset=17, vocab=100, width=64):
@@ -459,7 +549,7 @@ def test_portable_weight_only_needs_opset_21(context):
 def test_options_are_checked_and_listed():
     info = registry.get_pass("quantize-weights")
     assert [o.name for o in info.options] == ["target", "bits", "block_size", "symmetric", "accuracy_level",
-                                              "embeddings", "exclude_nodes"]
+                                              "embeddings", "method", "exclude_nodes"]
     assert info.takes_context
     assert [o.name for o in registry.get_pass("quantize-dynamic").options] == [
         "target", "per_channel", "smooth", "op_types", "exclude_nodes"]

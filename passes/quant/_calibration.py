@@ -31,15 +31,15 @@ numpy only; the runtime is the pass context's (ONNX Runtime with its optimizatio
 
 from __future__ import annotations
 
-__all__ = ["BINS", "METHODS", "collect", "kl_threshold"]
+__all__ = ["BINS", "METHODS", "collect", "exposed_runs", "kl_threshold", "samples_for"]
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from gcomp.errors import BackendError, GcompError
-from gcomp.registry import Runtime
+from gcomp.registry import PassContext, Runtime
 
 METHODS = ("minmax", "percentile", "entropy")
 BINS = 2048
@@ -48,17 +48,33 @@ _EPS = 1e-10
 Feeds = Mapping[str, np.ndarray]
 
 
+def samples_for(model: ir.Model, context: PassContext | None) -> tuple[list[Feeds], str | None]:
+    """(the samples a calibrating pass measures on, None), or ([], why there are none):
+    ``context.calibration``, else one sample made by ``context.inputs`` the way verification
+    makes its own."""
+    if context is None or context.runtime is None:
+        return [], ("no runtime to calibrate on (run the pass through gcomp.optimize or give it "
+                    "context=gcomp.runtime.pass_context())")
+    if context.calibration:
+        return list(context.calibration), None
+    if context.inputs is None:
+        return [], "no calibration samples (the context has neither calibration nor inputs)"
+    try:
+        return [context.inputs(model, None)], None
+    except GcompError as e:
+        return [], f"no calibration samples ({str(e).splitlines()[0]})"
+
+
 def collect(model: ir.Model, runtime: Runtime, samples: Sequence[Feeds], values: Sequence[ir.Value], *,
             method: str = "minmax", percentile: float = 99.999,
             symmetric: bool = False) -> dict[str, tuple[float, float]]:
     """``{value name: (lo, hi)}`` for each of ``values`` (float tensors of ``model``'s main
     graph, graph inputs included) over ``samples``, by ``method`` (module docstring)."""
     names = [v.name for v in values]
-    copy = _exposing(model, names)
     lo = dict.fromkeys(names, np.inf)
     hi = dict.fromkeys(names, -np.inf)
-    for feeds in samples:
-        for name, x in _tensors(copy, runtime, feeds, names).items():
+    for arrays in exposed_runs(model, runtime, samples, names):
+        for name, x in _finite(arrays).items():
             if x.size:
                 lo[name], hi[name] = min(lo[name], float(x.min())), max(hi[name], float(x.max()))
     ranges = {n: (lo[n], hi[n]) if lo[n] <= hi[n] else (0.0, 0.0) for n in names}
@@ -66,8 +82,8 @@ def collect(model: ir.Model, runtime: Runtime, samples: Sequence[Feeds], values:
         return ranges
     absolute = symmetric or method == "entropy"
     hists = {n: np.zeros(BINS, np.int64) for n in names}
-    for feeds in samples:
-        for name, x in _tensors(copy, runtime, feeds, names).items():
+    for arrays in exposed_runs(model, runtime, samples, names):
+        for name, x in _finite(arrays).items():
             if method == "entropy":
                 x = x[x != 0]  # 0 is exact at every threshold: a Relu's spike there would skew the KL
             hists[name] += _histogram(np.abs(x) if absolute else x, _hist_range(ranges[name], absolute))
@@ -88,19 +104,28 @@ def _exposing(model: ir.Model, names: Sequence[str]) -> ir.Model:
                 graph.outputs.append(v)
                 wanted.discard(v.name)
     if wanted:
-        raise GcompError(f"quantize-static: cannot find tensor(s) {', '.join(sorted(wanted))} to calibrate")
+        raise GcompError(f"quantization: cannot find tensor(s) {', '.join(sorted(wanted))} to calibrate")
     return copy
 
 
-def _tensors(copy: ir.Model, runtime: Runtime, feeds: Feeds, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """The finite float32 elements of each of ``names`` on one sample."""
-    try:
-        outs = runtime.run(copy, feeds)
-    except BackendError as e:
-        raise GcompError(f"quantize-static calibration: {str(e).splitlines()[0]}") from None
+def exposed_runs(model: ir.Model, runtime: Runtime, samples: Sequence[Feeds],
+                 names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
+    """Per sample, ``{name: array}`` for each of ``names`` (float tensors of ``model``'s main
+    graph, graph inputs included): one run of a copy with them exposed as outputs."""
+    copy = _exposing(model, names)
+    for feeds in samples:
+        try:
+            outs = runtime.run(copy, feeds)
+        except BackendError as e:
+            raise GcompError(f"calibration: the float model does not run: {str(e).splitlines()[0]}") from None
+        yield {name: np.asarray(feeds[name] if name in feeds else outs[name]) for name in names}
+
+
+def _finite(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The finite float32 elements of each array, flattened."""
     found = {}
-    for name in names:
-        x = np.asarray(feeds[name] if name in feeds else outs[name], dtype=np.float32).ravel()
+    for name, x in arrays.items():
+        x = np.asarray(x, dtype=np.float32).ravel()
         found[name] = x[np.isfinite(x)]
     return found
 

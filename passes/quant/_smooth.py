@@ -86,6 +86,7 @@ import numpy as np
 import onnx_ir as ir
 
 from gcomp.errors import BackendError, GcompError
+from gcomp.passes.quant._calibration import samples_for
 from gcomp.passes.quant._common import ORT_DOMAIN, Candidate, Workspace, gemm_refusal, linear_candidates, read_const
 from gcomp.registry import PassContext
 
@@ -151,7 +152,8 @@ class Smoother:
         """Group ``todo``, calibrate, and choose ``s`` and the route of each activation."""
         if self.note is not None or not todo:
             return
-        samples, self.note = _samples(model, context)
+        samples, why = samples_for(model, context)
+        self.note = f"off: {why}" if why else None
         if not samples:
             return
         groups = _groups(todo)
@@ -230,21 +232,6 @@ class Smoother:
                 "groups": sum(1 for g in groups if g.scale is not None),
                 "folded": sum(1 for h in hows if h.startswith("folded")),
                 "muls_inserted": sum(1 for h in hows if h.startswith("Mul"))}
-
-
-def _samples(model: ir.Model, context: PassContext | None) -> tuple[list[Feeds], str | None]:
-    """(calibration samples, None), or ([], why there are none)."""
-    if context is None or context.runtime is None:
-        return [], ("off: no runtime to calibrate on (run the pass through gcomp.optimize or give it "
-                    "context=gcomp.runtime.pass_context())")
-    if context.calibration:
-        return list(context.calibration), None
-    if context.inputs is None:
-        return [], "off: no calibration samples (the context has neither calibration nor inputs)"
-    try:
-        return [context.inputs(model, None)], None
-    except GcompError as e:
-        return [], f"off: no calibration samples ({str(e).splitlines()[0]})"
 
 
 def _groups(todo: Sequence[Candidate]) -> list[_Group]:

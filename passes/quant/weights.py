@@ -21,7 +21,16 @@ round-half-to-even):
       lo = min(min_B W, 0), hi = max(max_B W, 0), s = (hi - lo) / T   (1 when hi == lo)
       z = clip(round(-lo / s), 0, T)     q = clip(round(W / s) + z, 0, T)     W ~ (q - z) * s
 
-Either way ``|W - W~| <= s / 2`` per element. Activations stay float (except that ONNX
+Either way ``|W - W~| <= s / 2`` per element (round to nearest, ``method="rtn"``). With
+``method="gptq"`` (the default) MatMul/Gemm weights are instead rounded row by row along K
+with each row's error compensated in the rows after it (:mod:`._gptq`), using the second
+moment of the node's activation on the calibration samples (``context.calibration``, else
+one sample from ``context.inputs``): the codes and scales follow the same rules and layout,
+the elementwise bound does not hold, and the node's output error is about 3x lower at 4 bits.
+GPTQ is fitted on half the calibration rows and kept only when it beats round to nearest on
+the other half (then fitted again on all rows); otherwise, and without a runtime or samples,
+the weight is rounded to nearest (``details["quantized"][i]["method"]``, ``held_out_error``;
+``details["method"]`` has the counts). Activations stay float (except that ONNX
 Runtime may quantize them inside ``MatMulNBits`` per ``accuracy_level``).
 
 Representation, by target:
@@ -72,12 +81,20 @@ import onnx_ir as ir
 
 from gcomp.errors import OptionError
 from gcomp.passes.quant._blockwise import Blocks, pack, quantize_blocks
+from gcomp.passes.quant._calibration import samples_for
+from gcomp.passes.quant._gptq import Moments, gptq_blocks, grams, output_error
 from gcomp.passes.quant._common import (ORT_DOMAIN, TARGET_HELP, Candidate, QuantPass, Workspace,
                                         gemm_refusal, linear_candidates, node_label, read_const,
                                         require_opset)
 from gcomp.registry import PassContext, register_pass
 
 BITS = (4, 8)
+METHODS = ("gptq", "rtn")
+_METHOD_HELP = (
+    "how MatMul/Gemm weights are rounded: gptq (each row's rounding error compensated in the rows "
+    "after it, weighted by the activation's second moment on the calibration samples: about 3x "
+    "less output error than rtn at 4 bits; falls back to rtn without samples) or rtn (round to "
+    "nearest); embedding tables are always rtn")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 _ACCURACY_HELP = (
     "MatMulNBits accuracy_level, the least accurate compute ONNX Runtime may use for the float "
@@ -138,6 +155,7 @@ class QuantizeWeights(QuantPass):
         symmetric: Annotated[bool, "symmetric (zero point 0) instead of min/max with a zero point"] = True,
         accuracy_level: Annotated[int, _ACCURACY_HELP] = 4,
         embeddings: Annotated[bool, "also quantize Gather over a constant 2-D table"] = True,
+        method: Annotated[str, _METHOD_HELP] = "gptq",
         exclude_nodes: Annotated[tuple, "ONNX node names kept float"] = (),
         context: PassContext | None = None,
     ) -> None:
@@ -147,6 +165,13 @@ class QuantizeWeights(QuantPass):
             if value not in allowed:
                 raise OptionError(f"quantize-weights: {name} must be one of "
                                   f"{', '.join(map(str, allowed))}, got {value}")
+        if method not in METHODS:
+            raise OptionError(f"quantize-weights: method must be one of {', '.join(METHODS)}, got {method!r}")
+        self.method = method
+        self._grams: dict[int, Moments] = {}
+        self._methods: dict[str, int] = {}  # node -> its weight's key
+        self._checked: dict[int, list[float]] = {}  # weight key -> held-out error [gptq, rtn]
+        self._method_note: str | None = None
         self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
         self.accuracy_level, self.embeddings = accuracy_level, embeddings
         self.caps = None
@@ -178,15 +203,88 @@ class QuantizeWeights(QuantPass):
     def check(self, model: ir.Model, todo: list[Candidate]) -> None:
         if not self.ort:
             require_opset(model, 21, "quantize-weights (portable: block-wise DequantizeLinear)")
+        self._grams, self._method_note, self._methods, self._checked = {}, None, {}, {}
+        linear = [c for c in todo if c.op_type != "Gather"]
+        if self.method == "gptq" and linear:
+            self._plan_gptq(model, linear)
+
+    def _plan_gptq(self, model: ir.Model, linear: list[Candidate]) -> None:
+        """The activation moments of each weight (summed over the nodes sharing it)."""
+        samples, why = samples_for(model, self.context)
+        if not samples:
+            self._method_note = f"rtn: {why}"
+            return
+        activations = list({id(c.activation): c.activation for c in linear}.values())
+        moments = self._memo(("grams", tuple(sorted(v.name for v in activations))),
+                             lambda: grams(model, self.context.runtime, samples, activations))
+        for c in linear:
+            m = moments.get(c.activation.name)
+            if m is not None and m.fit.shape == (c.kn[0],) * 2:
+                key = id(c.weight.root)
+                known = self._grams.get(key)
+                self._grams[key] = m if known is None else Moments(known.fit + m.fit, known.held_out + m.held_out)
+
+    def call(self, model: ir.Model):
+        result = super().call(model)
+        if result.details.get("quantized"):
+            linear = [q for q in result.details["quantized"] if q["op_type"] != "Gather"]
+            for q in linear:
+                errors = self._checked.get(self._methods.get(q["node"]))
+                q["method"] = "gptq" if errors and errors[0] < errors[1] else "rtn"
+                if errors:
+                    q["held_out_error"] = {"gptq": errors[0], "rtn": errors[1]}
+            result.details["method"] = {"asked": self.method, "gptq": sum(q.get("method") == "gptq" for q in linear),
+                                        "rtn": sum(q.get("method") == "rtn" for q in linear),
+                                        "note": self._method_note}
+        return result
 
     def quantize(self, ws: Workspace, c: Candidate) -> Any:
+        self._record_method(c)
         if not self.ort:
             return self._dequantize_linear(ws, c)
         ws.use_domain(ORT_DOMAIN)
         return self._gather_block_quantized(ws, c) if c.op_type == "Gather" else self._matmul_nbits(ws, c)
 
+    def _record_method(self, c: Candidate) -> None:
+        if c.op_type != "Gather":
+            self._methods[c.name] = id(c.weight.root)
+
     def _blocks(self, w: np.ndarray) -> Blocks:
         return quantize_blocks(w, self.bits, self.block_size, self.symmetric)
+
+    def _linear_blocks(self, c: Candidate) -> Blocks:
+        """A MatMul/Gemm weight as ``[K, N]`` blocks: GPTQ (fitted on all calibration rows) when,
+        fitted on half of them, it beats round-to-nearest on the other half (with few rows for a
+        wide K, GPTQ overfits the rows it saw and loses), else round-to-nearest."""
+        w = c.weight_kn()
+        rounded = self._blocks(w)
+        moments = self._grams.get(id(c.weight.root))
+        if moments is None:
+            return rounded
+        key = ("gptq", c.weight.root.name, w.shape, self.bits, self.block_size, self.symmetric)
+        blocks, errors = self._memo(key, lambda: self._gptq(w, moments, rounded))
+        self._checked[id(c.weight.root)] = errors
+        return blocks or rounded
+
+    def _gptq(self, w: np.ndarray, moments: Moments, rounded: Blocks) -> tuple[Blocks | None, list[float]]:
+        """(GPTQ blocks or None when it does not validate, held-out errors [gptq, rtn])."""
+        fitted = gptq_blocks(w, moments.fit, self.bits, self.block_size, self.symmetric)
+        errors = [output_error(w, b.dequantize(), moments.held_out) for b in (fitted, rounded)]
+        if errors[0] >= errors[1]:
+            return None, errors
+        # validated: fit again on every row (half the rows cost GPT-2 small int4 0.006 of cosine)
+        return gptq_blocks(w, (moments.fit + moments.held_out) / 2, self.bits, self.block_size,
+                           self.symmetric), errors
+
+    def _memo(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()``, kept in the context's memo (the accuracy budget quantizes the same float
+        weights again with other nodes left float)."""
+        memo = self.context.memo if self.context is not None else None
+        if memo is None:
+            return make()
+        if key not in memo:
+            memo[key] = make()
+        return memo[key]
 
     def _scales_and_zeros(self, blocks: Blocks) -> list[tuple[str, np.ndarray]]:
         """ONNX Runtime's ``scales`` [N, k_blocks] and, when asymmetric, packed ``zero_points``."""
@@ -205,7 +303,7 @@ class QuantizeWeights(QuantPass):
         key = ("MatMulNBits", id(c.weight.root), c.trans_b)
 
         def arrays():
-            blocks = self._blocks(c.weight_kn())
+            blocks = self._linear_blocks(c)
             return [("B", pack(blocks.unsigned().T.reshape(n, -1, self.block_size), self.bits)),
                     *self._scales_and_zeros(blocks)]
 
@@ -241,7 +339,7 @@ class QuantizeWeights(QuantPass):
         key = ("DequantizeLinear", id(c.weight.root), axis)
         if key not in self._dequantized:
             def arrays():
-                blocks = self._blocks(c.weight.array.T if axis else c.weight.array)
+                blocks = self._blocks(c.weight.array.T) if c.op_type == "Gather" else self._linear_blocks(c)
                 codes, zero = blocks.typed()
                 found = [("q", codes), ("scale", blocks.scale)] + ([("zero_point", zero)] if zero is not None else [])
                 return [(what, np.ascontiguousarray(a.T) if axis else a) for what, a in found]
