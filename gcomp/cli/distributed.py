@@ -1,7 +1,9 @@
 """``gcomp run`` and ``gcomp shard``: sharded models over several ranks.
 
 Both hand their options to :mod:`gcomp.distributed.launch` as a plain dict (the same
-parameters an MPI rank receives) and exit with the status it returns.
+parameters an MPI rank receives) and exit with the status it returns. With ``-q``,
+``run`` prints only its check verdict (``--check``) and ``shard`` nothing but errors;
+``-v`` adds timed start and end lines.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from gcomp.cli.group import CONTEXT, PathIn, cli
+from gcomp.cli.group import CONTEXT, PathIn, Say, cli, verbosity_options
 
 
 @cli.command(context_settings=CONTEXT)
@@ -30,17 +32,22 @@ from gcomp.cli.group import CONTEXT, PathIn, cli
 @click.option("--hostfile", type=click.Path(path_type=Path), default=None, help="MPI hostfile for several hosts.")
 @click.option("--mpi-arg", "mpi_args", multiple=True, help="Extra option for mpiexec (repeatable).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads per rank.")
+@verbosity_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def run(model, ranks, shard, inputs, input_shapes, outputs, check, tolerance, simulate, hostfile, mpi_args, threads,
-        as_json):
+        as_json, quiet=False, verbose=False):
     """Run MODEL split over RANKS (MPI processes, or simulated in one process)."""
     from gcomp.distributed.launch import run_command
 
+    say = Say(quiet, verbose, json=as_json)
+    say.step(f"running {model}" + (" (simulated)" if simulate else ""))
     params = {"model": str(model), "ranks": ranks, "shard": shard, "inputs": str(inputs) if inputs else None,
               "input_shapes": list(input_shapes), "outputs": str(outputs) if outputs else None, "check": check,
               "tolerance": tolerance, "simulate": simulate, "hostfile": str(hostfile) if hostfile else None,
-              "mpi_args": list(mpi_args), "threads": threads, "json": as_json}
-    sys.exit(run_command(params, echo=click.echo))
+              "mpi_args": list(mpi_args), "threads": threads, "json": as_json, "quiet": quiet}
+    code = run_command(params, echo=click.echo)
+    say.done()
+    sys.exit(code)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -53,12 +60,18 @@ def run(model, ranks, shard, inputs, input_shapes, outputs, check, tolerance, si
               help="Specialize to these input shapes first (static shapes, per-rank graphs need them).")
 @click.option("--ranks-dir", type=click.Path(path_type=Path), default=None,
               help="Also write one graph per rank (with collectives) into this folder.")
+@verbosity_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def shard(model, output, shard, overrides, input_shapes, ranks_dir, as_json):
+def shard(model, output, shard, overrides, input_shapes, ranks_dir, as_json, quiet=False, verbose=False):
     """Annotate MODEL with IR v11 sharding specs for a mesh; print memory and collectives per rank."""
     from gcomp.distributed.launch import shard_command
 
+    say = Say(quiet, verbose, json=as_json)
+    say.step(f"planning {model} for {shard}")
     params = {"model": str(model), "output": str(output), "shard": shard, "overrides": list(overrides),
               "input_shapes": list(input_shapes), "ranks_dir": str(ranks_dir) if ranks_dir else None,
               "json": as_json}
-    sys.exit(shard_command(params, echo=click.echo))
+    # shard writes files: quiet, it prints nothing but errors (and --json's document)
+    code = shard_command(params, echo=click.echo if as_json or not quiet else lambda _text: None)
+    say.done()
+    sys.exit(code)

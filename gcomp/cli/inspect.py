@@ -2,7 +2,9 @@
 
 ``passes`` and ``inspect`` never import a runtime (they stay fast); ``verify`` runs both
 models on ONNX Runtime through :func:`gcomp.verify.verify` and exits 1 on a mismatch
-(or, with ``--strict``, when verification was not possible).
+(or, with ``--strict``, when verification was not possible). With ``-q`` they print
+only their answer: the names (``passes``), one summary line (``inspect``), the verdict
+(``verify``); ``-v`` adds where each pass is defined (``passes``) and timed steps.
 """
 
 from __future__ import annotations
@@ -15,21 +17,27 @@ from pathlib import Path
 
 import click
 
-from gcomp.cli.group import CONTEXT, PathIn, cli, input_options, stdout
+from gcomp.cli.group import CONTEXT, PathIn, Say, cli, input_options, stdout, verbosity_options
 
 
 @cli.command(context_settings=CONTEXT)
+@verbosity_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def passes(as_json):
+def passes(as_json, quiet=False, verbose=False):
     """List the registered passes, their options, and the pipelines."""
+    say = Say(quiet, verbose, json=as_json)
     from gcomp.pipeline import registry  # the pipeline module loads the built-in passes
 
     ps, pls = registry.passes(), registry.pipelines()
+    say.step(f"{len(ps)} passes and {len(pls)} pipelines registered")
     if as_json:
         click.echo(json.dumps({
             "pipelines": {n: {"summary": p.summary, "stages": [{"passes": list(s.passes), "repeat": s.repeat} for s in p.stages]} for n, p in pls.items()},
             "passes": {n: {"summary": p.summary, "options": [{"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help} for o in p.options]} for n, p in ps.items()},
         }, indent=2, default=str))
+        return
+    if quiet:  # the names, one a line: pipelines, then passes
+        click.echo("\n".join([*pls, *sorted(ps)]))
         return
     from rich.table import Table
 
@@ -48,28 +56,42 @@ def passes(as_json):
     t.add_column("name")
     t.add_column("summary")
     t.add_column("options (--set NAME=VALUE)")
+    if verbose:
+        t.add_column("defined in")
     for name in sorted(ps):
         p = ps[name]
         opts = "\n".join(f"{o.name}: {o.type.__name__} = {o.default!r} — {o.help}" for o in p.options) or "-"
-        t.add_row(name, p.summary, opts)
+        t.add_row(name, p.summary, opts, *([f"{p.cls.__module__}.{p.cls.__qualname__}"] if verbose else []))
     out.print(t)
+    say.done()
 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", type=PathIn)
+@verbosity_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(model, as_json):
+def inspect(model, as_json, quiet=False, verbose=False):
     """Print MODEL's opsets, inputs/outputs, op histogram and parameter bytes."""
     from gcomp import io
     from gcomp.perf import model_stats
 
+    say = Say(quiet, verbose, json=as_json)
     m = io.load(model)
+    say.step(f"read {model}")
     stats = model_stats(m)
     info = _model_info(model, m, stats)
+    say.step("counted ops and parameters")
     if as_json:
         click.echo(json.dumps(info, indent=2))
-        return
-    _print_model_info(model, m, stats, info)
+    elif quiet:
+        from gcomp.report import human_bytes
+
+        opsets = ", ".join(f"{d or 'ai.onnx'}={v}" for d, v in info["opsets"].items())
+        click.echo(f"{model}: {stats.nodes} nodes, {stats.parameters:,} parameters "
+                   f"({human_bytes(stats.initializer_bytes)}), opsets {opsets}")
+    else:
+        _print_model_info(model, m, stats, info)
+    say.done()
 
 
 def _model_info(model, m, stats) -> dict:
@@ -141,26 +163,34 @@ def _print_model_info(model, m, stats, info: dict) -> None:
 @click.option("--rtol", type=float, default=None, help="Relative tolerance for float32 outputs.")
 @click.option("--atol", type=float, default=None, help="Absolute tolerance for float32 outputs.")
 @click.option("--strict", is_flag=True, help="Exit 1 when verification is not possible.")
+@verbosity_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def verify(original, candidate, inputs, input_shapes, max_tensor_bytes, verify_timeout, rtol, atol, strict, as_json):
+def verify(original, candidate, inputs, input_shapes, max_tensor_bytes, verify_timeout, rtol, atol, strict, as_json,
+           quiet=False, verbose=False):
     """Compare CANDIDATE's outputs with ORIGINAL's on ONNX Runtime (optimizations off)."""
     from gcomp import io
     from gcomp.inputs import parse_input_shapes
     from gcomp.verify import TOLERANCES, Tolerance
     from gcomp.verify import verify as run_verify
 
+    say = Say(quiet, verbose, json=as_json)
     io.load(original)
     io.load(candidate)
+    say.step(f"read {original} and {candidate}")
     tolerances = None
     if rtol is not None or atol is not None:
         base = TOLERANCES["float32"]
         tolerances = {"float32": Tolerance(rtol if rtol is not None else base.rtol, atol if atol is not None else base.atol)}
     v = run_verify(original, candidate, inputs=inputs, input_shapes=parse_input_shapes(input_shapes),
                    tolerances=tolerances, max_tensor_bytes=max_tensor_bytes, timeout=verify_timeout)
+    say.step(f"ran both models and compared {len(v.outputs)} output(s)")
     if as_json:
         click.echo(json.dumps(v.to_dict(), indent=2))
+    elif quiet:
+        click.echo(v.summary())
     else:
         _print_verification(v)
+    say.done()
     if v.status == "failed":
         sys.exit(1)
     if v.status == "unverified" and strict:

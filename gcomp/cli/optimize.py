@@ -2,7 +2,8 @@
 
 The command parses options into a :class:`gcomp.jobs.OptimizeRequest` and hands it to
 :func:`gcomp.jobs.optimize_file`; this module only shows progress (a transient spinner
-naming the current pass, on stderr) and prints the summary tables on stdout.
+naming the current pass, on stderr; with ``-v`` a line per pass run) and prints the
+summary tables on stdout.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import click
 
 from gcomp.backends.target_ops import TARGETS
-from gcomp.cli.group import CONTEXT, PathIn, cli, input_options, stderr, stdout
+from gcomp.cli.group import CONTEXT, PathIn, Say, cli, input_options, stderr, stdout, verbosity_options
 from gcomp.errors import OptionError
 
 # portable first, then the backend targets in their table's order
@@ -89,13 +90,13 @@ _TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
 @click.option("--backend", "select_backend", type=click.Choice(["auto"]), default=None,
               help="Then compile the output on every available backend, check and time each, and report "
                    "the fastest that matches (every candidate's figures go into the report).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress or tables; errors only.")
+@verbosity_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (implies --quiet).")
 def optimize(model, output, level, target, target_opset, explain_fusion, pass_spec, sets, plugins, verify, inputs, input_shapes, max_tensor_bytes,
              verify_timeout, bisect, strict, external_data, report, quiet, as_json, profile_models=None,
              profile_iters=20, pass_errors=False, precision=None, tolerance=None, keep_io_types=None,
              select_backend=None, pass_latency=False, quantize=None, calibration=None, metric=None,
-             speed_gate=True, static=False):
+             speed_gate=True, static=False, verbose=False):
     """Optimize MODEL with a verified pass pipeline and write OUTPUT.
 
     MODEL may be a folder of models (an optimum or Olive export): each .onnx model under
@@ -105,6 +106,7 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
     from gcomp.inputs import parse_input_shapes
     from gcomp.jobs import OptimizeRequest, VerificationFailed, optimize_file, output_file, report_file
 
+    say = Say(quiet, verbose, json=as_json)
     quiet = quiet or as_json
     _load_plugins(plugins)
     pipeline = pass_spec or level or ("2" if quantize else "1")
@@ -126,10 +128,10 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
     if folder:
         from gcomp.cli.optimize_folder import optimize_folder
 
-        optimize_folder(request, quiet=quiet, as_json=as_json)
+        optimize_folder(request, quiet=quiet, as_json=as_json, say=say)
         return
     err = stderr()
-    with _PassProgress(quiet, err) as display:
+    with _PassProgress(quiet, err, say) as display:
         try:
             outcome = optimize_file(request, progress=display.on_pass, phase=display.phase)
         except VerificationFailed as e:
@@ -147,6 +149,7 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
         _print_outcome(outcome, explain_fusion=explain_fusion, precision=precision)
         err.print(f"wrote {request.output}" + (f" and {request.report}" if request.report else ""), soft_wrap=True,
                   markup=False)
+    say.done()
 
 
 def _load_plugins(plugins: tuple[Path, ...]) -> None:
@@ -240,9 +243,10 @@ class _PassProgress:
     one clean line; a later phase (profiling, backend choice) stops it and shows its own.
     """
 
-    def __init__(self, quiet: bool, err) -> None:
+    def __init__(self, quiet: bool, err, say: Say | None = None) -> None:
         self.quiet = quiet
         self.err = err
+        self.say = say or Say(quiet)
         self.display = None
         self.task = None
 
@@ -253,6 +257,9 @@ class _PassProgress:
         self.stop()
 
     def on_pass(self, name, round_, stats) -> None:
+        if self.say.verbose:  # a line per pass run instead of the spinner
+            self._line(name, round_, stats)
+            return
         if self.quiet:
             return
         if self.display is None:
@@ -266,11 +273,16 @@ class _PassProgress:
             text = f"pass [bold]{name}[/] (round {round_})" if round_ else name
             self.display.update(self.task, description=text)
 
-    def phase(self, text: str):
-        from gcomp.profiling import spinner
+    def _line(self, name, round_, stats) -> None:
+        if stats is not None:
+            change = f"{stats.nodes_before} → {stats.nodes_after} nodes" if stats.modified else "unchanged"
+            self.say.step(f"pass {name} (round {round_}): {stats.seconds * 1e3:.1f} ms, {change}")
+        elif not round_:  # a step of its own (verification), not the start of a pass
+            self.say.step(name)
 
+    def phase(self, text: str):
         self.stop()
-        return spinner(text, quiet=self.quiet)
+        return self.say.progress(text)
 
     def stop(self) -> None:
         if self.display is not None:

@@ -27,17 +27,19 @@ class FolderFailed(GcompError):
         self.exit_code = exit_code
 
 
-def optimize_folder(request, *, quiet: bool, as_json: bool) -> None:
+def optimize_folder(request, *, quiet: bool, as_json: bool, say=None) -> None:
     """Run the folder job for ``request`` (a :class:`gcomp.jobs.OptimizeRequest` whose
-    model and output are folders) and print what happened."""
+    model and output are folders) and print what happened (``say``: -v's progress lines)."""
     from gcomp import jobs
     from gcomp.cli.optimize import _PassProgress, _print_notes
 
     err = stderr()
-    with _PassProgress(quiet, err) as display:
+    with _PassProgress(quiet, err, say) as display:
         def on_model(name: str, index: int, count: int) -> None:
             display.stop()
-            if not quiet:
+            if display.say.verbose:
+                display.say.step(f"[{index + 1}/{count}] {name}")
+            elif not quiet:
                 err.print(f"[{index + 1}/{count}] {name}", markup=False, soft_wrap=True)
 
         outcome = jobs.optimize_folder(request, progress=display.on_pass, phase=display.phase, on_model=on_model)

@@ -3,7 +3,9 @@
 ``profile`` times a model and its ops on a backend (:mod:`gcomp.profiling`),
 ``compile`` compiles (and tunes) it and exports the artifact (:mod:`gcomp.autoselect`),
 ``report`` puts saved profiles side by side (:mod:`gcomp.report`). With ``--backend auto``
-the first two choose the fastest backend whose outputs match the reference.
+the first two choose the fastest backend whose outputs match the reference. With ``-q``
+they print nothing but errors when they write a file (``--report``, ``-o``), else their
+answer in one line; ``-v`` prints each step as a timed line instead of the spinner.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from gcomp.cli.group import CONTEXT, PathIn, cli, input_options, stderr, stdout
+from gcomp.cli.group import CONTEXT, PathIn, Say, cli, input_options, stderr, stdout, verbosity_options
 from gcomp.errors import OptionError
 
 
@@ -35,10 +37,10 @@ from gcomp.errors import OptionError
               help="Write the profile: .json, .md or .html (a self-contained page with charts).")
 @click.option("--trace", type=click.Path(path_type=Path), default=None,
               help="Write one profiled run as a Chrome/Perfetto trace (.json).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress or tables; errors only.")
+@verbosity_options
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON on stdout (implies --quiet).")
 def profile(model, backend, device, iters, warmup, optimization, threads, inputs, input_shapes, max_tensor_bytes,
-            verify_timeout, top, report, as_json, trace=None, quiet=False):
+            verify_timeout, top, report, as_json, trace=None, quiet=False, verbose=False):
     """Measure MODEL's latency and per-op times on a backend.
 
     Each op row gets its FLOPs, bytes moved, achieved GFLOP/s and GB/s, and whether it is
@@ -47,8 +49,9 @@ def profile(model, backend, device, iters, warmup, optimization, threads, inputs
     from gcomp import io
     from gcomp import report as reports
     from gcomp.inputs import generate_inputs, load_inputs, parse_input_shapes
-    from gcomp.profiling import finish_profile, print_profile, spinner, write_outputs
+    from gcomp.profiling import finish_profile, print_profile, write_outputs
 
+    say = Say(quiet, verbose, json=as_json)
     quiet = quiet or as_json
     if report is not None:
         reports.check_report_path(report)
@@ -57,7 +60,7 @@ def profile(model, backend, device, iters, warmup, optimization, threads, inputs
     m = io.load(model)
     given = load_inputs(inputs, m) if inputs else None
     feeds, notes = generate_inputs(m, shapes=parse_input_shapes(input_shapes), given=given, max_bytes=max_tensor_bytes)
-    with spinner(f"compiling for {backend}/{device}", quiet=quiet) as status:
+    with say.progress(f"compiling for {backend}/{device}") as status:
         from gcomp.autoselect import compile_for_profile
 
         exe, selection = compile_for_profile(backend, device, model, m, feeds, optimization=optimization,
@@ -74,7 +77,11 @@ def profile(model, backend, device, iters, warmup, optimization, threads, inputs
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
-    if quiet:
+    if quiet:  # the latency is the answer when no file holds it
+        if not written:
+            lat = prof.latency
+            click.echo(f"{model} on {backend}/{device}: p50 {lat.p50_ms:.3f} ms, min {lat.min_ms:.3f} ms "
+                       f"over {iters} runs")
         return
     out = stdout()
     for note in notes:
@@ -85,6 +92,7 @@ def profile(model, backend, device, iters, warmup, optimization, threads, inputs
         out.print(f"backend {'*' if c.chosen else ' '} {c.backend}/{c.target}: {c.status}, {figure}", soft_wrap=True)
     if written:
         stderr().print("wrote " + " and ".join(str(p) for p in written))
+    say.done()
 
 
 @cli.command("compile", context_settings=CONTEXT)
@@ -108,25 +116,36 @@ def profile(model, backend, device, iters, warmup, optimization, threads, inputs
               help="Shape to compile for (repeatable); symbolic dims are bound to it.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the executable's outputs against ONNX Runtime before writing.")
+@verbosity_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def compile_(model, backend, target, output, tune_trials, tune_minutes, cache_dir, inputs, input_shapes, verify,
-             as_json):
+             as_json, quiet=False, verbose=False):
     """Compile MODEL for a backend (tuning it with --tune-trials) and export the artifact."""
     from gcomp.autoselect import compile_model
     from gcomp.inputs import parse_input_shapes
-    from gcomp.profiling import spinner
 
+    say = Say(quiet, verbose, json=as_json)
     if backend == "ort" and target == "llvm":
         target = "cpu"
-    with spinner(f"compiling for {backend}/{target}", quiet=as_json) as status:
+    with say.progress(f"compiling for {backend}/{target}") as status:
         doc = compile_model(model, backend=backend, target=target, output=output,
                             input_shapes=parse_input_shapes(input_shapes), inputs=inputs, tune_trials=tune_trials,
                             tune_seconds=tune_minutes * 60 if tune_minutes else None, cache_dir=cache_dir,
                             verify=verify, progress=status)
     if as_json:
         click.echo(json.dumps(doc, indent=2, default=str))
-        return
-    _print_compiled(doc)
+    elif quiet:  # the verdict is the answer when no artifact holds it
+        if not doc["output"]:
+            click.echo(_compiled_line(doc))
+    else:
+        _print_compiled(doc)
+    say.done()
+
+
+def _compiled_line(doc: dict) -> str:
+    v = doc["verification"]
+    return (f"compiled for {doc['backend']}/{doc['target']} in {doc['compile_seconds']:.1f} s; verification "
+            + (f"{v['status']} (max abs error {v['max_abs_error']:.2g})" if "max_abs_error" in v else v["status"]))
 
 
 def _print_compiled(doc: dict) -> None:
@@ -143,9 +162,7 @@ def _print_compiled(doc: dict) -> None:
         out.print(f"tuning: {t['tasks']} kernels, {t['reused']} from the database, {t['tuned']} tuned with "
                   f"{t['trials']} trials in {t['seconds']:.1f} s, {t['skipped']} left untuned"
                   + (" (interrupted)" if t["interrupted"] else "") + f"; database {t['database']}")
-    v = doc["verification"]
-    out.print(f"compiled for {doc['backend']}/{doc['target']} in {doc['compile_seconds']:.1f} s; verification "
-              + (f"{v['status']} (max abs error {v['max_abs_error']:.2g})" if "max_abs_error" in v else v["status"]))
+    out.print(_compiled_line(doc))
     if doc["output"]:
         stderr().print(f"wrote {doc['output']}")
 
@@ -155,7 +172,8 @@ def _print_compiled(doc: dict) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Where to write the comparison: .html, .md or .json.")
 @click.option("--label", "labels", multiple=True, help="A name per profile, in order (repeatable).")
-def report(profiles, output, labels):
+@verbosity_options
+def report(profiles, output, labels, quiet=False, verbose=False):
     """Compare saved profiles (gcomp profile --report x.json) in one report.
 
     E.g. two backends, two versions of a model, before/after an optimization; the first
@@ -164,9 +182,13 @@ def report(profiles, output, labels):
     from gcomp import report as reports
     from gcomp.profiling import load_profiles
 
+    say = Say(quiet, verbose)
     reports.check_report_path(output, option="--output")
     docs = load_profiles(list(profiles))
+    say.step(f"read {len(docs)} profile(s)")
     if labels and len(labels) != len(docs):
         raise OptionError(f"--label given {len(labels)} times for {len(docs)} profiles")
     reports.write_report(reports.compare_document(docs, list(labels) or None), output)
-    stderr().print(f"wrote {output}")
+    if not quiet:
+        stderr().print(f"wrote {output}", markup=False)
+    say.done()

@@ -57,7 +57,8 @@ def _mesh_for(model_path, shard: str | None, ranks: int | None):
 
 def run_command(params: dict, echo=print) -> int:
     """``gcomp run``; params: model, ranks, shard, inputs, input_shapes, outputs, check,
-    simulate, hostfile, mpi_args, threads, tolerance, json. Returns the exit code."""
+    simulate, hostfile, mpi_args, threads, tolerance, json, quiet (-q: only the check's
+    verdict). Returns the exit code."""
     from gcomp.distributed.runner import under_mpi
 
     mesh, shard = _mesh_for(params["model"], params.get("shard"), params.get("ranks"))
@@ -135,17 +136,19 @@ def _execute(params: dict, shard: str | None, *, simulate: bool, echo) -> int:
         "max_abs_error": result.max_abs_error, "tolerance": tol if params.get("check") else None,
         "check": None if result.max_abs_error is None else ("passed" if ok else "failed"),
     }
+    quiet = params.get("quiet")  # -q: only the check's verdict
     if params.get("json"):
         echo(json.dumps(doc, indent=2))
     else:
         how = "simulated in one process" if simulate else "MPI processes"
-        echo(f"ran on mesh {result.mesh}: {result.ranks} ranks ({how}), {result.collectives} collectives")
-        for k, v in result.outputs.items():
-            echo(f"  output {k}: {v.dtype} {list(v.shape)}")
+        if not quiet:
+            echo(f"ran on mesh {result.mesh}: {result.ranks} ranks ({how}), {result.collectives} collectives")
+            for k, v in result.outputs.items():
+                echo(f"  output {k}: {v.dtype} {list(v.shape)}")
         if result.max_abs_error is not None:
             echo(f"check against the unsharded model: max abs error {result.max_abs_error:.3g} "
                  f"(tolerance {tol:g}): {'passed' if ok else 'FAILED'}")
-        if params.get("outputs"):
+        if params.get("outputs") and not quiet:
             echo(f"wrote {params['outputs']}")
     return 0 if ok else 1
 
