@@ -230,21 +230,26 @@ def test_gemm_trans_b_bias_and_refusals(context):
     b = (rng.standard_normal((24, 64)) / 8).astype(np.float32)  # [N, K]
     c = rng.standard_normal(24).astype(np.float32)
     nodes = [helper.make_node("Gemm", ["x", "B", "C"], ["y"], name="gemm", transB=1),
-             helper.make_node("Gemm", ["x", "B", "C"], ["z"], name="scaled", transB=1, alpha=0.5)]
-    proto = make_model(nodes, [vinfo("x", shape=("batch", 64))],
-                       [vinfo("y", shape=("batch", 24)), vinfo("z", shape=("batch", 24))],
+             helper.make_node("Gemm", ["x", "B", "C"], ["z"], name="scaled", transB=1, alpha=0.5),
+             helper.make_node("Gemm", ["xt", "B", "C"], ["t"], name="transposed", transA=1, transB=1)]
+    proto = make_model(nodes, [vinfo("x", shape=(8, 64)), vinfo("xt", shape=(64, 8))],
+                       [vinfo("y", shape=(8, 24)), vinfo("z", shape=(8, 24)), vinfo("t", shape=(8, 24))],
                        [tensor("B", b), tensor("C", c)], opset=21)
-    feeds = {"x": rng.standard_normal((8, 64)).astype(np.float32)}
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    feeds = {"x": x, "xt": np.ascontiguousarray(x.T)}
     for pass_name, bound in (("quantize-dynamic", INT8_REL), ("quantize-weights", INT4_REL)):
         model, details, _ = _quantize(proto, pass_name, context, target="ort-cpu")
         expected, actual = _run(proto, feeds), _run(model, feeds)
-        cosine, rel = _errors(expected["y"], actual["y"])
-        print(f"{pass_name} Gemm transB + bias: cosine {cosine:.5f}, rel-L2 {rel:.4g}")
-        assert cosine >= COSINE and rel < bound, (cosine, rel)
-        assert details["skipped"] == [{"node": "scaled", "op_type": "Gemm", "reason": "alpha=0.5, not 1"}]
+        for out in ("y", "z"):  # alpha is folded into a scaled copy of B, so "scaled" is quantized too
+            cosine, rel = _errors(expected[out], actual[out])
+            print(f"{pass_name} Gemm transB + bias ({out}): cosine {cosine:.5f}, rel-L2 {rel:.4g}")
+            assert cosine >= COSINE and rel < bound, (out, cosine, rel)
+        np.testing.assert_array_equal(actual["t"], expected["t"])
+        assert details["skipped"] == [{"node": "transposed", "op_type": "Gemm",
+                                       "reason": "transA=1 (the activation is transposed)"}]
         assert "B" in model.graph.initializers  # still read by the float Gemm
         assert details["weight_bytes_after"] >= b.nbytes
-    # portable weight-only keeps the Gemm (it reads the dequantized B), so alpha is no obstacle
+    # portable weight-only keeps the Gemm (it reads the dequantized B), so transA is no obstacle
     model, details, _ = _quantize(proto, "quantize-weights", context, target="portable")
     assert details["skipped"] == [] and "B" not in model.graph.initializers
     _assert_close(proto, model, feeds, INT4_REL, "int4 portable Gemm transB + bias")
@@ -415,6 +420,23 @@ def test_gptq_beats_round_to_nearest_on_held_out_inputs(symmetric):
     print(f"held-out rel-L2 ({'sym' if symmetric else 'asym'}): gptq {errors['gptq']:.4f}, rtn {errors['rtn']:.4f}")
     assert errors["gptq"] < 0.6 * errors["rtn"], errors
     assert details["method"] == {"asked": "rtn", "gptq": 0, "rtn": 1, "note": None}
+
+
+@pytest.mark.parametrize("pass_name", ["quantize-dynamic", "quantize-weights"])
+def test_gemm_with_alpha_beta_and_a_broadcast_bias_is_quantized(pass_name, context):
+    """Gemm(alpha=0.5, beta=2, C of shape [1, N]) is rewritten to A @ (0.5 B) + 2 C[0] and
+    quantized as a unit (it was refused and left float), with the same outputs."""
+    rng = _rng()
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    c = rng.standard_normal((1, 16)).astype(np.float32)
+    proto = make_model([helper.make_node("Gemm", ["x", "W", "C"], ["y"], name="g", alpha=0.5, beta=2.0)],
+                       [vinfo("x", shape=(8, 32))], [vinfo("y", shape=(8, 16))], [tensor("W", w), tensor("C", c)])
+    model, details, _ = _quantize(proto, pass_name, context, target="ort-cpu")
+    assert [q["node"] for q in details["quantized"]] == ["g"], details
+    assert not _ops(model)["Gemm"] and set(model.graph.initializers).isdisjoint({"W", "C"}), _ops(model)
+    x = rng.standard_normal((8, 32)).astype(np.float32)
+    _, rel = _errors(_run(proto, {"x": x})["y"], _run(model, {"x": x})["y"])
+    assert rel < (INT4_REL if pass_name == "quantize-weights" else 0.05), rel
 
 
 def test_gptq_results_are_kept_in_the_context_memo():

@@ -21,7 +21,7 @@ the details every quantization pass reports:
 from __future__ import annotations
 
 __all__ = ["ORT_DOMAIN", "TARGET_HELP", "Candidate", "Const", "QuantPass", "Workspace", "already_quantized",
-           "gemm_refusal", "linear_candidates", "node_label", "read_const", "require_opset"]
+           "canonical_gemms", "gemm_refusal", "linear_candidates", "node_label", "read_const", "require_opset"]
 
 import collections
 from collections.abc import Callable, Iterable, Sequence
@@ -177,6 +177,68 @@ def gemm_refusal(c: Candidate) -> str | None:
     if shape != (n,):
         return f"the bias C has shape {list(shape) if shape is not None else 'unknown'}, not 1-D [N={n}]"
     return None
+
+
+def canonical_gemms(model: ir.Model, exclude: frozenset[str] = frozenset()) -> int:
+    """Rewrite each Gemm of the main graph with a constant float32 B (and C, if any) to the form
+    quantized matmul ops take, ``A @ B' + C'`` with ``alpha = beta = 1`` and a 1-D ``C'`` of
+    ``[N]``: ``B' = alpha * B`` and ``C' = beta * C`` broadcast to ``[N]`` when ``C``'s shape
+    allows (``[]``, ``[1]``, ``[1, N]``), as new initializers (the old ones stay for any other
+    reader). The same function up to float rounding; exporters and the ONNX test cases write
+    these forms, and refusing them left such Gemms float. Returns how many were rewritten;
+    Gemms named in ``exclude`` are left alone."""
+    changed = 0
+    for index, node in enumerate(list(model.graph)):
+        if node.op_type != "Gemm" or node.domain not in _STANDARD or node_label(node, index) in exclude:
+            continue
+        plan = _gemm_plan(node)
+        if plan is None:
+            continue
+        weight, bias = plan
+        base = node.name or f"Gemm_{index}"
+        for slot, array, attr, suffix in ((1, weight, "alpha", "B_scaled"), (2, bias, "beta", "C_canonical")):
+            if array is not None:
+                old = node.inputs[slot]
+                node.replace_input_with(slot, _new_initializer(model, f"{base}_{suffix}", array))
+                node.attributes[attr] = ir.AttrFloat32(attr, 1.0)
+                if not old.uses() and old.name in model.graph.initializers and not old.is_graph_input():
+                    del model.graph.initializers[old.name]
+        changed += 1
+    return changed
+
+
+def _gemm_plan(node: ir.Node) -> tuple[np.ndarray | None, np.ndarray | None] | None:
+    """(new B or None, new C or None) for :func:`canonical_gemms`; None: nothing to do/possible."""
+    b = read_const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if b is None or b.array.ndim != 2 or b.array.dtype != np.float32 or _attr(node, "transA", 0):
+        return None
+    alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+    n = b.array.shape[0] if _attr(node, "transB", 0) else b.array.shape[1]
+    weight = (b.array * np.float32(alpha)).astype(np.float32) if alpha != 1.0 else None
+    bias = None
+    c_value = node.inputs[2] if len(node.inputs) > 2 else None
+    if c_value is not None:
+        c = read_const(c_value)
+        if c is None or c.array.dtype != np.float32:
+            return (weight, None) if weight is not None and beta == 1.0 else None
+        if c.array.shape != (n,) or beta != 1.0:
+            if c.array.size not in (1, n) or (c.array.ndim == 2 and c.array.shape[0] != 1) or c.array.ndim > 2:
+                return (weight, None) if weight is not None and beta == 1.0 else None
+            bias = (np.broadcast_to(c.array.reshape(-1), (n,)) * np.float32(beta)).astype(np.float32)
+    if weight is None and bias is None:
+        return None
+    return weight, bias
+
+
+def _new_initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+    taken = _all_names(model)
+    unique, i = name, 0
+    while unique in taken:
+        i += 1
+        unique = f"{name}_{i}"
+    value = ir.Value(name=unique, const_value=ir.tensor(np.ascontiguousarray(array), name=unique))
+    model.graph.register_initializer(value)
+    return value
 
 
 def _attr(node: ir.Node, name: str, default: Any) -> Any:
@@ -344,6 +406,7 @@ class QuantPass(ir.passes.InPlacePass):
         if note:
             details["note"] = note
             return DetailedResult(model, modified=False, details=details)
+        canonical_gemms(model, self.exclude_nodes)
         report, todo = _Report(), []
         for c in self.find(model):
             reason = c.reason or ("in exclude_nodes" if c.name in self.exclude_nodes else self.refusal(c))
