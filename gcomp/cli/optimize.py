@@ -3,7 +3,9 @@
 The command parses options into a :class:`gcomp.jobs.OptimizeRequest` and hands it to
 :func:`gcomp.jobs.optimize_file`; this module only shows progress (a transient spinner
 naming the current pass, on stderr; with ``-v`` a line per pass run) and prints the
-summary tables on stdout.
+summary tables on stdout. ``--config`` reads a recipe (:mod:`gcomp.cli.recipe`),
+``--save-config`` writes one, and ``--dry-run`` prints the plan (:mod:`gcomp.cli.plan`)
+instead of running it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import click
 
 from gcomp.backends.target_ops import TARGETS
 from gcomp.cli.group import CONTEXT, PathIn, Say, cli, input_options, stderr, stdout, verbosity_options
-from gcomp.errors import OptionError
+from gcomp.cli.recipe import config_option, recipe_of, save_recipe
+from gcomp.errors import ModelLoadError, OptionError
 
 # portable first, then the backend targets in their table's order
 _TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
@@ -90,13 +93,20 @@ _TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
 @click.option("--backend", "select_backend", type=click.Choice(["auto"]), default=None,
               help="Then compile the output on every available backend, check and time each, and report "
                    "the fastest that matches (every candidate's figures go into the report).")
+@config_option
+@click.option("--save-config", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="Write the options given (here and by --config) as a recipe (.toml or .json) for --config.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (passes in order with their options, settings, where it would write); "
+                   "write no model or report.")
 @verbosity_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (implies --quiet).")
-def optimize(model, output, level, target, target_opset, explain_fusion, pass_spec, sets, plugins, verify, inputs, input_shapes, max_tensor_bytes,
+@click.pass_context
+def optimize(ctx, model, output, level, target, target_opset, explain_fusion, pass_spec, sets, plugins, verify, inputs, input_shapes, max_tensor_bytes,
              verify_timeout, bisect, strict, external_data, report, quiet, as_json, profile_models=None,
              profile_iters=20, pass_errors=False, precision=None, tolerance=None, keep_io_types=None,
              select_backend=None, pass_latency=False, quantize=None, calibration=None, metric=None,
-             speed_gate=True, static=False, verbose=False):
+             speed_gate=True, static=False, verbose=False, config=None, save_config=None, dry_run=False):
     """Optimize MODEL with a verified pass pipeline and write OUTPUT.
 
     MODEL may be a folder of models (an optimum or Olive export): each .onnx model under
@@ -108,9 +118,15 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
 
     say = Say(quiet, verbose, json=as_json)
     quiet = quiet or as_json
+    recipe = recipe_of(ctx)
+    if recipe is not None:
+        plugins, input_shapes = recipe.plugin_paths(plugins), recipe.shape_entries(input_shapes)
+        say.step(f"read the recipe {recipe.path}")
     _load_plugins(plugins)
     pipeline = pass_spec or level or ("2" if quantize else "1")
-    options = _parse_sets(_options_spec(pipeline, precision, quantize), sets)
+    spec = _options_spec(pipeline, precision, quantize)
+    given_sets = _parse_sets(spec, recipe.set_entries(ctx, spec, sets) if recipe is not None else sets)
+    options = dict(given_sets)
     options.update(_fusion_options(target, target_opset, explain_fusion))
     options.update(_precision_options(precision, tolerance, keep_io_types, quantize))
     _check_quantize_options(quantize, calibration, metric, speed_gate, precision, target)
@@ -125,6 +141,11 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
         select_backend=bool(select_backend), quantize=quantize, calibration=calibration, metric=metric,
         speed_gate=speed_gate, static=static, create_folder=into_folder,
     )
+    if save_config is not None:
+        _save_recipe(ctx, save_config, request, given_sets, plugins, quiet=quiet, folder=folder)
+    if dry_run:
+        _dry_run(request, folder)
+        return
     if folder:
         from gcomp.cli.optimize_folder import optimize_folder
 
@@ -150,6 +171,35 @@ def optimize(model, output, level, target, target_opset, explain_fusion, pass_sp
         err.print(f"wrote {request.output}" + (f" and {request.report}" if request.report else ""), soft_wrap=True,
                   markup=False)
     say.done()
+
+
+def _save_recipe(ctx, path: Path, request, sets: dict, plugins: tuple[Path, ...], *, quiet: bool,
+                 folder: bool) -> None:
+    """--save-config: the options given, once they make a plan (the checks of --dry-run)."""
+    from gcomp.cli.plan import plan_lines
+
+    plan_lines(request, folder=folder)
+    save_recipe(path, ctx, model=request.model, output=request.output, sets=sets,
+                input_shapes=request.input_shapes, plugins=plugins)
+    if not quiet:
+        stderr().print(f"wrote the recipe {path}", markup=False, soft_wrap=True)
+
+
+def _dry_run(request, folder: bool) -> None:
+    """Print the plan after the checks a run makes before any work (the model exists, the
+    output and report can be written); nothing is read or written."""
+    from gcomp import io
+    from gcomp import report as reports
+    from gcomp.cli.plan import plan_lines
+
+    if not request.model.exists():
+        raise ModelLoadError(f"{request.model}: no such file")
+    if not folder and request.output.parent.is_dir():
+        io.check_writable(request.output, source=request.model)
+        if request.report is not None:
+            reports.check_report_path(request.report)
+    for line in plan_lines(request, folder=folder):
+        click.echo(line)
 
 
 def _load_plugins(plugins: tuple[Path, ...]) -> None:
