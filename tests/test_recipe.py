@@ -232,12 +232,26 @@ ROUND_TRIPS = {
     "precision": ["-O", "3", "--target-opset", "18", "--precision", "fp16", "--no-keep-io-types", "--set",
                   "block_ops=Softmax,Exp", "--set", "cse_size_limit=7", "--input-shape", "input_ids=1,16",
                   "--inputs", "data/x.npz", "--report", "reports/r.html", "--no-bisect", "--plugin", "p.py",
-                  "--passes", "O3,touch-p", "--static", "--external-data", "--profile-iters", "4"],
+                  "--passes", "O3,touch-p", "--static", "--external-data", "--profile-iters", "4", "--no-profile",
+                  "--pass-errors"],
     "quantize": ["--quantize", "int8", "--calibration", "data", "--metric", "rel-l2", "--tolerance", "0.03",
                  "--no-speed-gate", "--set", "per_channel=false", "--report", "json", "--no-verify", "--strict",
                  "--verify-timeout", "12.5", "--max-tensor-bytes", "1000", "--pass-latency", "--explain-fusion",
-                 "--backend", "auto"],
+                 "--backend", "auto", "--target", "ort-cpu"],
 }
+
+
+def test_the_round_trips_give_every_recipe_key():
+    """Each option of ``gcomp optimize`` that a recipe holds is saved and loaded by a round trip below."""
+    from gcomp.cli.optimize import optimize
+    from gcomp.cli.recipe import recipe_keys
+
+    given = {flag for flags in ROUND_TRIPS.values() for flag in flags if flag.startswith("-")}
+    missing = [key for key, option in recipe_keys(optimize).items()
+               if not given & {*option.opts, *option.secondary_opts}]
+    assert missing == []
+    assert {"level", "set", "input-shapes", "plugins", "passes", "target"} <= set(recipe_keys(optimize))
+    assert not {"output", "quiet", "verbose", "json", "dry-run", "config", "save-config"} & set(recipe_keys(optimize))
 
 
 @pytest.mark.parametrize("suffix", [".toml", ".json"])
