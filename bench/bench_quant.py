@@ -116,7 +116,9 @@ def _write_samples(folder: Path, samples: list[dict[str, np.ndarray]]) -> Path:
     return folder
 
 
-def _text_case(name: str, source: str, path: Path, results: Path, vocab: int, modes: tuple[str, ...]) -> Case:
+def _text_case(name: str, source: str, path: Path, results: Path, vocab: int, modes: tuple[str, ...],
+               ort: tuple[str, ...] = ("ort-dynamic", "ort-dynamic-pc", "ort-int4", "ort-int8-nbits"),
+               decode: bool = False) -> Case:
     import onnx
 
     from models import minilm
@@ -128,9 +130,11 @@ def _text_case(name: str, source: str, path: Path, results: Path, vocab: int, mo
 
     evals = keep(minilm.batches(seed=0, vocab=vocab))
     calib = keep(minilm.batches(seed=1, vocab=vocab, random=6, low=2))  # gcomp needs >= 8 samples
-    return Case(name, source, path, "cosine", evals, timings={"1x128": evals[0]},
-                calibration=_write_samples(results / f"{name}_calibration", calib),
-                ort=("ort-dynamic", "ort-dynamic-pc", "ort-int4", "ort-int8-nbits"), gcomp_modes=modes)
+    timings = {"1x128": evals[0]}
+    if decode:  # one token: a decoding step's matrix-vector products (memory-bound)
+        timings = {"1x1 (one token)": {k: v[:, :1] for k, v in evals[0].items()}, **timings}
+    return Case(name, source, path, "cosine", evals, timings=timings,
+                calibration=_write_samples(results / f"{name}_calibration", calib), ort=ort, gcomp_modes=modes)
 
 
 def _case_minilm(results: Path) -> Case:
@@ -149,7 +153,7 @@ def _case_gpt2(results: Path) -> Case:
     if not path.exists():
         export_torch.export("gpt2", folder, config=GPT2_SMALL)
     return _text_case("gpt2_small", "GPT-2 small size, random weights (models/export_torch.py)", path, results,
-                      GPT2_SMALL["vocab_size"], ("int4", "int8-weights", "int8-dynamic"))
+                      GPT2_SMALL["vocab_size"], ("int4",), ort=("ort-int4",), decode=True)
 
 
 def _case_digits(kind: str, results: Path) -> Case:
@@ -583,8 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"from {', '.join(ALL_MODELS)}")
-    parser.add_argument("--rounds", type=int, default=20, help="timed rounds (each: --block runs per variant)")
-    parser.add_argument("--block", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=12, help="timed rounds (each: --block runs per variant)")
+    parser.add_argument("--block", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gcomp-timeout", type=float, default=600,

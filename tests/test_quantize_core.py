@@ -124,3 +124,34 @@ def test_a_stacked_npz_needs_one_sample_axis_shared_by_every_array(tmp_path):
         load_calibration(tmp_path / "bad.npz", model)
     with pytest.raises(OptionError, match="no such file"):
         load_calibration(tmp_path / "missing", model)
+
+
+@pytest.mark.parametrize(("mode", "first", "timed"), [
+    ("int8-dynamic", (0.9, 1.2), [6, 18]),  # straddles 1.0: timed again, three times longer
+    ("int8-dynamic", (1.3, 1.6), [6]),  # clearly faster: once
+    ("int4", (0.8, 0.95), [6, 18]),  # straddles 1/1.1 for weight-only
+    ("int4", (0.95, 1.05), [6]),  # straddles 1.0 only: no matter for weight-only
+])
+def test_speed_gate_measures_longer_when_the_spread_straddles_its_threshold(monkeypatch, mode, first, timed):
+    from gcomp import quantize, runtime
+
+    calls = []
+
+    class Fake:
+        def __init__(self, blocks):
+            self.blocks = blocks
+
+        def summary(self):
+            low, high = first if len(calls) == 1 else (1.5, 1.6)
+            return {"rounds": self.blocks * 8, "a_ms_min": 1.0, "b_ms_min": 1.0, "a_ms_median": 1.0,
+                    "b_ms_median": 1.0, "ratio_median": (low + high) / 2, "ratio_p10": low, "ratio_p90": high}
+
+    def fake_timing(a, b, feeds, *, blocks, block):
+        calls.append(blocks)
+        return Fake(blocks)
+
+    monkeypatch.setattr(runtime, "time_interleaved", fake_timing)
+    monkeypatch.setattr(quantize.OrtBackend, "compile", lambda self, model, device: None)
+    speed = quantize._speed(None, None, {}, "ort-cpu", mode)
+    assert calls == timed
+    assert speed["rounds"] == timed[-1] * 8
