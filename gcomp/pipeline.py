@@ -245,7 +245,8 @@ def optimize(
     executed: list[tuple[str, ir.passes.PassBase]] = []
     stats = _run(loaded, steps, progress, executed, _after_pass(reference, pass_errors, pass_latency))
     float_model = loaded.model
-    report = _quantize(loaded, quant, checks, progress, reference) if quant else None
+    report = _quantize(loaded, quant, checks, progress, reference, inputs is not None or bool(input_shapes)) \
+        if quant else None
     if static_step is not None:  # after quantization too: every value it made gets its dims
         stats += _run(loaded, [static_step], progress, executed, _after_pass(reference, pass_errors, pass_latency))
     after = model_stats(loaded.model)
@@ -300,8 +301,11 @@ def _on_calibration_data(checks: Checks, quant: Quantize | None, model: ir.Model
     return dataclasses.replace(checks, inputs=load_calibration(quant.calibration, model)[0])
 
 
-def _quantize(loaded: _Loaded, quant: Quantize, checks: Checks, progress, reference: Reference | None) -> Any:
-    """Quantize the pipeline's result (gcomp.quantize); the model is replaced."""
+def _quantize(loaded: _Loaded, quant: Quantize, checks: Checks, progress, reference: Reference | None,
+              user_feeds: bool) -> Any:
+    """Quantize the pipeline's result (gcomp.quantize); the model is replaced. The speed gate
+    times on the verification inputs when the user described them (``--inputs``,
+    ``--input-shape``: the shape the model is deployed at), else on the first sample."""
     from gcomp.quantize import quantize
 
     say = (lambda text: progress(text, 0, None)) if progress else None
@@ -309,6 +313,7 @@ def _quantize(loaded: _Loaded, quant: Quantize, checks: Checks, progress, refere
         loaded.model, quant.mode, target=quant.target, budget=quant.budget, calibration=quant.calibration,
         inputs=checks.inputs, input_shapes=checks.input_shapes, speed_gate=quant.speed_gate,
         options=quant.options, progress=say, verification_feeds=reference.feeds if reference else None,
+        timing_feeds=reference.feeds if reference and user_feeds else None,
         timeout=checks.verify_timeout, max_tensor_bytes=checks.max_tensor_bytes,
     )
     return report

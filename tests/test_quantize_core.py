@@ -155,3 +155,33 @@ def test_speed_gate_measures_longer_when_the_spread_straddles_its_threshold(monk
     speed = quantize._speed(None, None, {}, "ort-cpu", mode)
     assert calls == timed
     assert speed["rounds"] == timed[-1] * 8
+
+
+def test_speed_gate_times_on_the_given_inputs_the_shape_the_model_is_deployed_at(monkeypatch, tmp_path):
+    """Calibrated on 8 x 32 rows, deployed one row at a time (--inputs): the gate times what
+    --inputs describes, not the first calibration sample."""
+    import gcomp
+    from gcomp import runtime
+    from gcomp.quantize import QuantizationDeclined
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    proto = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="proj")],
+                       [vinfo("x", shape=("rows", 64))], [vinfo("y", shape=("rows", 64))], [tensor("W", w)])
+    np.savez(tmp_path / "calibration.npz", x=rng.standard_normal((8, 32, 64)).astype(np.float32))
+    np.savez(tmp_path / "deployed.npz", x=rng.standard_normal((1, 64)).astype(np.float32))
+    timed = []
+    real = runtime.time_interleaved
+
+    def spy(a, b, feeds, **kwargs):
+        timed.append({k: v.shape for k, v in feeds.items()})
+        return real(a, b, feeds, **kwargs)
+
+    monkeypatch.setattr(runtime, "time_interleaved", spy)
+    for given, shape in (({"inputs": tmp_path / "deployed.npz"}, (1, 64)), ({}, (32, 64))):
+        timed.clear()
+        try:  # a model this small may well be declined as slower: what it was timed on is the point
+            gcomp.optimize(proto, quantize="int4", calibration=tmp_path / "calibration.npz", tolerance=0.5, **given)
+        except QuantizationDeclined:
+            pass
+        assert timed and all(t == {"x": shape} for t in timed), (given, timed)
