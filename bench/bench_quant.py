@@ -39,7 +39,9 @@ Variants (rows), each a model file; all run on ONNX Runtime's CPU provider with
   other flag (pipeline O2, target ort-cpu, verification on): int8-dynamic, int8-weights and int4 for the text
   models, int8-dynamic for the digits transformer, int8 (static, calibrated on the same
   64 training images) for the CNN; the text models' FOLDER holds 8 other seeded batches
-  (6 random, 2 low-id). Each runs in a fresh process, stopped after ``--gcomp-timeout``
+  (6 random, 2 low-id); GPT-2 small also gets ``--inputs`` with one token of the first
+  evaluation batch (a decoder is deployed one token at a time, so that is what its speed
+  gate times). Each runs in a fresh process, stopped after ``--gcomp-timeout``
   seconds. gcomp may decline (accuracy budget or speed gate): the row then says why;
   a mode or pass it lacks yet reads "not available: <error>".
 
@@ -105,6 +107,7 @@ class Case:
     static_input: str = "pixels"  # the input those images feed
     ort: tuple[str, ...] = ("ort-dynamic", "ort-dynamic-pc")
     gcomp_modes: tuple[str, ...] = ()
+    deploy_inputs: Path | None = None  # gcomp's --inputs: the shape its speed gate times on
 
 
 def _write_samples(folder: Path, samples: list[dict[str, np.ndarray]]) -> Path:
@@ -131,10 +134,14 @@ def _text_case(name: str, source: str, path: Path, results: Path, vocab: int, mo
     evals = keep(minilm.batches(seed=0, vocab=vocab))
     calib = keep(minilm.batches(seed=1, vocab=vocab, random=6, low=2))  # gcomp needs >= 8 samples
     timings = {"1x128": evals[0]}
+    deploy = None
     if decode:  # one token: a decoding step's matrix-vector products (memory-bound)
         timings = {"1x1 (one token)": {k: v[:, :1] for k, v in evals[0].items()}, **timings}
+        deploy = results / f"{name}_one_token.npz"
+        np.savez(deploy, **timings["1x1 (one token)"])
     return Case(name, source, path, "cosine", evals, timings=timings,
-                calibration=_write_samples(results / f"{name}_calibration", calib), ort=ort, gcomp_modes=modes)
+                calibration=_write_samples(results / f"{name}_calibration", calib), ort=ort, gcomp_modes=modes,
+                deploy_inputs=deploy)
 
 
 def _case_minilm(results: Path) -> Case:
@@ -276,6 +283,8 @@ def _gcomp_worker(job: dict) -> None:
 
     if job["mode"]:  # the CLI's defaults with --quantize: pipeline O2, verification on
         pipeline, kwargs = "O2", {"quantize": job["mode"], "calibration": job["calibration"]}
+        if job.get("inputs"):  # --inputs: what the speed gate times on (a decoder: one token)
+            kwargs["inputs"] = job["inputs"]
     else:
         pipeline, kwargs = "O3", {"verify": False, "target": "ort-cpu"}
     t0 = time.perf_counter()
@@ -307,7 +316,8 @@ def _gcomp_worker(job: dict) -> None:
 def _gcomp_variant(case: Case, mode: str | None, dst: Path, timeout: float) -> dict[str, Any]:
     """gcomp's variant, built by a fresh process (gcomp's own timing and sensitivity runs
     stay out of this one; a slow mode is stopped after ``timeout`` seconds)."""
-    job = {"src": str(case.path), "dst": str(dst), "mode": mode, "calibration": str(case.calibration)}
+    job = {"src": str(case.path), "dst": str(dst), "mode": mode, "calibration": str(case.calibration),
+           "inputs": str(case.deploy_inputs) if case.deploy_inputs else None}
     try:
         proc = subprocess.run([sys.executable, __file__, "--gcomp-worker", json.dumps(job)], capture_output=True,
                               text=True, check=False, timeout=timeout)
