@@ -7,7 +7,8 @@
   (backend, target), run each on the same inputs, keep only those whose outputs match the
   reference within the fp32 tolerances, time them, and pick the fastest. Every
   candidate's figures (compile seconds, latency, error, or why it was refused) are
-  returned, to go into the report.
+  returned, to go into the report. A backend whose extra is not installed (TVM without
+  ``gcomp[tvm]``) is a ``skipped`` candidate whose error names the ``pip install``.
 - :func:`prepare_for_tvm` runs gcomp's pipeline for the TVM target before the TVM backend
   compiles (backends never run the pipeline).
 """
@@ -33,7 +34,7 @@ from gcomp.errors import BackendError, GcompError
 class Candidate:
     backend: str
     target: str
-    status: str = "pending"  # "ok" | "mismatch" | "failed"
+    status: str = "pending"  # "ok" | "mismatch" | "failed" | "skipped" (not installed)
     compile_seconds: float | None = None
     mean_ms: float | None = None
     p50_ms: float | None = None
@@ -59,13 +60,22 @@ class Selection:
         }
 
 
-def candidates() -> list[tuple[str, str]]:
-    """(backend, target) pairs available on this machine, ORT first."""
+def candidates(skipped: list[Candidate] | None = None) -> list[tuple[str, str]]:
+    """(backend, target) pairs available on this machine, ORT first. A backend that is not
+    installed is left out, and added to ``skipped`` (when given) with the reason."""
     from gcomp.backends import BACKENDS, get_backend
+    from gcomp.deps import MissingExtraError
 
     pairs = []
     for name in BACKENDS:
-        for target in get_backend(name).available_targets():
+        backend = get_backend(name)
+        try:
+            getattr(backend, "require", lambda: None)()  # a backend whose runtime is optional
+        except MissingExtraError as e:
+            if skipped is not None:
+                skipped.append(Candidate(name, backend.targets[0], status="skipped", error=str(e)))
+            continue
+        for target in backend.available_targets():
             pairs.append((name, target))
     return pairs
 
@@ -170,18 +180,24 @@ def select_backend(
     tune_seconds: float | None = None,
     cache_dir: str | os.PathLike | None = None,
     pairs: list[tuple[str, str]] | None = None,
+    skipped: list[Candidate] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Selection:
     """Compile on every available backend, verify each, time each, pick the fastest verified.
+    ``pairs`` default to :func:`candidates`; ``skipped`` candidates (backends not installed)
+    are listed after the others.
 
     Raises BackendError only when no candidate both runs and matches the reference.
     """
     say = progress or (lambda _m: None)
+    if pairs is None:
+        skipped = []
+        pairs = candidates(skipped)
     shapes = {k: tuple(np.shape(v)) for k, v in feeds.items() if isinstance(v, (np.ndarray, np.generic))}
     expected = _reference(model, feeds)
     selection = Selection(chosen=None)
     best_exe = None
-    for backend, target in pairs or candidates():
+    for backend, target in pairs:
         cand = Candidate(backend, target)
         selection.candidates.append(cand)
         say(f"candidate {backend}/{target}: compiling")
@@ -215,6 +231,7 @@ def select_backend(
             continue
         if selection.chosen is None or cand.p50_ms < selection.chosen.p50_ms:
             selection.chosen, best_exe = cand, exe
+    selection.candidates.extend(skipped or ())
     if selection.chosen is None:
         reasons = "; ".join(f"{c.backend}/{c.target}: {c.error}" for c in selection.candidates)
         raise BackendError(f"no backend runs this model correctly ({reasons})")
@@ -244,6 +261,10 @@ def compile_model(
     from gcomp.inputs import generate_inputs, load_inputs
 
     say = progress or (lambda _m: None)
+    if backend == "tvm":  # before reading the model: one line naming gcomp[tvm]
+        from gcomp.backends.tvm import require_tvm
+
+        require_tvm(tuning=tune_trials > 0)
     m = io.load(model_path)
     if output is not None:
         out = Path(output)
@@ -312,10 +333,12 @@ def compile_for_profile(
     shapes = {k: tuple(np.shape(v)) for k, v in feeds.items() if isinstance(v, (np.ndarray, np.generic))}
     if backend == "auto":
         wanted = {"cpu": {"cpu", "llvm"}, "cuda": {"cuda"}}.get(device, {device})
-        pairs = [p for p in candidates() if p[1] in wanted]
+        skipped: list[Candidate] = []
+        pairs = [p for p in candidates(skipped) if p[1] in wanted]
         if not pairs:
             raise BackendError(f"no backend has a '{device}' target on this machine")
-        sel = select_backend(model, feeds, pairs=pairs, progress=progress)
+        sel = select_backend(model, feeds, pairs=pairs, skipped=[c for c in skipped if c.target in wanted],
+                             progress=progress)
         return sel.executable, sel
     if backend == "tvm":
         from gcomp.backends.tvm import cuda_available

@@ -8,7 +8,8 @@ or below:
    profiling runs, reports, distributed execution
 3. ``gcomp.passes`` and ``gcomp.backends`` (neither imports the other)
 4. ``gcomp.perf``: profile data, FLOPs, roofline, model statistics
-5. ``gcomp.registry``, ``gcomp.io`` (with ``gcomp.compat``, its repairs of legacy models), ``gcomp.errors``
+5. ``gcomp.registry``, ``gcomp.io`` (with ``gcomp.compat``, its repairs of legacy models), ``gcomp.errors``,
+   ``gcomp.deps`` (which optional packages and which ONNX Runtime build are installed)
 
 On top of the order: a pass imports no runtime (onnxruntime, tvm, torch, mpi4py) and no
 gcomp module but the registry, errors, io and other passes. Every import counts, also
@@ -35,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "gcomp.profiling", "gcomp.report", "gcomp.distributed")),
     ("passes and backends", ("gcomp.passes", "gcomp.backends")),
     ("perf", ("gcomp.perf",)),
-    ("base", ("gcomp.registry", "gcomp.io", "gcomp.compat", "gcomp.errors")),
+    ("base", ("gcomp.registry", "gcomp.io", "gcomp.compat", "gcomp.errors", "gcomp.deps")),
 ]
 # Within the passes-and-backends layer the two sides never meet.
 SEPARATE = (("gcomp.passes", "gcomp.backends"), ("gcomp.backends", "gcomp.passes"))

@@ -46,6 +46,7 @@ __all__ = [
     "host_target",
     "load",
     "physical_cores",
+    "require_tvm",
     "runtime_threads",
     "supported_ops",
     "supports",
@@ -72,7 +73,7 @@ from gcomp.backends.tvm.targets import (
     target_kind,
     tvm_target,
 )
-from gcomp.backends.tvm.threads import physical_cores, runtime_threads
+from gcomp.backends.tvm.threads import physical_cores, require_tvm, runtime_threads
 from gcomp.errors import BackendError
 
 
@@ -81,6 +82,10 @@ class TvmBackend:
 
     name = "tvm"
     targets = TARGETS
+
+    def require(self) -> None:
+        """:class:`gcomp.deps.MissingExtraError` when TVM is not installed (``gcomp[tvm]``)."""
+        require_tvm()
 
     def available_targets(self) -> list[str]:
         return ["llvm"] + (["cuda"] if cuda_available() else [])
@@ -111,6 +116,7 @@ class TvmBackend:
         kind = target_kind(target)
         if tune_trials < 0:
             raise BackendError("tvm: tune trials must be >= 0")
+        require_tvm(tuning=tune_trials > 0)
         say = progress or (lambda _msg: None)
         path = None if isinstance(model, ir.Model) else str(model)
         source = io.load(model) if path else model

@@ -25,7 +25,11 @@ BROKEN = {("", "Attention"): "TVM 0.27 reads Attention as ORT's contrib op and f
 
 @functools.cache
 def supported_ops() -> frozenset[str]:
-    """Op types TVM 0.27's ONNX frontend has a converter for (default domain)."""
+    """Op types TVM 0.27's ONNX frontend has a converter for (default domain);
+    :class:`gcomp.deps.MissingExtraError` when TVM is not installed."""
+    from gcomp.backends.tvm.threads import require_tvm
+
+    require_tvm()
     from tvm.relax.frontend.onnx import onnx_frontend
 
     return frozenset(onnx_frontend._get_convert_map()) | {"If", "Constant"}

@@ -2,19 +2,31 @@
 
 Every use of TVM in the backend goes through :func:`tvm_module`, so the pool's size is
 decided (:func:`runtime_threads`) before the first kernel can start it with TVM's own
-default.
+default. :func:`require_tvm` is the one check that TVM is installed (``gcomp[tvm]``):
+one line naming the ``pip install`` that brings it, instead of an ImportError.
 """
 
 from __future__ import annotations
 
-__all__ = ["physical_cores", "runtime_threads", "start_pool", "tvm_module"]
+__all__ = ["physical_cores", "require_tvm", "runtime_threads", "start_pool", "tvm_module"]
 
 import functools
 import os
 
+from gcomp.deps import require
+
+
+def require_tvm(*, tuning: bool = False) -> None:
+    """:class:`gcomp.deps.MissingExtraError` when TVM is not installed or, for
+    ``tuning``, the packages MetaSchedule's cost model needs (xgboost, cloudpickle)."""
+    require("the TVM backend", "tvm", "tvm_ffi")
+    if tuning:
+        require("tuning TVM kernels (--tune-trials)", "xgboost", "cloudpickle")
+
 
 def tvm_module():
     """The ``tvm`` package, imported after the thread count is settled."""
+    require_tvm()
     runtime_threads()
     import tvm
 

@@ -368,7 +368,7 @@ def _print_outcome(outcome, *, explain_fusion: bool, precision: str | None) -> N
     for c in doc.get("backend_selection", {}).get("candidates", []):
         figure = f"p50 {c['p50_ms']:.3f} ms" if c["p50_ms"] is not None else c["error"]
         stdout().print(f"backend {'*' if c['chosen'] else ' '} {c['backend']}/{c['target']}: {c['status']}, "
-                       f"{figure}", soft_wrap=True)
+                       f"{figure}", soft_wrap=True, markup=False)
 
 
 def _print_summary(result, doc) -> None:

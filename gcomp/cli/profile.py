@@ -89,7 +89,8 @@ def profile(model, backend, device, iters, warmup, optimization, threads, inputs
     print_profile(prof, title=f"{model} on {backend}/{device} ({optimization} optimizations)", top=top, console=out)
     for c in (selection.candidates if selection is not None else []):
         figure = f"p50 {c.p50_ms:.3f} ms" if c.p50_ms is not None else c.error
-        out.print(f"backend {'*' if c.chosen else ' '} {c.backend}/{c.target}: {c.status}, {figure}", soft_wrap=True)
+        out.print(f"backend {'*' if c.chosen else ' '} {c.backend}/{c.target}: {c.status}, {figure}", soft_wrap=True,
+                  markup=False)
     if written:
         stderr().print("wrote " + " and ".join(str(p) for p in written))
     say.done()
@@ -156,7 +157,8 @@ def _print_compiled(doc: dict) -> None:
     if doc["selection"]:
         for c in doc["selection"]["candidates"]:
             figure = f"p50 {c['p50_ms']:.3f} ms" if c["p50_ms"] is not None else c["error"]
-            out.print(f"  {'*' if c['chosen'] else ' '} {c['backend']}/{c['target']}: {c['status']}, {figure}")
+            out.print(f"  {'*' if c['chosen'] else ' '} {c['backend']}/{c['target']}: {c['status']}, {figure}",
+                      soft_wrap=True, markup=False)
     t = doc["tuning"]
     if t:
         out.print(f"tuning: {t['tasks']} kernels, {t['reused']} from the database, {t['tuned']} tuned with "

@@ -58,6 +58,9 @@ class MpiCommunicator:
     """This process's rank in ``mesh`` over MPI (``COMM_WORLD`` must have ``mesh.size`` ranks)."""
 
     def __init__(self, mesh: Mesh, comm=None) -> None:
+        from gcomp.deps import require
+
+        require("running on MPI ranks", "mpi4py")
         from mpi4py import MPI
 
         self.MPI = MPI

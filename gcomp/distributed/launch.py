@@ -5,7 +5,9 @@ that gcomp installs (the ``mpich`` wheel's ``mpiexec`` beside the Python interpr
 else the first ``mpiexec`` on PATH), each running ``python -m gcomp.distributed.launch``
 with the same options; rank 0 prints and writes the outputs. Under an MPI launcher
 (``mpiexec -n N gcomp run ...``) it runs this process's rank. ``--simulate`` runs every
-rank in this process.
+rank in this process. Running over MPI needs ``gcomp[distributed]`` (mpi4py, and the
+mpich wheel on Linux); without it ``gcomp run`` says so in one line before any process
+starts (``--simulate`` and ``gcomp shard`` need no MPI).
 
 Multiple hosts: put the same Python environment and model path on every host, list the
 hosts in a hostfile (MPICH: ``host:slots`` per line) and pass ``--hostfile FILE``, or
@@ -25,7 +27,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gcomp.deps import MissingExtraError, require
 from gcomp.errors import GcompError, OptionError
+
+_MPI = "running on MPI ranks"
+_SIMULATE = "or run every rank in this process with --simulate"
 
 
 def find_mpiexec() -> str:
@@ -34,7 +40,10 @@ def find_mpiexec() -> str:
         return str(here)
     found = shutil.which("mpiexec") or shutil.which("mpirun")
     if not found:
-        raise GcompError("no mpiexec found: install gcomp's MPI (pip install mpich) or use --simulate")
+        raise MissingExtraError(
+            f"{_MPI} needs mpiexec, which is not installed: pip install 'gcomp[distributed]' (brings the mpich "
+            f"wheel's on Linux; elsewhere install an MPI such as MPICH or Open MPI), {_SIMULATE}"
+        )
     return found
 
 
@@ -70,6 +79,7 @@ def run_command(params: dict, echo=print) -> int:
             raise OptionError("--outputs would overwrite the model")
     if params.get("simulate") or mesh.size == 1:
         return _execute(params, shard, simulate=True, echo=echo)
+    require(_MPI, "mpi4py", hint=_SIMULATE)
     if under_mpi():
         return _execute(params, shard, simulate=False, echo=echo)
     _validate(params, shard, mesh)
