@@ -40,6 +40,9 @@ _NO_KERNEL = re.compile(
 
 
 def _ort():
+    from gcomp.deps import ensure_onnxruntime
+
+    ensure_onnxruntime()  # one line when two ONNX Runtime builds share its folder, or none is installed
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)

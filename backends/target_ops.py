@@ -111,6 +111,9 @@ def _accepts(target: str, domain: str, op_type: str, version: int) -> bool:
 @functools.cache
 def _ort_schemas() -> dict[tuple[str, str], int]:
     """(domain, op) -> the oldest version ONNX Runtime registers."""
+    from gcomp.deps import ensure_onnxruntime
+
+    ensure_onnxruntime()
     from onnxruntime.capi import onnxruntime_pybind11_state as C
 
     found: dict[tuple[str, str], int] = {}
@@ -125,8 +128,12 @@ def _ort_schemas() -> dict[tuple[str, str], int]:
 def ort_max_opset() -> int:
     """The newest default-domain opset ONNX Runtime loads (probed with a one-Relu model)."""
     import onnx
-    import onnxruntime as ort
     from onnx import helper
+
+    from gcomp.deps import ensure_onnxruntime
+
+    ensure_onnxruntime()
+    import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 4

@@ -95,8 +95,10 @@ def require(feature: str, *modules: str, hint: str = "") -> None:
 
 
 def onnxruntime_builds(paths: Iterable[str] | None = None) -> dict[str, str]:
-    """``{distribution: version}`` of every ONNX Runtime build installed on ``paths``
-    (default ``sys.path``): distributions whose ``top_level.txt`` names ``onnxruntime``."""
+    """``{distribution: version}``, sorted by name, of every ONNX Runtime build installed on
+    ``paths`` (default ``sys.path``): distributions whose ``top_level.txt`` names
+    ``onnxruntime`` (without one, whose files include ``onnxruntime/__init__.py``); the
+    first folder on the path wins for a name installed twice."""
     from importlib.metadata import PathDistribution
 
     found: dict[str, str] = {}
@@ -114,7 +116,7 @@ def onnxruntime_builds(paths: Iterable[str] | None = None) -> dict[str, str]:
                 ours = any(str(f) == "onnxruntime/__init__.py" for f in dist.files or ())
             if ours and dist.metadata["Name"]:
                 found.setdefault(re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower(), dist.version)
-    return found
+    return dict(sorted(found.items()))
 
 
 def check_onnxruntime(paths: Iterable[str] | None = None) -> None:

@@ -1,9 +1,12 @@
-"""Installation: what a command says when an optional extra is missing (gcomp/deps.py).
+"""Installation: what a command says when an optional extra is missing, or when two ONNX
+Runtime builds are installed (gcomp/deps.py), and what the core installs alone.
 
 A missing package is simulated without touching the environment: the CLI runs in a
 subprocess whose ``sitecustomize`` (on PYTHONPATH) puts ``None`` in ``sys.modules`` for
 the hidden names, which is what Python does for a module that cannot be imported
 (``import tvm`` raises ModuleNotFoundError, ``importlib.util.find_spec`` answers None).
+A second ONNX Runtime build is simulated by a fake dist-info folder on PYTHONPATH, which is
+all that ``importlib.metadata`` (and pip) read.
 """
 
 from __future__ import annotations
@@ -114,3 +117,86 @@ def test_require_raises_one_line_and_never_imports(monkeypatch):
     deps.require("anything", "json")  # installed: no error
     # the table knows every package an extra brings that gcomp imports
     assert {extra for extra, _ in deps.EXTRAS.values()} == {"tvm", "distributed"}
+
+
+def fake_build(folder: Path, name: str, version: str, top_level: str | None = "onnxruntime",
+               record: str = "") -> None:
+    """A dist-info folder as pip writes it for distribution ``name`` (nothing installed beside it)."""
+    info = folder / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    if top_level is not None:
+        (info / "top_level.txt").write_text(top_level + "\n")
+    if record:
+        (info / "RECORD").write_text(record)
+
+
+def test_two_onnxruntime_builds_stop_gcomp_in_one_line(tmp_path):
+    real = deps.onnxruntime_builds()
+    assert len(real) == 1, real  # the test environment itself holds one build
+    other = "onnxruntime-gpu" if "onnxruntime" in real else "onnxruntime"
+    fake_build(tmp_path / "site", other, "1.2.3")
+    builds = {**real, other: "1.2.3"}
+    gpu = "onnxruntime-gpu"
+    out = tmp_path / "out.onnx"
+    line = one_line(gcomp("optimize", DEFAULT, "-o", out, pythonpath=[tmp_path / "site"]))
+    assert line == (f"gcomp: error: 2 ONNX Runtime builds are installed (onnxruntime {builds['onnxruntime']}, "
+                    f"{gpu} {builds[gpu]}); they share the 'onnxruntime' package folder, so none can be trusted: "
+                    f"keep one with pip uninstall -y onnxruntime {gpu} && pip install {gpu} "
+                    f"(or onnxruntime for the CPU only)")
+    assert not out.exists()
+    # a command that runs no model is not stopped; python -m gcomp.deps lists both builds
+    assert gcomp("inspect", DEFAULT, "-q", pythonpath=[tmp_path / "site"]).returncode == 0
+    listed = subprocess.run([sys.executable, "-m", "gcomp.deps"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert listed.stdout.split() == ["onnxruntime", gpu], listed.stderr
+
+
+def test_onnxruntime_builds_are_told_by_the_package_they_install(tmp_path, monkeypatch):
+    fake_build(tmp_path, "onnxruntime-genai", "0.5.0", top_level="onnxruntime_genai")  # another package
+    fake_build(tmp_path, "onnxruntime-directml", "1.20.0", top_level=None, record="onnxruntime/__init__.py,,\n")
+    assert deps.onnxruntime_builds([str(tmp_path)]) == {"onnxruntime-directml": "1.20.0"}
+    deps.check_onnxruntime([str(tmp_path)])  # one build: fine
+    fake_build(tmp_path, "onnxruntime", "1.20.0")
+    with pytest.raises(GcompError, match=r"^2 ONNX Runtime builds are installed \(onnxruntime 1\.20\.0, "
+                                         r"onnxruntime-directml 1\.20\.0\);.* pip uninstall -y onnxruntime "
+                                         r"onnxruntime-directml && pip install onnxruntime-directml \(or"):
+        deps.check_onnxruntime([str(tmp_path)])
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(GcompError, match=r"^ONNX Runtime is not installed: pip install onnxruntime \(or "
+                                         r"onnxruntime-gpu for CUDA; never both\)$"):
+        deps.check_onnxruntime([str(tmp_path / "nothing")])
+
+
+@pytest.mark.slow
+def test_the_core_installs_alone_and_runs(tmp_path):
+    """A fresh venv with ``pip install gcomp`` (the wheel of this tree, its core
+    dependencies resolved by pip as a user's are) holds ONNX Runtime's plain build and no
+    heavy extra; gcomp optimize works there, and the commands that need an extra say which."""
+    wheels = tmp_path / "wheel"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+                            "-q", "-w", str(wheels)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    py, exe = venv / "bin" / "python", venv / "bin" / "gcomp"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q",
+                              *wheels.glob("gcomp-*.whl")], capture_output=True, text=True, env=env, timeout=600)
+    assert install.returncode == 0, install.stderr[-3000:]
+
+    def run(*args):
+        return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                              timeout=300)
+
+    code = ("import importlib.util as u, json, gcomp.deps as d; print(json.dumps([d.onnxruntime_builds(), "
+            "[m for m in ('tvm', 'tvm_ffi', 'mpi4py', 'xgboost', 'cloudpickle', 'torch') if u.find_spec(m)]]))")
+    probe = subprocess.run([str(py), "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                           timeout=120)
+    builds, heavy = json.loads(probe.stdout)
+    assert list(builds) == ["onnxruntime"] and heavy == [], probe.stdout + probe.stderr
+    out = tmp_path / "default.opt.onnx"
+    done = run("optimize", DEFAULT, "-o", out, "-q")
+    assert done.returncode == 0 and out.is_file(), done.stderr
+    assert one_line(run("compile", DEFAULT)) == TVM_LINE
+    assert "pip install 'gcomp[distributed]'" in one_line(run("run", DEFAULT, "--ranks", "2"))

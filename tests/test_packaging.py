@@ -62,48 +62,46 @@ def test_wheel_imports_in_isolation(wheel, tmp_path):
     assert not info["top_passes"] and not info["top_backends"]
 
 
-def test_dependency_markers(wheel):
-    """onnxruntime-gpu on Linux x86_64, plain onnxruntime elsewhere: never both, in no extra."""
+def _requirements(wheel: Path):
     from packaging.requirements import Requirement
 
-    meta = zipfile.ZipFile(wheel).read(next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith("METADATA")))
-    reqs = [Requirement(line.split(":", 1)[1].strip()) for line in meta.decode().splitlines() if line.startswith("Requires-Dist:")]
-    extras = {e for r in reqs for e in [None, "test", "bench", "export"]}
+    names = zipfile.ZipFile(wheel).namelist()
+    meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    return [Requirement(line.split(":", 1)[1].strip()) for line in meta.splitlines() if line.startswith("Requires-Dist:")]
 
-    def wanted(env: dict, extra) -> set[str]:
+
+def test_dependency_markers(wheel):
+    """The core is light: plain onnxruntime on every platform and never onnxruntime-gpu,
+    in no extra (the two install into one folder and must never meet; README,
+    "Installing"); TVM and MPI only behind their extras; [all] brings both, [test] all."""
+    reqs = _requirements(wheel)
+
+    def wanted(env: dict, extra: str | None) -> set[str]:
+        """Distribution names installed for ``extra``, gcomp's own extras expanded."""
         names = set()
         for r in reqs:
             if r.marker is None or r.marker.evaluate({**env, "extra": extra or ""}):
-                names.add(r.name)
+                if r.name == "gcomp":
+                    for inner in r.extras:
+                        names |= wanted(env, inner)
+                else:
+                    names.add(r.name)
         return names
 
     linux = {"sys_platform": "linux", "platform_machine": "x86_64"}
     mac = {"sys_platform": "darwin", "platform_machine": "arm64"}
     arm = {"sys_platform": "linux", "platform_machine": "aarch64"}
-    for extra in extras:
-        assert "onnxruntime" not in wanted(linux, extra), extra
-        assert "onnxruntime-gpu" in wanted(linux, extra)
-        assert {"onnxruntime", "onnxruntime-gpu"} & wanted(mac, extra) == {"onnxruntime"}
-        assert {"onnxruntime", "onnxruntime-gpu"} & wanted(arm, extra) == {"onnxruntime"}
+    heavy = {"apache-tvm", "apache-tvm-ffi", "xgboost", "xgboost-cpu", "cloudpickle", "mpi4py", "mpich"}
+    for env in (linux, mac, arm):
+        core = wanted(env, None)
+        assert "onnxruntime" in core and not (core & heavy), core
+        for extra in ("tvm", "distributed", "all", "test", "bench", "export"):
+            assert "onnxruntime-gpu" not in wanted(env, extra), extra
+        assert {"apache-tvm", "apache-tvm-ffi", "cloudpickle"} <= wanted(env, "tvm") - core
+        assert "mpi4py" in wanted(env, "distributed")
+        assert wanted(env, "all") == wanted(env, "tvm") | wanted(env, "distributed")
+        assert wanted(env, "all") <= wanted(env, "test")
+    assert "xgboost-cpu" in wanted(linux, "tvm") and "xgboost" in wanted(mac, "tvm")
+    assert "mpich" in wanted(linux, "distributed") and "mpich" not in wanted(mac, "distributed")
     pins = {r.name: str(r.specifier) for r in reqs}
     assert pins["apache-tvm-ffi"] == "==0.1.14.post1"
-    assert "mpich" in wanted(linux, None) and "mpi4py" in wanted(linux, None)
-
-
-def test_installed_peers_do_not_pull_plain_onnxruntime():
-    """An extra's packages (onnxslim, ...) must not drag the CPU onnxruntime in beside the GPU one."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-
-    for dist in ("onnxslim", "onnxscript", "onnx-ir", "onnx"):
-        try:
-            requires = metadata.requires(dist) or []
-        except metadata.PackageNotFoundError:
-            continue
-        for line in requires:
-            r = Requirement(line)
-            if r.name == "onnxruntime":
-                assert r.marker is not None and not r.marker.evaluate(
-                    {"sys_platform": "linux", "platform_machine": "x86_64", "extra": ""}
-                ), f"{dist} requires plain onnxruntime unconditionally"
