@@ -245,7 +245,7 @@ def optimize(
     executed: list[tuple[str, ir.passes.PassBase]] = []
     stats = _run(loaded, steps, progress, executed, _after_pass(reference, pass_errors, pass_latency))
     float_model = loaded.model
-    report = _quantize(loaded, quant, checks, progress, reference, inputs is not None or bool(input_shapes)) \
+    report = _quantize(loaded, quant, checks, progress, reference, (inputs is not None, bool(input_shapes))) \
         if quant else None
     if static_step is not None:  # after quantization too: every value it made gets its dims
         stats += _run(loaded, [static_step], progress, executed, _after_pass(reference, pass_errors, pass_latency))
@@ -302,18 +302,21 @@ def _on_calibration_data(checks: Checks, quant: Quantize | None, model: ir.Model
 
 
 def _quantize(loaded: _Loaded, quant: Quantize, checks: Checks, progress, reference: Reference | None,
-              user_feeds: bool) -> Any:
-    """Quantize the pipeline's result (gcomp.quantize); the model is replaced. The speed gate
-    times on the verification inputs when the user described them (``--inputs``,
-    ``--input-shape``: the shape the model is deployed at), else on the first sample."""
+              given: tuple[bool, bool]) -> Any:
+    """Quantize the pipeline's result (gcomp.quantize); the model is replaced. ``given``: did
+    the user give (``--inputs``, ``--input-shape``)? The speed gate times on the verification
+    inputs when the user described them (the shape the model is deployed at), else on the
+    first sample."""
+    user_inputs, user_shapes = given
     from gcomp.quantize import quantize
 
     say = (lambda text: progress(text, 0, None)) if progress else None
     loaded.model, report = quantize(
         loaded.model, quant.mode, target=quant.target, budget=quant.budget, calibration=quant.calibration,
-        inputs=checks.inputs, input_shapes=checks.input_shapes, speed_gate=quant.speed_gate,
+        inputs=checks.inputs if user_inputs or quant.calibration is None else None,
+        input_shapes=checks.input_shapes, speed_gate=quant.speed_gate,
         options=quant.options, progress=say, verification_feeds=reference.feeds if reference else None,
-        timing_feeds=reference.feeds if reference and user_feeds else None,
+        timing_feeds=reference.feeds if reference and (user_inputs or user_shapes) else None,
         timeout=checks.verify_timeout, max_tensor_bytes=checks.max_tensor_bytes,
     )
     return report

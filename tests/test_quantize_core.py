@@ -185,3 +185,23 @@ def test_speed_gate_times_on_the_given_inputs_the_shape_the_model_is_deployed_at
         except QuantizationDeclined:
             pass
         assert timed and all(t == {"x": shape} for t in timed), (given, timed)
+
+
+def test_the_budget_is_measured_on_what_verification_checks(tmp_path):
+    """--calibration and --inputs together: verification runs on --inputs, so the budget is
+    measured on them too (before, a model could meet its budget on the samples and then fail
+    verification)."""
+    import gcomp
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    proto = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="proj")],
+                       [vinfo("x", shape=("rows", 64))], [vinfo("y", shape=("rows", 64))], [tensor("W", w)])
+    np.savez(tmp_path / "calibration.npz", x=rng.standard_normal((8, 32, 64)).astype(np.float32))
+    np.savez(tmp_path / "deployed.npz", x=rng.standard_normal((1, 64)).astype(np.float32))
+    both = gcomp.optimize(proto, quantize="int4", calibration=tmp_path / "calibration.npz",
+                          inputs=tmp_path / "deployed.npz", speed_gate=False, tolerance=0.5)
+    assert both.quantization.samples == 9 and "verification inputs" in both.quantization.sample_source
+    alone = gcomp.optimize(proto, quantize="int4", calibration=tmp_path / "calibration.npz", speed_gate=False,
+                           tolerance=0.5)
+    assert alone.quantization.samples == 8 and "verification" not in alone.quantization.sample_source
