@@ -1,9 +1,13 @@
-"""ONNX Runtime backend: sessions on the CPU or CUDA execution provider.
+"""ONNX Runtime backend: sessions on any execution provider this ORT build offers.
 
 - ``compile`` builds an ``InferenceSession`` with a chosen graph-optimization level
-  (``disable`` is the reference runtime gcomp verifies against).
-- CUDA is requested only when a GPU is really present, so a CPU machine with
-  onnxruntime-gpu installed never prints CUDA loading errors.
+  (``disable`` is the reference runtime gcomp verifies against). Its target is a provider,
+  full or short (``cpu``, ``cuda``, ``tensorrt``, ``CUDAExecutionProvider``...; see
+  :mod:`gcomp.backends.ort_providers`), with that provider's options; a provider other
+  than the CPU gets the CPU after it, for the nodes it does not take.
+- A GPU provider is requested only when a GPU is really present, so a CPU machine with
+  onnxruntime-gpu installed never prints CUDA loading errors; a session that leaves the
+  requested provider out anyway is an error, never a silent run on the CPU.
 - ``profile`` times whole runs (warm-up excluded) on the plain session and per-node
   kernel times from ORT's own profiling trace (a second session, so profiling overhead
   does not pollute the latency figures).
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 __all__ = ["OrtBackend", "OrtExecutable", "cuda_available", "run_sharing_weights", "OPTIMIZATION_LEVELS"]
 
+import contextlib
 import functools
 import json
 import os
@@ -30,7 +35,16 @@ import onnx_ir as ir
 
 from gcomp import io
 from gcomp.backends._device import nvidia_gpu_present, peak_memory
-from gcomp.errors import BackendError
+from gcomp.backends.ort_providers import (
+    CPU,
+    check_machine,
+    check_session,
+    native_stderr,
+    resolve_provider,
+    session_request,
+    short_name,
+)
+from gcomp.errors import BackendError, OptionError
 from gcomp.perf import LatencyStats, OpRow, Profile, environment, model_identity
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
@@ -77,23 +91,30 @@ class OrtBackend:
         *,
         optimization: str = "all",
         threads: int | None = None,
+        provider_options: Mapping[str, str] | None = None,
     ) -> OrtExecutable:
-        if target not in self.targets:
-            raise BackendError(f"ort: unknown target '{target}' (targets: {', '.join(self.targets)})")
-        if target == "cuda" and not cuda_available():
-            raise BackendError("ort: target 'cuda' needs a CUDA GPU and onnxruntime-gpu; none found")
+        """``target``: an execution provider, full or short (``cpu``, ``cuda``,
+        ``TensorrtExecutionProvider``...), with ``provider_options`` for it."""
+        try:
+            provider = resolve_provider(target, what="ort: target")
+        except OptionError as e:
+            raise BackendError(f"ort: unknown target '{target}' ({str(e).split(': ', 2)[-1]})") from None
+        check_machine(provider)
         if optimization not in OPTIMIZATION_LEVELS:
             raise BackendError(
                 f"ort: unknown optimization level '{optimization}' ({', '.join(OPTIMIZATION_LEVELS)})"
             )
-        return OrtExecutable(model, target, optimization, threads)
+        return OrtExecutable(model, provider, optimization, threads, provider_options)
 
 
 class OrtExecutable:
     """A model loaded into ONNX Runtime. Keeps the source so it can re-open sessions."""
 
-    def __init__(self, model, target: str, optimization: str, threads: int | None) -> None:
-        self.target = target
+    def __init__(self, model, provider: str, optimization: str, threads: int | None,
+                 provider_options: Mapping[str, str] | None = None) -> None:
+        self.provider = provider
+        self.provider_options = dict(provider_options or {})
+        self.target = short_name(provider)
         self.optimization = optimization
         self.threads = threads
         self._tmp: str | None = None
@@ -121,10 +142,10 @@ class OrtExecutable:
         io.save(model, path, external_data=True)
         return str(path)
 
-    def _providers(self) -> list[str]:
-        if self.target == "cuda":
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        return ["CPUExecutionProvider"]
+    @property
+    def providers(self) -> list[str]:
+        """The providers the session really uses (ORT's ``get_providers()``)."""
+        return list(self._session.get_providers())
 
     def _options(self, **extra):
         ort = _ort()
@@ -143,13 +164,23 @@ class OrtExecutable:
         return so
 
     def _new_session(self, options=None):
+        """A session on the provider, which must really use it (``check_session``). ORT's
+        own fallback (a stdout banner, then a CPU session) is off; for a provider other
+        than the CPU, ORT's log is captured to say why it could not be used."""
         ort = _ort()
+        providers, provider_options = session_request(self.provider, self.provider_options)
+        log = None
         try:
-            return ort.InferenceSession(
-                self._source, sess_options=options or self._options(), providers=self._providers()
-            )
+            with native_stderr() if self.provider != CPU else contextlib.nullcontext() as log:
+                session = ort.InferenceSession(
+                    self._source, sess_options=options or self._options(), providers=providers,
+                    provider_options=provider_options, enable_fallback=0,
+                )
         except Exception as e:
-            raise _backend_error("cannot load the model", e) from None
+            where = "" if self.provider == CPU else f" on {self.provider}"
+            raise _backend_error(f"cannot load the model{where}", e) from None
+        check_session(session, self.provider, self.provider_options, log.text if log is not None else "")
+        return session
 
     def run(self, feeds: Mapping[str, np.ndarray], *, timeout: float | None = None) -> dict[str, np.ndarray]:
         """Run once. With ``timeout`` (seconds), a run still going is stopped (ORT's
@@ -201,6 +232,8 @@ class OrtExecutable:
             backend={
                 "name": "ort",
                 "target": self.target,
+                "provider": self.provider,
+                **({"provider_options": dict(self.provider_options)} if self.provider_options else {}),
                 "providers": self._session.get_providers(),
                 "optimization": self.optimization,
                 "threads": self.threads,
@@ -405,6 +438,7 @@ def _backend_error(what: str, e: Exception) -> BackendError:
         return err
     first = text.splitlines()[0] if text else type(e).__name__
     first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
+    first = re.sub(r"^/\S+:\d+ [^(]*\([^)]*\) ", "", first)  # "/src/file.cc:729 void f(args) message"
     err = BackendError(f"ONNX Runtime: {what}: {first}")
     err.missing_kernel = None
     return err
