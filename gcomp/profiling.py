@@ -115,13 +115,16 @@ def finish_profile(prof, model, feeds, *, path=None, status=None):
     not) and the model's path."""
     import numpy as np
 
+    from gcomp.backends.ort_providers import NEEDS_NVIDIA_GPU
+
     if prof.roofline is None:  # a backend that reports times only: gcomp adds the rest
         if status:
             status("pricing ops (FLOPs, bytes) and the roofline")
         prof.annotate(model, {k: tuple(np.asarray(v).shape) for k, v in feeds.items()})
     if path is not None:
         prof.model["path"] = str(path)
-    if prof.backend.get("target") == "cuda" and "gpu_peak_bytes" not in prof.memory:
+    on_gpu = prof.backend.get("target") == "cuda" or prof.backend.get("provider") in NEEDS_NVIDIA_GPU
+    if on_gpu and "gpu_peak_bytes" not in prof.memory:
         from gcomp.perf import gpu_memory_of_process
 
         prof.memory["gpu_peak_bytes"] = gpu_memory_of_process()
@@ -134,6 +137,7 @@ def print_profile(prof, *, title: str, top: int, console) -> None:
 
     from rich.table import Table
 
+    from gcomp.perf.profile import provider_counts
     from gcomp.report.roof import kernel_roof_text
 
     lat = prof.latency
@@ -151,13 +155,18 @@ def print_profile(prof, *, title: str, top: int, console) -> None:
         f"{lat.throughput_per_s:.1f}",
     )
     console.print(t)
+    providers = provider_counts(prof.ops)
+    _print_providers(providers, console)
     ops = Table(title=f"top {min(top, len(prof.ops))} of {len(prof.ops)} ops", title_justify="left")
-    for col in ("node", "op type", "ms", "share", "GFLOP/s", "GB/s", "bound", "of roof"):
-        ops.add_column(col, justify="right" if col not in ("node", "op type", "bound") else "left")
+    several = len(providers) > 1  # which provider ran each node, when it was not one for all
+    for col in ("node", "op type", *(["provider"] if several else []), "ms", "share", "GFLOP/s", "GB/s", "bound",
+                "of roof"):
+        ops.add_column(col, justify="right" if col not in ("node", "op type", "provider", "bound") else "left")
     for o in prof.ops[:top]:
         ops.add_row(
             o.node,
             o.op_type,
+            *([(o.provider or "-").removesuffix("ExecutionProvider")] if several else []),
             f"{o.time_ms:.4f}",
             f"{o.share * 100:.1f}%",
             f"{o.gflops_per_s:.1f}" if o.gflops_per_s is not None else "-",
@@ -167,6 +176,14 @@ def print_profile(prof, *, title: str, top: int, console) -> None:
         )
     console.print(ops)
     _print_figures(prof, console)
+
+
+def _print_providers(providers: dict[str, int], console) -> None:
+    """Which execution providers ran the kernels, when it is not the CPU's alone."""
+    if list(providers) in ([], ["CPUExecutionProvider"]):
+        return
+    console.print("execution providers: " + ", ".join(f"{p} ran {n} kernel{'s' * (n != 1)}"
+                                                      for p, n in providers.items()), soft_wrap=True, markup=False)
 
 
 def _print_figures(prof, console) -> None:

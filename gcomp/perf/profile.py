@@ -20,6 +20,7 @@ __all__ = [
     "environment",
     "gpu_memory_of_process",
     "model_identity",
+    "provider_counts",
 ]
 
 import hashlib
@@ -121,6 +122,19 @@ class OpRow:
     # it: a calibration or timing error, shown as such (roof_efficiency is then None).
     attainable_gflops_per_s: float | None = None
     above_roof: bool = False
+
+
+def provider_counts(ops) -> dict[str, int]:
+    """ONNX Runtime execution provider -> how many kernels it ran, busiest first, from op
+    rows (:class:`OpRow` or their dicts). ORT's trace names each node's provider; other
+    backends' rows (TVM's ``tvm:<kernel>``) are not providers and are not counted. Reports
+    show a provider column when more than one ran."""
+    counts: dict[str, int] = {}
+    for op in ops:
+        provider = op.get("provider") if isinstance(op, dict) else op.provider
+        if isinstance(provider, str) and provider.endswith("ExecutionProvider"):
+            counts[provider] = counts.get(provider, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 @dataclass

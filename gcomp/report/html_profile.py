@@ -13,6 +13,7 @@ __all__ = ["environment", "model_label", "op_types", "profile_page", "profile_se
 import json
 from typing import Any
 
+from gcomp.perf.profile import provider_counts
 from gcomp.report.charts import (
     COMPUTE, MEMORY, UNKNOWN, colors, hbars, histogram, legend, roofline, timeline,
 )
@@ -297,8 +298,17 @@ _OP_HEADER = [
 
 
 def _op_table(ops: list[dict[str, Any]], table_id: str) -> str:
-    """Every kernel with its time, work, rates, bound and input shapes (sortable, filterable)."""
-    return table(table_id, _OP_HEADER, [_op_row(o) for o in ops], filter_box=True)
+    """Every kernel with its time, work, rates, bound and input shapes (sortable,
+    filterable); with the execution provider that ran it when more than one did."""
+    if len(provider_counts(ops)) <= 1:
+        return table(table_id, _OP_HEADER, [_op_row(o) for o in ops], filter_box=True)
+    header = [*_OP_HEADER[:2], ("provider", False), *_OP_HEADER[2:]]
+    rows = []
+    for o in ops:
+        row = _op_row(o)
+        row.insert(2, (esc(o.get("provider") or "–"), o.get("provider") or ""))
+        rows.append(row)
+    return table(table_id, header, rows, filter_box=True)
 
 
 def _op_row(o: dict[str, Any]) -> list[tuple[str, Any]]:

@@ -10,6 +10,7 @@ __all__ = ["render_markdown"]
 
 from typing import Any
 
+from gcomp.perf.profile import provider_counts
 from gcomp.report.roof import above_roof, kernel_roof_text, peak_share_text, roof_origin
 from gcomp.report.speed import RULE, detail, headline
 from gcomp.report.units import bytes_change, file_size, human_bytes, model_memory_words
@@ -259,11 +260,13 @@ def _num(v: float | None, fmt: str) -> str:
 def _ops_md(ops: list[dict[str, Any]], top: int) -> list[str]:
     """The ``top`` slowest kernels, then time, kernel count and work per op type."""
     out = [f"\n## Top {min(top, len(ops))} ops of {len(ops)}\n"]
+    several = len(provider_counts(ops)) > 1  # the provider of each node, when more than one ran
     out.append(_table(
-        ["node", "op type", "time ms", "share", "GFLOP/s", "GB/s", "bound", "of roof"],
-        [[o["node"], o["op_type"], f"{o['time_ms']:.4f}", f"{o['share'] * 100:.1f}%",
-          _num(o.get("gflops_per_s"), ".1f"), _num(o.get("gb_per_s"), ".2f"), o.get("bound") or "-",
-          kernel_roof_text(o)]
+        ["node", "op type", *(["provider"] if several else []), "time ms", "share", "GFLOP/s", "GB/s", "bound",
+         "of roof"],
+        [[o["node"], o["op_type"], *([o.get("provider") or "-"] if several else []), f"{o['time_ms']:.4f}",
+          f"{o['share'] * 100:.1f}%", _num(o.get("gflops_per_s"), ".1f"), _num(o.get("gb_per_s"), ".2f"),
+          o.get("bound") or "-", kernel_roof_text(o)]
          for o in ops[:top]],
     ))
     types: dict[str, list[float]] = {}
