@@ -8,7 +8,9 @@
   reference within the fp32 tolerances, time them, and pick the fastest. Every
   candidate's figures (compile seconds, latency, error, or why it was refused) are
   returned, to go into the report. A backend whose extra is not installed (TVM without
-  ``gcomp[tvm]``) is a ``skipped`` candidate whose error names the ``pip install``.
+  ``gcomp[tvm]``) is a ``skipped`` candidate whose error names the ``pip install``. With
+  an ONNX Runtime execution provider named (``--provider``), ORT's candidate is that
+  provider (with its options) in place of ORT's usual targets (:func:`provider_pairs`).
 - :func:`prepare_for_tvm` runs gcomp's pipeline for the TVM target before the TVM backend
   compiles (backends never run the pipeline).
 """
@@ -80,6 +82,24 @@ def candidates(skipped: list[Candidate] | None = None) -> list[tuple[str, str]]:
     return pairs
 
 
+def provider_pairs(provider: str, *, tvm_targets: set[str] | None = None,
+                   skipped: list[Candidate] | None = None) -> list[tuple[str, str]]:
+    """The candidates of ``--backend auto --provider PROVIDER``: ORT on that provider, then
+    the TVM targets available here; with ``tvm_targets``, only those of them (``gcomp
+    profile`` keeps to the provider's device: ``llvm`` for the CPU, ``cuda`` for CUDA and
+    TensorRT, none for a provider whose device gcomp cannot tell). ``skipped`` as for
+    :func:`candidates`."""
+    from gcomp.backends.ort_providers import short_name
+
+    tvm = [p for p in candidates(skipped) if p[0] == "tvm" and (tvm_targets is None or p[1] in tvm_targets)]
+    return [("ort", short_name(provider)), *tvm]
+
+
+# The TVM targets on the device an execution provider runs on (for gcomp profile's auto).
+_PROVIDER_DEVICE = {"CPUExecutionProvider": {"cpu", "llvm"}, "CUDAExecutionProvider": {"cuda"},
+                    "TensorrtExecutionProvider": {"cuda"}, "NvTensorRTRTXExecutionProvider": {"cuda"}}
+
+
 def _reference(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     from gcomp.backends.ort import OrtBackend
 
@@ -122,7 +142,7 @@ def _check(expected, actual, model: ir.Model | None = None) -> tuple[bool, float
 
 
 def _compile(backend: str, target: str, model: ir.Model, shapes, *, tune_trials=0, tune_seconds=None,
-             cache_dir=None, progress=None, optimization="all", threads=None):
+             cache_dir=None, progress=None, optimization="all", threads=None, provider_options=None):
     from gcomp.backends import get_backend
 
     be = get_backend(backend)
@@ -130,7 +150,7 @@ def _compile(backend: str, target: str, model: ir.Model, shapes, *, tune_trials=
         prepared = prepare_for_tvm(model, shapes, target=target, progress=progress)
         return be.compile(prepared, target, tune_trials=tune_trials, tune_seconds=tune_seconds,
                           cache_dir=cache_dir, progress=progress)
-    return be.compile(model, target, optimization=optimization, threads=threads)
+    return be.compile(model, target, optimization=optimization, threads=threads, provider_options=provider_options)
 
 
 def prepare_for_tvm(
@@ -181,12 +201,14 @@ def select_backend(
     cache_dir: str | os.PathLike | None = None,
     pairs: list[tuple[str, str]] | None = None,
     skipped: list[Candidate] | None = None,
+    provider_options: Mapping[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Selection:
     """Compile on every available backend, verify each, time each, pick the fastest verified.
     ``pairs`` default to :func:`candidates`; ``skipped`` candidates (backends not installed)
     are listed after the others.
 
+    ``provider_options`` go to ORT's candidates (their execution provider's options).
     Raises BackendError only when no candidate both runs and matches the reference.
     """
     say = progress or (lambda _m: None)
@@ -204,7 +226,8 @@ def select_backend(
         t0 = time.perf_counter()
         try:
             exe = _compile(backend, target, model, shapes, tune_trials=tune_trials, tune_seconds=tune_seconds,
-                           cache_dir=cache_dir, progress=say)
+                           cache_dir=cache_dir, progress=say,
+                           provider_options=provider_options if backend == "ort" else None)
             cand.compile_seconds = time.perf_counter() - t0
             ok, err = _check(expected, exe.run(feeds), model)
             cand.max_abs_error = err
@@ -326,19 +349,29 @@ def compile_for_profile(
     *,
     optimization: str = "all",
     threads: int | None = None,
+    provider: str | None = None,
+    provider_options: Mapping[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Any, Selection | None]:
     """The executable ``gcomp profile`` measures: on ``backend`` for ``device`` (cpu or
-    cuda), or with ``backend == "auto"`` the fastest verified one for that device."""
+    cuda), or with ``backend == "auto"`` the fastest verified one for that device. With
+    ``provider`` (ORT's name of an execution provider), ORT runs on it with
+    ``provider_options``, and auto races it against TVM on that provider's device."""
     shapes = {k: tuple(np.shape(v)) for k, v in feeds.items() if isinstance(v, (np.ndarray, np.generic))}
     if backend == "auto":
-        wanted = {"cpu": {"cpu", "llvm"}, "cuda": {"cuda"}}.get(device, {device})
+        if provider is not None:
+            wanted = _PROVIDER_DEVICE.get(provider, set())
+        else:
+            wanted = {"cpu": {"cpu", "llvm"}, "cuda": {"cuda"}}.get(device, {device})
         skipped: list[Candidate] = []
-        pairs = [p for p in candidates(skipped) if p[1] in wanted]
+        if provider is not None:
+            pairs = provider_pairs(provider, tvm_targets=wanted, skipped=skipped)
+        else:
+            pairs = [p for p in candidates(skipped) if p[1] in wanted]
         if not pairs:
             raise BackendError(f"no backend has a '{device}' target on this machine")
         sel = select_backend(model, feeds, pairs=pairs, skipped=[c for c in skipped if c.target in wanted],
-                             progress=progress)
+                             provider_options=provider_options, progress=progress)
         return sel.executable, sel
     if backend == "tvm":
         from gcomp.backends.tvm import cuda_available
@@ -346,7 +379,8 @@ def compile_for_profile(
         if device == "cuda" and not cuda_available():
             raise BackendError("tvm: profiling on 'cuda' needs a CUDA GPU; none found")
         return _compile("tvm", device, model, shapes, progress=progress), None
-    return _compile(backend, device, model_path, shapes, optimization=optimization, threads=threads), None
+    return _compile(backend, provider or device, model_path, shapes, optimization=optimization, threads=threads,
+                    provider_options=provider_options), None
 
 
 def optimize_selection(
@@ -355,12 +389,18 @@ def optimize_selection(
     inputs: str | os.PathLike | None = None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     max_tensor_bytes: int | None = None,
+    provider: str | None = None,
+    provider_options: Mapping[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """``gcomp optimize --backend auto``: the selection for the optimized ``model`` as a
-    report section (every candidate's figures, the chosen one marked)."""
+    report section (every candidate's figures, the chosen one marked). With ``provider``,
+    ORT's candidate runs on it (:func:`provider_pairs`)."""
     from gcomp.inputs import generate_inputs, load_inputs
 
     given = load_inputs(inputs, model) if inputs else None
     feeds, _ = generate_inputs(model, shapes=dict(input_shapes or {}), given=given, max_bytes=max_tensor_bytes)
-    return select_backend(model, feeds, progress=progress).to_dict()
+    skipped: list[Candidate] = []
+    pairs = provider_pairs(provider, skipped=skipped) if provider is not None else None
+    return select_backend(model, feeds, pairs=pairs, skipped=skipped, provider_options=provider_options,
+                          progress=progress).to_dict()

@@ -65,6 +65,8 @@ class OptimizeRequest:
     pass_errors: bool = False
     pass_latency: bool = False
     select_backend: bool = False
+    provider: str | None = None  # the ONNX Runtime execution provider of the backend choice's ORT candidate
+    provider_options: Mapping[str, str] = field(default_factory=dict)
     quantize: str | None = None  # "int8", "int8-dynamic", "int8-weights", "int4" (gcomp.quantize)
     calibration: Path | None = None
     metric: str | None = None
@@ -216,7 +218,8 @@ def _add_measurements(request: OptimizeRequest, result: Result, doc: dict[str, A
         with phase("choosing a backend") as status:
             doc["backend_selection"] = optimize_selection(
                 result.model, inputs=request.inputs, input_shapes=request.input_shapes,
-                max_tensor_bytes=request.max_tensor_bytes, progress=status,
+                max_tensor_bytes=request.max_tensor_bytes, provider=request.provider,
+                provider_options=request.provider_options, progress=status,
             )
 
 

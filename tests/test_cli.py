@@ -201,20 +201,16 @@ def bad_files(tmp_path, small_model):
         (["optimize", "{d}/good.onnx", "-o", "{d}/o.onnx", "--input-shape", "q=1,2"], 2, "no input 'q'"),
         (["inspect", "{d}/text.onnx"], 1, "not a valid ONNX protobuf"),
         (["verify", "{d}/good.onnx", "{d}/missing.onnx"], 1, "no such file"),
-        (["profile", "{d}/good.onnx", "--device", "cuda", "--iters", "1"], 1, "cuda"),
     ],
     ids=[
         "missing", "directory", "not-onnx", "truncated", "checker", "missing-external-data", "bad-level",
         "unknown-pass", "unknown-option", "bad-option-value", "unknown-flag", "output-is-input", "no-out-dir",
         "unwritable-out-dir", "bad-report-format", "missing-inputs-file", "unknown-input-name", "inspect-not-onnx",
-        "verify-missing", "cuda-without-gpu",
+        "verify-missing",
     ],
 )
 def test_bad_input_one_line_no_output(bad_files, args, code, contains):
-    from gcomp.backends.ort import cuda_available
-
-    if "cuda" in args and cuda_available():
-        pytest.skip("a CUDA GPU is present: cuda is a valid device here")
+    # --device cuda without a GPU: tests/test_providers.py (the answer depends on the ORT build)
     d = bad_files
     before = {p.name: p.stat().st_mtime_ns for p in d.iterdir() if p.is_file()}
     proc = gcomp(*[a.format(d=d) for a in args])

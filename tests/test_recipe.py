@@ -237,7 +237,8 @@ ROUND_TRIPS = {
     "quantize": ["--quantize", "int8", "--calibration", "data", "--metric", "rel-l2", "--tolerance", "0.03",
                  "--no-speed-gate", "--set", "per_channel=false", "--report", "json", "--no-verify", "--strict",
                  "--verify-timeout", "12.5", "--max-tensor-bytes", "1000", "--pass-latency", "--explain-fusion",
-                 "--backend", "auto", "--target", "ort-cpu"],
+                 "--backend", "auto", "--target", "ort-cpu", "--provider", "cpu", "--provider-option",
+                 "arena_extend_strategy=kSameAsRequested"],
 }
 
 
@@ -276,6 +277,7 @@ def test_a_saved_recipe_gives_the_same_plan(tmp_path, flags, suffix):
         assert doc["input-shapes"] == {"input_ids": [1, 16]} and doc["level"] == 3
     else:
         assert doc["report"] == "json" and doc["calibration"] == "../data"
+        assert doc["provider-option"] == ["arena_extend_strategy=kSameAsRequested"]  # a repeatable flag: a list
     assert not (tmp_path / "out.onnx").exists() and list((tmp_path / "reports").iterdir()) == []
 
 

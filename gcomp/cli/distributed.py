@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from gcomp.cli.group import CONTEXT, PathIn, Say, cli, verbosity_options
+from gcomp.cli.providers import provider_options
 
 
 @cli.command(context_settings=CONTEXT)
@@ -32,19 +33,27 @@ from gcomp.cli.group import CONTEXT, PathIn, Say, cli, verbosity_options
 @click.option("--hostfile", type=click.Path(path_type=Path), default=None, help="MPI hostfile for several hosts.")
 @click.option("--mpi-arg", "mpi_args", multiple=True, help="Extra option for mpiexec (repeatable).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads per rank.")
+@provider_options(help="ONNX Runtime execution provider every rank runs on (the same options for each; --check's "
+                       "unsharded run stays on the CPU): as onnxruntime.get_available_providers() spells it or "
+                       "short (cpu, cuda, tensorrt, openvino, dml, coreml, rocm...; any case), one this build "
+                       "offers. A provider other than the CPU gets CPUExecutionProvider after it as the fallback "
+                       "for the nodes it does not take; a session that cannot use it at all is an error.")
 @verbosity_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def run(model, ranks, shard, inputs, input_shapes, outputs, check, tolerance, simulate, hostfile, mpi_args, threads,
-        as_json, quiet=False, verbose=False):
+        as_json, quiet=False, verbose=False, provider=None, provider_option=()):
     """Run MODEL split over RANKS (MPI processes, or simulated in one process)."""
+    from gcomp.cli.providers import chosen_provider
     from gcomp.distributed.launch import run_command
 
     say = Say(quiet, verbose, json=as_json)
+    provider, options = chosen_provider(provider, provider_option)
     say.step(f"running {model}" + (" (simulated)" if simulate else ""))
     params = {"model": str(model), "ranks": ranks, "shard": shard, "inputs": str(inputs) if inputs else None,
               "input_shapes": list(input_shapes), "outputs": str(outputs) if outputs else None, "check": check,
               "tolerance": tolerance, "simulate": simulate, "hostfile": str(hostfile) if hostfile else None,
-              "mpi_args": list(mpi_args), "threads": threads, "json": as_json, "quiet": quiet}
+              "mpi_args": list(mpi_args), "threads": threads, "json": as_json, "quiet": quiet,
+              "provider": provider, "provider_options": options}
     code = run_command(params, echo=click.echo)
     say.done()
     sys.exit(code)

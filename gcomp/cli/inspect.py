@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from gcomp.cli.group import CONTEXT, PathIn, Say, cli, input_options, stdout, verbosity_options
+from gcomp.cli.providers import provider_options
 
 
 @cli.command(context_settings=CONTEXT)
@@ -163,17 +164,24 @@ def _print_model_info(model, m, stats, info: dict) -> None:
 @click.option("--rtol", type=float, default=None, help="Relative tolerance for float32 outputs.")
 @click.option("--atol", type=float, default=None, help="Absolute tolerance for float32 outputs.")
 @click.option("--strict", is_flag=True, help="Exit 1 when verification is not possible.")
+@provider_options(help="Run CANDIDATE on this ONNX Runtime execution provider (ORIGINAL stays on the reference: "
+                       "the CPU, optimizations off): as onnxruntime.get_available_providers() spells it or short "
+                       "(cpu, cuda, tensorrt, openvino, dml, coreml, rocm...; any case), one this build offers. "
+                       "A provider other than the CPU gets CPUExecutionProvider after it as the fallback for the "
+                       "nodes it does not take; a session that cannot use it at all is an error.")
 @verbosity_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def verify(original, candidate, inputs, input_shapes, max_tensor_bytes, verify_timeout, rtol, atol, strict, as_json,
-           quiet=False, verbose=False):
+           quiet=False, verbose=False, provider=None, provider_option=()):
     """Compare CANDIDATE's outputs with ORIGINAL's on ONNX Runtime (optimizations off)."""
     from gcomp import io
+    from gcomp.cli.providers import chosen_provider
     from gcomp.inputs import parse_input_shapes
     from gcomp.verify import TOLERANCES, Tolerance
     from gcomp.verify import verify as run_verify
 
     say = Say(quiet, verbose, json=as_json)
+    provider, options = chosen_provider(provider, provider_option)
     io.load(original)
     io.load(candidate)
     say.step(f"read {original} and {candidate}")
@@ -182,7 +190,8 @@ def verify(original, candidate, inputs, input_shapes, max_tensor_bytes, verify_t
         base = TOLERANCES["float32"]
         tolerances = {"float32": Tolerance(rtol if rtol is not None else base.rtol, atol if atol is not None else base.atol)}
     v = run_verify(original, candidate, inputs=inputs, input_shapes=parse_input_shapes(input_shapes),
-                   tolerances=tolerances, max_tensor_bytes=max_tensor_bytes, timeout=verify_timeout)
+                   tolerances=tolerances, max_tensor_bytes=max_tensor_bytes, timeout=verify_timeout,
+                   provider=provider, provider_options=options)
     say.step(f"ran both models and compared {len(v.outputs)} output(s)")
     if as_json:
         click.echo(json.dumps(v.to_dict(), indent=2))

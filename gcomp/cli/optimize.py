@@ -19,6 +19,7 @@ import click
 
 from gcomp.backends.target_ops import TARGETS
 from gcomp.cli.group import CONTEXT, PathIn, Say, cli, input_options, stderr, stdout, verbosity_options
+from gcomp.cli.providers import provider_options
 from gcomp.cli.recipe import config_option, recipe_of, save_recipe
 from gcomp.errors import ModelLoadError, OptionError
 
@@ -93,6 +94,12 @@ _TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
 @click.option("--backend", "select_backend", type=click.Choice(["auto"]), default=None,
               help="Then compile the output on every available backend, check and time each, and report "
                    "the fastest that matches (every candidate's figures go into the report).")
+@provider_options(help="--backend auto: ONNX Runtime's candidate runs on this execution provider, as "
+                       "onnxruntime.get_available_providers() spells it or short (cpu, cuda, tensorrt, openvino, "
+                       "dml, coreml, rocm...; any case), one this build offers. A provider other than the CPU gets "
+                       "CPUExecutionProvider after it as the fallback for the nodes it does not take. A GPU "
+                       "provider on a machine without a GPU is an error; a session that cannot use the provider "
+                       "is that candidate's failure, never a silent run on the CPU.")
 @config_option
 @click.option("--save-config", type=click.Path(path_type=Path), default=None, metavar="PATH",
               help="Write the options given (here and by --config) as a recipe (.toml or .json) for --config.")
@@ -106,7 +113,8 @@ def optimize(ctx, model, output, level, target, target_opset, explain_fusion, pa
              verify_timeout, bisect, strict, external_data, report, quiet, as_json, profile_models=None,
              profile_iters=20, pass_errors=False, precision=None, tolerance=None, keep_io_types=None,
              select_backend=None, pass_latency=False, quantize=None, calibration=None, metric=None,
-             speed_gate=True, static=False, verbose=False, config=None, save_config=None, dry_run=False):
+             speed_gate=True, static=False, verbose=False, config=None, save_config=None, dry_run=False,
+             provider=None, provider_option=()):
     """Optimize MODEL with a verified pass pipeline and write OUTPUT.
 
     MODEL may be a folder of models (an optimum or Olive export): each .onnx model under
@@ -130,6 +138,7 @@ def optimize(ctx, model, output, level, target, target_opset, explain_fusion, pa
     options.update(_fusion_options(target, target_opset, explain_fusion))
     options.update(_precision_options(precision, tolerance, keep_io_types, quantize))
     _check_quantize_options(quantize, calibration, metric, speed_gate, precision, target)
+    provider, provider_opts = _provider(provider, provider_option, select_backend)
     folder = model.is_dir()
     target, into_folder = (Path(output), True) if folder else output_file(model, output)
     request = OptimizeRequest(
@@ -139,7 +148,8 @@ def optimize(ctx, model, output, level, target, target_opset, explain_fusion, pa
         report=report if folder else report_file(report, target),
         profile=profile_models, profile_iters=profile_iters, pass_errors=pass_errors, pass_latency=pass_latency,
         select_backend=bool(select_backend), quantize=quantize, calibration=calibration, metric=metric,
-        speed_gate=speed_gate, static=static, create_folder=into_folder,
+        speed_gate=speed_gate, static=static, create_folder=into_folder, provider=provider,
+        provider_options=provider_opts,
     )
     if save_config is not None:
         _save_recipe(ctx, save_config, request, given_sets, plugins, quiet=quiet, folder=folder)
@@ -271,6 +281,16 @@ def _check_quantize_options(quantize, calibration, metric, speed_gate=True, prec
         raise OptionError(f"--quantize: TVM targets ({target}) are not supported yet: use --target ort-cpu or portable")
     if precision in ("fp16", "bf16", "auto"):
         raise OptionError("--quantize and --precision cannot be combined: quantization works on float32 weights")
+
+
+def _provider(provider, options: tuple[str, ...], select_backend) -> tuple[str | None, dict[str, str]]:
+    """``--provider`` and its options, which only the backend choice uses."""
+    from gcomp.cli.providers import chosen_provider
+
+    if (provider is not None or options) and not select_backend:
+        flag = "--provider" if provider is not None else "--provider-option"
+        raise OptionError(f"{flag} applies to --backend auto (ONNX Runtime's candidate in the backend choice)")
+    return chosen_provider(provider, options)
 
 
 def _fusion_options(target, target_opset, explain_fusion) -> dict:

@@ -158,8 +158,14 @@ def _checks(request) -> list[str]:
     profile = request.profile if request.profile is not None else html
     lines.append(f"measurements  profiles {_on(profile)} ({request.profile_iters} runs each); per-pass errors "
                  f"{_on(request.pass_errors or html)}; per-pass latency {_on(request.pass_latency or html)}; "
-                 f"backend choice {_on(request.select_backend)}")
+                 f"backend choice {_on(request.select_backend)}"
+                 + (f" (ONNX Runtime on {_provider_text(request)})" if request.provider else ""))
     return lines
+
+
+def _provider_text(request) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in request.provider_options.items())
+    return request.provider + (f" with {options}" if options else "")
 
 
 def _on(flag: bool) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from gcomp.cli.group import CONTEXT, PathIn, Say, cli, input_options, stderr, stdout, verbosity_options
+from gcomp.cli.providers import provider_options
 from gcomp.errors import OptionError
 
 
@@ -25,7 +26,9 @@ from gcomp.errors import OptionError
 @click.argument("model", type=PathIn)
 @click.option("--backend", type=click.Choice(["ort", "tvm", "auto"]), default="ort", show_default=True,
               help="Runtime to profile on; auto: the fastest that matches the reference (all are recorded).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cpu or cuda; for ONNX Runtime, --device cuda means --provider CUDAExecutionProvider.")
+@provider_options
 @click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
 @click.option("--optimization", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
@@ -40,7 +43,8 @@ from gcomp.errors import OptionError
 @verbosity_options
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON on stdout (implies --quiet).")
 def profile(model, backend, device, iters, warmup, optimization, threads, inputs, input_shapes, max_tensor_bytes,
-            verify_timeout, top, report, as_json, trace=None, quiet=False, verbose=False):
+            verify_timeout, top, report, as_json, trace=None, quiet=False, verbose=False, provider=None,
+            provider_option=()):
     """Measure MODEL's latency and per-op times on a backend.
 
     Each op row gets its FLOPs, bytes moved, achieved GFLOP/s and GB/s, and whether it is
@@ -48,11 +52,17 @@ def profile(model, backend, device, iters, warmup, optimization, threads, inputs
     """
     from gcomp import io
     from gcomp import report as reports
+    from gcomp.cli.providers import chosen_provider
     from gcomp.inputs import generate_inputs, load_inputs, parse_input_shapes
     from gcomp.profiling import finish_profile, print_profile, write_outputs
 
     say = Say(quiet, verbose, json=as_json)
     quiet = quiet or as_json
+    provider, options = chosen_provider(provider, provider_option, device=device, backend=backend)
+    if provider is not None and backend == "ort":
+        from gcomp.backends.ort_providers import short_name
+
+        device = short_name(provider)
     if report is not None:
         reports.check_report_path(report)
     if trace is not None:
@@ -64,7 +74,8 @@ def profile(model, backend, device, iters, warmup, optimization, threads, inputs
         from gcomp.autoselect import compile_for_profile
 
         exe, selection = compile_for_profile(backend, device, model, m, feeds, optimization=optimization,
-                                             threads=threads or None, progress=status)
+                                             threads=threads or None, provider=provider,
+                                             provider_options=options, progress=status)
         if selection is not None:
             backend, device = selection.chosen.backend, selection.chosen.target
         status(f"profiling on {backend}/{device}: {warmup} warm-up + {iters} timed runs, then per-op times")

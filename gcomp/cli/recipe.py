@@ -156,6 +156,8 @@ def _load(path: Path, ctx: click.Context) -> Recipe:
             recipe.input_shapes = {k: _shape(recipe, f"{key}.{k}", v) for k, v in _table(recipe, key, value).items()}
         elif option.name == "plugins":
             recipe.plugins = tuple(Path(_relative(folder, p)) for p in _strings(recipe, key, value))
+        elif option.multiple:  # a repeatable flag (--provider-option): a list of its strings
+            recipe.values[option.name] = _provider_checked(recipe, key, option, tuple(_strings(recipe, key, value)))
         else:
             recipe.values[option.name] = _value(recipe, key, option, value, ctx)
     return recipe
@@ -225,9 +227,23 @@ def _value(recipe: Recipe, key: str, option: click.Option, value: Any, ctx: clic
             capabilities(converted)
         except OptionError as e:
             raise recipe.fail(key, str(e)) from None
+    if option.name == "provider":
+        _provider_checked(recipe, key, option, converted)
     if option.name in _PATHS and not _bare_report(option.name, converted):
         return type(converted)(_relative(recipe.path.parent, converted))
     return converted
+
+
+def _provider_checked(recipe: Recipe, key: str, option: click.Option, value):
+    """An execution provider (``provider``) or its options (``provider-option``), checked
+    as the command line checks them, the error naming the recipe and key."""
+    from gcomp.backends.ort_providers import parse_provider_options, resolve_provider
+
+    try:
+        resolve_provider(value) if option.name == "provider" else parse_provider_options(value)
+    except OptionError as e:
+        raise recipe.fail(key, str(e).removeprefix("--provider-option ").removeprefix("--provider ")) from None
+    return value
 
 
 def _expected(option: click.Option) -> str:

@@ -127,6 +127,7 @@ def _execute(params: dict, shard: str | None, *, simulate: bool, echo) -> int:
         params["model"], shard, inputs=params.get("inputs"),
         input_shapes=parse_input_shapes(params.get("input_shapes") or ()),
         simulate=simulate, check=bool(params.get("check")), threads=params.get("threads"),
+        provider=params.get("provider") or "cpu", provider_options=params.get("provider_options"),
     )
     rank = 0
     if not simulate:
@@ -141,7 +142,7 @@ def _execute(params: dict, shard: str | None, *, simulate: bool, echo) -> int:
         save_outputs(result.outputs, params["outputs"])
     doc = {
         "mesh": result.mesh, "ranks": result.ranks, "simulated": simulate,
-        "collectives": result.collectives,
+        "collectives": result.collectives, "providers": result.providers,
         "outputs": {k: list(v.shape) for k, v in result.outputs.items()},
         "max_abs_error": result.max_abs_error, "tolerance": tol if params.get("check") else None,
         "check": None if result.max_abs_error is None else ("passed" if ok else "failed"),
@@ -152,7 +153,8 @@ def _execute(params: dict, shard: str | None, *, simulate: bool, echo) -> int:
     else:
         how = "simulated in one process" if simulate else "MPI processes"
         if not quiet:
-            echo(f"ran on mesh {result.mesh}: {result.ranks} ranks ({how}), {result.collectives} collectives")
+            echo(f"ran on mesh {result.mesh}: {result.ranks} ranks ({how}), {result.collectives} collectives, "
+                 f"on {', '.join(result.providers or [])}")
             for k, v in result.outputs.items():
                 echo(f"  output {k}: {v.dtype} {list(v.shape)}")
         if result.max_abs_error is not None:

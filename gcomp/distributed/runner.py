@@ -69,6 +69,7 @@ class RunResult:
     reference: dict[str, np.ndarray] | None = None
     collectives: int = 0
     feeds: dict[str, np.ndarray] | None = None  # the whole inputs the run used
+    providers: list[str] | None = None  # the execution providers rank 0's sessions really use
 
 
 def _load(model) -> ir.Model:
@@ -127,8 +128,10 @@ def specialize_for_mesh(model: ir.Model, mesh: Mesh) -> ir.Model:
     return specialize(model, make_feeds(model, mesh))
 
 
-def segments(rank_model: ir.Model, *, threads: int | None = None, optimization: str = "all") -> list[Segment]:
-    """Cut ``rank_model`` at its collective nodes; compile each piece on ONNX Runtime."""
+def segments(rank_model: ir.Model, *, threads: int | None = None, optimization: str = "all",
+             provider: str = "cpu", provider_options: Mapping[str, str] | None = None) -> list[Segment]:
+    """Cut ``rank_model`` at its collective nodes; compile each piece on ONNX Runtime, on
+    ``provider`` (an execution provider, full or short name) with ``provider_options``."""
     from gcomp.backends import get_backend
 
     graph = rank_model.graph
@@ -179,7 +182,8 @@ def segments(rank_model: ir.Model, *, threads: int | None = None, optimization: 
                 index = {id(n): i for i, n in enumerate(rank_model.graph)}
                 inits = {t.name: t for t in proto.graph.initializer}
             seg_model = _segment_model(proto, index, inits, body, inputs, outputs, k)
-            exe = be.compile(seg_model, "cpu", optimization=optimization, threads=threads)
+            exe = be.compile(seg_model, provider, optimization=optimization, threads=threads,
+                             provider_options=provider_options)
         collective = None
         if coll is not None:
             attrs = {a.name: (list(a.value) if isinstance(a.value, (list, tuple)) else a.value)
@@ -250,7 +254,8 @@ def run_rank(segs: list[Segment], feeds: Mapping[str, np.ndarray], comm, outputs
     return {n: env[n] for n in outputs}
 
 
-def simulate(prepared: Prepared, feeds: Mapping[str, np.ndarray], *, threads: int | None = None):
+def simulate(prepared: Prepared, feeds: Mapping[str, np.ndarray], *, threads: int | None = None,
+             provider: str = "cpu", provider_options: Mapping[str, str] | None = None):
     """Every rank in this process, in lockstep; returns (rank 0's outputs, collectives run)."""
     from gcomp.distributed.comm import SimulatedWorld
 
@@ -258,7 +263,7 @@ def simulate(prepared: Prepared, feeds: Mapping[str, np.ndarray], *, threads: in
     world = SimulatedWorld(mesh)
     ranks = list(range(mesh.size))
     models = [prepared.rank_model(r) for r in ranks]
-    segs = [segments(m, threads=threads) for m in models]
+    segs = [segments(m, threads=threads, provider=provider, provider_options=provider_options) for m in models]
     envs = [local_feeds(prepared, feeds, r) for r in ranks]
     for k in range(len(segs[0])):
         for r in ranks:
@@ -309,11 +314,16 @@ def make_feeds(model: ir.Model, mesh: Mesh, inputs=None, input_shapes=None, seed
 
 
 def run(model, shard: str | None = None, *, inputs=None, input_shapes=None, simulate: bool = True,
-        check: bool = False, threads: int | None = None, overrides=None) -> RunResult:
+        check: bool = False, threads: int | None = None, overrides=None, provider: str = "cpu",
+        provider_options: Mapping[str, str] | None = None) -> RunResult:
     """Run ``model`` sharded on ``shard`` (all ranks in this process when ``simulate``).
 
     Under an MPI launch (``mpiexec -n N``), ``simulate=False`` runs this process's rank;
-    every rank returns the whole outputs."""
+    every rank returns the whole outputs. Each rank's pieces run on ONNX Runtime's
+    ``provider`` with ``provider_options`` (the same for every rank); the check's
+    unsharded run stays on the reference (the CPU)."""
+    from gcomp.backends.ort_providers import resolve_provider, session_request
+
     original = _load(model)
     src_bytes = ir.serde.serialize_model(original).SerializeToString()
     mesh0 = parse_mesh(shard) if shard else _annotated_mesh(original)
@@ -321,18 +331,21 @@ def run(model, shard: str | None = None, *, inputs=None, input_shapes=None, simu
     work = ir.serde.deserialize_model(_parse(src_bytes))
     prepared = prepare(work, shard, feeds, overrides=overrides)
     if simulate:
-        outs, calls = simulate_fn(prepared, feeds, threads=threads)
+        outs, calls = simulate_fn(prepared, feeds, threads=threads, provider=provider,
+                                  provider_options=provider_options)
         ncoll = len(calls)
     else:
         from gcomp.distributed.comm import MpiCommunicator
 
         comm = MpiCommunicator(prepared.mesh)
         rank_model = prepared.rank_model(comm.rank)
-        segs = segments(rank_model, threads=threads or 1)
+        segs = segments(rank_model, threads=threads or 1, provider=provider, provider_options=provider_options)
         outs = run_rank(segs, local_feeds(prepared, feeds, comm.rank), comm,
                         [v.name for v in rank_model.graph.outputs])
         ncoll = sum(1 for s in segs if s.collective)
     result = RunResult(outs, str(prepared.mesh), prepared.mesh.size, collectives=ncoll)
+    # Every session was checked to use the provider (gcomp.backends.ort_providers.check_session).
+    result.providers = session_request(resolve_provider(provider, what="provider"), None)[0]
     if check:
         ref = reference_outputs(ir.serde.deserialize_model(_parse(src_bytes)), feeds)
         result.reference = ref

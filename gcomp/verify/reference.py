@@ -5,7 +5,11 @@
 seeded generated inputs (:mod:`gcomp.inputs`); :meth:`Reference.check` runs a candidate on
 the same inputs and compares every output (:mod:`.compare`). A reduced-precision
 candidate of a full-precision original runs in emulation instead (:mod:`.precision`). A
-model that cannot run is *unverified* (:class:`CannotVerify`), never *passed*.
+model that cannot run is *unverified* (:class:`CannotVerify`), never *passed*. With an
+execution provider named (``gcomp verify --provider``), the candidate runs on it instead
+(optimizations off; no emulation: the provider computes reduced precision itself) while
+the original stays on the reference; a provider that cannot run here is an error, not a
+verdict.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import onnx_ir as ir
 
 from gcomp import inputs as _inputs
 from gcomp import io, runtime
+from gcomp.backends.ort_providers import CPU, ProviderError, check_machine, resolve_provider
 from gcomp.errors import BackendError, first_line
 from gcomp.verify.compare import TOLERANCES, OutputCheck, Tolerance, compare_outputs
 from gcomp.verify.emulate import reduced_precision
@@ -89,6 +94,9 @@ class Reference:
         # run on ORT like it (an O1 of an fp16 model compares like with like).
         self.original_precision: str | None = None
         self.timeout = DEFAULT_RUN_TIMEOUT
+        # The ONNX Runtime execution provider candidates run on, with its options (None: the reference).
+        self.provider: str | None = None
+        self.provider_options: dict[str, str] = {}
 
     @classmethod
     def build(
@@ -129,6 +137,8 @@ class Reference:
         info = _inputs.describe_feeds(self.feeds)
         try:
             actual, tolerances, note = self._run(candidate)
+        except ProviderError:
+            raise  # the provider cannot run here: not a verdict on the model
         except BackendError as e:
             reason = f"the transformed model does not run: {first_line(e)}"
             return Verification("failed", reason, inputs=info, notes=list(self.notes))
@@ -167,11 +177,32 @@ class Reference:
         """(outputs, tolerances, a note). A reduced-precision (fp16/bf16) candidate of a
         full-precision original runs in emulation with its own tolerances: ORT on the CPU
         upcasts and would hide overflow (:mod:`gcomp.verify.emulate`)."""
+        if self.provider is not None:
+            return self._run_on_provider(candidate)
         if self.original_precision is None:
             emulated = emulated_outputs(candidate, self.feeds, self.outputs, self.explicit_tolerances, self.timeout)
             if emulated is not None:
                 return emulated
         return runtime.reference(candidate).run(self.feeds, timeout=self.timeout), self.tolerances, None
+
+    def _run_on_provider(self, candidate: ir.Model | str | Path) -> tuple[dict[str, Any], Mapping[str, Tolerance], str]:
+        """The candidate on :attr:`provider`, optimizations off; a reduced-precision candidate
+        of a full-precision original is held to its precision's tolerances."""
+        from gcomp.backends.ort import OrtBackend
+        from gcomp.verify.emulate import TOLERANCES as REDUCED
+
+        exe = OrtBackend().compile(candidate, self.provider, optimization="disable",
+                                   provider_options=self.provider_options)
+        outputs = exe.run(self.feeds, timeout=self.timeout)
+        tolerances = self.tolerances
+        model = candidate if isinstance(candidate, ir.Model) else io.load(candidate, check=False)
+        low = reduced_precision(model) if self.original_precision is None else None
+        if low is not None:
+            tolerances = {**self.tolerances, **dict.fromkeys(("float32", "float16", "bfloat16", "float64"),
+                                                             REDUCED[low]), **self.explicit_tolerances}
+        note = (f"the candidate ran on {', '.join(exe.providers)} (optimizations off), the original on the "
+                f"reference ({CPU}, optimizations off)")
+        return outputs, tolerances, note
 
 
 def _generate(model: ir.Model, given: dict[str, np.ndarray], input_shapes, seed: int, max_tensor_bytes: int):
@@ -214,8 +245,17 @@ def verify(
     tolerances: Mapping[str, Tolerance] | None = None,
     max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
     timeout: float = DEFAULT_RUN_TIMEOUT,
+    provider: str | None = None,
+    provider_options: Mapping[str, str] | None = None,
 ) -> Verification:
-    """Compare two models on the same inputs; never raises for a model that cannot run."""
+    """Compare two models on the same inputs; never raises for a model that cannot run.
+
+    ``provider`` (an ONNX Runtime execution provider, full or short name) runs the
+    candidate there, with ``provider_options``; one that cannot run here raises
+    :class:`~gcomp.backends.ort_providers.ProviderError`, an unknown one an OptionError."""
+    chosen = resolve_provider(provider) if provider is not None else None
+    if chosen is not None:
+        check_machine(chosen)  # before the original runs: a GPU provider on a machine without one
     try:
         ref = Reference.build(
             original, inputs=inputs, input_shapes=input_shapes, seed=seed, tolerances=tolerances,
@@ -223,4 +263,6 @@ def verify(
         )
     except CannotVerify as e:
         return Verification("unverified", str(e))
+    if chosen not in (None, CPU) or provider_options:
+        ref.provider, ref.provider_options = chosen or CPU, dict(provider_options or {})
     return ref.check(candidate)
