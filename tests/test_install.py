@@ -152,6 +152,13 @@ def test_two_onnxruntime_builds_stop_gcomp_in_one_line(tmp_path):
     assert listed.stdout.split() == ["onnxruntime", gpu], listed.stderr
 
 
+def test_no_onnxruntime_is_one_line(shim, tmp_path):
+    out = tmp_path / "out.onnx"
+    proc = gcomp("optimize", DEFAULT, "-o", out, hide="onnxruntime", pythonpath=[shim])
+    assert one_line(proc) == ("gcomp: error: ONNX Runtime is not installed: pip install onnxruntime "
+                              "(or onnxruntime-gpu for CUDA; never both)")
+    assert not out.exists()
+
 def test_onnxruntime_builds_are_told_by_the_package_they_install(tmp_path, monkeypatch):
     fake_build(tmp_path, "onnxruntime-genai", "0.5.0", top_level="onnxruntime_genai")  # another package
     fake_build(tmp_path, "onnxruntime-directml", "1.20.0", top_level=None, record="onnxruntime/__init__.py,,\n")
