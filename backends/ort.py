@@ -39,7 +39,9 @@ from gcomp.backends.ort_providers import (
     CPU,
     check_machine,
     check_session,
+    effective_options,
     native_stderr,
+    option_error,
     resolve_provider,
     session_request,
     short_name,
@@ -113,7 +115,7 @@ class OrtExecutable:
     def __init__(self, model, provider: str, optimization: str, threads: int | None,
                  provider_options: Mapping[str, str] | None = None) -> None:
         self.provider = provider
-        self.provider_options = dict(provider_options or {})
+        self.provider_options = effective_options(provider, provider_options)  # gcomp's defaults under them
         self.target = short_name(provider)
         self.optimization = optimization
         self.threads = threads
@@ -178,7 +180,7 @@ class OrtExecutable:
                 )
         except Exception as e:
             where = "" if self.provider == CPU else f" on {self.provider}"
-            raise _backend_error(f"cannot load the model{where}", e) from None
+            raise option_error(self.provider, e) or _backend_error(f"cannot load the model{where}", e) from None
         check_session(session, self.provider, self.provider_options, log.text if log is not None else "")
         return session
 

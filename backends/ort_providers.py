@@ -13,6 +13,8 @@ What is guaranteed:
   a malformed one is an OptionError.
 - :func:`session_request` is what ``InferenceSession`` gets: the provider with its options,
   then ``CPUExecutionProvider`` as the fallback for the nodes it does not take.
+- :func:`effective_options`: the options given, over gcomp's defaults for the provider
+  (:data:`DEFAULT_OPTIONS`: CUDA computes fp32 in full fp32, not TF32, unless told).
 - :func:`check_machine` refuses, before any library loads, a provider that needs an NVIDIA
   GPU on a machine without one. onnxruntime-gpu *reports* CUDA and TensorRT as available
   whatever the machine; asked for them without a GPU, CUDA's session silently runs every
@@ -21,19 +23,23 @@ What is guaranteed:
 - :func:`check_session` refuses a session that left the provider out anyway (its
   ``get_providers()`` is the truth), naming ORT's reason from its log
   (:func:`native_stderr` captures it), and an option the provider did not take. No
-  fallback to the CPU is ever silent: it is a :class:`ProviderError`.
+  fallback to the CPU is ever silent: it is a :class:`ProviderError`. An option the
+  provider rejects outright (:func:`option_error`) is an OptionError, exit 2.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "CPU",
+    "DEFAULT_OPTIONS",
     "NEEDS_NVIDIA_GPU",
     "ProviderError",
     "available_providers",
     "check_machine",
     "check_session",
+    "effective_options",
     "native_stderr",
+    "option_error",
     "parse_provider_options",
     "resolve_provider",
     "session_request",
@@ -60,6 +66,15 @@ NEEDS_NVIDIA_GPU = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "NvTen
 # not available) rather than called unknown.
 _ALIASES = {"trt": "TensorrtExecutionProvider", "directml": "DmlExecutionProvider",
             "rocm": "ROCMExecutionProvider", "tensorrt-rtx": "NvTensorRTRTXExecutionProvider"}
+
+
+# Options gcomp gives a provider unless the command line gives them. CUDA runs fp32 MatMul
+# and Conv in TF32 on Ampere and later GPUs by default (use_tf32=1): on an H200 that put the
+# 2-layer test model 1.9e-3 off the CPU reference, 3486 of its 4096 outputs beyond fp32
+# tolerances, against 1.7e-6 with use_tf32=0 (docs/measurements.md). gcomp verifies and
+# chooses backends at fp32 tolerances, so TF32 is something a user opts into
+# (--provider-option use_tf32=1), and profiles time what verification checked.
+DEFAULT_OPTIONS: dict[str, dict[str, str]] = {"CUDAExecutionProvider": {"use_tf32": "0"}}
 
 
 class ProviderError(BackendError):
@@ -116,6 +131,20 @@ def parse_provider_options(items: Iterable[str], *, what: str = "--provider-opti
             raise OptionError(f"{what} '{item}': expected KEY=VALUE, e.g. device_id=0")
         options[key.strip()] = value.strip()
     return options
+
+
+def effective_options(provider: str, options: Mapping[str, str] | None) -> dict[str, str]:
+    """``options`` over :data:`DEFAULT_OPTIONS` of ``provider``: what its session gets."""
+    return {**DEFAULT_OPTIONS.get(provider, {}), **dict(options or {})}
+
+
+def option_error(provider: str, error: BaseException) -> OptionError | None:
+    """An OptionError when ORT refused the session over an option the provider does not
+    have (CUDA: ``Unknown provider option: "x"``), else None."""
+    m = re.search(r'Unknown provider option: "?([^"\s]+)"?', str(error))
+    if m is None:
+        return None
+    return OptionError(f"--provider-option {m.group(1)}: {provider} has no such option")
 
 
 def session_request(provider: str, options: Mapping[str, str] | None) -> tuple[list[str], list[dict[str, str]]]:

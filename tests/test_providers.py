@@ -255,6 +255,39 @@ def test_a_session_without_the_provider_is_refused_with_ort_s_reason():
     check_session(session, CPU, None)  # the provider it has: accepted
 
 
+def test_an_option_the_provider_rejects_is_an_option_error():
+    """CUDA refuses an unknown option outright (measured on an H200 with onnxruntime-gpu
+    1.31.1: ``Unknown provider option: "bogus_key"``); gcomp makes that exit 2, and gives
+    CUDA full fp32 (use_tf32=0) unless told otherwise."""
+    from gcomp.backends.ort_providers import effective_options, option_error
+
+    ort_says = RuntimeError('[ONNXRuntimeError] : 1 : FAIL : provider_options_utils.h:182 Parse Unknown provider '
+                            'option: "bogus_key".')
+    error = option_error("CUDAExecutionProvider", ort_says)
+    assert error is not None and error.exit_code == 2
+    assert str(error) == "--provider-option bogus_key: CUDAExecutionProvider has no such option"
+    assert option_error("CUDAExecutionProvider", RuntimeError("CUDA failure 2: out of memory")) is None
+    assert effective_options("CUDAExecutionProvider", None) == {"use_tf32": "0"}
+    assert effective_options("CUDAExecutionProvider", {"use_tf32": "1", "device_id": "0"}) == {
+        "use_tf32": "1", "device_id": "0"}
+    assert effective_options(CPU, None) == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (CUDA_BUILT and nvidia_gpu_present()), reason="needs onnxruntime-gpu and an NVIDIA GPU")
+def test_cuda_runs_the_nodes_it_takes_and_matches_the_reference(optimized):
+    proc = gcomp("profile", DEFAULT, "--provider", "cuda", "--iters", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["backend"]["providers"] == ["CUDAExecutionProvider", CPU]
+    assert doc["backend"]["provider_options"] == {"use_tf32": "0"}  # gcomp's default, recorded
+    assert "CUDAExecutionProvider" in {op["provider"] for op in doc["ops"]}
+    verify = gcomp("verify", DEFAULT, optimized, "--provider", "cuda", "--provider-option", "device_id=0", "-q")
+    assert verify.returncode == 0 and verify.stdout.startswith("verified"), verify.stdout + verify.stderr
+    bad = gcomp("profile", DEFAULT, "--provider", "cuda", "--provider-option", "bogus_key=1", "--iters", "1")
+    one_line_error(bad, 2, "--provider-option bogus_key: CUDAExecutionProvider has no such option")
+
+
 # --- profiles with several providers ----------------------------------------------------------
 
 

@@ -40,7 +40,7 @@ def provider_options(f=None, *, help: str = _PROVIDER_HELP):
         return lambda g: provider_options(g, help=help)
     f = click.option("--provider-option", "provider_option", multiple=True, metavar="KEY=VALUE",
                      help="An option of --provider's (repeatable), as ONNX Runtime names it, e.g. "
-                          "device_id=1 or trt_fp16_enable=1.")(f)
+                          "device_id=1 or trt_fp16_enable=1. CUDA gets use_tf32=0 (full fp32) unless given.")(f)
     return click.option("--provider", default=None, metavar="NAME", help=help)(f)
 
 
