@@ -149,6 +149,11 @@ def quantize(
         # alone verification runs on its first sample, with --inputs alone on those inputs
         samples = [dict(verification_feeds), *samples]
         source += " and the verification inputs"
+    if timing_feeds is None and inputs is not None and calibration is not None:  # no verification run
+        try:
+            timing_feeds = _given(model, inputs, dict(input_shapes or {}), max_tensor_bytes or DEFAULT_MAX_TENSOR_BYTES)
+        except _inputs.CannotGenerate as e:
+            raise QuantizationDeclined(f"cannot time on the given inputs: {e}; nothing written") from None
     expected = _float_outputs(model, samples, source, timeout, max_tensor_bytes)
     run = _Quantizer(model, pass_name, {**fixed, **dict(options or {}), "target": target}, samples, expected,
                      budget, timeout)
@@ -191,13 +196,18 @@ def _samples(model, calibration, inputs, input_shapes, max_bytes) -> tuple[list[
     limit = max_bytes or DEFAULT_MAX_TENSOR_BYTES
     try:
         if inputs is not None:
-            given = _inputs.load_inputs(inputs, model) if not isinstance(inputs, Mapping) else dict(inputs)
-            return [_inputs.generate_inputs(model, shapes=shapes, given=given, max_bytes=limit)[0]], "the given inputs"
+            return [_given(model, inputs, shapes, limit)], "the given inputs"
         samples = [_inputs.generate_inputs(model, shapes=shapes, seed=seed, max_bytes=limit)[0]
                    for seed in range(GENERATED_SAMPLES)]
     except _inputs.CannotGenerate as e:  # InputsTooLarge included
         raise QuantizationDeclined(f"cannot measure accuracy: {e}; nothing written") from None
     return samples, f"{GENERATED_SAMPLES} generated samples (seeded; --calibration gives real data)"
+
+
+def _given(model, inputs, shapes, limit) -> dict[str, np.ndarray]:
+    """Feeds from the user's ``inputs`` (a path or arrays), the rest generated."""
+    given = _inputs.load_inputs(inputs, model) if not isinstance(inputs, Mapping) else dict(inputs)
+    return _inputs.generate_inputs(model, shapes=shapes, given=given, max_bytes=limit)[0]
 
 
 def _run_all(model: ir.Model, samples, timeout: float | None) -> list[dict[str, np.ndarray]]:

@@ -439,21 +439,45 @@ def test_gemm_with_alpha_beta_and_a_broadcast_bias_is_quantized(pass_name, conte
     assert rel < (INT4_REL if pass_name == "quantize-weights" else 0.05), rel
 
 
-def test_gptq_results_are_kept_in_the_context_memo():
+def test_gptq_results_are_kept_in_the_context_memo(monkeypatch):
     """The accuracy budget quantizes copies of one float model again and again: with a memo in
-    the context, the moments and each weight's GPTQ are computed once and reused, with the
-    same result."""
+    the context, each weight's GPTQ is computed once and reused (the model is not even run for
+    its moments again), with the same result."""
     proto, calibration, _ = _correlated_linear()
     context = dataclasses.replace(runtime.pass_context(), calibration=tuple(calibration), memo={})
     first, _, _ = _quantize(proto, "quantize-weights", context, target="ort-cpu")
-    kinds = sorted(k[0] for k in context.memo)
-    assert kinds == ["gptq", "grams"], context.memo.keys()
+    assert [k[0] for k in context.memo] == ["gptq"], context.memo.keys()
     entries = dict(context.memo)
+
+    def no_second_run(*args, **kwargs):
+        raise AssertionError("moments measured again although the memo holds the weight's GPTQ")
+
+    monkeypatch.setattr(weights, "grams", no_second_run)
     second, details, _ = _quantize(proto, "quantize-weights", context, target="ort-cpu")
     assert all(context.memo[k] is v for k, v in entries.items()) and len(context.memo) == len(entries)
     assert details["quantized"][0]["method"] == "gptq"
     for name, value in first.graph.initializers.items():
         np.testing.assert_array_equal(value.const_value.numpy(), second.graph.initializers[name].const_value.numpy())
+
+
+def test_a_weight_read_in_two_layouts_is_rounded_to_nearest(context):
+    """A [32, 64] weight read by a MatMul (as [K=32, N=64]) and by a transB
+    Gemm (as [K=64, N=32]): one set of codes serves both, so GPTQ (fitted for one layout) is not
+    used; both outputs stay close (it used to crash, or hand the Gemm codes of the other layout)."""
+    rng = _rng()
+    w = (rng.standard_normal((32, 64)) / 6).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
+             helper.make_node("Gemm", ["z", "W"], ["t"], name="gemm", transB=1)]
+    proto = make_model(nodes, [vinfo("x", shape=(8, 32)), vinfo("z", shape=(8, 64))],
+                       [vinfo("y", shape=(8, 64)), vinfo("t", shape=(8, 32))], [tensor("W", w)])
+    feeds = {"x": rng.standard_normal((8, 32)).astype(np.float32), "z": rng.standard_normal((8, 64)).astype(np.float32)}
+    for target, opset in (("ort-cpu", 17), ("portable", 21)):
+        proto.opset_import[0].version = opset
+        model, details, _ = _quantize(proto, "quantize-weights", context, target=target)
+        assert sorted(q["method"] for q in details["quantized"]) == ["rtn", "rtn"], details["quantized"]
+        expected, actual = _run(proto, feeds), _run(model, feeds)
+        for out in ("y", "t"):
+            assert _errors(expected[out], actual[out])[1] < INT4_REL, (target, out)
 
 
 def test_gptq_falls_back_to_round_to_nearest_when_it_does_not_validate():
@@ -587,3 +611,23 @@ def test_portable_needs_no_context():
     model = ir.serde.deserialize_model(_mlp(opset=21))
     result = registry.get_pass("quantize-weights").create()(model)
     assert result.modified and len(result.details["quantized"]) == 3
+
+
+def test_gemm_rewrite_keeps_a_weight_that_is_a_graph_output_and_touches_only_its_own_candidates(context):
+    """The alpha rewrite makes a scaled copy of B; a B that is also a graph output stays. A pass
+    told to quantize MatMuls only (op_types) leaves a Gemm exactly as it was."""
+    rng = _rng()
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    proto = make_model([helper.make_node("Gemm", ["x", "W"], ["y"], name="g", alpha=0.5)],
+                       [vinfo("x", shape=(8, 32))], [vinfo("y", shape=(8, 16)), vinfo("W", shape=(32, 16))],
+                       [tensor("W", w)])
+    model, details, _ = _quantize(proto, "quantize-dynamic", context, target="ort-cpu")
+    assert [q["node"] for q in details["quantized"]] == ["g"] and "W" in model.graph.initializers
+    x = rng.standard_normal((8, 32)).astype(np.float32)
+    out = _run(model, {"x": x})
+    np.testing.assert_array_equal(out["W"], w)
+    assert _errors(_run(proto, {"x": x})["y"], out["y"])[1] < INT8_REL
+    untouched, details, modified = _quantize(proto, "quantize-dynamic", context, target="ort-cpu", op_types=("MatMul",))
+    (gemm,) = [n for n in untouched.graph if n.op_type == "Gemm"]
+    assert not modified and details["quantized"] == [] and gemm.attributes["alpha"].value == 0.5
+    assert list(untouched.graph.initializers) == ["W"]

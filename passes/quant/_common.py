@@ -179,17 +179,19 @@ def gemm_refusal(c: Candidate) -> str | None:
     return None
 
 
-def canonical_gemms(model: ir.Model, exclude: frozenset[str] = frozenset()) -> int:
+def canonical_gemms(model: ir.Model, exclude: frozenset[str] = frozenset(), only: set[str] | None = None) -> int:
     """Rewrite each Gemm of the main graph with a constant float32 B (and C, if any) to the form
     quantized matmul ops take, ``A @ B' + C'`` with ``alpha = beta = 1`` and a 1-D ``C'`` of
     ``[N]``: ``B' = alpha * B`` and ``C' = beta * C`` broadcast to ``[N]`` when ``C``'s shape
     allows (``[]``, ``[1]``, ``[1, N]``), as new initializers (the old ones stay for any other
     reader). The same function up to float rounding; exporters and the ONNX test cases write
     these forms, and refusing them left such Gemms float. Returns how many were rewritten;
-    Gemms named in ``exclude`` are left alone."""
+    Gemms named in ``exclude``, or not in ``only`` when given, are left alone."""
     changed = 0
     for index, node in enumerate(list(model.graph)):
-        if node.op_type != "Gemm" or node.domain not in _STANDARD or node_label(node, index) in exclude:
+        label = node_label(node, index)
+        if node.op_type != "Gemm" or node.domain not in _STANDARD or label in exclude or (
+                only is not None and label not in only):
             continue
         plan = _gemm_plan(node)
         if plan is None:
@@ -201,7 +203,8 @@ def canonical_gemms(model: ir.Model, exclude: frozenset[str] = frozenset()) -> i
                 old = node.inputs[slot]
                 node.replace_input_with(slot, _new_initializer(model, f"{base}_{suffix}", array))
                 node.attributes[attr] = ir.AttrFloat32(attr, 1.0)
-                if not old.uses() and old.name in model.graph.initializers and not old.is_graph_input():
+                if (not old.uses() and old.name in model.graph.initializers and not old.is_graph_input()
+                        and not old.is_graph_output()):
                     del model.graph.initializers[old.name]
         changed += 1
     return changed
@@ -406,7 +409,9 @@ class QuantPass(ir.passes.InPlacePass):
         if note:
             details["note"] = note
             return DetailedResult(model, modified=False, details=details)
-        canonical_gemms(model, self.exclude_nodes)
+        gemms = {c.name for c in self.find(model) if c.op_type == "Gemm"} - self.exclude_nodes
+        if gemms:  # only this pass's own Gemm candidates (op_types): nothing else is changed
+            canonical_gemms(model, frozenset(), only=gemms)
         report, todo = _Report(), []
         for c in self.find(model):
             reason = c.reason or ("in exclude_nodes" if c.name in self.exclude_nodes else self.refusal(c))

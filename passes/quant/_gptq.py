@@ -16,8 +16,8 @@ rows not yet quantized so that ``X W`` moves as little as possible, using the in
 
 Updates are applied lazily in row batches (:data:`LAZY` rows at a time, whole blocks) so the
 bulk of the work is one matrix product per batch. ``H`` gets ``DAMP`` times its mean diagonal
-added (1 % as in the paper), and an input channel that is always zero has its weights
-set to zero (they never reach the output).
+added (1 % as in the paper, the mean over channels seen non-zero), and an input channel
+that is zero on every calibration row is rounded to nearest (decoupled from the rest).
 
 Why our own: ONNX Runtime's ``matmul_nbits_quantizer`` offers GPTQ only through Intel Neural
 Compressor and torch, on ``MatMul`` nodes of a model path, and cannot feed it the exported
@@ -113,12 +113,15 @@ def gptq_blocks(w: np.ndarray, gram: np.ndarray, bits: int, block: int, symmetri
     rows = k_blocks * block
     weight = np.zeros((rows, n), np.float64)
     weight[:k] = w
-    h = np.eye(rows)  # padded rows are dead inputs: identity keeps H invertible
+    h = np.zeros((rows, rows))
     h[:k, :k] = gram
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    weight[dead] = 0.0
-    h[np.diag_indices(rows)] += DAMP * np.mean(np.diag(h))
+    live = np.diag(h) > 0
+    scale = float(np.mean(np.diag(h)[live])) if live.any() else 1.0
+    # rows never seen (padding, a channel zero on every sample) get the live rows' mean on the
+    # diagonal: decoupled from the rest, they are rounded to nearest, and the damping below
+    # follows the activation's scale, not a constant
+    h[~live, ~live] = scale
+    h[np.diag_indices(rows)] += DAMP * scale
     u = _inverse_cholesky_upper(h)
     codes = np.zeros((rows, n), np.int32)
     scale = np.zeros((k_blocks, n), np.float32)

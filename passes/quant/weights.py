@@ -169,6 +169,7 @@ class QuantizeWeights(QuantPass):
             raise OptionError(f"quantize-weights: method must be one of {', '.join(METHODS)}, got {method!r}")
         self.method = method
         self._grams: dict[int, Moments] = {}
+        self._keys: dict[int, tuple] = {}  # weight -> its GPTQ memo key (weights that get GPTQ)
         self._methods: dict[str, int] = {}  # node -> its weight's key
         self._checked: dict[int, list[float]] = {}  # weight key -> held-out error [gptq, rtn]
         self._method_note: str | None = None
@@ -204,25 +205,40 @@ class QuantizeWeights(QuantPass):
         if not self.ort:
             require_opset(model, 21, "quantize-weights (portable: block-wise DequantizeLinear)")
         self._grams, self._method_note, self._methods, self._checked = {}, None, {}, {}
-        linear = [c for c in todo if c.op_type != "Gather"]
-        if self.method == "gptq" and linear:
-            self._plan_gptq(model, linear)
+        self._keys = {}
+        if self.method == "gptq" and any(c.op_type != "Gather" for c in todo):
+            self._plan_gptq(model, todo)
 
-    def _plan_gptq(self, model: ir.Model, linear: list[Candidate]) -> None:
-        """The activation moments of each weight (summed over the nodes sharing it)."""
+    def _plan_gptq(self, model: ir.Model, todo: list[Candidate]) -> None:
+        """Which weights get GPTQ (under what memo key), and the activation moments of those
+        the memo does not hold yet (summed over the nodes sharing a weight). A weight read in
+        two layouts (a MatMul and a transB Gemm) or also as an embedding table is rounded to
+        nearest: one set of codes serves all its readers."""
         samples, why = samples_for(model, self.context)
         if not samples:
             self._method_note = f"rtn: {why}"
             return
-        activations = list({id(c.activation): c.activation for c in linear}.values())
-        moments = self._memo(("grams", tuple(sorted(v.name for v in activations))),
-                             lambda: grams(model, self.context.runtime, samples, activations))
-        for c in linear:
-            m = moments.get(c.activation.name)
-            if m is not None and m.fit.shape == (c.kn[0],) * 2:
-                key = id(c.weight.root)
-                known = self._grams.get(key)
-                self._grams[key] = m if known is None else Moments(known.fit + m.fit, known.held_out + m.held_out)
+        tables = {id(c.weight.root) for c in todo if c.op_type == "Gather"}
+        readers: dict[int, list[Candidate]] = {}
+        for c in todo:
+            if c.op_type != "Gather":
+                readers.setdefault(id(c.weight.root), []).append(c)
+        for key, cs in readers.items():
+            if key not in tables and len({c.trans_b for c in cs}) == 1:
+                self._keys[key] = ("gptq", cs[0].weight.root.name, cs[0].trans_b, cs[0].kn,
+                                   tuple(sorted(c.activation.name or "" for c in cs)), self.bits, self.block_size,
+                                   self.symmetric)
+        memo = self.context.memo if self.context is not None else None
+        todo_keys = [k for k in self._keys if memo is None or self._keys[k] not in memo]
+        if not todo_keys:
+            return
+        activations = list({id(c.activation): c.activation for k in todo_keys for c in readers[k]}.values())
+        moments = grams(model, self.context.runtime, samples, activations)
+        for key in todo_keys:
+            found = [moments.get(c.activation.name) for c in readers[key]]
+            k = readers[key][0].kn[0]
+            if all(m is not None and m.fit.shape == (k, k) for m in found):
+                self._grams[key] = Moments(sum(m.fit for m in found), sum(m.held_out for m in found))
 
     def call(self, model: ir.Model):
         result = super().call(model)
@@ -258,10 +274,11 @@ class QuantizeWeights(QuantPass):
         wide K, GPTQ overfits the rows it saw and loses), else round-to-nearest."""
         w = c.weight_kn()
         rounded = self._blocks(w)
+        key = self._keys.get(id(c.weight.root))
+        memo = self.context.memo if self.context is not None else None
         moments = self._grams.get(id(c.weight.root))
-        if moments is None:
+        if key is None or (moments is None and (memo is None or key not in memo)):
             return rounded
-        key = ("gptq", c.weight.root.name, w.shape, self.bits, self.block_size, self.symmetric)
         blocks, errors = self._memo(key, lambda: self._gptq(w, moments, rounded))
         self._checked[id(c.weight.root)] = errors
         return blocks or rounded
