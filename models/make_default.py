@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from models import transformer
 
-__all__ = ["DEFAULT_CONFIG", "DEFAULT_PATH", "build_default", "main", "write_default"]
+__all__ = ["DEFAULT_CONFIG", "DEFAULT_PATH", "build_default", "main", "save_small", "write_default"]
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "default.onnx"
 DEFAULT_CONFIG = {"seed": 0, "layers": 2, "hidden": 128, "heads": 4, "ffn": 512, "vocab": 1000}
@@ -36,9 +36,15 @@ def build_default() -> ir.Model:
 
 def write_default(path: str | Path = DEFAULT_PATH) -> Path:
     """Build the default model and save it to ``path`` (no external data)."""
+    return save_small(build_default(), path)
+
+
+def save_small(model: ir.Model, path: str | Path) -> Path:
+    """Save ``model`` to ``path`` as one file (no external data), refusing one of
+    :data:`MAX_BYTES` or more."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(build_default(), path)
+    ir.save(model, path)
     size = path.stat().st_size
     if size >= MAX_BYTES:
         raise RuntimeError(f"{path} is {size} bytes, over the {MAX_BYTES}-byte limit")

@@ -157,6 +157,17 @@ def test_speed_gate_measures_longer_when_the_spread_straddles_its_threshold(monk
     assert speed["rounds"] == timed[-1] * 8
 
 
+def _calibrated_and_deployed(folder):
+    """One MatMul over rows of 64, with ``calibration.npz`` (8 samples of 32 rows) and
+    ``deployed.npz`` (one row) written to ``folder``."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    np.savez(folder / "calibration.npz", x=rng.standard_normal((8, 32, 64)).astype(np.float32))
+    np.savez(folder / "deployed.npz", x=rng.standard_normal((1, 64)).astype(np.float32))
+    return make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="proj")],
+                      [vinfo("x", shape=("rows", 64))], [vinfo("y", shape=("rows", 64))], [tensor("W", w)])
+
+
 def test_speed_gate_times_on_the_given_inputs_the_shape_the_model_is_deployed_at(monkeypatch, tmp_path):
     """Calibrated on 8 x 32 rows, deployed one row at a time (--inputs): the gate times what
     --inputs describes, not the first calibration sample."""
@@ -164,12 +175,7 @@ def test_speed_gate_times_on_the_given_inputs_the_shape_the_model_is_deployed_at
     from gcomp import runtime
     from gcomp.quantize import QuantizationDeclined
 
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((64, 64)).astype(np.float32)
-    proto = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="proj")],
-                       [vinfo("x", shape=("rows", 64))], [vinfo("y", shape=("rows", 64))], [tensor("W", w)])
-    np.savez(tmp_path / "calibration.npz", x=rng.standard_normal((8, 32, 64)).astype(np.float32))
-    np.savez(tmp_path / "deployed.npz", x=rng.standard_normal((1, 64)).astype(np.float32))
+    proto = _calibrated_and_deployed(tmp_path)
     timed = []
     real = runtime.time_interleaved
 
@@ -194,12 +200,7 @@ def test_the_budget_is_measured_on_what_verification_checks(tmp_path):
     verification)."""
     import gcomp
 
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((64, 64)).astype(np.float32)
-    proto = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="proj")],
-                       [vinfo("x", shape=("rows", 64))], [vinfo("y", shape=("rows", 64))], [tensor("W", w)])
-    np.savez(tmp_path / "calibration.npz", x=rng.standard_normal((8, 32, 64)).astype(np.float32))
-    np.savez(tmp_path / "deployed.npz", x=rng.standard_normal((1, 64)).astype(np.float32))
+    proto = _calibrated_and_deployed(tmp_path)
     both = gcomp.optimize(proto, quantize="int4", calibration=tmp_path / "calibration.npz",
                           inputs=tmp_path / "deployed.npz", speed_gate=False, tolerance=0.5)
     assert both.quantization.samples == 9 and "verification inputs" in both.quantization.sample_source
