@@ -30,11 +30,10 @@ import numpy as np
 import onnx_ir as ir
 
 import gcomp.passes  # noqa: F401  (registers the built-in passes and pipelines)
-from gcomp import io, registry, runtime
+from gcomp import io, quantize_plan, registry, runtime
 from gcomp.errors import GcompError, ModelLoadError, OptionError, PassFailedError, first_line
 from gcomp.perf import ModelStats, model_stats
 from gcomp.verify import CannotVerify, Reference, Tolerance, Verification
-from gcomp.verify.metrics import Budget
 
 
 @dataclass
@@ -119,18 +118,6 @@ class Checks:
     verify_timeout: float | None = None
     pass_errors: bool = False
     pass_latency: bool = False
-
-
-@dataclass(frozen=True)
-class Quantize:
-    """What :func:`optimize` quantizes, after the pipeline (``gcomp.quantize``)."""
-
-    mode: str
-    budget: Budget
-    calibration: str | None = None
-    speed_gate: bool = True
-    target: str = "ort-cpu"
-    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -227,14 +214,15 @@ def optimize(
     checks = Checks(verify, inputs, input_shapes, seed, tolerances, bisect, max_tensor_bytes, verify_timeout,
                     pass_errors, pass_latency)
     options = _with_default_target(pipeline, dict(options))
-    quant = _quantize_plan(quantize, calibration, metric, speed_gate, options, precision, pipeline) if quantize else None
+    quant = quantize_plan.plan(quantize, calibration, metric, speed_gate, options, precision, pipeline) if quantize else None
     loaded = _load(model)
-    checks = _on_calibration_data(checks, quant, loaded.model)
+    checks = quantize_plan.on_calibration_data(checks, quant, loaded.model)
     static_step = None
     if static:
         checks, static_step = _static_plan(loaded.model, checks)
     context = runtime.pass_context(timeout=verify_timeout, inputs=inputs, input_shapes=checks.input_shapes, seed=seed)
     steps, recorded = _plan(pipeline, options, precision, checks, context)
+    steps += quantize_plan.fusion_steps(quant, pipeline, context)  # what --quantize needs fused first
     if static_step is not None:
         steps.insert(0, static_step)
         recorded = dict(recorded, static=True, input_shapes={k: list(v) for k, v in checks.input_shapes.items()})
@@ -245,14 +233,14 @@ def optimize(
     executed: list[tuple[str, ir.passes.PassBase]] = []
     stats = _run(loaded, steps, progress, executed, _after_pass(reference, pass_errors, pass_latency))
     float_model = loaded.model
-    report = _quantize(loaded, quant, checks, progress, reference, (inputs is not None, bool(input_shapes))) \
+    report = quantize_plan.run(loaded, quant, checks, progress, reference, (inputs is not None, bool(input_shapes))) \
         if quant else None
     if static_step is not None:  # after quantization too: every value it made gets its dims
         stats += _run(loaded, [static_step], progress, executed, _after_pass(reference, pass_errors, pass_latency))
     after = model_stats(loaded.model)
     verification = baseline.verification
     if reference is not None:
-        verification = (_check_quantized(reference, float_model, loaded.model, quant.budget) if quant
+        verification = (quantize_plan.check(reference, float_model, loaded.model, quant.budget) if quant
                         else _check(loaded, baseline, executed, checks, progress))
     if quant is not None:
         recorded = dict(recorded, quantize=quant.mode, metric=quant.budget.metric, tolerance=quant.budget.tolerance)
@@ -261,65 +249,6 @@ def optimize(
         verification=verification, seconds=time.perf_counter() - t_start, source=loaded.source,
         options=recorded, load_seconds=loaded.seconds, input_latency_ms=input_latency, quantization=report,
     )
-
-
-def _quantize_plan(mode, calibration, metric, speed_gate, options: dict[str, Any], precision, pipeline) -> Quantize:
-    """Take the quantization pass's options out of ``options`` (the pipeline's passes get
-    the rest). ``tolerance`` serves both the precision pass and the accuracy budget."""
-    from gcomp.quantize import MODES
-
-    if mode not in MODES:
-        raise OptionError(f"unknown quantization mode '{mode}' (modes: {', '.join(MODES)})")
-    declared = {o.name for o in registry.get_pass(MODES[mode][0]).options} - {"target"}
-    mine = {k: options.pop(k) for k in list(options) if k in declared}
-    tolerance = options.get("tolerance") if precision else options.pop("tolerance", None)
-    target = options.get("target", DEFAULT_FUSION_TARGET)
-    if "target" not in registry.pipeline_options(pipeline):  # no fusion pass: the target is quantization's
-        options.pop("target", None)
-    return Quantize(mode, Budget(metric or "cosine", 0.01 if tolerance is None else float(tolerance)),
-                    str(calibration) if calibration is not None else None, speed_gate, target, mine)
-
-
-def _check_quantized(reference: Reference, float_model: ir.Model, quantized: ir.Model, budget: Budget):
-    """Verification under the budget; a miss names the first node over it."""
-    from gcomp.verify.divergence import first_divergent_node
-
-    verification = reference.check_budget(quantized, budget)
-    if not verification.passed and verification.outputs:
-        divergence = first_divergent_node(float_model, quantized, reference.feeds, budget)
-        if divergence is not None:
-            verification.reason += f"; {divergence.describe(budget)}"
-    return verification
-
-
-def _on_calibration_data(checks: Checks, quant: Quantize | None, model: ir.Model) -> Checks:
-    """Verify a model quantized on calibration data on real data too: its first sample."""
-    if quant is None or quant.calibration is None or checks.inputs is not None:
-        return checks
-    from gcomp.inputs import load_calibration
-
-    return dataclasses.replace(checks, inputs=load_calibration(quant.calibration, model)[0])
-
-
-def _quantize(loaded: _Loaded, quant: Quantize, checks: Checks, progress, reference: Reference | None,
-              given: tuple[bool, bool]) -> Any:
-    """Quantize the pipeline's result (gcomp.quantize); the model is replaced. ``given``: did
-    the user give (``--inputs``, ``--input-shape``)? The speed gate times on the verification
-    inputs when the user described them (the shape the model is deployed at), else on the
-    first sample."""
-    user_inputs, user_shapes = given
-    from gcomp.quantize import quantize
-
-    say = (lambda text: progress(text, 0, None)) if progress else None
-    loaded.model, report = quantize(
-        loaded.model, quant.mode, target=quant.target, budget=quant.budget, calibration=quant.calibration,
-        inputs=checks.inputs if user_inputs or quant.calibration is None else None,
-        input_shapes=checks.input_shapes, speed_gate=quant.speed_gate,
-        options=quant.options, progress=say, verification_feeds=reference.feeds if reference else None,
-        timing_feeds=reference.feeds if reference and (user_inputs or user_shapes) else None,
-        timeout=checks.verify_timeout, max_tensor_bytes=checks.max_tensor_bytes,
-    )
-    return report
 
 
 MODEL_KINDS = "a path (str or os.PathLike), bytes, an onnx.ModelProto or an onnx_ir.Model"

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-__all__ = ["O0", "O1", "O2", "O3", "CLEANUP", "FUSE"]
+__all__ = ["CLEANUP", "FUSE", "O0", "O1", "O2", "O3", "TARGET_FUSE"]
 
 from gcomp.registry import Stage, register_pipeline
 
@@ -49,6 +49,9 @@ _AFTER_FUSION = ("fold-constants", "simplify", "eliminate-identity", "cse", "rem
 # Shapes are forgotten and inferred afresh each round: a fused op's output carries exact
 # dims, and a stale, less precise symbol from an earlier round would hide equalities.
 FUSE = Stage(("forget-inferred-shapes", "infer-shapes", "fuse", *_AFTER_FUSION), repeat=3)
+# O3's fusion: the target's own ops, then the portable ones (also run after a lower level's
+# pipeline by --quantize int8-dynamic on ort-* targets: gcomp/quantize_plan.py)
+TARGET_FUSE = Stage(("forget-inferred-shapes", "infer-shapes", "fuse-target", "fuse", *_AFTER_FUSION), repeat=3)
 _FINISH = Stage(("forget-inferred-shapes", "topological-sort"))
 O2 = register_pipeline(
     "O2",
@@ -68,6 +71,6 @@ O3 = register_pipeline(
     # The target's fusions first: where both match (attention, GELU), its own op wins; what
     # builds on a portable fusion (SkipLayerNormalization on LayerNormalization) fires in
     # the stage's next round.
-    Stage(("forget-inferred-shapes", "infer-shapes", "fuse-target", "fuse", *_AFTER_FUSION), repeat=3),
+    TARGET_FUSE,
     _FINISH,
 )

@@ -129,11 +129,12 @@ def test_cli_quantize_writes_the_model_and_reports_it(tmp_path):
     from gcomp.report import render_html, render_markdown
 
     assert "## Quantization (int8-dynamic, ort-cpu)" in render_markdown(doc)
-    assert "| both inputs are activations |" in render_markdown(doc)  # the kept-float decisions
+    # the decisions: int8-dynamic on ort-cpu fuses attention first and quantizes it as QAttention
+    assert "| Attention → QAttention |" in render_markdown(doc)
     assert 'quant-nodes' in render_html(doc)
     assert "quantized (int8-dynamic" in proc.stdout
     shown = run_gcomp("inspect", out)
-    assert "quantization: quantized (DynamicQuantizeMatMul x" in shown.stdout, shown.stdout
+    assert "DynamicQuantizeMatMul x6, QAttention x2 found" in shown.stdout, shown.stdout
     assert "by gcomp --quantize int8-dynamic" in shown.stdout
     assert "quantization: none (float)" in run_gcomp("inspect", DEFAULT).stdout
 

@@ -243,7 +243,8 @@ def _quantization_section(q: dict[str, Any] | None) -> str:
                  f"p10–p90 {speed['speedup_p10']:.2f}–{speed['speedup_p90']:.2f}x).")
     if q.get("weight_bytes_before"):
         note += f" Weights {fmt_bytes(q['weight_bytes_before'])} → {fmt_bytes(q['weight_bytes_after'])}."
-    rows = [{"node": r["node"], "decision": "quantized", "detail": r.get("op_type")} for r in q["quantized"]]
+    rows = [{"node": r["node"], "decision": "quantized",
+             "detail": f"{r.get('op_type')} → {r['as']}" if r.get("as") else r.get("op_type")} for r in q["quantized"]]
     rows += [{"node": r["node"], "decision": "kept float (accuracy)", "detail": r["reason"]}
              for r in q["returned_to_float"]]
     rows += [{"node": r["node"], "decision": "kept float", "detail": r["reason"]} for r in q["skipped"]]

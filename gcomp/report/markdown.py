@@ -101,11 +101,17 @@ def _quantization_md(q: dict[str, Any] | None) -> list[str]:
                           [[r["node"], f"{r['float_us']:.1f}", f"{r['quantized_us']:.1f}", r["decision"]]
                            for r in q["regions"]]))
         out.append("")
-    decisions = [[r["node"], "quantized", r.get("op_type", "")] for r in q["quantized"]]
+    decisions = [[r["node"], "quantized", _quantized_as(r)] for r in q["quantized"]]
     decisions += [[r["node"], "kept float (accuracy)", r["reason"]] for r in q["returned_to_float"]]
     decisions += [[r["node"], "kept float", r["reason"]] for r in q["skipped"]]
     out.append(_table(["node", "decision", "why / op"], decisions))
     return out
+
+
+def _quantized_as(entry: dict[str, Any]) -> str:
+    """``op_type``, and the form it took where a node has more than one (Attention)."""
+    op = entry.get("op_type", "")
+    return f"{op} → {entry['as']}" if entry.get("as") else op
 
 
 def _before_after_md(doc: dict[str, Any]) -> list[str]:

@@ -76,6 +76,8 @@ import numpy as np
 import onnx_ir as ir
 
 from gcomp.errors import OptionError
+from gcomp.passes.quant._attention import (ATTENTION, attention_candidates, drop_dead, plan_masks,
+                                           quantized_attention)
 from gcomp.passes.quant._common import (ORT_DOMAIN, TARGET_HELP, Candidate, QuantPass, Workspace,
                                         gemm_refusal, linear_candidates, read_const, require_opset)
 from gcomp.passes.quant._smooth import Smoother, smoothed_candidate
@@ -83,7 +85,7 @@ from gcomp.passes.result import DetailedResult
 from gcomp.passes.rewire import bypass
 from gcomp.registry import PassContext, register_pass
 
-OP_TYPES = ("MatMul", "Gemm")
+OP_TYPES = ("MatMul", "Gemm", ATTENTION)  # Attention: com.microsoft's, on ort-* targets
 SMOOTH = 0.65  # SmoothQuant's alpha, measured on MiniLM (passes/quant/_smooth.py, docs/measurements.md)
 
 
@@ -99,6 +101,8 @@ def candidates(model: ir.Model, op_types: Sequence[str] = OP_TYPES) -> list[tupl
     """``(node name, op_type)`` of every node ``quantize-dynamic`` would quantize (main graph,
     before ``exclude_nodes``), without changing the model."""
     found = linear_candidates(model.graph, op_types)
+    if ATTENTION in op_types:
+        found += attention_candidates(model.graph)
     return [(c.name, c.op_type) for c in found if c.reason is None and _refusal(c) is None]
 
 
@@ -117,7 +121,8 @@ class QuantizeDynamic(QuantPass):
         per_channel: Annotated[bool, "one weight scale per output column (else one per tensor)"] = True,
         smooth: Annotated[float, "SmoothQuant migration strength alpha in [0, 1]: activation outlier "
                                  "channels moved into the weights (calibrated); 0: off"] = SMOOTH,
-        op_types: Annotated[tuple, "op types to quantize (MatMul, Gemm)"] = OP_TYPES,
+        op_types: Annotated[tuple, "op types to quantize (MatMul, Gemm, Attention: com.microsoft's "
+                                   "-> QAttention)"] = OP_TYPES,
         exclude_nodes: Annotated[tuple, "ONNX node names kept float"] = (),
         context: PassContext | None = None,
     ) -> None:
@@ -133,12 +138,20 @@ class QuantizeDynamic(QuantPass):
         self.smoother = self._smoother()
         self.op_types = tuple(op_types)
         self.ort = False
+        self.masks: dict = {}  # Attention node name -> its MaskPlan (planned in check)
+        self.mask_casts: dict[str, ir.Value] = {}  # mask input name -> its int32 Cast
 
     def call(self, model: ir.Model) -> DetailedResult:
         self.smoother = self._smoother()  # planned afresh for each model (in check)
+        self.masks, self.mask_casts = {}, {}
+        biases = [n.inputs[5] for n in model.graph if n.op_type == ATTENTION and len(n.inputs) > 5 and n.inputs[5]]
         result = super().call(model)
+        drop_dead(model.graph, biases)  # an additive mask QAttention replaced by its mask input
         for entry in result.details["quantized"]:
             entry.update(self.smoother.describe(entry["node"]))
+            if entry["op_type"] == ATTENTION:
+                plan = self.masks.get(entry["node"])
+                entry["as"] = plan.describe() if plan is not None else "QAttention"
         result.details["smoothing"] = self.smoother.summary()
         return result
 
@@ -150,15 +163,21 @@ class QuantizeDynamic(QuantPass):
         self.ort = caps is not None and caps.backend == "ort"
         if self.ort and not caps.accepts(ORT_DOMAIN, "DynamicQuantizeMatMul", 1):
             raise OptionError(f"target {self.target} does not run {ORT_DOMAIN}.DynamicQuantizeMatMul")
-        return linear_candidates(model.graph, self.op_types)
+        found = linear_candidates(model.graph, self.op_types)
+        if self.ort and ATTENTION in self.op_types:
+            found += attention_candidates(model.graph)
+        return found
 
     def refusal(self, c: Candidate) -> str | None:
+        if c.op_type == ATTENTION and not self.capabilities().accepts(ORT_DOMAIN, "QAttention", 1):
+            return f"target {self.target} does not run {ORT_DOMAIN}.QAttention"
         return _refusal(c)
 
     def check(self, model: ir.Model, todo: list[Candidate]) -> None:
         if not self.ort:
             require_opset(model, 11, "quantize-dynamic (portable: DynamicQuantizeLinear)")
         self.smoother.plan(model, todo, self.context)  # the last look at the float model
+        self.masks = plan_masks(model, todo, self.context)
 
     def quantize(self, ws: Workspace, c: Candidate) -> Any:
         c = smoothed_candidate(self.smoother, ws, c)  # reading X / s when smoothed
@@ -171,6 +190,10 @@ class QuantizeDynamic(QuantPass):
                     (f"{base}_zero_point", np.zeros(scale.shape, np.int8))]
 
         wq, ws_, wz = ws.initializers(key, arrays)
+        if c.op_type == ATTENTION:
+            ws.use_domain(ORT_DOMAIN)
+            quantized_attention(ws, c, [wq, ws_, wz], self.masks.get(c.name), self.mask_casts)
+            return key
         if not self.ort:
             ws.replace(c.node, _standard_ops(ws, c, wq, ws_, wz))
             return key
