@@ -14,7 +14,8 @@ needs first, the run, and verification under the accuracy budget.
 
 from __future__ import annotations
 
-__all__ = ["TARGET_FUSED", "Quantize", "check", "fusion_steps", "on_calibration_data", "plan", "run"]
+__all__ = ["TARGET_FUSED", "Quantize", "check", "fusion_steps", "needs_target_fusion", "on_calibration_data", "plan",
+           "run"]
 
 import dataclasses
 from collections.abc import Mapping
@@ -64,9 +65,7 @@ def plan(mode, calibration, metric, speed_gate, options: dict[str, Any], precisi
 def fusion_steps(quant: Quantize | None, pipeline, context: registry.PassContext) -> list:
     """The steps (in the pipeline's ``(passes, repeat)`` form) of the target's fusions when
     ``quant`` needs them and ``pipeline`` does not run them already; else none."""
-    if quant is None or quant.mode not in TARGET_FUSED or not quant.target.startswith("ort"):
-        return []
-    if any(isinstance(s, registry.Stage) and "fuse-target" in s.passes for s in registry.resolve(pipeline)):
+    if quant is None or not needs_target_fusion(quant, pipeline):
         return []
     group = []
     for name in TARGET_FUSE.passes:
@@ -74,6 +73,13 @@ def fusion_steps(quant: Quantize | None, pipeline, context: registry.PassContext
         mine = {"target": quant.target} if any(o.name == "target" for o in info.options) else {}
         group.append((name, info.create(context=context, **mine)))
     return [(group, TARGET_FUSE.repeat)]
+
+
+def needs_target_fusion(quant: Quantize, pipeline) -> bool:
+    """Whether ``quant`` runs the target's fusions after ``pipeline`` (which has none)."""
+    if quant.mode not in TARGET_FUSED or not quant.target.startswith("ort"):
+        return False
+    return not any(isinstance(s, registry.Stage) and "fuse-target" in s.passes for s in registry.resolve(pipeline))
 
 
 def check(reference, float_model: ir.Model, quantized: ir.Model, budget: Budget):

@@ -214,3 +214,20 @@ def test_portable_target_gets_no_target_fusion():
     assert [name for name, _ in steps[0][0]][2:4] == ["fuse-target", "fuse"]
     assert quantize_plan.fusion_steps(quantize_plan.Quantize("int8-dynamic", None, target="ort-cpu"), "O3",
                                       runtime.pass_context()) == []
+
+
+def test_dry_run_shows_the_fusion_int8_dynamic_runs_first(tmp_path):
+    """``--dry-run`` lists the target's fusions before quantize-dynamic on ort-cpu (O2 has
+    none), and none for int4 or with --target portable."""
+    from tests.test_cli import DEFAULT, gcomp as run_gcomp
+
+    def plan(*args):
+        proc = run_gcomp("optimize", DEFAULT, "-o", tmp_path / "x.onnx", "--dry-run", *args)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    text = plan("--quantize", "int8-dynamic")
+    assert "fuse-target (target=ort-cpu)" in text
+    assert text.index("fuse-target (target=ort-cpu)") < text.index("quantize-dynamic (target=ort-cpu)")
+    assert "fuse-target" not in plan("--quantize", "int4")
+    assert "fuse-target" not in plan("--quantize", "int8-dynamic", "--target", "portable")

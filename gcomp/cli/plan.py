@@ -62,23 +62,21 @@ def _report_text(report, *, folder: bool) -> str:
 
 def _steps(request, options: dict[str, Any], precision: str | None) -> tuple[list, str | None, dict]:
     """The steps in order, the fusion target, and the quantization pass's options."""
+    from gcomp.passes.pipelines import TARGET_FUSE
     from gcomp.pipeline import DEFAULT_FUSION_TARGET, registry
 
     stages = registry.resolve(request.pipeline)
     if "target" not in options and any("fuse-target" in s.passes for s in stages):
         options["target"] = DEFAULT_FUSION_TARGET  # O3 without --target fuses for ONNX Runtime on the CPU
     quant_options: dict[str, Any] = {}
-    if request.quantize:
+    quant = None
+    if request.quantize:  # the options routed as optimize routes them (gcomp.quantize_plan)
+        from gcomp import quantize_plan
         from gcomp.quantize import MODES
 
-        name, fixed = MODES[request.quantize]
-        declared = {o.name for o in registry.get_pass(name).options} - {"target"}
-        quant_options = dict(fixed, **{k: options.pop(k) for k in list(options) if k in declared})
-        if not precision:
-            options.pop("tolerance", None)  # the accuracy budget's, not a pass option
-        quant_options["target"] = options.get("target", DEFAULT_FUSION_TARGET)
-        if "target" not in registry.pipeline_options(request.pipeline):
-            options.pop("target", None)
+        quant = quantize_plan.plan(request.quantize, None, request.metric, True, options, precision,
+                                   request.pipeline)
+        quant_options = dict(MODES[request.quantize][1], **quant.options, target=quant.target)
     precision_options = {}
     if precision:
         declared = {o.name for o in registry.get_pass("convert-precision").options}
@@ -87,7 +85,9 @@ def _steps(request, options: dict[str, Any], precision: str | None) -> tuple[lis
     _refuse_unused(request.pipeline, options, registry)
     if precision:
         steps.append((_named("convert-precision", precision_options), []))
-    if request.quantize:
+    if quant is not None:
+        if quantize_plan.needs_target_fusion(quant, request.pipeline):
+            steps.append(_stage(TARGET_FUSE, {"target": quant.target}, registry))
         steps.append((_named(MODES[request.quantize][0], quant_options) + ", kept within the accuracy budget", []))
     if request.static:
         steps.insert(0, ("static-shapes (every dim fixed at the input shapes)", []))
