@@ -9,9 +9,17 @@ External data is read with plain file reads in 1 MiB chunks, never memory-mapped
 the pass's resident memory stays small however large the model: a model whose weights
 all differ is read 64 KiB per weight.
 
+Across scopes: byte-equal initializers of different graphs (If branches and Loop
+bodies each holding their own copy of ``[0]``, ``[1]``, ``INT64_MAX``, or the same
+weight) become one initializer of the main graph, which every body may read. One already
+in the main graph is kept; else one body's copy moves there under a name used nowhere
+else in the model (a body value of the same name would otherwise shadow it). Not in an
+IR-3 model, whose main-graph initializers must be graph inputs.
+
 Refuses: initializers that are graph inputs (a caller may override them) or graph
 outputs, and tensors over ``dedup_size_limit`` elements.
-Scopes: each graph on its own (main graph and every subgraph).
+Scopes: each graph on its own (main graph and every subgraph), then across them;
+functions have no initializers.
 Guarantees: outputs bit-identical (only byte-equal tensors are merged).
 """
 
@@ -20,11 +28,12 @@ from __future__ import annotations
 __all__ = ["DeduplicateInitializers"]
 
 import hashlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Annotated
 
 import onnx_ir as ir
 
+from gcomp.passes.scopes import FreshNames, all_scopes
 from gcomp.registry import register_pass
 
 
@@ -40,34 +49,73 @@ class DeduplicateInitializers(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        for graph in model.graphs():
-            modified |= self._dedup(graph)
+        graphs = list(model.graphs())
+        for graph in graphs:
+            for same in self._equal(graph.initializers.values()):
+                _merge(same[0], same[1:])
+                modified = True
+        if len(graphs) > 1 and (model.ir_version is None or model.ir_version >= 4):
+            modified |= self._hoist(model, graphs)
         return ir.passes.PassResult(model, modified=modified)
 
-    def _dedup(self, graph: ir.Graph) -> bool:
+    def _hoist(self, model: ir.Model, graphs: list[ir.Graph]) -> bool:
+        """Byte-equal initializers of different graphs become one of the main graph."""
+        bodies = [v for g in graphs[1:] for v in g.initializers.values()]
+        if not bodies:
+            return False
+        groups = self._equal([*model.graph.initializers.values(), *bodies])
+        if not groups:
+            return False
+        names = FreshNames(model)
+        counts = _name_counts(model)
+        for same in groups:
+            keep = next((v for v in same if v.graph is model.graph), same[0])
+            rest = [v for v in same if v is not keep]
+            if keep.graph is not model.graph or counts[keep.name] > 1:
+                # Moved out of its body, or named like a value elsewhere that could shadow it
+                # where the others are read: a name nothing else in the model has.
+                keep.graph.initializers.pop(keep.name)
+                keep.name = names(keep.name)
+                model.graph.initializers.add(keep)
+            _merge(keep, rest)
+        return True
+
+    def _equal(self, values) -> list[list[ir.Value]]:
+        """Groups (two or more) of byte-equal candidates among ``values``."""
         groups: dict[tuple, list[ir.Value]] = defaultdict(list)
-        for value in graph.initializers.values():
+        for value in values:
             tensor = value.const_value
             if tensor is None or value.is_graph_input() or value.is_graph_output() or tensor.size > self.size_limit:
                 continue
             groups[(tensor.dtype, tuple(tensor.shape.numpy()))].append(value)
-        modified = False
-        for values in groups.values():
-            if len(values) < 2:
+        found = []
+        for same_type in groups.values():
+            if len(same_type) < 2:
                 continue
             by_sample: dict[str, list[ir.Value]] = defaultdict(list)
-            for value in values:
+            for value in same_type:
                 by_sample[_digest(value.const_value, sample=True)].append(value)
             for candidates in by_sample.values():
-                if len(candidates) < 2:
-                    continue
-                for same in _identical_groups(candidates):
-                    keep = same[0]
-                    for value in same[1:]:
-                        ir.convenience.replace_all_uses_with(value, keep)
-                        graph.initializers.pop(value.name)
-                        modified = True
-        return modified
+                if len(candidates) > 1:
+                    found.extend(_identical_groups(candidates))
+        return found
+
+
+def _merge(keep: ir.Value, others: list[ir.Value]) -> None:
+    for value in others:
+        ir.convenience.replace_all_uses_with(value, keep)
+        value.graph.initializers.pop(value.name)
+
+
+def _name_counts(model: ir.Model) -> Counter:
+    """How many values of the model carry each name (across every scope)."""
+    counts: Counter = Counter()
+    for scope in all_scopes(model):
+        values = [*scope.inputs, *(scope.initializers.values() if isinstance(scope, ir.Graph) else ())]
+        for node in scope:
+            values.extend(node.outputs)
+        counts.update(v.name for v in values if v is not None and v.name)
+    return counts
 
 
 _BLOCK = 4096

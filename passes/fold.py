@@ -1,13 +1,16 @@
 """Constant folding, with shape folding and size limits.
 
-A node folds when every input is a constant (a main-graph initializer that is not a
-graph input, a ``Constant`` node's value, or a value folded earlier, outer scopes
-included) or when its value follows from static dimensions alone: ``Shape`` and
-``Size`` of a tensor whose dims are known, and ``Gather``/``Slice``/``Concat``/
-``Unsqueeze``/``Squeeze``/``Cast`` and integer arithmetic over such shape values, even
-when other dims stay symbolic (those are never guessed). Folded values become
-initializers in the main graph and ``Constant`` nodes in subgraphs and functions (which
-cannot hold initializers); ``Constant`` nodes of the main graph become initializers.
+A node folds when every input is a constant (an initializer that is not a graph
+input, a ``Constant`` node's value, or a value folded earlier, outer scopes included)
+or when its value follows from static dimensions alone: ``Shape`` and ``Size`` of a
+tensor whose dims are known, and ``Gather``/``Slice``/``Concat``/``Unsqueeze``/
+``Squeeze``/``Cast`` and integer arithmetic over such shape values, even when other
+dims stay symbolic (those are never guessed). Folded values, and ``Constant``
+nodes, become initializers of their graph: the main graph's, or the If/Loop/Scan
+body's own. In functions and their bodies, and in the bodies of an IR-3 model (whose
+initializers must be graph inputs), they stay ``Constant`` nodes
+(``gcomp.passes.scopes.initializer_scopes``). A ``Constant`` that is its graph's output
+stays a node.
 
 Evaluation: ONNX's reference evaluator for small work (a fraction of a millisecond per
 node), the runtime the pipeline hands the pass (``context.runtime``: ONNX Runtime) for
@@ -42,7 +45,7 @@ import onnx_ir as ir
 from gcomp.passes.opsets import NON_DETERMINISTIC, model_opset
 from gcomp.passes.result import DetailedResult
 from gcomp.passes.rewire import bypass
-from gcomp.passes.scopes import all_scopes
+from gcomp.passes.scopes import FreshNames, add_constant, all_scopes, initializer_scopes
 from gcomp.passes.symbolic import SymbolicShapes
 from gcomp.registry import PassContext, Runtime, register_pass
 
@@ -70,7 +73,7 @@ class FoldConstants(ir.passes.InPlacePass):
         self,
         *,
         max_fold_bytes: Annotated[int, "largest folded output allowed to be bigger than the node's inputs"] = 1024,
-        lift_constants: Annotated[bool, "turn the main graph's Constant nodes into initializers"] = True,
+        lift_constants: Annotated[bool, "turn Constant nodes into initializers (main graph and its bodies)"] = True,
         context: PassContext | None = None,
     ) -> None:
         super().__init__()
@@ -86,6 +89,8 @@ class FoldConstants(ir.passes.InPlacePass):
         # token naming a symbolic dim (equal tokens are equal dims), or None (unknown).
         self._shape_values: dict[ir.Value, tuple[list[Dim], bool]] = {}
         self._const = constant_lookup(model)
+        self._holders = initializer_scopes(model)  # where a constant becomes an initializer
+        self._names = FreshNames(model)
         self._sym = SymbolicShapes(self._const, self._shape_values)
         modified = False
         for scope in all_scopes(model):
@@ -144,21 +149,8 @@ class FoldConstants(ir.passes.InPlacePass):
                 return False
         if target.count(-1) > 1:
             return False
-        const = np.array(target, dtype=np.int64)
-        new = ir.Value(name=None, shape=ir.Shape(const.shape), type=ir.TensorType(ir.DataType.INT64), const_value=_tensor(const))
-        if scope is self._model.graph:
-            base = f"{node.inputs[1].name or node.name or 'reshape'}_const"
-            name, k = base, 0
-            while name in scope.initializers:
-                k += 1
-                name = f"{base}_{k}"
-            new.name = name
-            new.const_value.name = name
-            scope.initializers.add(new)
-        else:
-            c = ir.node("Constant", inputs=[], attributes={"value": _tensor(const, name="target")}, name=_unique_node_name(node, "target"))
-            scope.insert_before(node, c)
-            new = c.outputs[0]
+        name = self._names(f"{node.inputs[1].name or node.name or 'reshape'}_const")
+        new = add_constant(scope, np.array(target, dtype=np.int64), name, node, as_initializer=scope in self._holders)
         node.replace_input_with(1, new)
         self._folded["Reshape target"] += 1
         return True
@@ -168,7 +160,7 @@ class FoldConstants(ir.passes.InPlacePass):
         return False
 
     def _lift_constant(self, scope, node: ir.Node) -> bool:
-        if not self.lift_constants or scope is not self._model.graph:
+        if not self.lift_constants or scope not in self._holders:
             return False
         out = node.outputs[0]
         if out.is_graph_output():
@@ -237,19 +229,15 @@ class FoldConstants(ir.passes.InPlacePass):
             if out.shape is not None and out.shape.is_static() and tuple(out.shape.numpy()) != array.shape:
                 return self._skip(node, f"shape: evaluated {array.shape} but the graph declares {out.shape}")
             fixed.append(array)
-        main = scope is self._model.graph
+        holds = scope in self._holders
         for out, array in zip(outputs, fixed):
             if not out.uses() and not out.is_graph_output():
                 continue
             name = out.name
-            if main and not out.is_graph_output():
-                new = ir.Value(name=None, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                               const_value=_tensor(array))
-                ir.convenience.replace_all_uses_with(out, new)
+            if holds and not out.is_graph_output():
                 out.name = None
-                new.name = name
-                new.const_value.name = name
-                scope.initializers.add(new)
+                new = add_constant(scope, array, name or self._names("folded"), node, as_initializer=True)
+                ir.convenience.replace_all_uses_with(out, new)
             else:
                 const = ir.node("Constant", inputs=[], attributes={"value": _tensor(array, name=name)},
                                 name=_unique_node_name(node, "folded"))

@@ -6,12 +6,16 @@ the node. Each is exact (bit-identical outputs) under the stated conditions:
 - no-ops: ``Cast`` to the input's own type; ``Reshape``/``Expand`` to the input's own
   static shape; ``Transpose`` with the identity permutation; ``Dropout`` in inference
   (its mask output unused); ``Pad`` whose pads are all zero; ``Slice`` covering every
-  element with step 1; ``Squeeze``/``Unsqueeze`` with no axes to change.
+  element with step 1 (a symbolic dim counts as covered from 0 to an end of at least
+  2**62, the exporters' ``INT64_MAX``); ``Squeeze``/``Unsqueeze`` with no axes to change.
 - merges: ``Transpose(Transpose(x, p), q) = Transpose(x, p∘q)``;
   ``Reshape(Reshape(x, a), b) = Reshape(x, b)`` when ``b`` is constant without zeros
   (a zero would copy a dim of the intermediate shape); ``Unsqueeze(Squeeze(x, a), a)``
   and ``Squeeze(Unsqueeze(x, a), a)`` = ``x``; ``Unsqueeze(Unsqueeze(x, a), b)`` =
-  ``Unsqueeze(x, c)`` (one node; c: every inserted axis's final position).
+  ``Unsqueeze(x, c)`` (one node; c: every inserted axis's final position);
+  ``Slice(Slice(x, a), b) = Slice(x, a + b)`` when they slice different axes (the inner
+  one used only there). New constants are initializers where the scope may hold them
+  (``gcomp.passes.scopes``), else ``Constant`` nodes.
 - identities: ``x*1``, ``1*x``, ``x+0``, ``0+x``, ``x-0``, ``x/1``, ``x**1`` when the constant
   is that value everywhere, the output has ``x``'s dtype and broadcasting cannot change
   ``x``'s shape (every dim of the constant is 1 and ``x``'s rank is known and at least the
@@ -25,7 +29,7 @@ an output that cannot be rewired keeps its node (see :mod:`gcomp.passes.rewire`)
 
 from __future__ import annotations
 
-__all__ = ["Simplify", "RULES"]
+__all__ = ["RULES", "Simplify"]
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +40,7 @@ import onnx_ir as ir
 from gcomp.passes.fold import constant_lookup, standalone_node_proto
 from gcomp.passes.opsets import model_opset
 from gcomp.passes.rewire import bypass
-from gcomp.passes.scopes import all_scopes
+from gcomp.passes.scopes import FreshNames, add_constant, all_scopes, initializer_scopes
 from gcomp.registry import register_pass
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class Context:
 
     opset: int
     constant: Callable[[ir.Value], np.ndarray | None]
+    holders: frozenset = frozenset()  # the graphs where a new constant is an initializer
+    names: Callable[[str], str] = str  # fresh value names (FreshNames)
 
 
 Rule = Callable[[ir.Graph | ir.Function, ir.Node, Context], bool]
@@ -62,6 +68,8 @@ class Simplify(ir.passes.InPlacePass):
         ctx = Context(
             opset=model_opset(model),
             constant=constant_lookup(model),
+            holders=frozenset(initializer_scopes(model)),
+            names=FreshNames(model),
         )
         for scope in all_scopes(model):
             for node in list(scope):
@@ -204,23 +212,44 @@ def _pad_zero(scope, node, ctx: Context) -> bool:
     return _drop(scope, node, node.inputs[0])
 
 
-def _slice_everything(scope, node, ctx: Context) -> bool:
-    x = node.inputs[0]
-    shape = _static_shape(x)
+# No axis of a tensor has this many elements (2**62 of even one byte is 4 EiB): a slice
+# end at or past it, or a start at or before its negative, reaches the end of any dim.
+_HUGE = 1 << 62
+
+
+def _slice_params(ctx: Context, node: ir.Node) -> tuple[list[int], list[int], list[int], list[int]] | None:
+    """Constant (starts, ends, axes, steps) of a Slice, defaults filled in; None otherwise."""
     starts, ends = _ints(ctx, node, 1, "starts"), _ints(ctx, node, 2, "ends")
-    if shape is None or starts is None or ends is None or len(starts) != len(ends):
-        return False
+    if starts is None or ends is None or len(starts) != len(ends):
+        return None
     has_axes = "axes" in node.attributes or (len(node.inputs) > 3 and node.inputs[3] is not None)
     axes = _ints(ctx, node, 3, "axes") if has_axes else list(range(len(starts)))
     has_steps = len(node.inputs) > 4 and node.inputs[4] is not None
     steps = _ints(ctx, node, 4) if has_steps else [1] * len(starts)
-    if axes is None or steps is None:
+    if axes is None or steps is None or not len(axes) == len(steps) == len(starts):
+        return None
+    return starts, ends, axes, steps
+
+
+def _slice_everything(scope, node, ctx: Context) -> bool:
+    """Step 1 from the first element to the last on every sliced axis. With the dim
+    known, after clamping; with the dim symbolic (or the rank unknown), a start of 0 (or
+    at most -2**62) and an end of at least 2**62: INT64_MAX, the exporters' "to the end"."""
+    x = node.inputs[0]
+    params = _slice_params(ctx, node)
+    if x is None or params is None:
         return False
-    for start, end, axis, step in zip(starts, ends, axes, steps):
-        dim = shape[axis]
-        s = min(max(start + dim if start < 0 else start, 0), dim)
-        e = min(max(end + dim if end < 0 else end, 0), dim)
-        if step != 1 or s != 0 or e != dim:
+    rank = len(x.shape) if x.shape is not None else None
+    for start, end, axis, step in zip(*params):
+        if step != 1:
+            return False
+        dim = x.shape[axis] if rank is not None and -rank <= axis < rank else None
+        if isinstance(dim, int):
+            s = min(max(start + dim if start < 0 else start, 0), dim)
+            e = min(max(end + dim if end < 0 else end, 0), dim)
+            if s != 0 or e != dim:
+                return False
+        elif not (start == 0 or start <= -_HUGE) or end < _HUGE:
             return False
     return _drop(scope, node, x)
 
@@ -264,6 +293,38 @@ def _reshape_reshape(scope, node, ctx: Context) -> bool:
     if target is None or (0 in target and not node.attributes.get_int("allowzero", 0)):
         return False
     node.replace_input_with(0, inner.inputs[0])
+    _remove_if_dead(scope, inner)
+    return True
+
+
+def _slice_slice(scope, node, ctx: Context) -> bool:
+    """``Slice(Slice(x, a), b) = Slice(x, a + b)`` when the two slice different axes: each
+    axis is sliced on its own, against dims the other slice does not change."""
+    inner = _producer_of(node, "Slice")
+    if ctx.opset < 10 or inner is None or inner.graph is not scope or not _single_use(inner.outputs[0]):
+        return False
+    first, second = _slice_params(ctx, inner), _slice_params(ctx, node)
+    x = inner.inputs[0]
+    if first is None or second is None or x is None:
+        return False
+    axes = first[2] + second[2]
+    if any(a < 0 for a in axes):
+        rank = len(x.shape) if x.shape is not None else None
+        if rank is None or any(not -rank <= a < rank for a in axes):
+            return False
+        axes = [a % rank for a in axes]
+    if len(set(axes)) != len(axes):
+        return False
+    merged = (first[0] + second[0], first[1] + second[1], axes, first[3] + second[3])
+    base = node.name or "Slice"
+    params = [
+        add_constant(scope, np.array(v, dtype=np.int64), ctx.names(f"{base}_{what}"), node,
+                     as_initializer=scope in ctx.holders)
+        for v, what in zip(merged, ("starts", "ends", "axes", "steps"))
+    ]
+    node.resize_inputs(5)
+    for i, value in enumerate([x, *params]):
+        node.replace_input_with(i, value)
     _remove_if_dead(scope, inner)
     return True
 
@@ -447,7 +508,7 @@ RULES: dict[str, list[Rule]] = {
     "Transpose": [_transpose_identity, _transpose_transpose],
     "Dropout": [_dropout_inference],
     "Pad": [_pad_zero],
-    "Slice": [_slice_everything],
+    "Slice": [_slice_everything, _slice_slice],
     "Squeeze": [_squeeze_pair],
     "Unsqueeze": [_squeeze_nothing, _squeeze_pair, _unsqueeze_unsqueeze],
     "Mul": [_identity_operand(1)],

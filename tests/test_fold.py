@@ -152,7 +152,8 @@ def test_folds_inside_subgraphs_with_outer_constants():
     result, after = fold(proto)
     assert result.modified
     then = next(a.g for a in after.graph.node[2].attribute if a.name == "then_branch")
-    assert [n.op_type for n in then.node] == ["Constant", "Add"]  # subgraphs hold Constant nodes
+    assert [n.op_type for n in then.node] == ["Add"]  # the folded value is the branch's own initializer
+    assert [i.name for i in then.initializer] == ["w2"] and not after.graph.initializer[2:]
     onnx.checker.check_model(after, full_check=True)
     for sign in (1, -1):
         assert_same_outputs(proto, after, {"x": sign * np.abs(X)}, rtol=0, atol=0)
@@ -236,3 +237,95 @@ def test_reshape_target_of_another_tensors_dims_is_left_alone():
     proto = _reshape_by_shape_of("z")
     result = gcomp.optimize(ir.from_proto(proto), "O1", verify=False)
     assert "Shape" in ops(ir.to_proto(result.model))
+
+
+def _bodies(graph):
+    """Every If/Loop/Scan body under ``graph`` (a GraphProto), depth first."""
+    for node in graph.node:
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield body
+                yield from _bodies(body)
+
+
+def _if_of_loop(ir_version=10):
+    """y = x + [1,2,3,4] if sum(x) > 0 else x * 0.5**n (a Loop of n steps); Constant nodes in both bodies."""
+    step = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["half"], value=helper.make_tensor("v", TensorProto.FLOAT, [], [0.5]), name="half"),
+            helper.make_node("Mul", ["h", "half"], ["h2"], name="mul"),
+            helper.make_node("Identity", ["c"], ["c2"], name="keep"),
+        ],
+        "step", [vinfo("i", TensorProto.INT64, ()), vinfo("c", TensorProto.BOOL, ()), vinfo("h", shape=("batch", 4))],
+        [vinfo("c2", TensorProto.BOOL, ()), vinfo("h2", shape=("batch", 4))],
+    )
+    then = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["bias"], value=helper.make_tensor("b", TensorProto.FLOAT, [4], [1, 2, 3, 4]), name="bias"),
+            helper.make_node("Add", ["x", "bias"], ["t"], name="add"),
+        ],
+        "then", [], [vinfo("t")],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Loop", ["n", "", "x"], ["e"], body=step, name="loop")], "else", [], [vinfo("e")],
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
+        helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other, name="if"),
+    ]
+    proto = make_model(nodes, [vinfo("x"), vinfo("n", TensorProto.INT64, ())], [vinfo("y")], [tensor("zero", np.float32(0))])
+    proto.ir_version = ir_version
+    return proto
+
+
+def test_constants_in_if_and_loop_bodies_become_their_own_initializers():
+    proto = _if_of_loop()
+    result, after = fold(proto)
+    assert result.modified
+    bodies = {b.name: b for b in _bodies(after.graph)}
+    assert not [n for b in bodies.values() for n in b.node if n.op_type == "Constant"]
+    assert [i.name for i in bodies["then"].initializer] == ["bias"]
+    assert [i.name for i in bodies["step"].initializer] == ["half"]
+    assert [i.name for i in after.graph.initializer] == ["zero"]  # nothing moved out of its body
+    onnx.checker.check_model(after, full_check=True)
+    for sign, n in ((1, 2), (-1, 0), (-1, 1), (-1, 3)):
+        feeds = {"x": sign * np.abs(X), "n": np.array(n, np.int64)}
+        assert_same_outputs(proto, after, feeds, rtol=0, atol=0)
+    again, _ = fold(after)
+    assert not again.modified
+
+
+def test_bodies_of_an_ir3_model_and_functions_keep_constant_nodes():
+    model = ir.from_proto(_if_of_loop(ir_version=3))
+    result = registry.get_pass("fold-constants").create()(model)
+    assert not result.modified  # IR 3: a body's initializers would have to be its inputs
+    assert sum(n.op_type == "Constant" for g in model.graphs() for n in g) == 2
+
+    body = [
+        helper.make_node("Constant", [], ["k"], value=helper.make_tensor("k", TensorProto.FLOAT, [], [3.0]), name="k"),
+        helper.make_node("Mul", ["a", "k"], ["b"], name="mul"),
+    ]
+    fn = helper.make_function("local", "Triple", ["a"], ["b"], body, [helper.make_opsetid("", 17)])
+    proto = make_model([helper.make_node("Triple", ["x"], ["y"], domain="local", name="call")], [vinfo("x")], [vinfo("y")],
+                       functions=[fn], extra_opsets=[helper.make_opsetid("local", 1)])
+    result, after = fold(proto)
+    assert not result.modified and [n.op_type for n in after.functions[0].node] == ["Constant", "Mul"]
+
+
+def test_a_constant_returned_by_a_body_stays_a_node():
+    then = helper.make_graph(
+        [helper.make_node("Constant", [], ["t"], value=helper.make_tensor("v", TensorProto.FLOAT, [4], [1, 2, 3, 4]), name="c")],
+        "then", [], [vinfo("t", shape=(4,))],
+    )
+    other = helper.make_graph([helper.make_node("ReduceMax", ["x"], ["e"], axes=[0], keepdims=0, name="m")], "else", [],
+                              [vinfo("e", shape=(4,))])
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
+        helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other, name="if"),
+    ]
+    proto = make_model(nodes, [vinfo("x")], [vinfo("y", shape=(4,))], [tensor("zero", np.float32(0))])
+    result, after = fold(proto)
+    assert not result.modified
+    assert sorted(n.op_type for b in _bodies(after.graph) for n in b.node) == ["Constant", "ReduceMax"]

@@ -133,6 +133,114 @@ def test_dedup_keeps_initializers_that_are_inputs():
     assert {i.name for i in after.graph.initializer} == {"W", "W2"}  # W may be overridden by a caller
 
 
+def _branches_with_loop(then_inits, else_inits, step_inits, main_inits=()):
+    """y = Sub(Add(x, c), k2) if sum(x) > 0 else Loop(n) of h + k over Add(x, c): each body's
+    constants are its own initializers, given by the caller."""
+    step = helper.make_graph(
+        [helper.make_node("Add", ["h", "k"], ["h2"], name="step_add"), helper.make_node("Identity", ["c_in"], ["c_out"], name="step_c")],
+        "step", [vinfo("i", TensorProto.INT64, ()), vinfo("c_in", TensorProto.BOOL, ()), vinfo("h")],
+        [vinfo("c_out", TensorProto.BOOL, ()), vinfo("h2")], list(step_inits),
+    )
+    then = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["t"], name="then_add"), helper.make_node("Sub", ["t", "k2"], ["o1"], name="then_sub")],
+        "then", [], [vinfo("o1")], list(then_inits),
+    )
+    other = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["e"], name="else_add"), helper.make_node("Loop", ["n", "", "e"], ["o2"], body=step, name="loop")],
+        "else", [], [vinfo("o2")], list(else_inits),
+    )
+    nodes = [
+        helper.make_node("Mul", ["x", "m"], ["xm"], name="main_mul"),
+        helper.make_node("ReduceSum", ["xm"], ["s"], keepdims=0, name="sum"),
+        helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other, name="if"),
+    ]
+    inits = [tensor("zero", np.float32(0)), *main_inits]
+    return make_model(nodes, [vinfo("x"), vinfo("n", TensorProto.INT64, ())], [vinfo("y")], inits)
+
+
+def _bodies_of(proto):
+    out = {}
+    stack = [proto.graph]
+    while stack:
+        for node in stack.pop().node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    out[attr.g.name] = attr.g
+                    stack.append(attr.g)
+    return out
+
+
+def _dedup(proto):
+    """dedup-initializers on a copy (ir.from_proto shares the proto's tensors, whose names a
+    hoisted initializer's rename would change)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return run_pass("dedup-initializers", copy)
+
+
+def _check_both_branches_and_loop(before, after):
+    onnx.checker.check_model(after, full_check=True)
+    x = np.abs(FEEDS["x"])
+    for sign, n in ((1, 0), (-1, 0), (-1, 1), (-1, 3)):
+        assert_same_outputs(before, after, {"x": sign * x, "n": np.array(n, np.int64)}, rtol=0, atol=0)
+
+
+ROW = np.array([1, 2, 3, 4], np.float32)
+
+
+def test_dedup_hoists_a_constant_several_bodies_hold_into_the_main_graph():
+    proto = _branches_with_loop(
+        then_inits=[tensor("c", ROW), tensor("k2", np.full(4, 7, np.float32))],
+        else_inits=[tensor("c", ROW)],  # sibling bodies may reuse a name
+        step_inits=[tensor("k", ROW)],
+        main_inits=[tensor("m", np.full(4, 2, np.float32))],
+    )
+    result, after = _dedup(proto)
+    assert result.modified
+    bodies = _bodies_of(after)
+    main = {i.name: onnx.numpy_helper.to_array(i) for i in after.graph.initializer}
+    shared = [name for name, a in main.items() if a.shape == (4,) and np.array_equal(a, ROW)]
+    assert len(shared) == 1 and shared[0] not in ("c", "k")  # moved out under a name no body uses
+    assert [i.name for i in bodies["then"].initializer] == ["k2"]  # held by one body: stays there
+    assert not bodies["else"].initializer and not bodies["step"].initializer
+    _check_both_branches_and_loop(proto, after)
+    again, _ = _dedup(after)
+    assert not again.modified
+
+
+def test_dedup_reuses_the_main_graph_copy_under_a_name_no_body_shadows():
+    # The main graph's k equals the then-branch's k2; the then-branch has its own k (another
+    # value): read from that branch as "k", the main graph's copy would resolve to the wrong one.
+    proto = _branches_with_loop(
+        then_inits=[tensor("c", ROW * 5), tensor("k2", ROW)],
+        else_inits=[tensor("c", ROW * 6)],
+        step_inits=[tensor("k", ROW * 7)],
+        main_inits=[tensor("m", ROW)],
+    )
+    proto.graph.initializer[1].name = "k"  # the main graph's m, renamed k
+    proto.graph.node[0].input[1] = "k"
+    then = _bodies_of(proto)["then"]
+    then.initializer[0].name = "k"  # the then-branch's c, renamed k: it shadows the main graph's
+    then.node[0].input[1] = "k"
+    result, after = _dedup(proto)
+    assert result.modified
+    main = {i.name: onnx.numpy_helper.to_array(i) for i in after.graph.initializer}
+    assert "k" not in main and any(np.array_equal(a, ROW) for a in main.values())
+    assert [i.name for i in _bodies_of(after)["then"].initializer] == ["k"]
+    _check_both_branches_and_loop(proto, after)
+
+
+def test_dedup_does_not_hoist_in_an_ir3_model():
+    proto = _branches_with_loop(then_inits=[tensor("c", ROW), tensor("k2", ROW * 2)], else_inits=[tensor("c", ROW)],
+                                step_inits=[tensor("k", ROW)], main_inits=[tensor("m", ROW * 3)])
+    model = ir.from_proto(proto)
+    model.ir_version = 3
+    result = registry.get_pass("dedup-initializers").create()(model)
+    assert not result.modified
+    assert sum(len(g.initializers) for g in model.graphs()) == 6
+
+
 def test_remove_unused_opsets():
     proto = make_model(
         [helper.make_node("Relu", ["x"], ["y"], name="r")], [vinfo("x")], [vinfo("y")],

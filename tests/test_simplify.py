@@ -186,3 +186,102 @@ def test_unsqueeze_chain_merges(rng, opset, a, b):
     assert Simplify()(model).modified
     assert [n.op_type for n in model.graph if n.op_type != "Constant"] == ["Unsqueeze"]
     assert_same_outputs(proto, model, {"x": rng.standard_normal((3, 4)).astype(np.float32)})
+
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def _in_branch(nodes, inits, out_shape, x_shape=("batch", 3, 4)):
+    """``nodes`` (reading x, writing t) in the then-branch of an If on sum(x) > 0, the
+    branch's constants its own initializers; the else-branch returns Neg(x)."""
+    def info(name, shape):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, None if shape is None else list(shape))
+
+    then = helper.make_graph([*nodes, helper.make_node("Relu", ["t"], ["o1"], name="tail")], "then", [],
+                             [info("o1", out_shape)], list(inits))
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["o2"], name="neg")], "else", [], [info("o2", x_shape)])
+    graph = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
+        helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
+        helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other, name="if"),
+    ]
+    return make_model(graph, [info("x", x_shape)], [info("y", None)], [tensor("zero", np.float32(0))])
+
+
+def _then_ops(proto):
+    then = next(a.g for a in proto.graph.node[2].attribute if a.name == "then_branch")
+    return [n.op_type for n in then.node]
+
+
+def _both_branches(before, after, batch=2):
+    x = np.abs(np.random.default_rng(batch).standard_normal((batch, 3, 4)).astype(np.float32))
+    for sign in (1, -1):
+        assert_same_outputs(before, after, {"x": sign * x}, rtol=0, atol=0)
+
+
+def _ints(name, values):
+    return tensor(name, np.array(values, np.int64))
+
+
+def test_full_slices_of_symbolic_dims_are_removed_in_a_branch():
+    # x[:, :] the exporters' way (INT64_MAX ends, on the symbolic batch), and x[-2**62:] on an
+    # axis of unknown size (rank unknown too).
+    nodes = [helper.make_node("Slice", ["x", "z", "big", "z", "one"], ["t"], name="s")]
+    inits = [_ints("z", [0]), _ints("big", [INT64_MAX]), _ints("one", [1])]
+    for x_shape in (("batch", 3, 4), None):
+        proto = _in_branch(nodes, inits, ("batch", 3, 4), x_shape)
+        result, after = simplify(proto)
+        assert result.modified and _then_ops(after) == ["Relu"]
+        _both_branches(proto, after, batch=3)
+    nodes = [helper.make_node("Slice", ["x", "start", "big", "two"], ["t"], name="s")]
+    proto = _in_branch(nodes, [_ints("start", [-(2**62)]), _ints("big", [2**62]), _ints("two", [2])], None, None)
+    result, after = simplify(proto)
+    assert result.modified and _then_ops(after) == ["Relu"]
+    _both_branches(proto, after)
+
+
+@pytest.mark.parametrize("start,end,step", [(0, 1000, 1), (1, INT64_MAX, 1), (0, INT64_MAX, 2), (-1000, INT64_MAX, 1)])
+def test_slices_that_may_cut_a_symbolic_dim_are_kept(start, end, step):
+    nodes = [helper.make_node("Slice", ["x", "st", "en", "z", "sp"], ["t"], name="s")]
+    inits = [_ints("st", [start]), _ints("en", [end]), _ints("z", [0]), _ints("sp", [step])]
+    proto = _in_branch(nodes, inits, (None, 3, 4))
+    result, after = simplify(proto)
+    assert not result.modified and _then_ops(after) == ["Slice", "Relu"]
+    # On a batch of 1001 each of these slices drops rows, so removing one would show.
+    x = np.abs(np.random.default_rng(0).standard_normal((1001, 3, 4)).astype(np.float32))
+    assert_same_outputs(proto, after, {"x": x}, rtol=0, atol=0)
+
+
+def test_slices_of_different_axes_merge_into_one():
+    nodes = [
+        helper.make_node("Slice", ["x", "s1", "e1", "a1"], ["u"], name="first"),  # x[:, 1:3]
+        helper.make_node("Slice", ["u", "s2", "e2", "a2", "st2"], ["t"], name="second"),  # [..., ::-2] on axis -1
+    ]
+    inits = [_ints("s1", [1]), _ints("e1", [3]), _ints("a1", [1]),
+             _ints("s2", [-1]), _ints("e2", [-INT64_MAX]), _ints("a2", [-1]), _ints("st2", [-2])]
+    proto = _in_branch(nodes, inits, ("batch", 2, 2))
+    result, after = simplify(proto)
+    assert result.modified and _then_ops(after) == ["Slice", "Relu"]
+    then = next(a.g for a in after.graph.node[2].attribute if a.name == "then_branch")
+    made = {i.name: list(onnx.numpy_helper.to_array(i)) for i in then.initializer if i.name.startswith("second_")}
+    assert made == {"second_starts": [1, -1], "second_ends": [3, -INT64_MAX], "second_axes": [1, 2], "second_steps": [1, -2]}
+    assert not [i for i in after.graph.initializer if i.name.startswith("second_")]  # in the branch, not the main graph
+    onnx.checker.check_model(after, full_check=True)
+    _both_branches(proto, after)
+
+
+@pytest.mark.parametrize("case", ["same-axis", "negative-axis-rank-unknown", "inner-used-twice"])
+def test_slices_that_cannot_merge_stay_two(case):
+    second_axis = {"same-axis": 1, "negative-axis-rank-unknown": -1, "inner-used-twice": 2}[case]
+    nodes = [
+        helper.make_node("Slice", ["x", "s1", "e1", "a1"], ["u"], name="first"),
+        helper.make_node("Slice", ["u", "s2", "e2", "a2"], ["v"], name="second"),
+        helper.make_node("Add", ["v", "u" if case == "inner-used-twice" else "v"], ["t"], name="add"),
+    ]
+    inits = [_ints("s1", [1]), _ints("e1", [3]), _ints("a1", [1]), _ints("s2", [0]), _ints("e2", [1]),
+             _ints("a2", [second_axis])]
+    x_shape = None if case == "negative-axis-rank-unknown" else ("batch", 3, 4)
+    proto = _in_branch(nodes, inits, None, x_shape)
+    _, after = simplify(proto)
+    assert _then_ops(after).count("Slice") == 2
+    _both_branches(proto, after)
