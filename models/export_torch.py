@@ -3,6 +3,10 @@
 Usage::
 
     python models/export_torch.py {bert,gpt2,resnet,vit,mobilenetv2} [...] -o DIR [--dynamo]
+    python models/export_torch.py {vad,gru_seqlen,rnn_loop,audio_gru,crnn} [...] -o DIR
+
+(the second line: models whose work sits in If/Loop bodies or RNNs, see
+``models/export_subgraphs.py``).
 
 Each model is built from a small ``transformers`` config with random initialisation
 (seeded), put in eval mode, wrapped so that it takes and returns plain tensors, and
@@ -302,6 +306,12 @@ EXPORTERS: dict[str, Callable[..., ExportSpec]] = {
     "vit": vit,
     "mobilenetv2": mobilenetv2,
 }
+if __package__:
+    from .export_subgraphs import exporters as _subgraph_exporters
+else:  # run as a script from models/
+    from export_subgraphs import exporters as _subgraph_exporters
+# Models whose work sits in If/Loop bodies or RNNs (vad, gru_seqlen, rnn_loop, audio_gru, crnn).
+EXPORTERS.update(_subgraph_exporters(ExportSpec, _require_torch))
 
 
 # --------------------------------------------------------------------------- export
