@@ -231,3 +231,20 @@ def test_dry_run_shows_the_fusion_int8_dynamic_runs_first(tmp_path):
     assert text.index("fuse-target (target=ort-cpu)") < text.index("quantize-dynamic (target=ort-cpu)")
     assert "fuse-target" not in plan("--quantize", "int4")
     assert "fuse-target" not in plan("--quantize", "int8-dynamic", "--target", "portable")
+
+
+def test_static_shapes_with_int8_dynamic(tmp_path):
+    """--static with --quantize: the quantized model (QAttention included) has every dim of
+    every value fixed, and verifies."""
+    from tests.test_cli import DEFAULT, gcomp as run_gcomp
+
+    out = tmp_path / "static.onnx"
+    proc = run_gcomp("optimize", DEFAULT, "-o", out, "--static", "--input-shape", "input_ids=1,32",
+                     "--quantize", "int8-dynamic", "--no-speed-gate")
+    assert proc.returncode == 0, proc.stderr
+    proto = onnx.load(out)
+    assert "QAttention" in {n.op_type for n in proto.graph.node}
+    values = [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]
+    symbolic = [v.name for v in values if any(not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)]
+    assert len(values) > len(proto.graph.node) and not symbolic, symbolic  # every node output typed, all static
+    assert [d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim] == [1, 32, 128]
