@@ -16,10 +16,15 @@ Generated inputs (seeded, so every run and every model variant sees the same val
 - bool: random True/False;
 - integers: bounded by what the model does with them: indices of a ``Gather`` on a
   constant table stay inside the table; names containing ``mask`` get ones,
-  ``token_type``/``segment`` zeros, ``position`` 0..n-1 along the last axis; other
+  ``token_type``/``segment`` zeros, ``position`` 0..n-1 along the last axis (P..P+n-1 with a
+  KV cache, below); other
   integers are drawn from [0, 2). An integer input used as a shape, a size or slice
   bounds gets a note: generated values may be meaningless there, pass ``--inputs``.
 - strings: the string ``"a"``.
+- a decoder with a KV cache (float ``past*``/``*cache*`` inputs whose axis -2 is a symbolic
+  past length P; a token input ``input_ids``/``inputs_embeds`` whose axis 1 is the sequence
+  length S): P and S default to 32, the attention mask's other length is P + S, and
+  positions run P..P+S-1, so the inputs are those of a real decoding step.
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ from gcomp.errors import OptionError, first_line
 DEFAULT_BATCH_DIM = 1
 DEFAULT_DIM = 32
 _BATCH_NAMES = re.compile(r"^(n|b|bs|batch.*|.*_batch|.*batch_size.*|unk__\d+)$", re.IGNORECASE)
+# A decoder's KV cache inputs (past_key_values.0.key, past.0, past_key_3, cache_k, ...) and its
+# token inputs.
+_PAST = re.compile(r"(^|[._/])(past|cache)", re.IGNORECASE)
+_TOKENS = re.compile(r"^(input_ids|inputs_embeds|tokens?|ids)$", re.IGNORECASE)
 # Inputs of these ops are shapes, sizes or positions: random values are meaningless there.
 _SHAPE_LIKE_USES = {
     ("Reshape", 1), ("Expand", 1), ("ConstantOfShape", 0), ("Tile", 1), ("Slice", 1),
@@ -239,6 +248,7 @@ def generate_inputs(
             for dim, size in zip(value.shape, fixed):
                 if isinstance(dim, ir.SymbolicDim) and dim.value:
                     bound.setdefault(dim.value, size)
+    offset = _bind_cache(inputs, bound, notes)
     rng = np.random.default_rng(seed)
     planned = {}
     for value in inputs:
@@ -255,8 +265,42 @@ def generate_inputs(
             raise InputsTooLarge(f"generated inputs would take {total:,} bytes, over the limit of {max_bytes:,}")
     for value in inputs:
         if value.name in planned:
-            feeds[value.name] = _generate(value, planned[value.name], rng, notes)
+            feeds[value.name] = _generate(value, planned[value.name], rng, notes, offset)
     return feeds, notes
+
+
+def _symbolic(value: ir.Value, axis: int) -> str | None:
+    """The name of ``value``'s dim at ``axis`` when it is symbolic."""
+    if value.shape is None or not -len(value.shape) <= axis < len(value.shape):
+        return None
+    dim = value.shape[axis]
+    return dim.value if isinstance(dim, ir.SymbolicDim) and dim.value else None
+
+
+def _bind_cache(inputs: list[ir.Value], bound: dict[str, int], notes: list[str]) -> int:
+    """For a decoder with a KV cache (float ``past*``/``*cache*`` inputs of rank >= 3 whose
+    axis -2, the past length P, is symbolic): bind P and the sequence length S (the token
+    input's axis 1, else a position input's last axis) and make the attention mask's other
+    length P + S, so the inputs are consistent (exporters name the three dims apart and
+    nothing in the graph says total = past + sequence). Returns the first position, P (0
+    without a cache): position inputs then run P..P+S-1."""
+    past = {_symbolic(v, -2) for v in inputs if _PAST.search(v.name) and v.shape is not None and len(v.shape) >= 3
+            and isinstance(v.type, ir.TensorType) and v.type.dtype.is_floating_point()} - {None}
+    if len(past) != 1:
+        return 0
+    (past_dim,) = past
+    tokens = [v for v in inputs if _TOKENS.search(v.name)] or [v for v in inputs if "position" in v.name.lower()]
+    seq_dim = next((d for d in (_symbolic(v, 1 if _TOKENS.search(v.name) else -1) for v in tokens) if d), None)
+    if seq_dim is None or seq_dim == past_dim:
+        return 0
+    p = bound.setdefault(past_dim, DEFAULT_DIM)
+    s = bound.setdefault(seq_dim, DEFAULT_DIM)
+    totals = {_symbolic(v, -1) for v in inputs if "mask" in v.name.lower()} - {None, seq_dim, past_dim}
+    for total in totals:
+        bound.setdefault(total, p + s)
+    notes.append(f"KV cache: past length {past_dim}={p}, sequence {seq_dim}={s}"
+                 + "".join(f", {t}={bound[t]}" for t in sorted(totals)) + f"; positions {p}..{p + s - 1}")
+    return p
 
 
 def _concrete_shape(value: ir.Value, bound: dict[str, int]) -> tuple[int, ...]:
@@ -280,7 +324,7 @@ def _concrete_shape(value: ir.Value, bound: dict[str, int]) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def _generate(value: ir.Value, shape: tuple[int, ...], rng, notes: list[str]) -> np.ndarray:
+def _generate(value: ir.Value, shape: tuple[int, ...], rng, notes: list[str], offset: int = 0) -> np.ndarray:
     type_ = value.type
     if not isinstance(type_, ir.TensorType):
         raise CannotGenerate(
@@ -306,18 +350,18 @@ def _generate(value: ir.Value, shape: tuple[int, ...], rng, notes: list[str]) ->
             np_dtype = None
         if np_dtype is None or np_dtype.kind not in "iu":
             raise CannotGenerate(f"input '{value.name}' has type {dtype}: gcomp cannot generate it; pass --inputs")
-        return np.asarray(_generate_integer(value, shape, np_dtype, rng, notes))
+        return np.asarray(_generate_integer(value, shape, np_dtype, rng, notes, offset))
     raise CannotGenerate(f"input '{value.name}' has type {dtype}: cannot generate it; pass --inputs")
 
 
-def _generate_integer(value: ir.Value, shape, np_dtype, rng, notes: list[str]) -> np.ndarray:
+def _generate_integer(value: ir.Value, shape, np_dtype, rng, notes: list[str], offset: int = 0) -> np.ndarray:
     name = value.name.lower()
     if "mask" in name:
         return np.ones(shape, dtype=np_dtype)
     if "token_type" in name or "segment" in name:
         return np.zeros(shape, dtype=np_dtype)
     if "position" in name and len(shape) >= 1:
-        return np.broadcast_to(np.arange(shape[-1], dtype=np_dtype), shape).copy()
+        return np.broadcast_to(np.arange(offset, offset + shape[-1], dtype=np_dtype), shape).copy()
     high = None
     for node, index in value.uses():
         if node.op_type in ("Gather", "GatherElements") and index == 1 and node.domain == "":

@@ -1,0 +1,87 @@
+"""Decoder LLMs with a KV cache: consistent generated inputs, and verification of real exports.
+
+A cache model's inputs name their lengths apart (``seq``, ``past``, ``total``) and nothing in
+the graph says ``total = past + seq``; generated inputs that ignore it fail inside the model
+(a Gather out of bounds on a TorchScript Llama export), so gcomp reported "not verified".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import gcomp
+from gcomp.inputs import DEFAULT_DIM, generate_inputs
+from gcomp.io import load
+from tests.conftest import make_model, vinfo
+
+
+def _cache_model(tmp_path, *, position_name="position_ids"):
+    """The interface of a one-layer cache decoder (the body only echoes, this is about inputs)."""
+    inputs = [vinfo("input_ids", TensorProto.INT64, ["batch", "seq"]),
+              vinfo("attention_mask", TensorProto.INT64, ["batch", "total"]),
+              vinfo(position_name, TensorProto.INT64, ["batch", "seq"]),
+              vinfo("past_key_values.0.key", TensorProto.FLOAT, ["batch", 2, "past", 8]),
+              vinfo("past_key_values.0.value", TensorProto.FLOAT, ["batch", 2, "past", 8])]
+    nodes = [helper.make_node("Identity", [i.name], [f"{i.name}_out"]) for i in inputs]
+    outputs = [vinfo(f"{i.name}_out", i.type.tensor_type.elem_type,
+                     [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in inputs]
+    path = tmp_path / "cache.onnx"
+    onnx.save(make_model(nodes, inputs, outputs), path)
+    return load(path)
+
+
+def test_generated_inputs_of_a_cache_model_are_consistent(tmp_path):
+    feeds, notes = generate_inputs(_cache_model(tmp_path))
+    p = s = DEFAULT_DIM
+    assert feeds["past_key_values.0.key"].shape == (1, 2, p, 8)
+    assert feeds["input_ids"].shape == (1, s)
+    assert feeds["attention_mask"].shape == (1, p + s) and (feeds["attention_mask"] == 1).all()
+    assert (feeds["position_ids"] == np.arange(p, p + s)).all()
+    assert any("KV cache" in n and f"positions {p}..{p + s - 1}" in n for n in notes), notes
+
+
+def test_cache_lengths_follow_given_shapes(tmp_path):
+    """One token after 7 cached ones: --input-shape sets seq and past; the mask follows."""
+    feeds, _ = generate_inputs(_cache_model(tmp_path),
+                               shapes={"input_ids": (1, 1), "past_key_values.0.key": (1, 2, 7, 8)})
+    assert feeds["attention_mask"].shape == (1, 8)
+    assert feeds["position_ids"].tolist() == [[7]]
+    assert feeds["past_key_values.0.value"].shape == (1, 2, 7, 8)
+
+
+def test_models_without_a_cache_keep_positions_from_zero(tmp_path):
+    nodes = [helper.make_node("Identity", ["position_ids"], ["y"])]
+    path = tmp_path / "m.onnx"
+    onnx.save(make_model(nodes, [vinfo("position_ids", TensorProto.INT64, ["batch", "seq"])],
+                         [vinfo("y", TensorProto.INT64, ["batch", "seq"])]), path)
+    feeds, notes = generate_inputs(load(path))
+    assert (feeds["position_ids"] == np.arange(DEFAULT_DIM)).all()
+    assert not any("KV cache" in n for n in notes)
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    pytest.importorskip("torch", reason="needs torch==2.13.0 (the test extra installs it)")
+    pytest.importorskip("transformers", reason="needs transformers (the test extra installs it)")
+    from models import decoder
+
+    root = tmp_path_factory.mktemp("decoders")
+    return {(arch, dynamo): decoder.export(arch, root, cache=True, dynamo=dynamo, check=False)
+            for arch, dynamo in (("llama", False), ("llama", True), ("qwen2", False))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,dynamo", [("llama", False), ("llama", True), ("qwen2", False)])
+def test_cache_decoder_exports_verify(decoders, arch, dynamo):
+    """Llama (grouped-query attention, 2 KV heads for 4) and Qwen2 KV-cache exports from both
+    torch exporters: O3 verifies on generated inputs (it was "not possible": the generated
+    mask did not cover past + seq) and keeps the cache interface."""
+    path = decoders[(arch, dynamo)]
+    result = gcomp.optimize(path, "O3")
+    assert result.verification.passed, result.verification.summary()
+    names = {v.name for v in result.model.graph.inputs}
+    assert {"past_key_values.0.key", "past_key_values.1.value", "attention_mask"} <= names
+    assert {"present.0.key", "present.1.value"} <= {v.name for v in result.model.graph.outputs}
