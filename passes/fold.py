@@ -9,8 +9,9 @@ dims stay symbolic (those are never guessed). Folded values, and ``Constant``
 nodes, become initializers of their graph: the main graph's, or the If/Loop/Scan
 body's own. In functions and their bodies, and in the bodies of an IR-3 model (whose
 initializers must be graph inputs), they stay ``Constant`` nodes
-(``gcomp.passes.scopes.initializer_scopes``). A ``Constant`` that is its graph's output
-stays a node.
+(``gcomp.passes.scopes.initializer_scopes``). A ``Constant`` that is the main graph's
+output stays a node (the interface keeps its producer); a body's output may be the
+body's own initializer (a Loop body's constant ``cond`` is one).
 
 Evaluation: ONNX's reference evaluator for small work (a fraction of a millisecond per
 node), the runtime the pipeline hands the pass (``context.runtime``: ONNX Runtime) for
@@ -44,7 +45,7 @@ import onnx_ir as ir
 
 from gcomp.passes.opsets import NON_DETERMINISTIC, model_opset
 from gcomp.passes.result import DetailedResult
-from gcomp.passes.rewire import bypass
+from gcomp.passes.rewire import bypass, take_interface
 from gcomp.passes.scopes import FreshNames, add_constant, all_scopes, initializer_scopes
 from gcomp.passes.symbolic import SymbolicShapes
 from gcomp.registry import PassContext, Runtime, register_pass
@@ -163,7 +164,7 @@ class FoldConstants(ir.passes.InPlacePass):
         if not self.lift_constants or scope not in self._holders:
             return False
         out = node.outputs[0]
-        if out.is_graph_output():
+        if out.is_graph_output() and scope is self._model.graph:
             return False
         array = self._const(out)
         if array is None:
@@ -234,9 +235,10 @@ class FoldConstants(ir.passes.InPlacePass):
             if not out.uses() and not out.is_graph_output():
                 continue
             name = out.name
-            if holds and not out.is_graph_output():
+            if holds and (not out.is_graph_output() or scope is not self._model.graph):
                 out.name = None
                 new = add_constant(scope, array, name or self._names("folded"), node, as_initializer=True)
+                _return_instead(scope, out, new)
                 ir.convenience.replace_all_uses_with(out, new)
             else:
                 const = ir.node("Constant", inputs=[], attributes={"value": _tensor(array, name=name)},
@@ -253,6 +255,15 @@ class FoldConstants(ir.passes.InPlacePass):
         if count:
             self._folded[node.op_type] += 1
         return True
+
+
+def _return_instead(body, old: ir.Value, new: ir.Value) -> None:
+    """``new`` (an initializer of ``body``, under ``old``'s name) becomes the body's output
+    wherever ``old`` was one: a body may return its own initializer (ONNX Runtime runs it)."""
+    for i, value in enumerate(body.outputs):
+        if value is old:
+            body.outputs[i] = new
+            take_interface(old, new)
 
 
 class _CannotEvaluate(Exception):

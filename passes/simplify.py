@@ -435,11 +435,10 @@ def _inline_constant_if(scope, node, ctx: Context) -> bool:
         body.initializers.pop(name)
         const = ir.node("Constant", inputs=[], attributes={"value": value.const_value}, name=f"{prefix}/{name}")
         scope.insert_before(node, const)
-        outputs = list(body.outputs)
-        ir.convenience.replace_all_uses_with(value, const.outputs[0])
-        for i, v in enumerate(outputs):
+        for i, v in enumerate(list(body.outputs)):  # a branch may return its initializer
             if v is value:
                 body.outputs[i] = const.outputs[0]
+        ir.convenience.replace_all_uses_with(value, const.outputs[0])
         const.outputs[0].name = name
     for inner in list(body):
         body.remove(inner)

@@ -313,7 +313,7 @@ def test_bodies_of_an_ir3_model_and_functions_keep_constant_nodes():
     assert not result.modified and [n.op_type for n in after.functions[0].node] == ["Constant", "Mul"]
 
 
-def test_a_constant_returned_by_a_body_stays_a_node():
+def test_a_constant_returned_by_a_body_becomes_its_initializer():
     then = helper.make_graph(
         [helper.make_node("Constant", [], ["t"], value=helper.make_tensor("v", TensorProto.FLOAT, [4], [1, 2, 3, 4]), name="c")],
         "then", [], [vinfo("t", shape=(4,))],
@@ -327,5 +327,18 @@ def test_a_constant_returned_by_a_body_stays_a_node():
     ]
     proto = make_model(nodes, [vinfo("x")], [vinfo("y", shape=(4,))], [tensor("zero", np.float32(0))])
     result, after = fold(proto)
-    assert not result.modified
-    assert sorted(n.op_type for b in _bodies(after.graph) for n in b.node) == ["Constant", "ReduceMax"]
+    assert result.modified
+    then = next(b for b in _bodies(after.graph) if b.name == "then")
+    assert not then.node and [i.name for i in then.initializer] == [o.name for o in then.output] == ["t"]
+    onnx.checker.check_model(after, full_check=True)
+    for sign in (1, -1):
+        assert_same_outputs(proto, after, {"x": sign * np.abs(X)}, rtol=0, atol=0)
+    # A Loop body's constant condition output, as the TorchScript exporter writes it.
+    proto = _if_of_loop()
+    step = next(b for b in _bodies(proto.graph) if b.name == "step")
+    step.node[2].CopyFrom(helper.make_node("Constant", [], ["c2"], value=helper.make_tensor("t", TensorProto.BOOL, [], [True]), name="keep"))
+    _, after = fold(proto)
+    step = next(b for b in _bodies(after.graph) if b.name == "step")
+    assert [n.op_type for n in step.node] == ["Mul"] and step.output[0].name in [i.name for i in step.initializer]
+    for n in (0, 1, 3):
+        assert_same_outputs(proto, after, {"x": -np.abs(X), "n": np.array(n, np.int64)}, rtol=0, atol=0)

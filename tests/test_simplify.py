@@ -144,6 +144,23 @@ def test_constant_if_is_inlined(cond):
     assert_same_outputs(proto, after, {"x": X}, rtol=0, atol=0)
 
 
+def test_constant_if_returning_its_branch_initializer_is_inlined():
+    # fold-constants makes a branch's returned Constant the branch's own initializer.
+    then = helper.make_graph([], "then", [], [vinfo("k", shape=(4,))], [tensor("k", np.arange(4, dtype=np.float32))])
+    other = helper.make_graph([helper.make_node("ReduceMax", ["x"], ["e"], axes=[0, 1], keepdims=0, name="m")], "else", [],
+                              [vinfo("e", shape=(4,))])
+    nodes = [
+        helper.make_node("If", ["c"], ["w"], then_branch=then, else_branch=other, name="if"),
+        helper.make_node("Add", ["w", "x"], ["y"], name="add"),
+    ]
+    proto = make_model(nodes, [X3], [vinfo("y", shape=(2, 3, 4)), vinfo("w", shape=(4,))], [tensor("c", np.array(True))])
+    result, after = simplify(proto)
+    assert result.modified and ops(after) == ["Constant", "Add"]
+    assert [o.name for o in after.graph.output] == ["y", "w"]
+    onnx.checker.check_model(after, full_check=True)
+    assert_same_outputs(proto, after, {"x": X}, rtol=0, atol=0)
+
+
 def test_rewritten_graph_output_keeps_its_name():
     # y = Cast(x) to its own type, and y is a graph output fed by a graph input:
     # the node must stay (a graph input cannot take an output's name).
