@@ -85,3 +85,15 @@ def test_cache_decoder_exports_verify(decoders, arch, dynamo):
     names = {v.name for v in result.model.graph.inputs}
     assert {"past_key_values.0.key", "past_key_values.1.value", "attention_mask"} <= names
     assert {"present.0.key", "present.1.value"} <= {v.name for v in result.model.graph.outputs}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,dynamo", [("llama", False), ("llama", True), ("qwen2", False)])
+def test_rms_norms_fuse_on_both_exporters(decoders, arch, dynamo):
+    """Every RMSNorm (two per layer and the final one) becomes RMSNormalization at opset 23,
+    whether the exporter wrote rsqrt as ``1 / Sqrt`` (TorchScript) or ``Reciprocal(Sqrt)``."""
+    result = gcomp.optimize(decoders[(arch, dynamo)], "O2", target_opset=23)
+    assert result.verification.passed, result.verification.summary()
+    ops = [n.op_type for n in result.model.graph]
+    assert ops.count("RMSNormalization") == 2 * 2 + 1, ops
+    assert "ReduceMean" not in ops

@@ -8,7 +8,7 @@ op (LayerNormalization, RMSNormalization) takes ``axis = min(A)`` and ``epsilon`
 
 from __future__ import annotations
 
-__all__ = ["epsilon", "normalised_axes", "reduce_axes", "variant_rules"]
+__all__ = ["DIVISIONS", "divided", "epsilon", "normalised_axes", "reduce_axes", "variant_rules"]
 
 import numpy as np
 
@@ -64,12 +64,23 @@ def epsilon(run: FusionRun, eps) -> float | None:
     return float(e.reshape(()))
 
 
+DIVISIONS = ("div", "reciprocal", "one-over")
+
+
+def divided(op, x, s, divide: str):
+    """``x / s`` as exporters write it: ``Div(x, s)``, ``x * Reciprocal(s)``, or ``x * (1 / s)``
+    (the TorchScript exporter's ``torch.rsqrt``, as in transformers' Llama RMSNorm)."""
+    if divide == "div":
+        return op.Div(x, s)
+    return op.Mul(x, op.Reciprocal(s) if divide == "reciprocal" else op.Div(1.0, s))
+
+
 def variant_rules(cls, prefix: str, run: FusionRun, **kwargs) -> list:
     """``cls``'s rules for every way exporters write the square (Pow / Mul) and the division
-    (Div / Reciprocal), with their Add/Mul operand orders commuted."""
+    (:func:`divided`), with their Add/Mul operand orders commuted."""
     return [
         rule
         for square in ("pow", "mul")
-        for divide in ("div", "reciprocal")
+        for divide in DIVISIONS
         for rule in cls.rule(f"{prefix}-{square}-{divide}", run, square=square, divide=divide, **kwargs).commute()
     ]

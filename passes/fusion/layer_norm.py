@@ -23,7 +23,7 @@ import numpy as np
 from onnxscript.rewriter import pattern
 
 from gcomp.passes.fusion._engine import FusionRun, RunRule, fusion
-from gcomp.passes.fusion._norm import epsilon, normalised_axes, variant_rules
+from gcomp.passes.fusion._norm import divided, epsilon, normalised_axes, variant_rules
 
 
 class LayerNormFusion(RunRule):
@@ -41,7 +41,7 @@ class LayerNormFusion(RunRule):
 
     def pattern(self, op, x, eps, gamma, beta):
         _mean, d, std = self._statistics(op, x, eps)
-        n = op.Div(d, std) if self.divide == "div" else op.Mul(d, op.Reciprocal(std))
+        n = divided(op, d, std, self.divide)
         if self.affine == "none":
             return n
         scaled = op.Mul(n, gamma)

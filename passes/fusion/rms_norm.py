@@ -5,8 +5,8 @@ Math, over the trailing axes A of x:
     y = x / sqrt(ReduceMean(x * x, A) + eps) * gamma
 
 is exactly ``RMSNormalization(x, gamma, axis=min(A), epsilon=eps)`` (statistics in fp32:
-stash_type=1). Variants: ``x^2`` as ``Pow(x, 2)`` or ``x * x``; ``Div(x, s)`` or
-``x * Reciprocal(s)``; with or without gamma (a unit scale is made); operands of Mul/Add
+stash_type=1). Variants: ``x^2`` as ``Pow(x, 2)`` or ``x * x``; ``Div(x, s)``,
+``x * Reciprocal(s)`` or ``x * (1 / s)`` (TorchScript's ``rsqrt``); with or without gamma (a unit scale is made); operands of Mul/Add
 in either order. Emitted only when the model's opset is >= 23 (``--target-opset 23``
 upgrades) and the target accepts it. Refused: non-trailing axes, ``keepdims=0``, an
 epsilon that is not a non-negative scalar constant or sits outside the square root, a
@@ -21,7 +21,7 @@ import numpy as np
 from onnxscript.rewriter import pattern
 
 from gcomp.passes.fusion._engine import FusionRun, RunRule, fusion
-from gcomp.passes.fusion._norm import epsilon, normalised_axes, variant_rules
+from gcomp.passes.fusion._norm import divided, epsilon, normalised_axes, variant_rules
 
 
 class RmsNormFusion(RunRule):
@@ -33,7 +33,7 @@ class RmsNormFusion(RunRule):
         sq = op.Pow(x, 2.0) if self.square == "pow" else op.Mul(x, x)
         ms = op.ReduceMean(sq, _allow_other_inputs=True, _outputs=["ms"])
         rms = op.Sqrt(op.Add(ms, eps))
-        n = op.Div(x, rms) if self.divide == "div" else op.Mul(x, op.Reciprocal(rms))
+        n = divided(op, x, rms, self.divide)
         return op.Mul(n, gamma) if self.scaled else n
 
     def check(self, context, x, eps, ms, gamma=None, **_):
