@@ -1,4 +1,4 @@
-"""Benchmark ``gcomp optimize -O1`` against onnxslim, onnxsim and onnxscript's optimizer.
+"""Benchmark ``gcomp optimize -O1`` (and ``-O3``) against onnxslim, onnxsim and onnxscript's optimizer.
 
 Usage (from the repository root)::
 
@@ -7,6 +7,8 @@ Usage (from the repository root)::
     .venv/bin/python bench/bench_optimize.py --md bench/results.md --json bench/results.json
     .venv/bin/python bench/bench_optimize.py --big --models big --repeat 1   # the >2 GB model
     .venv/bin/python bench/bench_optimize.py --list               # the model names
+    .venv/bin/python bench/bench_optimize.py --models torch_vad --merge --md bench/results.md --json bench/results.json
+        # measure some models (or tools) again and merge them into the saved results
 
 Every (tool, model, repeat) measurement runs in a fresh worker process (this script with
 ``--worker``). The worker imports only the tool under test, then times
@@ -19,7 +21,8 @@ and reports its own peak resident set size (``VmHWM``) both after the imports an
 end. The parent also times the whole worker process (interpreter start-up, imports,
 load, optimize, save, exit). The headline time is ``load+optimize+save``. A separate
 worker (``gcomp-verify``) times ``gcomp.optimize(path, "O1", verify=True)`` to show what
-gcomp's own verification costs.
+gcomp's own verification costs. ``gcomp`` is pipeline O1; ``gcomp-O3`` is pipeline O3 (the
+target ``ort-cpu``), both without verification.
 
 The parent then counts the nodes of every saved output (main graph and all subgraphs,
 per op type) and runs each output and the original on ONNX Runtime (CPU,
@@ -50,11 +53,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # Measured tools, in table order. "noop" (onnx-ir load + save) is available on request.
-TOOLS = ("gcomp", "onnxslim", "onnxslim-nofuse", "onnxsim", "onnxscript")
+TOOLS = ("gcomp", "gcomp-O3", "onnxslim", "onnxslim-nofuse", "onnxsim", "onnxscript")
 EXTRA_TOOLS = ("noop",)
 # The module each tool needs; a tool whose module is missing is skipped with a note.
 TOOL_MODULES = {
     "gcomp": "gcomp",
+    "gcomp-O3": "gcomp",
     "onnxslim": "onnxslim",
     "onnxslim-nofuse": "onnxslim",
     "onnxsim": "onnxsim",
@@ -71,15 +75,28 @@ RESULT_MARK = "BENCH_RESULT "
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "gcomp-bench-cache"
 
 # Symbolic dimensions get these sizes when generating inputs (others get 1).
-SYMBOLIC_DIMS = {"batch": 2, "seq": 16, "sequence": 16, "N": 2, "batch_size": 2}
+SYMBOLIC_DIMS = {"batch": 2, "seq": 16, "sequence": 16, "N": 2, "batch_size": 2,
+                 # the audio and OCR models (models/export_subgraphs.py, models/control_flow.py)
+                 "samples": 512, "frames": 64, "width": 128}
 # Integer inputs (token ids) are drawn from [0, INT_HIGH), except those named here.
 INT_HIGH = 1000
 INT_HIGH_BY_NAME = {"token_type_ids": 2, "attention_mask": 2}
+# Integer inputs that get one value: the sample rate of the audio models picks the branch
+# of their If (16 kHz here; gcomp's own verification, on generated inputs, takes the other).
+INT_VALUE_BY_NAME = {"sr": 16000}
 # An output "matches" when allclose(out, ref, rtol=RTOL, atol=ATOL).
 RTOL, ATOL = 1e-3, 1e-4
 
 # The models exported from PyTorch by models/export_torch.py (zoo names torch_<name>).
 TORCH_MODELS = ("bert", "gpt2", "resnet", "vit", "mobilenetv2")
+# The exports of models/export_subgraphs.py: work in If/Loop bodies (scripted) or RNNs.
+SUBGRAPH_TORCH_MODELS = {
+    "vad": "scripted VAD: the whole network in each branch of an If on the sample rate",
+    "gru_seqlen": "scripted GRU classifier with an If on the sequence length",
+    "rnn_loop": "scripted GRU cell stepped by a Loop over frames",
+    "audio_gru": "traced conv+GRU keyword-spotting classifier",
+    "crnn": "traced CRNN text recogniser (conv stack, bidirectional LSTM)",
+}
 # The synthetic model over 2 GB (only with --big): BIG_LAYERS MatMul weights of
 # BIG_HIDDEN x BIG_HIDDEN float32, 55.1 MB each, 2.2 GB in all, in a sparse data file.
 BIG_LAYERS, BIG_HIDDEN = 40, 3712
@@ -142,7 +159,7 @@ def _worker(tool: str, src: str, dst: str, external: bool = False) -> int:
     sys.stdout = sys.stderr  # tools chatter on stdout; keep it for the result line
     data_name = Path(dst).name + ".data"
     try:
-        if tool in ("gcomp", VERIFY_TOOL):
+        if tool in ("gcomp", "gcomp-O3", VERIFY_TOOL):
             import gcomp
             import gcomp.io
             import gcomp.passes  # the pass registry: import cost belongs to "import", as for the peers
@@ -167,7 +184,8 @@ def _worker(tool: str, src: str, dst: str, external: bool = False) -> int:
                 return src
 
             def optimize(path):
-                result = gcomp.optimize(path, pipeline="O1", verify=verify, progress=progress)
+                level = "O3" if tool == "gcomp-O3" else "O1"
+                result = gcomp.optimize(path, pipeline=level, verify=verify, progress=progress)
                 if verify:
                     end = time.perf_counter()
                     v = result.verification
@@ -339,6 +357,15 @@ def _zoo() -> dict[str, tuple[str, object]]:
             f"models/export_torch.py {name}: TorchScript exporter, opset 17, random weights",
             ("torch", name),
         )
+    zoo["control_flow"] = (
+        (
+            "models.control_flow.build(): If/Loop audio front end built as the TorchScript "
+            "exporter writes scripted control flow"
+        ),
+        ("module", "control_flow", {}),
+    )
+    for name, what in SUBGRAPH_TORCH_MODELS.items():
+        zoo[f"torch_{name}"] = (f"models/export_torch.py {name}: {what}", ("torch", name))
     big_gb = BIG_LAYERS * BIG_HIDDEN * BIG_HIDDEN * 4 / 1e9
     zoo["big"] = (
         (
@@ -366,6 +393,15 @@ def _materialize(name: str, spec, folder: Path, cache: Path, log=None) -> Path:
         path = folder / f"{name}.onnx"
         ir.save(model, path)
         return path
+    if kind == "module":  # a models/ builder kept out of models.BUILDERS (models/<name>.py)
+        import importlib
+
+        import onnx_ir as ir
+
+        sys.path.insert(0, str(REPO))
+        path = folder / f"{name}.onnx"
+        ir.save(importlib.import_module(f"models.{spec[1]}").build(**spec[2]), path)
+        return path
     if kind == "file":
         return Path(spec[1])
     if kind == "light":
@@ -389,9 +425,8 @@ def _torch_stamp() -> dict:
     from importlib import metadata
 
     stamp = {
-        "export_torch_sha256": hashlib.sha256(
-            (REPO / "models" / "export_torch.py").read_bytes()
-        ).hexdigest()
+        f"{source}_sha256": hashlib.sha256((REPO / "models" / f"{source}.py").read_bytes()).hexdigest()
+        for source in ("export_torch", "export_subgraphs", "_subgraph_nets")
     }
     for dist in ("torch", "transformers", "onnx"):
         try:
@@ -723,7 +758,9 @@ def make_inputs(path: Path, seed: int = 0) -> dict:
             for d in tt.shape.dim
         ]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if np.issubdtype(dtype, np.integer):
+        if np.issubdtype(dtype, np.integer) and inp.name in INT_VALUE_BY_NAME:
+            feeds[inp.name] = np.full(shape, INT_VALUE_BY_NAME[inp.name], dtype=dtype)
+        elif np.issubdtype(dtype, np.integer):
             high = INT_HIGH_BY_NAME.get(inp.name, INT_HIGH)
             feeds[inp.name] = rng.integers(0, high, size=shape).astype(dtype)
         elif dtype == np.bool_:
@@ -1000,6 +1037,50 @@ def _ratios(results: dict) -> None:
     }
 
 
+def _run_meta(results: dict) -> dict:
+    meta = results["meta"]
+    return {
+        "command": meta.get("command"),
+        "repeat": meta["repeat"],
+        "tools": list(meta["tools"]),
+        "models": [e["model"] for e in results["models"]],
+        "bench_seconds": meta.get("bench_seconds"),
+        "unavailable_tools": dict(meta.get("unavailable_tools", {})),
+    }
+
+
+def merge_results(old: dict, new: dict, order: list[str]) -> dict:
+    """``new``'s measurements put into ``old``: each model measured again gets the cells of
+    the tools measured now (and its verification cost, when measured now) replaced; other
+    cells and models stay, and so does a cell of a tool that could not run now. Models follow the zoo's order; ``meta["runs"]`` lists every run
+    that made the cells (command, repeats, tools, models); ratios are computed again."""
+    by_name = {e["model"]: e for e in old["models"]}
+    for e in new["models"]:
+        kept = by_name.get(e["model"])
+        if kept is None or kept.get("skipped"):
+            by_name[e["model"]] = e
+        elif not e.get("skipped"):
+            fields = {k: v for k, v in e.items() if k != "tools"}
+            # A tool that could not run now (not installed) keeps its earlier cell.
+            fresh = {t: x for t, x in e["tools"].items() if not x.get("skipped") or t not in kept["tools"]}
+            by_name[e["model"]] = {**kept, **fields, "tools": {**kept["tools"], **fresh}}
+    names = [n for n in order if n in by_name] + [n for n in by_name if n not in order]
+    measured = {t for e in by_name.values() for t in e["tools"]}
+    ran = {t for e in by_name.values() for t, x in e["tools"].items() if not x.get("skipped")}
+    missing = {**old["meta"].get("unavailable_tools", {}), **new["meta"].get("unavailable_tools", {})}
+    meta = {
+        **old["meta"],
+        **{k: new["meta"][k] for k in ("python", "platform", "cpus", "versions")},
+        "tools": [t for t in (*TOOLS, *EXTRA_TOOLS) if t in measured],
+        # Missing from every run only; a run's own gaps are listed with the run.
+        "unavailable_tools": {t: why for t, why in missing.items() if t not in ran},
+        "runs": [*(old["meta"].get("runs") or [_run_meta(old)]), _run_meta(new)],
+    }
+    merged = {"meta": meta, "models": [by_name[n] for n in names]}
+    _ratios(merged)
+    return merged
+
+
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -1074,6 +1155,32 @@ def _op_diff(base_ops: dict, ops: dict) -> list[tuple[str, int, int]]:
     return sorted(diff, key=lambda d: (d[2] - d[1], d[0]))
 
 
+def _against_onnxslim(lines: list[str], measured: list[dict]) -> None:
+    """Nodes after gcomp O1 and O3 next to onnxslim's default output, per model."""
+    lines.append("### gcomp O1 and O3 against onnxslim's default output (nodes left)")
+    lines.append("")
+    rows, above = [], {"gcomp": [], "gcomp-O3": []}
+    for e in measured:
+        slim = e["tools"].get("onnxslim", {}).get("nodes")
+        row = [e["model"], str(e["input_nodes"]), "—" if slim is None else str(slim)]
+        for tool in ("gcomp", "gcomp-O3"):
+            n = e["tools"].get(tool, {}).get("nodes")
+            if n is None or slim is None:
+                row += ["—" if n is None else str(n), "—"]
+                continue
+            row += [str(n), f"{n - slim:+d}"]
+            if n > slim:
+                above[tool].append(f"{e['model']} ({n - slim:+d})")
+        rows.append(row)
+    head = ["model", "nodes in", "onnxslim", "gcomp O1", "O1 − onnxslim", "gcomp O3", "O3 − onnxslim"]
+    _table(lines, head, rows)
+    for tool, label in (("gcomp", "O1"), ("gcomp-O3", "O3")):
+        lines.append(f"* {label} above onnxslim: " + (", ".join(above[tool]) or "none") + ".")
+    lines.append("")
+    lines.append("(— : not measured; O3 figures come from runs with `--tools gcomp-O3`.)")
+    lines.append("")
+
+
 def markdown(results: dict, command: str | None = None) -> str:
     meta = results["meta"]
     tools = meta["tools"]
@@ -1082,12 +1189,26 @@ def markdown(results: dict, command: str | None = None) -> str:
     measured = [e for e in models if not e.get("skipped")]
     lines = []
     vers = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
-    lines.append(
-        f"Median of {meta['repeat']} fresh-process run(s) per cell; {meta['cpus']} CPUs; "
-        f"Python {meta['python']}; {vers}."
-    )
-    if command:
-        lines.append(f"Command: `{command}`")
+    runs = meta.get("runs", [])
+    if len(runs) > 1:
+        lines.append(
+            f"Cells from {len(runs)} runs of the bench (each cell: the median of its run's "
+            f"fresh-process repeats); {meta['cpus']} CPUs; Python {meta['python']}; {vers}."
+        )
+        lines.append("")
+        for run in runs:
+            gaps = "".join(f"; {t} not measured: {why}" for t, why in run.get("unavailable_tools", {}).items())
+            lines.append(
+                f"* `{run['command']}`: {run['repeat']} repeat(s); tools {', '.join(run['tools'])}; "
+                f"models {', '.join(run['models'])}{gaps}"
+            )
+    else:
+        lines.append(
+            f"Median of {meta['repeat']} fresh-process run(s) per cell; {meta['cpus']} CPUs; "
+            f"Python {meta['python']}; {vers}."
+        )
+        if command:
+            lines.append(f"Command: `{command}`")
     lines.append("")
     notes = [f"`{t}` not measured: {why}." for t, why in meta.get("unavailable_tools", {}).items()]
     notes += [f"`{e['model']}` skipped: {e['skipped']}." for e in models if e.get("skipped")]
@@ -1155,9 +1276,13 @@ def markdown(results: dict, command: str | None = None) -> str:
     _table(lines, head, rows)
     lines.append(
         "`(±N)` = peer nodes − gcomp nodes (negative: the peer's output is smaller). "
-        "Per-op differences: *Where a peer leaves fewer nodes* below."
+        "Per-op differences: *Where a peer leaves fewer nodes* below. Nodes are counted in "
+        "the main graph and, recursively, in every If/Loop/Scan body (`count_nodes`); "
+        "the nodes of model-local functions are counted apart."
     )
     lines.append("")
+    if "gcomp-O3" in tools and "onnxslim" in tools:
+        _against_onnxslim(lines, measured)
 
     # Memory.
     lines.append("### Peak RSS of the worker, MB (VmHWM: interpreter and imports included)")
@@ -1250,7 +1375,7 @@ def markdown(results: dict, command: str | None = None) -> str:
             continue
         for t in peers:
             x = e["tools"].get(t, {})
-            if "ops" not in x or x["nodes"] >= base["nodes"]:
+            if t.startswith("gcomp") or "ops" not in x or x["nodes"] >= base["nodes"]:
                 continue
             diff = _op_diff(base["ops"], x["ops"])
             fewer = [f"{op} {a}→{b}" for op, a, b in diff if b < a]
@@ -1339,7 +1464,7 @@ def markdown(results: dict, command: str | None = None) -> str:
 
     gm = results.get("geomean_vs_gcomp", {})
     if gm:
-        lines.append("### Geometric mean over models, peer / gcomp")
+        lines.append("### Geometric mean over models, peer / gcomp (O1)")
         lines.append("")
         head = ["tool", "load+opt+save", "optimize", "process wall", "peak RSS", "nodes"]
         rows = []
@@ -1415,12 +1540,29 @@ def main(argv=None) -> int:
         action="store_true",
         help="do not time gcomp.optimize(verify=True) (the 'gcomp verify s' column)",
     )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge into the results saved in --json: the models measured now replace their "
+        "cells of the tools measured now; every other cell stays (--md then reports all)",
+    )
+    p.add_argument(
+        "--md-only",
+        action="store_true",
+        help="measure nothing: write --md from the results saved in --json",
+    )
     p.add_argument("--list", action="store_true", help="list the model names and exit")
     args = p.parse_args(argv)
 
     if args.list:
         for name, (desc, _) in zoo.items():
             print(f"{name:<22} {desc}")
+        return 0
+    if args.md_only:
+        if args.json is None or args.md is None or not args.json.is_file():
+            p.error("--md-only needs --json FILE (saved results) and --md FILE")
+        saved = json.loads(args.json.read_text())
+        args.md.write_text(markdown(saved, saved["meta"].get("command")) + "\n")
         return 0
     if args.models:
         names = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -1438,6 +1580,8 @@ def main(argv=None) -> int:
         p.error(f"unknown tool(s) {', '.join(bad)}")
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    if args.merge and (args.json is None or not args.json.is_file()):
+        p.error("--merge needs --json FILE holding earlier results")
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -1465,6 +1609,8 @@ def main(argv=None) -> int:
     results["meta"]["bench_seconds"] = time.perf_counter() - t0
     results["meta"]["command"] = command
     log(f"bench finished in {results['meta']['bench_seconds']:.0f} s")
+    if args.merge:
+        results = merge_results(json.loads(args.json.read_text()), results, list(zoo))
 
     md = markdown(results, command)
     print(md)
@@ -1478,7 +1624,7 @@ def main(argv=None) -> int:
         not t.get("ok") or (t.get("verify") and not t["verify"]["match"])
         for e in results["models"]
         for name, t in e["tools"].items()
-        if name == "gcomp"
+        if name.startswith("gcomp")
     )
     return 1 if failed else 0
 
