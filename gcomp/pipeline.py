@@ -222,7 +222,7 @@ def optimize(
         checks, static_step = _static_plan(loaded.model, checks)
     context = runtime.pass_context(timeout=verify_timeout, inputs=inputs, input_shapes=checks.input_shapes, seed=seed)
     steps, recorded = _plan(pipeline, options, precision, checks, context)
-    steps += quantize_plan.fusion_steps(quant, pipeline, context)  # what --quantize needs fused first
+    steps += quantize_plan.fusion_steps(quant, pipeline, context, options)  # what --quantize needs fused first
     if static_step is not None:
         steps.insert(0, static_step)
         recorded = dict(recorded, static=True, input_shapes={k: list(v) for k, v in checks.input_shapes.items()})

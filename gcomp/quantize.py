@@ -159,6 +159,7 @@ def quantize(
                      budget, timeout)
     say(f"quantize ({mode}): quantizing")
     attempt = run.attempt(frozenset(run.excluded))
+    _check_excluded(run.excluded, attempt.details)
     report = QuantReport(mode, target, budget.describe(), len(samples), source)
     if not attempt.details.get("quantized"):
         reason = attempt.details.get("note") or _nothing_to_quantize(mode, attempt.details)
@@ -309,6 +310,17 @@ def _per_node_gate(run: _Quantizer, attempt: _Attempt, report: QuantReport, feed
         f"slower quantized: {t.quantized_us:.1f} us vs {t.float_us:.1f} us float (median of "
         f"{ROUNDS} interleaved runs of the node alone)")} for t in slow]
     return narrower
+
+
+def _check_excluded(excluded: frozenset[str], details: Mapping[str, Any]) -> None:
+    """An ``exclude_nodes`` name that is no candidate is a mistake (a typo, or a node a fusion
+    before quantization replaced: int8-dynamic on ort-* quantizes fused Attention nodes)."""
+    known = {e["node"] for e in (*(details.get("quantized") or ()), *(details.get("skipped") or ()))}
+    unknown = sorted(excluded - known)
+    if unknown:
+        shown = ", ".join(sorted(known)[:8]) + (", ..." if len(known) > 8 else "")
+        raise OptionError(f"exclude_nodes: no quantization candidate named {', '.join(repr(n) for n in unknown)} "
+                          f"(candidates after the pipeline: {shown or 'none'})")
 
 
 def _nothing_to_quantize(mode: str, details: Mapping[str, Any]) -> str:

@@ -3,7 +3,8 @@ needs first, the run, and verification under the accuracy budget.
 
 - :func:`plan` takes the quantization pass's options out of the pipeline's.
 - :func:`fusion_steps`: ``int8-dynamic`` on an ONNX Runtime target (``ort-*``) runs the
-  target's fusions (O3's ``fuse-target`` stage) after the pipeline when it has not run them,
+  target's fusions (O3's ``fuse-target`` stage) after the pipeline (O1 and up) when it has
+  not run them,
   so an attention block is one ``com.microsoft.Attention`` that the pass quantizes as a
   unit (``QAttention``: on MiniLM at 1x128 about 2.5x fp32 where the same MatMuls quantized
   one by one give about 2.0x; bench/QUANT.md). The other modes quantize MatMul/Gemm weights
@@ -26,7 +27,7 @@ import onnx_ir as ir
 
 from gcomp import registry
 from gcomp.errors import OptionError
-from gcomp.passes.pipelines import TARGET_FUSE
+from gcomp.passes.pipelines import FINISH, TARGET_FUSE
 from gcomp.verify.metrics import Budget
 
 TARGET_FUSED = frozenset({"int8-dynamic"})  # modes that quantize the target's fused ops (QAttention)
@@ -52,6 +53,8 @@ def plan(mode, calibration, metric, speed_gate, options: dict[str, Any], precisi
 
     if mode not in MODES:
         raise OptionError(f"unknown quantization mode '{mode}' (modes: {', '.join(MODES)})")
+    if precision:
+        raise OptionError("--quantize and --precision cannot be combined: quantization works on float32 weights")
     declared = {o.name for o in registry.get_pass(MODES[mode][0]).options} - {"target"}
     mine = {k: options.pop(k) for k in list(options) if k in declared}
     tolerance = options.get("tolerance") if precision else options.pop("tolerance", None)
@@ -62,24 +65,37 @@ def plan(mode, calibration, metric, speed_gate, options: dict[str, Any], precisi
                     str(calibration) if calibration is not None else None, speed_gate, target, mine)
 
 
-def fusion_steps(quant: Quantize | None, pipeline, context: registry.PassContext) -> list:
-    """The steps (in the pipeline's ``(passes, repeat)`` form) of the target's fusions when
-    ``quant`` needs them and ``pipeline`` does not run them already; else none."""
+def fusion_steps(quant: Quantize | None, pipeline, context: registry.PassContext,
+                 options: Mapping[str, Any] | None = None) -> list:
+    """The steps (in the pipeline's ``(passes, repeat)`` form) of the target's fusions, then
+    the pipeline's finish (forget inferred shapes, sort), when ``quant`` needs them and
+    ``pipeline`` does not run them already; else none. Each pass gets the pipeline's
+    ``options`` it declares (a folding limit, say) and the quantization target."""
     if quant is None or not needs_target_fusion(quant, pipeline):
         return []
-    group = []
-    for name in TARGET_FUSE.passes:
-        info = registry.get_pass(name)
-        mine = {"target": quant.target} if any(o.name == "target" for o in info.options) else {}
-        group.append((name, info.create(context=context, **mine)))
-    return [(group, TARGET_FUSE.repeat)]
+    steps = []
+    for stage in (TARGET_FUSE, FINISH):
+        group = []
+        for name in stage.passes:
+            info = registry.get_pass(name)
+            mine = {o.name: options[o.name] for o in info.options if options and o.name in options}
+            if any(o.name == "target" for o in info.options):
+                mine["target"] = quant.target
+            group.append((name, info.create(context=context, **mine)))
+        steps.append((group, stage.repeat))
+    return steps
 
 
 def needs_target_fusion(quant: Quantize, pipeline) -> bool:
-    """Whether ``quant`` runs the target's fusions after ``pipeline`` (which has none)."""
+    """Whether ``quant`` runs the target's fusions after ``pipeline``: int8-dynamic on an
+    ``ort-*`` target quantizing Attention, after a pipeline that cleans up (not O0, "validate
+    only") and has no target fusion of its own."""
     if quant.mode not in TARGET_FUSED or not quant.target.startswith("ort"):
         return False
-    return not any(isinstance(s, registry.Stage) and "fuse-target" in s.passes for s in registry.resolve(pipeline))
+    if "Attention" not in quant.options.get("op_types", ("Attention",)):
+        return False
+    stages = [s for s in registry.resolve(pipeline) if isinstance(s, registry.Stage)]
+    return any("fold-constants" in s.passes for s in stages) and not any("fuse-target" in s.passes for s in stages)
 
 
 def check(reference, float_model: ir.Model, quantized: ir.Model, budget: Budget):

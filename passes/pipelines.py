@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CLEANUP", "FUSE", "O0", "O1", "O2", "O3", "TARGET_FUSE"]
+__all__ = ["CLEANUP", "FINISH", "FUSE", "O0", "O1", "O2", "O3", "TARGET_FUSE"]
 
 from gcomp.registry import Stage, register_pipeline
 
@@ -52,7 +52,7 @@ FUSE = Stage(("forget-inferred-shapes", "infer-shapes", "fuse", *_AFTER_FUSION),
 # O3's fusion: the target's own ops, then the portable ones (also run after a lower level's
 # pipeline by --quantize int8-dynamic on ort-* targets: gcomp/quantize_plan.py)
 TARGET_FUSE = Stage(("forget-inferred-shapes", "infer-shapes", "fuse-target", "fuse", *_AFTER_FUSION), repeat=3)
-_FINISH = Stage(("forget-inferred-shapes", "topological-sort"))
+FINISH = _FINISH = Stage(("forget-inferred-shapes", "topological-sort"))
 O2 = register_pipeline(
     "O2",
     "O1 + portable fusions (Conv/Gemm folding, LayerNormalization, Gelu, RMSNormalization, Attention) the target accepts",

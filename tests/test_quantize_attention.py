@@ -51,14 +51,15 @@ def _ops(model: ir.Model) -> collections.Counter:
     return collections.Counter(n.op_type for n in model.graph)
 
 
-def _attention_model(mask: str) -> onnx.ModelProto:
+def _attention_model(mask: str, opset: int = 17) -> onnx.ModelProto:
     """x [B, S, K] -> com.microsoft.Attention (4 heads), with ``mask``:
 
     - ``"padding"``: attention_bias = Expand((1 - Cast(Unsqueeze(m))) * -10000), m [B, S] int64;
     - ``"causal"``: that plus a constant causal triangle (a positional mask);
     - ``"weak"``: (1 - m) * -100 (not a large negative constant);
     - ``"bias-input"``: a float [B, 1, S, S] graph input;
-    - ``"index"``: m as int32 mask_index (no attention_bias).
+    - ``"index"``: m as int32 mask_index (no attention_bias);
+    - ``"first-kept"``: like ``"padding"``, but position 0 is always attended.
     """
     rng = np.random.default_rng(3)
     w = (rng.standard_normal((K, 3 * K)) / np.sqrt(K)).astype(np.float32)
@@ -77,7 +78,14 @@ def _attention_model(mask: str) -> onnx.ModelProto:
         attention_inputs += ["", "", "bias"]
     else:
         inputs.append(vinfo("m", TensorProto.INT64, [B, S]))
-        nodes += [helper.make_node("Unsqueeze", ["m", "axes"], ["m4"]),
+        source = "m"
+        if mask == "first-kept":  # position 0 always attended: not a padding mask of m
+            inits += [tensor("ones_col", np.ones((B, 1), np.int64)), tensor("s1", np.array([1], np.int64)),
+                      tensor("send", np.array([S], np.int64)), tensor("sax", np.array([1], np.int64))]
+            nodes += [helper.make_node("Slice", ["m", "s1", "send", "sax"], ["m_tail"]),
+                      helper.make_node("Concat", ["ones_col", "m_tail"], ["m_first"], axis=1)]
+            source = "m_first"
+        nodes += [helper.make_node("Unsqueeze", [source, "axes"], ["m4"]),
                   helper.make_node("Cast", ["m4"], ["mf"], to=TensorProto.FLOAT),
                   helper.make_node("Sub", ["one", "mf"], ["inv"]),
                   helper.make_node("Mul", ["inv", "neg"], ["pad1"]),
@@ -93,7 +101,7 @@ def _attention_model(mask: str) -> onnx.ModelProto:
         attention_inputs += ["", "", bias]
     nodes.append(helper.make_node("Attention", attention_inputs, ["y"], domain="com.microsoft", num_heads=HEADS,
                                   name="attention"))
-    return make_model(nodes, inputs, [vinfo("y", TensorProto.FLOAT, [B, S, K])], inits,
+    return make_model(nodes, inputs, [vinfo("y", TensorProto.FLOAT, [B, S, K])], inits, opset=opset,
                       extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
 
 
@@ -140,20 +148,25 @@ def test_attention_becomes_qattention_with_its_mask(context, mask):
     assert _errors(_run(proto, padded)["y"], _run(proto, unpadded)["y"])[1] > 10 * REL
 
 
-@pytest.mark.parametrize("mask", ["causal", "weak", "bias-input"])
-def test_other_masks_stay_exact_in_multihead_attention(context, mask):
+@pytest.mark.parametrize("mask,opset", [("causal", 17), ("weak", 17), ("bias-input", 17), ("bias-input", 12),
+                                        ("first-kept", 17)])
+def test_other_masks_stay_exact_in_multihead_attention(context, mask, opset):
     """A mask that is not a key-padding mask of one [batch, length] input (positional, too
-    weak, or given as a float input) is kept as it is: the projection is quantized
-    (DynamicQuantizeMatMul), then Split and MultiHeadAttention with the same bias."""
-    proto = _attention_model(mask)
+    weak, given as a float input, or one that always keeps position 0: only a left-padded
+    probe tells) is kept as it is: the projection is quantized (DynamicQuantizeMatMul), then
+    Split (its sizes an attribute before opset 13) and MultiHeadAttention with the same bias."""
+    proto = _attention_model(mask, opset)
     quantized, details = _quantize(proto, context)
     ops = _ops(quantized)
     assert ops["MultiHeadAttention"] == 1 and ops["DynamicQuantizeMatMul"] == 1 and ops["QAttention"] == 0, ops
     (entry,) = details["quantized"]
     expected = {"causal": "causal or other positional", "weak": "large negative constant",
-                "bias-input": "not a rank-2 [batch, length] mask"}[mask]
+                "bias-input": "not a rank-2 [batch, length] mask", "first-kept": "where 'm' is 0"}[mask]
     assert expected in entry["as"], entry
     _assert_close(proto, quantized, _feeds(mask), f"{mask} mask")
+    if mask == "first-kept":  # left padding: where a QAttention reading m would differ
+        left = dict(_feeds(mask), m=np.concatenate([np.zeros((B, 4), np.int64), np.ones((B, S - 4), np.int64)], 1))
+        _assert_close(proto, quantized, left, "first-kept mask, left padding")
 
 
 def test_attention_with_a_kv_cache_stays_float(context):
@@ -248,3 +261,50 @@ def test_static_shapes_with_int8_dynamic(tmp_path):
     symbolic = [v.name for v in values if any(not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)]
     assert len(values) > len(proto.graph.node) and not symbolic, symbolic  # every node output typed, all static
     assert [d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim] == [1, 32, 128]
+
+
+def test_fusion_first_only_where_it_serves(tmp_path):
+    """No target fusion at O0 (validate only) or when op_types leaves Attention out; the
+    pipeline's own options reach the fusion's passes; the finish (sort) follows it."""
+    from gcomp import quantize_plan
+
+    quant = quantize_plan.Quantize("int8-dynamic", None, target="ort-cpu")
+    assert quantize_plan.fusion_steps(quant, "O0", runtime.pass_context()) == []
+    no_attention = quantize_plan.Quantize("int8-dynamic", None, target="ort-cpu", options={"op_types": ("MatMul",)})
+    assert quantize_plan.fusion_steps(no_attention, "O2", runtime.pass_context()) == []
+    steps = quantize_plan.fusion_steps(quant, "O1", runtime.pass_context(), {"max_fold_bytes": 1234})
+    fold = dict(steps[0][0])["fold-constants"]
+    assert 1234 in vars(fold).values(), vars(fold)
+    assert [name for name, _ in steps[-1][0]] == ["forget-inferred-shapes", "topological-sort"]
+
+
+def test_exclude_nodes_naming_no_candidate_is_an_error(tmp_path):
+    """A name that is no candidate (here: a MatMul the attention fusion took) is one line."""
+    from gcomp.errors import OptionError
+    from tests.test_cli import DEFAULT
+
+    with pytest.raises(OptionError, match="exclude_nodes: no quantization candidate named 'no_such_node'"):
+        gcomp.optimize(DEFAULT, "O2", quantize="int8-dynamic", speed_gate=False, exclude_nodes=("no_such_node",))
+
+
+def test_precision_and_quantize_are_refused_from_python_too():
+    from gcomp.errors import OptionError
+    from tests.test_cli import DEFAULT
+
+    with pytest.raises(OptionError, match="cannot be combined"):
+        gcomp.optimize(DEFAULT, "O2", quantize="int8-dynamic", precision="fp16")
+
+
+def test_an_attention_node_is_ranked_by_its_own_error():
+    """The accuracy budget ranks an Attention by its own output's error (its mask fed as an
+    input), on the scale of the MatMuls' errors, not by a whole-model attempt; the per-node
+    speed gate leaves it to the whole-model gate."""
+    from gcomp.quantize_regions import local_errors, slower_nodes
+    from gcomp.verify.metrics import Budget
+
+    model = ir.serde.deserialize_model(_attention_model("padding"))
+    errors = local_errors(model, ["attention"], _feeds("padding"), Budget(), pass_name="quantize-dynamic",
+                          options={}, target="ort-cpu")
+    assert set(errors) == {"attention"} and 0 < errors["attention"] < 0.01, errors  # 1 - cos of one int8 projection
+    assert slower_nodes(model, ["attention"], _feeds("padding"), pass_name="quantize-dynamic", options={},
+                        target="ort-cpu") == []

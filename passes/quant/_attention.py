@@ -18,12 +18,16 @@ attention fusion passes the exporter's additive mask ``M [B, 1, S|1, T]`` as
 (transformers 5 gathers the flattened mask at computed indices and ANDs it with index
 comparisons), so the form is not pattern-matched: :func:`plan_masks` requires that ``M``'s
 values depend on one rank-2 graph input ``m`` only (other inputs only through their shapes),
-then runs the float model with ``M`` exposed on the calibration samples with random 0/1
-masks in ``m`` (each row keeps its first position) and accepts when every probe gives
-exactly ``M = where(m != 0, 0, c)`` broadcast, with one ``c <= -1e4``. Shapes are those of the
-samples: a mask that depends on position only beyond their length (a sliding window longer
-than the samples) would not be seen; the verification of the quantized model runs at the
-same shapes.
+then runs the float model with ``M`` exposed on the calibration samples with probe masks in
+``m`` (all ones, left and right padding, random 0/1 with one random position of each row
+kept) and accepts when every probe gives exactly ``M = where(m != 0, 0, c)`` broadcast,
+with one ``c <= -1e4`` (which becomes ``mask_filter_value``; under ``unidirectional`` the
+causal fill takes it too, equal after softmax unless a whole row is masked). Limits of the
+proof: shapes and batch are those of the samples (a mask that depends on position only
+beyond their length, or mixes rows of a batch larger than theirs, would not be seen), and
+masks are probed with 0 and 1 only (QAttention keeps a position whose mask value is > 0;
+masks holding other values mean something else to the exporter's arithmetic). The
+verification of the quantized model runs at the same shapes.
 
 An Attention whose mask is not such a key-padding mask keeps its mask exactly: its
 projection becomes ``DynamicQuantizeMatMul`` (with the bias), ``Split`` into Q, K, V and
@@ -47,6 +51,7 @@ import onnx_ir as ir
 
 from gcomp.errors import GcompError
 from gcomp.passes.quant._calibration import exposed_runs, samples_for
+from gcomp.passes.opsets import model_opset
 from gcomp.passes.quant._common import ORT_DOMAIN, Candidate, Workspace, node_label, read_const
 from gcomp.registry import PassContext
 
@@ -153,30 +158,62 @@ def plan_masks(model: ir.Model, todo: Sequence[Candidate], context: PassContext 
     return plans
 
 
+# Inputs whose *values* set an op's output shape (the rest set it through their shapes only,
+# or not at all); ops whose output shape depends on their inputs' values in any slot.
+_SHAPE_BY_VALUE = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "ConstantOfShape": (0,),
+                   "Range": (0, 1, 2), "Pad": (1, 2), "OneHot": (1,), "Resize": (1, 2, 3), "Upsample": (1,),
+                   "TopK": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Split": (1,), "ReduceSum": (1,),
+                   "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,), "CenterCropPad": (1,)}
+_SHAPE_FROM_DATA = frozenset({"NonZero", "Compress", "Unique", "StringSplit", "RegexFullMatch"})
+# com.microsoft ops (gcomp's own fusions among them) whose output shapes follow from their
+# inputs' shapes alone; any other non-standard op makes every input's values matter.
+_ORT_SHAPE_FROM_SHAPES = frozenset({
+    "Attention", "MultiHeadAttention", "BiasGelu", "FastGelu", "Gelu", "QuickGelu", "BiasAdd",
+    "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization", "FusedMatMul",
+    "FusedConv", "FusedGemm", "DynamicQuantizeMatMul", "MatMulNBits", "MatMulIntegerToFloat", "QAttention"})
+
+
 def _mask_source(graph: ir.Graph, bias: ir.Value) -> ir.Value | str:
-    """The one rank-2 graph input whose values ``bias`` depends on (others only through
-    Shape/Size), or why there is none."""
-    inputs = {id(v): v for v in graph.inputs}
+    """The one rank-2 graph input whose values ``bias`` depends on, or why there is none.
+
+    The walk follows values (data) and, behind a Shape or Size, shapes: a shape depends on a
+    graph input's values only through the inputs that set an output shape by their values
+    (a Reshape's target, a Range's bounds, ...) or through ops whose output shape is data
+    (NonZero, ...). Control flow (If/Loop/Scan, whose bodies read outer values that are not
+    node inputs) is refused."""
+    inputs = {id(v) for v in graph.inputs}
     reached: dict[int, ir.Value] = {}
-    seen: set[int] = set()
-    stack = [bias]
+    seen: set[tuple[int, bool]] = set()
+    stack = [(bias, True)]  # (value, its values matter; else only its shape)
     while stack:
-        value = stack.pop()
-        if id(value) in seen:
+        value, data = stack.pop()
+        if (id(value), data) in seen:
             continue
-        seen.add(id(value))
+        seen.add((id(value), data))
         if len(seen) > MAX_ANCESTORS:
             return f"its attention_bias has more than {MAX_ANCESTORS} ancestors"
         if id(value) in inputs:
-            if value.const_value is None:
+            if data and value.const_value is None:
                 reached[id(value)] = value
             continue
         producer = value.producer()
-        if producer is None or producer.op_type in ("Shape", "Size") and producer.domain in ("", "ai.onnx"):
-            continue  # an initializer, or only a shape is read
+        if producer is None:
+            continue  # an initializer
         if producer.graph is not graph:
             return "its attention_bias is made in a subgraph"
-        stack.extend(v for v in producer.inputs if v is not None)
+        if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in producer.attributes.values()):
+            return f"its attention_bias depends on control flow ({producer.op_type} '{producer.name}')"
+        standard = producer.domain in ("", "ai.onnx") or (
+            producer.domain == ORT_DOMAIN and producer.op_type in _ORT_SHAPE_FROM_SHAPES)
+        if standard and producer.op_type in ("Shape", "Size"):
+            stack.extend((v, False) for v in producer.inputs if v is not None)
+            continue
+        by_value = () if data else _SHAPE_BY_VALUE.get(producer.op_type, ()) if standard else None
+        for i, v in enumerate(producer.inputs):
+            if v is not None:
+                # a shape from data (or an op gcomp does not know) makes every input's values matter
+                matters = data or by_value is None or producer.op_type in _SHAPE_FROM_DATA or i in by_value
+                stack.append((v, matters))
     if len(reached) != 1:
         names = ", ".join(sorted(v.name for v in reached.values())) or "none"
         return f"its attention_bias is not computed from one mask input (it reads {names})"
@@ -189,20 +226,35 @@ def _mask_source(graph: ir.Graph, bias: ir.Value) -> ir.Value | str:
 
 
 def _probes(samples, masks: set[str]) -> list[tuple[dict[str, np.ndarray], None]]:
-    """Each sample (up to two) with each mask input replaced by random 0/1 masks (seeded;
-    each row keeps its first position), and once all ones."""
+    """Each sample (up to two) with each mask input replaced by: all ones, left padding,
+    right padding, and random 0/1 masks (seeded; one random position of each row kept)."""
     rng = np.random.default_rng(0)
     probes = []
     for sample in list(samples)[:2]:
-        for k in range(PROBES + 1):
+        for k in range(PROBES + 3):
             feeds = dict(sample)
             for name in masks:
                 shape, dtype = np.shape(sample[name]), np.asarray(sample[name]).dtype
-                bits = np.ones(shape, bool) if k == 0 else rng.random(shape) < 0.6
-                bits[..., 0] = True
+                bits = _probe_bits(k, shape, rng)
                 feeds[name] = bits.astype(dtype)
             probes.append((feeds, None))
     return probes
+
+
+def _probe_bits(k: int, shape: tuple[int, ...], rng) -> np.ndarray:
+    """Probe ``k``'s mask: 0 all ones, 1 the first half of each row masked, 2 the second
+    half, then random with one random position of each row kept."""
+    length = shape[-1]
+    bits = np.ones(shape, bool)
+    if k == 1:
+        bits[..., : length // 2] = False
+    elif k == 2:
+        bits[..., (length + 1) // 2:] = False
+    elif k > 2:
+        bits = rng.random(shape) < 0.6
+        keep = rng.integers(0, length, size=shape[:-1])
+        np.put_along_axis(bits, keep[..., None], True, axis=-1)
+    return bits
 
 
 def _judge(pairs: list[tuple[np.ndarray, np.ndarray]], m: ir.Value) -> MaskPlan:
@@ -262,11 +314,15 @@ def quantized_attention(ws: Workspace, c: Candidate, arrays: list[ir.Value], pla
 def _with_mha(ws, c, wq, scale, zero, bias, attributes) -> list[ir.Node]:
     """DynamicQuantizeMatMul (projection and bias) -> Split in thirds -> MultiHeadAttention."""
     third = c.kn[1] // 3
-    sizes = ws.initializers(("split", third), lambda: [(f"{c.name}_qkv_sizes", np.full(3, third, np.int64))])[0]
     proj = ws.node("DynamicQuantizeMatMul", [c.activation, wq, scale, zero, bias], ws.fresh(f"{c.name}/qkv"),
                    domain=ORT_DOMAIN)
-    split = ws.node("Split", [proj.outputs[0], sizes], ws.fresh(f"{c.name}/split"), attributes={"axis": -1},
-                    outputs=3)
+    if model_opset(ws.model) < 13:  # sizes are an attribute before opset 13, an input from it
+        split = ws.node("Split", [proj.outputs[0]], ws.fresh(f"{c.name}/split"),
+                        attributes={"axis": -1, "split": [third] * 3}, outputs=3)
+    else:
+        sizes = ws.initializers(("split", third), lambda: [(f"{c.name}_qkv_sizes", np.full(3, third, np.int64))])[0]
+        split = ws.node("Split", [proj.outputs[0], sizes], ws.fresh(f"{c.name}/split"), attributes={"axis": -1},
+                        outputs=3)
     mha = ws.node("MultiHeadAttention", [*split.outputs, None, None, _input(c.node, BIAS)], c.name,
                   domain=ORT_DOMAIN, attributes=attributes)
     return [proj, split, mha]
@@ -280,7 +336,8 @@ def drop_dead(graph: ir.Graph, values: Sequence[ir.Value]) -> None:
         value = stack.pop()
         producer = value.producer()
         if producer is None:
-            if not value.uses() and not value.is_graph_input() and graph.initializers.get(value.name) is value:
+            if not value.uses() and not value.is_graph_input() and not value.is_graph_output() and \
+                    graph.initializers.get(value.name) is value:
                 graph.initializers.pop(value.name)
             continue
         if producer.graph is not graph or any(o.uses() or o.is_graph_output() for o in producer.outputs):
