@@ -33,7 +33,7 @@ import gcomp.passes  # noqa: F401  (registers the built-in passes and pipelines)
 from gcomp import io, quantize_plan, registry, runtime
 from gcomp.errors import GcompError, ModelLoadError, OptionError, PassFailedError, first_line
 from gcomp.perf import ModelStats, model_stats
-from gcomp.verify import CannotVerify, Reference, Tolerance, Verification
+from gcomp.verify import CannotVerify, Reference, Tolerance, Verification, precision_options
 
 
 @dataclass
@@ -221,7 +221,7 @@ def optimize(
     if static:
         checks, static_step = _static_plan(loaded.model, checks)
     context = runtime.pass_context(timeout=verify_timeout, inputs=inputs, input_shapes=checks.input_shapes, seed=seed)
-    steps, recorded = _plan(pipeline, options, precision, checks, context)
+    steps, recorded = _plan(pipeline, precision_options(options, precision, metric, quantize), precision, checks, context)
     steps += quantize_plan.fusion_steps(quant, pipeline, context, options)  # what --quantize needs fused first
     if static_step is not None:
         steps.insert(0, static_step)

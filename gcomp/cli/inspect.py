@@ -207,16 +207,23 @@ def verify(original, candidate, inputs, input_shapes, max_tensor_bytes, verify_t
 
 
 def _print_verification(v) -> None:
+    from dataclasses import asdict
+
     from rich.table import Table
+
+    from gcomp.report.units import SIGNAL_HEADER, signal_cells, signal_measured
 
     out = stdout()
     if v.outputs:
+        rows = [asdict(o) for o in v.outputs]
+        signal = signal_measured(rows)  # a reduced-precision candidate: cosine, rel-l2, lost elements
         t = Table(title="outputs", title_justify="left")
-        for col in ("output", "dtype", "shape", "max abs error", "max rel error", "ok"):
+        for col in ("output", "dtype", "shape", "max abs error", "max rel error", *(SIGNAL_HEADER if signal else ()),
+                    "ok"):
             t.add_column(col)
-        for o in v.outputs:
-            t.add_row(o.name, o.dtype, str(o.shape), f"{o.max_abs_error:.3g}", f"{o.max_rel_error:.3g}",
-                      "[green]yes[/]" if o.ok else "[red]NO[/]")
+        for o in rows:
+            t.add_row(o["name"], o["dtype"], str(o["shape"]), f"{o['max_abs_error']:.3g}", f"{o['max_rel_error']:.3g}",
+                      *(signal_cells(o) if signal else ()), "[green]yes[/]" if o["ok"] else "[red]NO[/]")
         out.print(t)
     for note in v.notes:
         out.print(f"note: {note}")

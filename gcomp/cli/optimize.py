@@ -42,8 +42,10 @@ _TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
               help="Upgrade the model to this opset first, so newer fused ops (Gelu-20, Attention-23) may be emitted.")
 @click.option("--explain-fusion", is_flag=True, help="List every fusion rule: fired, why not run, near misses.")
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "auto"]), default=None,
-              help="Convert to mixed precision after the pipeline (auto: fp16 regions within --tolerance); "
-                   "verified in emulated fp16/bf16. More options: --set block_ops=..., see `gcomp passes`.")
+              help="Convert to mixed precision after the pipeline (auto: fp16 regions chosen by measuring); "
+                   "verified in emulated fp16/bf16, every float output element-wise and by cosine and rel-l2 "
+                   "(fp16/auto: >= 0.999, <= 0.01; bf16: >= 0.99, <= 0.05). More options: --set block_ops=..., "
+                   "see `gcomp passes`.")
 @click.option("--quantize", type=click.Choice(["int8", "int8-dynamic", "int8-weights", "int4"]), default=None,
               help="Quantize after the pipeline: int8 (static QDQ, calibrated: needs --calibration), "
                    "int8-dynamic (int8 weights, activations quantized at run time), "
@@ -54,14 +56,17 @@ _TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
               help="--quantize: samples to measure accuracy on: a folder of .npz files (one sample each) or "
                    "test_data_set_* folders, or one .npz with a leading sample axis; at least 8 samples.")
 @click.option("--metric", type=click.Choice(["cosine", "rel-l2", "top1", "max-abs"]), default=None,
-              help="--quantize: the accuracy measure per float output, against the float model: cosine (1 - cos), "
-                   "rel-l2 (||a-e||/||e||), top1 (share of argmax changes), max-abs. [default: cosine]")
+              help="The measure --tolerance bounds per float output, against the float model: cosine (1 - cos), "
+                   "rel-l2 (||a-e||/||e||), top1 (share of argmax changes), max-abs. --quantize: the accuracy "
+                   "budget's one measure [default: cosine]. --precision: cosine or rel-l2 (the others keep their "
+                   "defaults), or for auto max-abs [default for auto: max-abs].")
 @click.option("--speed-gate/--no-speed-gate", default=True, show_default=True,
               help="--quantize: time float and quantized models and refuse a quantized model that is not faster "
                    "(weight-only: more than 10 % slower).")
 @click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="--precision auto: largest error allowed, max|a-e| / max(1, max|e|) per output. --quantize: the "
-                   "largest --metric error allowed per output (cosine: 1 - cos). One value serves both. [default: 0.01]")
+              help="The largest --metric error allowed per float output (cosine: 1 - cos). --quantize: [default: "
+                   "0.01]. --precision auto without --metric: max|a-e| / max(1, max|e|) [default: 0.01]. --precision "
+                   "fp16/bf16: only with --metric cosine or rel-l2 (the element-wise check has fixed tolerances).")
 @click.option("--keep-io-types/--no-keep-io-types", default=None,
               help="--precision: keep fp32 graph inputs and outputs. [default: keep]")
 @click.option("--passes", "pass_spec", default=None, metavar="SPEC",
@@ -136,7 +141,7 @@ def optimize(ctx, model, output, level, target, target_opset, explain_fusion, pa
     given_sets = _parse_sets(spec, recipe.set_entries(ctx, spec, sets) if recipe is not None else sets)
     options = dict(given_sets)
     options.update(_fusion_options(target, target_opset, explain_fusion))
-    options.update(_precision_options(precision, tolerance, keep_io_types, quantize))
+    options.update(_precision_options(precision, tolerance, keep_io_types, quantize, metric))
     _check_quantize_options(quantize, calibration, metric, speed_gate, precision, target)
     provider, provider_opts = _provider(provider, provider_option, select_backend)
     folder = model.is_dir()
@@ -253,14 +258,15 @@ def _options_spec(pipeline: str, precision: str | None, quantize: str | None) ->
     return spec
 
 
-def _precision_options(precision, tolerance, keep_io_types, quantize) -> dict:
-    """--precision's options; --tolerance also bounds --quantize's budget (gcomp.pipeline)."""
+def _precision_options(precision, tolerance, keep_io_types, quantize, metric=None) -> dict:
+    """--precision's options; --tolerance also bounds --quantize's budget and --metric names
+    its measure there (gcomp.pipeline)."""
     options = {}
     if precision or keep_io_types is not None or (tolerance is not None and not quantize):
         from gcomp.passes.precision.mixed import cli_options
 
         serves_precision = tolerance if precision == "auto" or not quantize else None
-        options.update(cli_options(precision, serves_precision, keep_io_types))
+        options.update(cli_options(precision, serves_precision, keep_io_types, None if quantize else metric))
     if tolerance is not None and quantize:
         options["tolerance"] = tolerance
     return options
@@ -269,11 +275,13 @@ def _precision_options(precision, tolerance, keep_io_types, quantize) -> dict:
 def _check_quantize_options(quantize, calibration, metric, speed_gate=True, precision=None, target=None) -> None:
     """Option combinations refused before any work is done."""
     if not quantize:
-        given = [o for o, v in (("--calibration", calibration), ("--metric", metric)) if v is not None]
+        serves_precision = precision is not None  # --metric: the measure --tolerance bounds
+        given = [o for o, v in (("--calibration", calibration), ("--metric", metric))
+                 if v is not None and not (o == "--metric" and serves_precision)]
         if not speed_gate:
             given.append("--no-speed-gate")
         if given:
-            raise OptionError(f"{given[0]} needs --quantize")
+            raise OptionError(f"{given[0]} needs --quantize" + (" or --precision" if given[0] == "--metric" else ""))
         return
     if quantize == "int8" and calibration is None:
         raise OptionError("--quantize int8 calibrates activation ranges and needs real data: give --calibration PATH")

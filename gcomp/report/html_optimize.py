@@ -16,7 +16,7 @@ from gcomp.report.html_compare import comparison_charts
 from gcomp.report.html_profile import environment, profile_sections
 from gcomp.report.markup import cards, esc, fmt_bytes, generic_table, section, table
 from gcomp.report.speed import RULE, detail, headline
-from gcomp.report.units import bytes_change, file_size
+from gcomp.report.units import SIGNAL_HEADER, bytes_change, file_size, signal_cells, signal_measured
 
 _PASS_HEADER = [
     ("pass", False),
@@ -209,6 +209,8 @@ def _verification_section(v: dict[str, Any] | None) -> str:
     """Errors per output against the original (empty when not verified or no outputs)."""
     if v is None or not v.get("outputs"):
         return ""
+    signal = signal_measured(v["outputs"])  # reduced precision: cosine, rel-l2, lost elements
+    header = _VERIFY_HEADER[:-1] + [(h, True) for h in SIGNAL_HEADER] * signal + _VERIFY_HEADER[-1:]
     rows = [
         [
             (esc(o["name"]), o["name"]),
@@ -216,6 +218,7 @@ def _verification_section(v: dict[str, Any] | None) -> str:
             (esc(o["shape"]), str(o["shape"])),
             (f"{o['max_abs_error']:.3g}", o["max_abs_error"]),
             (f"{o['max_rel_error']:.3g}", o["max_rel_error"]),
+            *([(esc(cell), _sort_key(cell)) for cell in signal_cells(o, "–")] if signal else []),
             (
                 '<span class="pill ok">yes</span>'
                 if o["ok"]
@@ -226,8 +229,16 @@ def _verification_section(v: dict[str, Any] | None) -> str:
         for o in v["outputs"]
     ]
     return section(
-        "Verification", esc(v.get("reason") or ""), table("verify", _VERIFY_HEADER, rows), "verify"
+        "Verification", esc(v.get("reason") or ""), table("verify", header, rows), "verify"
     )
+
+
+def _sort_key(cell: str) -> float:
+    """A signal cell's number to sort on (flushed / subnormal: the flushed count; missing: -1)."""
+    try:
+        return float(cell.split(" /")[0])
+    except ValueError:
+        return -1.0
 
 
 def _quantization_section(q: dict[str, Any] | None) -> str:

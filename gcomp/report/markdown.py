@@ -13,7 +13,15 @@ from typing import Any
 from gcomp.perf.profile import provider_counts
 from gcomp.report.roof import above_roof, kernel_roof_text, peak_share_text, roof_origin
 from gcomp.report.speed import RULE, detail, headline
-from gcomp.report.units import bytes_change, file_size, human_bytes, model_memory_words
+from gcomp.report.units import (
+    SIGNAL_HEADER,
+    bytes_change,
+    file_size,
+    human_bytes,
+    model_memory_words,
+    signal_cells,
+    signal_measured,
+)
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
@@ -173,10 +181,11 @@ def _verification_md(v: dict[str, Any] | None) -> list[str]:
     if v.get("first_bad_pass"):
         out.append(f"\nFirst pass that broke it: `{v['first_bad_pass']}`\n")
     if v["outputs"]:
+        signal = signal_measured(v["outputs"])  # reduced precision: cosine, rel-l2, lost elements
         out.append("\n" + _table(
-            ["output", "dtype", "shape", "max abs error", "max rel error", "ok"],
+            ["output", "dtype", "shape", "max abs error", "max rel error", *(SIGNAL_HEADER if signal else ()), "ok"],
             [[o["name"], o["dtype"], o["shape"], f"{o['max_abs_error']:.3g}", f"{o['max_rel_error']:.3g}",
-              "yes" if o["ok"] else "NO"] for o in v["outputs"]],
+              *(signal_cells(o) if signal else ()), "yes" if o["ok"] else "NO"] for o in v["outputs"]],
         ))
     for note in v.get("notes", []):
         out.append(f"\n- note: {note}")

@@ -7,13 +7,16 @@ is the one way a size change is written: signed bytes and percent of the size be
 so a change too small to show in ``2.3 MiB -> 2.3 MiB`` is still visible. ``file_size``
 is what a model takes on disk, external data included. ``model_memory_words`` says what a
 profile's model memory estimate is made of, apart from the process's peak RSS.
+``signal_cells`` writes a reduced-precision output's signal measures (cosine, rel-l2,
+elements flushed to zero / left subnormal) for the verification tables.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["bytes_change", "file_size", "human_bytes", "model_memory_words"]
+__all__ = ["SIGNAL_HEADER", "bytes_change", "file_size", "human_bytes", "model_memory_words", "signal_cells",
+           "signal_measured"]
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
@@ -67,3 +70,21 @@ def model_memory_words(memory: dict[str, Any]) -> str:
              f"{human_bytes(memory.get('activations_peak_bytes'))} at most alive at once")
     unsized = memory.get("unsized_activations") or 0
     return words + (f" ({unsized} activation(s) of unknown size not counted)" if unsized else "")
+
+
+SIGNAL_HEADER = ("cosine", "rel-l2", "flushed / subnormal")
+
+
+def signal_measured(outputs: list[dict[str, Any]]) -> bool:
+    """Whether any verified output carries signal measures (a reduced-precision candidate)."""
+    return any(o.get(k) is not None for o in outputs for k in ("cosine", "rel_l2", "flushed"))
+
+
+def signal_cells(output: dict[str, Any], missing: str = "-") -> list[str]:
+    """The cells under :data:`SIGNAL_HEADER` for one output of a verification."""
+    cos, rel, flushed = output.get("cosine"), output.get("rel_l2"), output.get("flushed")
+    return [
+        f"{cos:.7g}" if cos is not None else missing,
+        f"{rel:.3g}" if rel is not None else missing,
+        f"{flushed} / {output.get('subnormal') or 0}" if flushed is not None else missing,
+    ]

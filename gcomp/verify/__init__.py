@@ -38,8 +38,10 @@ __all__ = [
     "DEFAULT_MAX_TENSOR_BYTES",
     "DEFAULT_RUN_TIMEOUT",
     "MAX_LOOP_TRIPS",
+    "precision_options",
 ]
 
 from gcomp.verify.compare import EXACT, TOLERANCES, OutputCheck, Tolerance, compare_outputs
 from gcomp.verify.limits import DEFAULT_MAX_TENSOR_BYTES, MAX_LOOP_TRIPS
+from gcomp.verify.precision import precision_options
 from gcomp.verify.reference import DEFAULT_RUN_TIMEOUT, CannotVerify, Reference, Verification, verify

@@ -50,6 +50,11 @@ class OutputCheck:
     detail: str = ""
     nan: int = 0  # NaN elements in the transformed model's output
     inf: int = 0  # infinite elements in the transformed model's output
+    # Signal measures of a reduced-precision candidate's float output (gcomp.verify.precision):
+    cosine: float | None = None  # cos(a, e); None: not measured, or undefined (fp32 all zeros or constant)
+    rel_l2: float | None = None  # ||a - e|| / ||e||; None: not measured, or fp32 all zeros
+    flushed: int | None = None  # elements non-zero in fp32, zero in the candidate
+    subnormal: int | None = None  # elements non-zero in fp32, subnormal in the candidate's precision
 
 
 def compare_outputs(

@@ -22,8 +22,10 @@ Cost: one fp32 run plus two Casts per low value: it evaluates a BERT-base-sized 
 well under a second per input batch on 2 cores, where numpy's true fp16 matmul runs at
 ~0.5 GFLOP/s. :func:`compare` (:mod:`gcomp.passes.precision.accuracy`, the ``auto``
 search's measure) reports, per output, the largest absolute and relative error against
-the fp32 reference and the NaN/Inf counts; :data:`TOLERANCES` are the per-precision
-defaults ``gcomp verify`` and ``gcomp optimize --precision`` apply. The pipeline's
+the fp32 reference, cosine, rel-l2, the elements flushed to zero and the NaN/Inf counts;
+:data:`TOLERANCES` are the per-precision element-wise defaults ``gcomp verify`` and
+``gcomp optimize --precision`` apply (beside the signal bounds of
+:mod:`gcomp.verify.precision`). The pipeline's
 runtime (:mod:`gcomp.runtime`, ``emulate=True``) runs models through :func:`emulate`.
 """
 

@@ -14,7 +14,8 @@ A :class:`Budget` bounds one of them: ``error(metric) <= tolerance`` for every o
 ``cosine`` with tolerance 0.01 (cosine >= 0.99) is the default for quantization.
 Non-float outputs (indices, masks) must be equal; a NaN or infinity the float model did
 not have counts as an infinite error. A sequence of maps (ZipMap's) is measured as the
-array of its values, one row per map.
+array of its values, one row per map. Cosine and rel-l2 are computed by
+:mod:`gcomp.passes.precision.accuracy`, which the fp16/bf16 checks share.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import math
 import numpy as np
 
 from gcomp.errors import OptionError
+from gcomp.passes.precision.accuracy import one_minus_cos, rel_l2
 
 METRICS = ("cosine", "rel-l2", "top1", "max-abs")
 
@@ -72,7 +74,7 @@ def measure(
         error = _error(pairs, budget.metric)
         cosine = None
         if all(e.dtype.kind == "f" for e, _ in pairs):
-            cosine = 1.0 - max(_one_minus_cos(e, a) for e, a in pairs)
+            cosine = 1.0 - max(one_minus_cos(e, a) for e, a in pairs)
         rows.append(OutputError(name, error, bool(error <= budget.tolerance), cosine))
     return rows
 
@@ -94,9 +96,9 @@ def _error(pairs: list[tuple[np.ndarray, np.ndarray]], metric: str) -> float:
     if any(_new_nonfinite(e, a) for e, a in pairs):
         return float("inf")
     if metric == "cosine":
-        return max(_one_minus_cos(e, a) for e, a in pairs)
+        return max(one_minus_cos(e, a) for e, a in pairs)
     if metric == "rel-l2":
-        return max(_rel_l2(e, a) for e, a in pairs)
+        return max(rel_l2(e, a) for e, a in pairs)
     if metric == "top1":
         differ = total = 0
         for e, a in pairs:
@@ -112,23 +114,3 @@ def _error(pairs: list[tuple[np.ndarray, np.ndarray]], metric: str) -> float:
 
 def _new_nonfinite(e: np.ndarray, a: np.ndarray) -> bool:
     return bool(np.any(~np.isfinite(a) & np.isfinite(e)))
-
-
-def _one_minus_cos(e: np.ndarray, a: np.ndarray) -> float:
-    x = e.astype(np.float64).ravel()
-    y = a.astype(np.float64).ravel()
-    finite = np.isfinite(x) & np.isfinite(y)
-    x, y = x[finite], y[finite]
-    nx, ny = np.linalg.norm(x), np.linalg.norm(y)
-    if nx == 0 and ny == 0:
-        return 0.0
-    if nx == 0 or ny == 0:
-        return 1.0
-    return float(max(0.0, 1.0 - np.dot(x, y) / (nx * ny)))
-
-
-def _rel_l2(e: np.ndarray, a: np.ndarray) -> float:
-    x = e.astype(np.float64)
-    diff = np.linalg.norm(a.astype(np.float64) - x)
-    norm = np.linalg.norm(x)
-    return float(diff / norm) if norm else float(diff)

@@ -9,7 +9,8 @@ model that cannot run is *unverified* (:class:`CannotVerify`), never *passed*. W
 execution provider named (``gcomp verify --provider``), the candidate runs on it instead
 (optimizations off; no emulation: the provider computes reduced precision itself) while
 the original stays on the reference; a provider that cannot run here is an error, not a
-verdict.
+verdict. A reduced-precision candidate's float outputs must also keep their signal
+(cosine, rel-l2, not zeroed: :func:`gcomp.verify.precision.judge_signal`).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from gcomp import inputs as _inputs
 from gcomp import io, runtime
 from gcomp.backends.ort_providers import CPU, ProviderError, check_machine, resolve_provider
 from gcomp.errors import BackendError, first_line
+from gcomp.passes.precision.accuracy import Bounds
 from gcomp.verify.compare import TOLERANCES, OutputCheck, Tolerance, compare_outputs
 from gcomp.verify.emulate import reduced_precision
 from gcomp.verify.limits import DEFAULT_MAX_TENSOR_BYTES, huge_tensor
 from gcomp.verify.metrics import Budget, measure
-from gcomp.verify.precision import emulated_outputs
+from gcomp.verify.precision import emulated_outputs, judge_signal, signal_bounds
 
 # A reference run still going after this many seconds is stopped (an endless Loop).
 DEFAULT_RUN_TIMEOUT = 300.0
@@ -136,13 +138,15 @@ class Reference:
         """Run ``candidate`` on the reference inputs and compare every output."""
         info = _inputs.describe_feeds(self.feeds)
         try:
-            actual, tolerances, note = self._run(candidate)
+            actual, tolerances, note, signal = self._run(candidate)
         except ProviderError:
             raise  # the provider cannot run here: not a verdict on the model
         except BackendError as e:
             reason = f"the transformed model does not run: {first_line(e)}"
             return Verification("failed", reason, inputs=info, notes=list(self.notes))
         checks = compare_outputs(self.outputs, actual, tolerances)
+        if signal is not None:  # a reduced-precision candidate: direction and relative error too
+            judge_signal(checks, self.outputs, actual, *signal)
         notes = list(self.notes) + ([note] if note else [])
         bad = [c for c in checks if not c.ok]
         if bad:
@@ -173,21 +177,24 @@ class Reference:
             return Verification("failed", reason, checks, info, notes)
         return Verification("passed", "", checks, info, notes)
 
-    def _run(self, candidate: ir.Model | str | Path) -> tuple[dict[str, Any], Mapping[str, Tolerance], str | None]:
-        """(outputs, tolerances, a note). A reduced-precision (fp16/bf16) candidate of a
-        full-precision original runs in emulation with its own tolerances: ORT on the CPU
-        upcasts and would hide overflow (:mod:`gcomp.verify.emulate`)."""
+    def _run(self, candidate: ir.Model | str | Path) -> tuple[dict[str, Any], Mapping[str, Tolerance], str | None,
+                                                              tuple[str, Bounds] | None]:
+        """(outputs, tolerances, a note, (precision, signal bounds) of a reduced-precision
+        candidate). A reduced-precision (fp16/bf16) candidate of a full-precision original
+        runs in emulation with its own tolerances: ORT on the CPU upcasts and would hide
+        overflow (:mod:`gcomp.verify.emulate`)."""
         if self.provider is not None:
             return self._run_on_provider(candidate)
         if self.original_precision is None:
             emulated = emulated_outputs(candidate, self.feeds, self.outputs, self.explicit_tolerances, self.timeout)
             if emulated is not None:
                 return emulated
-        return runtime.reference(candidate).run(self.feeds, timeout=self.timeout), self.tolerances, None
+        return runtime.reference(candidate).run(self.feeds, timeout=self.timeout), self.tolerances, None, None
 
-    def _run_on_provider(self, candidate: ir.Model | str | Path) -> tuple[dict[str, Any], Mapping[str, Tolerance], str]:
+    def _run_on_provider(self, candidate: ir.Model | str | Path) -> tuple[dict[str, Any], Mapping[str, Tolerance], str,
+                                                                          tuple[str, Bounds] | None]:
         """The candidate on :attr:`provider`, optimizations off; a reduced-precision candidate
-        of a full-precision original is held to its precision's tolerances."""
+        of a full-precision original is held to its precision's tolerances and signal bounds."""
         from gcomp.backends.ort import OrtBackend
         from gcomp.verify.emulate import TOLERANCES as REDUCED
 
@@ -197,12 +204,14 @@ class Reference:
         tolerances = self.tolerances
         model = candidate if isinstance(candidate, ir.Model) else io.load(candidate, check=False)
         low = reduced_precision(model) if self.original_precision is None else None
+        signal = None
         if low is not None:
             tolerances = {**self.tolerances, **dict.fromkeys(("float32", "float16", "bfloat16", "float64"),
                                                              REDUCED[low]), **self.explicit_tolerances}
+            signal = (low, signal_bounds(model, low))
         note = (f"the candidate ran on {', '.join(exe.providers)} (optimizations off), the original on the "
                 f"reference ({CPU}, optimizations off)")
-        return outputs, tolerances, note
+        return outputs, tolerances, note, signal
 
 
 def _generate(model: ir.Model, given: dict[str, np.ndarray], input_shapes, seed: int, max_tensor_bytes: int):

@@ -24,6 +24,10 @@ small constants that would flush to zero (an ``eps`` of 1e-12 in fp16), and ops 
 out-of-range values are mask sentinels (``SENTINEL``: ``finfo(float32).min`` fills).
 Forced low: compute ops (:data:`~.policy.COMPUTE`) and nodes
 reading a float constant of ``WEIGHT_ELEMENTS`` or more, so weights always halve.
+With ``underflow`` (the ``auto`` search, which measures), ops whose output never reaches
+the target's smallest normal on the calibration inputs (``0 < max |value| < MIN_NORMAL``:
+all of it subnormal or flushed to zero in fp16) are sensitive even when they compute or
+read weights: the search converts them only where the outputs keep their signal.
 
 The node decisions are a table, :data:`RULES`, tried in order (the first that decides
 wins: block list, unknown op, no slot for the target type, unknown element type, allow
@@ -51,6 +55,7 @@ WEIGHT_ELEMENTS = 1024
 FLOAT = ir.DataType.FLOAT
 CONTROL_FLOW = ("If", "Loop", "Scan")
 LIMITS = {ir.DataType.FLOAT16: (65504.0, 2.0 ** -24), ir.DataType.BFLOAT16: (3.3895e38, 2.0 ** -133)}
+MIN_NORMAL = {ir.DataType.FLOAT16: 2.0 ** -14, ir.DataType.BFLOAT16: 2.0 ** -126}
 
 
 def is_fp32(value: ir.Value | None) -> bool:
@@ -81,6 +86,7 @@ class Setting:
     allow_ops: frozenset[str] = frozenset()
     block_nodes: frozenset[str] = frozenset()
     allow_nodes: frozenset[str] = frozenset()
+    underflow: bool = False  # ops whose outputs underflow the target are sensitive (auto)
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,7 @@ class Problem:
     force_high: dict[int, str] = field(default_factory=dict)
     force_low: set[int] = field(default_factory=set)
     sensitive: dict[int, str] = field(default_factory=dict)  # var -> reason (high unless relaxed)
+    underflows: dict[int, str] = field(default_factory=dict)  # var -> reason (sensitive, even if forced low)
     carried: dict[tuple[int, str, int], int] = field(default_factory=dict)  # (id(node), kind, i) -> var
     input_var: dict[tuple[int, int], int] = field(default_factory=dict)  # (id(node), input) -> reading var
     output_var: dict[tuple[int, int], int] = field(default_factory=dict)  # (id(graph), output) -> reading var
@@ -204,9 +211,11 @@ class Problem:
         block_nodes: frozenset[str] = frozenset(),
         allow_nodes: frozenset[str] = frozenset(),
         stats: dict[str, tuple[float, int]] | None = None,
+        underflow: bool = False,
     ) -> Problem:
         """The problem for ``model``: one variable per node, the constraints of :data:`RULES`
-        and of the calibration ``stats``, a Cast hyperedge per value."""
+        and of the calibration ``stats``, a Cast hyperedge per value; ``underflow`` makes
+        ops whose outputs underflow the target sensitive (see the module docstring)."""
         p = cls(target)
         p.HIGH = p.new_var()
         p.LOW = p.new_var()
@@ -214,7 +223,7 @@ class Problem:
         p.force_low.add(p.LOW)
         setting = Setting(
             target, model.opset_imports.get("", model.opset_imports.get("ai.onnx", 17)), stats or {},
-            block_ops, allow_ops, block_nodes, allow_nodes,
+            block_ops, allow_ops, block_nodes, allow_nodes, underflow,
         )
         for graph in model.graphs():
             for node in graph:
@@ -267,21 +276,27 @@ class Problem:
 
     def _outputs(self, var: int, site: Site) -> None:
         """The node's fp32 outputs, made by ``var`` in its slots; the range rule on them."""
-        fmax = LIMITS[site.setting.target][0]
         for i, v in enumerate(site.node.outputs):
             if not is_fp32(v):
                 continue
             converts = i in site.slots.outputs
             self._value(v, var if converts else self.HIGH)
-            peak = site.setting.stats.get(v.name, (0.0, 0))[0]
-            if not (converts and peak > RANGE_HEADROOM * fmax):
-                continue
-            if peak >= SENTINEL:
-                # finfo.min-style masks: saturated to the target's max they usually
-                # still work; only the auto search (which measures) may convert them.
-                self.sensitive.setdefault(var, f"mask-like sentinel over the target range: '{v.name}' reaches {peak:.3g}")
-            else:
-                self.force_high.setdefault(var, f"over the target range on calibration: '{v.name}' reaches {peak:.3g}")
+            if converts:
+                self._range(var, v, site.setting)
+
+    def _range(self, var: int, v: ir.Value, setting: Setting) -> None:
+        """The range rules on ``v``, an output ``var`` makes in the target type."""
+        peak = setting.stats.get(v.name, (0.0, 0))[0]
+        if setting.underflow and 0 < peak < MIN_NORMAL[setting.target]:
+            self.underflows.setdefault(var, f"underflows the target on calibration: '{v.name}' peaks at {peak:.3g}")
+        if not peak > RANGE_HEADROOM * LIMITS[setting.target][0]:
+            return
+        if peak >= SENTINEL:
+            # finfo.min-style masks: saturated to the target's max they usually
+            # still work; only the auto search (which measures) may convert them.
+            self.sensitive.setdefault(var, f"mask-like sentinel over the target range: '{v.name}' reaches {peak:.3g}")
+        else:
+            self.force_high.setdefault(var, f"over the target range on calibration: '{v.name}' reaches {peak:.3g}")
 
     def _inputs(self, var: int, site: Site) -> None:
         """The node's fp32 inputs: read by ``var`` in its slots; constants per use (weights
@@ -312,7 +327,12 @@ class Problem:
             self._consume(v, io_var, graph=main, index=i)
 
     def _settle(self) -> None:
-        """Compute ops and weights win over sensitivity; a block list or an overflow wins over all."""
+        """Compute ops and weights win over sensitivity, except an underflow's; a block list or
+        an overflow wins over all."""
+        for var, why in self.underflows.items():
+            if var not in self.force_high:
+                self.force_low.discard(var)
+                self.sensitive.setdefault(var, why)
         self.force_low -= set(self.force_high)
         for var in list(self.sensitive):
             if var in self.force_low or var in self.force_high:

@@ -35,6 +35,7 @@ import onnx_ir as ir
 from gcomp.passes.precision.assign import (
     FLOAT,
     LIMITS,
+    MIN_NORMAL,
     Assignment,
     Problem,
     constant_tensor,
@@ -42,7 +43,6 @@ from gcomp.passes.precision.assign import (
 )
 from gcomp.passes.rewire import bypass
 
-MIN_NORMAL = {ir.DataType.FLOAT16: 2.0 ** -14, ir.DataType.BFLOAT16: 2.0 ** -126}
 SHORT = {ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16", ir.DataType.FLOAT: "fp32"}
 DTYPE_ATTR_OPS = ("EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike")
 

@@ -22,24 +22,33 @@ fp32 (``finfo.min``-style mask fills excepted in ``auto``, which measures them i
 and the tensor sizes weigh the Casts. Without a runnable model (or without a context or
 feeds), conversion still happens, without the range rule (reported).
 
-``precision="auto"``: fp16 with a search for the largest fp16 region within
-``tolerance``: starting from the safe conversion, the sensitive regions are converted
-all at once, and when the emulated fp16 result (``context.runtime.run(..., emulate=True)``:
-:mod:`gcomp.verify.emulate`) is off by more than
-``tolerance`` (max |a - e| / max(1, max |e|), per output, no new NaN/Inf), the set is
-bisected, keeping the regions that pass (a half known to fail because its sibling passed
-is split without another run). Each step is reported. Cost: at most about
-``1 + 2 k log2(n/k)`` emulated runs for ``n`` regions of which ``k`` must stay fp32
-(64 regions, 2 bad: 20 runs; one at a time would be 65).
+``precision="auto"``: fp16 with a search for the largest fp16 region within the bounds:
+starting from the safe conversion, the sensitive regions are converted all at once, and
+when the emulated fp16 result (``context.runtime.run(..., emulate=True)``:
+:mod:`gcomp.verify.emulate`) misses a bound on some float output (:mod:`.accuracy`: no
+new NaN/Inf, not all zeros where fp32 is not, cosine >= 0.999, rel-l2 <= 1e-2 and
+max |a - e| / max(1, max |e|) <= ``tolerance``; ``metric`` names the one ``tolerance``
+bounds instead), the set is bisected, keeping the regions that pass (a half known to fail
+because its sibling passed is split without another run). Ops whose outputs underflow
+fp16 on the calibration inputs are sensitive regions here, compute ops included, so an
+output that fp16 would flush to zeros keeps its region in fp32. Each step is reported.
+Cost: at most about ``1 + 2 k log2(n/k)`` emulated runs for ``n`` regions of which ``k``
+must stay fp32 (64 regions, 2 bad: 20 runs; one at a time would be 65).
 
-Refuses (``GcompError``): an unknown precision; ``auto`` when the model cannot run or
-even the safe conversion misses the tolerance. Model functions are not converted.
+Every conversion records the bounds its outputs are held to in the main graph's ``meta``
+(:data:`.accuracy.BOUNDS_META`, in memory, never written): verification
+(:mod:`gcomp.verify.precision`) holds the converted model to the same. fp16/bf16 default
+to :data:`.accuracy.BOUNDS`; ``metric`` with ``tolerance`` changes one of them.
+
+Refuses (``GcompError``): an unknown precision or metric; ``auto`` when the model cannot
+run or even the safe conversion misses a bound (naming the output and the measure). Model functions are not converted.
 """
 
 from __future__ import annotations
 
-__all__ = ["PRECISIONS", "ConvertPrecision", "calibrate", "cli_options", "summary_lines"]
+__all__ = ["PRECISIONS", "ConvertPrecision", "calibrate", "check_bounds", "cli_options", "summary_lines"]
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,6 +66,7 @@ from gcomp.passes.shapes import InferShapes
 from gcomp.registry import PassContext, Runtime, register_pass
 
 PRECISIONS = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16, "auto": ir.DataType.FLOAT16}
+DEFAULT_TOLERANCE = 1e-2
 _INFERRED = "gcomp.inferred_from"  # what infer-shapes records (see gcomp.passes.shapes)
 Feeds = Mapping[str, np.ndarray]
 
@@ -70,7 +80,10 @@ class ConvertPrecision(ir.passes.InPlacePass):
         *,
         precision: Annotated[str, "fp16, bf16, or auto (fp16 regions chosen by a search within tolerance)"] = "fp16",
         keep_io_types: Annotated[bool, "keep fp32 graph inputs and outputs"] = True,
-        tolerance: Annotated[float, "auto: largest error allowed, max|a-e| / max(1, max|e|) per output"] = 1e-2,
+        tolerance: Annotated[float, "the bound on metric per float output (cosine: 1 - cos); without metric, "
+                             "auto's max|a-e| / max(1, max|e|)"] = DEFAULT_TOLERANCE,
+        metric: Annotated[str, "the measure tolerance bounds: cosine, rel-l2 or max-abs (others keep their "
+                          "defaults: fp16/auto cosine >= 0.999, rel-l2 <= 0.01; bf16 0.99, 0.05)"] = "",
         block_ops: Annotated[tuple, "op types kept in fp32"] = (),
         allow_ops: Annotated[tuple, "op types converted even if precision-sensitive"] = (),
         block_nodes: Annotated[tuple, "node names kept in fp32"] = (),
@@ -82,11 +95,9 @@ class ConvertPrecision(ir.passes.InPlacePass):
         super().__init__()
         if precision not in PRECISIONS:
             raise OptionError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
-        if not tolerance > 0:
-            raise OptionError(f"tolerance must be positive, got {tolerance}")
+        self.bounds = check_bounds(precision, metric, tolerance)
         self.precision = precision
         self.keep_io_types = keep_io_types
-        self.tolerance = float(tolerance)
         self.lists = {
             "block_ops": frozenset(block_ops), "allow_ops": frozenset(allow_ops),
             "block_nodes": frozenset(block_nodes), "allow_nodes": frozenset(allow_nodes),
@@ -102,12 +113,13 @@ class ConvertPrecision(ir.passes.InPlacePass):
         _infer_types(model)
         feeds, stats, reference = self._calibrate(model, details)
         before_bytes = _float_bytes(model)
-        build = dict(keep_io_types=self.keep_io_types, stats=stats, **self.lists)
+        build = dict(keep_io_types=self.keep_io_types, stats=stats, underflow=self.precision == "auto", **self.lists)
         problem = Problem.build(model, target, **build)
         relaxed: set[int] = set()
         cache: dict = {}  # converted constants, shared by the search's trials and the result
+        details["bounds"] = self.bounds.describe()
         if self.precision == "auto":
-            search = _Search(model, problem, build, self._runtime(), feeds, reference, self.tolerance, cache)
+            search = _Search(model, problem, build, self._runtime(), feeds, reference, self.bounds, cache)
             relaxed, details["search"] = search.run()
         assignment = problem.solve(relaxed)
         report = convert.apply(model, problem, assignment, cache)
@@ -120,6 +132,7 @@ class ConvertPrecision(ir.passes.InPlacePass):
         modified = report.converted_nodes > 0 or report.casts_inserted > 0 or report.constants_converted > 0
         if modified:
             model.metadata_props["gcomp.precision"] = PRECISIONS[self.precision].name.lower()
+            model.graph.meta[accuracy.BOUNDS_META] = self.bounds
         return DetailedResult(model, modified=modified, details=details)
 
     def _runtime(self) -> Runtime:
@@ -247,7 +260,7 @@ class _Search:
     runtime: Runtime
     feeds: Feeds
     reference: dict[str, Any]
-    tolerance: float
+    bounds: accuracy.Bounds
     cache: dict  # converted constants, shared by the trials and the result
     regions: list[set[int]] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
@@ -257,11 +270,9 @@ class _Search:
         """(the sensitive variables converted, the steps taken)."""
         self.regions = self.problem.regions(self.problem.solve())
         if not self.trial(set(), "safe conversion (all sensitive regions fp32)"):
-            last = self.steps[-1]
             raise GcompError(
-                f"--precision auto: even the safe fp16 conversion misses --tolerance {self.tolerance:g} "
-                f"(error {last['error']:.3g}{', new NaN/Inf' if last['new_nan_inf'] else ''}); "
-                "raise the tolerance or use fp32"
+                f"--precision auto: even the safe fp16 conversion misses {self.steps[-1]['miss']} "
+                f"({self.bounds.describe()}); raise --tolerance (--metric names the measure) or use fp32"
             )
         self.visit(self.regions, 0)
         fp16 = self._within(self.accepted)
@@ -269,20 +280,23 @@ class _Search:
         return self.accepted, self.steps
 
     def trial(self, relaxed: set[int], label: str) -> bool:
-        """Whether converting with ``relaxed`` keeps every output within the tolerance."""
+        """Whether converting with ``relaxed`` keeps every float output within the bounds."""
         t0 = time.perf_counter()
         clone = self.model.clone()
         p = Problem.build(clone, self.problem.target, **self.build)
         convert.apply(clone, p, p.solve(relaxed), self.cache)
-        rows = accuracy.compare(self.reference, self.runtime.run(clone, self.feeds, emulate=True))
-        worst = max((r.scaled_error for r in rows), default=0.0)
-        bad = any(r.new_nonfinite for r in rows)
-        ok = not bad and worst <= self.tolerance
+        rows = accuracy.compare(self.reference, self.runtime.run(clone, self.feeds, emulate=True), "fp16")
+        misses = [f"output '{r.name}': {why}" for r in rows for why in [r.miss(self.bounds, "fp16")] if why]
+        cosines = [r.cosine for r in rows if r.cosine is not None]
+        rel_l2s = [r.rel_l2 for r in rows if r.rel_l2 is not None]
         self.steps.append({
             "step": len(self.steps) + 1, "trial": label, "regions_fp16": self._within(relaxed),
-            "error": worst, "new_nan_inf": bad, "accepted": ok, "seconds": round(time.perf_counter() - t0, 2),
+            "error": max((r.scaled_error for r in rows), default=0.0),
+            "cosine": min(cosines, default=None), "rel_l2": max(rel_l2s, default=None),
+            "new_nan_inf": any(r.new_nonfinite for r in rows), "miss": misses[0] if misses else None,
+            "accepted": not misses, "seconds": round(time.perf_counter() - t0, 2),
         })
-        return ok
+        return not misses
 
     def visit(self, group: list[set[int]], depth: int, known_bad: bool = False) -> bool:
         """Convert what passes in ``group``; True when all of it was converted. A group
@@ -306,16 +320,39 @@ class _Search:
         return sum(1 for r in self.regions if r <= relaxed)
 
 
-def cli_options(precision: str | None, tolerance: float | None, keep_io_types: bool | None) -> dict[str, Any]:
-    """``gcomp optimize``'s --precision/--tolerance/--keep-io-types as optimize() options."""
+def check_bounds(precision: str, metric: str, tolerance: float) -> accuracy.Bounds:
+    """The bounds a conversion to ``precision`` is held to: the precision's floors
+    (:data:`.accuracy.BOUNDS`), ``auto``'s max-abs at ``tolerance`` (or at the default when
+    ``metric`` names another measure), and ``metric`` (when given) at ``tolerance``."""
+    bounds = accuracy.BOUNDS["bf16" if precision == "bf16" else "fp16"]
+    if precision == "auto":
+        bounds = bounds.with_metric("max-abs", tolerance if metric in ("", "max-abs") else DEFAULT_TOLERANCE)
+    if metric:
+        bounds = bounds.with_metric(metric, tolerance)
+    elif not (tolerance > 0 and math.isfinite(tolerance)):
+        raise OptionError(f"tolerance must be positive and finite, got {tolerance}")
+    return bounds
+
+
+def cli_options(precision: str | None, tolerance: float | None, keep_io_types: bool | None,
+                metric: str | None = None) -> dict[str, Any]:
+    """``gcomp optimize``'s --precision/--metric/--tolerance/--keep-io-types as optimize() options."""
     if not precision:
         given = "--tolerance" if tolerance is not None else "--keep-io-types/--no-keep-io-types"
         raise OptionError(f"{given} needs --precision")
-    if tolerance is not None and precision != "auto":
-        raise OptionError("--tolerance applies to --precision auto only")
+    if metric is not None and tolerance is None:
+        raise OptionError(f"--metric with --precision names the measure --tolerance bounds: give --tolerance "
+                          f"(the {metric} bound of --precision {precision} is otherwise its default)")
+    if metric is not None and metric not in accuracy.METRICS:
+        raise OptionError(f"--metric {metric} serves --quantize; --precision takes cosine, rel-l2 or max-abs (auto)")
+    if tolerance is not None and metric in (None, "max-abs") and precision != "auto":
+        raise OptionError(f"--precision {precision} is checked element-wise at fixed tolerances: --tolerance bounds "
+                          "--metric cosine or rel-l2 there (max-abs bounds auto's search)")
     options: dict[str, Any] = {"precision": precision}
     if tolerance is not None:
         options["tolerance"] = tolerance
+    if metric is not None:
+        options["metric"] = metric
     if keep_io_types is not None:
         options["keep_io_types"] = keep_io_types
     return options
@@ -343,8 +380,9 @@ def summary_lines(result) -> list[str]:
             lines.append(f"  {kind}: {total} element(s) in {len(d[kind])} constant(s)")
     for step in d.get("search", []):
         if "trial" in step:
+            verdict = "accepted" if step["accepted"] else f"rejected: {step['miss']}"
             lines.append(f"  search step {step['step']}: {step['trial']}: error {step['error']:.3g} "
-                         f"{'accepted' if step['accepted'] else 'rejected'} ({step['seconds']} s)")
+                         f"{verdict} ({step['seconds']} s)")
         else:
             lines.append(f"  search: {step['regions_fp16']} of {step['regions']} sensitive region(s) in fp16")
     return lines
