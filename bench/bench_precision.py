@@ -17,6 +17,9 @@ replacement). Per (model, tool) the table gives:
   evaluated in *emulated* reduced precision (gcomp.verify.emulate: fp32 compute,
   every fp16/bf16 value rounded where it is made, overflow to inf) and ``e`` the fp32
   original on the same seeded inputs; ``nonfinite`` counts NaN/Inf in the outputs;
+* ``cosine`` / ``rel-l2``: the worst output's cosine similarity and ||a - e|| / ||e||
+  (gcomp.passes.precision.accuracy), what verification bounds (fp16 >= 0.999 and
+  <= 0.01, bf16 >= 0.99 and <= 0.05; ``signal`` names the first miss);
 * ``checker``: whether the output passes ``onnx.checker.check_model(full_check=True)``
   (peers leave graphs unsorted with keep_io_types; they are sorted before evaluation);
 * ``seconds``: the conversion call alone (in this process, median of ``--repeat``).
@@ -156,10 +159,11 @@ def _convert(tool: str, proto, model_factory, tolerance: float, feeds):
     return out, seconds
 
 
-def _evaluate(out_proto, feeds, reference) -> dict[str, Any]:
+def _evaluate(out_proto, feeds, reference, low: str) -> dict[str, Any]:
     import onnx
     import onnx_ir as ir
 
+    from gcomp.passes.precision.accuracy import BOUNDS
     from gcomp.verify import emulate
 
     row: dict[str, Any] = {}
@@ -172,9 +176,13 @@ def _evaluate(out_proto, feeds, reference) -> dict[str, Any]:
         model = ir.from_proto(out_proto)
         for g in model.graphs():
             g.sort()
-        rows = emulate.compare(reference, emulate.emulate(model, feeds))
+        rows = emulate.compare(reference, emulate.emulate(model, feeds), low)
         row["error"] = max(r.scaled_error for r in rows)
         row["nonfinite"] = sum(r.nan + r.inf - r.reference_nan - r.reference_inf for r in rows)
+        row["cosine"] = min((r.cosine for r in rows if r.cosine is not None), default=None)
+        row["rel_l2"] = max((r.rel_l2 for r in rows if r.rel_l2 is not None), default=None)
+        misses = [f"{r.name}: {why}" for r in rows for why in [r.miss(BOUNDS[low], low)] if why]
+        row["signal"] = misses[0] if misses else "ok"
     except Exception as e:  # noqa: BLE001  (an emulation failure is a result)
         row["error"] = None
         row["failure"] = str(e).strip().splitlines()[0][:120]
@@ -214,7 +222,7 @@ def run(names: list[str], tools: list[str], cache: Path, repeat: int, tolerance:
                 row["seconds"] = statistics.median(times)
                 row["casts"] = _casts(out)
                 row["bytes_ratio"] = _float_bytes_proto(out) / fp32_bytes if fp32_bytes else None
-                row.update(_evaluate(out, feeds, reference))
+                row.update(_evaluate(out, feeds, reference, "bf16" if tool == "gcomp bf16" else "fp16"))
             except Exception as e:  # noqa: BLE001  (a tool failure is a result)
                 row["failure"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
             results.append(row)
@@ -229,16 +237,18 @@ def markdown(results: list[dict[str, Any]], tolerance: float) -> str:
         "with `a` evaluated in emulated fp16/bf16 (overflow to inf), `e` the fp32 model. `+block`: the peer",
         f"told to keep gcomp's precision-sensitive ops fp32. gcomp auto: tolerance {tolerance:g}.",
         "",
-        "| model | tool | Casts | float bytes | error | NaN/Inf | checker | convert s |",
-        "|---|---|---:|---:|---:|---:|---|---:|",
+        "| model | tool | Casts | float bytes | error | cosine | rel-l2 | NaN/Inf | checker | convert s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:
         if r.get("casts") is None:
-            lines.append(f"| {r['model']} | {r['tool']} | failed: {r.get('failure', '?')} | | | | | |")
+            lines.append(f"| {r['model']} | {r['tool']} | failed: {r.get('failure', '?')} | | | | | | | |")
             continue
         err = "failed" if r.get("error") is None else f"{r['error']:.2g}"
+        cos = "-" if r.get("cosine") is None else f"{r['cosine']:.6f}"
+        rel = "-" if r.get("rel_l2") is None else f"{r['rel_l2']:.2g}"
         lines.append(
-            f"| {r['model']} | {r['tool']} | {r['casts']} | {r['bytes_ratio']:.3f} | {err} | "
+            f"| {r['model']} | {r['tool']} | {r['casts']} | {r['bytes_ratio']:.3f} | {err} | {cos} | {rel} | "
             f"{r.get('nonfinite', '?')} | {r.get('checker', '?')} | {r['seconds']:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -273,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         args.md.write_text(text)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    bad = [r for r in results if r["tool"].startswith("gcomp") and (r.get("error") is None or r.get("nonfinite"))]
+    bad = [r for r in results if r["tool"].startswith("gcomp")
+           and (r.get("error") is None or r.get("nonfinite") or r.get("signal") != "ok")]
     return 1 if bad else 0
 
 
