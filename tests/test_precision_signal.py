@@ -190,11 +190,13 @@ def test_metric_and_tolerance_misuse_with_precision(tmp_path, capsys, args, mess
 
 def test_outputs_without_a_direction_are_not_judged_by_cosine():
     """All zeros in fp32: no cosine, no rel-l2 (the element-wise check judges them);
-    constant or single-element: no cosine, rel-l2 still; integer outputs: not measured."""
+    constant or single-element: no cosine, rel-l2 still; integer and sequence outputs:
+    not measured."""
     e = {"zeros": np.zeros(6, np.float32), "const": np.full(6, 2.0, np.float32),
          "scalar": np.float32(3.0), "ids": np.arange(4)}
     near = {"zeros": np.full(6, 1e-3, np.float32), "const": np.full(6, 2.002, np.float32),
             "scalar": np.float32(3.003), "ids": np.arange(4)}
+    e["seq"] = near["seq"] = [np.ones(2, np.float32), np.ones(3, np.float32)]  # a ragged sequence output
     rows = {r.name: r for r in compare(e, near, "fp16")}
     assert set(rows) == {"zeros", "const", "scalar"}
     assert rows["zeros"].cosine is None and rows["zeros"].rel_l2 is None and not rows["zeros"].zeroed

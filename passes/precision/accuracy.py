@@ -18,8 +18,8 @@
 :class:`Bounds` are the floors an output must meet (:data:`BOUNDS`: fp16 cosine >= 0.999
 and rel-l2 <= 1e-2, bf16 cosine >= 0.99 and rel-l2 <= 5e-2); :meth:`OutputError.miss`
 names the first measure an output misses. An output that is zeroed, or has NaN/Inf fp32
-did not have, misses whatever the bounds. Non-float outputs are not measured here (they
-are compared exactly elsewhere). Pure numpy: the runs themselves come from the pipeline's
+did not have, misses whatever the bounds. Non-float outputs, sequences and maps are not
+measured here (the element-wise check compares them). Pure numpy: the runs themselves come from the pipeline's
 runtime. :mod:`gcomp.verify.metrics` (quantization's accuracy budget) uses the same
 :func:`one_minus_cos` and :func:`rel_l2`.
 """
@@ -126,8 +126,10 @@ def compare(expected: Mapping[str, Any], actual: Mapping[str, Any], low: str | N
     ``low`` (``"fp16"``/``"bf16"``) is the precision whose subnormals are counted."""
     rows = []
     for name, e in expected.items():
+        if name not in actual or not all(isinstance(x, (np.ndarray, np.generic)) for x in (e, actual[name])):
+            continue  # sequences and maps: the element-wise check compares them
         e = np.asarray(e)
-        if name not in actual or e.dtype.kind != "f" and str(e.dtype) != "bfloat16":
+        if e.dtype.kind != "f" and str(e.dtype) != "bfloat16":
             continue
         e64 = e.astype(np.float64)
         a64 = np.asarray(actual[name]).astype(np.float64)
