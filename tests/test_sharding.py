@@ -302,3 +302,31 @@ def test_lm_head_split_by_vocabulary_where_it_pays():
     outs, _ = runner.simulate(prepared, feeds)
     ref = runner.reference_outputs(ir.serde.deserialize_model(proto), feeds)
     assert runner.max_abs_error(outs, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("lead", [(2, 4), (8,)])
+def test_batched_transpose_through_a_merged_batch_becomes_one_transpose(lead):
+    """torch.export writes K^T as Reshape([b*h, s, d]) -> Transpose -> Reshape([b, h, d, s]):
+    canonicalized to one 4-D Transpose (its output keeps its name), bit-identical; a
+    Transpose that moves the merged axis is left alone."""
+    from gcomp.passes.sharding.canonical import canonicalize
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    from tests.conftest import ort_run
+
+    x = np.random.default_rng(0).standard_normal((2, 4, 8, 16)).astype(np.float32)
+
+    def model(perm, out_shape):
+        nodes = [helper.make_node("Reshape", ["x", "s1"], ["r1"]), helper.make_node("Transpose", ["r1"], ["t"], perm=perm),
+                 helper.make_node("Reshape", ["t", "s2"], ["y"])]
+        inits = [tensor("s1", np.array([-1, 8, 16], np.int64)), tensor("s2", np.array(out_shape, np.int64))]
+        return make_model(nodes, [vinfo("x", shape=(2, 4, 8, 16))], [vinfo("y", shape=tuple(out_shape))], inits)
+
+    proto = model([0, 2, 1], [*lead, 16, 8])
+    m = ShapeInferencePass()(ir.serde.deserialize_model(proto)).model
+    assert canonicalize(m) == 1
+    assert [n.op_type for n in m.graph] == (["Transpose"] if lead == (2, 4) else ["Reshape", "Transpose"])
+    assert [o.name for o in m.graph.outputs] == ["y"]
+    assert np.array_equal(ort_run(m, {"x": x})["y"], ort_run(ir.serde.deserialize_model(proto), {"x": x})["y"])
+    moved = ShapeInferencePass()(ir.serde.deserialize_model(model([1, 0, 2], [8, 8, 16]))).model
+    assert canonicalize(moved) == 0

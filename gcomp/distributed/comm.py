@@ -28,8 +28,8 @@ def apply_collective(op: str, attrs: Mapping, parts: list[np.ndarray]) -> np.nda
         for p in parts[1:]:
             total = total + p
         return total
-    if op == "AllGather":
-        return combine_parts(parts, int(attrs["axis"]), int(attrs.get("blocks", 1)))
+    if op == "AllGather":  # a part held by ``repeat`` consecutive ranks counts once
+        return combine_parts(parts[::int(attrs.get("repeat", 1))], int(attrs["axis"]), int(attrs.get("blocks", 1)))
     raise ValueError(f"unknown collective {op}")
 
 

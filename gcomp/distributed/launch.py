@@ -228,6 +228,8 @@ def format_summary(summary: dict) -> str:
     for c in summary["collectives"]:
         b = human_bytes(c["bytes"]) if c["bytes"] is not None else "?"
         lines.append(f"  {c['kind']:<9} over {','.join(c['mesh_axes']):<3} {b:>10}  {c['tensor']}  ({c['reason']})")
+    for u in summary.get("unplanned", ()):
+        lines.append(f"  not split: {u['layer']}: {u['reason']}")
     return "\n".join(lines)
 
 

@@ -233,7 +233,7 @@ def local_feeds(prepared: Prepared, feeds: Mapping[str, np.ndarray], rank: int) 
         if lay is None:
             continue
         for a, d in enumerate(lay.dims):
-            if d is not None and np.asarray(arr).shape[a] % (sizes[d.mesh] * d.blocks):
+            if d is not None and np.asarray(arr).shape[a] % (d.parts(mesh) * d.blocks):
                 raise GcompError(
                     f"input '{name}': axis {a} of size {np.asarray(arr).shape[a]} is not divisible by "
                     f"{d.mesh}={sizes[d.mesh]}"

@@ -8,8 +8,11 @@ plan (:mod:`.megatron`), propagates layouts through every node to a checked fixe
 builds one ONNX graph per rank with explicit collectives (:mod:`.partition`).
 Execution lives in :mod:`gcomp.distributed`.
 
-Modules: ``mesh`` (meshes, layouts), ``megatron`` (seeds), ``propagate`` (rules),
-``annotate`` (IR v11 in and out, checker, summary), ``partition`` (per-rank graphs).
+Modules: ``mesh`` (meshes, layouts), ``canonical`` (exact rewrites before planning),
+``heads`` (attention blocks), ``megatron`` (seeds), ``propagate`` (the driver) and ``rules``
+(per-op layout rules), ``blocks`` (blocks whose split breaks are left replicated, with
+why), ``annotate`` (IR v11 in and out, checker, summary), ``partition`` (per-rank graphs),
+``tensors`` (shape helpers).
 """
 
 from __future__ import annotations
@@ -42,9 +45,15 @@ from gcomp.registry import PassContext, register_pass
 
 def plan(model: ir.Model, mesh: str | Mesh, *, overrides: dict[str, str] | None = None):
     """The propagated plan of ``model`` on ``mesh``; ``overrides``: ``{tensor: "AXIS:MESH,..."}``
-    or ``"replicated"``, replacing the Megatron/dp seeds by tensor name."""
+    or ``"replicated"``, replacing the Megatron/dp seeds by tensor name.
+
+    ``model`` is first canonicalized in place (:mod:`.canonical`: exact rewrites only);
+    blocks whose split would not survive propagation are left replicated and listed, with
+    the reason, in the plan's ``unplanned`` (:mod:`.blocks`)."""
+    from gcomp.passes.sharding.blocks import settle
+    from gcomp.passes.sharding.canonical import canonicalize
     from gcomp.passes.sharding.megatron import parse_override, seed_plan
-    from gcomp.passes.sharding.propagate import propagate, shape_of
+    from gcomp.passes.sharding.propagate import shape_of
 
     mesh = mesh if isinstance(mesh, Mesh) else parse_mesh(mesh)
     values = {v.name: v for v in model.graph.inputs}
@@ -56,8 +65,8 @@ def plan(model: ir.Model, mesh: str | Mesh, *, overrides: dict[str, str] | None 
         s = shape_of(values[name])
         _, lay = parse_override(f"{name}={spec}", len(s) if s is not None else None)
         parsed[name] = lay
-    seeds, roles = seed_plan(model, mesh, parsed)
-    return propagate(model, mesh, seeds, roles)
+    canonicalize(model)
+    return settle(model, mesh, seed_plan(model, mesh, parsed))
 
 
 @register_pass("shard")

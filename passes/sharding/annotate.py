@@ -48,11 +48,11 @@ PARTIAL_KEY = "gcomp.sharding.partial"
 
 
 def _layout_json(lay: Layout) -> list:
-    return [[d.mesh, d.blocks] if d else None for d in lay.dims]
+    return [([d.mesh, d.blocks] + ([d.repeat] if d.repeat > 1 else [])) if d else None for d in lay.dims]
 
 
 def _layout_from_json(data: list) -> Layout:
-    return Layout(tuple(Shard(d[0], int(d[1])) if d else None for d in data))
+    return Layout(tuple(Shard(d[0], int(d[1]), int(d[2]) if len(d) > 2 else 1) if d else None for d in data))
 
 
 def clear_annotations(model: ir.Model) -> None:
@@ -73,13 +73,13 @@ def _spec(v: ir.Value, lay: Layout, mesh: Mesh) -> ir.ShardingSpec:
     sharded = [(a, d) for a, d in enumerate(lay.dims) if d is not None]
     dims = []
     for a, d in sharded:
-        n = mesh.axis_size(d.mesh)
+        n = d.parts(mesh)
         size = s[a] // d.blocks if isinstance(s[a], int) else ir.SymbolicDim(s[a] if isinstance(s[a], str) else None)
         dims.append(ir.ShardedDim(axis=a, simple_shardings=tuple(ir.SimpleShardedDim(size, n) for _ in range(d.blocks))))
     devices, groups = [], []
-    for idx in itertools.product(*[range(mesh.axis_size(d.mesh)) for _, d in sharded]):
-        fixed = {d.mesh: i for (_, d), i in zip(sharded, idx)}
-        ranks = [r for r in range(mesh.size) if all(mesh.coords(r)[k] == i for k, i in fixed.items())]
+    for idx in itertools.product(*[range(d.parts(mesh)) for _, d in sharded]):
+        fixed = [(d, i) for (_, d), i in zip(sharded, idx)]
+        ranks = [r for r in range(mesh.size) if all(d.index(mesh.coords(r)) == i for d, i in fixed)]
         if len(ranks) == 1:
             devices.append(ranks[0])
         else:
@@ -150,12 +150,15 @@ def _layout_of_spec(spec: ir.ShardingSpec, rank: int, mesh: Mesh, where: str) ->
         if len(counts) != 1:
             raise ShardingError(f"{where}: axis {sd.axis} has blocks with different shard counts")
         n = counts.pop()
-        candidates = [m for m in names if mesh.axis_size(m) == n and m not in {d.mesh for d in dims if d}]
+        free = [m for m in names if m not in {d.mesh for d in dims if d}]
+        candidates = [m for m in free if mesh.axis_size(m) == n]
+        if not candidates:  # fewer parts than ranks: each part held by a group (a repeated KV head)
+            candidates = [m for m in free if n > 1 and mesh.axis_size(m) % n == 0][:1]
         if not candidates:
             raise ShardingError(f"{where}: axis {sd.axis} split {n} ways, which matches no free mesh axis of {mesh}")
         # With equal axis sizes (dp=2,tp=2) the device order tells them apart.
         mesh_axis = _axis_from_devices(spec, mesh, candidates, len(dims) and [d for d in dims if d])
-        dims[axis] = Shard(mesh_axis, len(sd.simple_shardings))
+        dims[axis] = Shard(mesh_axis, len(sd.simple_shardings), mesh.axis_size(mesh_axis) // n)
     return Layout(tuple(dims))
 
 
@@ -354,4 +357,5 @@ def summarize(model: ir.Model, plan: Plan) -> dict:
         "all_reduces": sum(1 for c in unique if c["kind"] == "AllReduce"),
         "row_parallel_all_reduces": sum(1 for c in unique if c["reason"].startswith("row-parallel")),
         "all_gathers": sum(1 for c in unique if c["kind"] == "AllGather"),
+        "unplanned": list(plan.unplanned),
     }

@@ -2,15 +2,21 @@
 
 Tensor parallelism (``tp``), after Shoeybi et al. 2019 (Megatron-LM):
 
-- attention: found from each ``Softmax`` — backwards to the scores ``MatMul(Q, K^T)``,
-  forwards to ``MatMul(probs, V)`` and on to the output projection. The Q, K and V
-  projection weights are split by output columns (a fused QKV weight followed by a
-  3-way ``Split`` is split per block, so rank r holds q_r, k_r, v_r), so each rank
-  owns ``heads / tp`` heads; the output projection is split by input rows. The head
-  count must divide by tp, otherwise the plan refuses, naming the tensor.
+- attention: the blocks :mod:`.heads` finds (from each ``Softmax`` back to the scores
+  ``MatMul(Q, K^T)``, on to ``MatMul(probs, V)``, the head merge and the output projection;
+  Q, K and V back to their weight projections through whatever the exporter wrote in
+  between). The Q, K and V projection weights are split by output columns (a fused QKV
+  weight followed by a 3-way ``Split`` is split per block, so rank r holds q_r, k_r,
+  v_r), so each rank owns ``heads / tp`` heads; the output projection is split by input
+  rows. The head count must divide by tp, otherwise the plan refuses, naming the tensor.
+  Grouped-query attention (fewer KV heads than heads): K and V split by KV heads where tp
+  divides them; else, where the KV heads divide tp, each KV head is held by the tp / KV
+  ranks of its query group (``Shard.repeat``), and each rank takes its query heads' share
+  locally; otherwise K and V stay replicated (said in the summary).
 - MLP: a ``MatMul``/``Gemm`` with a weight whose output reaches, through elementwise ops
   only (bias, activation), exactly one other weight ``MatMul``/``Gemm``: the first is
-  column-parallel, the second row-parallel.
+  column-parallel, the second row-parallel. A projection of the same input that the chain
+  multiplies in (SwiGLU's up projection beside the gate) is column-parallel too.
 
 - embeddings: a token table (``Gather`` on a constant by computed ids) is split by
   vocabulary rows when it holds at least a quarter of all weight bytes ("where it pays":
@@ -27,123 +33,87 @@ graph input. Overrides replace any seed by tensor name.
 
 from __future__ import annotations
 
-__all__ = ["parse_override", "seed_plan"]
+__all__ = ["Seeds", "parse_override", "seed_plan"]
+
+import dataclasses
 
 import onnx_ir as ir
+from gcomp.passes.sharding.heads import AttentionBlock, Unplanned, find_attention, label, weight_of
 from gcomp.passes.sharding.mesh import Layout, Mesh, Shard, ShardingError
-from gcomp.passes.sharding.propagate import is_const, shape_of
+from gcomp.passes.sharding.tensors import is_const, shape_of
 
 _PASS = {"Transpose", "Reshape", "Identity", "Dropout", "Cast", "Squeeze", "Unsqueeze", "Flatten"}
 _SCALE = {"Add", "Sub", "Mul", "Div", "Where"}
 _NONLINEAR = {"Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "FastGelu", "BiasGelu", "Softplus", "Exp",
               "HardSwish", "Mish", "LeakyRelu", "Elu", "Selu", "QuickGelu", "HardSigmoid", "Pow"}
 _ELEMENTWISE = _NONLINEAR | _SCALE | {"Neg", "Identity", "Dropout", "Cast", "Reshape", "Sqrt", "Reciprocal"}
+_weight = weight_of
 
 
-def _weight(node: ir.Node) -> tuple[ir.Value, int, int] | None:
-    """(weight, column axis, row axis) of a MatMul/Gemm whose second input is a 2-D constant."""
-    if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
-        return None
-    w = node.inputs[1]
-    s = shape_of(w)
-    if not is_const(w) or s is None or len(s) != 2 or is_const(node.inputs[0]):
-        return None
-    if node.op_type == "Gemm":
-        a = node.attributes
-        if a.get("transA") is not None and a["transA"].value:
-            return None
-        if a.get("transB") is not None and a["transB"].value:
-            return w, 0, 1
-    return w, 1, 0
+@dataclasses.dataclass
+class Seeds:
+    """What :func:`seed_plan` found: the seeds, each weight's role, the blocks it split
+    (for the check after propagation) and the layers it left replicated, with why."""
+
+    seeds: dict[str, Layout]
+    roles: dict[str, str]
+    blocks: list[tuple[str, list[str], ir.Node]] = dataclasses.field(default_factory=list)  # (label, weights, end)
+    unplanned: list[Unplanned] = dataclasses.field(default_factory=list)
 
 
-def _back_to_projection(v: ir.Value, depth: int = 12) -> tuple[ir.Node, int] | None:
-    """Walk from ``v`` back through layout ops (and bias adds) to a weight MatMul/Gemm.
-
-    Returns (node, blocks): blocks = outputs of a Split met on the way (fused QKV), else 1."""
-    blocks = 1
-    while depth > 0 and v is not None:
-        depth -= 1
-        p = v.producer()
-        if p is None:
-            return None
-        if _weight(p) is not None:
-            return p, blocks
-        if p.op_type == "Split":
-            blocks = len(p.outputs)
-            v = p.inputs[0]
-        elif p.op_type in _PASS:
-            v = p.inputs[0]
-        elif p.op_type in ("Add", "Mul", "Div") and len(p.inputs) == 2:
-            act = [x for x in p.inputs if x is not None and not is_const(x)]
-            if len(act) != 1:
-                return None
-            v = act[0]
-        else:
-            return None
+def _kv_shard(block: AttentionBlock, tp: int) -> Shard | None:
+    """K/V split: by KV heads where tp divides them; else each KV head on its query group's
+    ranks (tp / KV heads of them); None (replicated) where neither divides the other."""
+    kv = block.kv_heads
+    if kv % tp == 0:
+        return Shard("tp")
+    if tp % kv == 0 and kv > 1:
+        return Shard("tp", 1, tp // kv)
     return None
 
 
-def _scores_matmul(v: ir.Value, depth: int = 8) -> ir.Node | None:
-    p = v.producer() if v is not None else None
-    if p is None or depth == 0:
-        return None
-    if p.op_type == "MatMul" and not is_const(p.inputs[0]) and not is_const(p.inputs[1]):
-        return p
-    if p.op_type in _SCALE | _PASS:
-        for x in p.inputs:
-            if x is not None and not is_const(x):
-                found = _scores_matmul(x, depth - 1)
-                if found is not None:
-                    return found
-    return None
-
-
-def _forward(v: ir.Value, want, depth: int = 6):
-    """Follow single-consumer layout ops from ``v`` to the first node ``want`` accepts."""
-    while depth > 0:
-        depth -= 1
-        users = v.uses()
-        if len(users) != 1:
-            return None
-        node, idx = users[0]
-        if want(node, idx):
-            return node
-        if node.op_type in _PASS and idx == 0:
-            v = node.outputs[0]
-            continue
-        return None
-    return None
-
-
-def _attention_blocks(graph: ir.Graph, tp: int):
-    """Yield (qkv projections with blocks, output projection, context tensor) per attention."""
-    for sm in graph:
-        if sm.op_type != "Softmax":
-            continue
-        scores = _scores_matmul(sm.inputs[0])
-        ctx_mm = _forward(sm.outputs[0], lambda n, i: n.op_type == "MatMul" and i == 0)
-        if scores is None or ctx_mm is None:
-            continue
-        out_proj = _forward(ctx_mm.outputs[0], lambda n, i: _weight(n) is not None and i == 0)
-        projs = [_back_to_projection(x) for x in (scores.inputs[0], scores.inputs[1], ctx_mm.inputs[1])]
-        if out_proj is None or any(p is None for p in projs):
-            continue
-        s = shape_of(ctx_mm.outputs[0])
-        if s is not None and len(s) == 4 and isinstance(s[1], int) and s[1] % tp:
+def _seed_attention(graph: ir.Graph, tp: int, found: Seeds, taken: set[ir.Node]) -> None:
+    blocks, unplanned = find_attention(graph)
+    found.unplanned.extend(unplanned)
+    for block in blocks:
+        if block.heads % tp:
             raise ShardingError(
-                f"tensor '{ctx_mm.outputs[0].name}': {s[1]} attention heads are not divisible by tp={tp}"
-            )
-        yield projs, out_proj, ctx_mm.outputs[0]
+                f"tensor '{block.context.name}': {block.heads} attention heads are not divisible by tp={tp}")
+        kv = _kv_shard(block, tp)
+        names = []
+        for proj, role in ((block.q, "q"), (block.k, "k"), (block.v, "v")):
+            w, col, _ = _weight(proj.node)
+            shard = Shard("tp", proj.blocks) if role == "q" or proj.blocks > 1 else kv
+            names.append(w.name)
+            taken.add(proj.node)
+            if shard is None:
+                found.roles.setdefault(w.name, f"attention {role} (replicated: {block.kv_heads} KV heads, tp={tp})")
+                continue
+            found.seeds[w.name] = _column(w, col, shard)
+            what = "qkv" if proj.blocks > 1 else role
+            grouped = f", each KV head on {shard.repeat} ranks" if shard.repeat > 1 else ""
+            found.roles.setdefault(w.name, f"attention {what} (column{grouped})")
+        w, _, row = _weight(block.out)
+        found.seeds[w.name] = _column(w, row)
+        found.roles[w.name] = "attention output (row)"
+        taken.add(block.out)
+        found.blocks.append((block.label, names + [w.name], block.out))
+        if kv is None:
+            found.unplanned.append(Unplanned(block.label, f"K/V projections replicated: {block.kv_heads} KV heads "
+                                                          f"cannot be split or grouped over tp={tp}"))
 
 
 def _mlp_pairs(graph: ir.Graph, taken: set[ir.Node]):
+    """(first, second, siblings): first's output reaches ``second`` through element-wise ops
+    only, combined with constants, its own chain and ``siblings`` (projections of the same
+    input: SwiGLU's up projection beside its gate)."""
     for node in graph:
         if node in taken or _weight(node) is None:
             continue
         frontier = [node.outputs[0]]
         seen: set[ir.Value] = set()
         ends: set[ir.Node] = set()
+        siblings: set[ir.Node] = set()
         nonlinear = False
         ok = True
         while frontier and ok:
@@ -159,9 +129,14 @@ def _mlp_pairs(graph: ir.Graph, taken: set[ir.Node]):
                 elif user.op_type in _ELEMENTWISE and user.domain in ("", "ai.onnx"):
                     nonlinear |= user.op_type in _NONLINEAR
                     others = [x for x in user.inputs if x is not None and x is not v and x not in seen]
-                    # the chain may combine only with constants and values of the chain itself
-                    if any(not is_const(x) and not _from_chain(x, seen, node) for x in others):
-                        ok = False
+                    # the chain may combine only with constants, its own values and sibling projections
+                    for x in others:
+                        sib = None if is_const(x) or _from_chain(x, seen, node) else _sibling(x, node, taken)
+                        if sib is False:
+                            ok = False
+                        elif sib is not None:
+                            siblings.add(sib)
+                    if not ok:
                         break
                     frontier.extend(user.outputs)
                 else:
@@ -170,7 +145,19 @@ def _mlp_pairs(graph: ir.Graph, taken: set[ir.Node]):
             if len(seen) > 64:
                 ok = False
         if ok and nonlinear and len(ends) == 1:
-            yield node, next(iter(ends))
+            yield node, next(iter(ends)), siblings
+
+
+def _sibling(x: ir.Value, first: ir.Node, taken: set[ir.Node]):
+    """The weight MatMul/Gemm (maybe plus a constant bias) making ``x`` from ``first``'s own
+    input, or False."""
+    p = x.producer()
+    if p is not None and p.op_type == "Add" and len(p.inputs) == 2 and any(is_const(i) for i in p.inputs):
+        act = [i for i in p.inputs if not is_const(i)]
+        p = act[0].producer() if act else None
+    if p is None or p is first or p in taken or _weight(p) is None or p.inputs[0] is not first.inputs[0]:
+        return False
+    return p
 
 
 def _from_chain(x: ir.Value, seen: set[ir.Value], start: ir.Node, depth: int = 8) -> bool:
@@ -218,74 +205,76 @@ def _reaches_output(v: ir.Value, depth: int = 4) -> bool:
     return False
 
 
-def _column(w: ir.Value, axis: int, blocks: int = 1) -> Layout:
+def _column(w: ir.Value, axis: int, shard: Shard | int = 1) -> Layout:
     dims = [None, None]
-    dims[axis] = Shard("tp", blocks)
+    dims[axis] = shard if isinstance(shard, Shard) else Shard("tp", shard)
     return Layout(tuple(dims))
 
 
-def seed_plan(model: ir.Model, mesh: Mesh, overrides: dict[str, Layout] | None = None):
-    """Seeds (tensor name -> Layout) and roles (weight name -> description) for ``mesh``."""
+def seed_plan(model: ir.Model, mesh: Mesh, overrides: dict[str, Layout] | None = None) -> Seeds:
+    """Seeds (tensor name -> Layout), roles (weight name -> description), the split blocks
+    and the layers left replicated, for ``mesh``."""
     graph = model.graph
-    seeds: dict[str, Layout] = {}
-    roles: dict[str, str] = {}
+    found = Seeds({}, {})
     tp = mesh.axis_size("tp")
     if "tp" in mesh.names():
         taken: set[ir.Node] = set()
-        for projs, out_proj, _ctx in _attention_blocks(graph, tp):
-            for (node, blocks), role in zip(projs, ("q", "k", "v")):
-                w, col, _ = _weight(node)
-                seeds[w.name] = _column(w, col, blocks)
-                roles.setdefault(w.name, f"attention {'qkv' if blocks > 1 else role} (column)")
-                taken.add(node)
-            w, _, row = _weight(out_proj)
-            seeds[w.name] = _column(w, row)
-            roles[w.name] = "attention output (row)"
-            taken.add(out_proj)
-        for first, second in list(_mlp_pairs(graph, taken)):
-            if first in taken or second in taken:
-                continue
-            w1, col, _ = _weight(first)
-            w2, _, row = _weight(second)
-            s1 = shape_of(w1)
-            if isinstance(s1[col], int) and s1[col] % tp:
-                continue
-            seeds[w1.name] = _column(w1, col)
-            seeds[w2.name] = _column(w2, row)
-            roles[w1.name] = "mlp in (column)"
-            roles[w2.name] = "mlp out (row)"
-            taken |= {first, second}
-        total = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
-        for node in graph:
-            table = _embedding(node)
-            if table is None:
-                continue
-            rows = shape_of(table)[0]
-            # "Where it pays": the table is a large share of the weights (one all-reduce of
-            # the embeddings per forward buys 1/tp of it).
-            if isinstance(rows, int) and rows % tp == 0 and table.const_value.nbytes * EMBEDDING_SHARE >= total:
-                seeds[table.name] = Layout((Shard("tp"), None))
-                roles[table.name] = "embedding (vocab)"
-        for node in graph:
-            if node in taken or _weight(node) is None or not _reaches_output(node.outputs[0]):
-                continue
-            w, col, _ = _weight(node)
-            cols = shape_of(w)[col]
-            # An LM head: split by vocabulary columns; the logits are all-gathered once.
-            if isinstance(cols, int) and cols % tp == 0 and w.const_value.nbytes * EMBEDDING_SHARE >= total:
-                seeds[w.name] = _column(w, col)
-                roles[w.name] = "lm head (column)"
-                taken.add(node)
+        _seed_attention(graph, tp, found, taken)
+        _seed_mlps(graph, tp, found, taken)
+        _seed_vocabulary(graph, tp, found, taken)
     if "dp" in mesh.names():
         for v in graph.inputs:
             s = shape_of(v)
             if v.const_value is None and s:
-                seeds[v.name] = Layout((Shard("dp"),) + (None,) * (len(s) - 1))
-                roles[v.name] = "input (batch)"
+                found.seeds[v.name] = Layout((Shard("dp"),) + (None,) * (len(s) - 1))
+                found.roles[v.name] = "input (batch)"
     for name, lay in (overrides or {}).items():
-        seeds[name] = lay
-        roles[name] = "override"
-    return seeds, roles
+        found.seeds[name] = lay
+        found.roles[name] = "override"
+    return found
+
+
+def _seed_mlps(graph: ir.Graph, tp: int, found: Seeds, taken: set[ir.Node]) -> None:
+    for first, second, siblings in list(_mlp_pairs(graph, taken)):
+        if {first, second} & taken or siblings & taken:
+            continue
+        columns = [first, *sorted(siblings, key=lambda n: n.name or "")]
+        weights = [_weight(n) for n in columns]
+        if any(isinstance(shape_of(w)[col], int) and shape_of(w)[col] % tp for w, col, _ in weights):
+            continue
+        for w, col, _ in weights:
+            found.seeds[w.name] = _column(w, col)
+            found.roles[w.name] = "mlp in (column)"
+        w2, _, row = _weight(second)
+        found.seeds[w2.name] = _column(w2, row)
+        found.roles[w2.name] = "mlp out (row)"
+        found.blocks.append((f"mlp '{label(first)}'", [w.name for w, _, _ in weights] + [w2.name], second))
+        taken |= {first, second, *siblings}
+
+
+def _seed_vocabulary(graph: ir.Graph, tp: int, found: Seeds, taken: set[ir.Node]) -> None:
+    """The token table and the LM head, where each is a large share of the weights."""
+    total = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
+    for node in graph:
+        table = _embedding(node)
+        if table is None:
+            continue
+        rows = shape_of(table)[0]
+        # "Where it pays": the table is a large share of the weights (one all-reduce of
+        # the embeddings per forward buys 1/tp of it).
+        if isinstance(rows, int) and rows % tp == 0 and table.const_value.nbytes * EMBEDDING_SHARE >= total:
+            found.seeds[table.name] = Layout((Shard("tp"), None))
+            found.roles[table.name] = "embedding (vocab)"
+    for node in graph:
+        if node in taken or _weight(node) is None or not _reaches_output(node.outputs[0]):
+            continue
+        w, col, _ = _weight(node)
+        cols = shape_of(w)[col]
+        # An LM head: split by vocabulary columns; the logits are all-gathered once.
+        if isinstance(cols, int) and cols % tp == 0 and w.const_value.nbytes * EMBEDDING_SHARE >= total:
+            found.seeds[w.name] = _column(w, col)
+            found.roles[w.name] = "lm head (column)"
+            taken.add(node)
 
 
 def parse_override(text: str, rank: int | None = None) -> tuple[str, Layout]:

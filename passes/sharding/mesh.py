@@ -6,6 +6,10 @@ axis, which mesh axis splits it (if any), and which mesh axes hold a *partial su
 still to be all-reduced. ``blocks`` > 1 means the axis is made of ``blocks`` equal
 segments each split separately (a fused QKV weight: rank r holds q_r, k_r, v_r), which
 is a ``ShardedDim`` with several ``SimpleShardedDim`` entries in ONNX's formalism.
+``repeat`` > 1 means the axis is split into only ``size / repeat`` parts, each held by
+``repeat`` consecutive ranks of the mesh axis (grouped-query attention with fewer KV heads
+than tp: each KV head lives on the ranks of its query group); in ONNX's formalism, a
+``SimpleShardedDim`` of ``size / repeat`` shards whose devices are groups of ranks.
 """
 
 from __future__ import annotations
@@ -100,6 +104,20 @@ class Shard:
 
     mesh: str
     blocks: int = 1
+    repeat: int = 1
+
+    def parts(self, mesh: Mesh) -> int:
+        """How many different parts the axis is cut into (per block)."""
+        return max(mesh.axis_size(self.mesh) // self.repeat, 1)
+
+    def index(self, coords: dict[str, int]) -> int:
+        """Which part the rank at ``coords`` holds."""
+        return coords[self.mesh] // self.repeat
+
+    def refines(self, other: Shard) -> bool:
+        """Whether every rank's part under ``self`` lies inside its part under ``other``
+        (taking it is a local slice, no communication)."""
+        return self.mesh == other.mesh and self.blocks == other.blocks and other.repeat % self.repeat == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,12 +142,11 @@ class Layout:
         return {d.mesh for d in self.dims if d is not None} | set(self.partial)
 
     def local_shape(self, shape: tuple[int, ...], mesh: Mesh) -> tuple[int, ...]:
-        return tuple(
-            s // mesh.axis_size(d.mesh) if d is not None else s for s, d in zip(shape, self.dims)
-        )
+        return tuple(s // d.parts(mesh) if d is not None else s for s, d in zip(shape, self.dims))
 
     def describe(self) -> str:
-        parts = [f"{i}:{d.mesh}" + (f"x{d.blocks}" if d.blocks > 1 else "") for i, d in enumerate(self.dims) if d]
+        parts = [f"{i}:{d.mesh}" + (f"x{d.blocks}" if d.blocks > 1 else "") + (f"/{d.repeat}" if d.repeat > 1 else "")
+                 for i, d in enumerate(self.dims) if d]
         if self.partial:
             parts.append("partial(" + ",".join(sorted(self.partial)) + ")")
         return "[" + " ".join(parts) + "]" if parts else "replicated"

@@ -37,7 +37,7 @@ def local_slice(array: np.ndarray, lay: Layout, coords: dict[str, int], sizes: d
     for axis, d in enumerate(lay.dims):
         if d is None:
             continue
-        n, i = sizes[d.mesh], coords[d.mesh]
+        n, i = sizes[d.mesh] // d.repeat, coords[d.mesh] // d.repeat
         shape = out.shape
         blocked = out.reshape(shape[:axis] + (d.blocks, shape[axis] // d.blocks) + shape[axis + 1:])
         chunk = shape[axis] // d.blocks // n
@@ -148,22 +148,23 @@ class _Builder:
                 dims = list(cur.dims)
                 dims[a] = None
                 cur = Layout(tuple(dims), cur.partial)
+                attrs = [ir.AttrInt64("axis", a), ir.AttrString("mesh_axis", info["mesh_axis"]),
+                         ir.AttrInt64("blocks", info["blocks"])]
+                if info.get("repeat", 1) > 1:
+                    attrs.append(ir.AttrInt64("repeat", info["repeat"]))
                 node = self.emit(
-                    DOMAIN, "AllGather", [x],
-                    [ir.AttrInt64("axis", a), ir.AttrString("mesh_axis", info["mesh_axis"]),
-                     ir.AttrInt64("blocks", info["blocks"])],
+                    DOMAIN, "AllGather", [x], attrs,
                     self.fresh(f"{v.name}/AllGather"), [(f"{v.name}/gathered", tuple(cur.local_shape(shape, self.mesh)))])
             else:  # local slice of a replicated axis: no communication
                 a = info["axis"]
                 if info["blocks"] != 1:
                     raise ShardingError(f"tensor '{v.name}': cannot slice a blocked axis of an activation")
-                n, i = self.sizes[info["mesh_axis"]], self.coords[info["mesh_axis"]]
-                chunk = local[a] // n
+                start, chunk = self._slice_bounds(shape[a], info["src"], info["dst"])
                 dims = list(cur.dims)
                 dims[a] = dst.dims[a]
                 cur = Layout(tuple(dims), cur.partial)
-                ins = [x, self.new_const(f"{v.name}/start", np.array([i * chunk], np.int64)),
-                       self.new_const(f"{v.name}/end", np.array([(i + 1) * chunk], np.int64)),
+                ins = [x, self.new_const(f"{v.name}/start", np.array([start], np.int64)),
+                       self.new_const(f"{v.name}/end", np.array([start + chunk], np.int64)),
                        self.new_const(f"{v.name}/axis", np.array([a], np.int64))]
                 node = self.emit("", "Slice", ins, [], self.fresh(f"{v.name}/LocalSlice"),
                                  [(f"{v.name}/local", tuple(cur.local_shape(shape, self.mesh)))])
@@ -171,6 +172,12 @@ class _Builder:
             x = node.outputs[0]
         self.conv_cache[key] = x
         return x
+
+    def _slice_bounds(self, size: int, src, dst) -> tuple[int, int]:
+        """(start, length) inside this rank's ``src`` part (None: the whole axis) of its ``dst`` part."""
+        chunk = size // dst.parts(self.mesh)
+        first = src.index(self.coords) * (dst.parts(self.mesh) // src.parts(self.mesh)) if src is not None else 0
+        return (dst.index(self.coords) - first) * chunk, chunk
 
     def local_shape(self, v: ir.Value) -> tuple[int, ...] | None:
         s = shape_of(v)
