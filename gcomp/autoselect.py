@@ -142,14 +142,15 @@ def _check(expected, actual, model: ir.Model | None = None) -> tuple[bool, float
 
 
 def _compile(backend: str, target: str, model: ir.Model, shapes, *, tune_trials=0, tune_seconds=None,
-             cache_dir=None, progress=None, optimization="all", threads=None, provider_options=None):
+             cache_dir=None, progress=None, optimization="all", threads=None, provider_options=None,
+             tvm_options=None):
     from gcomp.backends import get_backend
 
     be = get_backend(backend)
     if backend == "tvm":
         prepared = prepare_for_tvm(model, shapes, target=target, progress=progress)
         return be.compile(prepared, target, tune_trials=tune_trials, tune_seconds=tune_seconds,
-                          cache_dir=cache_dir, progress=progress)
+                          cache_dir=cache_dir, progress=progress, **(tvm_options or {}))
     return be.compile(model, target, optimization=optimization, threads=threads, provider_options=provider_options)
 
 
@@ -277,9 +278,13 @@ def compile_model(
     verify: bool = True,
     max_tensor_bytes: int | None = None,
     progress: Callable[[str], None] | None = None,
+    tvm_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``gcomp compile``: returns a JSON-able summary; writes ``output`` only after the
-    executable verified (or verification was off), never over the input."""
+    executable verified (or verification was off), never over the input. A TVM artifact
+    also holds the inputs and ONNX Runtime's outputs for them (``check.npz``), so the
+    machine it is run on can check it; ``tvm_options`` go to the TVM backend's compile
+    (``weights``, ``cuda_arch``)."""
     from gcomp import io
     from gcomp.inputs import generate_inputs, load_inputs
 
@@ -296,6 +301,7 @@ def compile_model(
     given = load_inputs(inputs, m) if inputs else None
     feeds, notes = generate_inputs(m, shapes=dict(input_shapes or {}), given=given, max_bytes=max_tensor_bytes)
     shapes = {k: tuple(np.shape(v)) for k, v in feeds.items() if isinstance(v, (np.ndarray, np.generic))}
+    expected = None
     if backend == "auto":
         sel = select_backend(m, feeds, tune_trials=tune_trials, tune_seconds=tune_seconds, cache_dir=cache_dir,
                              progress=say)
@@ -307,7 +313,7 @@ def compile_model(
         selection = None
         t0 = time.perf_counter()
         exe = _compile(backend, target, m, shapes, tune_trials=tune_trials, tune_seconds=tune_seconds,
-                       cache_dir=cache_dir, progress=say)
+                       cache_dir=cache_dir, progress=say, tvm_options=tvm_options)
         seconds = time.perf_counter() - t0
         verified = {"status": "skipped"}
         runnable = getattr(exe, "_runnable", True)
@@ -315,14 +321,17 @@ def compile_model(
             verified = {"status": "unverified", "reason": f"no device to run {target} code on"}
         elif verify:
             say("verifying against ONNX Runtime")
-            ok, err = _check(_reference(m, feeds), exe.run(feeds), m)
+            expected = _reference(m, feeds)
+            ok, err = _check(expected, exe.run(feeds), m)
             verified = {"status": "passed" if ok else "failed", "max_abs_error": err}
             if not ok:
                 raise GcompError(
                     f"{backend}/{target}: outputs differ from the reference (max abs error {err:.3g}); nothing written"
                 )
     written = None
-    if output is not None:
+    if output is not None and backend == "tvm":
+        written = str(exe.export(output, check=(feeds, expected if expected is not None else _reference(m, feeds))))
+    elif output is not None:
         written = str(exe.export(output))
     tuning = getattr(exe, "tuning", None)
     return {
@@ -335,6 +344,7 @@ def compile_model(
         "tuning": tuning.to_dict() if tuning is not None else None,
         "verification": verified,
         "output": written,
+        "artifact": getattr(exe, "artifact_info", None) if written else None,
         "selection": selection,
         "notes": notes,
     }

@@ -39,6 +39,7 @@ __all__ = [
     "TARGETS",
     "TvmBackend",
     "TvmExecutable",
+    "WEIGHTS",
     "bind_input_shapes",
     "check_importable",
     "cuda_available",
@@ -76,6 +77,8 @@ from gcomp.backends.tvm.targets import (
 from gcomp.backends.tvm.threads import physical_cores, require_tvm, runtime_threads
 from gcomp.errors import BackendError
 
+WEIGHTS = ("embedded", "separate")  # where an artifact's weights are: in model.so, or beside it
+
 
 class TvmBackend:
     """The ``tvm`` backend: targets ``llvm`` (host CPU) and ``cuda``."""
@@ -104,6 +107,8 @@ class TvmBackend:
         cache_dir: str | os.PathLike | None = None,
         progress: Callable[[str], None] | None = None,
         run: bool | None = None,
+        weights: str = "embedded",
+        cuda_arch: str | None = None,
         **_ignored: Any,
     ) -> TvmExecutable:
         """Compile a model prepared for TVM (:func:`gcomp.autoselect.prepare_for_tvm`) for
@@ -111,18 +116,23 @@ class TvmBackend:
 
         ``run=False`` builds only (the default when the target's device is absent, so
         CUDA code generation works on a CPU machine); such an executable can export and
-        show its generated source but refuses to run.
+        show its generated source but refuses to run. ``weights="separate"`` keeps the
+        weights out of the built code: the executable passes them to ``main`` after the
+        inputs, and its artifact holds them in ``weights.safetensors``. ``cuda_arch``
+        (``sm_90``) is the GPU architecture ``cuda`` code is generated for.
         """
         kind = target_kind(target)
         if tune_trials < 0:
             raise BackendError("tvm: tune trials must be >= 0")
+        if weights not in WEIGHTS:
+            raise BackendError(f"tvm: weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
         require_tvm(tuning=tune_trials > 0)
         say = progress or (lambda _msg: None)
         path = None if isinstance(model, ir.Model) else str(model)
         source = io.load(model) if path else model
         check_importable(source)
         prepared = bind_input_shapes(source, input_shapes) if input_shapes else source
-        tgt = tvm_target(kind)
+        tgt = tvm_target(kind, cuda_arch)
         say("importing into Relax")
         mod, names = lowering.import_onnx(prepared)
         say("fusing")
@@ -130,13 +140,14 @@ class TvmBackend:
         mod, tuning = _schedule(mod, tgt, kind, trials=tune_trials, seconds=tune_seconds, root=cache_dir,
                                 progress=say)
         kernels = lowering.kernel_calls(mod)
+        mod, params = lowering.detach_weights(mod) if weights == "separate" else (mod, [])
         say("building")
         ex = lowering.build(mod, tgt, kind)
         if run is None:
             run = kind == "llvm" or cuda_available()
         return TvmExecutable(
             ex, kind=kind, target=tgt, model=prepared, source_path=path, names=names, kernels=kernels,
-            fused=fused, tuning=tuning, runnable=run,
+            fused=fused, tuning=tuning, runnable=run, weights=params,
         )
 
 

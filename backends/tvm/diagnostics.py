@@ -12,7 +12,9 @@ __all__ = ["first_line", "native_stderr_off", "quiet_meta_schedule", "warnings_o
 
 import contextlib
 import logging
-import os
+
+# The artifact loader travels alone (gcomp bundle), so the helper lives there.
+from gcomp.backends.tvm.artifact import native_stderr_off
 
 
 def first_line(e: BaseException) -> str:
@@ -24,27 +26,6 @@ def first_line(e: BaseException) -> str:
         if not line.startswith(("  File", "File ", "Traceback", "  ")):
             return line.strip()[:300]
     return (lines[-1] if lines else type(e).__name__)[:300]
-
-
-@contextlib.contextmanager
-def native_stderr_off():
-    """Silence TVM's C++ log lines (warnings written straight to fd 2) around a call;
-    errors still arrive as exceptions."""
-    import sys
-
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 @contextlib.contextmanager

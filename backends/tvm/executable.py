@@ -6,14 +6,17 @@
   ``vm.set_instrument`` (the 0.27 Relax VM has no profiler); a row names the ONNX node
   whose value the kernel produces (a fused kernel covers that node and the elementwise
   nodes fused into it).
-- :meth:`TvmExecutable.export` writes a folder: ``model.so`` (weights embedded as
-  constants) and ``gcomp-tvm.json`` (inputs, outputs, target, kernel map); :func:`load`
-  reopens it without the original model.
+- :meth:`TvmExecutable.export` writes a folder: ``model.so`` (with the weights embedded as
+  constants, or without them, then ``weights.safetensors`` beside it), ``gcomp-tvm.json``
+  (inputs, outputs, target, kernel map) and, when given, ``check.npz`` (inputs and the
+  reference outputs); :func:`load` reopens it without the original model, on TVM's
+  runtime alone (:mod:`~gcomp.backends.tvm.artifact`: no ``tvm`` Python package, no
+  compiler library), and profiles it as a compiled one.
 """
 
 from __future__ import annotations
 
-__all__ = ["LIB_FILE", "META_FILE", "TvmExecutable", "load"]
+__all__ = ["LIB_FILE", "META_FILE", "WEIGHTS_FILE", "TvmExecutable", "load"]
 
 import contextlib
 import json
@@ -28,21 +31,26 @@ from typing import Any
 import numpy as np
 
 from gcomp.backends._device import peak_memory
+from gcomp.backends.tvm import artifact
+from gcomp.backends.tvm.artifact import CHECK_FILE, LIB_FILE, META_FILE, WEIGHTS_FILE, Machine
 from gcomp.backends.tvm.diagnostics import first_line, native_stderr_off
-from gcomp.backends.tvm.targets import cuda_available
-from gcomp.backends.tvm.threads import tvm_module
+from gcomp.backends.tvm.threads import runtime_threads
 from gcomp.errors import BackendError
 from gcomp.perf import LatencyStats, OpRow, Profile, environment, model_identity
 
-META_FILE = "gcomp-tvm.json"
-LIB_FILE = "model.so"
+_NO_OP = 0  # the VM's VMInstrumentReturnKind.NO_OP: run the call as usual
 
 
 class TvmExecutable:
     """A compiled Relax VM executable (or a code-only one for an absent device)."""
 
-    def __init__(self, ex, *, kind, target, model, source_path, names, kernels, fused, tuning, runnable) -> None:
+    def __init__(self, ex, *, kind, target, model, source_path, names, kernels, fused, tuning, runnable,
+                 weights=None) -> None:
         self.ex = ex
+        self.weights = list(weights or [])  # (name, array): main's parameters after the inputs
+        self._artifact = None
+        self._tgt = target
+        self.artifact_info: dict[str, Any] = {}  # what the last export wrote: weights, CUDA code
         self.kind = kind
         self.target = kind
         self.tvm_target = str(target)
@@ -65,10 +73,14 @@ class TvmExecutable:
         self._runnable = runnable
 
     @classmethod
-    def _from_artifact(cls, lib, meta: dict, folder: Path) -> TvmExecutable:
-        """An executable for a loaded ``model.so`` described by its ``gcomp-tvm.json``."""
+    def _from_artifact(cls, art: artifact.Artifact) -> TvmExecutable:
+        """An executable for an artifact opened on the runtime (its ``gcomp-tvm.json``)."""
+        meta, folder = art.meta, art.folder
         exe = cls.__new__(cls)
-        exe.ex = lib
+        exe.ex = None
+        exe.weights = []
+        exe._artifact = art
+        exe.artifact_info = {}
         exe.kind = meta["target"]
         exe.target = meta["target"]
         exe.tvm_target = meta.get("tvm_target")
@@ -84,49 +96,42 @@ class TvmExecutable:
         exe.output_names = list(meta["outputs"])
         exe._input_dtypes = {i["name"]: i["dtype"] for i in meta["inputs"] if i.get("dtype")}
         exe._vm = None
-        exe._runnable = exe.kind == "llvm" or cuda_available()
+        exe._runnable = True  # artifact.load opened it on its device's runtime (a GPU is checked at run)
         return exe
 
     # -- running ---------------------------------------------------------------
 
-    def _machine(self):
+    def _machine(self) -> Machine:
         if self._vm is None:
             if not self._runnable:
                 raise BackendError(
                     f"tvm: this {self.kind} executable was built without a device to run on (no CUDA GPU)"
                 )
-            tvm = tvm_module()
-            dev = tvm.cuda(0) if self.kind == "cuda" else tvm.cpu(0)
-            self._vm = tvm.relax.VirtualMachine(self.ex, dev)
-            self._dev = dev
+            if self._artifact is not None:
+                self._vm = self._artifact.machine
+            else:
+                self._vm = Machine(self.ex.jit(), self.kind)
+                self._weight_tensors = [self._vm.tensor(w) for _, w in self.weights]
         return self._vm
 
     def _args(self, feeds: Mapping[str, np.ndarray]):
-        tvm = tvm_module()
+        machine = self._machine()
+        if self._artifact is not None:
+            return self._artifact.arguments(feeds)
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise BackendError(f"tvm: missing inputs: {', '.join(missing)}")
-        self._machine()
         args = []
         for name in self.input_names:
             arr = np.ascontiguousarray(feeds[name])
             want = self._input_dtypes.get(name)
             if want and arr.dtype.name != want:
                 raise BackendError(f"tvm: input '{name}' is {arr.dtype.name}, the model takes {want}")
-            args.append(tvm.runtime.tensor(arr, self._dev))
-        return args
+            args.append(machine.tensor(arr))
+        return args + self._weight_tensors
 
     def _outputs(self, result) -> dict[str, np.ndarray]:
-        flat = []
-
-        def walk(x):
-            if hasattr(x, "numpy"):
-                flat.append(x.numpy())
-            else:
-                for item in x:
-                    walk(item)
-
-        walk(result)
+        flat = self._machine().flatten(result)
         if len(flat) != len(self.output_names):
             raise BackendError(f"tvm: {len(flat)} outputs for {len(self.output_names)} graph outputs")
         return dict(zip(self.output_names, flat))
@@ -134,7 +139,7 @@ class TvmExecutable:
     def run(self, feeds: Mapping[str, np.ndarray], **_ignored: Any) -> dict[str, np.ndarray]:
         vm = self._machine()
         try:
-            return self._outputs(vm["main"](*self._args(feeds)))
+            return self._outputs(vm.main(*self._args(feeds)))
         except BackendError:
             raise
         except Exception as e:
@@ -151,8 +156,8 @@ class TvmExecutable:
             raise BackendError("tvm: profile needs iters >= 1 and warmup >= 0")
         vm = self._machine()
         args = self._args(feeds)
-        fn = vm["main"]
-        sync = self._dev.sync
+        fn = vm.main
+        sync = vm.sync
         for _ in range(warmup):
             fn(*args)
         sync()
@@ -180,17 +185,15 @@ class TvmExecutable:
         ).finish()
 
     def _kernel_times(self, fn, args, runs: int) -> list[OpRow]:
-        from tvm import relax
-
         vm = self._machine()
         times: dict[tuple[str, int], float] = {}
         seen: dict[str, int] = {}
         stack: list[float] = []
-        sync = self._dev.sync
+        sync = vm.sync
 
         def instrument(func, func_symbol, before_run, ret_value, *iargs):
             if func_symbol.startswith("vm.builtin."):
-                return relax.VMInstrumentReturnKind.NO_OP
+                return _NO_OP
             if before_run:
                 sync()
                 stack.append(time.perf_counter())
@@ -200,7 +203,7 @@ class TvmExecutable:
                 k = seen.get(func_symbol, 0)
                 seen[func_symbol] = k + 1
                 times[(func_symbol, k)] = times.get((func_symbol, k), 0.0) + dt
-            return relax.VMInstrumentReturnKind.NO_OP
+            return _NO_OP
 
         fn(*args)  # once uninstrumented: first-call costs are not kernel time
         vm.set_instrument(instrument)
@@ -209,7 +212,7 @@ class TvmExecutable:
                 seen.clear()
                 fn(*args)
         finally:
-            vm.set_instrument(_noop_instrument(relax))  # 0.27 has no way to remove one
+            vm.set_instrument(_noop_instrument)  # 0.27 has no way to remove one
         return self._rows(times, runs)
 
     def _rows(self, times: dict[tuple[str, int], float], runs: int) -> list[OpRow]:
@@ -281,9 +284,13 @@ class TvmExecutable:
             "tuning": self.tuning.to_dict() if self.tuning is not None else None,
         }
 
-    def export(self, path: str | os.PathLike) -> Path:
-        """Write ``path/`` with ``model.so`` and ``gcomp-tvm.json``; atomic (temp folder, rename)."""
+    def export(self, path: str | os.PathLike, *, check: tuple[Mapping, Mapping] | None = None) -> Path:
+        """Write ``path/``: ``model.so``, ``gcomp-tvm.json``, ``weights.safetensors`` when the
+        weights were kept out of ``model.so``, and with ``check=(inputs, reference
+        outputs)`` a ``check.npz`` of both. Atomic (temp folder, rename)."""
         out = Path(path)
+        if self.ex is None:
+            raise BackendError(f"{out}: a loaded artifact is copied as a folder, not exported again")
         if self._path and out.resolve() == Path(self._path).resolve():
             raise BackendError(f"{out}: refusing to write over the input model")
         if out.exists() and not (out.is_dir() and (out / META_FILE).is_file()):
@@ -291,41 +298,58 @@ class TvmExecutable:
         out.resolve().parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
         try:
-            with native_stderr_off():
-                self.ex.export_library(str(tmp / LIB_FILE))
-            (tmp / META_FILE).write_text(json.dumps(self._artifact_meta(), indent=1), encoding="utf-8")
-            if out.exists():
-                old = out.with_name(f".{out.name}.old")
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
+            meta = self._artifact_meta()
+            meta.update(self._export_library(tmp / LIB_FILE))
+            if self.weights:
+                size = artifact.write_safetensors(tmp / WEIGHTS_FILE, dict(self.weights))
+                meta["weights"] = {"file": WEIGHTS_FILE, "names": [n for n, _ in self.weights], "bytes": size}
+            self.artifact_info = {k: meta[k] for k in ("cuda_code", "cuda_arch", "fatbin", "weights") if k in meta}
+            if check is not None:
+                feeds, expected = check
+                np.savez(tmp / CHECK_FILE, **{f"input:{k}": np.asarray(v) for k, v in feeds.items()},
+                         **{f"output:{k}": np.asarray(v) for k, v in expected.items()})
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+            _replace(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
 
 
+    def _export_library(self, path: Path) -> dict[str, Any]:
+        """Write ``model.so``; for ``cuda``, with its kernels compiled by nvcc when one is
+        found (:mod:`~gcomp.backends.tvm.cuda_code`), else as CUDA C source. Returns
+        what ``gcomp-tvm.json`` says of the device code."""
+        info: dict[str, Any] = {}
+        pack = None
+        if self.kind == "cuda":
+            from gcomp.backends.tvm.cuda_code import find_nvcc, packer
+
+            info = {"cuda_arch": str(self._tgt.attrs["arch"]), "cuda_code": "source"}
+            nvcc = find_nvcc()
+            pack = packer(self._tgt, nvcc, info) if nvcc is not None else None
+        with native_stderr_off():
+            self.ex.export_library(str(path), fpack_imports=pack)
+        return info
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """``tmp`` renamed to ``out``, an earlier ``out`` removed only once the new one is in place."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
 def load(path: str | os.PathLike) -> TvmExecutable:
-    """Reopen an exported artifact folder (no ONNX model needed)."""
-    folder = Path(path)
-    meta_path = folder / META_FILE
-    if not meta_path.is_file() or not (folder / LIB_FILE).is_file():
-        raise BackendError(f"{folder}: not a gcomp TVM artifact (expected {LIB_FILE} and {META_FILE})")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise BackendError(f"{meta_path}: unreadable: {e}") from None
-    tvm = tvm_module()
-    try:
-        lib = tvm.runtime.load_module(str(folder / LIB_FILE))
-    except Exception as e:
-        raise BackendError(f"{folder / LIB_FILE}: cannot load: {first_line(e)}") from None
-    return TvmExecutable._from_artifact(lib, meta, folder)
+    """Reopen an exported artifact folder (no ONNX model needed) on TVM's runtime alone:
+    neither the ``tvm`` Python package nor its compiler library is needed or imported."""
+    artifact.read_meta(path)  # not an artifact: one line, before touching any library
+    runtime_threads()
+    return TvmExecutable._from_artifact(artifact.load(path))
 
 
-def _noop_instrument(relax):
-    def instrument(*_args):
-        return relax.VMInstrumentReturnKind.NO_OP
-
-    return instrument
+def _noop_instrument(*_args):
+    return _NO_OP

@@ -8,14 +8,18 @@
    channels-last on the CPU. Also reads which variables each fused kernel computes.
 4. :func:`default_schedules`: every kernel still unscheduled after tuning gets dlight's
    default schedules (GPU rules on ``cuda``, CPU GEMV and reduction rules on ``llvm``).
-5. :func:`build`: ``tvm.compile`` with the target's Relax lowering passes.
+5. :func:`detach_weights` (``weights="separate"``): the constant tensors ``main`` still
+   holds, already folded and laid out as the kernels read them, become parameters after
+   the inputs, so ``model.so`` carries code only and the weights travel as a file.
+6. :func:`build`: ``tvm.compile`` with the target's Relax lowering passes.
 
 :func:`kernel_calls` lists the kernels ``main`` calls, in order, for the profiler.
 """
 
 from __future__ import annotations
 
-__all__ = ["bind_input_shapes", "build", "default_schedules", "fuse", "import_onnx", "kernel_calls"]
+__all__ = ["bind_input_shapes", "build", "default_schedules", "detach_weights", "fuse", "import_onnx",
+           "kernel_calls"]
 
 import contextlib
 import io as _io
@@ -193,6 +197,40 @@ def default_schedules(mod, tgt, kind: str):
         if kind == "cuda":
             raise BackendError(f"tvm: default GPU schedules failed: {first_line(e)}") from None
         return mod  # CPU kernels run unscheduled (correct, slower)
+
+
+def detach_weights(mod):
+    """``mod`` whose ``main`` takes its constant tensors (two or more elements; scalars
+    stay) as parameters after its inputs, and ``[(name, array)]`` of those constants in
+    parameter order. Runs after fusion and scheduling, so the weights are the folded,
+    re-laid-out ones the kernels read, and tuning records still apply."""
+    import tvm
+    from tvm import relax
+
+    lifted: list[tuple[object, object]] = []
+
+    @relax.expr_functor.mutator
+    class Lift(relax.PyExprMutator):
+        def visit_generic_const_(self, op):
+            value = getattr(op, "value", None)
+            if not hasattr(value, "numpy") or int(value.numpy().size) < 2:
+                return op
+            for const, var in lifted:
+                if const.same_as(op):
+                    return var
+            var = relax.Var(f"weight_{len(lifted)}", op.ty)
+            lifted.append((op, var))
+            return var
+
+    func = mod["main"]
+    body = Lift().visit_expr(func.body)
+    if not lifted:
+        return mod, []
+    main = relax.Function(list(func.params) + [v for _, v in lifted], body, func.ret_ty, func.is_pure,
+                          func.attrs, func.span)
+    functions = {gv: (main if gv.name_hint == "main" else f) for gv, f in mod.functions.items()}
+    weights = [(_name(var), const.value.numpy()) for const, var in lifted]
+    return tvm.IRModule(functions, attrs=mod.attrs), weights
 
 
 def _lowering(tgt, kind: str):

@@ -56,11 +56,12 @@ def runtime_threads() -> int:
 def start_pool() -> int:
     """Set the thread count and start TVM's pool, once: after that the pool's size is fixed,
     and every later call (:func:`tvm_module` runs on each model run) only needs the answer."""
+    from gcomp.backends.tvm.artifact import runtime_function
+
     want = physical_cores()
     os.environ["TVM_NUM_THREADS"] = str(want)
-    import tvm
-
-    got = int(tvm.get_global_func("runtime.NumThreads")())  # starts the pool, or reads it
+    # TVM's runtime library alone (not ``import tvm``): loading an artifact needs no more
+    got = int(runtime_function("runtime.NumThreads")())  # starts the pool, or reads it
     if got != want:
         del os.environ["TVM_NUM_THREADS"]
     return got

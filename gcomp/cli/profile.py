@@ -128,10 +128,15 @@ def profile(model, backend, device, iters, warmup, optimization, threads, inputs
               help="Shape to compile for (repeatable); symbolic dims are bound to it.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the executable's outputs against ONNX Runtime before writing.")
+@click.option("--weights", type=click.Choice(["embedded", "separate"]), default="embedded", show_default=True,
+              help="tvm: weights inside model.so, or beside it in weights.safetensors (model.so holds code only).")
+@click.option("--cuda-arch", default=None, metavar="sm_XY",
+              help="tvm --target cuda: GPU architecture to generate code for (e.g. sm_90). "
+                   "[default: this machine's GPU, else sm_80]")
 @verbosity_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def compile_(model, backend, target, output, tune_trials, tune_minutes, cache_dir, inputs, input_shapes, verify,
-             as_json, quiet=False, verbose=False):
+             as_json, weights="embedded", cuda_arch=None, quiet=False, verbose=False):
     """Compile MODEL for a backend (tuning it with --tune-trials) and export the artifact."""
     from gcomp.autoselect import compile_model
     from gcomp.inputs import parse_input_shapes
@@ -139,11 +144,16 @@ def compile_(model, backend, target, output, tune_trials, tune_minutes, cache_di
     say = Say(quiet, verbose, json=as_json)
     if backend == "ort" and target == "llvm":
         target = "cpu"
+    tvm_options = {"weights": weights, "cuda_arch": cuda_arch}
+    if backend != "tvm" and weights != "embedded":
+        raise OptionError(f"--weights {weights} is for --backend tvm")
+    if cuda_arch is not None:
+        _check_cuda_arch(backend, target, cuda_arch)
     with say.progress(f"compiling for {backend}/{target}") as status:
         doc = compile_model(model, backend=backend, target=target, output=output,
                             input_shapes=parse_input_shapes(input_shapes), inputs=inputs, tune_trials=tune_trials,
                             tune_seconds=tune_minutes * 60 if tune_minutes else None, cache_dir=cache_dir,
-                            verify=verify, progress=status)
+                            verify=verify, progress=status, tvm_options=tvm_options)
     if as_json:
         click.echo(json.dumps(doc, indent=2, default=str))
     elif quiet:  # the verdict is the answer when no artifact holds it
@@ -152,6 +162,19 @@ def compile_(model, backend, target, output, tune_trials, tune_minutes, cache_di
     else:
         _print_compiled(doc)
     say.done()
+
+
+def _check_cuda_arch(backend: str, target: str, arch: str) -> None:
+    """--cuda-arch only with --backend tvm --target cuda, spelled as nvcc spells it."""
+    from gcomp.backends.tvm.targets import check_cuda_arch
+    from gcomp.errors import BackendError
+
+    if backend != "tvm" or target not in ("cuda", "gpu"):
+        raise OptionError("--cuda-arch is for --backend tvm --target cuda")
+    try:
+        check_cuda_arch(arch)
+    except BackendError as e:
+        raise OptionError(f"--cuda-arch: {str(e).removeprefix('tvm: ')}") from None
 
 
 def _compiled_line(doc: dict) -> str:
@@ -176,6 +199,13 @@ def _print_compiled(doc: dict) -> None:
                   f"{t['trials']} trials in {t['seconds']:.1f} s, {t['skipped']} left untuned"
                   + (" (interrupted)" if t["interrupted"] else "") + f"; database {t['database']}")
     out.print(_compiled_line(doc))
+    art = doc.get("artifact") or {}
+    if art.get("cuda_code") == "source":
+        out.print("note: no nvcc found, so the artifact holds CUDA C source, which TVM's runtime cannot load: "
+                  "install nvidia-cuda-nvcc (or put nvcc on PATH) and compile again", soft_wrap=True, markup=False)
+    elif art.get("cuda_code"):
+        kinds = ", ".join(f"{k} sm_{a}" for k, a in art.get("fatbin", []))
+        out.print(f"CUDA kernels for {art.get('cuda_arch')} compiled by nvcc ({kinds})", markup=False)
     if doc["output"]:
         stderr().print(f"wrote {doc['output']}")
 
