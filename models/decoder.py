@@ -40,7 +40,7 @@ if __package__:
 else:  # run as a script from models/
     from export_torch import _perturb_uniform_parameters, _require_torch
 
-__all__ = ["ARCHS", "export", "main", "signature"]
+__all__ = ["ARCHS", "build", "corpus", "export", "greedy", "main", "save_hf", "signature", "train"]
 
 ARCHS = ("llama", "qwen2")
 TINY = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -113,21 +113,30 @@ def _inputs(torch: Any, config: Any, cache: bool, sizes: tuple[int, int, int], s
     return (ids, mask, positions, *kv)
 
 
-def export(arch: str, out_dir: str | Path, *, cache: bool = False, dynamo: bool = False, seed: int = 0,
-           check: bool = True, config: dict | None = None) -> Path:
-    """Export ``arch`` (``llama`` or ``qwen2``) to ``out_dir/<arch>[_cache][_dynamo].onnx``."""
+def build(arch: str, *, seed: int = 0, config: dict | None = None) -> Any:
+    """The ``transformers`` model (eval mode) with seeded random weights."""
     torch, transformers = _require_torch()
     cfg = _config(arch, dict(config or {}))
     torch.manual_seed(seed)
     cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[arch]
     model = cls(cfg).eval()
     _perturb_uniform_parameters(torch, model, seed)
+    return model
+
+
+def export(arch: str, out_dir: str | Path, *, cache: bool = False, dynamo: bool = False, seed: int = 0,
+           check: bool = True, config: dict | None = None, model: Any = None, name: str | None = None) -> Path:
+    """Export ``arch`` (``llama`` or ``qwen2``) to ``out_dir/<name or arch>[_cache][_dynamo].onnx``:
+    ``model`` (a trained one, see :func:`train`) or one built by :func:`build`."""
+    torch, _ = _require_torch()
+    model = model if model is not None else build(arch, seed=seed, config=config)
+    cfg = model.config
     module = _wrapper(torch, model, cfg, cache)
     names, outputs = signature(cfg, cache)
     args = _inputs(torch, cfg, cache, EXPORT_SIZES, seed, pad=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{arch}{'_cache' if cache else ''}{'_dynamo' if dynamo else ''}.onnx"
+    path = out_dir / f"{name or arch}{'_cache' if cache else ''}{'_dynamo' if dynamo else ''}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation, tracer warnings
         if dynamo:
@@ -142,6 +151,109 @@ def export(arch: str, out_dir: str | Path, *, cache: bool = False, dynamo: bool 
         for sizes, pad in ((EXPORT_SIZES, False), (CHECK_SIZES, True), ((1, 1, 6), False)):
             _compare(torch, module, path, names, _inputs(torch, cfg, cache, sizes, seed + 1, pad=pad))
     return path
+
+
+# A byte-level decoder trained here (``train``): its greedy continuations are meaningful, so a
+# change of greedy tokens after quantization is a real loss of accuracy, not noise.
+TRAINED = {"vocab_size": 256, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+
+
+def corpus(limit: int = 4 << 20) -> bytes:
+    """Local text: the Python standard library's sources (sorted, the first ``limit`` bytes)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, size = [], 0
+    for path in sorted(root.glob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        size += len(data)
+        if size >= limit:
+            break
+    return b"".join(chunks)[:limit]
+
+
+def train(*, steps: int = 600, seed: int = 0, seq: int = 128, batch: int = 16, lr: float = 3e-3,
+          config: dict | None = None) -> tuple[Any, dict[str, float]]:
+    """A Llama-style byte-level model (:data:`TRAINED`) trained for ``steps`` steps of AdamW on
+    :func:`corpus` (the last 5 % held out), seeded, so the same weights on any machine;
+    returns (model in eval mode, {steps, seconds, train_loss, heldout_loss} in nats per byte)."""
+    import time
+
+    import numpy as np
+
+    torch, _ = _require_torch()
+    torch.manual_seed(seed)
+    data = np.frombuffer(corpus(), dtype=np.uint8).astype(np.int64)
+    split = int(len(data) * 0.95)
+    train_data, held = torch.from_numpy(data[:split]), torch.from_numpy(data[split:])
+    model = build("llama", seed=seed, config={**TRAINED, **(config or {})}).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    start, loss = time.perf_counter(), float("nan")
+    for _ in range(steps):
+        idx = torch.randint(0, len(train_data) - seq - 1, (batch,), generator=gen)
+        x = torch.stack([train_data[i:i + seq] for i in idx.tolist()])
+        out = model(input_ids=x, labels=x, use_cache=False)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        loss = float(out.loss)
+    seconds = time.perf_counter() - start
+    model.eval()
+    with torch.no_grad():
+        x = torch.stack([held[i:i + seq] for i in range(0, min(len(held) - seq, 64 * seq), seq)])
+        heldout = float(model(input_ids=x, labels=x, use_cache=False).loss)
+    return model, {"steps": steps, "train_loss": loss, "heldout_loss": heldout, "seconds": seconds}
+
+
+def save_hf(model: Any, folder: str | Path) -> Path:
+    """``model`` as a Hugging Face folder (config, safetensors) with a tokenizer of one token
+    per id (``<0>``, ``<1>``, ...; for a byte-level model, token ``<b>`` is byte ``b``), which
+    tools that read a folder, such as ONNX Runtime GenAI's model builder, need."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    vocab = {f"<{i}>": i for i in range(model.config.vocab_size)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<0>")),
+                                  eos_token="<0>", unk_token="<0>")
+    tok.save_pretrained(folder)
+    return folder
+
+
+def greedy(session: Any, prompt: Any, steps: int, config: Any, timings: list | None = None) -> list[int]:
+    """Greedy continuation of ``prompt`` (int64 ``[1, S]``) by a cache model in an ONNX Runtime
+    ``session`` (inputs and outputs by name, so ONNX Runtime GenAI's models, which compute
+    positions themselves and order their outputs otherwise, run too): the prompt in one
+    step, then one token at a time with the cache fed back. ``timings``: gets each step's
+    seconds in the session (the first is the prompt's)."""
+    import time
+
+    import numpy as np
+
+    names = {i.name for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv = [f"past_key_values.{i}.{k}" for i in range(config.num_hidden_layers) for k in ("key", "value")]
+    cache = dict.fromkeys(kv, np.zeros((1, config.num_key_value_heads, 0, head_dim), np.float32))
+    ids, tokens = np.asarray(prompt, np.int64), []
+    for _ in range(steps):
+        p, s = cache[kv[0]].shape[2], ids.shape[1]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, p + s), np.int64),
+                 "position_ids": np.arange(p, p + s, dtype=np.int64)[None], **cache}
+        feeds = {k: v for k, v in feeds.items() if k in names}
+        start = time.perf_counter()
+        got = dict(zip(outputs, session.run(None, feeds)))
+        if timings is not None:
+            timings.append(time.perf_counter() - start)
+        cache = {k: got[k.replace("past_key_values", "present")] for k in kv}
+        token = int(np.argmax(got["logits"][0, -1]))
+        tokens.append(token)
+        ids = np.array([[token]], np.int64)
+    return tokens
 
 
 def _dynamic_axes(names: list[str], outputs: list[str]) -> dict[str, dict[int, str]]:
