@@ -97,3 +97,23 @@ def test_rms_norms_fuse_on_both_exporters(decoders, arch, dynamo):
     ops = [n.op_type for n in result.model.graph]
     assert ops.count("RMSNormalization") == 2 * 2 + 1, ops
     assert "ReduceMean" not in ops
+
+
+@pytest.mark.slow
+def test_greedy_with_the_cache_matches_pytorch(tmp_path):
+    """The exported cache model, fed back its present.* one token at a time
+    (models.decoder.greedy), continues a prompt exactly as PyTorch's own greedy generate."""
+    torch = pytest.importorskip("torch", reason="needs torch==2.13.0 (the test extra installs it)")
+    import onnxruntime as ort
+
+    from models import decoder
+
+    model = decoder.build("llama")
+    path = decoder.export("llama", tmp_path, cache=True, model=model, check=False)
+    prompt = np.arange(1, 9)[None]
+    got = decoder.greedy(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), prompt, 12,
+                         model.config)
+    with torch.no_grad():
+        expected = model.generate(torch.tensor(prompt), max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert got == expected[0, 8:].tolist()
+    assert len(set(got)) > 1  # a continuation, not one repeated token
