@@ -141,6 +141,7 @@ def test_loading_what_is_not_an_artifact_is_one_clear_error(tmp_path):
         load(tmp_path)
 
 
+@pytest.mark.slow
 def test_weights_kept_out_of_model_so_travel_beside_it_and_load(compiled):
     root = compiled["root"]
     out = root / "mlp.sep.tvm"
@@ -198,6 +199,7 @@ def _cuda_meta(out: Path) -> dict:
     return json.loads((out / "gcomp-tvm.json").read_text())
 
 
+@pytest.mark.slow
 def test_cuda_host_code_is_portable_and_the_architecture_is_the_one_asked_for(compiled, tmp_path):
     out = tmp_path / "mlp.cuda"
     env = {**os.environ, "GCOMP_NVCC": "none"}  # the source-only artifact, whatever this machine has
@@ -220,11 +222,9 @@ def test_cuda_arch_is_checked(compiled, tmp_path, args, message):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(__import__("gcomp.backends.tvm.cuda_code", fromlist=["x"]).find_nvcc() is None,
-                    reason="no nvcc (pip install nvidia-cuda-nvcc)")
+@pytest.mark.slow
+@pytest.mark.skipif(find_nvcc() is None, reason="no nvcc (pip install nvidia-cuda-nvcc)")
 def test_with_nvcc_a_cuda_artifact_carries_sass_and_ptx_instead_of_source(compiled, tmp_path):
-    from gcomp.backends.tvm.cuda_code import fatbin_contents
-
     out = tmp_path / "mlp.cuda"
     proc = gcomp("compile", compiled["model"], "--target", "cuda", "--cuda-arch", "sm_90", "--weights", "separate",
                  "-o", out, "--json")
@@ -238,3 +238,68 @@ def test_with_nvcc_a_cuda_artifact_carries_sass_and_ptx_instead_of_source(compil
     assert at > 0 and fatbin_contents(lib[at:]) == [("sass", 90), ("ptx", 90)]
     assert b"__global__" not in lib  # the CUDA C source left model.so
     assert (out / "weights.safetensors").stat().st_size > (out / "model.so").stat().st_size / 8
+
+
+def _numpy_only(root: Path) -> Path:
+    """A folder holding NumPy alone (links to the installed one and its bundled libraries)."""
+    folder = root / "numpy_only"
+    if not folder.exists():
+        folder.mkdir()
+        installed = Path(np.__file__).parent
+        for name in ("numpy", "numpy.libs"):
+            if (installed.parent / name).exists():
+                (folder / name).symlink_to(installed.parent / name)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_bundle_runs_its_artifacts_with_python_and_numpy_alone(compiled, tmp_path):
+    import tarfile
+
+    root = compiled["root"]
+    separate = root / "mlp.sep.tvm"
+    if not separate.exists():
+        assert gcomp("compile", compiled["model"], "-o", separate, "--weights", "separate").returncode == 0
+    archive = tmp_path / "bundle.tar.gz"
+    proc = gcomp("bundle", compiled["artifact"], separate, "-o", archive, "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["bytes"] == archive.stat().st_size < 64 * 2**20 and doc["artifacts"] == ["mlp.tvm", "mlp.sep.tvm"]
+    assert doc["tvm_runtime"] == ["libtvm_runtime.so", "libtvm_runtime_extra.so"]  # no CUDA artifact, no CUDA runtime
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path, filter="data")
+    assert not [n for n in names if "libtvm_compiler" in n or n.endswith(".h")]
+    bundle = tmp_path / "gcomp-tvm-bundle"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = os.pathsep.join([str(bundle), str(_numpy_only(root))])
+    # -S: no site-packages, so nothing but the bundle, NumPy and the standard library
+    probe = subprocess.run([sys.executable, "-S", "-c", "import importlib.util as u; print([u.find_spec(m) is None "
+                            "for m in ('gcomp', 'tvm', 'onnx', 'numpy', 'tvm_ffi')])"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False)
+    assert probe.stdout.strip() == "[True, True, True, False, False]", probe.stderr
+    for name in ("mlp.tvm", "mlp.sep.tvm"):
+        run = subprocess.run([sys.executable, "-S", str(bundle / "gcomp_tvm_runtime.py"),
+                              str(bundle / "artifacts" / name), "--check", "--iters", "2"],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120, check=False)
+        assert run.returncode == 0, run.stdout + run.stderr
+        seen = json.loads(run.stdout)
+        assert seen["within_tolerance"] is True and seen["tvm_imported"] is False and seen["outputs"] == {"y": [2, 10]}
+        assert seen["max_abs_error"] < 1e-5
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["-o", "{tmp}/b.zip"], 2, "gcomp: error: {tmp}/b.zip: a bundle is a .tar.gz archive"),
+    (["-o", "{tmp}/b.tar.gz", "--python", "312"], 2, "gcomp: error: --python 312: expected a version such as 3.12"),
+])
+def test_bundle_options_are_checked(compiled, tmp_path, args, code, message):
+    proc = gcomp("bundle", compiled["artifact"], *[a.format(tmp=tmp_path) for a in args])
+    assert proc.returncode == code and proc.stderr.strip().splitlines() == [message.format(tmp=tmp_path)], proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bundling_a_folder_that_is_not_an_artifact_fails_in_one_line(tmp_path):
+    proc = gcomp("bundle", tmp_path, "-o", tmp_path / "b.tar.gz")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"gcomp: error: {tmp_path}: not a gcomp TVM artifact (expected model.so and gcomp-tvm.json)"], proc.stderr
+    assert not (tmp_path / "b.tar.gz").exists()

@@ -122,10 +122,13 @@ def _load_runtime(kind: str = "llvm") -> None:
     """``libtvm_runtime.so`` (and ``libtvm_runtime_extra.so``: sort, top-k), plus the CUDA
     runtime for ``cuda``; once per process."""
     if "runtime" not in _LOADED:
+        # tvm_ffi's import otherwise imports torch, where installed, and may JIT-build a C++
+        # addon for torch tensors; this loader passes NumPy arrays only.
+        os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
         try:
             import tvm_ffi  # noqa: F401  (loads libtvm_ffi.so, which the runtime links to)
-        except ImportError:
-            raise ArtifactError("the TVM runtime needs tvm_ffi (pip install apache-tvm-ffi)") from None
+        except ImportError as e:
+            raise ArtifactError(f"the TVM runtime needs tvm_ffi (pip install apache-tvm-ffi): {e}") from None
         dirs = _library_dirs()
         if not dirs:
             raise ArtifactError("no TVM runtime library (libtvm_runtime.so) beside this loader or in an "

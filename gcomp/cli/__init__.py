@@ -7,7 +7,8 @@ Tables and summaries go to stdout, progress to stderr.
 The click group lives in :mod:`gcomp.cli.group`; each command module registers its
 commands on it when imported below: :mod:`~gcomp.cli.optimize`, :mod:`~gcomp.cli.inspect`
 (passes, inspect, verify), :mod:`~gcomp.cli.profile` (profile, compile, report) and
-:mod:`~gcomp.cli.distributed` (run, shard). Commands import their heavy modules when they
+:mod:`~gcomp.cli.distributed` (run, shard) and :mod:`~gcomp.cli.bundle` (bundle).
+Commands import their heavy modules when they
 run, so ``gcomp --help``, ``gcomp passes`` and ``gcomp inspect`` load no runtime.
 """
 
@@ -27,6 +28,7 @@ from gcomp.cli import optimize  # noqa: F401  (optimize)
 from gcomp.cli import inspect  # noqa: F401  (passes, inspect, verify)
 from gcomp.cli import profile  # noqa: F401  (profile, compile, report)
 from gcomp.cli import distributed  # noqa: F401  (run, shard)
+from gcomp.cli import bundle  # noqa: F401  (bundle)
 
 
 class _Stopped(BaseException):
