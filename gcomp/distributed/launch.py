@@ -166,45 +166,56 @@ def _execute(params: dict, shard: str | None, *, simulate: bool, echo) -> int:
 
 
 def shard_command(params: dict, echo=print) -> int:
-    """``gcomp shard``: specialize to input shapes and fold (O1), plan, annotate (IR v11),
-    print the summary, optionally write per-rank graphs."""
+    """``gcomp shard``: plan on a copy specialized to the input shapes and folded (O1),
+    annotate (IR v11), print the summary, optionally write per-rank graphs.
+
+    With ``--input-shape``, the written model is the specialized one: fixed to those shapes
+    (``gcomp run`` refuses others in one line, naming them). Without, the model keeps its
+    own input shapes and only gains the annotations, so ``gcomp run`` re-specializes it to
+    whatever inputs it gets (unless the plan names a tensor only the folded copy has)."""
     from gcomp import io
-    from gcomp.passes.sharding import annotate, partition, plan, summarize
+    from gcomp.distributed.runner import make_feeds, specialize
+    from gcomp.inputs import parse_input_shapes
+    from gcomp.passes.sharding import annotate, annotate_seeds, parse_mesh, partition, plan, summarize
 
     source = Path(params["model"])
     output = Path(params["output"])
     io.check_writable(output, source=source)
-    model = io.load(source)
-    from gcomp.distributed.runner import make_feeds, specialize
-    from gcomp.inputs import parse_input_shapes
-    from gcomp.passes.sharding import parse_mesh
-
+    original = io.load(source)
     # Plans are made on static shapes (exporters compute reshape targets from Shape chains
     # that only fold when the dims are known); without --input-shape, gcomp's defaults.
     input_shapes = parse_input_shapes(params.get("input_shapes") or ())
-    feeds = make_feeds(model, parse_mesh(params["shard"]), None, input_shapes)
-    if not input_shapes and not params.get("json"):
-        shapes = " ".join(f"--input-shape {k}={','.join(map(str, v.shape))}" for k, v in feeds.items())
-        echo(f"note: planned for the input shapes {shapes}")
-    model = specialize(model, feeds)
+    feeds = make_feeds(original, parse_mesh(params["shard"]), None, input_shapes)
+    model = specialize(io.load(source), feeds)
     overrides = dict(o.split("=", 1) for o in params.get("overrides") or ())
     p = plan(model, params["shard"], overrides=overrides)
     summary = summarize(model, p)
     ranks_dir = params.get("ranks_dir")
     rank_models = partition(model, p) if ranks_dir else []
-    annotate(model, p)
-    io.save(model, output)
+    kept_open = not input_shapes and annotate_seeds(original, p)
+    if not kept_open:
+        annotate(model, p)
+    io.save(original if kept_open else model, output)
     if ranks_dir:
         folder = Path(ranks_dir)
         folder.mkdir(parents=True, exist_ok=True)
         for r, m in enumerate(rank_models):
             io.save(m, folder / f"rank{r}.onnx")
     if params.get("json"):
-        echo(json.dumps(summary, indent=2))
-    else:
-        echo(format_summary(summary))
-        echo(f"wrote {output}" + (f" and {len(rank_models)} rank graphs in {ranks_dir}" if ranks_dir else ""))
+        echo(json.dumps({**summary, "input_shapes": _shapes(feeds), "shapes_fixed": not kept_open}, indent=2))
+        return 0
+    if not input_shapes:
+        shapes = " ".join(f"--input-shape {k}={','.join(map(str, v))}" for k, v in _shapes(feeds).items())
+        echo(f"note: planned for the input shapes {shapes}" + (
+            "; the written model keeps its own input shapes (gcomp run re-plans it for its inputs)" if kept_open
+            else "; the written model is fixed to them"))
+    echo(format_summary(summary))
+    echo(f"wrote {output}" + (f" and {len(rank_models)} rank graphs in {ranks_dir}" if ranks_dir else ""))
     return 0
+
+
+def _shapes(feeds) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in feeds.items()}
 
 
 def format_summary(summary: dict) -> str:

@@ -15,12 +15,14 @@ Guarantees: outputs are whole on every rank (dp shards are gathered); ``check`` 
 the unsharded model on ONNX Runtime (optimizations off) on the same inputs and reports
 the largest difference. Refuses (GcompError, one line): a batch not divisible by dp, a
 mesh that does not match the MPI world, a model whose sharded tensors have no static
-shape after specialization.
+shape after specialization, inputs whose shapes differ from the static shapes of the
+model (for a model ``gcomp shard`` planned: the shapes it was planned for, and how to
+re-plan), before any rank runs.
 """
 
 from __future__ import annotations
 
-__all__ = ["Prepared", "RunResult", "Segment", "prepare", "run", "run_rank", "simulate"]
+__all__ = ["Prepared", "RunResult", "Segment", "check_input_shapes", "prepare", "run", "run_rank", "simulate"]
 
 import dataclasses
 import os
@@ -88,6 +90,8 @@ def prepare(model, shard: str | Mesh | None, feeds: Mapping[str, np.ndarray], *,
     "AXIS:MESH,..." | "replicated"}`` replacing the plan's seeds."""
     from gcomp.passes.sharding import plan as make_plan
     from gcomp.passes.sharding import read_annotations
+    from gcomp.passes.sharding.annotate import SEEDS_KEY
+    from gcomp.passes.sharding.canonical import canonicalize
     from gcomp.passes.sharding.propagate import propagate
 
     m = _load(model)
@@ -99,13 +103,41 @@ def prepare(model, shard: str | Mesh | None, feeds: Mapping[str, np.ndarray], *,
         mesh = annotated[0]
     else:
         mesh = shard if isinstance(shard, Mesh) else parse_mesh(shard)
+    planned = annotated is not None or SEEDS_KEY in m.metadata_props
+    check_input_shapes(m, feeds, mesh if planned else None)
     m = specialize(m, feeds)
     if annotated is not None:
+        canonicalize(m)
         plan = propagate(m, mesh, annotated[1], {})
     else:
         plan = make_plan(m, mesh, overrides=overrides)
     layouts = {v.name: plan.layout(v) for v in m.graph.inputs}
     return Prepared(m, mesh, plan, layouts)
+
+
+def check_input_shapes(model: ir.Model, feeds: Mapping[str, np.ndarray], sharded_for: Mesh | None = None) -> None:
+    """Refuse, in one line, feeds whose shapes differ from the model's static input dims.
+
+    ``sharded_for``: the mesh of a model ``gcomp shard`` planned (and so fixed to the shapes
+    it planned for); the line then names those shapes and the command that re-plans. A
+    model whose inputs are symbolic is specialized to any feeds instead."""
+    for v in model.graph.inputs:
+        if v.name not in feeds or v.shape is None or v.const_value is not None:
+            continue
+        got = tuple(np.asarray(feeds[v.name]).shape)
+        want = tuple(d if isinstance(d, int) else None for d in v.shape)
+        if len(got) == len(want) and all(w is None or w == g for w, g in zip(want, got)):
+            continue
+        shown = "[" + ", ".join(str(d) if d is not None else "?" for d in want) + "]"
+        if sharded_for is None:
+            raise GcompError(f"input '{v.name}': shape {list(got)} does not fit the model's {shown}")
+        planned = " ".join(f"{i.name}={','.join(str(d) for d in i.shape)}" for i in model.graph.inputs
+                           if i.const_value is None and i.shape is not None)
+        given = " ".join(f"--input-shape {n}={','.join(map(str, np.asarray(a).shape))}" for n, a in feeds.items())
+        raise GcompError(
+            f"input '{v.name}' has shape {list(got)}, but the model was sharded for {planned}: run it on inputs "
+            f"of those shapes, or re-plan the unsharded model for these: gcomp shard UNSHARDED.onnx -o OUT.onnx "
+            f"--shard {sharded_for} {given} (without --input-shape, gcomp shard keeps the shapes open)")
 
 
 def specialize(m: ir.Model, feeds: Mapping[str, np.ndarray] | None) -> ir.Model:

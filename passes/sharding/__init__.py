@@ -24,6 +24,7 @@ __all__ = [
     "ShardPass",
     "ShardingError",
     "annotate",
+    "annotate_seeds",
     "check_annotations",
     "parse_mesh",
     "partition",
@@ -69,6 +70,20 @@ def plan(model: ir.Model, mesh: str | Mesh, *, overrides: dict[str, str] | None 
     return settle(model, mesh, seed_plan(model, mesh, parsed))
 
 
+def annotate_seeds(model: ir.Model, found) -> bool:
+    """Annotate ``model`` as it is (symbolic shapes allowed) with the seeds of ``found``, a
+    plan made on a specialized copy of it; False (nothing written) when a split seed names
+    no tensor of ``model`` (specialization folded it into a new one)."""
+    from gcomp.passes.sharding.propagate import propagate
+
+    names = {v.name for v in model.graph.inputs} | set(model.graph.initializers)
+    split = {k: v for k, v in found.seeds.items() if not v.is_replicated}
+    if any(k not in names for k in split):
+        return False
+    annotate(model, propagate(model, found.mesh, split, found.roles))
+    return True
+
+
 @register_pass("shard")
 class ShardPass(ir.passes.InPlacePass):
     """Annotate the model with IR v11 sharding specs for a mesh (Megatron tp, batch dp).
@@ -84,8 +99,6 @@ class ShardPass(ir.passes.InPlacePass):
         self.context = context or PassContext()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from gcomp.passes.sharding.propagate import propagate
-
         # Structure is found on a folded copy with gcomp's default input shapes (exporters'
         # Shape chains hide it otherwise); the seeds then annotate this model as it is.
         if self.context.specialize is None:
@@ -94,7 +107,9 @@ class ShardPass(ir.passes.InPlacePass):
         copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
         folded = self.context.specialize(copy, self.mesh)
         found = plan(folded, self.mesh)
-        names = {v.name for v in model.graph.inputs} | set(model.graph.initializers)
-        seeds = {k: v for k, v in found.seeds.items() if k in names}
-        annotate(model, propagate(model, self.mesh, seeds, found.roles))
+        if not annotate_seeds(model, found):
+            missing = sorted(k for k, v in found.seeds.items() if not v.is_replicated
+                             and k not in model.graph.initializers and k not in {i.name for i in model.graph.inputs})
+            raise ShardingError(f"tensor '{missing[0]}': planned on the folded model, absent from this one "
+                                "(run the shard pass after constant folding, e.g. O1,shard)")
         return ir.passes.PassResult(model, modified=True)
