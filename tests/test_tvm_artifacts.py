@@ -24,6 +24,7 @@ from onnx import TensorProto, helper
 pytest.importorskip("tvm")
 
 from gcomp.backends.tvm import artifact, load
+from gcomp.backends.tvm.cuda_code import fatbin_contents, find_nvcc
 
 from tests.conftest import ort_run
 
