@@ -330,3 +330,68 @@ def test_batched_transpose_through_a_merged_batch_becomes_one_transpose(lead):
     assert np.array_equal(ort_run(m, {"x": x})["y"], ort_run(ir.serde.deserialize_model(proto), {"x": x})["y"])
     moved = ShapeInferencePass()(ir.serde.deserialize_model(model([1, 0, 2], [8, 8, 16]))).model
     assert canonicalize(moved) == 0
+
+
+def _attention_model(variant="plain", B=2, S=8, E=32, H=4):
+    """x -> Q/K/V projections -> heads -> softmax attention -> merge -> output projection + x.
+    ``d_major``: features laid out [head_dim, heads] (a column split cuts the head size);
+    ``two_q``: Q is the sum of two projections."""
+    D = E // H
+    rng = np.random.default_rng(4)
+    names = ["Wq", "Wk", "Wv", "Wo"] + (["Wq2"] if variant == "two_q" else [])
+    inits = [tensor(n, (rng.standard_normal((E, E)) * 0.2).astype(np.float32)) for n in names]
+    split, to_heads, back = ([B, S, D, H], [0, 3, 1, 2], [0, 2, 3, 1]) if variant == "d_major" else \
+        ([B, S, H, D], [0, 2, 1, 3], [0, 2, 1, 3])
+    inits += [tensor("split", np.array(split, np.int64)), tensor("merge", np.array([B, S, E], np.int64)),
+              tensor("scale", np.array(np.sqrt(D), np.float32))]
+    nodes = [helper.make_node("MatMul", ["x", f"W{r}"], [f"{r}0"]) for r in "qkv"]
+    if variant == "two_q":
+        nodes += [helper.make_node("MatMul", ["x", "Wq2"], ["q1"]), helper.make_node("Add", ["q0", "q1"], ["q2"])]
+    for r in "qkv":
+        src = "q2" if r == "q" and variant == "two_q" else f"{r}0"
+        nodes += [helper.make_node("Reshape", [src, "split"], [f"{r}r"]),
+                  helper.make_node("Transpose", [f"{r}r"], [f"{r}h"], perm=to_heads)]
+    nodes += [helper.make_node("Transpose", ["kh"], ["kt"], perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["qh", "kt"], ["s0"]), helper.make_node("Div", ["s0", "scale"], ["s"]),
+              helper.make_node("Softmax", ["s"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "vh"], ["c"]),
+              helper.make_node("Transpose", ["c"], ["ct"], perm=back), helper.make_node("Reshape", ["ct", "merge"], ["cm"]),
+              helper.make_node("MatMul", ["cm", "Wo"], ["o"]), helper.make_node("Add", ["o", "x"], ["y"])]
+    return make_model(nodes, [vinfo("x", shape=(B, S, E))], [vinfo("y", shape=(B, S, E))], inits)
+
+
+@pytest.mark.parametrize(("variant", "reason"), [
+    ("plain", None),
+    ("two_q", "the query is computed from several weight projections ('Wq', 'Wq2')"),
+    ("d_major", ("the split is undone inside it: Softmax 'p' needs 's' all-reduced (the split axis is contracted "
+                 "before the block's last projection)")),
+])
+def test_an_attention_that_cannot_be_split_is_kept_whole_and_named(variant, reason):
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 8, 32)).astype(np.float32)}
+    prepared = runner.prepare(ir.serde.deserialize_model(_attention_model(variant)), "tp=2", feeds)
+    s = summarize(prepared.model, prepared.plan)
+    if reason is None:
+        assert s["unplanned"] == [] and s["row_parallel_all_reduces"] == 1
+    else:
+        assert s["unplanned"] == [{"layer": "attention 'Softmax -> p'", "reason": reason}]
+        assert s["all_reduces"] == 0 and s["sharded_parameter_bytes"] == 0
+    outs, _ = runner.simulate(prepared, feeds, threads=1)
+    ref = runner.reference_outputs(ir.serde.deserialize_model(_attention_model(variant)), feeds)
+    assert runner.max_abs_error(outs, ref) <= 1e-5
+
+
+def test_gcomp_shard_names_the_layer_it_leaves_whole(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "two_q.onnx"
+    onnx.save(_attention_model("two_q"), path)
+    cmd = [sys.executable, "-m", "gcomp", "shard", str(path), "-o", str(tmp_path / "s.onnx"), "--shard", "tp=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert ("  not split: attention 'Softmax -> p': the query is computed from several weight projections "
+            "('Wq', 'Wq2')") in r.stdout.splitlines()
+    r = subprocess.run([*cmd, "--json"], capture_output=True, text=True, check=False)
+    assert json.loads(r.stdout)["unplanned"] == [
+        {"layer": "attention 'Softmax -> p'", "reason": "the query is computed from several weight projections "
+                                                        "('Wq', 'Wq2')"}]

@@ -176,7 +176,14 @@ def shard_command(params: dict, echo=print) -> int:
     from gcomp import io
     from gcomp.distributed.runner import make_feeds, specialize
     from gcomp.inputs import parse_input_shapes
-    from gcomp.passes.sharding import annotate, annotate_seeds, parse_mesh, partition, plan, summarize
+    from gcomp.passes.sharding import (
+        annotate,
+        annotate_seeds,
+        parse_mesh,
+        partition,
+        plan,
+        summarize,
+    )
 
     source = Path(params["model"])
     output = Path(params["output"])

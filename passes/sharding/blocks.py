@@ -3,10 +3,10 @@
 A block (an attention block or an MLP) is planned by seeding its weights: the projections
 column-parallel, the last one row-parallel. That pays only if the split survives from the
 first projections to the row-parallel one: every op in between must take the split axis
-as it comes. Where propagation has to all-gather inside a block (an op the rules do not
-know, a reshape that mixes the heads with another axis), the block would cost a gather
-and save little; :func:`settle` then drops the block's seeds, propagates again, and
-records the layer and the op that broke it. The result is the plan plus ``unplanned``:
+as it comes. Where propagation has to all-gather or all-reduce inside a block (an op the
+rules do not know; features laid out head-minor, so the column split cuts the head size,
+not the heads), the block would cost a collective and save little; :func:`settle` then
+drops the block's seeds, propagates again, and records the layer and the op that broke it. The result is the plan plus ``unplanned``:
 ``[{"layer", "reason"}]``, which ``gcomp shard`` prints (and ``--json`` lists) together
 with the layers :mod:`.heads` could not plan at all.
 """
@@ -44,22 +44,26 @@ def settle(model: ir.Model, mesh: Mesh, found) -> Plan:
     return plan
 
 
-def _gathers(model: ir.Model, plan: Plan) -> dict[ir.Node, str]:
-    """Nodes that need an input all-gathered, with what they need."""
+def _reshards(model: ir.Model, plan: Plan) -> dict[ir.Node, str]:
+    """Nodes that need an input all-gathered or all-reduced, with what they need."""
     out: dict[ir.Node, str] = {}
     for c in conversions(model, plan):
         if c.node is None or c.node in out:
             continue
         for step, info in collective_steps(c.src, c.dst):
+            where = f"{c.node.op_type} '{c.node.name or c.node.outputs[0].name}'"
             if step == "AllGather":
-                out[c.node] = (f"the split is undone at {c.node.op_type} '{c.node.name}', which needs axis "
-                               f"{info['axis']} of '{c.value.name}' whole")
+                out[c.node] = f"the split is undone inside it: {where} needs axis {info['axis']} of '{c.value.name}' whole"
+                break
+            if step == "AllReduce":
+                out[c.node] = (f"the split is undone inside it: {where} needs '{c.value.name}' all-reduced (the "
+                               "split axis is contracted before the block's last projection)")
                 break
     return out
 
 
 def _broken(model: ir.Model, plan: Plan, blocks: list) -> list[tuple[tuple, str]]:
-    gathers = _gathers(model, plan)
+    gathers = _reshards(model, plan)
     if not gathers:
         return []
     order = {n: i for i, n in enumerate(model.graph)}

@@ -97,7 +97,7 @@ def label(node: ir.Node) -> str:
         names = [n for n in names if n]
         if len(names) >= 2:
             return names[-2]
-    return node.name or node.op_type
+    return node.name or f"{node.op_type} -> {node.outputs[0].name}"
 
 
 def find_attention(graph: ir.Graph) -> tuple[list[AttentionBlock], list[Unplanned]]:
@@ -108,7 +108,12 @@ def find_attention(graph: ir.Graph) -> tuple[list[AttentionBlock], list[Unplanne
             continue
         s = shape_of(sm.inputs[0])
         axis = sm.attributes["axis"].value if "axis" in sm.attributes else -1
-        if s is None or len(s) != 4 or axis not in (-1, 3):
+        if s is None or len(s) not in (3, 4) or axis not in (-1, len(s) - 1):
+            continue
+        if len(s) == 3:  # [batch * heads, seq, seq]: heads merged with the batch
+            if _scores_matmul(sm.inputs[0]) is not None:
+                unplanned.append(Unplanned(f"attention '{label(sm)}'", "its scores are 3-D (heads merged with the "
+                                           "batch), so the heads cannot be split"))
             continue
         found = _block(sm)
         (blocks if isinstance(found, AttentionBlock) else unplanned).append(found)
