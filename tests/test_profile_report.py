@@ -91,7 +91,7 @@ def test_profile_json_follows_the_shipped_schema(fused):
     jsonschema.validate(doc, schema())
     for key in ("schema_version", "model", "environment", "backend", "latency", "ops"):
         assert key in doc
-    assert doc["schema_version"] == "1.2"
+    assert doc["schema_version"] == "1.3"
     assert all({"node", "op_type", "time_ms"} <= set(row) for row in doc["ops"])
     lat = doc["latency"]
     assert lat["iterations"] == 3 and lat["warmup"] == 1 and len(lat["samples_ms"]) == 3

@@ -40,7 +40,7 @@ from gcomp.perf.stats import memory_estimate, model_stats
 # 1.2 added: optimize profiles' interleaved "speed"; ops' attainable_gflops_per_s and
 # above_roof; roofline peak_method, bandwidth_method, gemm_gflops; memory weights_bytes,
 # activations_peak_bytes, unsized_activations, model_bytes_estimate, model_bytes_method.
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 
 
 @dataclass
