@@ -279,14 +279,21 @@ def test_a_bundle_runs_its_artifacts_with_python_and_numpy_alone(compiled, tmp_p
                             "for m in ('gcomp', 'tvm', 'onnx', 'numpy', 'tvm_ffi')])"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False)
     assert probe.stdout.strip() == "[True, True, True, False, False]", probe.stderr
-    for name in ("mlp.tvm", "mlp.sep.tvm"):
-        run = subprocess.run([sys.executable, "-S", str(bundle / "gcomp_tvm_runtime.py"),
-                              str(bundle / "artifacts" / name), "--check", "--iters", "2"],
-                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120, check=False)
-        assert run.returncode == 0, run.stdout + run.stderr
-        seen = json.loads(run.stdout)
+    run = subprocess.run([sys.executable, "-S", str(bundle / "gcomp_tvm_runtime.py"),
+                          *[str(bundle / "artifacts" / n) for n in ("mlp.tvm", "mlp.sep.tvm")], "--check", "--iters", "2"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    verdicts = [json.loads(line) for line in run.stdout.strip().splitlines()]  # one line per artifact
+    assert [Path(v["artifact"]).name for v in verdicts] == ["mlp.tvm", "mlp.sep.tvm"]
+    for seen in verdicts:
         assert seen["within_tolerance"] is True and seen["tvm_imported"] is False and seen["outputs"] == {"y": [2, 10]}
         assert seen["max_abs_error"] < 1e-5
+    stored = dict(np.load(bundle / "artifacts" / "mlp.tvm" / "check.npz"))
+    stored["output:y"] = stored["output:y"] + 0.01  # a reference the artifact does not meet
+    np.savez(bundle / "artifacts" / "mlp.tvm" / "check.npz", **stored)
+    run = subprocess.run([sys.executable, "-S", str(bundle / "gcomp_tvm_runtime.py"), str(bundle / "artifacts" / "mlp.tvm"),
+                          "--check", "--iters", "1"], capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert run.returncode == 1 and json.loads(run.stdout)["within_tolerance"] is False, run.stdout + run.stderr
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [

@@ -396,42 +396,54 @@ def load(path: str | os.PathLike) -> Artifact:
     return Artifact(folder, meta, module)
 
 
-def _check(argv: list[str] | None = None) -> int:
-    """``python gcomp_tvm_runtime.py ARTIFACT [--check] [--iters N]``: run the artifact on
-    the inputs stored beside it and print one JSON line (outputs, max abs error against
-    the stored reference, whether it is within the tolerances, median latency)."""
-    import argparse
+def _check_one(path: str, a) -> tuple[dict, bool]:
+    """Run one artifact on its ``check.npz`` inputs: (the JSON-able verdict, ok)."""
     import time
 
-    p = argparse.ArgumentParser(prog="gcomp_tvm_runtime.py")
-    p.add_argument("artifact")
-    p.add_argument("--check", action="store_true", help="fail (exit 1) when outputs differ from check.npz")
-    p.add_argument("--rtol", type=float, default=1e-3)
-    p.add_argument("--atol", type=float, default=1e-4)
-    p.add_argument("--iters", type=int, default=10)
-    a = p.parse_args(argv)
     try:
-        art = load(a.artifact)
-        data = np.load(Path(a.artifact) / CHECK_FILE)
+        art = load(path)
+        data = np.load(Path(path) / CHECK_FILE)
         feeds = {k[6:]: data[k] for k in data.files if k.startswith("input:")}
         got = art.run(feeds)
-        times = []
         args = art.arguments(feeds)
+        times = []
         for _ in range(max(1, a.iters)):
             t0 = time.perf_counter()
             art.machine.main(*args)
             art.machine.sync()
             times.append((time.perf_counter() - t0) * 1e3)
     except (ArtifactError, OSError, KeyError) as e:
-        print(json.dumps({"artifact": a.artifact, "error": str(e)}))
-        return 1
-    errors = {n: float(np.max(np.abs(got[n].astype(np.float64) - data["output:" + n].astype(np.float64))))
-              if got[n].size else 0.0 for n in art.output_names}
-    ok = all(np.allclose(got[n], data["output:" + n], rtol=a.rtol, atol=a.atol) for n in art.output_names)
-    print(json.dumps({"artifact": a.artifact, "target": art.kind, "outputs": {n: list(v.shape) for n, v in got.items()},
-                      "max_abs_error": max(errors.values(), default=0.0), "within_tolerance": ok,
-                      "p50_ms": float(np.median(times)), "tvm_imported": sys.modules.get("tvm") is not None}))
-    return 0 if ok or not a.check else 1
+        return {"artifact": path, "error": str(e)}, False
+    want = {n: data["output:" + n] for n in art.output_names}
+    errors = [float(np.max(np.abs(got[n].astype(np.float64) - want[n].astype(np.float64)))) if want[n].size else 0.0
+              for n in art.output_names]
+    ok = all(np.allclose(got[n], want[n], rtol=a.rtol, atol=a.atol) for n in art.output_names)
+    return {"artifact": path, "target": art.kind, "outputs": {n: list(v.shape) for n, v in got.items()},
+            "max_abs_error": max(errors, default=0.0), "within_tolerance": ok, "p50_ms": float(np.median(times)),
+            "tvm_imported": sys.modules.get("tvm") is not None}, ok
+
+
+def _check(argv: list[str] | None = None) -> int:
+    """``python gcomp_tvm_runtime.py ARTIFACT... [--check] [--iters N]``: run each artifact
+    on the inputs stored in it and print one JSON line per artifact (outputs, max abs
+    error against the stored reference, whether it is within the tolerances, median
+    latency). Exit 1 when one fails to run, or with ``--check`` when one is off."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="gcomp_tvm_runtime.py")
+    p.add_argument("artifacts", nargs="+")
+    p.add_argument("--check", action="store_true", help="fail (exit 1) when outputs differ from check.npz")
+    p.add_argument("--rtol", type=float, default=1e-3)
+    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--iters", type=int, default=10)
+    a = p.parse_args(argv)
+    code = 0
+    for path in a.artifacts:
+        verdict, ok = _check_one(path, a)
+        print(json.dumps(verdict), flush=True)
+        if "error" in verdict or (a.check and not ok):
+            code = 1
+    return code
 
 
 if __name__ == "__main__":

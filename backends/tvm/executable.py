@@ -303,7 +303,9 @@ class TvmExecutable:
             if self.weights:
                 size = artifact.write_safetensors(tmp / WEIGHTS_FILE, dict(self.weights))
                 meta["weights"] = {"file": WEIGHTS_FILE, "names": [n for n, _ in self.weights], "bytes": size}
-            self.artifact_info = {k: meta[k] for k in ("cuda_code", "cuda_arch", "fatbin", "weights") if k in meta}
+            self.artifact_info = {k: meta[k] for k in ("cuda_code", "cuda_arch", "fatbin") if k in meta}
+            if self.weights:
+                self.artifact_info["weights"] = {"file": WEIGHTS_FILE, "tensors": len(self.weights), "bytes": size}
             if check is not None:
                 feeds, expected = check
                 np.savez(tmp / CHECK_FILE, **{f"input:{k}": np.asarray(v) for k, v in feeds.items()},
