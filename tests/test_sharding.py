@@ -395,3 +395,68 @@ def test_gcomp_shard_names_the_layer_it_leaves_whole(tmp_path):
     assert json.loads(r.stdout)["unplanned"] == [
         {"layer": "attention 'Softmax -> p'", "reason": "the query is computed from several weight projections "
                                                         "('Wq', 'Wq2')"}]
+
+
+def _attention_op_model(kind, kv=4, B=2, S=8, E=32, H=4):
+    """x -> projections -> one attention op -> output projection + x. ``onnx4d``: ONNX Attention
+    on [batch, heads, seq, head_dim] with a causal mask; ``onnx3d``: on [batch, seq, hidden]
+    with q_num_heads / kv_num_heads; ``mha``: com.microsoft.MultiHeadAttention; ``packed``:
+    com.microsoft.Attention with its own Q/K/V weight and bias. ``kv`` < H: grouped-query."""
+    D = E // H
+    rng = np.random.default_rng(5)
+
+    def w(name, cols):
+        return tensor(name, (rng.standard_normal((E, cols)) * 0.2).astype(np.float32))
+
+    inits, nodes = [w("Wo", E)], []
+    if kind == "packed":
+        inits += [w("Wqkv", 3 * E), tensor("Bqkv", (rng.standard_normal(3 * E) * 0.1).astype(np.float32))]
+        nodes.append(helper.make_node("Attention", ["x", "Wqkv", "Bqkv"], ["c"], domain="com.microsoft", num_heads=H))
+    else:
+        inits += [w("Wq", E), w("Wk", kv * D), w("Wv", kv * D)]
+        nodes += [helper.make_node("MatMul", ["x", f"W{r}"], [f"{r}0"]) for r in "qkv"]
+    if kind == "mha":
+        nodes.append(helper.make_node("MultiHeadAttention", ["q0", "k0", "v0"], ["c"], domain="com.microsoft",
+                                      num_heads=H))
+    elif kind == "onnx3d":
+        nodes.append(helper.make_node("Attention", ["q0", "k0", "v0"], ["c"], q_num_heads=H, kv_num_heads=kv))
+    elif kind == "onnx4d":
+        for r, n in (("q", H), ("k", kv), ("v", kv)):
+            inits.append(tensor(f"s{r}", np.array([B, S, n, D], np.int64)))
+            nodes += [helper.make_node("Reshape", [f"{r}0", f"s{r}"], [f"{r}r"]),
+                      helper.make_node("Transpose", [f"{r}r"], [f"{r}h"], perm=[0, 2, 1, 3])]
+        inits += [tensor("mask", np.tril(np.ones((S, S), bool))[None, None]),
+                  tensor("merge", np.array([B, S, E], np.int64))]
+        nodes += [helper.make_node("Attention", ["qh", "kh", "vh", "mask"], ["ch"]),
+                  helper.make_node("Transpose", ["ch"], ["ct"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", ["ct", "merge"], ["c"])]
+    nodes += [helper.make_node("MatMul", ["c", "Wo"], ["o"]), helper.make_node("Add", ["o", "x"], ["y"])]
+    graph = helper.make_graph(nodes, "attention", [vinfo("x", shape=(B, S, E))], [vinfo("y", shape=(B, S, E))], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)])
+    proto.ir_version = 10
+    return proto
+
+
+@pytest.mark.parametrize(("kind", "kv"), [("onnx4d", 4), ("onnx4d", 2), ("onnx3d", 2), ("mha", 4), ("packed", 4)])
+def test_attention_ops_split_by_heads(kind, kv):
+    """Attention written as one op: heads split (KV heads grouped on their query ranks where
+    tp exceeds them), each rank's op told its own head counts, one all-reduce after the output
+    projection, every projection weight divided by tp (K/V by the KV heads), equal to unsharded."""
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 8, 32)).astype(np.float32)}
+    ref = runner.reference_outputs(ir.serde.deserialize_model(_attention_op_model(kind, kv)), feeds)
+    for tp in (2, 4):
+        prepared = runner.prepare(ir.serde.deserialize_model(_attention_op_model(kind, kv)), f"tp={tp}", feeds)
+        s = summarize(prepared.model, prepared.plan)
+        assert (s["all_reduces"], s["all_gathers"], s["unplanned"]) == (1, 0, [])
+        weights = {n: v.const_value.nbytes for n, v in prepared.model.graph.initializers.items()
+                   if n.startswith(("W", "B"))}
+        kv_bytes = sum(b for n, b in weights.items() if n in ("Wk", "Wv"))
+        ideal = sum(weights.values()) / tp + kv_bytes * (1 / min(tp, kv) - 1 / tp)
+        assert s["parameter_bytes_per_rank"] - (s["parameter_bytes"] - sum(weights.values())) <= ideal
+        outs, _ = runner.simulate(prepared, feeds, threads=1)
+        assert runner.max_abs_error(outs, ref) <= 1e-5
+        rank1 = prepared.rank_model(1)
+        core = next(n for n in rank1.graph if n.op_type in ("Attention", "MultiHeadAttention"))
+        heads = {a.name: a.value for a in core.attributes.values() if "num_heads" in a.name}
+        expected = {"onnx4d": {}, "onnx3d": {"q_num_heads": 4 // tp, "kv_num_heads": max(kv // tp, 1)}}
+        assert heads == expected.get(kind, {"num_heads": 4 // tp})

@@ -5,7 +5,8 @@ attention written out, with its NaN guard after the Softmax; GPT-2's one ``c_att
 projection split three ways) and a Llama-style decoder (rotary embeddings, SwiGLU MLP,
 4 KV heads and grouped-query attention with 2 KV heads for 4 query heads), each from both
 torch exporters (TorchScript and torch.export, whose ``K^T`` is a 3-D transpose through
-``batch * heads``). For tp=2 and tp=4: exactly Megatron's 2 row-parallel all-reduces per
+``batch * heads``), and GPT-2 from torch.export at opset 23 (one ``Attention`` op per
+layer). For tp=2 and tp=4: exactly Megatron's 2 row-parallel all-reduces per
 layer (plus one for a vocabulary-split embedding), no all-gather, every projection weight
 divided by tp on each rank, and outputs equal to the unsharded model on ONNX Runtime
 (optimizations off) within 1e-4.
@@ -30,11 +31,12 @@ TEXT = {
              "attn_implementation": "sdpa"},
 }
 MODELS = [(name, dynamo) for name in ("bert", "gpt2", "llama-kv4", "llama-kv2") for dynamo in (False, True)]
+MODELS.append(("gpt2", 23))  # torch.export at opset 23 writes scaled-dot-product attention as one Attention op
 
 
 @pytest.fixture(scope="session")
 def exports(torch_export, tmp_path_factory):
-    """``get(name, dynamo) -> Path``, each export made once."""
+    """``get(name, dynamo) -> Path``, each export made once (``dynamo=23``: torch.export at opset 23)."""
     from models import decoder
 
     root = tmp_path_factory.mktemp("tp-exports")
@@ -42,7 +44,12 @@ def exports(torch_export, tmp_path_factory):
 
     def get(name: str, dynamo: bool):
         if (name, dynamo) not in made:
-            if name in TEXT:
+            if dynamo == 23:
+                from models import export_torch
+
+                made[name, dynamo] = export_torch.export(name, root / f"{name}-23", dynamo=True, opset=23,
+                                                         config=TEXT[name], check=False)
+            elif name in TEXT:
                 made[name, dynamo] = torch_export(name, TEXT[name], dynamo=dynamo)
             else:
                 kv = int(name.split("kv")[1])
@@ -93,7 +100,8 @@ def _projection_weights(model) -> dict[str, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,dynamo", MODELS, ids=[f"{n}-{'dynamo' if d else 'torchscript'}" for n, d in MODELS])
+@pytest.mark.parametrize("name,dynamo", MODELS, ids=[f"{n}-{['torchscript', 'dynamo'][d] if d in (0, 1) else f'dynamo-opset{d}'}"
+                                                     for n, d in MODELS])
 def test_megatron_plan_on_sdpa_exports(exports, name, dynamo):
     path = exports(name, dynamo)
     feeds = _feeds(io.load(path))

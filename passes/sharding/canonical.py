@@ -13,7 +13,10 @@ keeps every output bit-identical (it only reorders how elements are indexed):
   exporter writes it. (The leading Reshape is dropped when it would change nothing.)
 
 Shapes must be static (the planner works on a model specialized to its input shapes);
-anything else is left as it is.
+anything else is left as it is. ONNX's shape inference does not know ``com.microsoft``'s
+``MultiHeadAttention`` and ``Attention``: their output shape (Q's, with V's hidden size; the
+input's, with the packed weight's third) is filled in where missing and inference re-run,
+so the ops after them have shapes too.
 """
 
 from __future__ import annotations
@@ -34,6 +37,32 @@ def canonicalize(model: ir.Model) -> int:
     count = 0
     for node in list(model.graph):
         if node.graph is model.graph and _merged_transpose(model.graph, node, names):
+            count += 1
+    if _contrib_attention_shapes(model.graph):
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        ShapeInferencePass()(model)
+    return count
+
+
+def _contrib_attention_shapes(graph: ir.Graph) -> int:
+    """Set the missing output shape of com.microsoft MultiHeadAttention / Attention nodes."""
+    count = 0
+    for node in graph:
+        if node.domain != "com.microsoft" or node.op_type not in ("MultiHeadAttention", "Attention"):
+            continue
+        out, first = node.outputs[0], _static(node.inputs[0])
+        if out.shape is not None or first is None or len(first) != 3 or len(node.inputs) < 3:
+            continue
+        if node.op_type == "Attention":
+            w, sizes = _static(node.inputs[1]), node.attributes.get("qkv_hidden_sizes")
+            hidden = sizes.value[2] if sizes is not None else (w[1] // 3 if w is not None and len(w) == 2 else None)
+        else:
+            v = _static(node.inputs[2])
+            hidden = v[2] if v is not None and len(v) == 3 else None
+        if hidden is not None:
+            out.shape = ir.Shape([first[0], first[1], hidden])
+            out.type = out.type or node.inputs[0].type
             count += 1
     return count
 

@@ -30,15 +30,18 @@ __all__ = ["AttentionBlock", "Projection", "Unplanned", "find_attention", "label
 import dataclasses
 
 import onnx_ir as ir
+from gcomp.passes.sharding.attention_ops import ATTENTION_OPS, MS, head_counts
 from gcomp.passes.sharding.tensors import is_const, shape_of
 
 _STD = ("", "ai.onnx")
 _LAYOUT = {"Transpose", "Reshape", "Identity", "Dropout", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Expand",
            "Slice", "Concat"}
+_HEAD_NORM = {"LayerNormalization", "RMSNormalization", "ReduceMean"}  # Q/K norms over each head
 _SCALE = {"Add", "Sub", "Mul", "Div", "Where"}
 _ELEMENTWISE = _SCALE | {"Neg", "Sin", "Cos", "Sqrt", "Reciprocal", "Pow", "Exp", "Tanh", "Sigmoid", "Erf",
                          "IsNaN", "IsInf", "Not", "And", "Or", "Equal", "Less", "Greater", "Max", "Min", "Clip"}
-_DATA_ONLY = {"Reshape", "Expand", "Slice", "Squeeze", "Unsqueeze", "Dropout", "Clip"}  # later inputs: shapes, bounds
+_DATA_ONLY = {"Reshape", "Expand", "Slice", "Squeeze", "Unsqueeze", "Dropout", "Clip", "LayerNormalization",
+              "RMSNormalization", "ReduceMean"}  # later inputs: shapes, bounds
 _MAX_VISITS = 96
 
 
@@ -52,15 +55,19 @@ class Projection:
 
 @dataclasses.dataclass
 class AttentionBlock:
+    """One attention: its Q/K/V projections (None for ``com.microsoft.Attention``, whose
+    ``packed`` weight holds them), output projection, head counts and context tensor."""
+
     label: str
-    q: Projection
-    k: Projection
-    v: Projection
+    q: Projection | None
+    k: Projection | None
+    v: Projection | None
     out: ir.Node
     heads: int
     kv_heads: int
     context: ir.Value
-    softmax: ir.Node
+    core: ir.Node  # the Softmax, or the attention op
+    packed: ir.Value | None = None
 
 
 @dataclasses.dataclass
@@ -104,6 +111,10 @@ def find_attention(graph: ir.Graph) -> tuple[list[AttentionBlock], list[Unplanne
     """Every attention block of ``graph`` the plan can split by heads, and the others with a reason."""
     blocks, unplanned = [], []
     for sm in graph:
+        if (sm.domain, sm.op_type) in ATTENTION_OPS:
+            found = _op_block(sm)
+            (blocks if isinstance(found, AttentionBlock) else unplanned).append(found)
+            continue
         if sm.op_type != "Softmax" or sm.domain not in _STD:
             continue
         s = shape_of(sm.inputs[0])
@@ -137,14 +148,41 @@ def _block(sm: ir.Node) -> AttentionBlock | Unplanned:
         if proj is None:
             return Unplanned(where, f"the {role} {why}")
         projs[role] = proj
-    return _heads(where, sm, projs, out, ctx)
-
-
-def _heads(where: str, sm: ir.Node, projs: dict[str, Projection], out: ir.Node, ctx: ir.Node):
     q_shape = shape_of(ctx.outputs[0])
     if q_shape is None or len(q_shape) != 4 or not all(isinstance(d, int) for d in q_shape[1:]):
         return Unplanned(where, "the context has no static 4-D [batch, heads, seq, head_dim] shape")
-    heads, head_dim = q_shape[1], q_shape[3]
+    return _heads(where, sm, projs, out, ctx.outputs[0], q_shape[1], q_shape[3])
+
+
+def _op_block(node: ir.Node) -> AttentionBlock | Unplanned:
+    """An attention written as one op (:mod:`.attention_ops`)."""
+    where = f"attention '{label(node)}'"
+    counts = head_counts(node)
+    q = shape_of(node.inputs[0])
+    if counts is None or q is None or len(q) not in (3, 4) or not isinstance(q[-1], int):
+        return Unplanned(where, f"{node.op_type} has no static head counts and Q shape")
+    out, why = _out_projection(node.outputs[0])
+    if out is None:
+        return Unplanned(where, f"the output {why}")
+    heads, kv = counts
+    if node.domain == MS and node.op_type == "Attention":
+        w = node.inputs[1]
+        sizes = node.attributes["qkv_hidden_sizes"].value if "qkv_hidden_sizes" in node.attributes else None
+        if not is_const(w) or len(shape_of(w) or ()) != 2 or (sizes and len(set(sizes)) != 1):
+            return Unplanned(where, "its packed Q/K/V weight is not a constant of three equal blocks")
+        return AttentionBlock(where, None, None, None, out, heads, kv, node.outputs[0], node, packed=w)
+    projs = {}
+    for role, operand in (("query", node.inputs[0]), ("key", node.inputs[1]), ("value", node.inputs[2])):
+        proj, why = _projection(operand)
+        if proj is None:
+            return Unplanned(where, f"the {role} {why}")
+        projs[role] = proj
+    head_dim = q[-1] if len(q) == 4 else q[-1] // heads
+    return _heads(where, node, projs, out, node.outputs[0], heads, head_dim)
+
+
+def _heads(where: str, core: ir.Node, projs: dict[str, Projection], out: ir.Node, context: ir.Value,
+           heads: int, head_dim: int):
     counts = {}
     for role, p in projs.items():
         w, col, _ = weight_of(p.node)
@@ -157,7 +195,7 @@ def _heads(where: str, sm: ir.Node, projs: dict[str, Projection], out: ir.Node, 
         return Unplanned(where, f"heads do not match: {counts['query']} query, {counts['key']} key, "
                                 f"{counts['value']} value projections for {heads} heads")
     return AttentionBlock(where, projs["query"], projs["key"], projs["value"], out, heads, counts["key"],
-                          ctx.outputs[0], sm)
+                          context, core)
 
 
 def _scores_matmul(v: ir.Value, depth: int = 8) -> ir.Node | None:
@@ -236,7 +274,7 @@ def _projection(v: ir.Value) -> tuple[Projection | None, str]:
             found.add(Projection(p, _fused_blocks(p, split)))
         elif p.domain in _STD and p.op_type == "Split":
             stack.append((p.inputs[0], p))
-        elif p.domain in _STD and p.op_type in _LAYOUT | _ELEMENTWISE:
+        elif p.domain in _STD and p.op_type in _LAYOUT | _ELEMENTWISE | _HEAD_NORM:
             ins = p.inputs[:1] if p.op_type in _DATA_ONLY else p.inputs
             stack.extend((i, split) for i in ins if i is not None)
         else:

@@ -81,13 +81,17 @@ def _seed_attention(graph: ir.Graph, tp: int, found: Seeds, taken: set[ir.Node])
                 f"tensor '{block.context.name}': {block.heads} attention heads are not divisible by tp={tp}")
         kv = _kv_shard(block, tp)
         names = []
-        for proj, role in ((block.q, "q"), (block.k, "k"), (block.v, "v")):
+        if block.packed is not None:  # com.microsoft.Attention: Q/K/V blocks of its own weight
+            found.seeds[block.packed.name] = _column(block.packed, 1, 3)
+            found.roles[block.packed.name] = "attention qkv (column)"
+            names.append(block.packed.name)
+        for proj, role in ((block.q, "q"), (block.k, "k"), (block.v, "v")) if block.packed is None else ():
             w, col, _ = _weight(proj.node)
             shard = Shard("tp", proj.blocks) if role == "q" or proj.blocks > 1 else kv
             names.append(w.name)
             taken.add(proj.node)
             if shard is None:
-                found.roles.setdefault(w.name, f"attention {role} (replicated: {block.kv_heads} KV heads, tp={tp})")
+                found.roles.setdefault(w.name, f"attention {role} (replicated: {block.kv_heads} KV heads for tp={tp})")
                 continue
             found.seeds[w.name] = _column(w, col, shard)
             what = "qkv" if proj.blocks > 1 else role
@@ -98,7 +102,7 @@ def _seed_attention(graph: ir.Graph, tp: int, found: Seeds, taken: set[ir.Node])
         found.roles[w.name] = "attention output (row)"
         taken.add(block.out)
         found.blocks.append((block.label, names + [w.name], block.out))
-        if kv is None:
+        if kv is None and block.kv_heads > 1:  # one KV head (multi-query): replicated, as Megatron does
             found.unplanned.append(Unplanned(block.label, f"K/V projections replicated: {block.kv_heads} KV heads "
                                                           f"cannot be split or grouped over tp={tp}"))
 

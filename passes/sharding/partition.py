@@ -10,8 +10,9 @@ Guarantees, for every rank of the plan's mesh:
   ``Slice`` of the rank's part (no communication);
 - a row-parallel ``Gemm``'s bias is taken out of the Gemm and added after its
   all-reduce; a vocabulary-parallel ``Gather`` looks up only the rank's rows (other ids
-  give zeros) and its all-reduce completes the lookup; ``Reshape`` / ``Expand`` targets and ``Split`` sizes are rewritten to the
-  rank's local sizes (heads / tp for attention);
+  give zeros) and its all-reduce completes the lookup; ``Reshape`` / ``Expand`` targets,
+  ``Split`` sizes and attention ops' head counts are rewritten to the rank's local sizes
+  (heads / tp for attention);
 - graph inputs and outputs keep their names; inputs arrive as the rank's slice (batch /
   dp), outputs leave whole (all-gathered).
 
@@ -25,6 +26,7 @@ __all__ = ["DOMAIN", "combine_parts", "local_slice", "partition", "partition_ran
 
 import numpy as np
 import onnx_ir as ir
+from gcomp.passes.sharding.attention_ops import ATTENTION_OPS, local_attributes
 from gcomp.passes.sharding.mesh import Layout, ShardingError
 from gcomp.passes.sharding.propagate import Plan, collective_steps, is_const, shape_of
 
@@ -220,6 +222,8 @@ class _Builder:
                     inputs[1] = self.new_const(f"{node.name}/local_split", sizes)
                 elif "split" in node.attributes:
                     attrs = [a for a in attrs if a.name != "split"] + [ir.AttrInt64s("split", sizes.tolist())]
+        if sharded_out and (node.domain, op) in ATTENTION_OPS:
+            attrs = local_attributes(node, attrs, self.plan)  # this rank's head counts
         if node in self.plan.split_bias:
             self._gemm_split_bias(node, inputs, attrs)
             return

@@ -6,10 +6,12 @@ broadcasting (partial sums pass linear ops: Add of partials, Mul/Div by a replic
 Neg, Cast, Identity), MatMul / Gemm (batch, row, column and contraction splits; a
 contraction split gives a partial sum; Gemm's bias moves after the reduce), Reshape /
 Flatten / Squeeze / Unsqueeze by tracking which output axis a split input axis becomes
-(needs its shapes), Transpose, Softmax / LogSoftmax / LayerNormalization / Reduce* on
-unsplit axes, Concat, Split (a fused QKV split whose blocks match the outputs), Slice on
-unsplit axes (rotary embeddings' halves), Gather, Expand, Where. Any other op sees every
-input replicated; so does a node with subgraphs.
+(needs its shapes), Transpose, Softmax / LogSoftmax / LayerNormalization /
+RMSNormalization / Reduce* on unsplit axes, Concat, Split (a fused QKV split whose blocks
+match the outputs), Slice on unsplit axes (rotary embeddings' halves), Gather, Expand,
+Where, and attention written as one op (ONNX ``Attention``, ``com.microsoft``
+``MultiHeadAttention`` / ``Attention``: heads split, :mod:`.attention_ops`). Any other op
+sees every input replicated; so does a node with subgraphs.
 """
 
 from __future__ import annotations
@@ -477,6 +479,7 @@ RULES = {
     "Softmax": _softmax,
     "LogSoftmax": _softmax,
     "LayerNormalization": _layernorm,
+    "RMSNormalization": _layernorm,
     "ReduceMean": _reduce,
     "ReduceSum": _reduce,
     "ReduceMax": _reduce,
@@ -491,6 +494,10 @@ RULES = {
 
 
 def rule_for(node: ir.Node):
+    from gcomp.passes.sharding.attention_ops import ATTENTION_OPS, attention_rule
+
+    if (node.domain, node.op_type) in ATTENTION_OPS:
+        return attention_rule
     if node.domain not in ("", "ai.onnx"):
         return default_rule
     if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
