@@ -275,8 +275,8 @@ def test_a_bundle_runs_its_artifacts_with_python_and_numpy_alone(compiled, tmp_p
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["PYTHONPATH"] = os.pathsep.join([str(bundle), str(_numpy_only(root))])
     # -S: no site-packages, so nothing but the bundle, NumPy and the standard library
-    probe = subprocess.run([sys.executable, "-S", "-c", "import importlib.util as u; print([u.find_spec(m) is None "
-                            "for m in ('gcomp', 'tvm', 'onnx', 'numpy', 'tvm_ffi')])"],
+    code = "import importlib.util as u; print([u.find_spec(m) is None for m in ('gcomp', 'tvm', 'onnx', 'numpy', 'tvm_ffi')])"
+    probe = subprocess.run([sys.executable, "-S", "-c", code],
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False)
     assert probe.stdout.strip() == "[True, True, True, False, False]", probe.stderr
     run = subprocess.run([sys.executable, "-S", str(bundle / "gcomp_tvm_runtime.py"),

@@ -97,8 +97,15 @@ def native_stderr_off():
 
 
 def _library_dirs() -> list[Path]:
-    here = Path(__file__).resolve().parent / "tvm_runtime"
-    dirs = [here] + [Path(p or ".") / "tvm" / "lib" for p in sys.path]
+    """Where ``libtvm_runtime.so`` is: the folder of the one already loaded when the full
+    ``tvm`` package was imported first (never a second copy), beside this file (a
+    bundle), or an installed apache-tvm's ``tvm/lib``."""
+    dirs = []
+    loaded = getattr(getattr(sys.modules.get("tvm"), "base", None), "_LOADED_LIBS", {}).get("tvm_runtime")
+    if loaded is not None:
+        dirs.append(Path(loaded._name).resolve().parent)
+    dirs.append(Path(__file__).resolve().parent / "tvm_runtime")
+    dirs += [Path(p or ".") / "tvm" / "lib" for p in sys.path]
     return [d for d in dirs if (d / "libtvm_runtime.so").is_file()]
 
 

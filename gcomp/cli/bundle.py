@@ -33,8 +33,12 @@ def bundle(artifacts, output, python, wheels, as_json, quiet=False, verbose=Fals
     """Pack TVM ARTIFACTS (folders from gcomp compile) with TVM's runtime libraries, tvm_ffi
     and gcomp's loader into one archive that runs them where only Python and NumPy are.
 
-    On the target machine: tar xzf bundle.tar.gz, then PYTHONPATH=gcomp-tvm-bundle python
-    gcomp-tvm-bundle/gcomp_tvm_runtime.py gcomp-tvm-bundle/artifacts/NAME --check
+    On the target machine (one JSON line per artifact; exit 1 if one fails):
+
+    \b
+        tar xzf bundle.tar.gz
+        PYTHONPATH=gcomp-tvm-bundle python gcomp-tvm-bundle/gcomp_tvm_runtime.py \\
+            gcomp-tvm-bundle/artifacts/* --check
     """
     from gcomp.backends.tvm.bundle import write_bundle
 
