@@ -460,3 +460,28 @@ def test_attention_ops_split_by_heads(kind, kv):
         heads = {a.name: a.value for a in core.attributes.values() if "num_heads" in a.name}
         expected = {"onnx4d": {}, "onnx3d": {"q_num_heads": 4 // tp, "kv_num_heads": max(kv // tp, 1)}}
         assert heads == expected.get(kind, {"num_heads": 4 // tp})
+
+
+def test_kv_heads_held_by_query_groups_round_trip_through_ir_v11_specs(tmp_path):
+    """2 KV heads on tp=4: K/V are cut in 2 parts, each held by a group of 2 ranks; the
+    standard specs say so (2 shards, device groups {0,1} and {2,3}) and read back alike,
+    with or without gcomp's own metadata."""
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 8, 32)).astype(np.float32)}
+    prepared = runner.prepare(ir.serde.deserialize_model(_attention_op_model("onnx4d", 2)), "tp=4", feeds)
+    annotate(prepared.model, prepared.plan)
+    proto = ir.serde.serialize_model(prepared.model)
+    spec = next(s for n in proto.graph.node for dc in n.device_configurations for s in dc.sharding_spec
+                if s.tensor_name == "Wk")
+    assert [sd.simple_sharding[0].num_shards for sd in spec.sharded_dim] == [2]
+    assert {e.key: list(e.value) for e in spec.index_to_device_group_map} == {-1: [0, 1], -2: [2, 3]}
+    for keep_metadata in (True, False):
+        if not keep_metadata:
+            for key in ("gcomp.sharding.seeds", "gcomp.sharding.inputs"):
+                del proto.metadata_props[[p.key for p in proto.metadata_props].index(key)]
+        path = tmp_path / f"gqa{keep_metadata}.onnx"
+        onnx.save(proto, path)
+        mesh, seeds = read_annotations(io.load(path))
+        assert str(mesh) == "tp=4" and seeds["Wk"] == seeds["Wv"] == prepared.plan.seeds["Wk"]
+        assert prepared.plan.seeds["Wk"].dims[1].repeat == 2
+        result = runner.run(path, None, simulate=True, check=True, inputs=feeds, threads=1)
+        assert result.max_abs_error <= 1e-5 and result.collectives == 1
