@@ -183,6 +183,7 @@ def test_exported_models_sharded_equal_unsharded(exported, name, mesh):
         assert s["parameter_bytes_per_rank"] <= s["sharded_parameter_bytes"] / tp + s["replicated_parameter_bytes"]
 
 
+@pytest.mark.slow
 def test_run_on_other_shapes_than_planned_is_one_line_before_any_rank(block_path, tmp_path):
     """A model ``gcomp shard --input-shape`` fixed to [2, 8], run on [1, 5]: one line naming the
     planned shapes and how to re-plan, exit 1, before any process starts (was ONNX Runtime's
@@ -194,17 +195,16 @@ def test_run_on_other_shapes_than_planned_is_one_line_before_any_rank(block_path
                 "run it on inputs of those shapes, or re-plan the unsharded model for these: gcomp shard "
                 "UNSHARDED.onnx -o OUT.onnx --shard tp=2 --input-shape input_ids=1,5 (without --input-shape, "
                 "gcomp shard keeps the shapes open)")
-    runs = [("--simulate",), ("--shard", "tp=2", "--simulate")]
+    runs = [("--shard", "tp=2", "--simulate")]
     if _mpiexec_available():
         runs.append(("--ranks", "2"))
     for extra in runs:
         r = _gcomp("run", fixed, *extra, "--input-shape", "input_ids=1,5")
         assert r.returncode == 1 and r.stderr.strip().splitlines() == [expected], (extra, r.stderr)
         assert r.stdout == ""
-    r = _gcomp("run", fixed, "--simulate", "--check", "--input-shape", "input_ids=2,8", "-q")
-    assert r.returncode == 0 and "passed" in r.stdout, r.stderr
 
 
+@pytest.mark.slow
 def test_shard_without_input_shapes_keeps_them_open(block_path, tmp_path):
     """Without --input-shape the written model keeps its symbolic inputs: gcomp run re-plans it
     for any inputs, with the same 2 all-reduces per layer, equal to the unsharded model."""
@@ -214,9 +214,8 @@ def test_shard_without_input_shapes_keeps_them_open(block_path, tmp_path):
     doc = json.loads(r.stdout)
     assert doc["shapes_fixed"] is False and doc["input_shapes"] == {"input_ids": [1, 32]}
     assert str(io.load(out).graph.inputs[0].shape) == "[batch,seq]"  # as the unsharded model's
-    for shape in ("1,5", "3,7"):
-        r = _gcomp("run", out, "--simulate", "--check", "--json", "--input-shape", f"input_ids={shape}")
-        assert r.returncode == 0, r.stderr
-        doc = json.loads(r.stdout)
-        assert doc["mesh"] == "tp=2" and doc["check"] == "passed" and doc["collectives"] == 4
-        assert doc["outputs"]["last_hidden_state"] == [*map(int, shape.split(",")), 64]
+    r = _gcomp("run", out, "--simulate", "--check", "--json", "--input-shape", "input_ids=3,7")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["mesh"] == "tp=2" and doc["check"] == "passed" and doc["collectives"] == 4
+    assert doc["outputs"]["last_hidden_state"] == [3, 7, 64]
