@@ -219,3 +219,19 @@ def test_shard_without_input_shapes_keeps_them_open(block_path, tmp_path):
     doc = json.loads(r.stdout)
     assert doc["mesh"] == "tp=2" and doc["check"] == "passed" and doc["collectives"] == 4
     assert doc["outputs"]["last_hidden_state"] == [3, 7, 64]
+
+
+def test_a_wrong_rank_on_open_shapes_is_not_a_replan(tmp_path):
+    """A sharded model that kept its input shapes open is re-specialised to any feeds; an
+    input of the wrong rank is a plain 'does not fit', not advice to re-plan."""
+    import onnx_ir as ir
+
+    from gcomp.distributed.runner import check_input_shapes
+    from gcomp.errors import GcompError
+
+    x = ir.Value(name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", "seq"]))
+    node = ir.Node("", "Identity", [x], name="id")
+    model = ir.Model(ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 17}), ir_version=10)
+    with pytest.raises(GcompError, match=r"^input 'input_ids': shape \[2\] does not fit the model's \[\?, \?\]$"):
+        check_input_shapes(model, {"input_ids": np.zeros((2,), np.int64)}, sharded_for="tp=2")
+    check_input_shapes(model, {"input_ids": np.zeros((3, 7), np.int64)}, sharded_for="tp=2")  # fits: no error

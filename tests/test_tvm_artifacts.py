@@ -337,3 +337,20 @@ def test_bundling_a_folder_that_is_not_an_artifact_fails_in_one_line(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         f"gcomp: error: {tmp_path}: not a gcomp TVM artifact (expected model.so and gcomp-tvm.json)"], proc.stderr
     assert not (tmp_path / "b.tar.gz").exists()
+
+
+def test_a_bundle_inside_its_artifact_folder_is_refused(compiled):
+    """The archive (and its scratch folder) would be packed into itself."""
+    art = Path(compiled["artifact"])
+    before = sorted(p.name for p in art.iterdir())
+    proc = gcomp("bundle", art, "-o", art / "b.tar.gz")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"gcomp: error: -o {art / 'b.tar.gz'}: inside the artifact folder {art}; write the bundle elsewhere"], proc.stderr
+    assert sorted(p.name for p in art.iterdir()) == before
+
+
+def test_compile_without_verification_runs_no_reference_and_writes_no_check(compiled, tmp_path):
+    out = tmp_path / "nv.tvm"
+    proc = gcomp("compile", compiled["model"], "-o", out, "--no-verify")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.so").exists() and not (out / "check.npz").exists()

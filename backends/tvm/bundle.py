@@ -171,6 +171,9 @@ def write_bundle(
     for w in given:
         if not (w.is_file() and w.suffix == ".whl"):
             raise OptionError(f"--wheel {w}: not a wheel file")
+    for folder in folders:  # the archive (and its scratch folder) would be packed into itself
+        if out.resolve().is_relative_to(folder.resolve()):
+            raise OptionError(f"-o {out}: inside the artifact folder {folder}; write the bundle elsewhere")
     cuda = any(m.get("target") == "cuda" for m in metas)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gcomp-bundle-", dir=out.resolve().parent) as tmp:

@@ -338,6 +338,7 @@ def _replace(tmp: Path, out: Path) -> None:
     """``tmp`` renamed to ``out``, an earlier ``out`` removed only once the new one is in place."""
     if out.exists():
         old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)  # left by an export that was killed mid-swap
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)

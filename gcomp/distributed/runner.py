@@ -129,7 +129,7 @@ def check_input_shapes(model: ir.Model, feeds: Mapping[str, np.ndarray], sharded
         if len(got) == len(want) and all(w is None or w == g for w, g in zip(want, got)):
             continue
         shown = "[" + ", ".join(str(d) if d is not None else "?" for d in want) + "]"
-        if sharded_for is None:
+        if sharded_for is None or None in want:  # open dims: a wrong rank or size, no re-plan helps
             raise GcompError(f"input '{v.name}': shape {list(got)} does not fit the model's {shown}")
         planned = " ".join(f"{i.name}={','.join(str(d) for d in i.shape)}" for i in model.graph.inputs
                            if i.const_value is None and i.shape is not None)
