@@ -155,6 +155,7 @@ def quantize(
         except _inputs.CannotGenerate as e:
             raise QuantizationDeclined(f"cannot time on the given inputs: {e}; nothing written") from None
     expected = _float_outputs(model, samples, source, timeout, max_tensor_bytes)
+    _refuse_empty(samples, expected, source)
     run = _Quantizer(model, pass_name, {**fixed, **dict(options or {}), "target": target}, samples, expected,
                      budget, timeout)
     say(f"quantize ({mode}): quantizing")
@@ -231,6 +232,21 @@ def _float_outputs(model, samples, source: str, timeout, max_tensor_bytes) -> li
     except BackendError as e:
         raise QuantizationDeclined(f"cannot measure accuracy: the float model does not run on {source}: "
                                    f"{first_line(e)}; nothing written") from None
+
+
+def _refuse_empty(samples, expected, source: str) -> None:
+    """A sample on which every float output is empty (a batch or sequence of 0) measures no
+    accuracy, and some quantized kernels divide by its size (ONNX Runtime's QAttention dies of
+    SIGFPE on a batch of 0; found by the fuzz campaign): decline before running one."""
+    for i, (feeds, outputs) in enumerate(zip(samples, expected)):
+        floats = [np.asarray(v) for v in outputs.values()
+                  if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
+        if floats and all(v.size == 0 for v in floats):
+            empty = next((f"input '{k}' has shape {list(np.shape(v))}" for k, v in feeds.items()
+                          if isinstance(v, np.ndarray) and v.size == 0), "its inputs are empty")
+            raise QuantizationDeclined(
+                f"cannot measure accuracy: every float output is empty on sample {i + 1} of {source} ({empty}); "
+                "give inputs with data (--inputs, --calibration or --input-shape); nothing written")
 
 
 def _copy(model: ir.Model) -> ir.Model:

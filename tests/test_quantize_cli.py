@@ -315,3 +315,18 @@ def test_top1_on_an_empty_class_axis_and_an_infinite_tolerance():
 
     with pytest.raises(OptionError, match="positive and finite"):
         Budget("cosine", float("inf"))
+
+
+def test_cli_declines_when_every_output_is_empty(tmp_path):
+    """Found by the fuzz campaign: the default model with its batch dim declared 0 gives empty
+    outputs; quantized with QAttention, ONNX Runtime died of SIGFPE (a batch of 0). gcomp now
+    declines in one line before running a quantized model."""
+    import onnx
+
+    proto = onnx.load(DEFAULT)
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 0
+    src, out = tmp_path / "empty.onnx", tmp_path / "out.onnx"
+    onnx.save(proto, src)
+    proc = run_gcomp("optimize", src, "-o", out, "--quantize", "int8-dynamic", "--no-speed-gate")
+    assert_one_line_error(proc, code=1, contains="every float output is empty on sample 1")
+    assert not out.exists()
