@@ -34,6 +34,7 @@ __all__ = [
     "Artifact",
     "ArtifactError",
     "Machine",
+    "input_tensors",
     "load",
     "native_stderr_off",
     "read_meta",
@@ -49,7 +50,7 @@ import mmap
 import os
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,24 @@ _LOADED: dict[str, Any] = {}
 
 class ArtifactError(_Base):
     """The artifact cannot be opened or run here; the message says why in one line."""
+
+
+def input_tensors(machine: Any, names: Sequence[str], dtypes: Mapping[str, str],
+                  feeds: Mapping[str, np.ndarray]) -> list:
+    """``feeds`` for ``names`` as ``machine``'s device tensors, in order; a missing input or
+    one of another dtype than ``dtypes`` says is one line (for loaded artifacts and for
+    executables compiled in this process alike)."""
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise ArtifactError(f"tvm: missing inputs: {', '.join(missing)}")
+    args = []
+    for name in names:
+        arr = np.ascontiguousarray(feeds[name])
+        want = dtypes.get(name)
+        if want and arr.dtype.name != want:
+            raise ArtifactError(f"tvm: input '{name}' is {arr.dtype.name}, the model takes {want}")
+        args.append(machine.tensor(arr))
+    return args
 
 
 @contextlib.contextmanager
@@ -337,17 +356,7 @@ class Artifact:
 
     def arguments(self, feeds: Mapping[str, np.ndarray]) -> list:
         """``main``'s arguments: the inputs on the device, then the weights."""
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise ArtifactError(f"tvm: missing inputs: {', '.join(missing)}")
-        args = []
-        for name in self.input_names:
-            arr = np.asarray(feeds[name])
-            want = self._dtypes.get(name)
-            if want and arr.dtype.name != want:
-                raise ArtifactError(f"tvm: input '{name}' is {arr.dtype.name}, the model takes {want}")
-            args.append(self.machine.tensor(arr))
-        return args + self.weights()
+        return input_tensors(self.machine, self.input_names, self._dtypes, feeds) + self.weights()
 
     def outputs(self, result) -> dict[str, np.ndarray]:
         flat = self.machine.flatten(result)

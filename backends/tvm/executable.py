@@ -118,17 +118,7 @@ class TvmExecutable:
         machine = self._machine()
         if self._artifact is not None:
             return self._artifact.arguments(feeds)
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise BackendError(f"tvm: missing inputs: {', '.join(missing)}")
-        args = []
-        for name in self.input_names:
-            arr = np.ascontiguousarray(feeds[name])
-            want = self._input_dtypes.get(name)
-            if want and arr.dtype.name != want:
-                raise BackendError(f"tvm: input '{name}' is {arr.dtype.name}, the model takes {want}")
-            args.append(machine.tensor(arr))
-        return args + self._weight_tensors
+        return artifact.input_tensors(machine, self.input_names, self._input_dtypes, feeds) + self._weight_tensors
 
     def _outputs(self, result) -> dict[str, np.ndarray]:
         flat = self._machine().flatten(result)
