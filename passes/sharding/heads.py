@@ -142,12 +142,9 @@ def _block(sm: ir.Node) -> AttentionBlock | Unplanned:
     out, why = _out_projection(ctx.outputs[0])
     if out is None:
         return Unplanned(where, f"the context {why}")
-    projs = {}
-    for role, operand in (("query", scores.inputs[0]), ("key", scores.inputs[1]), ("value", ctx.inputs[1])):
-        proj, why = _projection(operand)
-        if proj is None:
-            return Unplanned(where, f"the {role} {why}")
-        projs[role] = proj
+    projs = _projections(where, scores.inputs[0], scores.inputs[1], ctx.inputs[1])
+    if isinstance(projs, Unplanned):
+        return projs
     q_shape = shape_of(ctx.outputs[0])
     if q_shape is None or len(q_shape) != 4 or not all(isinstance(d, int) for d in q_shape[1:]):
         return Unplanned(where, "the context has no static 4-D [batch, heads, seq, head_dim] shape")
@@ -171,14 +168,22 @@ def _op_block(node: ir.Node) -> AttentionBlock | Unplanned:
         if not is_const(w) or len(shape_of(w) or ()) != 2 or (sizes and len(set(sizes)) != 1):
             return Unplanned(where, "its packed Q/K/V weight is not a constant of three equal blocks")
         return AttentionBlock(where, None, None, None, out, heads, kv, node.outputs[0], node, packed=w)
+    projs = _projections(where, node.inputs[0], node.inputs[1], node.inputs[2])
+    if isinstance(projs, Unplanned):
+        return projs
+    head_dim = q[-1] if len(q) == 4 else q[-1] // heads
+    return _heads(where, node, projs, out, node.outputs[0], heads, head_dim)
+
+
+def _projections(where: str, query: ir.Value, key: ir.Value, value: ir.Value) -> dict[str, Projection] | Unplanned:
+    """The weight projection behind each of Q, K and V, or why one has none."""
     projs = {}
-    for role, operand in (("query", node.inputs[0]), ("key", node.inputs[1]), ("value", node.inputs[2])):
+    for role, operand in (("query", query), ("key", key), ("value", value)):
         proj, why = _projection(operand)
         if proj is None:
             return Unplanned(where, f"the {role} {why}")
         projs[role] = proj
-    head_dim = q[-1] if len(q) == 4 else q[-1] // heads
-    return _heads(where, node, projs, out, node.outputs[0], heads, head_dim)
+    return projs
 
 
 def _heads(where: str, core: ir.Node, projs: dict[str, Projection], out: ir.Node, context: ir.Value,
