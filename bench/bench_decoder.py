@@ -87,16 +87,13 @@ def _feeds(ids, config, past_len: int = 0, rng=None):
     """One cache step's feeds: ``ids`` after ``past_len`` cached positions (random cache)."""
     import numpy as np
 
+    from models.decoder import cache_names, step_feeds
+
     head_dim = config.hidden_size // config.num_attention_heads
     rng = rng or np.random.default_rng(0)
-    s = ids.shape[1]
-    feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, past_len + s), np.int64),
-             "position_ids": np.arange(past_len, past_len + s, dtype=np.int64)[None]}
-    for i in range(config.num_hidden_layers):
-        for kv in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kv}"] = rng.standard_normal(
-                (1, config.num_key_value_heads, past_len, head_dim)).astype(np.float32)
-    return feeds
+    cache = {n: rng.standard_normal((1, config.num_key_value_heads, past_len, head_dim)).astype(np.float32)
+             for n in cache_names(config)}
+    return step_feeds(ids, config, cache)
 
 
 def _gcomp(src: Path, out: Path, *args: str) -> str:
@@ -225,21 +222,15 @@ def _forced(session, text, config):
     the mean negative log-likelihood of each next byte (nats)."""
     import numpy as np
 
-    from models.decoder import greedy  # noqa: F401  (same feeds as greedy's first step)
+    from models.decoder import step_feeds
 
     names = {i.name for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
-    head_dim = config.hidden_size // config.num_attention_heads
-    s = text.shape[1]
-    feeds = {"input_ids": text.astype(np.int64), "attention_mask": np.ones((1, s), np.int64),
-             "position_ids": np.arange(s, dtype=np.int64)[None]}
-    for i in range(config.num_hidden_layers):
-        for kv in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, config.num_key_value_heads, 0, head_dim), np.float32)
-    logits = dict(zip(outputs, session.run(None, {k: v for k, v in feeds.items() if k in names})))["logits"][0]
+    feeds = {k: v for k, v in step_feeds(text, config).items() if k in names}
+    logits = dict(zip(outputs, session.run(None, feeds)))["logits"][0]
     z = logits[:-1] - logits[:-1].max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    nll = float(-logp[np.arange(s - 1), text[0, 1:]].mean())
+    nll = float(-logp[np.arange(text.shape[1] - 1), text[0, 1:]].mean())
     return logits, nll
 
 

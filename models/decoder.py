@@ -40,7 +40,8 @@ if __package__:
 else:  # run as a script from models/
     from export_torch import _perturb_uniform_parameters, _require_torch
 
-__all__ = ["ARCHS", "build", "corpus", "export", "greedy", "main", "save_hf", "signature", "train"]
+__all__ = ["ARCHS", "build", "cache_names", "corpus", "export", "greedy", "main", "save_hf", "signature",
+           "step_feeds", "train"]
 
 ARCHS = ("llama", "qwen2")
 TINY = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -224,6 +225,27 @@ def save_hf(model: Any, folder: str | Path) -> Path:
     return folder
 
 
+def step_feeds(ids: Any, config: Any, cache: dict | None = None) -> dict:
+    """One cache step's feeds: ``ids`` (int ``[1, S]``) after the positions ``cache`` holds
+    (``{past_key_values.N.key/value: [1, kv_heads, P, head_dim]}``; None: an empty cache, P =
+    0): the mask over P + S positions, positions P..P+S-1."""
+    import numpy as np
+
+    if cache is None:
+        head_dim = config.hidden_size // config.num_attention_heads
+        empty = np.zeros((1, config.num_key_value_heads, 0, head_dim), np.float32)
+        cache = dict.fromkeys(cache_names(config), empty)
+    ids = np.asarray(ids, np.int64)
+    p, s = next(iter(cache.values())).shape[2], ids.shape[1]
+    return {"input_ids": ids, "attention_mask": np.ones((1, p + s), np.int64),
+            "position_ids": np.arange(p, p + s, dtype=np.int64)[None], **cache}
+
+
+def cache_names(config: Any) -> list[str]:
+    """The KV-cache inputs, ``past_key_values.{layer}.key`` / ``.value`` in layer order."""
+    return [f"past_key_values.{i}.{k}" for i in range(config.num_hidden_layers) for k in ("key", "value")]
+
+
 def greedy(session: Any, prompt: Any, steps: int, config: Any, timings: list | None = None) -> list[int]:
     """Greedy continuation of ``prompt`` (int64 ``[1, S]``) by a cache model in an ONNX Runtime
     ``session`` (inputs and outputs by name, so ONNX Runtime GenAI's models, which compute
@@ -236,20 +258,14 @@ def greedy(session: Any, prompt: Any, steps: int, config: Any, timings: list | N
 
     names = {i.name for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
-    head_dim = config.hidden_size // config.num_attention_heads
-    kv = [f"past_key_values.{i}.{k}" for i in range(config.num_hidden_layers) for k in ("key", "value")]
-    cache = dict.fromkeys(kv, np.zeros((1, config.num_key_value_heads, 0, head_dim), np.float32))
-    ids, tokens = np.asarray(prompt, np.int64), []
+    ids, cache, tokens = prompt, None, []
     for _ in range(steps):
-        p, s = cache[kv[0]].shape[2], ids.shape[1]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, p + s), np.int64),
-                 "position_ids": np.arange(p, p + s, dtype=np.int64)[None], **cache}
-        feeds = {k: v for k, v in feeds.items() if k in names}
+        feeds = {k: v for k, v in step_feeds(ids, config, cache).items() if k in names}
         start = time.perf_counter()
         got = dict(zip(outputs, session.run(None, feeds)))
         if timings is not None:
             timings.append(time.perf_counter() - start)
-        cache = {k: got[k.replace("past_key_values", "present")] for k in kv}
+        cache = {k: got[k.replace("past_key_values", "present")] for k in cache_names(config)}
         token = int(np.argmax(got["logits"][0, -1]))
         tokens.append(token)
         ids = np.array([[token]], np.int64)
