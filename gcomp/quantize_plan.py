@@ -48,7 +48,8 @@ class Quantize:
 
 def plan(mode, calibration, metric, speed_gate, options: dict[str, Any], precision, pipeline) -> Quantize:
     """Take the quantization pass's options out of ``options`` (the pipeline's passes get
-    the rest). ``tolerance`` serves both the precision pass and the accuracy budget."""
+    the rest; ``tolerance`` is the accuracy budget's). ``precision`` is refused: quantization
+    works on float32 weights."""
     from gcomp.quantize import MODES
 
     if mode not in MODES:
@@ -57,7 +58,7 @@ def plan(mode, calibration, metric, speed_gate, options: dict[str, Any], precisi
         raise OptionError("--quantize and --precision cannot be combined: quantization works on float32 weights")
     declared = {o.name for o in registry.get_pass(MODES[mode][0]).options} - {"target"}
     mine = {k: options.pop(k) for k in list(options) if k in declared}
-    tolerance = options.get("tolerance") if precision else options.pop("tolerance", None)
+    tolerance = options.pop("tolerance", None)
     target = options.get("target", DEFAULT_TARGET)
     if "target" not in registry.pipeline_options(pipeline):  # no fusion pass: the target is quantization's
         options.pop("target", None)
