@@ -85,8 +85,9 @@ def test_default_model_parity_and_profile_rows_are_graph_nodes():
         assert nodes[row.node] in row.op_type.split("+")
         assert row.provider.startswith("tvm:")
     assert abs(sum(r.share for r in prof.ops) - 1.0) < 1e-6
-    # The heaviest kernels of a transformer are its matmuls.
-    assert "MatMul" in prof.ops[0].op_type
+    # The transformer's matmuls are profiled as its graph's MatMul nodes (which kernel is the
+    # heaviest is a timing, and a loaded machine once put a layer_norm first).
+    assert any("MatMul" in r.op_type and r.node in nodes for r in prof.ops), [r.op_type for r in prof.ops]
 
 
 def test_protocol_registry_and_caller_model_untouched():
