@@ -35,7 +35,8 @@ import onnx_ir as ir
 
 from gcomp.errors import OptionError
 from gcomp.passes.fusion import (attention, bias, bias_residual_sum, conv_bn, gelu, layer_norm, matmul_add_gemm,
-                                 ort_embed_layer_norm, ort_fused_conv, ort_fused_matmul, ort_gelu, ort_mha,
+                                 ort_embed_layer_norm, ort_fused_conv, ort_fused_matmul, ort_gelu,
+                                 ort_group_query_attention, ort_mha,
                                  ort_packed_attention, ort_pad_fused_conv, ort_skip_layer_norm, ort_split_attention,
                                  pad_conv, residual_sum, rms_norm, scale, transpose_gemm, tvm_parallel_matmul,
                                  unflatten_gemm)
@@ -104,6 +105,9 @@ ORT: tuple[Fusion, ...] = (
     # the blocks those match stay whole.
     ort_fused_matmul.ORT_FUSED_MATMUL,
     ort_skip_layer_norm.ORT_SKIP_LAYER_NORM,
+    # Decoder attention (a KV cache, grouped KV heads or rotary embeddings) before the other
+    # attention fusions, which would take its core as MultiHeadAttention and leave the cache.
+    ort_group_query_attention.ORT_GROUP_QUERY_ATTENTION,
     # The widest attention block (with its three Q/K/V projections) first: ort-mha would take
     # the block alone and leave the projections.
     ort_packed_attention.ORT_ATTENTION,

@@ -127,6 +127,10 @@ class GraphRule:
     def apply(self, model: ir.Model) -> int:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def near_misses(self, model: ir.Model) -> list[str]:
+        """Why sites this rule looked at were not fused in its last ``apply`` (``--explain-fusion``)."""
+        return []
+
 
 @dataclass(frozen=True)
 class Fusion:
@@ -237,6 +241,7 @@ def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: Capabilities
             if f.needs and not (f.needs & _op_types(model)):
                 continue
             reasons = _onnxscript.near_misses([r for r in rules_of(f) if not isinstance(r, GraphRule)], model)
+            reasons += [m for r in rules_of(f) if isinstance(r, GraphRule) for m in r.near_misses(model)]
             if reasons:
                 report.near_misses[f.name] = sorted(set(reasons))[:20]
     return report

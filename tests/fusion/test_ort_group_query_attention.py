@@ -1,0 +1,188 @@
+"""Decoder attention -> com.microsoft.GroupQueryAttention: synthetic blocks (grouped KV heads,
+the scale on the scores or split over Q and K^T, with and without a cache) proven on ORT,
+refusals named in --explain-fusion, and the tiny Llama/Qwen2 exports of both torch exporters
+against the original at several cache states, padded rows included."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tests.conftest import make_model, ort_run, tensor, vinfo
+from tests.fusion._util import fuse, op_counts
+
+GQA = "com.microsoft::GroupQueryAttention"
+RULE = "ort-group-query-attention"
+B, S, P, D = 1, 3, 4, 8
+
+
+def _block(*, heads=4, kv_heads=2, cache=True, scale="scores", mask=True, k_transpose="perm"):
+    """One decoder attention block on static shapes: q/k/v projections in, the merged output
+    and (with ``cache``) the present key/value out."""
+    group, t = heads // kv_heads, P + S if cache else S
+    c = 1 / np.sqrt(D)
+    inits = [tensor("qs", np.array([0, 0, heads, D], np.int64)), tensor("kvs", np.array([0, 0, kv_heads, D], np.int64)),
+             tensor("ax2", np.array([2], np.int64)), tensor("wide", np.array([1, 1, group, 1, 1], np.int64)),
+             tensor("rep", np.array([0, heads, -1, D], np.int64)), tensor("merge", np.array([0, 0, heads * D], np.int64)),
+             tensor("c", np.float32(c)), tensor("rc", np.float32(np.sqrt(c))),
+             tensor("flat", np.array([-1, t, D], np.int64)), tensor("back", np.array([B, heads, D, t], np.int64))]
+    inputs = [vinfo("q", shape=(B, S, heads * D)), vinfo("k", shape=(B, S, kv_heads * D)),
+              vinfo("v", shape=(B, S, kv_heads * D))]
+    n = helper.make_node
+    nodes = []
+    for name, shape in (("q", "qs"), ("k", "kvs"), ("v", "kvs")):
+        nodes += [n("Reshape", [name, shape], [f"{name}r"]), n("Transpose", [f"{name}r"], [f"{name}h"], perm=[0, 2, 1, 3])]
+    outputs = [vinfo("out", shape=(B, S, heads * D))]
+    full = {"k": "kh", "v": "vh"}
+    if cache:
+        inputs += [vinfo("past_k", shape=(B, kv_heads, P, D)), vinfo("past_v", shape=(B, kv_heads, P, D))]
+        for x in ("k", "v"):
+            nodes.append(n("Concat", [f"past_{x}", f"{x}h"], [f"present_{x}"], axis=2))
+            outputs.append(vinfo(f"present_{x}", shape=(B, kv_heads, t, D)))
+            full[x] = f"present_{x}"
+    every = dict(full)  # K and V with the KV heads repeated to every query head
+    for x in ("k", "v"):
+        if group > 1:
+            nodes += [n("Unsqueeze", [full[x], "ax2"], [f"{x}u"]), n("Expand", [f"{x}u", "wide"], [f"{x}e"]),
+                      n("Reshape", [f"{x}e", "rep"], [f"{x}all"])]
+            every[x] = f"{x}all"
+    if k_transpose == "perm":
+        nodes.append(n("Transpose", [every["k"]], ["kt"], perm=[0, 1, 3, 2]))
+    else:  # dynamo's: heads into the batch, transpose the 3-D tensor, split back
+        nodes += [n("Reshape", [every["k"], "flat"], ["k3"]), n("Transpose", ["k3"], ["k3t"], perm=[0, 2, 1]),
+                  n("Reshape", ["k3t", "back"], ["kt"])]
+    if scale == "split":
+        nodes += [n("Mul", ["qh", "rc"], ["qsc"]), n("Mul", ["kt", "rc"], ["ktsc"]), n("MatMul", ["qsc", "ktsc"], ["sc"])]
+    elif scale == "input":
+        inputs.append(vinfo("scale_in", shape=()))
+        nodes += [n("MatMul", ["qh", "kt"], ["raw"]), n("Mul", ["raw", "scale_in"], ["sc"])]
+    else:
+        nodes += [n("MatMul", ["qh", "kt"], ["raw"]), n("Mul", ["raw", "c"], ["sc"])]
+    if mask:
+        inputs.append(vinfo("mask", shape=(B, 1, S, t)))
+        nodes.append(n("Add", ["sc", "mask"], ["msc"]))
+    nodes += [n("Softmax", ["msc" if mask else "sc"], ["p"], axis=-1), n("MatMul", ["p", every["v"]], ["o4"]),
+              n("Transpose", ["o4"], ["o4t"], perm=[0, 2, 1, 3]), n("Reshape", ["o4t", "merge"], ["out"])]
+    return make_model(nodes, inputs, outputs, inits)
+
+
+def _feeds(proto, rng):
+    feeds = {}
+    for i in proto.graph.input:
+        shape = [d.dim_value for d in i.type.tensor_type.shape.dim]
+        feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+    if "mask" in feeds:  # causal over the cache + new tokens
+        t = feeds["mask"].shape[-1]
+        allowed = np.arange(t)[None, :] <= (t - S + np.arange(S))[:, None]
+        if t > S:  # a cache: its first key masked out (every row keeps others)
+            allowed[:, 0] = False
+        feeds["mask"] = np.where(allowed, 0.0, -np.inf).astype(np.float32)[None, None]
+    if "scale_in" in feeds:
+        feeds["scale_in"] = np.array(0.3, np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("kv_heads, cache, scale, k_transpose", [
+    (2, True, "scores", "perm"), (1, True, "split", "reshape"), (4, True, "scores", "reshape"), (2, False, "split", "perm")])
+def test_decoder_block_fuses_and_matches(kv_heads, cache, scale, k_transpose):
+    proto = _block(kv_heads=kv_heads, cache=cache, scale=scale, k_transpose=k_transpose)
+    model, result = fuse(proto, _feeds(proto, np.random.default_rng(1)), target="ort-cpu", family="ort",
+                         rtol=1e-5, atol=1e-5)
+    assert op_counts(model)[GQA] == 1
+    assert op_counts(model)["Softmax"] == 0
+    node = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert node.attributes["kv_num_heads"].as_int() == kv_heads
+    assert node.attributes["causal"].as_int() == 0
+    expected = 1 / np.sqrt(D)
+    assert node.attributes["scale"].as_float() == pytest.approx(expected, rel=1e-6)
+
+
+def test_refusals_are_explained():
+    proto = _block(scale="input")
+    model, result = fuse(proto, _feeds(proto, np.random.default_rng(2)), target="ort-cpu", family="ort", explain=True)
+    assert op_counts(model)[GQA] == 0
+    misses = result.details["rules"][RULE]["near_misses"]
+    assert any("not a scores MatMul times constant scales" in m for m in misses), misses
+    # An encoder's attention (no cache, no grouped KV heads, no rotary) is left to the others.
+    proto = _block(kv_heads=4, cache=False)
+    model, result = fuse(proto, _feeds(proto, np.random.default_rng(3)), target="ort-cpu", family="ort", explain=True)
+    assert op_counts(model)[GQA] == 0
+    assert any("encoder" in m for m in result.details["rules"][RULE]["near_misses"])
+
+
+def test_rows_whose_every_key_is_masked_stay_finite():
+    """-inf everywhere on a row: the kernel would give NaN, which a cache would carry to
+    every later token; the fused node's bias is clamped to the lowest finite value."""
+    proto = _block()
+    feeds = _feeds(proto, np.random.default_rng(4))
+    feeds["mask"][..., 0, :] = -np.inf
+    model, _ = fuse(proto, _feeds(proto, np.random.default_rng(4)), target="ort-cpu", family="ort")
+    fused = ort_run(ir_proto(model), feeds)
+    original = ort_run(proto, feeds)
+    assert np.isfinite(fused["out"]).all()
+    np.testing.assert_allclose(fused["out"][:, 1:], original["out"][:, 1:], rtol=1e-5, atol=1e-5)
+
+
+def ir_proto(model):
+    import onnx_ir as ir
+
+    return ir.serde.serialize_model(model)
+
+
+# --------------------------------------------------------------------------- real exports
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    pytest.importorskip("torch", reason="needs torch==2.13.0 (the test extra installs it)")
+    pytest.importorskip("transformers", reason="needs transformers (the test extra installs it)")
+    from models import decoder
+
+    out = tmp_path_factory.mktemp("decoders")
+    return {
+        "llama_cache": decoder.export("llama", out, cache=True, check=False),
+        "llama_cache_dynamo": decoder.export("llama", out, cache=True, dynamo=True, check=False),
+        "qwen2": decoder.export("qwen2", out, cache=False, check=False),
+    }
+
+
+def _decoder_feeds(names, rng, batch, seq, past, pad):
+    mask = np.ones((batch, past + seq), np.int64)
+    mask[1:, :pad] = 0  # left padding on the rows after the first
+    feeds = {"input_ids": rng.integers(0, 512, (batch, seq)).astype(np.int64), "attention_mask": mask,
+             "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0)[:, past:].astype(np.int64)}
+    for name in names:
+        if name.startswith("past"):
+            feeds[name] = rng.standard_normal((batch, 2, past, 16)).astype(np.float32)
+    return feeds, mask
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama_cache", "llama_cache_dynamo", "qwen2"])
+def test_exports_fuse_every_layer_and_match(exports, name):
+    import gcomp
+
+    path = exports[name]
+    result = gcomp.optimize(str(path), "O3", target="ort-cpu", explain_fusion=True)
+    model = result.model
+    assert op_counts(model)[GQA] == 2  # both layers
+    assert op_counts(model)["Softmax"] == 0
+    fused = ir_proto(model)
+    original = onnx.load(path)
+    names = [i.name for i in original.graph.input]
+    cache = any(n.startswith("past") for n in names)
+    rng = np.random.default_rng(7)
+    # (batch, new tokens, cache length, left padding): a prompt, a decode step, padded rows.
+    for batch, seq, past, pad in ((1, 3, 5, 0), (2, 1, 7, 2), (2, 6, 0, 2)):
+        if past and not cache:
+            continue
+        feeds, mask = _decoder_feeds(names, rng, batch, seq, past, pad)
+        a, b = ort_run(original, feeds), ort_run(fused, feeds)
+        valid = mask[:, past:] > 0  # pad positions are garbage in both (their keys are masked for the others)
+        np.testing.assert_allclose(b["logits"][valid], a["logits"][valid], rtol=1e-4, atol=1e-4)
+        for key in a:
+            if key.startswith("present"):
+                np.testing.assert_allclose(b[key].transpose(0, 2, 1, 3)[mask > 0],
+                                           a[key].transpose(0, 2, 1, 3)[mask > 0], rtol=1e-4, atol=1e-4)
