@@ -129,7 +129,7 @@ class GroupQueryAttention(GraphRule):
 
     def apply(self, model: ir.Model) -> int:
         self.misses = []
-        graph, fired = model.graph, 0
+        graph, fired, shared = model.graph, 0, {}
         for node in list(graph):
             if not _std(node, "Softmax") or node.graph is not graph:
                 continue
@@ -138,7 +138,7 @@ class GroupQueryAttention(GraphRule):
             except _Refused as e:
                 self.misses.append(f"at {node.name or node.outputs[0].name}: {e}")
                 continue
-            _rewrite(self.run, model, site)
+            _rewrite(self.run, model, site, shared)
             fired += 1
         if fired:
             _drop_dead(graph)
@@ -365,7 +365,9 @@ def _same_layout(x: ir.Value, y: ir.Value) -> bool:
 # ---------------------------------------------------------------------- rewrite
 
 
-def _rewrite(run: FusionRun, model: ir.Model, s: _Site) -> None:
+def _rewrite(run: FusionRun, model: ir.Model, s: _Site, shared: dict) -> None:
+    """Replace the block by the fused node; ``shared``: the clamped masks and the lengths the
+    layers of one model have in common (made once, at the first layer)."""
     graph = model.graph
     model.opset_imports.setdefault(MS, 1)
     nodes: list[ir.Node] = []
@@ -387,17 +389,16 @@ def _rewrite(run: FusionRun, model: ir.Model, s: _Site) -> None:
     dtype = s.softmax.inputs[0].dtype.numpy()
     bias = None
     if s.mask is not None:
-        bias = add("Max", [s.mask, const(np.array(np.finfo(dtype).min, dtype=dtype))]).outputs[0]
-    new_len = add("Gather", [add("Shape", [k]).outputs[0], const(np.array(1, np.int64))], axis=0).outputs[0]
-    total = new_len
-    if s.past_k is not None:
-        past_len = add("Gather", [add("Shape", [s.past_k]).outputs[0], const(np.array(2, np.int64))],
-                       axis=0).outputs[0]
-        total = add("Add", [past_len, new_len]).outputs[0]
-    total32 = add("Cast", [total], to=ir.DataType.INT32).outputs[0]
-    last = add("Sub", [total32, const(np.array(1, np.int32))]).outputs[0]
-    batch = add("Gather", [add("Shape", [q]).outputs[0], const(np.array([0], np.int64))], axis=0).outputs[0]
-    seqlens = add("Expand", [last, batch]).outputs[0]
+        bias = shared.get(("bias", s.mask))
+        if bias is None:
+            bias = shared[("bias", s.mask)] = add(
+                "Max", [s.mask, const(np.array(np.finfo(dtype).min, dtype=dtype))]).outputs[0]
+    key = _lengths_key(s)
+    if key is None or key not in shared:
+        lengths = _lengths(add, const, q, k, s.past_k)
+        if key is not None:
+            shared[key] = lengths
+    seqlens, total32 = shared[key] if key is not None else lengths
     inputs = [q, k, v, s.past_k, s.past_v, seqlens, total32, None, None, None, bias]
     while inputs[-1] is None:
         inputs.pop()
@@ -409,6 +410,31 @@ def _rewrite(run: FusionRun, model: ir.Model, s: _Site) -> None:
     for old, new in ((s.present_k, present_k), (s.present_v, present_v)):
         if old is not None:
             _replace(graph, old, new)
+
+
+def _lengths_key(s: _Site) -> tuple | None:
+    """Layers whose batch, new and past lengths carry the same symbolic dims and which read
+    the same mask share one (seqlens_k, total_sequence_length): the mask ties every layer's
+    key length to its own (the scores + mask Add), the dims the rest."""
+    dims = (_dim(s.q.source, 0), _dim(s.k.source, 1), _dim(s.past_k, 2) if s.past_k is not None else 0)
+    if any(d is None for d in dims):
+        return None
+    return ("lengths", s.mask, *dims)
+
+
+def _lengths(add, const, q: ir.Value, k: ir.Value, past: ir.Value | None) -> tuple[ir.Value, ir.Value]:
+    """(seqlens_k = total - 1 for every row [B] int32, total_sequence_length P + S int32 scalar)."""
+    def dim(value, axis, shape):
+        return add("Gather", [add("Shape", [value]).outputs[0], const(np.array(axis, np.int64) if not shape
+                                                                       else np.array([axis], np.int64))],
+                   axis=0).outputs[0]
+
+    total = dim(k, 1, False)
+    if past is not None:
+        total = add("Add", [dim(past, 2, False), total]).outputs[0]
+    total32 = add("Cast", [total], to=ir.DataType.INT32).outputs[0]
+    last = add("Sub", [total32, const(np.array(1, np.int32))]).outputs[0]
+    return add("Expand", [last, dim(q, 0, True)]).outputs[0], total32
 
 
 def _projection(add, heads: _Heads) -> ir.Value:
