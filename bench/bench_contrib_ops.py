@@ -5,6 +5,8 @@ Usage (from the repository root)::
     .venv/bin/python bench/bench_contrib_ops.py embed --shape 2,16,256            # BERT-style
     .venv/bin/python bench/bench_contrib_ops.py embed --shape 2,16,256 --keep-sum # GPT-2-style
     .venv/bin/python bench/bench_contrib_ops.py attention --shape 2,16,256 --heads 4
+    .venv/bin/python bench/bench_contrib_ops.py rms --shape 1,64,768       # RMSNormalization-23 vs Simplified...
+    .venv/bin/python bench/bench_contrib_ops.py skip-rms --shape 1,1,768  # Add + Simplified... vs Skip...
 
 A target-specific fusion exists to be faster; this is the measurement behind the
 ``not_for`` of ``ort-embed-layer-norm`` and the packed Attention's lack of a head limit in
@@ -18,6 +20,11 @@ here measures yet: SkipLayerNormalization, MultiHeadAttention).
 * ``attention``: GPT-2's block (flatten, Gemm, reshape, Split, head reshapes, scores * scale
   + additive causal/padding mask, Softmax, PV, head transpose) vs ``com.microsoft.Attention``
   with the projection's packed weight and the mask as ``attention_bias`` + Reshape to heads.
+* ``rms``: ``SimplifiedLayerNormalization`` (ORT's RMSNorm op, default domain) vs the
+  standard ``RMSNormalization`` of opset 23, both in an opset-23 model, over the last axis.
+* ``skip-rms``: a decoder's residual ``Add`` + ``SimplifiedLayerNormalization`` (the sum
+  also an output: the residual stream reads it) vs ``com.microsoft.SkipSimplifiedLayerNormalization``
+  (the sum as its 4th output).
 
 Both graphs run on ORT's CPU provider with ORT_ENABLE_ALL and ``--threads`` intra-op threads
 in this process (which imports nothing else), interleaved in blocks (each block first runs
@@ -41,10 +48,10 @@ def _helpers():
     return TensorProto, helper, numpy_helper
 
 
-def _model(nodes, inputs, outputs, inits) -> bytes:
+def _model(nodes, inputs, outputs, inits, opset: int = 17) -> bytes:
     _, helper, _ = _helpers()
     graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=8).SerializeToString()
 
 
@@ -115,6 +122,31 @@ def attention_graphs(batch: int, seq: int, hidden: int, heads: int):
     return _model(unfused, inputs, outputs, inits), _model(fused, inputs, outputs, inits), feeds
 
 
+def rms_graphs(batch: int, seq: int, hidden: int, skip: bool):
+    TP, helper, nh = _helpers()
+    mk = helper.make_node
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array((1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32), "g")]
+    names = ["x", "skip"] if skip else ["x"]
+    inputs = [helper.make_tensor_value_info(n, TP.FLOAT, ["B", "S", hidden]) for n in names]
+    outputs = [helper.make_tensor_value_info(n, TP.FLOAT, None) for n in (["y", "s"] if skip else ["y"])]
+    feeds = {n: rng.standard_normal((batch, seq, hidden)).astype(np.float32) for n in names}
+    norm = {"axis": -1, "epsilon": 1e-6}
+    if not skip:
+        a = [mk("SimplifiedLayerNormalization", ["x", "g"], ["y"], **norm)]
+        b = [mk("RMSNormalization", ["x", "g"], ["y"], **norm)]
+        return _model(a, inputs, outputs, inits, 23), _model(b, inputs, outputs, inits, 23), feeds
+    a = [mk("Add", ["x", "skip"], ["s"]), mk("SimplifiedLayerNormalization", ["s", "g"], ["y"], **norm)]
+    b = [mk("SkipSimplifiedLayerNormalization", ["x", "skip", "g"], ["y", "", "", "s"], domain="com.microsoft",
+            epsilon=1e-6)]
+    return _model(a, inputs, outputs, inits), _model(b, inputs, outputs, inits), feeds
+
+
+# What each op compares: (the first graph, the second).
+_LABELS = {"rms": ("SimplifiedLayerNormalization", "RMSNormalization-23"),
+           "skip-rms": ("Add+SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")}
+
+
 def _session(model: bytes, threads: int):
     import onnxruntime as ort
 
@@ -127,7 +159,7 @@ def _session(model: bytes, threads: int):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("op", choices=("embed", "attention"))
+    parser.add_argument("op", choices=("embed", "attention", "rms", "skip-rms"))
     parser.add_argument("--shape", default="2,16,256", help="batch,sequence,hidden")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
@@ -139,11 +171,14 @@ def main(argv=None) -> int:
     batch, seq, hidden = (int(v) for v in args.shape.split(","))
     if args.op == "embed":
         unfused, fused, feeds = embed_graphs(batch, seq, hidden, args.vocab, args.keep_sum)
-    else:
+    elif args.op == "attention":
         unfused, fused, feeds = attention_graphs(batch, seq, hidden, args.heads)
-    sessions = {"unfused": _session(unfused, args.threads), "fused": _session(fused, args.threads)}
-    results = {k: s.run(None, feeds) for k, s in sessions.items()}
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(results["unfused"], results["fused"]))
+    else:
+        unfused, fused, feeds = rms_graphs(batch, seq, hidden, args.op == "skip-rms")
+    first, second = _LABELS.get(args.op, ("unfused", "fused"))
+    sessions = {first: _session(unfused, args.threads), second: _session(fused, args.threads)}
+    results = [s.run(None, feeds) for s in sessions.values()]
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(*results))
     samples: dict[str, list[float]] = {k: [] for k in sessions}
     for round_ in range(3 + args.rounds):
         for key, sess in sessions.items():
