@@ -50,6 +50,7 @@ _TVM_MAX_OPSET = 23
 _TVM_LACKS = frozenset({
     "LSTM", "GRU", "RNN", "Loop", "Scan", "QLinearConv", "QLinearMatMul", "ConvInteger",
     "RotaryEmbedding", "DFT", "STFT", "Attention",
+    "SimplifiedLayerNormalization",  # ONNX Runtime's own op in the default domain
 })
 
 

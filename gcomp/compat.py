@@ -26,12 +26,20 @@ nothing else should); each comes with a one-line note for the user
   runtime, ONNX's checker and shape inference), so verification runs the whole model and
   compares the maps too. A map-typed graph input, or a map type inside a subgraph, is
   refused in one line.
+- **ONNX Runtime's ops in the default domain** (:func:`register_runtime_schemas`): ONNX
+  Runtime registers ``SimplifiedLayerNormalization`` (its RMSNorm, which its transformers
+  optimizer and gcomp's ``ort-simplified-layer-norm`` fusion write) in the default domain,
+  where the ONNX checker knows no such op and refuses the model. Its schema, as ONNX
+  Runtime declares it, is registered with ONNX once per process, before gcomp checks a
+  model, so such a model is checked like any other (no note: the model is not changed).
 """
 
 from __future__ import annotations
 
-__all__ = ["LEGACY_IR_REPAIRED", "MapTail", "attach_map_tail", "detach_map_tail", "holds_maps", "legacy_ir_note"]
+__all__ = ["LEGACY_IR_REPAIRED", "MapTail", "attach_map_tail", "detach_map_tail", "holds_maps", "legacy_ir_note",
+           "register_runtime_schemas"]
 
+import functools
 from dataclasses import dataclass, field
 
 from gcomp.errors import ModelLoadError, ModelSaveError
@@ -238,3 +246,31 @@ def _copy(message):
     clone = type(message)()
     clone.CopyFrom(message)
     return clone
+
+
+_FLOATS = ["tensor(float16)", "tensor(float)", "tensor(double)", "tensor(bfloat16)"]
+
+
+@functools.cache
+def register_runtime_schemas() -> None:
+    """Register with ONNX the schema ONNX Runtime declares for its default-domain
+    ``SimplifiedLayerNormalization`` (since version 1; unless ONNX defines the op itself),
+    so the checker accepts models that use it. Idempotent; no inference function (gcomp's
+    shape inference gives its output the input's shape)."""
+    from onnx import defs, helper
+
+    try:
+        defs.get_schema("SimplifiedLayerNormalization", 1, "")
+        return
+    except defs.SchemaError:
+        pass
+    param, attr = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
+    defs.register_schema(defs.OpSchema(
+        "SimplifiedLayerNormalization", "", 1,
+        "ONNX Runtime's RMSNorm: X / sqrt(mean(X^2 over axes >= axis) + epsilon) * scale",
+        inputs=[param("X", "T"), param("scale", "V")],
+        outputs=[param("Y", "V"), param("inv_std_var", "U", param_option=defs.OpSchema.FormalParameterOption.Optional)],
+        type_constraints=[("T", _FLOATS, ""), ("U", ["tensor(float)", "tensor(double)"], ""), ("V", _FLOATS, "")],
+        attributes=[attr(name, helper.make_attribute(name, default))
+                    for name, default in (("axis", -1), ("epsilon", 1e-5), ("stash_type", 1))],
+    ))

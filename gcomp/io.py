@@ -181,6 +181,7 @@ def _to_ir(proto, where, *, owned: bool = False) -> ir.Model:
             f"{where}: subgraphs nested {depth} deep (gcomp's limit is {MAX_SUBGRAPH_DEPTH})"
         )
     notes = []
+    compat.register_runtime_schemas()  # before load() checks it
     legacy = compat.legacy_ir_note(proto)
     tail = None
     if compat.holds_maps(proto):
@@ -530,6 +531,7 @@ def call_without_weights(func: Callable[[object], _R], model: ir.Model, *, limit
     when serializing raises; ``func`` runs on the proto after the model is restored. The
     proto is the whole model: a map-typed tail kept aside at load is attached.
     """
+    compat.register_runtime_schemas()  # func may be ONNX's checker or shape inference
     graph = model.graph
     moved: list[tuple[ir.Value, ir.TensorProtocol, bool]] = []
     inputs_before = len(graph.inputs)

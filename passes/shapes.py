@@ -117,7 +117,7 @@ def _proxy_contrib_ops(proto) -> None:
             if len(outs) > 3 and outs[3]:
                 made.append(helper.make_node("Identity", [outs[0]], [outs[3]]))
             return made
-        if op in ("BiasGelu", "FastGelu", "Gelu", "QuickGelu") and ins and outs:
+        if op in ("BiasGelu", "FastGelu", "Gelu", "QuickGelu", "SimplifiedLayerNormalization") and ins and outs:
             return [helper.make_node("Identity", [ins[0]], [outs[0]])]
         if op == "MultiHeadAttention" and ins and outs:  # gcomp emits it with equal Q and V widths
             return [helper.make_node("Identity", [ins[0]], [outs[0]])]
@@ -134,7 +134,9 @@ def _proxy_contrib_ops(proto) -> None:
         nodes = []
         changed = False
         for node in graph.node:
-            made = proxy(node) if node.domain == "com.microsoft" else None
+            # ORT registers SimplifiedLayerNormalization in the default domain (no ONNX inference)
+            ort_op = node.domain == "com.microsoft" or node.op_type == "SimplifiedLayerNormalization"
+            made = proxy(node) if ort_op else None
             if made is None:
                 nodes.append(node)
                 for attr in node.attribute:

@@ -37,7 +37,8 @@ from gcomp.errors import OptionError
 from gcomp.passes.fusion import (attention, bias, bias_residual_sum, conv_bn, gelu, layer_norm, matmul_add_gemm,
                                  ort_embed_layer_norm, ort_fused_conv, ort_fused_matmul, ort_gelu,
                                  ort_group_query_attention, ort_mha,
-                                 ort_packed_attention, ort_pad_fused_conv, ort_skip_layer_norm, ort_split_attention,
+                                 ort_packed_attention, ort_pad_fused_conv, ort_simplified_norm, ort_skip_layer_norm,
+                                 ort_split_attention,
                                  pad_conv, residual_sum, rms_norm, scale, transpose_gemm, tvm_parallel_matmul,
                                  unflatten_gemm)
 from gcomp.passes.fusion._engine import BuiltRules, Fusion, run_fusions
@@ -105,6 +106,12 @@ ORT: tuple[Fusion, ...] = (
     # the blocks those match stay whole.
     ort_fused_matmul.ORT_FUSED_MATMUL,
     ort_skip_layer_norm.ORT_SKIP_LAYER_NORM,
+    # Decoder RMS norms below opset 23 (from 23 they leave them to the portable rms-norm, same
+    # kernel): the scaled form before the bare one (as rms-norm), then Add + the norm they make
+    # (same round) -> the skip form, which the first norm, reading the embedding, never is.
+    ort_simplified_norm.ORT_SIMPLIFIED_LAYER_NORM,
+    ort_simplified_norm.ORT_SIMPLIFIED_LAYER_NORM_NO_SCALE,
+    ort_simplified_norm.ORT_SKIP_SIMPLIFIED_LAYER_NORM,
     # Decoder attention (a KV cache, grouped KV heads or rotary embeddings) before the other
     # attention fusions, which would take its core as MultiHeadAttention and leave the cache.
     ort_group_query_attention.ORT_GROUP_QUERY_ATTENTION,

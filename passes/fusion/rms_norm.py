@@ -66,7 +66,11 @@ class RmsNormFusion(RunRule):
                 gamma = self.run.fresh_initializer(op, array.reshape(norm_shape), gamma.name or "rms_scale")
             else:
                 gamma = op.Reshape(gamma, op.Constant(value_ints=norm_shape))
-        return op.RMSNormalization(x, gamma, axis=axes[0], epsilon=epsilon(self.run, eps), stash_type=1)
+        return self.emit(op, x, gamma, axis=axes[0], eps=epsilon(self.run, eps))
+
+    def emit(self, op, x, gamma, *, axis: int, eps: float):
+        """The fused node (a subclass emits another op of the same math and attributes)."""
+        return op.RMSNormalization(x, gamma, axis=axis, epsilon=eps, stash_type=1)
 
 
 def _rules(scaled: bool):

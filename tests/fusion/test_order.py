@@ -20,7 +20,9 @@ EXPECTED = {
     ],
     "ort": [
         "ort-pad-fused-conv", "ort-gelu", "ort-bias-gelu", "ort-embed-shape", "ort-embed-layer-norm",
-        "ort-fused-conv", "ort-fused-matmul", "ort-skip-layer-norm", "ort-group-query-attention", "ort-attention", "ort-attention-split-shape",
+        "ort-fused-conv", "ort-fused-matmul", "ort-skip-layer-norm",
+        "ort-simplified-layer-norm", "ort-simplified-layer-norm-no-scale", "ort-skip-simplified-layer-norm",
+        "ort-group-query-attention", "ort-attention", "ort-attention-split-shape",
         "ort-attention-split", "ort-mha", "ort-mha-heads",
     ],
     "tvm": ["tvm-parallel-matmul"],
