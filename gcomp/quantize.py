@@ -103,7 +103,7 @@ class _Attempt:
 
     @property
     def worst(self) -> float:
-        return max((e.error for e in self.errors), default=0.0)
+        return max((e.error for e in self.errors if e.bounded), default=0.0)
 
 
 def quantize(
@@ -397,7 +397,9 @@ def summary(report: QuantReport) -> list[str]:
              f"{report.samples} sample(s) from {report.sample_source}: {report.budget}"]
     for a in report.accuracy:
         cos = f", cosine {a['cosine']:.5f}" if a.get("cosine") is not None else ""
-        lines.append(f"  output '{a['name']}': error {a['error']:.4g}{cos}")
+        margin = f", largest float margin at a changed token {a['margin']:.4g}" if a.get("margin") is not None else ""
+        bound = "" if a.get("bounded", True) else " (KV cache: reported, not bounded)"
+        lines.append(f"  output '{a['name']}': error {a['error']:.4g}{cos}{margin}{bound}")
     if report.weight_bytes_before:
         lines.append(f"  weights touched: {report.weight_bytes_before:,} -> {report.weight_bytes_after:,} bytes "
                      f"({report.weight_bytes_after / report.weight_bytes_before:.3f}x)")

@@ -32,7 +32,7 @@ from gcomp.backends.ort import OrtBackend
 from gcomp.errors import GcompError
 from gcomp.passes.quant._attention import attention_candidates
 from gcomp.passes.quant._common import Candidate, linear_candidates, read_const
-from gcomp.verify.metrics import Budget, measure
+from gcomp.verify.metrics import COUNTING, Budget, measure
 
 ROUNDS, BLOCKS = 40, 5  # runs of each one-node model, in 5 alternating blocks (after warm-up)
 
@@ -70,6 +70,8 @@ def local_errors(model: ir.Model, nodes: Sequence[str], feeds: Mapping[str, np.n
     float model and two tiny runs per node: a ranking that costs no full-model run per node.
     An Attention counts the error of its quantized projection with the attention core (its
     mask fed as it is)."""
+    if budget.metric in COUNTING:  # argmax changes of a hidden activation mean nothing: rank by direction
+        budget = Budget("cosine", 0.01)
     errors = {}
     for name, floaty, quantized, inputs in _one_node_pairs(model, nodes, feeds, pass_name, options, target):
         e = runtime.reference(floaty).run(inputs)

@@ -117,3 +117,31 @@ def test_greedy_with_the_cache_matches_pytorch(tmp_path):
         expected = model.generate(torch.tensor(prompt), max_new_tokens=12, do_sample=False, min_new_tokens=12)
     assert got == expected[0, 8:].tolist()
     assert len(set(got)) > 1  # a continuation, not one repeated token
+
+
+@pytest.mark.slow
+def test_int4_under_the_tokens_budget_reports_tokens_and_the_cache(decoders, tmp_path):
+    """``--metric tokens``: the logits bound the budget (share of changed argmaxes, with the
+    float margin where one changed), the KV cache is reported but not bounded; a budget no
+    quantized node meets is one line, exit 1, nothing written."""
+    import json
+    import subprocess
+    import sys
+
+    path = decoders[("llama", False)]
+    out = tmp_path / "q.onnx"
+    base = [sys.executable, "-m", "gcomp", "optimize", str(path), "-o", str(out), "--quantize", "int4",
+            "--metric", "tokens", "--no-speed-gate"]
+    proc = subprocess.run([*base, "--tolerance", "1", "--json"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    rows = {a["name"]: a for a in json.loads(proc.stdout)["quantization"]["accuracy"]}
+    assert rows["logits"]["bounded"] and rows["logits"]["within"]
+    assert 0 <= rows["logits"]["error"] <= 1
+    assert not rows["present.0.key"]["bounded"]
+    assert out.exists()
+    out.unlink()
+    # On this random-weight model some token's top two scores are near-equal, so every
+    # quantized node flips one: a budget of 0 is declined (seeded: the same every run).
+    proc = subprocess.run([*base, "--tolerance", "0"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 1 and "tokens <= 0 cannot be met" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()

@@ -66,6 +66,26 @@ def test_budget_refuses_unknown_metrics_and_non_positive_tolerances():
     with pytest.raises(OptionError, match="tolerance must be positive"):
         Budget("cosine", 0)
     assert Budget().describe() == "cosine >= 0.99"
+    with pytest.raises(OptionError, match="non-negative"):
+        Budget("tokens", -0.1)
+    assert Budget("tokens", 0).tolerance == 0  # a count: none may change
+
+
+def test_tokens_bounds_the_token_scores_and_reports_the_cache():
+    """``tokens``: top1 over the token scores, with the float model's margin where a token
+    changed; a KV cache's outputs are reported, not bounded."""
+    logits = np.array([[[5.0, 1.0, 0.0], [2.0, 1.9, 0.0], [0.0, 0.0, 3.0]]], np.float32)  # [1, 3 positions, vocab 3]
+    flipped = logits.copy()
+    flipped[0, 1] = [1.8, 2.0, 0.0]  # the near-tie at position 1 flips
+    cache = np.ones((1, 2, 3, 4), np.float32)
+    exp = [{"logits": logits, "present.0.key": cache}]
+    act = [{"logits": flipped, "present.0.key": -cache}]  # the cache's direction is gone
+    rows = {r.name: r for r in measure(exp, act, Budget("tokens", 0))}
+    assert rows["logits"].error == pytest.approx(1 / 3) and not rows["logits"].within
+    assert rows["logits"].margin == pytest.approx(0.1, abs=1e-6)  # 2.0 - 1.9 at the changed position
+    assert rows["present.0.key"].within and not rows["present.0.key"].bounded
+    assert rows["present.0.key"].cosine == pytest.approx(-1.0)
+    assert all(r.within for r in measure(exp, [{"logits": logits, "present.0.key": -cache}], Budget("tokens", 0)))
 
 
 # ------------------------------------------------------------------------------ calibration data

@@ -55,15 +55,17 @@ _TARGET_NAMES = ", ".join(sorted(TARGETS, key=lambda name: name != "portable"))
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="--quantize: samples to measure accuracy on: a folder of .npz files (one sample each) or "
                    "test_data_set_* folders, or one .npz with a leading sample axis; at least 8 samples.")
-@click.option("--metric", type=click.Choice(["cosine", "rel-l2", "top1", "max-abs"]), default=None,
+@click.option("--metric", type=click.Choice(["cosine", "rel-l2", "top1", "max-abs", "tokens"]), default=None,
               help="The measure --tolerance bounds per float output, against the float model: cosine (1 - cos), "
-                   "rel-l2 (||a-e||/||e||), top1 (share of argmax changes), max-abs. --quantize: the accuracy "
+                   "rel-l2 (||a-e||/||e||), top1 (share of argmax changes), max-abs, tokens (decoders: top1 of the "
+                   "token scores, with the margin where a token changed; KV-cache outputs reported, not bounded; "
+                   "--tolerance 0: every token equal). --quantize: the accuracy "
                    "budget's one measure [default: cosine]. --precision: cosine or rel-l2 (the others keep their "
                    "defaults), or for auto max-abs [default for auto: max-abs].")
 @click.option("--speed-gate/--no-speed-gate", default=True, show_default=True,
               help="--quantize: time float and quantized models and refuse a quantized model that is not faster "
                    "(weight-only: more than 10 % slower).")
-@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--tolerance", type=click.FloatRange(min=0), default=None,
               help="The largest --metric error allowed per float output (cosine: 1 - cos). --quantize: [default: "
                    "0.01]. --precision auto without --metric: max|a-e| / max(1, max|e|) [default: 0.01]. --precision "
                    "fp16/bf16: only with --metric cosine or rel-l2 (the element-wise check has fixed tolerances).")

@@ -8,7 +8,13 @@ Per float output, over a list of samples (one feed dict each), the candidate's o
 - ``rel-l2``: ``||a - e|| / ||e||``, the worst sample;
 - ``top1``: the fraction of rows (every index of the leading axes; the last axis holds
   the classes) whose argmax differs, over all samples;
-- ``max-abs``: ``max |a - e|``, over all samples (the plain check's measure).
+- ``max-abs``: ``max |a - e|``, over all samples (the plain check's measure);
+- ``tokens`` (decoder LLMs): ``top1`` over the outputs that score tokens, with the float
+  model's margin (top-1 minus top-2 score) at the positions whose token changed. A KV
+  cache's outputs (``present*``, ``*cache*``, ``past*``) are measured and reported but not
+  bounded: their error reaches the tokens at the positions after them, which the token
+  outputs of a teacher-forced sequence (calibration samples that feed the reference
+  tokens) already count. ``--tolerance 0`` demands every token equal.
 
 A :class:`Budget` bounds one of them: ``error(metric) <= tolerance`` for every output.
 ``cosine`` with tolerance 0.01 (cosine >= 0.99) is the default for quantization.
@@ -20,20 +26,23 @@ array of its values, one row per map. Cosine and rel-l2 are computed by
 
 from __future__ import annotations
 
-__all__ = ["METRICS", "Budget", "OutputError", "measure"]
+__all__ = ["COUNTING", "METRICS", "Budget", "OutputError", "measure"]
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import math
+import re
 
 import numpy as np
 
 from gcomp.errors import OptionError
 from gcomp.passes.precision.accuracy import one_minus_cos, rel_l2
 
-METRICS = ("cosine", "rel-l2", "top1", "max-abs")
+METRICS = ("cosine", "rel-l2", "top1", "max-abs", "tokens")
+COUNTING = frozenset({"top1", "tokens"})  # shares of changed argmaxes: 0 (none may change) is a bound
+_CACHE = re.compile(r"present|past|cache", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -44,8 +53,10 @@ class Budget:
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise OptionError(f"unknown metric '{self.metric}' (metrics: {', '.join(METRICS)})")
-        if not (self.tolerance > 0 and math.isfinite(self.tolerance)):
-            raise OptionError(f"tolerance must be positive and finite, got {self.tolerance}")
+        low_ok = self.tolerance >= 0 if self.metric in COUNTING else self.tolerance > 0
+        if not (low_ok and math.isfinite(self.tolerance)):
+            kind = "non-negative" if self.metric in COUNTING else "positive"
+            raise OptionError(f"tolerance must be {kind} and finite for --metric {self.metric}, got {self.tolerance}")
 
     def describe(self) -> str:
         if self.metric == "cosine":
@@ -59,9 +70,12 @@ class OutputError:
     error: float  # under the budget's metric
     within: bool
     cosine: float | None = None  # the plain cosine similarity (worst sample), for reports
+    bounded: bool = True  # False: reported only (a decoder's KV cache under ``tokens``)
+    margin: float | None = None  # ``tokens``: the float model's largest top-1 - top-2 margin where a token changed
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "error": self.error, "within": self.within, "cosine": self.cosine}
+        return {"name": self.name, "error": self.error, "within": self.within, "cosine": self.cosine,
+                "bounded": self.bounded, "margin": self.margin}
 
 
 def measure(
@@ -75,8 +89,28 @@ def measure(
         cosine = None
         if all(e.dtype.kind == "f" for e, _ in pairs):
             cosine = 1.0 - max(one_minus_cos(e, a) for e, a in pairs)
-        rows.append(OutputError(name, error, bool(error <= budget.tolerance), cosine))
+        if budget.metric == "tokens" and _CACHE.search(name) and len(expected[0]) > 1:
+            rows.append(OutputError(name, error, True, cosine, bounded=False))
+            continue
+        margin = _flip_margin(pairs) if budget.metric == "tokens" else None
+        rows.append(OutputError(name, error, bool(error <= budget.tolerance), cosine, margin=margin))
     return rows
+
+
+def _flip_margin(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float | None:
+    """The float model's largest top-1 minus top-2 score over the positions whose argmax
+    changed (a flip between near-equal scores is benign; a large margin is lost signal)."""
+    worst = None
+    for e, a in pairs:
+        if e.dtype.kind != "f" or e.ndim == 0 or e.shape[-1] < 2 or e.shape != a.shape:
+            continue
+        rows_e, rows_a = e.reshape(-1, e.shape[-1]), a.reshape(-1, a.shape[-1])
+        changed = rows_e.argmax(-1) != rows_a.argmax(-1)
+        if changed.any():
+            top2 = np.sort(rows_e[changed].astype(np.float64), axis=-1)[:, -2:]
+            m = float(np.max(top2[:, 1] - top2[:, 0]))
+            worst = m if worst is None else max(worst, m)
+    return worst
 
 
 def _array(value: Any) -> np.ndarray:
@@ -99,7 +133,7 @@ def _error(pairs: list[tuple[np.ndarray, np.ndarray]], metric: str) -> float:
         return max(one_minus_cos(e, a) for e, a in pairs)
     if metric == "rel-l2":
         return max(rel_l2(e, a) for e, a in pairs)
-    if metric == "top1":
+    if metric in ("top1", "tokens"):
         differ = total = 0
         for e, a in pairs:
             if e.size == 0:
