@@ -37,9 +37,9 @@ from gcomp.errors import OptionError
 from gcomp.passes.fusion import (attention, bias, bias_residual_sum, conv_bn, gelu, layer_norm, matmul_add_gemm,
                                  ort_embed_layer_norm, ort_fused_conv, ort_fused_matmul, ort_gelu,
                                  ort_group_query_attention, ort_mha,
-                                 ort_packed_attention, ort_pad_fused_conv, ort_simplified_norm, ort_skip_layer_norm,
-                                 ort_split_attention,
-                                 pad_conv, residual_sum, rms_norm, scale, transpose_gemm, tvm_parallel_matmul,
+                                 ort_packed_attention, ort_pad_fused_conv, ort_rotary, ort_simplified_norm,
+                                 ort_skip_layer_norm, ort_split_attention,
+                                 pad_conv, residual_sum, rms_norm, rotary, scale, transpose_gemm, tvm_parallel_matmul,
                                  unflatten_gemm)
 from gcomp.passes.fusion._engine import BuiltRules, Fusion, run_fusions
 from gcomp.passes.opsets import model_opset
@@ -79,6 +79,9 @@ PORTABLE: tuple[Fusion, ...] = (
     # take its constant Muls.
     gelu.GELU_ERF,
     gelu.GELU_TANH,
+    # Rotary embeddings (opset 23): 4-D elementwise ops the folds above never take (no
+    # constant operand); before attention, whose Q and K they make.
+    rotary.ROTARY,
     # The score MatMuls are 4-D and the scale Mul follows a MatMul, so the Gemm folds above
     # leave the block whole.
     attention.ATTENTION,
@@ -112,6 +115,10 @@ ORT: tuple[Fusion, ...] = (
     ort_simplified_norm.ORT_SIMPLIFIED_LAYER_NORM,
     ort_simplified_norm.ORT_SIMPLIFIED_LAYER_NORM_NO_SCALE,
     ort_simplified_norm.ORT_SKIP_SIMPLIFIED_LAYER_NORM,
+    # Rotary embeddings: 4-D elementwise Mul/Slice/Concat no fusion above reads; before
+    # ort-group-query-attention (same round), which moves the RotaryEmbedding it makes onto
+    # the Q/K projections.
+    ort_rotary.ORT_ROTARY,
     # Decoder attention (a KV cache, grouped KV heads or rotary embeddings) before the other
     # attention fusions, which would take its core as MultiHeadAttention and leave the cache.
     ort_group_query_attention.ORT_GROUP_QUERY_ATTENTION,
