@@ -106,6 +106,25 @@ def keep_inferred_shapes(model: ir.Model) -> int:
 # ONNX's inference does not know the com.microsoft ops gcomp's fusions emit, and every value
 # downstream of one would lose its shape. For inference only, each is replaced by standard
 # ops with the same output shapes (same output names).
+def _gqa_proxy(helper, node, ins, outs) -> list:
+    """GroupQueryAttention (separate query/key/value, as gcomp emits it): the output has the
+    query's shape; present = Concat(past, new keys split into kv_num_heads heads) on axis 2."""
+    made = [helper.make_node("Identity", [ins[0]], [outs[0]])]
+    kv_heads = next((a.i for a in node.attribute if a.name == "kv_num_heads"), 0)
+    if not kv_heads or not ins[3] or not ins[4]:
+        return made
+    split = f"{outs[0]}__gqa_proxy_split"
+    made.append(helper.make_node("Constant", [], [split], value=helper.make_tensor(split, 7, [4], [0, 0, kv_heads, -1])))
+    for new, past, out in ((ins[1], ins[3], outs[1] if len(outs) > 1 else ""),
+                           (ins[2], ins[4], outs[2] if len(outs) > 2 else "")):
+        if out:
+            made += [helper.make_node("Reshape", [new, split], [f"{out}__gqa_proxy_heads"]),
+                     helper.make_node("Transpose", [f"{out}__gqa_proxy_heads"], [f"{out}__gqa_proxy_bnsh"],
+                                      perm=[0, 2, 1, 3]),
+                     helper.make_node("Concat", [past, f"{out}__gqa_proxy_bnsh"], [out], axis=2)]
+    return made
+
+
 def _proxy_contrib_ops(proto) -> None:
     from onnx import AttributeProto, helper
 
@@ -121,6 +140,10 @@ def _proxy_contrib_ops(proto) -> None:
             return [helper.make_node("Identity", [ins[0]], [outs[0]])]
         if op == "MultiHeadAttention" and ins and outs:  # gcomp emits it with equal Q and V widths
             return [helper.make_node("Identity", [ins[0]], [outs[0]])]
+        if op == "RotaryEmbedding" and ins and outs:
+            return [helper.make_node("Identity", [ins[0]], [outs[0]])]
+        if op == "GroupQueryAttention" and len(ins) > 4 and ins[1] and outs:
+            return _gqa_proxy(helper, node, ins, outs)
         if op == "FusedConv":
             attrs = [a for a in node.attribute if a.name not in ("activation", "activation_params")]
             made = helper.make_node("Conv", ins[:3], outs[:1])
