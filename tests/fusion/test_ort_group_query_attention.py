@@ -97,6 +97,12 @@ def test_decoder_block_fuses_and_matches(kv_heads, cache, scale, k_transpose):
     assert node.attributes["causal"].as_int() == 0
     expected = 1 / np.sqrt(D)
     assert node.attributes["scale"].as_float() == pytest.approx(expected, rel=1e-6)
+    from gcomp.passes.shapes import InferShapes  # shapes flow through the fused node
+
+    InferShapes()(model)
+    assert list(node.outputs[0].shape) == [B, S, 4 * D]
+    if cache:
+        assert list(node.outputs[1].shape) == [B, kv_heads, P + S, D]
 
 
 def test_refusals_are_explained():
