@@ -168,9 +168,13 @@ def llamas(tmp_path_factory):
     from models import decoder
 
     root = tmp_path_factory.mktemp("rotary")
-    return {(dynamo, cache): decoder.export("llama", root / f"{int(dynamo)}{int(cache)}", cache=cache,
-                                            dynamo=dynamo, check=False)
-            for dynamo in (False, True) for cache in (False, True)}
+    exports = {(dynamo, cache): decoder.export("llama", root / f"{int(dynamo)}{int(cache)}", cache=cache,
+                                               dynamo=dynamo, check=False)
+               for dynamo in (False, True) for cache in (False, True)}
+    # YaRN scaling: other frequencies and an attention scaling factor a != 1 on cos and sin
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128}
+    exports["yarn"] = decoder.export("llama", root / "yarn", check=False, config={"rope_parameters": yarn})
+    return exports
 
 
 def _decoder_feeds(cache: bool, batch: int, seq: int, past: int, positions) -> dict:
@@ -208,3 +212,20 @@ def test_llama_exports_fuse_two_rotaries_per_layer(llamas, dynamo, cache):
         want, got = ort_run(path, feeds), ort_run(result.model, feeds)
         for name in want:
             np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.slow
+def test_yarn_scaled_rotary_fuses(llamas):
+    """transformers' YaRN rope scaling (frequencies blended, cos/sin scaled by 0.1 ln(4) + 1):
+    the scale goes into the caches; equal to the export at positions past the original 128."""
+    import gcomp
+
+    result = gcomp.optimize(llamas["yarn"], "O3")
+    assert result.verification.passed, result.verification.summary()
+    assert result.after.op_types.get(MS_ROTARY) == 4, result.after.op_types
+    cos = next(n for n in result.model.graph if n.op_type == "Cos")
+    (scale,) = [u.node.inputs[1].const_value.numpy() for u in cos.outputs[0].uses()]
+    assert scale == pytest.approx(0.1 * np.log(4.0) + 1, rel=1e-6)
+    feeds = _decoder_feeds(False, 2, 3, 0, [[0, 1, 2], [3000, 3001, 3002]])
+    want, got = ort_run(llamas["yarn"], feeds), ort_run(result.model, feeds)
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-4, atol=1e-4)
