@@ -5,7 +5,7 @@ Usage (from the repository root)::
 
     .venv/bin/pip install -e '.[export]'                         # torch, transformers
     .venv/bin/pip install --no-deps onnxruntime-genai==0.18.0    # the peer's model builder
-    .venv/bin/python bench/bench_decoder.py --md bench/DECODER.md --json bench/decoder_results.json
+    .venv/bin/python bench/bench_decoder.py --md bench/LLM.md --json bench/decoder_results.json
 
 (``--no-deps``: the builder needs ``onnxruntime``, which the venv has already, as the plain
 or the GPU build; letting pip add the plain one beside the GPU build breaks both.)
@@ -24,12 +24,16 @@ a KV cache (``past_key_values.*`` -> ``present.*``):
 * ``base``: random weights at ~125 M parameters (vocabulary 32000, 12 layers, 768 wide,
   12 heads, 4 KV heads, MLP 2048). Speed: batch 1, a ``--prompt``-token prompt, then
   ``--tokens`` decoding steps of one token; ms per decoded token (the mean of the steps'
-  session.run times in one round; min and median over rounds).
+  session.run times in one round; min and median over rounds), decode tokens/s (from the
+  median) and the prompt's step (prefill, median).
 
 Variants: ``fp32`` (the export on ONNX Runtime), ``gcomp-O3`` (``gcomp optimize -O3``),
-``gcomp-int4`` (``gcomp optimize --quantize int4 --calibration C --inputs ONE_TOKEN``:
-MatMul weights in MatMulNBits, the embedding in GatherBlockQuantized, calibrated on text
-prompts; the speed gate times one decoding step), ``genai-fp32`` / ``genai-int4`` (ONNX
+``gcomp-int4`` (``gcomp optimize -O3 --quantize int4 --calibration C --inputs ONE_TOKEN
+--metric tokens --tolerance 0.05``: MatMul weights in MatMulNBits (accuracy level 4), the
+embedding in GatherBlockQuantized, at most 5 % of the calibration sequences' next tokens
+changed (teacher forced); the speed gate times one decoding step), ``gcomp-int4-all`` (the
+same with ``--tolerance 1``: every weight quantized, no accuracy bound, as the builder
+does: the speed peer of ``genai-int4``), ``genai-fp32`` / ``genai-int4`` (ONNX
 Runtime GenAI 0.18's model builder, ``-e cpu -p fp32|int4``, from the same weights saved as
 a Hugging Face folder; its graphs use GroupQueryAttention with rotary inside, packed
 MatMulNBits and SkipSimplifiedLayerNormalization). Every variant runs on ONNX Runtime's
@@ -56,6 +60,7 @@ BASE = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num
         "num_attention_heads": 12, "num_key_value_heads": 4, "max_position_embeddings": 1024}
 CALIBRATION_SAMPLES = 8
 WINDOW = 256  # held-out bytes per accuracy prompt: scored position by position, greedy after the first 64
+TOKEN_BUDGET = 0.05  # gcomp-int4: at most 5 % of the calibration sequences' next tokens may change
 
 
 def _args(argv=None):
@@ -73,6 +78,8 @@ def _args(argv=None):
     p.add_argument("--md", type=Path)
     p.add_argument("--remeasure", action="store_true",
                    help="measure the variants built by an earlier run again (no training, no building)")
+    p.add_argument("--rebuild-gcomp", action="store_true",
+                   help="keep an earlier run's export, samples and GenAI models; build gcomp's variants again")
     p.add_argument("--time-manifest", type=Path, help=argparse.SUPPRESS)  # the timing subprocess
     return p.parse_args(argv)
 
@@ -141,22 +148,46 @@ def build(name: str, args) -> dict:
     np.savez(one_token, **_feeds(prompts[-1][:, :1], model.config, past_len=args.prompt))
     hf = decoder.save_hf(model, folder / "hf")
     variants = {"fp32": str(path)}
+    _build_variants(folder, path, hf, variants, facts, gcomp_only=False)
+    held_prompts = [p.tolist() for p in prompts[CALIBRATION_SAMPLES:]] if name == "trained" else []
+    return {"name": name, "variants": variants, "dims": _dims(model.config), "facts": facts,
+            "prompts": held_prompts, "speed_prompt": prompts[-1].tolist()}
+
+
+def rebuild_gcomp(run: dict, args) -> dict:
+    """An earlier run's manifest with gcomp's variants built again from its export and samples."""
+    folder = args.out / run["name"]
+    path = Path(run["variants"]["fp32"])
+    _build_variants(folder, path, folder / "hf", run["variants"], run["facts"], gcomp_only=True)
+    return run
+
+
+def _build_variants(folder: Path, path: Path, hf: Path, variants: dict, facts: dict, *, gcomp_only: bool) -> None:
+    calib, one_token = folder / "calibration", folder / "one_token.npz"
+    int4 = ("-O", "3", "--quantize", "int4", "--calibration", str(calib), "--inputs", str(one_token))
     for label, out, run in (
         ("gcomp-O3", folder / "gcomp_o3.onnx", lambda o: _gcomp(path, o, "-O", "3")),
         ("gcomp-int4", folder / "gcomp_int4.onnx",
-         lambda o: _gcomp(path, o, "--quantize", "int4", "--calibration", str(calib), "--inputs", str(one_token))),
+         lambda o: _gcomp(path, o, *int4, "--metric", "tokens", "--tolerance", str(TOKEN_BUDGET))),
+        # Every weight quantized, as GenAI's builder does (no accuracy bound): the speed peer.
+        ("gcomp-int4-all", folder / "gcomp_int4_all.onnx",
+         lambda o: _gcomp(path, o, *int4, "--metric", "tokens", "--tolerance", "1")),
         ("genai-fp32", folder / "genai_fp32", lambda o: _genai(hf, o, "fp32")),
         ("genai-int4", folder / "genai_int4", lambda o: _genai(hf, o, "int4")),
     ):
+        if gcomp_only and not label.startswith("gcomp"):
+            continue
         t0 = time.perf_counter()
         error = run(out)
         target = out / "model.onnx" if out.suffix != ".onnx" else out
         variants[label] = {"error": error} if error else str(target)
         facts.setdefault("build_s", {})[label] = round(time.perf_counter() - t0, 1)
+    # GenAI last, as built; gcomp's variants in their order before them
+    order = ["fp32", "gcomp-O3", "gcomp-int4", "gcomp-int4-all", "genai-fp32", "genai-int4"]
+    ordered = {k: variants[k] for k in order if k in variants}
+    variants.clear()
+    variants.update(ordered)
     facts["file_mb"] = {k: round(_size(Path(v)) / 1e6, 2) for k, v in variants.items() if isinstance(v, str)}
-    held_prompts = [p.tolist() for p in prompts[CALIBRATION_SAMPLES:]] if name == "trained" else []
-    return {"name": name, "variants": variants, "dims": _dims(model.config), "facts": facts,
-            "prompts": held_prompts, "speed_prompt": prompts[-1].tolist()}
 
 
 def _size(path: Path) -> int:
@@ -186,35 +217,51 @@ def measure(manifest: dict, args) -> dict:
         reference = [greedy(sessions["fp32"], t[:, :64], args.gen, config) for t in texts]
         forced_ref = [_forced(sessions["fp32"], t, config) for t in texts]
         for k, sess in sessions.items():
-            agree, first, top1, loss = [], [], [], []
+            agree, first, top1, loss, margins = [], [], [], [], []
             for t, ref, (ref_logits, _) in zip(texts, reference, forced_ref):
                 got = greedy(sess, t[:, :64], args.gen, config)
                 first.append(next((j for j, (a, b) in enumerate(zip(got, ref)) if a != b), args.gen))
                 agree.append(sum(a == b for a, b in zip(got, ref)) / args.gen)
                 logits, nll = _forced(sess, t, config)
-                top1.append(float(np.mean(logits.argmax(-1) == ref_logits.argmax(-1))))
+                changed = logits.argmax(-1) != ref_logits.argmax(-1)
+                top1.append(float(np.mean(~changed)))
                 loss.append(nll)
+                top2 = np.sort(ref_logits[changed], axis=-1)[:, -2:]
+                margins.extend((top2[:, 1] - top2[:, 0]).tolist())
             result.setdefault("accuracy", {})[k] = {
                 "agree": float(np.mean(agree)), "first_divergence": float(np.mean(first)),
                 "top1_agree": float(np.mean(top1)), "heldout_loss": float(np.mean(loss)),
+                "flips": len(margins), "flip_margins": _quantiles(margins),
                 "distinct_greedy_tokens": len({tok for g in reference for tok in g})}
     prompt = np.array(manifest["speed_prompt"])
     times = {k: [] for k in sessions}
+    prefill = {k: [] for k in sessions}
     for r in range(args.rounds + 1):
         for k, sess in sessions.items():
             steps: list[float] = []
             greedy(sess, prompt, args.tokens + 1, config, timings=steps)
             if r:  # round 0 warms up; the prompt's step is not a decoding step
                 times[k].append(float(np.mean(steps[1:])) * 1e3)
+                prefill[k].append(steps[0] * 1e3)
     base = np.array(times["fp32"])
     for k, t in times.items():
         t = np.array(t)
         ratio = base / t
         result.setdefault("speed", {})[k] = {
-            "ms_min": float(t.min()), "ms_median": float(np.median(t)), "speedup_min": float(base.min() / t.min()),
+            "ms_min": float(t.min()), "ms_median": float(np.median(t)), "tokens_per_s": float(1e3 / np.median(t)),
+            "prefill_ms_median": float(np.median(prefill[k])), "speedup_min": float(base.min() / t.min()),
             "speedup_median": float(np.median(base) / np.median(t)),
             "ratio_p10": float(np.percentile(ratio, 10)), "ratio_p90": float(np.percentile(ratio, 90))}
     return result
+
+
+def _quantiles(values: list[float]) -> dict:
+    import numpy as np
+
+    if not values:
+        return {}
+    v = np.array(values)
+    return {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)), "max": float(v.max())}
 
 
 def _forced(session, text, config):
@@ -250,25 +297,36 @@ def markdown(runs: list[dict], machine: dict, argv: list[str]) -> str:
                       f"held-out {t['heldout_loss']:.3f} nats/byte.", ""]
         acc = run["result"].get("accuracy", {}).get("fp32")
         if acc:
-            lines += [f"Accuracy on {len(run['prompts'])} held-out windows of {WINDOW} bytes: next-byte top-1 "
+            window = len(run["prompts"][0][0])
+            lines += [f"Accuracy on {len(run['prompts'])} held-out windows of {window} bytes: next-byte top-1 "
                       f"agreement with fp32 at every position (teacher forcing) and held-out loss; greedy "
                       f"continuations of their first 64 bytes ({acc['distinct_greedy_tokens']} distinct bytes "
                       "in fp32's), agreement with fp32 and the first divergence.", ""]
-        lines += ["| variant | ms / token (min / median) | vs fp32 (min / median, p10-p90) | top-1 agreement "
-                  "| held-out loss | greedy agreement | first divergence | file MB | build s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["| variant | decode tokens/s | ms / token (min / median) | vs fp32 (min / median, p10-p90) "
+                  "| prefill ms | top-1 agreement | held-out loss | greedy agreement | first divergence | file MB "
+                  "| build s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for k, v in run["variants"].items():
             if not isinstance(v, str):
-                lines.append(f"| {k} | not built: {v['error']} | — | — | — | — | — | — | {f['build_s'].get(k, '—')} |")
+                lines.append(f"| {k} | not built: {v['error']} | — | — | — | — | — | — | — | — "
+                             f"| {f['build_s'].get(k, '—')} |")
                 continue
             s = run["result"]["speed"][k]
             a = run["result"].get("accuracy", {}).get(k)
             acc = (f"{100 * a['top1_agree']:.2f} %", f"{a['heldout_loss']:.4f}", f"{100 * a['agree']:.1f} %",
                    f"{a['first_divergence']:.1f}") if a else ("—",) * 4
-            lines.append(f"| {k} | {s['ms_min']:.2f} / {s['ms_median']:.2f} | {s['speedup_min']:.2f}x / "
-                         f"{s['speedup_median']:.2f}x ({s['ratio_p10']:.2f}-{s['ratio_p90']:.2f}) | {' | '.join(acc)} "
+            lines.append(f"| {k} | {s.get('tokens_per_s', 0):.1f} | {s['ms_min']:.2f} / {s['ms_median']:.2f} "
+                         f"| {s['speedup_min']:.2f}x / {s['speedup_median']:.2f}x ({s['ratio_p10']:.2f}-"
+                         f"{s['ratio_p90']:.2f}) | {s.get('prefill_ms_median', 0):.1f} | {' | '.join(acc)} "
                          f"| {f['file_mb'].get(k, '—')} | {f.get('build_s', {}).get(k, '—')} |")
         lines.append("")
+        margins = [(k, a) for k, a in run["result"].get("accuracy", {}).items() if a.get("flips")]
+        if margins:
+            lines += ["fp32's margin (top-1 minus top-2 logit) at the positions whose next token changed:", "",
+                      "| variant | changed positions | margin median | p90 | max |", "|---|---:|---:|---:|---:|"]
+            lines += [f"| {k} | {a['flips']} | {a['flip_margins']['median']:.3f} | {a['flip_margins']['p90']:.3f} "
+                      f"| {a['flip_margins']['max']:.3f} |" for k, a in margins]
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -293,7 +351,12 @@ def main(argv=None) -> int:
     runs = []
     for name in args.models.split(","):
         manifest = args.out / name / "manifest.json"
-        run = json.loads(manifest.read_text()) if args.remeasure else build(name, args)
+        if args.remeasure:
+            run = json.loads(manifest.read_text())
+        elif args.rebuild_gcomp:
+            run = rebuild_gcomp(json.loads(manifest.read_text()), args)
+        else:
+            run = build(name, args)
         manifest.write_text(json.dumps(run))
         proc = subprocess.run([sys.executable, __file__, "--time-manifest", str(manifest), "--threads",
                                str(args.threads), "--rounds", str(args.rounds), "--tokens", str(args.tokens),
