@@ -29,7 +29,8 @@ read another graph input, and partial rotary (C narrower than x) are refused, wi
 reason in ``--explain-fusion``.
 
 **The caches are computed in the graph, once per run, for every position the run has**
-(rows 0..max(p), shared by all layers): ``Cos(Cast(Range(0, max(p) + 1)) * w) * a``, the same
+(rows 0..max(p), at least S of them as ONNX Runtime's kernels require; shared by all layers):
+``Cos(Cast(Range(0, max(p) + 1)) * w) * a``, the same
 fp32 arithmetic as the export's. Not a fixed table: past its end ONNX Runtime's CPU kernel
 fails ("position_ids value ... is out of range"), but its CUDA kernel cannot report it and
 returns wrong numbers (it passes the input through, or in older releases reads past the
@@ -405,8 +406,11 @@ def _caches(run: FusionRun, graph: ir.Graph, f: _Fit) -> tuple[ir.Value, ir.Valu
     def const(array: np.ndarray) -> ir.Value:
         return add("Constant", [], value=ir.tensor(array, name=run.fresh_name("rotary_const")))
 
-    top = add("ReduceMax", [f.position], keepdims=0)
-    rows = add("Max", [add("Add", [top, const(np.array(1, np.int64))]), const(np.array(1, np.int64))])
+    # ONNX Runtime's kernels also want at least S rows (sequence length), whatever the positions.
+    one = const(np.array(1, np.int64))
+    top = add("Add", [add("ReduceMax", [f.position], keepdims=0), one])
+    seq = add("Gather", [add("Shape", [f.position]), one], axis=0)
+    rows = add("Max", [top, seq, one])
     steps = add("Range", [const(np.array(0, np.int64)), rows, const(np.array(1, np.int64))])
     column = add("Reshape", [add("Cast", [steps], to=ir.DataType.FLOAT), const(np.array([-1, 1], np.int64))])
     angle = add("Mul", [column, const(f.inv_freq.astype(np.float32))])

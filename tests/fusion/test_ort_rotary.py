@@ -111,8 +111,11 @@ ROWS = [np.arange(S), np.arange(S) + 37]  # batch 2, each row at its own positio
 FAR = [np.arange(S) + 70000, [3, 9, 4000, 1, 0]]  # past every probe and any fixed table
 
 
+SAME = [[0] * S, [2] * S]  # fewer distinct positions than tokens (the kernel still wants S rows)
+
+
 @pytest.mark.parametrize("case", [{}, {"interleaved": True}, {"scale": 0.7}, {"interleaved": True, "scale": 1.3}])
-@pytest.mark.parametrize("positions", [ROWS, FAR], ids=["rows", "far"])
+@pytest.mark.parametrize("positions", [ROWS, FAR, SAME], ids=["rows", "far", "same"])
 def test_rotary_fuses_and_matches(rng, case, positions):
     model, result = fuse(_rope(**case), _feeds(rng, positions), target="ort-cpu", family="ort", explain=True)
     counts = op_counts(model)
