@@ -192,3 +192,45 @@ def test_exports_fuse_every_layer_and_match(exports, name):
             if key.startswith("present"):
                 np.testing.assert_allclose(b[key].transpose(0, 2, 1, 3)[mask > 0],
                                            a[key].transpose(0, 2, 1, 3)[mask > 0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama_cache", "llama_cache_dynamo"])
+def test_every_decoder_layer_fuses_at_o3_on_ort_cpu(exports, name, tmp_path):
+    """The issue's bar, as `gcomp optimize -O3 --target ort-cpu --explain-fusion` shows it:
+    on both exporters' cache export, every layer's attention becomes GroupQueryAttention, its
+    Q and K rotations RotaryEmbedding, every RMSNorm SimplifiedLayerNormalization (the skip
+    form is ort-cuda's: slower on ORT's CPU kernel), and nothing is left as a near miss."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "o3.onnx"
+    proc = subprocess.run([sys.executable, "-m", "gcomp", "optimize", str(exports[name]), "-o", str(out), "-O3",
+                           "--target", "ort-cpu", "--explain-fusion", "--json"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["verification"]["status"] == "passed"
+    rules = {}
+    for p in report["passes"]:
+        for rule, row in ((p.get("details") or {}).get("rules") or {}).items():
+            rules.setdefault(rule, []).append(row)
+    fired = {rule: sum(r["fired"] for r in rows) for rule, rows in rules.items()}
+    layers = 2
+    assert fired["ort-group-query-attention"] == layers
+    assert fired["ort-rotary"] == 2 * layers
+    assert fired["ort-simplified-layer-norm"] == 2 * layers + 1
+    misses = [m for rule in ("ort-group-query-attention", "ort-rotary", "ort-simplified-layer-norm")
+              for r in rules[rule] for m in r.get("near_misses", [])]
+    assert not misses, misses
+    ops = op_counts(onnx_model(out))
+    assert ops[GQA] == layers and ops["com.microsoft::RotaryEmbedding"] == 2 * layers
+    assert ops["SimplifiedLayerNormalization"] == 2 * layers + 1
+    assert not {"Softmax", "ReduceMean", "Neg"} & set(ops)
+
+
+def onnx_model(path):
+    from gcomp.io import load
+
+    return load(path)
