@@ -28,16 +28,16 @@ small and large positions disagree), a layout that is not the rotation's, C or S
 read another graph input, and partial rotary (C narrower than x) are refused, with the
 reason in ``--explain-fusion``.
 
-**The caches are computed in the graph, once per run, for every position the run has**
-(rows 0..max(p), at least S of them as ONNX Runtime's kernels require; shared by all layers):
-``Cos(Cast(Range(0, max(p) + 1)) * w) * a``, the same
-fp32 arithmetic as the export's. Not a fixed table: past its end ONNX Runtime's CPU kernel
-fails ("position_ids value ... is out of range"), but its CUDA kernel cannot report it and
-returns wrong numbers (it passes the input through, or in older releases reads past the
-table), so a fixed table would bound what the fused model accepts. The cost is
-(max(p) + 1) * H/2 cosines and sines per run where the export computed B * S * H of each.
-Negative positions (the export accepts them; transformers never makes them) are outside
-the cache: ONNX Runtime's CPU kernel refuses them.
+**The caches are computed in the graph, once per run, one row per token** (shared by all
+layers): ``Cos(Cast(p) * w) * a`` over the flattened positions, [B * S, H/2], the same fp32
+arithmetic as the export's, read by the index b * S + s in place of ``position_ids``. Not a
+fixed table indexed by position: past its end ONNX Runtime's CPU kernel fails ("position_ids
+value ... is out of range"), but its CUDA kernel cannot report it and returns wrong numbers
+(it passes the input through, or in older releases reads past the table), so a table would
+bound what the fused model accepts; nor rows 0..max(p), whose cost grows with the position
+reached (a decoding step at position 4000 would compute 4001 rows for one token). The cost
+is B * S * H/2 cosines and sines per run, half the export's, whatever the positions
+(negative ones included).
 """
 
 from __future__ import annotations
@@ -393,8 +393,9 @@ def _frequencies(p: np.ndarray, c: np.ndarray, s: np.ndarray, interleaved: bool,
 # ----------------------------------------------------------------------------- rewrite
 
 
-def _caches(run: FusionRun, graph: ir.Graph, f: _Fit) -> tuple[ir.Value, ir.Value]:
-    """cos/sin caches [max(p) + 1, H/2] computed once per run, inserted at the graph's start."""
+def _caches(run: FusionRun, graph: ir.Graph, f: _Fit) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """(index, cos, sin): caches with one row per token of the run, [B * S, H/2], and the
+    positions that read them, index[b, s] = b * S + s; inserted at the graph's start."""
     nodes: list[ir.Node] = []
 
     def add(op: str, inputs, **attrs) -> ir.Value:
@@ -406,13 +407,10 @@ def _caches(run: FusionRun, graph: ir.Graph, f: _Fit) -> tuple[ir.Value, ir.Valu
     def const(array: np.ndarray) -> ir.Value:
         return add("Constant", [], value=ir.tensor(array, name=run.fresh_name("rotary_const")))
 
-    # ONNX Runtime's kernels also want at least S rows (sequence length), whatever the positions.
-    one = const(np.array(1, np.int64))
-    top = add("Add", [add("ReduceMax", [f.position], keepdims=0), one])
-    seq = add("Gather", [add("Shape", [f.position]), one], axis=0)
-    rows = add("Max", [top, seq, one])
-    steps = add("Range", [const(np.array(0, np.int64)), rows, const(np.array(1, np.int64))])
-    column = add("Reshape", [add("Cast", [steps], to=ir.DataType.FLOAT), const(np.array([-1, 1], np.int64))])
+    count = add("Size", [f.position])
+    index = add("Reshape", [add("Range", [const(np.array(0, np.int64)), count, const(np.array(1, np.int64))]),
+                            add("Shape", [f.position])])
+    column = add("Reshape", [add("Cast", [f.position], to=ir.DataType.FLOAT), const(np.array([-1, 1], np.int64))])
     angle = add("Mul", [column, const(f.inv_freq.astype(np.float32))])
     out = []
     for op in ("Cos", "Sin"):
@@ -423,7 +421,7 @@ def _caches(run: FusionRun, graph: ir.Graph, f: _Fit) -> tuple[ir.Value, ir.Valu
             v = add("Cast", [v], to=f.dtype)
         out.append(v)
     graph.insert_before(next(iter(graph)), nodes)
-    return out[0], out[1]
+    return index, out[0], out[1]
 
 
 Emit = Callable[[FusionRun, ir.Value, ir.Value, ir.Value, ir.Value, bool], ir.Node]
@@ -466,7 +464,7 @@ class RotaryRule(GraphRule):
             cache_key = (f.position, f.inv_freq.tobytes(), f.scale, f.dtype)
             if cache_key not in caches:
                 caches[cache_key] = _caches(self.run, graph, f)
-            self._rewrite(graph, site, f.position, *caches[cache_key], f.closure)
+            self._rewrite(graph, site, *caches[cache_key], f.closure)
             fired += 1
         return fired
 

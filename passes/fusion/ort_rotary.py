@@ -8,15 +8,15 @@ f = p * w (or each frequency repeated twice for the GPT-J layout):
     x * C + rotate_half(x) * S  ==  RotaryEmbedding(x, p, cos_cache, sin_cache, interleaved=0)
     x * C + rotate_every_two(x) * S  ==  RotaryEmbedding(..., interleaved=1)
 
-with cos_cache[q, j] = a cos(q w_j), sin_cache alike, computed once per run for q in
-0..max(p) (every position the run has) and shared by every layer. The contrib op takes
-the 4-D [B, N, S, H] tensor as it is; ``ort-group-query-attention`` moves these nodes onto
-the 3-D projections when it fuses the attention around them.
+with the caches computed once per run with one row per token, cos_cache[b * S + s, j] =
+a cos(p[b, s] w_j) (sin alike), read at index b * S + s in place of p, and shared by every
+layer. The contrib op takes the 4-D [B, N, S, H] tensor as it is;
+``ort-group-query-attention`` moves these nodes onto the 3-D projections when it fuses the
+attention around them.
 
-What the fused model accepts: every position from 0 up, as the export does (the cache
-follows the largest one); a negative position (which transformers never makes) fails in
-ONNX Runtime's CPU kernel ("out of range"). position_ids must have x's batch and sequence
-sizes (the export would broadcast a [1, S] row over the batch; the contrib op refuses it).
+What the fused model accepts: every position the export does. position_ids must have x's
+batch and sequence sizes (the export would broadcast a [1, S] row over the batch; the
+contrib op refuses it).
 """
 
 from __future__ import annotations

@@ -123,7 +123,24 @@ def test_rotary_fuses_and_matches(rng, case, positions):
     assert counts["Cos"] == 1 and counts["Sin"] == 1 and "Neg" not in counts, counts  # one cache for both
     node = next(n for n in model.graph if n.op_type == "RotaryEmbedding")
     assert node.attributes["interleaved"].as_int() == int(bool(case.get("interleaved")))
-    assert node.inputs[1].name == "position_ids"
+    _reads_one_row_per_token(node.inputs[1], node.inputs[2])
+
+
+def _reads_one_row_per_token(index, cos):
+    """The caches hold one row per token (computed from position_ids itself), read at
+    b * S + s: no row count that grows with the positions."""
+    assert index.producer().op_type == "Reshape"
+    assert index.producer().inputs[0].producer().op_type == "Range"
+    node, seen = cos.producer(), set()
+    stack = [node]
+    while stack:  # position_ids reaches the cache through Cast, never through ReduceMax
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        stack.extend(v.producer() for v in n.inputs if v is not None)
+    assert "ReduceMax" not in {n.op_type for n in seen}
+    assert any(v is not None and v.name == "position_ids" for n in seen for v in n.inputs)
 
 
 def test_rotary_23_on_ort_at_opset_23(rng):
@@ -132,7 +149,8 @@ def test_rotary_23_on_ort_at_opset_23(rng):
     counts = op_counts(model)
     assert counts["RotaryEmbedding"] == 2 and MS_ROTARY not in counts, counts
     node = next(n for n in model.graph if n.op_type == "RotaryEmbedding")
-    assert node.domain == "" and node.inputs[3].name == "position_ids"
+    assert node.domain == ""
+    _reads_one_row_per_token(node.inputs[3], node.inputs[1])
 
 
 def test_rotary_23_not_for_portable_or_old_opsets(rng):
