@@ -33,7 +33,7 @@ PACKAGE_DIRS = {"gcomp": "gcomp", "passes": "gcomp.passes", "backends": "gcomp.b
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("gcomp.cli", "gcomp.__main__", "gcomp")),  # "gcomp": the package facade only
     ("core", ("gcomp.pipeline", "gcomp.jobs", "gcomp.quantize", "gcomp.quantize_plan", "gcomp.quantize_regions", "gcomp.verify", "gcomp.inputs", "gcomp.runtime", "gcomp.autoselect",
-              "gcomp.profiling", "gcomp.report", "gcomp.distributed")),
+              "gcomp.profiling", "gcomp.report", "gcomp.distributed", "gcomp.decode")),
     ("passes and backends", ("gcomp.passes", "gcomp.backends")),
     ("perf", ("gcomp.perf",)),
     ("base", ("gcomp.registry", "gcomp.io", "gcomp.compat", "gcomp.errors", "gcomp.deps")),

@@ -7,7 +7,8 @@ Tables and summaries go to stdout, progress to stderr.
 The click group lives in :mod:`gcomp.cli.group`; each command module registers its
 commands on it when imported below: :mod:`~gcomp.cli.optimize`, :mod:`~gcomp.cli.inspect`
 (passes, inspect, verify), :mod:`~gcomp.cli.profile` (profile, compile, report) and
-:mod:`~gcomp.cli.distributed` (run, shard) and :mod:`~gcomp.cli.bundle` (bundle).
+:mod:`~gcomp.cli.distributed` (run, shard), :mod:`~gcomp.cli.bundle` (bundle) and
+:mod:`~gcomp.cli.generate` (generate).
 Commands import their heavy modules when they
 run, so ``gcomp --help``, ``gcomp passes`` and ``gcomp inspect`` load no runtime.
 """
@@ -29,6 +30,7 @@ from gcomp.cli import inspect  # noqa: F401  (passes, inspect, verify)
 from gcomp.cli import profile  # noqa: F401  (profile, compile, report)
 from gcomp.cli import distributed  # noqa: F401  (run, shard)
 from gcomp.cli import bundle  # noqa: F401  (bundle)
+from gcomp.cli import generate  # noqa: F401  (generate)
 
 
 class _Stopped(BaseException):

@@ -40,15 +40,21 @@ from gcomp.errors import OptionError
               help="Write the profile: .json, .md or .html (a self-contained page with charts).")
 @click.option("--trace", type=click.Path(path_type=Path), default=None,
               help="Write one profiled run as a Chrome/Perfetto trace (.json).")
+@click.option("--decode", type=click.IntRange(min=2), default=None, metavar="N",
+              help="A decoder LLM: decode N tokens greedily with its KV cache (ONNX Runtime) and report the "
+                   "prefill latency, decode tokens/s, the last decode step's per-op profile and the KV cache's memory.")
+@click.option("--prompt-ids", default=None, metavar="ID,ID,...",
+              help="--decode: the prompt as token ids. [default: 16 seeded ids from the vocabulary]")
 @verbosity_options
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON on stdout (implies --quiet).")
 def profile(model, backend, device, iters, warmup, optimization, threads, inputs, input_shapes, max_tensor_bytes,
             verify_timeout, top, report, as_json, trace=None, quiet=False, verbose=False, provider=None,
-            provider_option=()):
+            provider_option=(), decode=None, prompt_ids=None):
     """Measure MODEL's latency and per-op times on a backend.
 
     Each op row gets its FLOPs, bytes moved, achieved GFLOP/s and GB/s, and whether it is
-    compute- or memory-bound on this machine's roofline.
+    compute- or memory-bound on this machine's roofline. With --decode N, MODEL is a
+    decoder LLM: the profile is of its decode steps (see gcomp generate).
     """
     from gcomp import io
     from gcomp import report as reports
@@ -68,6 +74,11 @@ def profile(model, backend, device, iters, warmup, optimization, threads, inputs
     if trace is not None:
         reports.check_report_path(trace, option="--trace", formats=(".json",))
     m = io.load(model)
+    if decode is not None or prompt_ids is not None:
+        return _profile_decode(model, m, decode, prompt_ids, backend=backend, provider=provider or device,
+                               options=options, optimization=optimization, threads=threads, iters=iters,
+                               warmup=warmup, top=top, report=report, trace=trace, as_json=as_json, say=say,
+                               given=inputs is not None or bool(input_shapes))
     given = load_inputs(inputs, m) if inputs else None
     feeds, notes = generate_inputs(m, shapes=parse_input_shapes(input_shapes), given=given, max_bytes=max_tensor_bytes)
     with say.progress(f"compiling for {backend}/{device}") as status:
@@ -105,6 +116,60 @@ def profile(model, backend, device, iters, warmup, optimization, threads, inputs
     if written:
         stderr().print("wrote " + " and ".join(str(p) for p in written))
     say.done()
+
+
+def _profile_decode(model, m, decode, prompt_ids, *, backend, provider, options, optimization, threads, iters,
+                    warmup, top, report, trace, as_json, say, given) -> None:
+    """``profile --decode N``: the decode figures, then the last decode step's profile."""
+    from gcomp import decode as decoding
+    from gcomp.cli.generate import parse_token_ids
+    from gcomp.profiling import print_profile, write_outputs
+
+    if decode is None:
+        raise OptionError("--prompt-ids is for --decode N")
+    if backend != "ort":
+        raise OptionError(f"--decode runs on ONNX Runtime: use --backend ort, not {backend}")
+    if given:
+        raise OptionError("--decode makes its own inputs (a prompt, then one token per step): "
+                          "--inputs and --input-shape do not apply")
+    layout = decoding.layout_of(m)
+    prompt = parse_token_ids(prompt_ids) if prompt_ids is not None else decoding.default_prompt(layout, decode)
+    with say.progress(f"decoding on ort/{provider}") as status:
+        prof, gen = decoding.profile_decode(model, m, prompt, decode, target=provider, optimization=optimization,
+                                            threads=threads or None, provider_options=options, iters=iters,
+                                            warmup=warmup, status=status)
+    doc = {**prof.to_dict(), "decode": gen.to_dict()}
+    written = write_outputs(doc, report=report, trace=trace)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    if say.quiet:
+        if not written:
+            click.echo(f"{model}: {_decode_line(doc['decode'])}")
+        return
+    out = stdout()
+    for note in gen.notes:
+        out.print(f"note: {note}", markup=False, soft_wrap=True)
+    step = (f"1 token after {gen.cache_length - 1} cached" if gen.cache_length is not None
+            else f"the whole {len(prompt) + decode - 1} tokens again, no cache")
+    print_profile(prof, title=f"{model}: the last decode step ({step}) on ort/{provider} ({optimization} "
+                              "optimizations)", top=top, console=out)
+    out.print(_decode_line(doc["decode"]), markup=False, soft_wrap=True)
+    if written:
+        stderr().print("wrote " + " and ".join(str(p) for p in written))
+    say.done()
+
+
+def _decode_line(d: dict) -> str:
+    """prefill, decode rate and KV-cache memory in one line."""
+    from gcomp.report.units import human_bytes
+
+    kv = d["kv_cache"]
+    cache = (f"KV cache {human_bytes(kv['bytes'])} at {kv['positions']} positions "
+             f"({human_bytes(kv['bytes_per_token'])} per token)" if kv else "no KV cache")
+    return (f"decode: prefill {d['prefill_ms']:.2f} ms ({d['prompt_tokens']} tokens); {d['new_tokens']} new tokens, "
+            f"{d['decode_tokens_per_s']:.1f} tokens/s (median of {d['decode_steps']} step{'s' * (d['decode_steps'] != 1)}); "
+            f"{cache}")
 
 
 @cli.command("compile", context_settings=CONTEXT)

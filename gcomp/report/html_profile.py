@@ -92,8 +92,24 @@ def _summary_cards(doc: dict[str, Any], op_total: float) -> list[tuple[str, str,
             f"{lat['iterations']} timed runs, {lat['warmup']} warm-up",
         ),
         *_work_cards(doc.get("totals") or {}, doc.get("roofline") or {}),
+        *_decode_cards(doc.get("decode")),
         *_kernel_cards(doc, op_total),
         *_machine_cards(doc),
+    ]
+
+
+def _decode_cards(d: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """``gcomp profile --decode``: prefill, decode rate, KV cache (the latency above is one decode step)."""
+    if not d:
+        return []
+    kv = d.get("kv_cache")
+    return [
+        ("prefill", f"{d['prefill_ms']:.2f} ms", f"the prompt's run, {d['prompt_tokens']} tokens"),
+        ("decode", f"{d['decode_tokens_per_s']:.1f} tokens/s",
+         f"median of {d['decode_steps']} steps; latency and kernels here are the last step's"),
+        ("KV cache", fmt_bytes(kv["bytes"]) if kv else "none",
+         f"at {kv['positions']} positions, {fmt_bytes(kv['bytes_per_token'])} per token" if kv
+         else "no past inputs: each step runs the whole sequence"),
     ]
 
 

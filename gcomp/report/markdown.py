@@ -240,6 +240,7 @@ def _profile_md(doc: dict[str, Any], top: int = 20) -> str:
         [[f"{lat['mean_ms']:.3f}", f"{lat['p50_ms']:.3f}", f"{lat['p90_ms']:.3f}", f"{lat['p99_ms']:.3f}",
           f"{lat['min_ms']:.3f}", f"{lat['stdev_ms']:.3f}", lat["iterations"], f"{lat['throughput_per_s']:.1f}"]],
     ))
+    out += _decode_md(doc.get("decode"))
     totals, roof = doc.get("totals") or {}, doc.get("roofline") or {}
     if totals.get("graph_flops"):
         gf = totals.get("achieved_gflops_per_s")
@@ -254,6 +255,20 @@ def _profile_md(doc: dict[str, Any], top: int = 20) -> str:
     if doc["ops"]:
         out += _ops_md(doc["ops"], top)
     return "\n".join(out)
+
+
+def _decode_md(d: dict[str, Any] | None) -> list[str]:
+    """``gcomp profile --decode``: the latency above and the kernels below are the last decode step's."""
+    if not d:
+        return []
+    kv = d.get("kv_cache")
+    cache = (f"{human_bytes(kv['bytes'])} at {kv['positions']} positions ({human_bytes(kv['bytes_per_token'])} "
+             "per token)" if kv else "none (no past inputs: each step runs the whole sequence)")
+    return ["\n## Decoding\n", _table(
+        ["prompt tokens", "prefill ms", "new tokens", "decode tokens/s", "step p50 ms", "KV cache"],
+        [[d["prompt_tokens"], f"{d['prefill_ms']:.3f}", d["new_tokens"], f"{d['decode_tokens_per_s']:.1f}",
+          f"{d['decode_step_p50_ms']:.3f}", cache]]),
+        "\nThe latency above and the kernels below are those of the last decode step (one token).\n"]
 
 
 def _memory_md(memory: dict[str, Any]) -> list[str]:
