@@ -201,8 +201,8 @@ def _bind_side_input(layout: DecodeLayout, v: ir.Value) -> None:
     elif v.dtype in _INTS and "position" in name and layout.positions is None:
         layout.positions, layout.positions_dtype = v.name, v.dtype.numpy()
     else:
-        kind = "looks like a KV cache, but its name" if re.search("past|cache", name) else "is not one"
-        raise GcompError(f"input {v.name} {kind} is not one gcomp generate feeds (a token input, "
+        kind = "looks like a KV cache, but its name is not one" if re.search("past|cache", name) else "is not an input"
+        raise GcompError(f"input {v.name} {kind} gcomp generate feeds (a token input, "
                          f"attention_mask, position_ids, or {_LOOKED_FOR})")
 
 
