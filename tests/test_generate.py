@@ -69,6 +69,10 @@ def test_generate_gives_the_reference_greedy_tokens(llama, which):
     assert r.returncode == 0, r.stderr
     assert r.stdout == ",".join(map(str, llama["expected"])) + "\n"
     assert "prefill" in r.stderr and f"median of {NEW - 1} steps" in r.stderr, r.stderr
+    if which == "path":  # -q: the answer alone
+        quiet = gcomp("generate", llama[which], "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", 2, "-q")
+        expected = ",".join(map(str, llama["expected"][:2])) + "\n"
+        assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, expected, "")
 
 
 def test_generate_api_reads_the_cache_layout(llama):
@@ -111,6 +115,7 @@ def test_prompt_longer_than_the_metadata_allows(llama, tmp_path):
     assert r.returncode == 0 and len(r.stdout.strip().split(",")) == 3, r.stderr
 
 
+@pytest.mark.slow
 def test_profile_decode_reports_prefill_rate_ops_and_cache(llama, tmp_path):
     """One profile: the console summary, the JSON report (schema, decode figures, the last
     decode step's kernels) and its markdown."""
