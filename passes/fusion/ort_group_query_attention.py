@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from gcomp.passes.fusion._attention import heads as heads_of
 from gcomp.passes.fusion._engine import FusionRun, GraphRule, fusion
 
 MS = "com.microsoft"
@@ -286,9 +287,9 @@ class GroupQueryAttention(GraphRule):
         wide = _dim(expand.outputs[0], 2)
         if isinstance(wide, int) and wide != group:
             raise _Refused("the KV head repeat's Expand does not widen axis 2 by the group size")
-        for a in (0, 2, 3):  # batch, length, head size unchanged
+        for a in (0, 2, 3):  # batch, length, head size unchanged (where both are known)
             d_in, d_out = _dim(x, a), _dim(rep, a)
-            if d_in is None or d_in != d_out:
+            if d_in is not None and d_out is not None and d_in != d_out:
                 raise _Refused("the KV head repeat changes a dim other than the heads")
         for v in (unsq.outputs[0], expand.outputs[0]):
             _only_use(v, "the KV head repeat")
@@ -325,14 +326,13 @@ class GroupQueryAttention(GraphRule):
             raise _Refused(f"the {what} heads are neither a [B, S, heads, D] split + Transpose(perm [0, 2, 1, 3]) "
                            "nor a rank-4 tensor of static heads and size")
         src = split.inputs[0]
-        heads, size = _dim(split.outputs[0], 2), _dim(split.outputs[0], 3)
         hidden = _dim(src, -1)
-        if not isinstance(size, int) and isinstance(heads, int) and isinstance(hidden, int):
-            size = hidden // heads
-        if not isinstance(heads, int) and isinstance(size, int) and isinstance(hidden, int):
-            heads = hidden // size
+        # From the split's inferred shape, else its constant target (exporters' [0, 0, H, D] forms).
+        split_dims = heads_of(self.run, split.outputs[0], hidden) or (None, None)
+        heads, size = split_dims
+        batch_src, batch_x = _dim(src, 0), _dim(x4, 0)
         if (not isinstance(heads, int) or not isinstance(size, int) or src.shape is None or src.shape.rank() != 3
-                or hidden != heads * size or _dim(src, 0) is None or _dim(src, 0) != _dim(x4, 0)):
+                or hidden != heads * size or (batch_src is not None and batch_x is not None and batch_src != batch_x)):
             raise _Refused(f"the {what} split is not [B, S, heads, D] of a [B, S, heads * D] projection")
         return _Heads(src, heads, size, rotary)
 

@@ -234,3 +234,27 @@ def onnx_model(path):
     from gcomp.io import load
 
     return load(path)
+
+
+@pytest.mark.slow
+def test_at_opset_23_the_decoder_fuses_with_the_standard_norm(exports):
+    """-O3 --target ort-cpu --target-opset 23: RMSNormalization-23 for the norms, and the
+    same GroupQueryAttention with its rotations moved onto the projections; equal to the
+    export on a padded decode step."""
+    import gcomp
+
+    path = exports["llama_cache"]
+    result = gcomp.optimize(str(path), "O3", target="ort-cpu", target_opset=23)
+    assert result.verification.passed, result.verification.summary()
+    ops = op_counts(result.model)
+    rotations = ops["RotaryEmbedding"] + ops["com.microsoft::RotaryEmbedding"]
+    assert ops[GQA] == 2 and rotations == 4 and ops["RMSNormalization"] == 5, ops
+    rotary = [n for n in result.model.graph if n.op_type == "RotaryEmbedding"]
+    assert all(n.inputs[0].shape is None or n.inputs[0].shape.rank() == 3 for n in rotary)
+    assert all(n.attributes["num_heads"].as_int() in (4, 2) for n in rotary)
+    fused = ir_proto(result.model)
+    original = onnx.load(path)
+    names = [i.name for i in original.graph.input]
+    feeds, mask = _decoder_feeds(names, np.random.default_rng(3), 2, 1, 7, 2)
+    a, b = ort_run(original, feeds), ort_run(fused, feeds)
+    np.testing.assert_allclose(b["logits"], a["logits"], rtol=1e-4, atol=1e-4)
