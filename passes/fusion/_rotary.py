@@ -460,6 +460,10 @@ class RotaryRule(GraphRule):
             except _Refused as e:
                 self.misses.append(f"at {node.name or node.outputs[0].name}: {e}")
                 continue
+            except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+                # A malformed rotation (missing inputs, odd attributes): not this fusion's to fix.
+                self.misses.append(f"at {node.name or node.outputs[0].name}: not read ({type(e).__name__}: {e})")
+                continue
             f = fits[key]
             cache_key = (f.position, f.inv_freq.tobytes(), f.scale, f.dtype)
             if cache_key not in caches:

@@ -139,6 +139,10 @@ class GroupQueryAttention(GraphRule):
             except _Refused as e:
                 self.misses.append(f"at {node.name or node.outputs[0].name}: {e}")
                 continue
+            except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+                # A malformed block (missing inputs, odd attributes): not this fusion's to fix.
+                self.misses.append(f"at {node.name or node.outputs[0].name}: not read ({type(e).__name__}: {e})")
+                continue
             _rewrite(self.run, model, site, shared)
             fired += 1
         if fired:
