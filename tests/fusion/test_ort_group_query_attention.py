@@ -175,6 +175,8 @@ def test_exports_fuse_every_layer_and_match(exports, name):
     model = result.model
     assert op_counts(model)[GQA] == 2  # both layers
     assert op_counts(model)["Softmax"] == 0
+    # Q/K/V packed into one projection per layer: 1 + o_proj + gate, up, down per layer, + the LM head
+    assert op_counts(model)["MatMul"] == 5 * 2 + 1 and op_counts(model)["Split"] == 2
     fused = ir_proto(model)
     original = onnx.load(path)
     names = [i.name for i in original.graph.input]
