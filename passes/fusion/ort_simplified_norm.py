@@ -47,6 +47,15 @@ from gcomp.passes.opsets import model_opset
 STANDARD_FROM = 23
 
 
+def _centred(x) -> bool:
+    """``x`` is ``y - ReduceMean(y)`` (either operand order of the mean's reader)."""
+    sub = x.producer()
+    if sub is None or sub.op_type != "Sub" or sub.domain not in ("", "ai.onnx") or len(sub.inputs) != 2:
+        return False
+    mean = sub.inputs[1].producer() if sub.inputs[1] is not None else None
+    return mean is not None and mean.op_type == "ReduceMean" and mean.inputs[0] is sub.inputs[0]
+
+
 class SimplifiedLayerNorm(RmsNormFusion):
     """``RmsNormFusion``'s match, emitting ORT's ``SimplifiedLayerNormalization``."""
 
@@ -54,6 +63,11 @@ class SimplifiedLayerNorm(RmsNormFusion):
         if model_opset(context.model) >= STANDARD_FROM:
             return pattern.MatchResult().fail(
                 f"opset >= {STANDARD_FROM}: left to rms-norm (RMSNormalization, the same ORT kernel)", ms)
+        if _centred(x):
+            # O3 runs the target's fusions before the portable ones in each round: without
+            # this, a decomposed LayerNorm's tail would become this op and LayerNormalization
+            # (and SkipLayerNormalization after it) would never fire.
+            return pattern.MatchResult().fail("x - mean(x): a LayerNorm's tail, left to the layer-norm fusions", x)
         return super().check(context, x, eps, ms, gamma)
 
     def emit(self, op, x, gamma, *, axis: int, eps: float):

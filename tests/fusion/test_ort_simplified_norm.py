@@ -196,3 +196,26 @@ def test_every_llama_norm_fuses(llama_exports, dynamo, target, plain, skip):
     assert (counts[SLN], counts["SkipSimplifiedLayerNormalization"]) == (plain, skip), counts
     assert "ReduceMean" not in counts and "Pow" not in counts, counts
     assert_same_outputs(onnx.load(path), result.model, _decoder_feeds(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_layer_norms_tail_is_left_to_the_layer_norm_fusions():
+    """(x - mean(x)) / sqrt(mean((x - mean)^2) + eps) * g is a LayerNorm, whose tail is an RMS
+    norm of x - mean: O3 runs the target's fusions first, and taking the tail here left
+    LayerNormalization (and SkipLayerNormalization on ort-cuda) unfused."""
+    inits = [tensor("two", np.array(2, np.float32)), tensor("eps", np.array(1e-5, np.float32)),
+             tensor("g", np.linspace(0.5, 1.5, 16).astype(np.float32))]
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mu"], axes=[-1]), helper.make_node("Sub", ["x", "mu"], ["d"]),
+             helper.make_node("Pow", ["d", "two"], ["d2"]), helper.make_node("ReduceMean", ["d2"], ["var"], axes=[-1]),
+             helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
+             helper.make_node("Div", ["d", "sd"], ["n"]), helper.make_node("Mul", ["n", "g"], ["y"])]
+    proto = make_model(nodes, [vinfo("x", onnx.TensorProto.FLOAT, SHAPE)], [vinfo("y", onnx.TensorProto.FLOAT, SHAPE)],
+                       inits)
+    feeds = {"x": np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)}
+    model, result = fuse(proto, feeds, target="ort-cpu", family="ort", explain=True)
+    assert SLN not in op_counts(model)
+    misses = result.details["rules"]["ort-simplified-layer-norm"].get("near_misses", [])
+    assert any("LayerNorm's tail" in m for m in misses), misses
+    import gcomp
+
+    fused = gcomp.optimize(proto.SerializeToString(), "O3", target="ort-cpu")
+    assert fused.after.op_types.get("LayerNormalization") == 1 and SLN not in fused.after.op_types
