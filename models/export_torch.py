@@ -2,7 +2,7 @@
 
 Usage::
 
-    python models/export_torch.py {bert,gpt2,resnet,vit,mobilenetv2} [...] -o DIR [--dynamo]
+    python models/export_torch.py {bert,bert_base,gpt2,resnet,resnet18,vit,mobilenetv2} [...] -o DIR [--dynamo]
     python models/export_torch.py {vad,gru_seqlen,rnn_loop,audio_gru,crnn} [...] -o DIR
 
 (the second line: models whose work sits in If/Loop bodies or RNNs, see
@@ -230,17 +230,20 @@ def _image_classifier(
     )
 
 
-def resnet(*, seed: int = 0, batch: int = 2, image_size: int = 224) -> ExportSpec:
+def resnet(*, seed: int = 0, batch: int = 2, image_size: int = 224, **config_overrides: Any) -> ExportSpec:
     torch, transformers = _require_torch()
     torch.manual_seed(seed)
     config = transformers.ResNetConfig(
-        num_channels=3,
-        embedding_size=32,
-        hidden_sizes=[32, 64, 128, 256],
-        depths=[2, 2, 2, 2],
-        layer_type="basic",
-        hidden_act="relu",
-        num_labels=10,
+        **{
+            "num_channels": 3,
+            "embedding_size": 32,
+            "hidden_sizes": [32, 64, 128, 256],
+            "depths": [2, 2, 2, 2],
+            "layer_type": "basic",
+            "hidden_act": "relu",
+            "num_labels": 10,
+            **config_overrides,
+        }
     )
     model = transformers.ResNetForImageClassification(config)
     _perturb_uniform_parameters(torch, model, seed)
@@ -299,10 +302,23 @@ def mobilenetv2(*, seed: int = 0, batch: int = 2, image_size: int = 224) -> Expo
     return _image_classifier(torch, model.eval(), seed=seed, batch=batch, image_size=image_size)
 
 
+def resnet18(**kwargs: Any) -> ExportSpec:
+    """ResNet-18 proper: stem 64, stages 64-128-256-512, 1000 classes (11.7M parameters)."""
+    return resnet(**{"embedding_size": 64, "hidden_sizes": [64, 128, 256, 512], "num_labels": 1000, **kwargs})
+
+
+def bert_base(**kwargs: Any) -> ExportSpec:
+    """BERT-base: hidden 768, 12 layers, 12 heads, intermediate 3072, BERT's 30522 tokens."""
+    return bert(**{"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                   "intermediate_size": 3072, **kwargs})
+
+
 EXPORTERS: dict[str, Callable[..., ExportSpec]] = {
     "bert": bert,
+    "bert_base": bert_base,
     "gpt2": gpt2,
     "resnet": resnet,
+    "resnet18": resnet18,
     "vit": vit,
     "mobilenetv2": mobilenetv2,
 }
@@ -332,7 +348,7 @@ def _other_inputs(torch: Any, name: str, seed: int, config: dict | None = None) 
     rows), so an export that traced the mask away would fail the comparison.
     """
     kwargs = {"batch": CHECK_SIZES["batch"]}
-    if name in ("bert", "gpt2"):
+    if name in ("bert", "bert_base", "gpt2"):
         kwargs["seq"] = CHECK_SIZES["seq"]
     spec = EXPORTERS[name](seed=seed, **kwargs, **(config or {}))
     if "attention_mask" in spec.input_names:
