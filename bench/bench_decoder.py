@@ -33,7 +33,9 @@ Variants: ``fp32`` (the export on ONNX Runtime), ``gcomp-O3`` (``gcomp optimize 
 embedding in GatherBlockQuantized, at most 5 % of the calibration sequences' next tokens
 changed (teacher forced); the speed gate times one decoding step), ``gcomp-int4-all`` (the
 same with ``--tolerance 1``: every weight quantized, no accuracy bound, as the builder
-does: the speed peer of ``genai-int4``), ``genai-fp32`` / ``genai-int4`` (ONNX
+does: the speed peer of ``genai-int4``), ``gcomp-O3+rotary`` / ``gcomp-int4-all+rotary``
+(the same with ``--set rotary_in_attention=1``: Q and K rotated inside GroupQueryAttention
+for any batch size, the builder's own contract, exact at batch 1 as here), ``genai-fp32`` / ``genai-int4`` (ONNX
 Runtime GenAI 0.18's model builder, ``-e cpu -p fp32|int4``, from the same weights saved as
 a Hugging Face folder; its graphs use GroupQueryAttention with rotary inside, packed
 MatMulNBits and SkipSimplifiedLayerNormalization). Every variant runs on ONNX Runtime's
@@ -61,6 +63,7 @@ BASE = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num
 CALIBRATION_SAMPLES = 8
 WINDOW = 256  # held-out bytes per accuracy prompt: scored position by position, greedy after the first 64
 TOKEN_BUDGET = 0.05  # gcomp-int4: at most 5 % of the calibration sequences' next tokens may change
+ROTARY_IN = ("--set", "rotary_in_attention=1")
 
 
 def _args(argv=None):
@@ -172,6 +175,12 @@ def _build_variants(folder: Path, path: Path, hf: Path, variants: dict, facts: d
         # Every weight quantized, as GenAI's builder does (no accuracy bound): the speed peer.
         ("gcomp-int4-all", folder / "gcomp_int4_all.onnx",
          lambda o: _gcomp(path, o, *int4, "--metric", "tokens", "--tolerance", "1")),
+        # The same two with Q/K rotated inside GroupQueryAttention for any batch size, the
+        # builder's contract (a left-padded batch's first prompt rotated from row 0's positions).
+        ("gcomp-O3+rotary", folder / "gcomp_o3_rotary.onnx",
+         lambda o: _gcomp(path, o, "-O", "3", *ROTARY_IN)),
+        ("gcomp-int4-all+rotary", folder / "gcomp_int4_all_rotary.onnx",
+         lambda o: _gcomp(path, o, *int4, "--metric", "tokens", "--tolerance", "1", *ROTARY_IN)),
         ("genai-fp32", folder / "genai_fp32", lambda o: _genai(hf, o, "fp32")),
         ("genai-int4", folder / "genai_int4", lambda o: _genai(hf, o, "int4")),
     ):
@@ -183,7 +192,8 @@ def _build_variants(folder: Path, path: Path, hf: Path, variants: dict, facts: d
         variants[label] = {"error": error} if error else str(target)
         facts.setdefault("build_s", {})[label] = round(time.perf_counter() - t0, 1)
     # GenAI last, as built; gcomp's variants in their order before them
-    order = ["fp32", "gcomp-O3", "gcomp-int4", "gcomp-int4-all", "genai-fp32", "genai-int4"]
+    order = ["fp32", "gcomp-O3", "gcomp-O3+rotary", "gcomp-int4", "gcomp-int4-all", "gcomp-int4-all+rotary",
+             "genai-fp32", "genai-int4"]
     ordered = {k: variants[k] for k in order if k in variants}
     variants.clear()
     variants.update(ordered)

@@ -145,13 +145,15 @@ FAMILIES: dict[str, tuple[Fusion, ...]] = {"portable": PORTABLE, "ort": ORT, "tv
 
 
 def fuse_model(model: ir.Model, fusions: Sequence[Fusion], target: Capabilities, *,
-               explain: bool = False, built: BuiltRules | None = None) -> DetailedResult:
+               explain: bool = False, built: BuiltRules | None = None,
+               rotary_in_attention: bool = False) -> DetailedResult:
     """Apply ``fusions`` in order for ``target``: what both fusion passes do with their list.
 
     ``details``: the target, the fusions that fired (name -> count) and, with ``explain``,
     per fusion: fired, why it did not run (``not_run``), near misses, summary.
     """
-    report = run_fusions(model, fusions, target, explain=explain, built=built)
+    report = run_fusions(model, fusions, target, explain=explain, built=built,
+                         rotary_in_attention=rotary_in_attention)
     fired = {k: v for k, v in report.fired.items() if v}
     details: dict[str, Any] = {"target": target.name, "fired": fired}
     if explain:
@@ -169,6 +171,9 @@ def fuse_model(model: ir.Model, fusions: Sequence[Fusion], target: Capabilities,
 
 # The target names are defined once, by gcomp.backends (which a pass does not import).
 _TARGET_HELP = "what the output must run on (a gcomp target: see `gcomp optimize --help`)"
+_ROTARY_HELP = ("ort: rotate Q/K inside GroupQueryAttention (do_rotary=1) for any batch size; exact for batch 1 and "
+                "every step with a cache, not for a first prompt of a batch whose rows' position_ids differ "
+                "(left padding), where ONNX Runtime reads only the first row's (default: only where the batch is 1)")
 
 
 class _FuseBase(ir.passes.InPlacePass):
@@ -181,11 +186,13 @@ class _FuseBase(ir.passes.InPlacePass):
         *,
         target: Annotated[str, _TARGET_HELP] = "portable",
         explain_fusion: Annotated[bool, "record near misses of every rule in the report"] = False,
+        rotary_in_attention: Annotated[bool, _ROTARY_HELP] = False,
         context: PassContext | None = None,
     ) -> None:
         super().__init__()
         self.target = target
         self.explain_fusion = explain_fusion
+        self.rotary_in_attention = rotary_in_attention
         # An unknown target fails here when the context is given (OptionError), else in call().
         self.capabilities = context.target(target) if context is not None else None
         self._built = BuiltRules()  # the rules of this pass's runs (the pipeline re-runs it to a fixed point)
@@ -195,7 +202,8 @@ class _FuseBase(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> DetailedResult:
         target = self.capabilities or PassContext().target(self.target)  # the latter raises: no context
-        return fuse_model(model, self.fusions(target), target, explain=self.explain_fusion, built=self._built)
+        return fuse_model(model, self.fusions(target), target, explain=self.explain_fusion, built=self._built,
+                          rotary_in_attention=self.rotary_in_attention)
 
 
 @register_pass("fuse")

@@ -67,6 +67,9 @@ class FusionRun:
 
     def __init__(self, model: ir.Model, target: Capabilities) -> None:
         self.target = target
+        # Contracts the user accepted beyond the model's own (``--set rotary_in_attention=1``):
+        # a rule that relies on one says so in its docstring.
+        self.rotary_in_attention = False
         self.restart(model)
 
     def restart(self, model: ir.Model) -> None:
@@ -196,15 +199,18 @@ class BuiltRules:
 
 
 def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: Capabilities, *,
-                explain: bool = False, built: BuiltRules | None = None) -> FusionReport:
+                explain: bool = False, built: BuiltRules | None = None,
+                rotary_in_attention: bool = False) -> FusionReport:
     """Apply ``fusions`` in order, round after round, for ``target``; ``built`` keeps the
-    rules for the next run of the same pass."""
+    rules for the next run of the same pass; ``rotary_in_attention``: see
+    :class:`FusionRun`."""
     built = built if built is not None else BuiltRules()
     if built.run is None or built.run.target is not target:
         built.run, built.rules = FusionRun(model, target), {}
     else:
         built.run.restart(model)
     run = built.run
+    run.rotary_in_attention = rotary_in_attention
     opset = model_opset(model)
     report = FusionReport({}, {}, {})
     runnable: list[Fusion] = []

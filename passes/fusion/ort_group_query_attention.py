@@ -18,7 +18,9 @@ causal stays exact). Exporters write the head repeat (``repeat_kv``) as Unsqueez
 Reshape to 3-D, ``Transpose(perm [0, 2, 1])`` and a Reshape back, and the scale as one
 constant after the scores or its square root on each of Q and K^T: all are read here.
 Rotary embeddings fused by ``ort-rotary`` (``RotaryEmbedding`` on the 4-D heads) are moved
-onto the 3-D projection (``num_heads`` set), where the contrib op applies them per head.
+onto the 3-D projection (``num_heads`` set), where the contrib op applies them per head; or,
+where the batch is known to be 1 (or with ``--set rotary_in_attention=1``), into the kernel
+itself (``do_rotary=1``, Q/K/V packed straight in): see :func:`_inner_rotary` for why only there.
 
 M' = max(M, lowest finite value of the dtype): on every row with at least one attended
 key the result is unchanged (exp(lowest - max) is 0 as exp(-inf) is); a row whose every
@@ -390,11 +392,19 @@ def _rewrite(run: FusionRun, model: ir.Model, s: _Site, shared: dict) -> None:
     def const(array: np.ndarray) -> ir.Value:
         return add("Constant", [], value=ir.tensor(array)).outputs[0]
 
-    packed = _pack_projections(run, graph, add, const, (s.q, s.k, s.v), model_opset(model))
-    if packed is not None:
-        s.q, s.k, s.v = (dataclasses.replace(h, source=src) for h, src in zip((s.q, s.k, s.v), packed))
-    q, k = (_projection(add, h) for h in (s.q, s.k))
-    v = s.v.source
+    heads = (s.q, s.k, s.v)
+    packed = _pack_projections(run, graph, add, heads)
+    rotary = _inner_rotary(run, s, model_opset(model))
+    attrs = {}
+    if packed is not None and (rotary is not None or (s.q.rotary is None and s.k.rotary is None)):
+        q, k, v = packed, None, None  # Q/K/V packed straight into the kernel: no Split
+    else:
+        if packed is not None:
+            split = _split(add, const, packed, heads, model_opset(model))
+            s.q, s.k, s.v = (dataclasses.replace(h, source=src) for h, src in zip(heads, split))
+        rotary = None
+        q, k = (_projection(add, h) for h in (s.q, s.k))
+        v = s.v.source
     dtype = s.softmax.inputs[0].dtype.numpy()
     bias = None
     if s.mask is not None:
@@ -404,15 +414,19 @@ def _rewrite(run: FusionRun, model: ir.Model, s: _Site, shared: dict) -> None:
                 "Max", [s.mask, const(np.array(np.finfo(dtype).min, dtype=dtype))]).outputs[0]
     key = _lengths_key(s)
     if key is None or key not in shared:
-        lengths = _lengths(add, const, q, k, s.past_k)
+        lengths = _lengths(add, const, q, k if k is not None else q, s.past_k)
         if key is not None:
             shared[key] = lengths
-    seqlens, total32 = shared[key] if key is not None else lengths
-    inputs = [q, k, v, s.past_k, s.past_v, seqlens, total32, None, None, None, bias]
+    seqlens, total32, total = shared[key] if key is not None else lengths
+    cos = sin = position = None
+    if rotary is not None:
+        cos, sin, position = _rotary_inputs(add, const, rotary, total, shared)
+        attrs = {"do_rotary": 1, "rotary_interleaved": rotary.interleaved}
+    inputs = [q, k, v, s.past_k, s.past_v, seqlens, total32, cos, sin, position, bias]
     while inputs[-1] is None:
         inputs.pop()
     gqa = add("GroupQueryAttention", inputs, domain=MS, num_outputs=3, num_heads=s.q.heads,
-              kv_num_heads=s.k.heads, scale=s.scale, causal=0)
+              kv_num_heads=s.k.heads, scale=s.scale, causal=0, **attrs)
     out, present_k, present_v = gqa.outputs
     graph.insert_before(s.anchor, nodes)
     _replace(graph, s.out, out)
@@ -440,10 +454,9 @@ def _linear(run: FusionRun, value: ir.Value) -> tuple[ir.Value, np.ndarray, np.n
     return node.inputs[0], w, bias
 
 
-def _pack_projections(run: FusionRun, graph: ir.Graph, add, const, heads: tuple[_Heads, ...],
-                      opset: int) -> list[ir.Value] | None:
-    """Q, K and V as one MatMul on the concatenated weights (and biases) + Split, when they
-    are projections of one input with constant weights that die with the block.
+def _pack_projections(run: FusionRun, graph: ir.Graph, add, heads: tuple[_Heads, ...]) -> ir.Value | None:
+    """Q, K and V as one MatMul on the concatenated weights (and biases), [B, S, (N + 2 N_kv) D],
+    when they are projections of one input with constant weights that die with the block.
 
     Exact: column block i of x @ [W_q | W_k | W_v] is x @ W_i. Why (bench/LLM.md, 125 M
     Llama, ONNX Runtime's CPU provider, one decoded token): one kernel instead of three per
@@ -452,7 +465,8 @@ def _pack_projections(run: FusionRun, graph: ir.Graph, add, const, heads: tuple[
     ms per token with Q/K/V packed before weight-only quantization (which then makes one
     MatMulNBits of them). Only Q/K/V: packing the MLP's gate and up projections the same
     way made a 64-token prompt's MatMul 3x slower ([64, 768] x [768, 4096] against two
-    [768, 2048], fp32 and int4)."""
+    [768, 2048], fp32 and int4). The kernel takes the packed tensor as its query (key and
+    value absent) unless Q and K are rotated outside it: then :func:`_split` cuts it."""
     if not all(h.merged for h in heads):
         return None
     parts = [_linear(run, h.source) for h in heads]
@@ -471,13 +485,88 @@ def _pack_projections(run: FusionRun, graph: ir.Graph, add, const, heads: tuple[
         bias = np.concatenate([p[2] if p[2] is not None else np.zeros(w, parts[0][1].dtype)
                                for p, w in zip(parts, widths)])
         y = add("Add", [y, _initializer(run, graph, bias, "qkv_packed_bias")]).outputs[0]
+    src = heads[0].source
+    y.dtype = src.dtype
+    if src.shape is not None and src.shape.rank() == 3:
+        y.shape = ir.Shape([src.shape[0], src.shape[1], sum(widths)])
+    return y
+
+
+def _split(add, const, packed: ir.Value, heads: tuple[_Heads, ...], opset: int) -> list[ir.Value]:
+    """The Q, K and V projections cut back out of the packed one."""
+    widths = [h.heads * h.size for h in heads]
     if opset >= 13:
-        split = add("Split", [y, const(np.array(widths, np.int64))], num_outputs=3, axis=-1)
+        split = add("Split", [packed, const(np.array(widths, np.int64))], num_outputs=3, axis=-1)
     else:
-        split = add("Split", [y], num_outputs=3, axis=-1, split=widths)
+        split = add("Split", [packed], num_outputs=3, axis=-1, split=widths)
     for out, h in zip(split.outputs, heads):
         out.dtype, out.shape = h.source.dtype, h.source.shape
     return list(split.outputs)
+
+
+@dataclass
+class _InnerRotary:
+    """The rotation ``ort-rotary`` made for Q and K, for the kernel's own (``do_rotary=1``)."""
+
+    position: ir.Value  # [B, S] row indices into the caches
+    cos: ir.Value  # [rows, D / 2]
+    sin: ir.Value
+    interleaved: int
+
+
+def _inner_rotary(run: FusionRun, s: _Site, opset: int) -> _InnerRotary | None:
+    """Q's and K's RotaryEmbedding as the kernel's ``do_rotary=1``, where that is exact or the
+    user accepted its contract (``rotary_in_attention``); else None (they stay outside).
+
+    The kernel rotates the packed Q and K itself from ``cos_cache``/``sin_cache`` rows chosen
+    by ``position_ids``, one row per token at every step with a cache, but at a first
+    prompt (no cache, more than one token) from row ``position_ids[0, 0] + s`` for every
+    batch row b (ONNX Runtime's GroupQueryAttention, CPU and CUDA). ``ort-rotary``'s caches
+    hold one row per token (row b * S + s), so the two agree whenever the batch is 1, and
+    for larger batches only when every row's positions equal the first's: a left-padded
+    batch's first prompt would rotate its keys at the wrong positions (measured: cached
+    keys off by up to 2.97 on a tiny Llama), and every later token reads them. Hence only
+    where the batch is known to be 1, or with ``--set rotary_in_attention=1``.
+
+    Why fold it at all (bench/LLM.md, 125 M Llama at int4 on ONNX Runtime's CPU provider):
+    the 24 RotaryEmbedding and 12 Split nodes cost 0.2 ms of a 2.7 ms decoding step."""
+    rq, rk = s.q.rotary, s.k.rotary
+    if rq is None or rk is None or not s.q.merged or not s.k.merged or opset < 11:  # Pad's pads as an input
+        return None
+    if not (run.rotary_in_attention or _dim(s.q.source, 0) == 1):
+        return None
+    if any(r.domain != MS or r.op_type != "RotaryEmbedding" or len(r.inputs) != 4 for r in (rq, rk)):
+        return None
+    if list(rq.inputs[1:]) != list(rk.inputs[1:]):
+        return None
+    attrs = [{k: v.value for k, v in r.attributes.items()} for r in (rq, rk)]
+    interleaved = {int(a.get("interleaved", 0)) for a in attrs}
+    if len(interleaved) != 1 or any(set(a) - {"interleaved", "num_heads", "rotary_embedding_dim", "scale"}
+                                    for a in attrs):
+        return None
+    if any(a.get("rotary_embedding_dim", 0) != 0 or float(a.get("scale", 1.0)) != 1.0 for a in attrs):
+        return None
+    position, cos, sin = rq.inputs[1:]
+    # The kernel, like RotaryEmbedding, rotates the first 2 * cos_cache.shape[1] channels of a head.
+    if any(c.shape is not None and c.shape.rank() != 2 for c in (cos, sin)):
+        return None  # a cache of another layout (per batch row)
+    if position.shape is not None and position.shape.rank() != 2:
+        return None
+    return _InnerRotary(position, cos, sin, interleaved.pop())
+
+
+def _rotary_inputs(add, const, rotary: _InnerRotary, total: ir.Value, shared: dict) -> tuple[ir.Value, ...]:
+    """(cos_cache, sin_cache, position_ids) for the kernel: the per-token caches followed by
+    ``total`` rows of zeros, never read (ONNX Runtime requires at least
+    total_sequence_length rows; the per-token caches have B * S)."""
+    key = ("rotary", rotary.cos, rotary.sin, total)
+    if key not in shared:
+        pads = add("Concat", [const(np.array([0, 0], np.int64)),
+                              add("Reshape", [total, const(np.array([1], np.int64))]).outputs[0],
+                              const(np.array([0], np.int64))], axis=0).outputs[0]
+        shared[key] = tuple(add("Pad", [c, pads]).outputs[0] for c in (rotary.cos, rotary.sin))
+    cos, sin = shared[key]
+    return cos, sin, rotary.position
 
 
 def _initializer(run: FusionRun, graph: ir.Graph, array: np.ndarray, base: str) -> ir.Value:
@@ -498,8 +587,9 @@ def _lengths_key(s: _Site) -> tuple | None:
     return ("lengths", s.mask, *dims)
 
 
-def _lengths(add, const, q: ir.Value, k: ir.Value, past: ir.Value | None) -> tuple[ir.Value, ir.Value]:
-    """(seqlens_k = total - 1 for every row [B] int32, total_sequence_length P + S int32 scalar)."""
+def _lengths(add, const, q: ir.Value, k: ir.Value, past: ir.Value | None) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """(seqlens_k = total - 1 for every row [B] int32, total_sequence_length P + S int32 scalar,
+    the same int64)."""
     def dim(value, axis, shape):
         return add("Gather", [add("Shape", [value]).outputs[0], const(np.array(axis, np.int64) if not shape
                                                                        else np.array([axis], np.int64))],
@@ -510,7 +600,7 @@ def _lengths(add, const, q: ir.Value, k: ir.Value, past: ir.Value | None) -> tup
         total = add("Add", [dim(past, 2, False), total]).outputs[0]
     total32 = add("Cast", [total], to=ir.DataType.INT32).outputs[0]
     last = add("Sub", [total32, const(np.array(1, np.int32))]).outputs[0]
-    return add("Expand", [last, dim(q, 0, True)]).outputs[0], total32
+    return add("Expand", [last, dim(q, 0, True)]).outputs[0], total32, total
 
 
 def _projection(add, heads: _Heads) -> ir.Value:

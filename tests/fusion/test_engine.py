@@ -50,5 +50,5 @@ def test_fresh_names_avoid_every_name_of_the_model_and_start_over_per_run():
 
 
 def test_context_is_not_an_option():
-    assert [o.name for o in get_pass("fuse").options] == ["target", "explain_fusion"]
-    assert [o.name for o in get_pass("fuse-target").options] == ["target", "explain_fusion"]
+    for name in ("fuse", "fuse-target"):
+        assert [o.name for o in get_pass(name).options] == ["target", "explain_fusion", "rotary_in_attention"]

@@ -260,3 +260,70 @@ def test_at_opset_23_the_decoder_fuses_with_the_standard_norm(exports):
     feeds, mask = _decoder_feeds(names, np.random.default_rng(3), 2, 1, 7, 2)
     a, b = ort_run(original, feeds), ort_run(fused, feeds)
     np.testing.assert_allclose(b["logits"], a["logits"], rtol=1e-4, atol=1e-4)
+
+
+def _batch_one(path, out):
+    """The export with its batch dim fixed to 1 on every input and output."""
+    proto = onnx.load(path)
+    batch = proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    for v in list(proto.graph.input) + list(proto.graph.output):
+        dim = v.type.tensor_type.shape.dim[0]
+        if dim.dim_param == batch:
+            dim.dim_value = 1
+    onnx.save(proto, out)
+    return out
+
+
+def _rotary_inside(model):
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    ops = op_counts(model)
+    inside = [n.attributes.get("do_rotary") for n in gqa]
+    return (len(gqa) == 2 and all(a is not None and a.as_int() == 1 for a in inside)
+            and not ops["com.microsoft::RotaryEmbedding"] and not ops["Split"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama_cache", "llama_cache_dynamo"])
+def test_rotary_moves_inside_attention_where_the_batch_is_one_or_asked(exports, name, tmp_path):
+    """Q and K rotated by GroupQueryAttention itself (do_rotary=1, the packed Q/K/V straight
+    in: no RotaryEmbedding, no Split) where that is exact, i.e. the batch is known to be 1,
+    or everywhere with rotary_in_attention. ONNX Runtime rotates a first prompt's every row
+    from row 0's positions: the default keeps that case exact, the option documents it."""
+    import gcomp
+
+    path = exports[name]
+    original = onnx.load(path)
+    names = [i.name for i in original.graph.input]
+    assert not _rotary_inside(gcomp.optimize(str(path), "O3", target="ort-cpu", verify=False).model)
+
+    one = _batch_one(path, tmp_path / "batch1.onnx")
+    result = gcomp.optimize(str(one), "O3", target="ort-cpu")
+    assert result.verification.passed, result.verification.summary()
+    assert _rotary_inside(result.model), op_counts(result.model)
+    fused, reference = ir_proto(result.model), onnx.load(one)
+    rng = np.random.default_rng(11)
+    for seq, past in ((5, 0), (1, 6), (3, 4)):  # a prompt, a decode step, a prompt after a cache
+        feeds, _ = _decoder_feeds(names, rng, 1, seq, past, 0)
+        a, b = ort_run(reference, feeds), ort_run(fused, feeds)
+        for key in a:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-4, err_msg=f"{key} at {seq}/{past}")
+
+    result = gcomp.optimize(str(path), "O3", target="ort-cpu", rotary_in_attention=True)
+    assert result.verification.passed, result.verification.summary()
+    assert _rotary_inside(result.model), op_counts(result.model)
+    fused = ir_proto(result.model)
+    for batch, seq, past, pad in ((2, 1, 7, 2), (2, 4, 0, 0), (1, 3, 5, 0)):
+        feeds, mask = _decoder_feeds(names, rng, batch, seq, past, pad)
+        a, b = ort_run(original, feeds), ort_run(fused, feeds)
+        valid = mask[:, past:] > 0
+        np.testing.assert_allclose(b["logits"][valid], a["logits"][valid], rtol=1e-4, atol=1e-4)
+        for key in (k for k in a if k.startswith("present")):
+            np.testing.assert_allclose(b[key].transpose(0, 2, 1, 3)[mask > 0],
+                                       a[key].transpose(0, 2, 1, 3)[mask > 0], rtol=1e-4, atol=1e-4)
+    # The option's contract: a left-padded batch's first prompt gets row 0's rotations, so
+    # the padded row's cached keys differ (what the default refuses to risk).
+    feeds, mask = _decoder_feeds(names, rng, 2, 6, 0, 2)
+    a, b = ort_run(original, feeds), ort_run(fused, feeds)
+    key = "present.0.key"
+    off = np.abs(b[key] - a[key]).transpose(0, 2, 1, 3)[mask > 0].max()
+    assert off > 1e-2, "ONNX Runtime now rotates each row of a first prompt by its own positions: widen the default"
