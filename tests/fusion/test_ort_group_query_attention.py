@@ -18,9 +18,10 @@ RULE = "ort-group-query-attention"
 B, S, P, D = 1, 3, 4, 8
 
 
-def _block(*, heads=4, kv_heads=2, cache=True, scale="scores", mask=True, k_transpose="perm"):
-    """One decoder attention block on static shapes: q/k/v projections in, the merged output
-    and (with ``cache``) the present key/value out."""
+def _block(*, heads=4, kv_heads=2, cache=True, scale="scores", mask=True, k_transpose="perm", projections=False):
+    """One decoder attention block on static shapes: q/k/v projections in (``projections``:
+    x in, and q/k/v its MatMuls by constant weights), the merged output and (with ``cache``)
+    the present key/value out."""
     group, t = heads // kv_heads, P + S if cache else S
     c = 1 / np.sqrt(D)
     inits = [tensor("qs", np.array([0, 0, heads, D], np.int64)), tensor("kvs", np.array([0, 0, kv_heads, D], np.int64)),
@@ -32,6 +33,14 @@ def _block(*, heads=4, kv_heads=2, cache=True, scale="scores", mask=True, k_tran
               vinfo("v", shape=(B, S, kv_heads * D))]
     n = helper.make_node
     nodes = []
+    if projections:
+        width = 16
+        inputs = [vinfo("x", shape=(B, S, width))]
+        w = np.random.default_rng(5).standard_normal((width, (heads + 2 * kv_heads) * D)).astype(np.float32) / 4
+        cuts = np.cumsum([0, heads * D, kv_heads * D, kv_heads * D])
+        for i, name in enumerate("qkv"):
+            inits.append(tensor(f"w_{name}", w[:, cuts[i]:cuts[i + 1]]))
+            nodes.append(n("MatMul", ["x", f"w_{name}"], [name]))
     for name, shape in (("q", "qs"), ("k", "kvs"), ("v", "kvs")):
         nodes += [n("Reshape", [name, shape], [f"{name}r"]), n("Transpose", [f"{name}r"], [f"{name}h"], perm=[0, 2, 1, 3])]
     outputs = [vinfo("out", shape=(B, S, heads * D))]
@@ -103,6 +112,19 @@ def test_decoder_block_fuses_and_matches(kv_heads, cache, scale, k_transpose):
     assert list(node.outputs[0].shape) == [B, S, 4 * D]
     if cache:
         assert list(node.outputs[1].shape) == [B, kv_heads, P + S, D]
+
+
+def test_packed_projections_go_straight_into_the_kernel_without_rotary():
+    """Q/K/V projections of one input and no rotary: one packed MatMul feeds the kernel's
+    query (key and value absent), no Split; equal to the block on ORT."""
+    proto = _block(projections=True)
+    model, _ = fuse(proto, _feeds(proto, np.random.default_rng(6)), target="ort-cpu", family="ort",
+                    rtol=1e-5, atol=1e-5)
+    ops = op_counts(model)
+    assert ops[GQA] == 1 and ops["MatMul"] == 1 and not ops["Split"], ops
+    node = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert node.inputs[1] is None and node.inputs[2] is None
+    assert "do_rotary" not in node.attributes
 
 
 def test_refusals_are_explained():
