@@ -5,7 +5,7 @@ the node. Each is exact (bit-identical outputs) under the stated conditions:
 
 - no-ops: ``Cast`` to the input's own type; ``Reshape``/``Expand`` to the input's own
   static shape; ``Transpose`` with the identity permutation; ``Dropout`` in inference
-  (its mask output unused); ``Pad`` whose pads are all zero; ``Slice`` covering every
+  (its mask output unused); ``Pad`` whose pads are all zero; ``Concat`` of one input; ``Slice`` covering every
   element with step 1 (a symbolic dim counts as covered from 0 to an end of at least
   2**62, the exporters' ``INT64_MAX``); ``Squeeze``/``Unsqueeze`` with no axes to change.
 - merges: ``Transpose(Transpose(x, p), q) = Transpose(x, p∘q)``;
@@ -179,6 +179,14 @@ def _expand_same_shape(scope, node, ctx: Context) -> bool:
     if any(t not in (1, d) for t, d in zip(padded, shape)):
         return False
     return _drop(scope, node, x)
+
+
+def _concat_one(scope, node, ctx: Context) -> bool:
+    """Concat of one tensor: a copy of it (TorchScript's cache export writes one on the
+    first layer's past key, copied every decoding step)."""
+    if len(node.inputs) != 1 or node.inputs[0] is None:
+        return False
+    return _drop(scope, node, node.inputs[0])
 
 
 def _transpose_identity(scope, node, ctx: Context) -> bool:
@@ -504,6 +512,7 @@ RULES: dict[str, list[Rule]] = {
     "Cast": [_cast_same_type],
     "Reshape": [_reshape_same_shape, _reshape_reshape],
     "Expand": [_expand_same_shape],
+    "Concat": [_concat_one],
     "Transpose": [_transpose_identity, _transpose_transpose],
     "Dropout": [_dropout_inference],
     "Pad": [_pad_zero],

@@ -38,6 +38,7 @@ CASES = {
     "reshape-same": (helper.make_node("Reshape", ["x", "s"], ["t"], name="n"), [tensor("s", np.array([2, 0, -1], np.int64))]),
     "expand-same": (helper.make_node("Expand", ["x", "s"], ["t"], name="n"), [tensor("s", np.array([3, 1], np.int64))]),
     "transpose-identity": (helper.make_node("Transpose", ["x"], ["t"], perm=[0, 1, 2], name="n"), []),
+    "concat-one": (helper.make_node("Concat", ["x"], ["t"], axis=-2, name="n"), []),
     "dropout-inference": (helper.make_node("Dropout", ["x", "r"], ["t"], name="n"), [tensor("r", np.float32(0.5))]),
     "pad-zero": (helper.make_node("Pad", ["x", "p"], ["t"], name="n"), [tensor("p", np.zeros(6, np.int64))]),
     "slice-all": (
@@ -73,6 +74,7 @@ KEPT = {
     "reshape-changes": (helper.make_node("Reshape", ["x", "s"], ["t"], name="n"), [tensor("s", np.array([6, 4], np.int64))], (6, 4)),
     "slice-part": (helper.make_node("Slice", ["x", "st", "en"], ["t"], name="n"), [tensor("st", np.array([1], np.int64)), tensor("en", np.array([2], np.int64))], (1, 3, 4)),
     "cast-other": (helper.make_node("Cast", ["x"], ["t"], to=TensorProto.DOUBLE, name="n"), [], (2, 3, 4)),
+    "concat-two": (helper.make_node("Concat", ["x", "x"], ["t"], axis=0, name="n"), [], (4, 3, 4)),
 }
 
 
@@ -178,7 +180,7 @@ def test_rewritten_graph_output_keeps_its_name():
 
 
 def test_every_rule_is_exercised():
-    covered = {"Cast", "Reshape", "Expand", "Transpose", "Dropout", "Pad", "Slice", "Squeeze", "Unsqueeze", "Mul", "Div", "Pow", "Add", "Sub", "If"}
+    covered = {"Cast", "Reshape", "Expand", "Concat", "Transpose", "Dropout", "Pad", "Slice", "Squeeze", "Unsqueeze", "Mul", "Div", "Pow", "Add", "Sub", "If"}
     assert set(RULES) == covered
 
 
