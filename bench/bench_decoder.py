@@ -76,6 +76,10 @@ def _args(argv=None):
     p.add_argument("--tokens", type=int, default=32, help="decoded tokens per timed round")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--spin", action="store_true",
+                   help="let ONNX Runtime's intra-op threads spin between runs (its default); off here: with every "
+                        "variant's session in one process, the threads of the one that just ran spin on the cores "
+                        "the next one needs (2 cores: medians 10-20 %% above the minimum, bimodal)")
     p.add_argument("--models", default="trained,base")
     p.add_argument("--json", type=Path)
     p.add_argument("--md", type=Path)
@@ -218,6 +222,7 @@ def measure(manifest: dict, args) -> dict:
     config = types.SimpleNamespace(**manifest["dims"])
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if args.spin else "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sessions = {k: ort.InferenceSession(v, so, providers=["CPUExecutionProvider"])
                 for k, v in manifest["variants"].items() if isinstance(v, str)}
@@ -296,7 +301,8 @@ def markdown(runs: list[dict], machine: dict, argv: list[str]) -> str:
     lines = ["# Decoder LLMs: gcomp against ONNX Runtime GenAI's model builder", "",
              f"`.venv/bin/python bench/bench_decoder.py {' '.join(argv)}`", "",
              f"Machine: {machine['cpu']}, {machine['cores']} cores; onnxruntime {machine['onnxruntime']}, "
-             f"onnxruntime-genai {machine['genai']}; {machine['threads']} intra-op threads. Load average at "
+             f"onnxruntime-genai {machine['genai']}; {machine['threads']} intra-op threads, "
+             f"{'spinning' if machine.get('spin') else 'not spinning'} between runs. Load average at "
              f"start {machine['loadavg_start']}, at end {machine.get('loadavg_end')}.", ""]
     for run in runs:
         f = run["facts"]
@@ -356,7 +362,7 @@ def main(argv=None) -> int:
     except ImportError:
         genai = "not installed"
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "onnxruntime": onnxruntime.__version__, "genai": genai, "threads": args.threads,
+               "onnxruntime": onnxruntime.__version__, "genai": genai, "threads": args.threads, "spin": args.spin,
                "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     runs = []
     for name in args.models.split(","):
@@ -370,7 +376,7 @@ def main(argv=None) -> int:
         manifest.write_text(json.dumps(run))
         proc = subprocess.run([sys.executable, __file__, "--time-manifest", str(manifest), "--threads",
                                str(args.threads), "--rounds", str(args.rounds), "--tokens", str(args.tokens),
-                               "--gen", str(args.gen)], capture_output=True, text=True, timeout=7200)
+                               "--gen", str(args.gen), *(["--spin"] if args.spin else [])], capture_output=True, text=True, timeout=7200)
         if proc.returncode:
             raise SystemExit(f"timing {name} failed: {proc.stderr.strip()[-2000:]}")
         run["result"] = json.loads(proc.stdout.strip().splitlines()[-1])
