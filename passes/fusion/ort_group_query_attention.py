@@ -520,18 +520,26 @@ def _inner_rotary(run: FusionRun, s: _Site, opset: int) -> _InnerRotary | None:
 
     The kernel rotates the packed Q and K itself from ``cos_cache``/``sin_cache`` rows chosen
     by ``position_ids``, one row per token at every step with a cache, but at a first
-    prompt (no cache, more than one token) from row ``position_ids[0, 0] + s`` for every
-    batch row b (ONNX Runtime's GroupQueryAttention, CPU and CUDA). ``ort-rotary``'s caches
-    hold one row per token (row b * S + s), so the two agree whenever the batch is 1, and
+    prompt (an empty or absent cache, any number of tokens) from row ``position_ids[0, 0] + s``
+    for every batch row b (ONNX Runtime's GroupQueryAttention, CPU and CUDA). ``ort-rotary``'s
+    caches hold one row per token (row b * S + s, read through the index
+    ``Reshape(Range(0, Size(p), 1), Shape(p))``, required here: a model's own table read at
+    its own positions would be read at ``p[0, 0] + s``, and past its end from the padding
+    rows), so the two agree whenever the batch is 1, and
     for larger batches only when every row's positions equal the first's: a left-padded
     batch's first prompt would rotate its keys at the wrong positions (measured: cached
     keys off by up to 2.97 on a tiny Llama), and every later token reads them. Hence only
     where the batch is known to be 1, or with ``--set rotary_in_attention=1``.
 
+    The kernel's rotary also needs a head size that is a multiple of 16 (ONNX Runtime: "head_size
+    shall be a multiple of 16"), refused at run time otherwise.
+
     Why fold it at all (bench/LLM.md, 125 M Llama at int4 on ONNX Runtime's CPU provider):
-    the 24 RotaryEmbedding and 12 Split nodes cost 0.2 ms of a 2.7 ms decoding step."""
+    the 24 RotaryEmbedding and 12 Split nodes took 234 µs of kernel time per decoding step."""
     rq, rk = s.q.rotary, s.k.rotary
     if rq is None or rk is None or not s.q.merged or not s.k.merged or opset < 11:  # Pad's pads as an input
+        return None
+    if s.q.size % 16:
         return None
     if not (run.rotary_in_attention or _dim(s.q.source, 0) == 1):
         return None
@@ -550,9 +558,23 @@ def _inner_rotary(run: FusionRun, s: _Site, opset: int) -> _InnerRotary | None:
     # The kernel, like RotaryEmbedding, rotates the first 2 * cos_cache.shape[1] channels of a head.
     if any(c.shape is not None and c.shape.rank() != 2 for c in (cos, sin)):
         return None  # a cache of another layout (per batch row)
-    if position.shape is not None and position.shape.rank() != 2:
+    if (position.shape is not None and position.shape.rank() != 2) or not _per_token_index(run, position):
         return None
     return _InnerRotary(position, cos, sin, interleaved.pop())
+
+
+def _per_token_index(run: FusionRun, index: ir.Value) -> bool:
+    """``index`` = Reshape(Range(0, Size(p), 1), Shape(p)): row b * S + s of per-token caches."""
+    reshape = index.producer()
+    if not _std(reshape, "Reshape") or len(reshape.inputs) != 2:
+        return False
+    rng, shape = (v.producer() for v in reshape.inputs)
+    if not _std(rng, "Range") or not _std(shape, "Shape") or shape.attributes:
+        return False
+    size = rng.inputs[1].producer()
+    if not _std(size, "Size") or size.inputs[0] is not shape.inputs[0]:
+        return False
+    return _ints(run, rng.inputs[0]) == [0] and _ints(run, rng.inputs[2]) == [1]
 
 
 def _rotary_inputs(add, const, rotary: _InnerRotary, total: ir.Value, shared: dict) -> tuple[ir.Value, ...]:

@@ -18,38 +18,49 @@ RULE = "ort-group-query-attention"
 B, S, P, D = 1, 3, 4, 8
 
 
-def _block(*, heads=4, kv_heads=2, cache=True, scale="scores", mask=True, k_transpose="perm", projections=False):
+def _block(*, heads=4, kv_heads=2, cache=True, scale="scores", mask=True, k_transpose="perm", projections=False,
+           d=D, rotary=False):
     """One decoder attention block on static shapes: q/k/v projections in (``projections``:
     x in, and q/k/v its MatMuls by constant weights), the merged output and (with ``cache``)
     the present key/value out."""
     group, t = heads // kv_heads, P + S if cache else S
-    c = 1 / np.sqrt(D)
-    inits = [tensor("qs", np.array([0, 0, heads, D], np.int64)), tensor("kvs", np.array([0, 0, kv_heads, D], np.int64)),
+    c = 1 / np.sqrt(d)
+    inits = [tensor("qs", np.array([0, 0, heads, d], np.int64)), tensor("kvs", np.array([0, 0, kv_heads, d], np.int64)),
              tensor("ax2", np.array([2], np.int64)), tensor("wide", np.array([1, 1, group, 1, 1], np.int64)),
-             tensor("rep", np.array([0, heads, -1, D], np.int64)), tensor("merge", np.array([0, 0, heads * D], np.int64)),
+             tensor("rep", np.array([0, heads, -1, d], np.int64)), tensor("merge", np.array([0, 0, heads * d], np.int64)),
              tensor("c", np.float32(c)), tensor("rc", np.float32(np.sqrt(c))),
-             tensor("flat", np.array([-1, t, D], np.int64)), tensor("back", np.array([B, heads, D, t], np.int64))]
-    inputs = [vinfo("q", shape=(B, S, heads * D)), vinfo("k", shape=(B, S, kv_heads * D)),
-              vinfo("v", shape=(B, S, kv_heads * D))]
+             tensor("flat", np.array([-1, t, d], np.int64)), tensor("back", np.array([B, heads, d, t], np.int64))]
+    inputs = [vinfo("q", shape=(B, S, heads * d)), vinfo("k", shape=(B, S, kv_heads * d)),
+              vinfo("v", shape=(B, S, kv_heads * d))]
     n = helper.make_node
     nodes = []
     if projections:
         width = 16
         inputs = [vinfo("x", shape=(B, S, width))]
-        w = np.random.default_rng(5).standard_normal((width, (heads + 2 * kv_heads) * D)).astype(np.float32) / 4
-        cuts = np.cumsum([0, heads * D, kv_heads * D, kv_heads * D])
+        w = np.random.default_rng(5).standard_normal((width, (heads + 2 * kv_heads) * d)).astype(np.float32) / 4
+        cuts = np.cumsum([0, heads * d, kv_heads * d, kv_heads * d])
         for i, name in enumerate("qkv"):
             inits.append(tensor(f"w_{name}", w[:, cuts[i]:cuts[i + 1]]))
             nodes.append(n("MatMul", ["x", f"w_{name}"], [name]))
     for name, shape in (("q", "qs"), ("k", "kvs"), ("v", "kvs")):
-        nodes += [n("Reshape", [name, shape], [f"{name}r"]), n("Transpose", [f"{name}r"], [f"{name}h"], perm=[0, 2, 1, 3])]
-    outputs = [vinfo("out", shape=(B, S, heads * D))]
+        heads_out = f"{name}h0" if rotary and name != "v" else f"{name}h"
+        nodes += [n("Reshape", [name, shape], [f"{name}r"]), n("Transpose", [f"{name}r"], [heads_out], perm=[0, 2, 1, 3])]
+    if rotary:  # ort-rotary's form: per-token cos/sin rows read through Reshape(Range(0, Size(p), 1), Shape(p))
+        inputs += [vinfo("pos", TensorProto.INT64, (B, S)), vinfo("cos", shape=(B * S, d // 2)),
+                   vinfo("sin", shape=(B * S, d // 2))]
+        inits += [tensor("zero", np.array(0, np.int64)), tensor("one", np.array(1, np.int64))]
+        nodes += [n("Size", ["pos"], ["npos"]), n("Range", ["zero", "npos", "one"], ["rows"]),
+                  n("Shape", ["pos"], ["pshape"]), n("Reshape", ["rows", "pshape"], ["idx"])]
+        for name in ("q", "k"):
+            nodes.append(n("RotaryEmbedding", [f"{name}h0", "idx", "cos", "sin"], [f"{name}h"], domain="com.microsoft",
+                           interleaved=0))
+    outputs = [vinfo("out", shape=(B, S, heads * d))]
     full = {"k": "kh", "v": "vh"}
     if cache:
-        inputs += [vinfo("past_k", shape=(B, kv_heads, P, D)), vinfo("past_v", shape=(B, kv_heads, P, D))]
+        inputs += [vinfo("past_k", shape=(B, kv_heads, P, d)), vinfo("past_v", shape=(B, kv_heads, P, d))]
         for x in ("k", "v"):
             nodes.append(n("Concat", [f"past_{x}", f"{x}h"], [f"present_{x}"], axis=2))
-            outputs.append(vinfo(f"present_{x}", shape=(B, kv_heads, t, D)))
+            outputs.append(vinfo(f"present_{x}", shape=(B, kv_heads, t, d)))
             full[x] = f"present_{x}"
     every = dict(full)  # K and V with the KV heads repeated to every query head
     for x in ("k", "v"):
@@ -59,7 +70,7 @@ def _block(*, heads=4, kv_heads=2, cache=True, scale="scores", mask=True, k_tran
             every[x] = f"{x}all"
     if k_transpose == "perm":
         nodes.append(n("Transpose", [every["k"]], ["kt"], perm=[0, 1, 3, 2]))
-    else:  # dynamo's: heads into the batch, transpose the 3-D tensor, split back
+    else:  # dynamo's: heads into the batch, transpose the 3-d tensor, split back
         nodes += [n("Reshape", [every["k"], "flat"], ["k3"]), n("Transpose", ["k3"], ["k3t"], perm=[0, 2, 1]),
                   n("Reshape", ["k3t", "back"], ["kt"])]
     if scale == "split":
@@ -74,7 +85,8 @@ def _block(*, heads=4, kv_heads=2, cache=True, scale="scores", mask=True, k_tran
         nodes.append(n("Add", ["sc", "mask"], ["msc"]))
     nodes += [n("Softmax", ["msc" if mask else "sc"], ["p"], axis=-1), n("MatMul", ["p", every["v"]], ["o4"]),
               n("Transpose", ["o4"], ["o4t"], perm=[0, 2, 1, 3]), n("Reshape", ["o4t", "merge"], ["out"])]
-    return make_model(nodes, inputs, outputs, inits)
+    return make_model(nodes, inputs, outputs, inits,
+                      extra_opsets=[helper.make_opsetid("com.microsoft", 1)] if rotary else ())
 
 
 def _feeds(proto, rng):
@@ -125,6 +137,26 @@ def test_packed_projections_go_straight_into_the_kernel_without_rotary():
     node = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
     assert node.inputs[1] is None and node.inputs[2] is None
     assert "do_rotary" not in node.attributes
+
+
+@pytest.mark.parametrize("d", [16, 8])
+def test_rotary_folds_into_the_kernel_at_batch_one_where_the_head_size_allows(d):
+    """Batch 1 (static), ort-rotary's per-token index: Q and K rotated by the kernel
+    (do_rotary=1, packed Q/K/V straight in, no RotaryEmbedding, no Split), equal to the block
+    on ORT; a head size that is not a multiple of 16 (ONNX Runtime refuses the kernel's
+    rotary for it) keeps the RotaryEmbedding nodes, still fused and equal."""
+    proto = _block(projections=True, rotary=True, d=d)
+    feeds = _feeds(proto, np.random.default_rng(8))
+    feeds["pos"] = np.arange(P, P + S, dtype=np.int64)[None]
+    model, _ = fuse(proto, feeds, target="ort-cpu", family="ort", rtol=1e-5, atol=1e-5)
+    ops = op_counts(model)
+    node = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    if d == 16:
+        assert node.attributes["do_rotary"].as_int() == 1 and node.inputs[1] is None, ops
+        assert not ops["com.microsoft::RotaryEmbedding"] and not ops["Split"], ops
+    else:
+        assert "do_rotary" not in node.attributes, ops
+        assert ops["com.microsoft::RotaryEmbedding"] == 2 and ops["Split"] == 1, ops
 
 
 def test_refusals_are_explained():
@@ -316,7 +348,9 @@ def test_rotary_moves_inside_attention_where_the_batch_is_one_or_asked(exports, 
     path = exports[name]
     original = onnx.load(path)
     names = [i.name for i in original.graph.input]
-    assert not _rotary_inside(gcomp.optimize(str(path), "O3", target="ort-cpu", verify=False).model)
+    default = gcomp.optimize(str(path), "O3", target="ort-cpu", verify=False).model
+    assert op_counts(default)["com.microsoft::RotaryEmbedding"] == 4 and op_counts(default)["Split"] == 2
+    assert not any("do_rotary" in n.attributes for n in default.graph if n.op_type == "GroupQueryAttention")
 
     one = _batch_one(path, tmp_path / "batch1.onnx")
     result = gcomp.optimize(str(one), "O3", target="ort-cpu")
