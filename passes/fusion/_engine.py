@@ -32,6 +32,7 @@ __all__ = [
     "FusionReport",
     "FusionRun",
     "GraphRule",
+    "Refused",
     "RunRule",
     "canonical_operands",
     "fusion",
@@ -41,7 +42,7 @@ __all__ = [
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -54,6 +55,7 @@ from gcomp.passes.scopes import all_scopes
 from gcomp.registry import Capabilities
 
 MAX_ROUNDS = 4
+T = TypeVar("T")
 
 
 class FusionRun:
@@ -118,21 +120,40 @@ class RunRule(pattern.RewriteRuleClassBase):
         self.run = run
 
 
+class Refused(Exception):
+    """Why one site a :class:`GraphRule` looked at cannot be fused (a near miss)."""
+
+
 class GraphRule:
     """A rule that rewrites the model as a whole: ``apply(model)`` returns how many sites it
-    fused; it must leave the model unchanged where it does not fire, like a rewriter rule."""
+    fused; it must leave the model unchanged where it does not fire, like a rewriter rule.
+    ``apply`` clears :attr:`misses` and matches each site through :meth:`attempt`."""
 
     name: str = ""
 
     def __init__(self, run: FusionRun) -> None:
         self.run = run
+        self.misses: list[str] = []
 
     def apply(self, model: ir.Model) -> int:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def attempt(self, node: ir.Node, match: Callable[[], T]) -> T | None:
+        """``match()``, or None with why not recorded as a near miss at ``node``: the
+        :class:`Refused` reason, or, for a malformed site (missing inputs, odd attributes:
+        not this rule's to fix), the error that reading it raised."""
+        where = node.name or node.outputs[0].name
+        try:
+            return match()
+        except Refused as e:
+            self.misses.append(f"at {where}: {e}")
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+            self.misses.append(f"at {where}: not read ({type(e).__name__}: {e})")
+        return None
+
     def near_misses(self, model: ir.Model) -> list[str]:
         """Why sites this rule looked at were not fused in its last ``apply`` (``--explain-fusion``)."""
-        return []
+        return list(self.misses)
 
 
 @dataclass(frozen=True)

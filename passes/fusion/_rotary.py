@@ -51,16 +51,13 @@ import numpy as np
 import onnx_ir as ir
 
 from gcomp.passes.fusion._engine import FusionRun, GraphRule
+from gcomp.passes.fusion._engine import Refused as _Refused
 
 MAX_PROBE_POSITION = 65535
 _MAX_NODES = 64
 _STANDARD = ("", "ai.onnx")
 _RANDOM = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                      "Bernoulli", "Dropout"})
-
-
-class _Refused(Exception):
-    """Why one candidate cannot be fused (a near miss)."""
 
 
 def _std(node: ir.Node | None, *op_types: str) -> bool:
@@ -435,45 +432,40 @@ class RotaryRule(GraphRule):
         super().__init__(run)
         self.name = name
         self.emit = emit
-        self.misses: list[str] = []
 
     def apply(self, model: ir.Model) -> int:
         self.misses = []
         graph, fired = model.graph, 0
         fits: dict[tuple[ir.Value, ir.Value], _Fit | str] = {}
         caches: dict[tuple, tuple[ir.Value, ir.Value]] = {}
+
+        def site_and_fit(node: ir.Node) -> tuple[Site, _Fit] | None:
+            site = match(self.run, node)
+            if site is None:
+                return None
+            key = (site.cos, site.sin)  # one fit (or one refusal) per cos/sin pair
+            if key not in fits:
+                try:
+                    fits[key] = fit(self.run, model, site)
+                except _Refused as e:
+                    fits[key] = str(e)
+            if isinstance(fits[key], str):
+                raise _Refused(fits[key])
+            return site, fits[key]
+
         for node in list(graph):
             if node.graph is not graph:
                 continue
-            try:
-                site = match(self.run, node)
-                if site is None:
-                    continue
-                key = (site.cos, site.sin)
-                if key not in fits:
-                    try:
-                        fits[key] = fit(self.run, model, site)
-                    except _Refused as e:
-                        fits[key] = str(e)
-                if isinstance(fits[key], str):
-                    raise _Refused(fits[key])
-            except _Refused as e:
-                self.misses.append(f"at {node.name or node.outputs[0].name}: {e}")
+            found = self.attempt(node, lambda: site_and_fit(node))
+            if found is None:
                 continue
-            except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
-                # A malformed rotation (missing inputs, odd attributes): not this fusion's to fix.
-                self.misses.append(f"at {node.name or node.outputs[0].name}: not read ({type(e).__name__}: {e})")
-                continue
-            f = fits[key]
+            site, f = found
             cache_key = (f.position, f.inv_freq.tobytes(), f.scale, f.dtype)
             if cache_key not in caches:
                 caches[cache_key] = _caches(self.run, graph, f)
             self._rewrite(graph, site, *caches[cache_key], f.closure)
             fired += 1
         return fired
-
-    def near_misses(self, model: ir.Model) -> list[str]:
-        return list(self.misses)
 
     def _rewrite(self, graph: ir.Graph, site: Site, position: ir.Value, cos: ir.Value, sin: ir.Value,
                  closure: tuple[ir.Node, ...]) -> None:

@@ -53,14 +53,11 @@ import onnx_ir as ir
 
 from gcomp.passes.fusion._attention import heads as heads_of
 from gcomp.passes.fusion._engine import FusionRun, GraphRule, fusion
+from gcomp.passes.fusion._engine import Refused as _Refused
 from gcomp.passes.opsets import model_opset
 
 MS = "com.microsoft"
 _ROTARY = ("RotaryEmbedding",)
-
-
-class _Refused(Exception):
-    """Why one softmax's block cannot be fused (a near miss)."""
 
 
 def _std(node: ir.Node | None, *op_types: str) -> bool:
@@ -128,33 +125,20 @@ class _Site:
 class GroupQueryAttention(GraphRule):
     name = "ort-group-query-attention"
 
-    def __init__(self, run: FusionRun) -> None:
-        super().__init__(run)
-        self.misses: list[str] = []
-
     def apply(self, model: ir.Model) -> int:
         self.misses = []
         graph, fired, shared = model.graph, 0, {}
         for node in list(graph):
             if not _std(node, "Softmax") or node.graph is not graph:
                 continue
-            try:
-                site = self._match(node)
-            except _Refused as e:
-                self.misses.append(f"at {node.name or node.outputs[0].name}: {e}")
-                continue
-            except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
-                # A malformed block (missing inputs, odd attributes): not this fusion's to fix.
-                self.misses.append(f"at {node.name or node.outputs[0].name}: not read ({type(e).__name__}: {e})")
+            site = self.attempt(node, lambda: self._match(node))
+            if site is None:
                 continue
             _rewrite(self.run, model, site, shared)
             fired += 1
         if fired:
             _drop_dead(graph)
         return fired
-
-    def near_misses(self, model: ir.Model) -> list[str]:
-        return list(self.misses)
 
     # ------------------------------------------------------------------ match
 
