@@ -5,6 +5,10 @@ Passes registered here:
 - ``fuse``: the portable fusions (standard ONNX ops: Conv/Gemm folding, LayerNormalization,
   Gelu, RMSNormalization, Attention), each fired only when the model's opset has the op
   and the ``--target`` accepts it (pipeline O2).
+- ``fold-into-weights``: the folds among those that only change a Conv/ConvTranspose/
+  Gemm's weights and attributes (a zero Pad, BatchNormalization, a per-channel constant
+  Mul/Div/Sub/Add after it): what constant folding would do if it could see through the
+  linear op, run by every pipeline from O1 on (:data:`WEIGHT_FOLDS`).
 - ``fuse-target``: the target-specific fusions (``com.microsoft`` ops for ONNX Runtime;
   pipeline O3).
 - ``upgrade-opset``: converts the model to ``--target-opset`` first, when asked, so a
@@ -26,7 +30,8 @@ family: plain names are portable, ``ort_*`` ONNX Runtime's, ``tvm_*`` TVM's.
 
 from __future__ import annotations
 
-__all__ = ["FAMILIES", "ORT", "PORTABLE", "TVM", "Fuse", "FuseTarget", "UpgradeOpset", "fuse_model"]
+__all__ = ["FAMILIES", "ORT", "PORTABLE", "TVM", "WEIGHT_FOLDS", "FoldIntoWeights", "Fuse", "FuseTarget", "UpgradeOpset",
+           "fuse_model"]
 
 from collections.abc import Sequence
 from typing import Annotated, Any
@@ -44,7 +49,7 @@ from gcomp.passes.fusion import (attention, bias, bias_residual_sum, conv_bn, ge
 from gcomp.passes.fusion._engine import BuiltRules, Fusion, run_fusions
 from gcomp.passes.opsets import model_opset
 from gcomp.passes.result import DetailedResult
-from gcomp.registry import Capabilities, PassContext, register_pass
+from gcomp.registry import Capabilities, PassContext, Runtime, register_pass
 
 # Standard ONNX ops (pass ``fuse``, pipeline O2).
 PORTABLE: tuple[Fusion, ...] = (
@@ -90,6 +95,11 @@ PORTABLE: tuple[Fusion, ...] = (
     # After residual-sum: its two-input Sum is one of the outer ops this matches.
     bias_residual_sum.BIAS_RESIDUAL_SUM,
 )
+
+# The portable fusions that leave no new op: each folds into the weights, bias or pads of the
+# Conv/ConvTranspose/Gemm already there, so the result runs wherever the model did (pass
+# ``fold-into-weights``, in every pipeline's cleanup from O1 on; PORTABLE's order).
+WEIGHT_FOLDS: tuple[Fusion, ...] = (pad_conv.PAD_CONV, conv_bn.CONV_BN, bias.BIAS, scale.SCALE)
 
 # ONNX Runtime's com.microsoft ops (pass ``fuse-target`` for ort-cpu / ort-cuda, pipeline O3,
 # which runs it before ``fuse`` in each round of its stage).
@@ -146,14 +156,14 @@ FAMILIES: dict[str, tuple[Fusion, ...]] = {"portable": PORTABLE, "ort": ORT, "tv
 
 def fuse_model(model: ir.Model, fusions: Sequence[Fusion], target: Capabilities, *,
                explain: bool = False, built: BuiltRules | None = None,
-               rotary_in_attention: bool = False) -> DetailedResult:
+               rotary_in_attention: bool = False, runtime: Runtime | None = None) -> DetailedResult:
     """Apply ``fusions`` in order for ``target``: what both fusion passes do with their list.
 
     ``details``: the target, the fusions that fired (name -> count) and, with ``explain``,
     per fusion: fired, why it did not run (``not_run``), near misses, summary.
     """
     report = run_fusions(model, fusions, target, explain=explain, built=built,
-                         rotary_in_attention=rotary_in_attention)
+                         rotary_in_attention=rotary_in_attention, runtime=runtime)
     fired = {k: v for k, v in report.fired.items() if v}
     details: dict[str, Any] = {"target": target.name, "fired": fired}
     if explain:
@@ -195,6 +205,7 @@ class _FuseBase(ir.passes.InPlacePass):
         self.rotary_in_attention = rotary_in_attention
         # An unknown target fails here when the context is given (OptionError), else in call().
         self.capabilities = context.target(target) if context is not None else None
+        self.runtime = context.runtime if context is not None else None  # rules that probe a subgraph run it here
         self._built = BuiltRules()  # the rules of this pass's runs (the pipeline re-runs it to a fixed point)
 
     def fusions(self, target: Capabilities) -> tuple[Fusion, ...]:
@@ -203,7 +214,7 @@ class _FuseBase(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> DetailedResult:
         target = self.capabilities or PassContext().target(self.target)  # the latter raises: no context
         return fuse_model(model, self.fusions(target), target, explain=self.explain_fusion, built=self._built,
-                          rotary_in_attention=self.rotary_in_attention)
+                          rotary_in_attention=self.rotary_in_attention, runtime=self.runtime)
 
 
 @register_pass("fuse")
@@ -212,6 +223,15 @@ class Fuse(_FuseBase):
 
     def fusions(self, target: Capabilities) -> tuple[Fusion, ...]:
         return PORTABLE
+
+
+@register_pass("fold-into-weights")
+class FoldIntoWeights(_FuseBase):
+    """Fold zero Pads, BatchNormalization and per-channel constant Mul/Div/Sub/Add into the adjacent
+    Conv/ConvTranspose/Gemm's weights, bias and pads (no new op: it runs wherever the model did)."""
+
+    def fusions(self, target: Capabilities) -> tuple[Fusion, ...]:
+        return WEIGHT_FOLDS
 
 
 @register_pass("fuse-target")

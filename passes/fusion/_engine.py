@@ -52,7 +52,7 @@ from gcomp.passes.fold import _constant
 from gcomp.passes.fusion import _onnxscript
 from gcomp.passes.opsets import model_opset
 from gcomp.passes.scopes import all_scopes
-from gcomp.registry import Capabilities
+from gcomp.registry import Capabilities, Runtime
 
 MAX_ROUNDS = 4
 T = TypeVar("T")
@@ -72,6 +72,9 @@ class FusionRun:
         # Contracts the user accepted beyond the model's own (``--set rotary_in_attention=1``):
         # a rule that relies on one says so in its docstring.
         self.rotary_in_attention = False
+        # The reference runtime, where the pipeline gives one: a rule may run a subgraph of the
+        # model on it to prove what the subgraph computes (None: such rules keep the exact form).
+        self.runtime: Runtime | None = None
         self.restart(model)
 
     def restart(self, model: ir.Model) -> None:
@@ -221,7 +224,7 @@ class BuiltRules:
 
 def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: Capabilities, *,
                 explain: bool = False, built: BuiltRules | None = None,
-                rotary_in_attention: bool = False) -> FusionReport:
+                rotary_in_attention: bool = False, runtime: Runtime | None = None) -> FusionReport:
     """Apply ``fusions`` in order, round after round, for ``target``; ``built`` keeps the
     rules for the next run of the same pass; ``rotary_in_attention``: see
     :class:`FusionRun`."""
@@ -232,6 +235,7 @@ def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: Capabilities
         built.run.restart(model)
     run = built.run
     run.rotary_in_attention = rotary_in_attention
+    run.runtime = runtime
     opset = model_opset(model)
     report = FusionReport({}, {}, {})
     runnable: list[Fusion] = []

@@ -9,11 +9,21 @@ with Q [B, N, S, D], new keys/values K_n, V_n [B, N_kv, S, D], a cache P_k, P_v
     O_h = softmax(c * Q_h K_{h/G}^T + M) V_{h/G} ;   out = merge_h(O_h) -> [B, S, N * D]
 
 which is ``GroupQueryAttention(q, k, v, P_k, P_v, seqlens_k, total_sequence_length,
-attention_bias=M', num_heads=N, kv_num_heads=N_kv, scale=c, causal=0)`` with q, k, v the
+attention_bias, num_heads=N, kv_num_heads=N_kv, scale=c, causal)`` with q, k, v the
 [B, S, heads * D] projections before their head split, ``total_sequence_length`` = P + S
 and ``seqlens_k`` = P + S - 1 for every row: the kernel then attends every key of the
-cache and the new tokens, and the mask alone decides (``causal=0``, so a mask that is not
-causal stays exact). Exporters write the head repeat (``repeat_kv``) as Unsqueeze at axis
+cache and the new tokens, and two forms of the mask are exact:
+
+- where M is proven to be the causal + padding mask of the ``attention_mask`` input m
+  (``M = 0`` where key j <= P + i and m[b, j] != 0, <= -1e4 elsewhere; proven by probes
+  of the subgraph that makes it, :mod:`gcomp.passes.masks`): ``causal=1`` (the kernel
+  masks keys after the query itself) and ``attention_bias = Where(m != 0, 0, lowest)``
+  expanded to [B, 1, S, T]: 7 small nodes, made once for all layers, in place of the
+  export's mask builder (about 30 nodes on transformers 5 exports, run at every step);
+- else ``causal=0`` and ``attention_bias = M'`` (below): the mask alone decides, so a mask
+  that is not causal + padding (a window, a prefix) stays exact.
+
+Exporters write the head repeat (``repeat_kv``) as Unsqueeze at axis
 2 + Expand + Reshape to N heads, K^T as ``Transpose(perm [0, 1, 3, 2])`` or (dynamo) as a
 Reshape to 3-D, ``Transpose(perm [0, 2, 1])`` and a Reshape back, and the scale as one
 constant after the scores or its square root on each of Q and K^T: all are read here.
@@ -54,6 +64,7 @@ import onnx_ir as ir
 from gcomp.passes.fusion._attention import heads as heads_of
 from gcomp.passes.fusion._engine import FusionRun, GraphRule, fusion
 from gcomp.passes.fusion._engine import Refused as _Refused
+from gcomp.passes.masks import Dims, causal_padding, mask_source
 from gcomp.passes.opsets import model_opset
 
 MS = "com.microsoft"
@@ -134,7 +145,10 @@ class GroupQueryAttention(GraphRule):
             site = self.attempt(node, lambda: self._match(node))
             if site is None:
                 continue
-            _rewrite(self.run, model, site, shared)
+            why = _rewrite(self.run, model, site, shared)
+            if why:
+                where = node.name or node.outputs[0].name
+                self.misses.append(f"at {where}: fused with the export's mask as attention_bias: {why}")
             fired += 1
         if fired:
             _drop_dead(graph)
@@ -357,9 +371,10 @@ def _same_layout(x: ir.Value, y: ir.Value) -> bool:
 # ---------------------------------------------------------------------- rewrite
 
 
-def _rewrite(run: FusionRun, model: ir.Model, s: _Site, shared: dict) -> None:
-    """Replace the block by the fused node; ``shared``: the clamped masks and the lengths the
-    layers of one model have in common (made once, at the first layer)."""
+def _rewrite(run: FusionRun, model: ir.Model, s: _Site, shared: dict) -> str | None:
+    """Replace the block by the fused node; ``shared``: the masks and the lengths the layers of
+    one model have in common (made once, at the first layer). Returns why the export's mask
+    was kept as the bias (None: the kernel's causal masking + a padding-only bias, or no mask)."""
     graph = model.graph
     model.opset_imports.setdefault(MS, 1)
     nodes: list[ir.Node] = []
@@ -390,10 +405,17 @@ def _rewrite(run: FusionRun, model: ir.Model, s: _Site, shared: dict) -> None:
         q, k = (_projection(add, h) for h in (s.q, s.k))
         v = s.v.source
     dtype = s.softmax.inputs[0].dtype.numpy()
-    bias = None
+    bias, causal, why = None, 0, None
     if s.mask is not None:
+        if ("plan", s.mask) not in shared:  # probed once per mask, before any layer is rewritten
+            shared[("plan", s.mask)] = _padding_of(run, model, s)
+        padding, why = shared[("plan", s.mask)]
+        causal = int(padding is not None)
         bias = shared.get(("bias", s.mask))
-        if bias is None:
+        if bias is None and padding is not None:
+            bias = shared[("bias", s.mask)] = _padding_bias(add, const, padding, s.q.source, dtype,
+                                                            model_opset(model))
+        elif bias is None:
             bias = shared[("bias", s.mask)] = add(
                 "Max", [s.mask, const(np.array(np.finfo(dtype).min, dtype=dtype))]).outputs[0]
     key = _lengths_key(s)
@@ -410,13 +432,40 @@ def _rewrite(run: FusionRun, model: ir.Model, s: _Site, shared: dict) -> None:
     while inputs[-1] is None:
         inputs.pop()
     gqa = add("GroupQueryAttention", inputs, domain=MS, num_outputs=3, num_heads=s.q.heads,
-              kv_num_heads=s.k.heads, scale=s.scale, causal=0, **attrs)
+              kv_num_heads=s.k.heads, scale=s.scale, causal=causal, **attrs)
     out, present_k, present_v = gqa.outputs
     graph.insert_before(s.anchor, nodes)
     _replace(graph, s.out, out)
     for old, new in ((s.present_k, present_k), (s.present_v, present_v)):
         if old is not None:
             _replace(graph, old, new)
+    return why
+
+
+def _padding_of(run: FusionRun, model: ir.Model, s: _Site) -> tuple[ir.Value | None, str | None]:
+    """(the [B, T] ``attention_mask`` input, None) when ``s.mask`` is proven to be its causal +
+    padding mask (:mod:`gcomp.passes.masks`), else (None, why not)."""
+    source = mask_source(model.graph, s.mask)
+    if isinstance(source, str):
+        return None, source
+    dims = [_dim(source, 0), _dim(source, 1), _dim(s.q.source, 1), _dim(s.past_k, 2) if s.past_k is not None else None]
+    if any(d is None for d in dims[:3]) or (s.past_k is not None and not isinstance(dims[3], str)) \
+            or not all(isinstance(d, str) for d in dims[1:3]):
+        return None, "the mask's, the new tokens' or the past's length is not a named dim"
+    why = causal_padding(model, s.mask, source, Dims(*dims), run.runtime)
+    return (None, why) if why else (source, None)
+
+
+def _padding_bias(add, const, mask: ir.Value, q: ir.Value, dtype: np.dtype, opset: int) -> ir.Value:
+    """``Where(mask != 0, 0, lowest)`` as [B, 1, S, T] (the kernel wants the query axis
+    whole): the padding part of the mask, the kernel's ``causal=1`` the rest."""
+    keep = add("Cast", [mask], to=ir.DataType.BOOL).outputs[0]
+    fill = add("Where", [keep, const(np.zeros((), dtype)), const(np.array(np.finfo(dtype).min, dtype))]).outputs[0]
+    rows = (add("Unsqueeze", [fill, const(np.array([1, 2], np.int64))]) if opset >= 13
+            else add("Unsqueeze", [fill], axes=[1, 2])).outputs[0]
+    seq = add("Gather", [add("Shape", [q]).outputs[0], const(np.array([1], np.int64))]).outputs[0]
+    target = add("Concat", [const(np.array([1, 1], np.int64)), seq, const(np.array([1], np.int64))], axis=0)
+    return add("Expand", [rows, target.outputs[0]]).outputs[0]
 
 
 def _linear(run: FusionRun, value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray | None] | None:

@@ -51,6 +51,7 @@ import onnx_ir as ir
 
 from gcomp.errors import GcompError
 from gcomp.passes.quant._calibration import exposed_runs, samples_for
+from gcomp.passes.masks import mask_source
 from gcomp.passes.opsets import model_opset
 from gcomp.passes.quant._common import ORT_DOMAIN, Candidate, Workspace, node_label, read_const
 from gcomp.registry import PassContext
@@ -59,7 +60,6 @@ ATTENTION = "Attention"
 MASK, PAST, BIAS, PAST_LENGTH = 3, 4, 5, 6  # com.microsoft.Attention's input slots
 MIN_FILTER = -1e4  # ONNX Runtime's default mask_filter_value; a weaker mask is not a padding mask
 PROBES = 3  # random masks per sample shape
-MAX_ANCESTORS = 5000  # nodes walked back from a mask before giving up
 _UNSUPPORTED = ("do_rotary", "past_present_share_buffer", "rotary_embedding_dim")
 _COPIED = ("num_heads", "scale", "unidirectional", "mask_filter_value")
 
@@ -132,7 +132,7 @@ def plan_masks(model: ir.Model, todo: Sequence[Candidate], context: PassContext 
     plans: dict[str, MaskPlan] = {}
     sources: dict[str, ir.Value] = {}
     for c in biased:
-        source = _mask_source(model.graph, _input(c.node, BIAS))
+        source = mask_source(model.graph, _input(c.node, BIAS))
         if isinstance(source, str):
             plans[c.name] = MaskPlan(reason=source)
         else:
@@ -156,73 +156,6 @@ def plan_masks(model: ir.Model, todo: Sequence[Candidate], context: PassContext 
             bias, m = _input(c.node, BIAS), sources[c.name]
             plans[c.name] = _judge([(run[bias.name], feeds[m.name]) for run, (feeds, _) in zip(runs, probes)], m)
     return plans
-
-
-# Inputs whose *values* set an op's output shape (the rest set it through their shapes only,
-# or not at all); ops whose output shape depends on their inputs' values in any slot.
-_SHAPE_BY_VALUE = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "ConstantOfShape": (0,),
-                   "Range": (0, 1, 2), "Pad": (1, 2), "OneHot": (1,), "Resize": (1, 2, 3), "Upsample": (1,),
-                   "TopK": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Split": (1,), "ReduceSum": (1,),
-                   "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,), "CenterCropPad": (1,)}
-_SHAPE_FROM_DATA = frozenset({"NonZero", "Compress", "Unique", "StringSplit", "RegexFullMatch"})
-# com.microsoft ops (gcomp's own fusions among them) whose output shapes follow from their
-# inputs' shapes alone; any other non-standard op makes every input's values matter.
-_ORT_SHAPE_FROM_SHAPES = frozenset({
-    "Attention", "MultiHeadAttention", "BiasGelu", "FastGelu", "Gelu", "QuickGelu", "BiasAdd",
-    "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization", "FusedMatMul",
-    "FusedConv", "FusedGemm", "DynamicQuantizeMatMul", "MatMulNBits", "MatMulIntegerToFloat", "QAttention"})
-
-
-def _mask_source(graph: ir.Graph, bias: ir.Value) -> ir.Value | str:
-    """The one rank-2 graph input whose values ``bias`` depends on, or why there is none.
-
-    The walk follows values (data) and, behind a Shape or Size, shapes: a shape depends on a
-    graph input's values only through the inputs that set an output shape by their values
-    (a Reshape's target, a Range's bounds, ...) or through ops whose output shape is data
-    (NonZero, ...). Control flow (If/Loop/Scan, whose bodies read outer values that are not
-    node inputs) is refused."""
-    inputs = {id(v) for v in graph.inputs}
-    reached: dict[int, ir.Value] = {}
-    seen: set[tuple[int, bool]] = set()
-    stack = [(bias, True)]  # (value, its values matter; else only its shape)
-    while stack:
-        value, data = stack.pop()
-        if (id(value), data) in seen:
-            continue
-        seen.add((id(value), data))
-        if len(seen) > MAX_ANCESTORS:
-            return f"its attention_bias has more than {MAX_ANCESTORS} ancestors"
-        if id(value) in inputs:
-            if data and value.const_value is None:
-                reached[id(value)] = value
-            continue
-        producer = value.producer()
-        if producer is None:
-            continue  # an initializer
-        if producer.graph is not graph:
-            return "its attention_bias is made in a subgraph"
-        if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in producer.attributes.values()):
-            return f"its attention_bias depends on control flow ({producer.op_type} '{producer.name}')"
-        standard = producer.domain in ("", "ai.onnx") or (
-            producer.domain == ORT_DOMAIN and producer.op_type in _ORT_SHAPE_FROM_SHAPES)
-        if standard and producer.op_type in ("Shape", "Size"):
-            stack.extend((v, False) for v in producer.inputs if v is not None)
-            continue
-        by_value = () if data else _SHAPE_BY_VALUE.get(producer.op_type, ()) if standard else None
-        for i, v in enumerate(producer.inputs):
-            if v is not None:
-                # a shape from data (or an op gcomp does not know) makes every input's values matter
-                matters = data or by_value is None or producer.op_type in _SHAPE_FROM_DATA or i in by_value
-                stack.append((v, matters))
-    if len(reached) != 1:
-        names = ", ".join(sorted(v.name for v in reached.values())) or "none"
-        return f"its attention_bias is not computed from one mask input (it reads {names})"
-    m = next(iter(reached.values()))
-    if m.shape is None or m.shape.rank() != 2:
-        return f"its attention_bias comes from '{m.name}', which is not a rank-2 [batch, length] mask"
-    if m.dtype not in (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL, ir.DataType.FLOAT):
-        return f"its attention_bias comes from '{m.name}' of type {m.dtype}, not an int/bool/float mask"
-    return m
 
 
 def _probes(samples, masks: set[str]) -> list[tuple[dict[str, np.ndarray], None]]:
