@@ -14,6 +14,15 @@ nothing else should); each comes with a one-line note for the user
   nothing left to fold). (ONNX Runtime 1.31 treats even listed initializers of an IR-3
   model as constants, refusing a value for them: the IR-4 model accepts every feed the
   original accepted, with the same results, and also the overrides IR 3 promises.)
+- **Legacy IR after the passes** (:func:`settle_legacy_initializers`): an IR-3 model
+  keeps its IR version, but what the passes did to its weights is put in IR 3's terms.
+  Its listed initializers are constants to gcomp's passes, as to ONNX Runtime (which
+  exposes none of them as an input and refuses a feed for them), so a weight folded
+  away (BatchNormalization into a Conv) leaves its original unread: that original is
+  dropped, input and data, or the file would carry every folded weight twice (ResNet-50
+  from 98 to 187 MB). The weights passes add are listed as graph inputs, after the
+  others, as IR 3 requires of every initializer (else the checker refuses the output).
+  The inputs a caller feeds keep their names and places.
 - **Map-typed tails** (:func:`detach_map_tail`, :func:`attach_map_tail`): onnx-ir has no
   map types, so a scikit-learn classifier converted with its default ZipMap output (a
   sequence of maps) cannot enter the IR. The nodes that make map-typed values (ZipMap, or
@@ -37,7 +46,7 @@ nothing else should); each comes with a one-line note for the user
 from __future__ import annotations
 
 __all__ = ["LEGACY_IR_REPAIRED", "MapTail", "attach_map_tail", "detach_map_tail", "holds_maps", "legacy_ir_note",
-           "register_runtime_schemas"]
+           "register_runtime_schemas", "settle_legacy_initializers"]
 
 import functools
 from dataclasses import dataclass, field
@@ -67,6 +76,21 @@ def legacy_ir_note(proto) -> str | None:
         f"({shown}): read and written as IR version {LEGACY_IR_REPAIRED}, where they are constants, "
         "as ONNX Runtime runs them"
     )
+
+
+def settle_legacy_initializers(model) -> None:
+    """Put an IR < 4 ``onnx_ir.Model``'s main graph back in IR 3's terms after passes
+    (module docstring): drop listed initializers nothing reads, list new ones as inputs.
+    Bodies need nothing: passes give an IR-3 body no initializers (``gcomp.passes.scopes``)."""
+    if model.ir_version is None or model.ir_version >= LEGACY_IR_REPAIRED:
+        return
+    graph = model.graph
+    for value in [v for v in graph.inputs if v.is_initializer()]:
+        if not value.uses() and not value.is_graph_output():
+            graph.inputs.remove(value)
+            graph.initializers.pop(value.name)
+    listed = set(graph.inputs)
+    graph.inputs.extend(v for v in graph.initializers.values() if v not in listed)
 
 
 def _unlisted_initializers(graph) -> list[str]:

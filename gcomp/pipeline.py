@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 import gcomp.passes  # noqa: F401  (registers the built-in passes and pipelines)
-from gcomp import io, quantize_plan, registry, runtime
+from gcomp import compat, io, quantize_plan, registry, runtime
 from gcomp.errors import GcompError, ModelLoadError, OptionError, PassFailedError, first_line
 from gcomp.perf import ModelStats, model_stats
 from gcomp.verify import CannotVerify, Reference, Tolerance, Verification, precision_options
@@ -237,6 +237,7 @@ def optimize(
         if quant else None
     if static_step is not None:  # after quantization too: every value it made gets its dims
         stats += _run(loaded, [static_step], progress, executed, _after_pass(reference, pass_errors, pass_latency))
+    compat.settle_legacy_initializers(loaded.model)
     after = model_stats(loaded.model)
     verification = baseline.verification
     if reference is not None:

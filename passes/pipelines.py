@@ -3,7 +3,9 @@
 - ``O0``: validate only (load, check, save): proves gcomp round-trips the model.
 - ``O1``: O0, then to a fixed point: shape inference (again each round: a folded
   Reshape target lets ONNX carry symbolic dims further), constant and shape folding,
-  simplification (no-ops, merges, exact identities, constant Ifs), identity
+  simplification (no-ops, merges, exact identities, constant Ifs), the folds into a
+  Conv/ConvTranspose/Gemm's weights (zero Pad, BatchNormalization, per-channel constant
+  Mul/Div/Sub/Add: no new op, so the model runs wherever it did), identity
   elimination, CSE, initializer dedup, unused nodes/functions/opsets; then a
   topological sort.
 - ``O2``: O1 with an opset upgrade first (only with ``target_opset``), then to a fixed
@@ -25,6 +27,7 @@ CLEANUP = Stage(
         "infer-shapes",
         "fold-constants",
         "simplify",
+        "fold-into-weights",
         "eliminate-identity",
         "cse",
         "dedup-initializers",
@@ -38,7 +41,8 @@ CLEANUP = Stage(
 O0 = register_pipeline("O0", "validate only: load, check, save", Stage(("validate",)))
 O1 = register_pipeline(
     "O1",
-    "O0 + shape inference + to a fixed point: constant/shape folding, simplify, identity, CSE, dedup, unused removal + sort",
+    "O0 + shape inference + to a fixed point: constant/shape folding, simplify, folds into Conv/Gemm weights, identity, "
+    "CSE, dedup, unused removal + sort",
     *O0.stages,
     CLEANUP,
     Stage(("forget-inferred-shapes", "topological-sort")),
