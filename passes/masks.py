@@ -129,8 +129,8 @@ def causal_padding(model: ir.Model, bias: ir.Value, m: ir.Value, dims: Dims, run
     padding mask of ``m`` on every probe (module docstring), else why not."""
     if runtime is None:
         return "no runtime to probe the mask on (run the pass through gcomp.optimize)"
-    if len({dims.total, dims.seq, dims.past} - {None}) != (3 if dims.past else 2) and not (
-            dims.past is None and dims.total == dims.seq):
+    lengths = [dims.total, dims.seq] + ([dims.past] if dims.past else [])
+    if len(set(lengths)) != len(lengths) and not (dims.past is None and dims.total == dims.seq):
         return "the mask's length, the new tokens and the past length are not distinct symbolic dims"
     try:
         sub = _making(model, bias)

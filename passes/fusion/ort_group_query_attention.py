@@ -448,11 +448,12 @@ def _padding_of(run: FusionRun, model: ir.Model, s: _Site) -> tuple[ir.Value | N
     source = mask_source(model.graph, s.mask)
     if isinstance(source, str):
         return None, source
-    dims = [_dim(source, 0), _dim(source, 1), _dim(s.q.source, 1), _dim(s.past_k, 2) if s.past_k is not None else None]
-    if any(d is None for d in dims[:3]) or (s.past_k is not None and not isinstance(dims[3], str)) \
-            or not all(isinstance(d, str) for d in dims[1:3]):
+    batch, total, seq = _dim(source, 0), _dim(source, 1), _dim(s.q.source, 1)
+    past = _dim(s.past_k, 2) if s.past_k is not None else None
+    if batch is None or not isinstance(total, str) or not isinstance(seq, str) or (
+            s.past_k is not None and not isinstance(past, str)):
         return None, "the mask's, the new tokens' or the past's length is not a named dim"
-    why = causal_padding(model, s.mask, source, Dims(*dims), run.runtime)
+    why = causal_padding(model, s.mask, source, Dims(batch, total, seq, past), run.runtime)
     return (None, why) if why else (source, None)
 
 
