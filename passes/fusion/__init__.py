@@ -226,12 +226,25 @@ class Fuse(_FuseBase):
 
 
 @register_pass("fold-into-weights")
-class FoldIntoWeights(_FuseBase):
+class FoldIntoWeights(ir.passes.InPlacePass):
     """Fold zero Pads, BatchNormalization and per-channel constant Mul/Div/Sub/Add into the adjacent
-    Conv/ConvTranspose/Gemm's weights, bias and pads (no new op: it runs wherever the model did)."""
+    Conv/ConvTranspose/Gemm's weights, bias and pads (no new op: it runs wherever the model did,
+    so it takes no target)."""
 
-    def fusions(self, target: Capabilities) -> tuple[Fusion, ...]:
-        return WEIGHT_FOLDS
+    def __init__(
+        self,
+        *,
+        explain_fusion: Annotated[bool, "record near misses of every rule in the report"] = False,
+        context: PassContext | None = None,
+    ) -> None:
+        super().__init__()
+        self.explain_fusion = explain_fusion
+        self.capabilities = context.target("portable") if context is not None else None
+        self._built = BuiltRules()
+
+    def call(self, model: ir.Model) -> DetailedResult:
+        target = self.capabilities or PassContext().target("portable")  # the latter raises: no context
+        return fuse_model(model, WEIGHT_FOLDS, target, explain=self.explain_fusion, built=self._built)
 
 
 @register_pass("fuse-target")
