@@ -20,8 +20,8 @@ steps prove what it is instead:
   position's value other than 0 / 1 through the causal part would show.
 
 Used by ``quantize-dynamic`` (a key-padding mask becomes QAttention's ``mask_index``) and by
-``ort-group-query-attention`` (a causal + padding mask becomes the kernel's own causal
-masking plus a padding-only bias).
+``ort-group-query-attention`` (a causal + padding mask is built afresh in a few nodes, in
+place of the export's builder).
 """
 
 from __future__ import annotations
