@@ -1118,6 +1118,8 @@ def _f(v, fmt="{:.3f}"):
 
 
 def _match_cell(t: dict) -> str:
+    if not t:  # a tool measured on other models only (e.g. gcomp-grow, asked for on a few)
+        return "—"
     if t.get("skipped"):
         return "n/a"
     if not t.get("ok"):
@@ -1135,7 +1137,10 @@ def _match_cell(t: dict) -> str:
 
 
 def _cell_status(x: dict) -> str | None:
-    """'n/a' for a skipped tool, 'error' for a failed one, None when there are figures."""
+    """'—' for a tool not run on this model, 'n/a' for a skipped tool, 'error' for a failed one,
+    None when there are figures."""
+    if not x:
+        return "—"
     if x.get("skipped"):
         return "n/a"
     if not x.get("ok"):
