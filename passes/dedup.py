@@ -17,7 +17,10 @@ else in the model (a body value of the same name would otherwise shadow it). Not
 IR-3 model, whose main-graph initializers must be graph inputs.
 
 Refuses: initializers that are graph inputs (a caller may override them) or graph
-outputs, and tensors over ``dedup_size_limit`` elements.
+outputs, and tensors over ``dedup_size_limit`` elements. An IR-3 model's main-graph
+initializers are all listed as inputs, and are constants all the same (ONNX Runtime
+refuses a feed for them; constant folding reads them so too): those merge, and the
+merged one leaves the input list with its data (``gcomp.compat`` lists what is left).
 Scopes: each graph on its own (main graph and every subgraph), then across them;
 functions have no initializers.
 Guarantees: outputs bit-identical (only byte-equal tensors are merged).
@@ -50,6 +53,7 @@ class DeduplicateInitializers(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         graphs = list(model.graphs())
+        self._listed_are_constant = model.ir_version is not None and model.ir_version < 4
         for graph in graphs:
             for same in self._equal(graph.initializers.values()):
                 _merge(same[0], same[1:])
@@ -83,9 +87,13 @@ class DeduplicateInitializers(ir.passes.InPlacePass):
     def _equal(self, values) -> list[list[ir.Value]]:
         """Groups (two or more) of byte-equal candidates among ``values``."""
         groups: dict[tuple, list[ir.Value]] = defaultdict(list)
-        for value in values:
+        # Graph inputs first: an IR-3 model keeps a listed initializer it merges into,
+        # so the list of its inputs only shrinks.
+        for value in sorted(values, key=lambda v: not v.is_graph_input()):
             tensor = value.const_value
-            if tensor is None or value.is_graph_input() or value.is_graph_output() or tensor.size > self.size_limit:
+            if tensor is None or value.is_graph_output() or tensor.size > self.size_limit:
+                continue
+            if value.is_graph_input() and not self._listed_are_constant:
                 continue
             groups[(tensor.dtype, tuple(tensor.shape.numpy()))].append(value)
         found = []
@@ -104,6 +112,8 @@ class DeduplicateInitializers(ir.passes.InPlacePass):
 def _merge(keep: ir.Value, others: list[ir.Value]) -> None:
     for value in others:
         ir.convenience.replace_all_uses_with(value, keep)
+        if value.is_graph_input():  # IR 3: listed, yet a constant (see the docstring)
+            value.graph.inputs.remove(value)
         value.graph.initializers.pop(value.name)
 
 

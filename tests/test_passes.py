@@ -133,6 +133,30 @@ def test_dedup_keeps_initializers_that_are_inputs():
     assert {i.name for i in after.graph.initializer} == {"W", "W2"}  # W may be overridden by a caller
 
 
+def test_dedup_merges_listed_initializers_of_an_ir3_model():
+    """IR 3 lists every initializer as an input, yet they are constants (ONNX Runtime
+    refuses a feed for them): equal ones merge, and the merged one leaves the inputs."""
+    w = np.arange(16, dtype=np.float32).reshape(4, 4)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["a"], name="m1"),
+        helper.make_node("MatMul", ["x", "W2"], ["b"], name="m2"),
+        helper.make_node("Add", ["a", "b"], ["y"], name="add"),
+    ]
+    inits = [tensor("W", w), tensor("W2", w), tensor("B", w * 2)]
+    proto = make_model(nodes, [vinfo("x"), *(vinfo(t.name, shape=(4, 4)) for t in inits)], [vinfo("y")], inits)
+    proto.ir_version = 3
+    result, after = run_pass("dedup-initializers", proto)
+    assert result.modified
+    assert [i.name for i in after.graph.input] == ["x", "W", "B"]  # x keeps its place
+    assert {t.name for t in after.graph.initializer} == {"W", "B"}
+    assert {n.input[1] for n in after.graph.node if n.op_type == "MatMul"} == {"W"}
+    assert_same_outputs(proto, after, FEEDS, rtol=0, atol=0)
+    # Newer IR: listed initializers are defaults a caller may override, and stay apart.
+    proto.ir_version = 4
+    result, after = run_pass("dedup-initializers", proto)
+    assert not result.modified and {t.name for t in after.graph.initializer} == {"W", "W2", "B"}
+
+
 def _branches_with_loop(then_inits, else_inits, step_inits, main_inits=()):
     """y = Sub(Add(x, c), k2) if sum(x) > 0 else Loop(n) of h + k over Add(x, c): each body's
     constants are its own initializers, given by the caller."""
