@@ -85,7 +85,9 @@ class FoldConstants(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> DetailedResult:
         self._model = model
         self._folded: Counter[str] = Counter()
-        self._unfolded: dict[tuple[str, str], str] = {}
+        # Keyed by node: unnamed nodes are many (exporters name few ConstantOfShape nodes).
+        self._unfolded: dict[ir.Node, str] = {}
+        self._held_back: dict[ir.Node, int] = {}  # bytes each size-refused output would add
         # Partial values of small int tensors computed from shapes: each entry is an int, a
         # token naming a symbolic dim (equal tokens are equal dims), or None (unknown).
         self._shape_values: dict[ir.Value, tuple[list[Dim], bool]] = {}
@@ -99,14 +101,20 @@ class FoldConstants(ir.passes.InPlacePass):
                 if node.graph is scope:  # not removed by an earlier fold in this scope
                     self._sym.visit(node)
                     modified |= self._visit(scope, node)
+        # A node refused once may fold later in the walk (a shape becomes known): not left.
+        self._unfolded = {n: r for n, r in self._unfolded.items() if n.graph is not None}
         reasons = Counter(r.split(":")[0] for r in self._unfolded.values())
         details = {
             "folded": sum(self._folded.values()),
             "folded_by_op": dict(self._folded.most_common()),
             "unfolded": len(self._unfolded),
             "unfolded_by_reason": dict(reasons.most_common()),
+            # What folding the size-refused nodes would have added to the file, at least
+            # (their consumers might then fold too): what lifting max_fold_bytes costs.
+            "unfolded_size_bytes": sum(self._held_back[k] for k in self._unfolded if k in self._held_back),
             "unfolded_nodes": [
-                {"node": n, "op_type": op, "reason": r} for (n, op), r in list(self._unfolded.items())[:100]
+                {"node": n.name or f"<{n.op_type}>", "op_type": n.op_type, "reason": r}
+                for n, r in list(self._unfolded.items())[:100]
             ],
         }
         return DetailedResult(model, modified=modified, details=details)
@@ -157,7 +165,7 @@ class FoldConstants(ir.passes.InPlacePass):
         return True
 
     def _skip(self, node: ir.Node, reason: str) -> bool:
-        self._unfolded[(node.name or f"<{node.op_type}>", node.op_type)] = reason
+        self._unfolded[node] = reason
         return False
 
     def _lift_constant(self, scope, node: ir.Node) -> bool:
@@ -183,6 +191,7 @@ class FoldConstants(ir.passes.InPlacePass):
         else:
             out_bytes = sum(sizes)
             if out_bytes > self.max_fold_bytes and out_bytes > in_bytes:
+                self._held_back[node] = out_bytes
                 return self._skip(
                     node, f"size: output {out_bytes} bytes > max_fold_bytes and > its inputs ({in_bytes} bytes)"
                 )

@@ -241,3 +241,16 @@ def test_help_is_fast_and_lists_commands():
         capture_output=True, text=True,
     )
     assert check.stdout.strip() == "[]", check.stdout + check.stderr
+
+
+def test_optimize_says_what_lifting_the_fold_size_limit_would_cost(tmp_path):
+    value = helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [0.5])
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["w"], value=value),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    shape = onnx.numpy_helper.from_array(np.array([256, 256], np.int64), "shape")
+    src = tmp_path / "cos.onnx"
+    onnx.save(make_model(nodes, [vinfo("x", shape=(3, 256))], [vinfo("y", shape=(3, 256))], [shape]), src)
+    proc = gcomp("optimize", src, "-o", tmp_path / "out.onnx")
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("left unfolded"))
+    assert "1 node(s) (size: 1)" in line and "256.0 KiB" in line and "--set max_fold_bytes=BYTES" in line

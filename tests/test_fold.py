@@ -65,19 +65,25 @@ def test_never_folds_random_ops_or_overridable_initializers():
 
 
 def test_size_limit_keeps_constant_of_shape_weights_small():
+    # Two weights from unnamed nodes (as exporters write them): each is counted.
     nodes = [
-        helper.make_node("ConstantOfShape", ["shape"], ["w"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5]), name="cos"),
-        helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+        helper.make_node("ConstantOfShape", ["shape"], ["w"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5])),
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("ConstantOfShape", ["shape"], ["w2"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.25])),
+        helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2"),
     ]
     proto = make_model(nodes, [vinfo("x", shape=(3, 256))], [vinfo("y", shape=(3, 256))], [tensor("shape", np.array([256, 256], np.int64))])
     result, after = fold(proto)
-    assert not result.modified and "ConstantOfShape" in ops(after)
-    assert result.details["unfolded_by_reason"] == {"size": 1}
+    assert not result.modified and ops(after).count("ConstantOfShape") == 2
+    assert result.details["unfolded_by_reason"] == {"size": 2}
+    assert [n["node"] for n in result.details["unfolded_nodes"]] == ["<ConstantOfShape>"] * 2
+    assert result.details["unfolded_size_bytes"] == 2 * 256 * 256 * 4  # what lifting the limit would add
     assert "max_fold_bytes" in result.details["unfolded_nodes"][0]["reason"]
     assert after.ByteSize() < 2000
     # Asked for, it folds (and the model grows by the 256 KiB weight).
     result, big = fold(proto, max_fold_bytes=1 << 20)
-    assert result.modified and ops(big) == ["MatMul"] and big.ByteSize() > 256 * 1024
+    assert result.modified and ops(big) == ["MatMul"] * 2 and big.ByteSize() > 2 * 256 * 1024
+    assert result.details["unfolded_size_bytes"] == 0
     feeds = {"x": np.ones((3, 256), np.float32)}
     assert_same_outputs(proto, big, feeds, rtol=1e-6, atol=1e-6)
 

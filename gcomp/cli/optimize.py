@@ -408,7 +408,14 @@ def _print_summary(result, doc) -> None:
     folds = [p for p in result.passes if p.name == "fold-constants" and p.details]
     if folds and folds[-1].details.get("unfolded"):
         reasons = ", ".join(f"{k}: {n}" for k, n in folds[-1].details["unfolded_by_reason"].items())
-        out.print(f"left unfolded: {folds[-1].details['unfolded']} node(s) ({reasons}); the report lists them")
+        line = f"left unfolded: {folds[-1].details['unfolded']} node(s) ({reasons}); the report lists them"
+        grow = folds[-1].details.get("unfolded_size_bytes", 0)
+        if grow:
+            from gcomp.report.units import human_bytes
+
+            line += (f"; folding those held back by size would add at least {human_bytes(grow)} to the file "
+                     "(--set max_fold_bytes=BYTES allows it)")
+        out.print(line, soft_wrap=True)
     out.print(_passes_table(result))
     v = result.verification
     if v is not None and v.status == "failed":
