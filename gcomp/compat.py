@@ -46,7 +46,7 @@ nothing else should); each comes with a one-line note for the user
 from __future__ import annotations
 
 __all__ = ["LEGACY_IR_REPAIRED", "MapTail", "attach_map_tail", "detach_map_tail", "holds_maps", "legacy_ir_note",
-           "register_runtime_schemas", "settle_legacy_initializers"]
+           "register_runtime_schemas", "settle_legacy_initializers", "unread_legacy_initializers"]
 
 import functools
 from dataclasses import dataclass, field
@@ -78,19 +78,43 @@ def legacy_ir_note(proto) -> str | None:
     )
 
 
-def settle_legacy_initializers(model) -> None:
-    """Put an IR < 4 ``onnx_ir.Model``'s main graph back in IR 3's terms after passes
-    (module docstring): drop listed initializers nothing reads, list new ones as inputs.
-    Bodies need nothing: passes give an IR-3 body no initializers (``gcomp.passes.scopes``)."""
+def settle_legacy_initializers(model, unread_before: frozenset[str] = frozenset()) -> None:
+    """Put an IR < 4 ``onnx_ir.Model`` back in IR 3's terms after passes (module docstring):
+    drop the listed initializers the passes left unread (``unread_before``: the names nothing
+    read before them, which stay, as written), list new ones as inputs, and make a body's
+    initializers ``Constant`` nodes (a body cannot list inputs for them; most passes make
+    them so already, ``gcomp.passes.scopes``, but a rewrite through onnxscript's rewriter,
+    e.g. a BatchNormalization folded into a Conv inside an If branch, adds initializers)."""
     if model.ir_version is None or model.ir_version >= LEGACY_IR_REPAIRED:
         return
+    import onnx_ir as ir
+
     graph = model.graph
     for value in [v for v in graph.inputs if v.is_initializer()]:
-        if not value.uses() and not value.is_graph_output():
+        if not value.uses() and not value.is_graph_output() and value.name not in unread_before:
             graph.inputs.remove(value)
             graph.initializers.pop(value.name)
     listed = set(graph.inputs)
     graph.inputs.extend(v for v in graph.initializers.values() if v not in listed)
+    for body in graph.subgraphs():
+        for value in list(body.initializers.values()):
+            body.initializers.pop(value.name)
+            node = ir.node("Constant", [], attributes={"value": value.const_value})
+            body.insert_before(body[0], node) if len(body) else body.append(node)
+            made = node.outputs[0]
+            made.dtype, made.shape = value.dtype, value.shape
+            ir.convenience.replace_all_uses_with(value, made, replace_graph_outputs=True)
+            made.name = value.name
+            value.name = None
+
+
+def unread_legacy_initializers(model) -> frozenset[str]:
+    """The listed initializers of an IR < 4 model that nothing reads (empty otherwise): what
+    :func:`settle_legacy_initializers` keeps after the passes, as the model had them."""
+    if model.ir_version is None or model.ir_version >= LEGACY_IR_REPAIRED:
+        return frozenset()
+    return frozenset(v.name for v in model.graph.inputs
+                     if v.is_initializer() and not v.uses() and not v.is_graph_output())
 
 
 def _unlisted_initializers(graph) -> list[str]:

@@ -230,6 +230,7 @@ def optimize(
     reference = baseline.reference
     input_latency = runtime.time_model(loaded.model, reference.feeds) if pass_latency and reference else None
     before = model_stats(loaded.model)
+    unread = compat.unread_legacy_initializers(loaded.model)
     executed: list[tuple[str, ir.passes.PassBase]] = []
     stats = _run(loaded, steps, progress, executed, _after_pass(reference, pass_errors, pass_latency))
     float_model = loaded.model
@@ -237,7 +238,7 @@ def optimize(
         if quant else None
     if static_step is not None:  # after quantization too: every value it made gets its dims
         stats += _run(loaded, [static_step], progress, executed, _after_pass(reference, pass_errors, pass_latency))
-    compat.settle_legacy_initializers(loaded.model)
+    compat.settle_legacy_initializers(loaded.model, unread)
     after = model_stats(loaded.model)
     verification = baseline.verification
     if reference is not None:

@@ -97,3 +97,51 @@ def test_ir3_model_stays_valid_ir3_without_the_folded_weights(rng, tmp_path):
     assert not {"W", "bn_g", "G", "bn2_v", "s"} & weights  # the originals of folded weights are gone
     assert out.stat().st_size <= src.stat().st_size * 1.05
     assert_same_outputs(proto, saved, feeds, rtol=1e-4, atol=1e-5)
+
+
+def _ir3_branches(rng):
+    """IR 3, opset 9: y = If(cond) of Conv -> BatchNormalization in both branches, every
+    weight a listed initializer of the main graph read only inside the branches; plus a
+    listed initializer nothing reads."""
+    k = 6
+    inits = [tensor("W", rng.standard_normal((k, 4, 3, 3)).astype(np.float32)), tensor("unread", np.ones(3, np.float32))]
+    inits += [tensor(n, rng.uniform(0.5, 1.5, k).astype(np.float32)) for n in ("g", "b", "mu", "var")]
+
+    def branch(name):
+        nodes = [helper.make_node("Conv", ["x", "W"], [f"{name}_c"]),
+                 helper.make_node("BatchNormalization", [f"{name}_c", "g", "b", "mu", "var"], [f"{name}_y"])]
+        return helper.make_graph(nodes, name, [], [vinfo(f"{name}_y", shape=(2, k, 3, 3))])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("else"))], "g",
+        [vinfo("x", shape=(2, 4, 5, 5)), vinfo("cond", onnx.TensorProto.BOOL, ())]
+        + [vinfo(t.name, shape=tuple(t.dims)) for t in inits],
+        [vinfo("y", shape=(2, k, 3, 3))], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    proto.ir_version = 3
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def test_ir3_weights_folded_inside_a_branch_become_constants_of_the_branch(rng):
+    """A body cannot list inputs, so IR 3 allows it no initializers: the weights folded in
+    an If branch are Constant nodes there, and the main-graph originals are dropped."""
+    proto = _ir3_branches(rng)
+    x = rng.standard_normal((2, 4, 5, 5)).astype(np.float32)
+    for cond in (True, False):
+        result = gcomp.optimize(proto, "O1", inputs={"x": x, "cond": np.array(cond)})
+        assert result.verification.passed, result.verification
+        saved = ir.to_proto(result.model)
+        onnx.checker.check_model(saved)
+        assert saved.ir_version == 3
+        branch = saved.graph.node[0].attribute[0].g
+        assert [n.op_type for n in branch.node] == ["Constant", "Constant", "Conv"] and not branch.initializer
+        assert [i.name for i in saved.graph.input] == ["x", "cond", "unread"]  # as written: O1 read nothing new
+        assert_same_outputs(proto, saved, {"x": x, "cond": np.array(cond)}, rtol=1e-4, atol=1e-5)
+
+
+def test_ir3_o0_is_a_faithful_round_trip(rng):
+    proto = _ir3_branches(rng)
+    saved = ir.to_proto(gcomp.optimize(proto, "O0", verify=False).model)
+    assert [i.name for i in saved.graph.input] == [i.name for i in proto.graph.input]
+    assert [t.name for t in saved.graph.initializer] == [t.name for t in proto.graph.initializer]
