@@ -56,14 +56,18 @@ _ORT_SHAPE_FROM_SHAPES = frozenset({
     "GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"})
 
 
-def mask_source(graph: ir.Graph, bias: ir.Value) -> ir.Value | str:
-    """The one rank-2 graph input whose values ``bias`` depends on, or why there is none.
+def mask_source(model: ir.Model, bias: ir.Value) -> ir.Value | str:
+    """The one rank-2 graph input of ``model`` whose values ``bias`` depends on, or why there
+    is none. A graph input with an initializer default counts as an input (a caller may
+    override it), except in IR < 4, where every initializer is listed and none can be fed.
 
     The walk follows values (data) and, behind a Shape or Size, shapes: a shape depends on a
     graph input's values only through the inputs that set an output shape by their values
     (a Reshape's target, a Range's bounds, ...) or through ops whose output shape is data
     (NonZero, ...). Control flow (If/Loop/Scan, whose bodies read outer values that are not
     node inputs) is refused."""
+    graph = model.graph
+    defaults_are_constant = model.ir_version is not None and model.ir_version < 4
     inputs = {id(v) for v in graph.inputs}
     reached: dict[int, ir.Value] = {}
     seen: set[tuple[int, bool]] = set()
@@ -76,7 +80,7 @@ def mask_source(graph: ir.Graph, bias: ir.Value) -> ir.Value | str:
         if len(seen) > MAX_ANCESTORS:
             return f"its attention_bias has more than {MAX_ANCESTORS} ancestors"
         if id(value) in inputs:
-            if data and value.const_value is None:
+            if data and (value.const_value is None or not defaults_are_constant):
                 reached[id(value)] = value
             continue
         producer = value.producer()
@@ -153,7 +157,29 @@ def causal_padding(model: ir.Model, bias: ir.Value, m: ir.Value, dims: Dims, run
             why = _judge(out, keep, past, seq)
             if why:
                 return f"{why} (probe: batch {batch}, past {past}, {seq} new token(s))"
-    return None
+    return _longer_mask(sub, bias, m, dims, runtime, rng)
+
+
+def _longer_mask(sub: ir.Model, bias: ir.Value, m: ir.Value, dims: Dims, runtime: Runtime, rng) -> str | None:
+    """A mask longer than the keys (past + new tokens): where the model makes a bias as long as
+    the keys from it, that bias must be the one of the mask's first positions (transformers
+    exports slice ``attention_mask[:, :keys]``), which is what the fused graph computes. A
+    bias as long as the mask cannot be added to the scores: the model refuses such a mask."""
+    batch, past, seq, extra = 2, 3 if dims.past else 0, 2, 3
+    if isinstance(dims.batch, int):
+        batch = dims.batch
+    sizes = {dims.batch: batch, dims.seq: seq, dims.total: past + seq + extra}
+    if dims.past:
+        sizes[dims.past] = past
+    keep = _probe_mask(3, batch, past + seq + extra, rng)
+    try:
+        out = np.asarray(runtime.run(sub, _feeds(sub, m.name, keep, sizes))[bias.name])
+    except (GcompError, ValueError):
+        return None  # the model refuses a longer mask; the fused graph may take it
+    if out.ndim != 4 or out.shape[-1] != past + seq:
+        return None
+    why = _judge(out, keep[:, : past + seq], past, seq)
+    return f"{why}, of a mask longer than the keys (its first positions)" if why else None
 
 
 def _making(model: ir.Model, value: ir.Value) -> ir.Model:

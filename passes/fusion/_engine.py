@@ -137,6 +137,9 @@ class GraphRule:
     def __init__(self, run: FusionRun) -> None:
         self.run = run
         self.misses: list[str] = []
+        # What a site that *did* fuse gave up, kept for the whole run (``apply`` clears only
+        # ``misses``, which a later round may resolve).
+        self.notes: list[str] = []
 
     def apply(self, model: ir.Model) -> int:  # pragma: no cover - interface
         raise NotImplementedError
@@ -155,8 +158,9 @@ class GraphRule:
         return None
 
     def near_misses(self, model: ir.Model) -> list[str]:
-        """Why sites this rule looked at were not fused in its last ``apply`` (``--explain-fusion``)."""
-        return list(self.misses)
+        """Why sites this rule looked at were not fused in its last ``apply``, and what fused
+        sites gave up in any (``--explain-fusion``)."""
+        return [*self.misses, *self.notes]
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,10 @@ def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: Capabilities
             report.skipped[f.name] = why
     swapped = canonical_operands(model, run)
     rules = built.rules  # built when first needed
+    for built_rules in rules.values():  # kept from an earlier run: its notes were reported there
+        for r in built_rules:
+            if isinstance(r, GraphRule):
+                r.notes = []
 
     def rules_of(f: Fusion) -> list[Any]:
         if f.name not in rules:
@@ -268,11 +276,15 @@ def run_fusions(model: ir.Model, fusions: Sequence[Fusion], target: Capabilities
         for node in swapped:  # nothing fused: leave the model exactly as it was
             _swap(node)
     if explain:
+        present = _op_types(model)
         for f in runnable:
-            if f.needs and not (f.needs & _op_types(model)):
-                continue
-            reasons = _onnxscript.near_misses([r for r in rules_of(f) if not isinstance(r, GraphRule)], model)
-            reasons += [m for r in rules_of(f) if isinstance(r, GraphRule) for m in r.near_misses(model)]
+            if f.name not in rules:
+                continue  # never built: its ops were never in the model
+            # A graph rule's misses and notes were recorded as it ran, even where it fused every
+            # site (so its ops are gone); the rewriter's near misses are matched now.
+            reasons = [m for r in rules_of(f) if isinstance(r, GraphRule) for m in r.near_misses(model)]
+            if not f.needs or f.needs & present:
+                reasons += _onnxscript.near_misses([r for r in rules_of(f) if not isinstance(r, GraphRule)], model)
             if reasons:
                 report.near_misses[f.name] = sorted(set(reasons))[:20]
     return report

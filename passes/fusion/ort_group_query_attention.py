@@ -18,7 +18,7 @@ causal stays exact). M' is made in one of two ways:
 - where M is proven to be the causal + padding mask of the ``attention_mask`` input m
   (``M = 0`` where key j <= P + i and m[b, j] != 0, <= -1e4 elsewhere, on every row with a
   key to attend; proven by probes of the subgraph that makes it, :mod:`gcomp.passes.masks`),
-  M' is that mask built afresh from m and the lengths in 11 nodes, once for all layers, in
+  M' is that mask built afresh from m and the lengths in 13 nodes, once for all layers, in
   place of the export's builder (about 30 nodes on transformers 5 exports, run at every
   step: a few µs of ONNX Runtime's overhead each);
 - else M' = max(M, lowest) (below), the export's own mask, so a mask that is not causal +
@@ -149,7 +149,7 @@ class GroupQueryAttention(GraphRule):
             why = _rewrite(self.run, model, site, shared)
             if why:
                 where = node.name or node.outputs[0].name
-                self.misses.append(f"at {where}: fused with the export's mask as attention_bias: {why}")
+                self.notes.append(f"at {where}: fused with the export's mask as attention_bias: {why}")
             fired += 1
         if fired:
             _drop_dead(graph)
@@ -445,7 +445,9 @@ def _rewrite(run: FusionRun, model: ir.Model, s: _Site, shared: dict) -> str | N
 def _padding_of(run: FusionRun, model: ir.Model, s: _Site) -> tuple[ir.Value | None, str | None]:
     """(the [B, T] ``attention_mask`` input, None) when ``s.mask`` is proven to be its causal +
     padding mask (:mod:`gcomp.passes.masks`), else (None, why not)."""
-    source = mask_source(model.graph, s.mask)
+    if model_opset(model) < 11:
+        return None, "the fresh mask needs Range (opset 11); the model is opset " + str(model_opset(model))
+    source = mask_source(model, s.mask)
     if isinstance(source, str):
         return None, source
     batch, total, seq = _dim(source, 0), _dim(source, 1), _dim(s.q.source, 1)
@@ -459,9 +461,9 @@ def _padding_of(run: FusionRun, model: ir.Model, s: _Site) -> tuple[ir.Value | N
 
 def _causal_padding_bias(add, const, mask: ir.Value, total: ir.Value, seq: ir.Value, dtype: np.dtype,
                          opset: int) -> ir.Value:
-    """``Where(j <= P + i and mask[b, j] != 0, 0, lowest)`` [B, 1, S, T] from the [B, T] mask and
-    the int64 scalars T and S: the export's causal + padding mask (proven equal on every row
-    with a key to attend) in 11 nodes, made once for all layers. Built here rather than left
+    """``Where(j <= P + i and mask[b, j] != 0, 0, lowest)`` [B, 1, S, T] from the [B, >= T] mask
+    and the int64 scalars T and S: the export's causal + padding mask (proven equal on every
+    row with a key to attend) in 13 nodes, made once for all layers. Built here rather than left
     to the kernel's ``causal=1``: ONNX Runtime 1.32's CPU kernel is slower causal than with
     a bias (tiny Llama, one decoded token: 0.381 against 0.245 ms per step, 4 layers)."""
     i64 = lambda v: const(np.array(v, np.int64))  # noqa: E731
@@ -471,7 +473,10 @@ def _causal_padding_bias(add, const, mask: ir.Value, total: ir.Value, seq: ir.Va
     key = add("Range", [i64(0), total, i64(1)]).outputs[0]  # [T]
     causal = (add("LessOrEqual", [key, column]) if opset >= 12
               else add("Not", [add("Greater", [key, column]).outputs[0]])).outputs[0]  # [S, T]
-    keep = add("Cast", [mask], to=ir.DataType.BOOL).outputs[0]
+    # The mask's first T positions: exports slice a longer attention_mask so (proven by a probe).
+    ends = (add("Unsqueeze", [total, i64([0])]) if opset >= 13 else add("Unsqueeze", [total], axes=[0])).outputs[0]
+    first_t = add("Slice", [mask, i64([0]), ends, i64([1])]).outputs[0]
+    keep = add("Cast", [first_t], to=ir.DataType.BOOL).outputs[0]
     rows = (add("Unsqueeze", [keep, i64([1, 2])]) if opset >= 13 else add("Unsqueeze", [keep], axes=[1, 2])).outputs[0]
     allowed = add("And", [causal, rows]).outputs[0]  # [B, 1, S, T]
     return add("Where", [allowed, const(np.zeros((), dtype)), const(np.array(np.finfo(dtype).min, dtype))]).outputs[0]

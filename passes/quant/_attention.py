@@ -132,7 +132,7 @@ def plan_masks(model: ir.Model, todo: Sequence[Candidate], context: PassContext 
     plans: dict[str, MaskPlan] = {}
     sources: dict[str, ir.Value] = {}
     for c in biased:
-        source = mask_source(model.graph, _input(c.node, BIAS))
+        source = mask_source(model, _input(c.node, BIAS))
         if isinstance(source, str):
             plans[c.name] = MaskPlan(reason=source)
         else:

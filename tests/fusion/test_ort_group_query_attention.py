@@ -383,3 +383,89 @@ def test_rotary_moves_inside_attention_where_the_batch_is_one_or_asked(exports, 
     key = "present.0.key"
     off = np.abs(b[key] - a[key]).transpose(0, 2, 1, 3)[mask > 0].max()
     assert off > 1e-2, "ONNX Runtime now rotates each row of a first prompt by its own positions: widen the default"
+
+
+# ------------------------------------------------------------- masks built from attention_mask
+
+
+def _masked_block(*, window=None, slice_mask=False):
+    """A cached block on dynamic dims whose mask is built from attention_mask [batch, total]
+    as exports do (causal by Range comparisons, the padding ANDed in, Where to 0 / lowest).
+    ``slice_mask``: the keys are past + new tokens and the mask is cut to them (transformers'
+    ``attention_mask[:, :keys]``); ``window``: a sliding window of that many positions."""
+    n, group = helper.make_node, 4 // 2
+    inits = [tensor("qs", np.array([0, 0, 4, D], np.int64)), tensor("kvs", np.array([0, 0, 2, D], np.int64)),
+             tensor("ax2", np.array([2], np.int64)), tensor("wide", np.array([1, 1, group, 1, 1], np.int64)),
+             tensor("rep", np.array([0, 4, -1, D], np.int64)), tensor("merge", np.array([0, 0, 4 * D], np.int64)),
+             tensor("c", np.float32(1 / np.sqrt(D))), tensor("one", np.array(1, np.int64)),
+             tensor("zero", np.array(0, np.int64)), tensor("two", np.array(2, np.int64)),
+             tensor("ax1", np.array([1], np.int64)), tensor("ax12", np.array([1, 2], np.int64)),
+             tensor("ax01", np.array([0, 1], np.int64)), tensor("zero_f", np.array(0, np.float32)),
+             tensor("zero1", np.array([0], np.int64)), tensor("w", np.array(window or 0, np.int64)),
+             tensor("fill", np.array(np.finfo(np.float32).min, np.float32))]
+    inputs = [vinfo("q", shape=("batch", "seq", 4 * D)), vinfo("k", shape=("batch", "seq", 2 * D)),
+              vinfo("v", shape=("batch", "seq", 2 * D)), vinfo("past_k", shape=("batch", 2, "past", D)),
+              vinfo("past_v", shape=("batch", 2, "past", D)), vinfo("attention_mask", TensorProto.INT64, ("batch", "total"))]
+    nodes = []
+    for name, shape in (("q", "qs"), ("k", "kvs"), ("v", "kvs")):
+        nodes += [n("Reshape", [name, shape], [f"{name}r"]), n("Transpose", [f"{name}r"], [f"{name}h"], perm=[0, 2, 1, 3])]
+    for x in ("k", "v"):
+        nodes += [n("Concat", [f"past_{x}", f"{x}h"], [f"present_{x}"], axis=2),
+                  n("Unsqueeze", [f"present_{x}", "ax2"], [f"{x}u"]), n("Expand", [f"{x}u", "wide"], [f"{x}e"]),
+                  n("Reshape", [f"{x}e", "rep"], [f"{x}all"])]
+    nodes += [n("Shape", ["q"], ["qshape"]), n("Gather", ["qshape", "one"], ["s"], axis=0),
+              n("Shape", ["past_k"], ["pshape"]), n("Gather", ["pshape", "two"], ["p"], axis=0), n("Add", ["p", "s"], ["t"]),
+              n("Range", ["zero", "s", "one"], ["i"]), n("Range", ["zero", "t", "one"], ["j"]),
+              n("Add", ["i", "p"], ["pos"]), n("Unsqueeze", ["pos", "ax1"], ["pos_col"]),
+              n("LessOrEqual", ["j", "pos_col"], ["before"]), n("Cast", ["attention_mask"], ["keep"], to=TensorProto.BOOL)]
+    keep = "keep"
+    if slice_mask:
+        nodes += [n("Unsqueeze", ["t", "zero1"], ["t1"]), n("Slice", ["keep", "zero1", "t1", "ax1"], ["keep_t"])]
+        keep = "keep_t"
+    nodes += [n("Unsqueeze", [keep, "ax12"], ["keep4"]), n("Unsqueeze", ["before", "ax01"], ["before4"]),
+              n("And", ["before4", "keep4"], ["allowed"])]
+    if window:
+        nodes += [n("Sub", ["pos_col", "w"], ["start"]), n("Greater", ["j", "start"], ["inside"]),
+                  n("Unsqueeze", ["inside", "ax01"], ["inside4"]), n("And", ["allowed", "inside4"], ["allowed_w"])]
+    nodes += [n("Where", ["allowed_w" if window else "allowed", "zero_f", "fill"], ["mask"]),
+              n("Transpose", ["kall"], ["kt"], perm=[0, 1, 3, 2]), n("MatMul", ["qh", "kt"], ["raw"]),
+              n("Mul", ["raw", "c"], ["sc"]), n("Add", ["sc", "mask"], ["msc"]), n("Softmax", ["msc"], ["pr"], axis=-1),
+              n("MatMul", ["pr", "vall"], ["o4"]), n("Transpose", ["o4"], ["o4t"], perm=[0, 2, 1, 3]),
+              n("Reshape", ["o4t", "merge"], ["out"])]
+    outputs = [vinfo("out", shape=("batch", "seq", 4 * D)), vinfo("present_k", shape=("batch", 2, "keys", D)),
+               vinfo("present_v", shape=("batch", 2, "keys", D))]
+    return make_model(nodes, inputs, outputs, inits)
+
+
+def _masked_feeds(rng, batch, past, seq, mask_length=None):
+    feeds = {"q": (batch, seq, 4 * D), "k": (batch, seq, 2 * D), "v": (batch, seq, 2 * D),
+             "past_k": (batch, 2, past, D), "past_v": (batch, 2, past, D)}
+    feeds = {k: rng.standard_normal(v).astype(np.float32) for k, v in feeds.items()}
+    mask = np.ones((batch, mask_length or past + seq), np.int64)
+    mask[1:, :2] = 0  # left padding on the rows after the first (each keeps keys to attend)
+    feeds["attention_mask"] = mask
+    return feeds
+
+
+def test_a_proven_mask_is_built_afresh_and_reads_the_first_positions_of_a_longer_one():
+    rng = np.random.default_rng(8)
+    proto = _masked_block(slice_mask=True)
+    model, result = fuse(proto, _masked_feeds(rng, 2, 3, 1), target="ort-cpu", family="ort", explain=True)
+    assert op_counts(model)[GQA] == 1 and "Max" not in op_counts(model)
+    assert not result.details["rules"][RULE].get("near_misses")
+    gqa = next(node for node in model.graph if node.op_type == "GroupQueryAttention")
+    assert "_gqa" in gqa.inputs[-1].producer().name  # the bias gcomp built, not the export's
+    longer = _masked_feeds(rng, 2, 3, 1, mask_length=8)  # the export cuts it to the 4 keys
+    for key, value in ort_run(proto, longer).items():
+        np.testing.assert_allclose(ort_run(ir_proto(model), longer)[key], value, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sliding_window_keeps_the_export_mask_and_says_why():
+    """Every site fuses (no Softmax is left), and --explain-fusion still says why the export's
+    mask was kept: the window shows at the 5000-position probe."""
+    proto = _masked_block(window=100)
+    model, result = fuse(proto, _masked_feeds(np.random.default_rng(9), 2, 3, 1), target="ort-cpu", family="ort",
+                         explain=True)
+    assert op_counts(model)[GQA] == 1 and op_counts(model)["Max"] == 1
+    misses = result.details["rules"][RULE]["near_misses"]
+    assert any("fused with the export's mask" in m and "past 5000" in m for m in misses), misses
