@@ -45,8 +45,11 @@ _ORT_DOMAIN = "com.microsoft"
 _SHAPE_BY_VALUE = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "ConstantOfShape": (0,),
                    "Range": (0, 1, 2), "Pad": (1, 2), "OneHot": (1,), "Resize": (1, 2, 3), "Upsample": (1,),
                    "TopK": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Split": (1,), "ReduceSum": (1,),
-                   "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,), "CenterCropPad": (1,)}
-_SHAPE_FROM_DATA = frozenset({"NonZero", "Compress", "Unique", "StringSplit", "RegexFullMatch"})
+                   "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,), "CenterCropPad": (1,),
+                   "ReduceL1": (1,), "ReduceL2": (1,), "ReduceLogSum": (1,), "ReduceLogSumExp": (1,),
+                   "ReduceSumSquare": (1,), "Col2Im": (1, 2), "DFT": (1, 2), "STFT": (1, 3), "AffineGrid": (1,),
+                   "HannWindow": (0,), "HammingWindow": (0,), "BlackmanWindow": (0,), "MelWeightMatrix": (0, 1)}
+_SHAPE_FROM_DATA = frozenset({"NonZero", "Compress", "Unique", "StringSplit", "RegexFullMatch", "NonMaxSuppression"})
 # com.microsoft ops (gcomp's own fusions among them) whose output shapes follow from their
 # inputs' shapes alone; any other non-standard op makes every input's values matter.
 _ORT_SHAPE_FROM_SHAPES = frozenset({
