@@ -17,7 +17,10 @@ steps prove what it is instead:
   the inputs read only through their shapes, at batch 1 to 3, past lengths 0 to 5000 and
   1 to 5 new tokens, with the mask all ones, left-padded, right-padded and random: a
   sliding window shorter than 5000 positions, a mask that mixes batch rows or that reads a
-  position's value other than 0 / 1 through the causal part would show.
+  position's value other than 0 / 1 through the causal part would show. A mask longer than
+  past + new tokens is probed too (:func:`_longer_mask`). What is proven is the mask of 0 /
+  1 values ``attention_mask`` holds: the fused graph reads any nonzero value as "attend",
+  where an export might read ``m == 1`` (a value of 2 is outside the proof).
 
 Used by ``quantize-dynamic`` (a key-padding mask becomes QAttention's ``mask_index``) and by
 ``ort-group-query-attention`` (a causal + padding mask is built afresh in a few nodes, in
