@@ -497,8 +497,17 @@ def check_writable(
 
 
 def _with_tensors_in_memory(model: ir.Model) -> ir.Model:
+    """A copy of ``model`` whose external weights are read into memory; ``model`` untouched.
+
+    Not ``onnx_ir.external_data.load_to_model``: it releases each external tensor it reads,
+    and the clone shares its tensors with ``model``, whose weights (memory maps) passes may
+    still be reading (a quantization pass's numpy views: "cannot close exported pointers")."""
     clone = model.clone()
-    ir.external_data.load_to_model(clone)
+    for graph in clone.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
     return clone
 
 

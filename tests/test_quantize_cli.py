@@ -66,6 +66,22 @@ def test_int8_dynamic_keeps_cosine_within_the_default_budget_and_verifies():
     assert report.weight_bytes_after < 0.3 * report.weight_bytes_before
 
 
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-weights"])
+def test_weights_in_an_external_data_file_quantize(tmp_path, mode):
+    """torch.onnx.export(dynamo=True) writes every weight to a .data file: reading it into
+    memory for a runtime must not close the file's map that the passes still read from."""
+    import onnx
+
+    proto = ir.to_proto(_layers_model())
+    onnx.save(proto, tmp_path / "m.onnx", save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    result = gcomp.optimize(str(tmp_path / "m.onnx"), "O2", quantize=mode, target="ort-cpu", speed_gate=False)
+    assert result.quantization is not None and result.quantization.quantized
+    assert result.verification.passed, result.verification.summary()
+    feeds = {"x": np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)}
+    cos = measure([reference(_layers_model()).run(feeds)], [reference(result.model).run(feeds)], Budget())[0]
+    assert cos.within, f"cosine {cos.cosine}"
+
+
 def test_a_budget_not_met_returns_the_most_sensitive_node_to_float_by_name():
     """Per-tensor int8 on a layer with an outlier row breaks max-abs; the other layers
     are harmless: exactly that layer goes back to float, with its measured contribution."""
