@@ -204,6 +204,32 @@ def test_dynamic_ort_takes_the_bias_add_of_a_matmul_as_its_bias_input(context):
     assert _ops(model)["Add"] == 1 and len(next(n for n in model.graph if n.name == "mm").inputs) == 4
 
 
+def _linear_chain():
+    """MatMul -> Add(bias) -> MatMul -> MatMul: each layer reads the one before it directly
+    (ALBERT's embedding projection into Q/K/V), so a rewrite replaces what the next reads."""
+    rng = _rng()
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["m1"], name="mm1"),
+             helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
+             helper.make_node("MatMul", ["a1", "W2"], ["m2"], name="mm2"),
+             helper.make_node("MatMul", ["m2", "W3"], ["y"], name="mm3")]
+    inits = [tensor("W1", (rng.standard_normal((64, 64)) / 8).astype(np.float32)),
+             tensor("b1", (0.1 * rng.standard_normal(64)).astype(np.float32)),
+             tensor("W2", (rng.standard_normal((64, 64)) / 8).astype(np.float32)),
+             tensor("W3", (rng.standard_normal((64, 32)) / 8).astype(np.float32))]
+    return make_model(nodes, [vinfo("x", shape=("batch", 64))], [vinfo("y", shape=("batch", 32))], inits)
+
+
+@pytest.mark.parametrize("pass_name, target, bound", [
+    ("quantize-dynamic", "ort-cpu", INT8_REL), ("quantize-dynamic", "portable", INT8_REL),
+    ("quantize-weights", "ort-cpu", INT4_REL)])
+def test_linear_layers_in_a_row_each_read_the_rewritten_one_before(pass_name, target, bound, context):
+    proto = _linear_chain()
+    model, details, _ = _quantize(proto, pass_name, context, target=target)
+    assert len(details["quantized"]) == 3
+    assert "MatMul" not in _ops(model), _ops(model)
+    _assert_close(proto, model, _mlp_feeds(), bound, f"{pass_name} {target}, three layers in a row")
+
+
 def test_dynamic_n_d_activations_and_exclude_nodes(context):
     rng = _rng()
     w1 = (rng.standard_normal((32, 48)) / np.sqrt(32)).astype(np.float32)

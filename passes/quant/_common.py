@@ -423,6 +423,10 @@ class QuantPass(ir.passes.InPlacePass):
             self.check(model, todo)
         ws = Workspace(model)
         for c in todo:
+            if c.activation is not None and c.activation not in c.node.inputs:
+                # An earlier candidate's rewrite replaced what this one reads (two linear
+                # layers in a row, a bias Add taken into the op before): read the new value.
+                c.activation = c.node.inputs[0]
             before = c.weight.array.nbytes
             ws.touch(c.weight)
             key = self.quantize(ws, c)
