@@ -404,7 +404,7 @@ def _rewrite(run: FusionRun, model: ir.Model, s: _Site, shared: dict) -> str | N
             s.q, s.k, s.v = (dataclasses.replace(h, source=src) for h, src in zip(heads, split))
         rotary = None
         q, k = (_projection(add, h) for h in (s.q, s.k))
-        v = s.v.source
+        v = _projection(add, s.v)  # V too may arrive as the 4-D heads (a fused QKV split by Slice)
     dtype = s.softmax.inputs[0].dtype.numpy()
     key = _lengths_key(s)
     if key is None or key not in shared:

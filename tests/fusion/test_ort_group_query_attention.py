@@ -469,3 +469,31 @@ def test_a_sliding_window_keeps_the_export_mask_and_says_why():
     assert op_counts(model)[GQA] == 1 and op_counts(model)["Max"] == 1
     misses = result.details["rules"][RULE]["near_misses"]
     assert any("fused with the export's mask" in m and "past 5000" in m for m in misses), misses
+
+
+def test_v_split_from_a_fused_projection_as_4d_heads():
+    """GPT-NeoX: one QKV projection reshaped to [B, S, H, 3D], moved to [B, H, S, 3D] and sliced
+    three ways, so V too reaches attention as 4-D heads (the kernel takes [B, S, H * D])."""
+    n, e, heads = helper.make_node, 4 * D, 4
+    rng = np.random.default_rng(11)
+    inits = [tensor("wqkv", (rng.standard_normal((e, 3 * e)) * 0.2).astype(np.float32)),
+             tensor("split", np.array([0, 0, heads, 3 * D], np.int64)), tensor("merge", np.array([0, 0, e], np.int64)),
+             tensor("s0", np.array([0], np.int64)), tensor("s1", np.array([D], np.int64)),
+             tensor("s2", np.array([2 * D], np.int64)), tensor("s3", np.array([3 * D], np.int64)),
+             tensor("ax", np.array([3], np.int64)), tensor("c", np.float32(1 / np.sqrt(D)))]
+    nodes = [n("MatMul", ["x", "wqkv"], ["qkv"]), n("Reshape", ["qkv", "split"], ["qkv4"]),
+             n("Transpose", ["qkv4"], ["qkvt"], perm=[0, 2, 1, 3]),
+             n("Slice", ["qkvt", "s0", "s1", "ax"], ["q"]), n("Slice", ["qkvt", "s1", "s2", "ax"], ["k"]),
+             n("Slice", ["qkvt", "s2", "s3", "ax"], ["v"]),
+             n("Concat", ["past_k", "k"], ["present_k"], axis=2), n("Concat", ["past_v", "v"], ["present_v"], axis=2),
+             n("Transpose", ["present_k"], ["kt"], perm=[0, 1, 3, 2]), n("MatMul", ["q", "kt"], ["raw"]),
+             n("Mul", ["raw", "c"], ["sc"]), n("Add", ["sc", "mask"], ["msc"]), n("Softmax", ["msc"], ["p"], axis=-1),
+             n("MatMul", ["p", "present_v"], ["o4"]), n("Transpose", ["o4"], ["o"], perm=[0, 2, 1, 3]),
+             n("Reshape", ["o", "merge"], ["out"])]
+    inputs = [vinfo("x", shape=(B, S, e)), vinfo("past_k", shape=(B, heads, P, D)),
+              vinfo("past_v", shape=(B, heads, P, D)), vinfo("mask", shape=(B, 1, S, P + S))]
+    outputs = [vinfo("out", shape=(B, S, e)), vinfo("present_k", shape=(B, heads, P + S, D)),
+               vinfo("present_v", shape=(B, heads, P + S, D))]
+    proto = make_model(nodes, inputs, outputs, inits)
+    model, _ = fuse(proto, _feeds(proto, rng), target="ort-cpu", family="ort")
+    assert op_counts(model)[GQA] == 1 and op_counts(model)["Softmax"] == 0
