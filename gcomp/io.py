@@ -534,7 +534,8 @@ _R = TypeVar("_R")
 
 
 def call_without_weights(func: Callable[[object], _R], model: ir.Model, *, limit: int = 1024) -> _R:
-    """``func(model_proto)`` where initializers over ``limit`` bytes are inputs instead.
+    """``func(model_proto)`` where initializers over ``limit`` bytes are inputs instead (and
+    smaller ones kept in an external data file are read in).
 
     The model is restored exactly afterwards (inputs, initializers and their order), also
     when serializing raises; ``func`` runs on the proto after the model is restored. The
@@ -542,13 +543,20 @@ def call_without_weights(func: Callable[[object], _R], model: ir.Model, *, limit
     """
     compat.register_runtime_schemas()  # func may be ONNX's checker or shape inference
     graph = model.graph
-    moved: list[tuple[ir.Value, ir.TensorProtocol, bool]] = []
+    moved: list[tuple[ir.Value, ir.TensorProtocol, bool | None]] = []  # None: read in, not moved
     inputs_before = len(graph.inputs)
     order = list(graph.initializers)
     try:
         for value in list(graph.initializers.values()):
             tensor = value.const_value
-            if tensor is None or tensor.nbytes <= limit:
+            if tensor is None:
+                continue
+            if tensor.nbytes <= limit:
+                if isinstance(tensor, ir.ExternalTensor):
+                    # Read in: a reference to a file relative to the model's folder would be
+                    # resolved against the working directory by func (ONNX's checker).
+                    value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
+                    moved.append((value, tensor, None))
                 continue
             if value.shape is None:
                 value.shape = tensor.shape
@@ -567,7 +575,7 @@ def call_without_weights(func: Callable[[object], _R], model: ir.Model, *, limit
             graph.inputs.pop()
         for value, tensor, _ in moved:
             value.const_value = tensor
-        if moved:
+        if any(was_input is not None for _, _, was_input in moved):
             values = {v.name: v for v in graph.initializers.values()}
             values.update((v.name, v) for v, _, _ in moved)
             graph.initializers.clear()
