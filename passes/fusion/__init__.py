@@ -46,6 +46,7 @@ from gcomp.passes.fusion import (attention, bias, bias_residual_sum, conv_bn, ge
                                  ort_skip_layer_norm, ort_split_attention,
                                  pad_conv, residual_sum, rms_norm, rotary, scale, transpose_gemm, tvm_parallel_matmul,
                                  unflatten_gemm)
+from gcomp.passes.fusion import _attention
 from gcomp.passes.fusion._engine import BuiltRules, Fusion, run_fusions
 from gcomp.passes.opsets import model_opset
 from gcomp.passes.result import DetailedResult
@@ -89,6 +90,7 @@ PORTABLE: tuple[Fusion, ...] = (
     rotary.ROTARY,
     # The score MatMuls are 4-D and the scale Mul follows a MatMul, so the Gemm folds above
     # leave the block whole.
+    _attention.SCORES_SCALE,  # sdpa's split scale in the form attention reads
     attention.ATTENTION,
     # After the LayerNorm fusions, which make the LayerNormalization it matches.
     residual_sum.RESIDUAL_SUM,
@@ -132,6 +134,8 @@ ORT: tuple[Fusion, ...] = (
     # Decoder attention (a KV cache, grouped KV heads or rotary embeddings) before the other
     # attention fusions, which would take its core as MultiHeadAttention and leave the cache.
     ort_group_query_attention.ORT_GROUP_QUERY_ATTENTION,
+    # sdpa's split scale (Q*a) @ (K^T*b) made (Q @ K^T)*ab, the form the fusions below read.
+    _attention.ORT_SCORES_SCALE,
     # The widest attention block (with its three Q/K/V projections) first: ort-mha would take
     # the block alone and leave the projections.
     ort_packed_attention.ORT_ATTENTION,

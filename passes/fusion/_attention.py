@@ -16,14 +16,16 @@ is not a positive scalar constant and a mask that is not a float tensor of rank 
 
 from __future__ import annotations
 
-__all__ = ["check_core", "core", "full_query_axis", "heads", "int64s", "scale_of", "variant_rules",
-           "with_query_axis"]
+__all__ = ["ORT_SCORES_SCALE", "SCORES_SCALE", "check_core", "clamp_for_guard", "core", "full_query_axis", "heads", "int64s",
+           "scale_of", "variant_rules", "with_query_axis"]
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxscript.rewriter import pattern
+
 from gcomp.passes.fusion._dims import same_dim
-from gcomp.passes.fusion._engine import FusionRun
+from gcomp.passes.fusion._engine import FusionRun, RunRule, fusion
 
 
 def heads(run: FusionRun, reshape_out, hidden) -> tuple[int, int] | None:
@@ -69,18 +71,39 @@ def scale_of(run: FusionRun, scale_value, divide: bool) -> float | None:
     return 1.0 / c if divide else c
 
 
-def core(op, q4, kt, v4, c, mask, *, divide: bool, masked: bool):
-    """The pattern from the scores MatMul to ``P @ V`` (its softmax output is named ``probs``)."""
+def core(op, q4, kt, v4, c, mask, *, divide: bool, masked: bool, guarded: bool = False, nan_zero=None):
+    """The pattern from the scores MatMul to ``P @ V`` (its softmax output is named ``probs``).
+
+    ``guarded``: P read through ``Where(IsNaN(P), 0, P)``, the guard transformers' sdpa
+    exports put after the softmax (a row whose every key is masked is NaN there; the guard
+    makes it 0). The fused kernels have no such guard: the rules' rewrites give them the
+    mask clamped to the lowest finite value (:func:`clamp_for_guard`), so no row is NaN and
+    every row with a key to attend is unchanged; a row with none gets the mean of V where
+    the export gives zeros (garbage in both: no key is attended)."""
     scores = op.MatMul(q4, kt)
     scaled = op.Div(scores, c) if divide else op.Mul(scores, c)
     if masked:
         scaled = op.Add(scaled, mask)
     probs = op.Softmax(scaled, _outputs=["probs"])
+    if guarded:
+        probs = op.Where(op.IsNaN(probs), nan_zero, probs)
     return op.MatMul(probs, v4)
 
 
-def check_core(run: FusionRun, result, probs, c, divide: bool, mask):
+def clamp_for_guard(op, mask, guarded: bool):
+    """``Max(mask, lowest)`` for a guarded core (see :func:`core`), else ``mask``."""
+    if not guarded or mask is None or mask.dtype is None:
+        return mask
+    dtype = mask.dtype.numpy()
+    return op.Max(mask, op.Constant(value=ir.tensor(np.array(np.finfo(dtype).min, dtype=dtype))))
+
+
+def check_core(run: FusionRun, result, probs, c, divide: bool, mask, nan_zero=None):
     """``result`` failed with the reason :func:`core`'s match cannot be fused, else None."""
+    if nan_zero is not None:
+        zero = run.const(nan_zero)
+        if zero is None or zero.size != 1 or float(np.asarray(zero).reshape(())) != 0.0:
+            return result.fail("the softmax's NaN guard does not write 0", nan_zero)
     axis = probs.producer().attributes.get("axis")
     axis = -1 if axis is None else axis.as_int()
     if axis not in (-1, 3):
@@ -111,11 +134,59 @@ def int64s(op, values):
     return op.Constant(value=ir.tensor(np.array(values, dtype=np.int64)))
 
 
-def variant_rules(cls, prefix: str, run: FusionRun, **kwargs) -> list:
-    """``cls``'s rules with and without a mask, scaled by Mul or Div, operands commuted."""
+def variant_rules(cls, prefix: str, run: FusionRun, *, guards: bool = False, **kwargs) -> list:
+    """``cls``'s rules with and without a mask, scaled by Mul or Div, operands commuted;
+    ``guards``: also with the softmax's NaN guard (``cls`` takes ``guarded``)."""
     rules = []
-    for masked in (True, False):
-        for divide in (False, True):
-            rules.extend(cls.rule(f"{prefix}-{'div' if divide else 'mul'}{'-mask' if masked else ''}", run,
-                                  divide=divide, masked=masked, **kwargs).commute())
+    for guarded in (False, True) if guards else (False,):
+        for masked in (True, False):
+            for divide in (False, True):
+                name = f"{prefix}-{'div' if divide else 'mul'}{'-mask' if masked else ''}{'-guarded' if guarded else ''}"
+                options = dict(kwargs, guarded=guarded) if guards else kwargs
+                rules.extend(cls.rule(name, run, divide=divide, masked=masked, **options).commute())
     return rules
+
+
+class ScoresScale(RunRule):
+    """``(Q * a) @ (K^T * b)`` -> ``(Q @ K^T) * (a * b)`` where the scores reach a softmax:
+    scaled dot-product attention as transformers' sdpa writes it for the TorchScript exporter
+    (sqrt of the scale on each side), put in the form the attention fusions read. a and b are
+    positive scalar constants; the product rounds differently by about an ulp."""
+
+    def pattern(self, op, q, kt, a, b):
+        return op.MatMul(op.Mul(q, a), op.Mul(kt, b), _outputs=["scores"])
+
+    def check(self, context, q, kt, a, b, scores, **_):
+        result = pattern.MatchResult()
+        if scale_of(self.run, a, False) is None or scale_of(self.run, b, False) is None:
+            return result.fail("a scale is not a positive scalar constant", a)
+        if q.shape is None or q.shape.rank() != 4 or q.dtype is None or not q.dtype.is_floating_point():
+            return result.fail("Q is not float 4-D heads", q)
+        reader = _only_reader(scores)
+        if reader is not None and reader.op_type == "Add" and not scores.is_graph_output():
+            reader = _only_reader(reader.outputs[0])
+        if reader is None or reader.op_type != "Softmax" or reader.domain not in ("", "ai.onnx"):
+            return result.fail("the scores do not reach a softmax", scores)
+        return result
+
+    def rewrite(self, op, q, kt, a, b, **_):
+        dtype = q.dtype.numpy()
+        c = np.array(scale_of(self.run, a, False) * scale_of(self.run, b, False), dtype=dtype)
+        return op.Mul(op.MatMul(q, kt), op.Constant(value=ir.tensor(c)))
+
+
+def _only_reader(value):
+    uses = list(value.uses())
+    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
+
+
+def _scores_scale(name: str):
+    return fusion(
+        name, lambda run: ScoresScale.rule(name, run).commute(), [("", "Mul", 1), ("", "MatMul", 1)],
+        "(Q*a) @ (K^T*b) before a softmax (sdpa's split scale) -> (Q @ K^T) * ab, the form attention fusions read",
+        needs=("Softmax",))
+
+
+# One per family (a fusion belongs to one list): before attention / before the ORT attentions.
+SCORES_SCALE = _scores_scale("attention-scores-scale")
+ORT_SCORES_SCALE = _scores_scale("ort-attention-scores-scale")

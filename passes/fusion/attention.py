@@ -23,7 +23,8 @@ __all__ = ["ATTENTION"]
 
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion._attention import check_core, core, full_query_axis, scale_of, variant_rules, with_query_axis
+from gcomp.passes.fusion._attention import (check_core, clamp_for_guard, core, full_query_axis, scale_of, variant_rules,
+                                             with_query_axis)
 from gcomp.passes.fusion._dims import same_dim
 from gcomp.passes.fusion._engine import FusionRun, RunRule, fusion
 
@@ -31,17 +32,18 @@ from gcomp.passes.fusion._engine import FusionRun, RunRule, fusion
 class Attention23(RunRule):
     """The core on 4-D heads -> Attention (opset 23)."""
 
-    def __init__(self, name: str, run: FusionRun, *, divide: bool, masked: bool):
+    def __init__(self, name: str, run: FusionRun, *, divide: bool, masked: bool, guarded: bool = False):
         super().__init__(name, run)
-        self.divide, self.masked = divide, masked
+        self.divide, self.masked, self.guarded = divide, masked, guarded
 
-    def pattern(self, op, q4, kr, v4, c, mask):
+    def pattern(self, op, q4, kr, v4, c, mask, nan_zero):
         kt = op.Transpose(kr, perm=[0, 2, 3, 1], _outputs=["kt"])
-        return core(op, q4, kt, v4, c, mask, divide=self.divide, masked=self.masked)
+        return core(op, q4, kt, v4, c, mask, divide=self.divide, masked=self.masked, guarded=self.guarded,
+                    nan_zero=nan_zero)
 
-    def check(self, context, q4, kr, v4, c, probs, mask=None, **_):
+    def check(self, context, q4, kr, v4, c, probs, mask=None, nan_zero=None, **_):
         result = pattern.MatchResult()
-        failed = check_core(self.run, result, probs, c, self.divide, mask)
+        failed = check_core(self.run, result, probs, c, self.divide, mask, nan_zero)
         if failed is not None:
             return failed
         for v in (q4, kr, v4):
@@ -58,6 +60,7 @@ class Attention23(RunRule):
         return result
 
     def rewrite(self, op, q4, kr, v4, c, mask=None, **_):
+        mask = clamp_for_guard(op, mask, self.guarded)
         k4 = op.Transpose(kr, perm=[0, 2, 1, 3])
         if mask is not None and not full_query_axis(mask, q4.shape[2]):
             mask = with_query_axis(op, mask, q4, 2)
@@ -65,5 +68,5 @@ class Attention23(RunRule):
         return op.Attention(*inputs, scale=scale_of(self.run, c, self.divide))
 
 
-ATTENTION = fusion("attention", lambda run: variant_rules(Attention23, "attention", run), [("", "Attention", 23)],
+ATTENTION = fusion("attention", lambda run: variant_rules(Attention23, "attention", run, guards=True), [("", "Attention", 23)],
                    "QK^T*scale (+mask) + softmax + PV on 4-D heads -> Attention (opset 23)", needs=("Softmax",))

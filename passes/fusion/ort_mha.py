@@ -25,7 +25,7 @@ __all__ = ["ORT_MHA", "ORT_MHA_HEADS", "MultiHeadAttention"]
 import numpy as np
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion._attention import (check_core, core, full_query_axis, heads, int64s, scale_of, variant_rules,
+from gcomp.passes.fusion._attention import (check_core, clamp_for_guard, core, full_query_axis, heads, int64s, scale_of, variant_rules,
                                             with_query_axis)
 from gcomp.passes.fusion._dims import same_dim
 from gcomp.passes.fusion._engine import FusionRun, RunRule, fusion
@@ -41,22 +41,24 @@ class MultiHeadAttention(RunRule):
 
     cpu_min_heads = _CPU_MIN_HEADS
 
-    def __init__(self, name: str, run: FusionRun, *, divide: bool, masked: bool, merged: bool = True):
+    def __init__(self, name: str, run: FusionRun, *, divide: bool, masked: bool, merged: bool = True,
+                 guarded: bool = False):
         super().__init__(name, run)
-        self.divide, self.masked, self.merged = divide, masked, merged
+        self.divide, self.masked, self.merged, self.guarded = divide, masked, merged, guarded
 
-    def pattern(self, op, q3, k3, v3, qs, ks, vs, c, mask, out_shape):
+    def pattern(self, op, q3, k3, v3, qs, ks, vs, c, mask, out_shape, nan_zero):
         q4 = op.Transpose(op.Reshape(q3, qs, _outputs=["qr"]), perm=[0, 2, 1, 3])
         kt = op.Transpose(op.Reshape(k3, ks, _outputs=["kr"]), perm=[0, 2, 3, 1])
         v4 = op.Transpose(op.Reshape(v3, vs, _outputs=["vr"]), perm=[0, 2, 1, 3])
-        o = core(op, q4, kt, v4, c, mask, divide=self.divide, masked=self.masked)
+        o = core(op, q4, kt, v4, c, mask, divide=self.divide, masked=self.masked, guarded=self.guarded,
+                 nan_zero=nan_zero)
         if not self.merged:  # [B, S, H, D]: the merge reshape is shared or missing
             return op.Transpose(o, perm=[0, 2, 1, 3], _outputs=["out"])
         return op.Reshape(op.Transpose(o, perm=[0, 2, 1, 3]), out_shape, _outputs=["out"])
 
-    def check(self, context, q3, k3, v3, qr, kr, vr, c, probs, out, mask=None, **_):
+    def check(self, context, q3, k3, v3, qr, kr, vr, c, probs, out, mask=None, nan_zero=None, **_):
         result = pattern.MatchResult()
-        failed = check_core(self.run, result, probs, c, self.divide, mask)
+        failed = check_core(self.run, result, probs, c, self.divide, mask, nan_zero)
         if failed is not None:
             return failed
         for v in (q3, k3, v3):
@@ -81,6 +83,7 @@ class MultiHeadAttention(RunRule):
         return result
 
     def rewrite(self, op, q3, k3, v3, qr, c, mask=None, **_):
+        mask = clamp_for_guard(op, mask, self.guarded)
         h, _d = heads(self.run, qr, q3.shape[2])
         if mask is not None and not full_query_axis(mask, q3.shape[1]):
             mask = with_query_axis(op, mask, q3, 1)
@@ -106,9 +109,9 @@ def _keeps_batch_and_sequence(run: FusionRun, out, q3, hidden) -> bool:
 
 _EMITS = [("com.microsoft", "MultiHeadAttention", 1)]
 ORT_MHA = fusion(
-    "ort-mha", lambda run: variant_rules(MultiHeadAttention, "ort-mha", run), _EMITS,
+    "ort-mha", lambda run: variant_rules(MultiHeadAttention, "ort-mha", run, guards=True), _EMITS,
     "head split + QK^T*scale (+mask) + softmax + PV + head merge -> com.microsoft MultiHeadAttention",
     needs=("Softmax",))
 ORT_MHA_HEADS = fusion(
-    "ort-mha-heads", lambda run: variant_rules(MultiHeadAttention, "ort-mha-heads", run, merged=False), _EMITS,
+    "ort-mha-heads", lambda run: variant_rules(MultiHeadAttention, "ort-mha-heads", run, merged=False, guards=True), _EMITS,
     "the same block up to the head transpose -> MultiHeadAttention + Reshape to [B, S, H, D]", needs=("Softmax",))

@@ -20,7 +20,7 @@ __all__ = ["ORT_ATTENTION"]
 
 import numpy as np
 
-from gcomp.passes.fusion._attention import full_query_axis, heads, scale_of, variant_rules, with_query_axis
+from gcomp.passes.fusion._attention import clamp_for_guard, full_query_axis, heads, scale_of, variant_rules, with_query_axis
 from gcomp.passes.fusion._engine import fusion
 from gcomp.passes.fusion.ort_mha import MultiHeadAttention
 
@@ -30,11 +30,11 @@ class PackedAttention(MultiHeadAttention):
 
     cpu_min_heads = 1
 
-    def pattern(self, op, x, wq, wk, wv, bq, bk, bv, qs, ks, vs, c, mask, out_shape):
+    def pattern(self, op, x, wq, wk, wv, bq, bk, bv, qs, ks, vs, c, mask, out_shape, nan_zero):
         q3 = op.Add(op.MatMul(x, wq), bq, _outputs=["q3"])
         k3 = op.Add(op.MatMul(x, wk), bk, _outputs=["k3"])
         v3 = op.Add(op.MatMul(x, wv), bv, _outputs=["v3"])
-        return super().pattern(op, q3, k3, v3, qs, ks, vs, c, mask, out_shape)
+        return super().pattern(op, q3, k3, v3, qs, ks, vs, c, mask, out_shape, nan_zero)
 
     def check(self, context, x, wq, wk, wv, bq, bk, bv, q3, **kw):
         result = super().check(context, q3=q3, x=x, **kw)
@@ -53,6 +53,7 @@ class PackedAttention(MultiHeadAttention):
         return result
 
     def rewrite(self, op, x, wq, wk, wv, bq, bk, bv, q3, qr, c, mask=None, **_):
+        mask = clamp_for_guard(op, mask, self.guarded)
         run = self.run
         h, _d = heads(run, qr, q3.shape[2])
         w = run.fresh_initializer(op, np.concatenate([run.const(v) for v in (wq, wk, wv)], axis=1), "qkv_weight")
@@ -66,7 +67,7 @@ class PackedAttention(MultiHeadAttention):
 
 
 ORT_ATTENTION = fusion(
-    "ort-attention", lambda run: variant_rules(PackedAttention, "ort-attention", run),
+    "ort-attention", lambda run: variant_rules(PackedAttention, "ort-attention", run, guards=True),
     [("com.microsoft", "Attention", 1)],
     "x@Wq+bq, x@Wk+bk, x@Wv+bv + the attention block -> com.microsoft Attention with packed QKV weights",
     needs=("Softmax",))

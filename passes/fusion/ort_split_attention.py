@@ -26,7 +26,7 @@ __all__ = ["ORT_ATTENTION_SPLIT", "ORT_ATTENTION_SPLIT_SHAPE"]
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from gcomp.passes.fusion._attention import full_query_axis, heads, int64s, scale_of, variant_rules, with_query_axis
+from gcomp.passes.fusion._attention import clamp_for_guard, full_query_axis, heads, int64s, scale_of, variant_rules, with_query_axis
 from gcomp.passes.fusion._dims import holds_dim, int_attr, same_dim
 from gcomp.passes.fusion._engine import FusionRun, RunRule, fusion
 from gcomp.passes.fusion.ort_mha import MultiHeadAttention
@@ -38,18 +38,18 @@ class SplitAttention(MultiHeadAttention):
 
     cpu_min_heads = 1
 
-    def __init__(self, name: str, run: FusionRun, *, divide: bool, masked: bool, gemm: bool):
-        super().__init__(name, run, divide=divide, masked=masked, merged=False)
+    def __init__(self, name: str, run: FusionRun, *, divide: bool, masked: bool, gemm: bool, guarded: bool = False):
+        super().__init__(name, run, divide=divide, masked=masked, merged=False, guarded=guarded)
         self.gemm = gemm
 
-    def pattern(self, op, x, w, b, flat, unflat, qs, ks, vs, c, mask, out_shape):
+    def pattern(self, op, x, w, b, flat, unflat, qs, ks, vs, c, mask, out_shape, nan_zero):
         if self.gemm:
             proj = op.Gemm(op.Reshape(x, flat, _outputs=["x2"]), w, b, _outputs=["proj"])
             qkv = op.Reshape(proj, unflat, _outputs=["qkv"])
         else:
             qkv = op.Add(op.MatMul(x, w), b, _outputs=["qkv"])
         q3, k3, v3 = op.Split(qkv, _allow_other_inputs=True, _outputs=["q3", "k3", "v3"])
-        return super().pattern(op, q3, k3, v3, qs, ks, vs, c, mask, out_shape)
+        return super().pattern(op, q3, k3, v3, qs, ks, vs, c, mask, out_shape, nan_zero)
 
     def check(self, context, x, w, b, qkv, q3, k3, v3, flat=None, unflat=None, **kw):
         result = super().check(context, q3=q3, k3=k3, v3=v3, **kw)
@@ -89,6 +89,7 @@ class SplitAttention(MultiHeadAttention):
         return result
 
     def rewrite(self, op, x, w, b, q3, qr, c, mask=None, **_):
+        mask = clamp_for_guard(op, mask, self.guarded)
         run = self.run
         h, d = heads(run, qr, q3.shape[2])
         weight = run.const(w)
@@ -191,7 +192,7 @@ ORT_ATTENTION_SPLIT_SHAPE = fusion(
     needs=("Split",))
 ORT_ATTENTION_SPLIT = fusion(
     "ort-attention-split",
-    lambda run: (variant_rules(SplitAttention, "ort-attention-split", run, gemm=True)
-                 + variant_rules(SplitAttention, "ort-attention-split-mm", run, gemm=False)),
+    lambda run: (variant_rules(SplitAttention, "ort-attention-split", run, gemm=True, guards=True)
+                 + variant_rules(SplitAttention, "ort-attention-split-mm", run, gemm=False, guards=True)),
     _EMITS, "x@W+b split into Q, K, V (GPT-2) + the attention block -> com.microsoft Attention (+ Reshape to heads)",
     needs=("Softmax",))

@@ -16,13 +16,14 @@ EXPECTED = {
     "portable": [
         "pad-conv", "conv-bn", "unflatten-gemm", "bias", "matmul-add-gemm", "scale", "transpose-gemm",
         "layer-norm", "layer-norm-scale-shift", "layer-norm-no-bias", "layer-norm-no-affine",
-        "rms-norm", "rms-norm-no-scale", "gelu-erf", "gelu-tanh", "rotary", "attention", "residual-sum", "bias-residual-sum",
+        "rms-norm", "rms-norm-no-scale", "gelu-erf", "gelu-tanh", "rotary", "attention-scores-scale", "attention", "residual-sum",
+        "bias-residual-sum",
     ],
     "ort": [
         "ort-pad-fused-conv", "ort-gelu", "ort-bias-gelu", "ort-embed-shape", "ort-embed-layer-norm",
         "ort-fused-conv", "ort-fused-matmul", "ort-skip-layer-norm",
         "ort-simplified-layer-norm", "ort-simplified-layer-norm-no-scale", "ort-skip-simplified-layer-norm",
-        "ort-rotary", "ort-group-query-attention", "ort-attention", "ort-attention-split-shape",
+        "ort-rotary", "ort-group-query-attention", "ort-attention-scores-scale", "ort-attention", "ort-attention-split-shape",
         "ort-attention-split", "ort-mha", "ort-mha-heads",
     ],
     "tvm": ["tvm-parallel-matmul"],
