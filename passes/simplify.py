@@ -18,8 +18,8 @@ the node. Each is exact (bit-identical outputs) under the stated conditions:
   (``gcomp.passes.scopes``), else ``Constant`` nodes.
 - identities: ``x*1``, ``1*x``, ``x+0``, ``0+x``, ``x-0``, ``x/1``, ``x**1`` when the constant
   is that value everywhere, the output has ``x``'s dtype and broadcasting cannot change
-  ``x``'s shape (every dim of the constant is 1 and ``x``'s rank is known and at least the
-  constant's). ``x+0`` maps ``-0.0`` to ``+0.0`` in IEEE arithmetic; dropping it keeps
+  ``x``'s shape (``x``'s rank is known and at least the constant's, and each dim of the
+  constant is 1 or ``x``'s static dim there: a zero bias ``[N]`` on ``[..., N]``). ``x+0`` maps ``-0.0`` to ``+0.0`` in IEEE arithmetic; dropping it keeps
   ``-0.0``, which compares equal.
 - ``If`` with a constant condition: the taken branch's nodes move into the parent graph.
 
@@ -411,7 +411,12 @@ def _identity_operand(value: float):
             # Pow's output is the base's type): only the value and the shape need checking.
             if not np.all(c == value):
                 continue
-            if x.shape is None or len(x.shape) < c.ndim or any(d != 1 for d in c.shape):
+            if x.shape is None or len(x.shape) < c.ndim:
+                continue
+            # Broadcasting leaves x's shape when each dim of c is 1 or x's own (static) dim
+            # there: a zero bias [N] on [..., N] included.
+            tail = list(x.shape)[len(x.shape) - c.ndim:]
+            if any(d != 1 and not (isinstance(xd, int) and xd == d) for d, xd in zip(c.shape, tail)):
                 continue
             return _drop(scope, node, x)
         return False

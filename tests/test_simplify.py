@@ -48,6 +48,9 @@ CASES = {
     "mul-one": (helper.make_node("Mul", ["one", "x"], ["t"], name="n"), [tensor("one", np.ones((1, 1), np.float32))]),
     "add-zero": (helper.make_node("Add", ["x", "zero"], ["t"], name="n"), [tensor("zero", np.zeros(1, np.float32))]),
     "sub-zero": (helper.make_node("Sub", ["x", "zero"], ["t"], name="n"), [tensor("zero", np.float32(0))]),
+    # A zero bias / unit scale per channel on x's own static dims (random-init exports).
+    "add-zero-bias": (helper.make_node("Add", ["zero", "x"], ["t"], name="n"), [tensor("zero", np.zeros(4, np.float32))]),
+    "mul-one-per-row": (helper.make_node("Mul", ["x", "one"], ["t"], name="n"), [tensor("one", np.ones((3, 1), np.float32))]),
     "div-one": (helper.make_node("Div", ["x", "one"], ["t"], name="n"), [tensor("one", np.float32(1))]),
     "pow-one": (helper.make_node("Pow", ["x", "one"], ["t"], name="n"), [tensor("one", np.float32(1))]),
 }
@@ -86,6 +89,15 @@ def test_non_identities_are_kept(case):
     result, after = simplify(proto)
     assert not result.modified
     assert len(after.graph.node) == 2
+
+
+def test_a_zero_bias_on_a_symbolic_dim_is_kept():
+    """x [b, n] + zeros(4): n may be 1 at run time, and then the Add broadcasts x to [b, 4]."""
+    nodes = [helper.make_node("Add", ["x", "zero"], ["t"], name="n"), helper.make_node("Relu", ["t"], ["y"], name="tail")]
+    proto = make_model(nodes, [vinfo("x", shape=("b", "n"))], [vinfo("y", shape=("b", 4))],
+                       [tensor("zero", np.zeros(4, np.float32))])
+    result, after = simplify(proto)
+    assert not result.modified and ops(after) == ["Add", "Relu"]
 
 
 def test_transpose_chain_merges_and_cancels():
