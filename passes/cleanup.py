@@ -19,6 +19,7 @@ __all__ = [
     "FixNames",
 ]
 
+import onnx_ir as ir
 from onnx_ir.passes import common
 
 from gcomp.registry import register_pass
@@ -30,10 +31,22 @@ class RemoveUnusedNodes(common.RemoveUnusedNodesPass):
 
     Scopes: main graph, If/Loop/Scan bodies, model functions. Keeps nodes with no
     outputs used only when they are graph outputs; never removes graph inputs.
+    (onnx-ir 1.1 removes unused initializers of the main graph only: a body's, left
+    unread by a fold, stayed in the file; those are removed here.)
     """
 
     def __init__(self) -> None:
         super().__init__()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = super().call(model)
+        modified = result.modified
+        for body in model.graph.subgraphs():
+            for value in list(body.initializers.values()):
+                if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+                    body.initializers.pop(value.name)
+                    modified = True
+        return ir.passes.PassResult(result.model, modified=modified)
 
 
 @register_pass("remove-unused-functions")

@@ -483,3 +483,22 @@ def test_call_without_weights_reads_in_small_external_weights(tmp_path, monkeypa
                                 model)
     np.testing.assert_array_equal(bias, np.arange(64, dtype=np.float32))
     assert isinstance(model.graph.initializers["b"].const_value, ir.ExternalTensor)  # restored
+
+
+def test_o1_drops_a_branch_initializer_a_fold_left_unread():
+    """y = If(c) of x @ Transpose(Wt): the Transpose folds into a new branch initializer and
+    Wt, read by nothing, goes (it stayed in the file: 256 KiB twice)."""
+    import gcomp
+
+    wt = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    then_g = helper.make_graph([helper.make_node("Transpose", ["Wt"], ["W"]), helper.make_node("MatMul", ["x", "W"], ["y_t"])],
+                               "then", [], [vinfo("y_t", shape=(1, 64))], [tensor("Wt", wt)])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["y_e"])], "else", [], [vinfo("y_e", shape=(1, 64))])
+    proto = make_model([helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
+                       [vinfo("x", shape=(1, 64)), vinfo("c", TensorProto.BOOL, ())], [vinfo("y", shape=(1, 64))])
+    feeds = {"x": np.ones((1, 64), np.float32), "c": np.array(True)}
+    after = ir.to_proto(gcomp.optimize(proto, "O1", inputs=feeds).model)
+    branch = after.graph.node[0].attribute[0].g
+    assert "Wt" not in [t.name for t in branch.initializer]
+    assert after.ByteSize() < 64 * 64 * 4 * 1.1  # the folded weight alone
+    assert_same_outputs(proto, after, feeds, rtol=1e-6, atol=1e-6)
