@@ -799,3 +799,27 @@ def test_bf16_cnn_needs_opset_22_and_says_so():
     upgraded = gcomp.optimize(build("cnn"), "O2", precision="bf16", target_opset=22)
     assert upgraded.verification.passed, upgraded.verification.summary()
     assert initializer_bytes(upgraded.model) <= 0.51 * fp32
+
+
+def test_an_optional_output_left_out_is_not_emulated():
+    """LSTM's Y unused (its name blanked by remove-unused-nodes, its type kept): emulation
+    rounds only values that exist, so --precision auto and fp16 verify by emulation."""
+    import gcomp
+
+    rng = np.random.default_rng(0)
+    hidden, width = 16, 32
+
+    def w(name, *shape):
+        return tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
+
+    nodes = [helper.make_node("Transpose", ["x"], ["xr"], perm=[2, 0, 1]),
+             helper.make_node("LSTM", ["xr", "W", "R", "B"], ["y_unused", "y_h"], hidden_size=hidden),
+             helper.make_node("Relu", ["y_h"], ["y"])]
+    proto = make_model(nodes, [vinfo("x", shape=(1, width, 8))], [vinfo("y", shape=(1, 1, hidden))],
+                       [w("W", 1, 4 * hidden, width), w("R", 1, 4 * hidden, hidden), w("B", 1, 8 * hidden)])
+    proto.graph.value_info.append(vinfo("y_unused", shape=(8, 1, 1, hidden)))
+    for precision in ("fp16", "auto"):
+        result = gcomp.optimize(proto, "O1", precision=precision)
+        assert result.verification.passed, result.verification.summary()
+        notes = " ".join(result.verification.notes)
+        assert "emulation" in notes and "not possible" not in notes, notes

@@ -113,8 +113,8 @@ def validation_copy(model: ir.Model, cache: dict | None = None) -> ir.Model:
                 continue
             for v in node.outputs:
                 low = v.dtype
-                if low not in LOW_TYPES:
-                    continue
+                if low not in LOW_TYPES or (not v.name and not v.uses() and not v.is_graph_output()):
+                    continue  # (an optional output left out, e.g. LSTM's Y: nothing to round)
                 v.type = ir.TensorType(FLOAT)  # a new object: clones share types
                 if node.op_type != "Constant":  # a Constant's value is already exact in fp32
                     _round_after(graph, node, v, low, fresh)
