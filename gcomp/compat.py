@@ -90,8 +90,8 @@ def settle_legacy_initializers(model, unread_before: frozenset[str] = frozenset(
     import onnx_ir as ir
 
     graph = model.graph
-    for value in [v for v in graph.inputs if v.is_initializer()]:
-        if not value.uses() and not value.is_graph_output() and value.name not in unread_before:
+    for value in [v for v in graph.inputs if _listed_unread(v)]:
+        if value.name not in unread_before:
             graph.inputs.remove(value)
             graph.initializers.pop(value.name)
     listed = set(graph.inputs)
@@ -100,7 +100,10 @@ def settle_legacy_initializers(model, unread_before: frozenset[str] = frozenset(
         for value in list(body.initializers.values()):
             body.initializers.pop(value.name)
             node = ir.node("Constant", [], attributes={"value": value.const_value})
-            body.insert_before(body[0], node) if len(body) else body.append(node)
+            if len(body):
+                body.insert_before(body[0], node)
+            else:
+                body.append(node)
             made = node.outputs[0]
             made.dtype, made.shape = value.dtype, value.shape
             ir.convenience.replace_all_uses_with(value, made, replace_graph_outputs=True)
@@ -113,8 +116,12 @@ def unread_legacy_initializers(model) -> frozenset[str]:
     :func:`settle_legacy_initializers` keeps after the passes, as the model had them."""
     if model.ir_version is None or model.ir_version >= LEGACY_IR_REPAIRED:
         return frozenset()
-    return frozenset(v.name for v in model.graph.inputs
-                     if v.is_initializer() and not v.uses() and not v.is_graph_output())
+    return frozenset(v.name for v in model.graph.inputs if _listed_unread(v))
+
+
+def _listed_unread(value) -> bool:
+    """A graph input that is an initializer nothing reads (nor returns)."""
+    return value.is_initializer() and not value.uses() and not value.is_graph_output()
 
 
 def _unlisted_initializers(graph) -> list[str]:

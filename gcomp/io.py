@@ -507,8 +507,13 @@ def _with_tensors_in_memory(model: ir.Model) -> ir.Model:
         for value in graph.initializers.values():
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor):
-                value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
+                value.const_value = _read_in(tensor)
     return clone
+
+
+def _read_in(tensor: ir.ExternalTensor) -> ir.Tensor:
+    """``tensor``'s data copied into memory, leaving ``tensor`` (and its file map) open."""
+    return ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
 
 
 def serialize(model: ir.Model) -> bytes:
@@ -555,7 +560,7 @@ def call_without_weights(func: Callable[[object], _R], model: ir.Model, *, limit
                 if isinstance(tensor, ir.ExternalTensor):
                     # Read in: a reference to a file relative to the model's folder would be
                     # resolved against the working directory by func (ONNX's checker).
-                    value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
+                    value.const_value = _read_in(tensor)
                     moved.append((value, tensor, None))
                 continue
             if value.shape is None:

@@ -36,7 +36,7 @@ from typing import Annotated
 
 import onnx_ir as ir
 
-from gcomp.passes.scopes import FreshNames, all_scopes
+from gcomp.passes.scopes import FreshNames, all_scopes, listed_are_constant
 from gcomp.registry import register_pass
 
 
@@ -53,7 +53,7 @@ class DeduplicateInitializers(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         graphs = list(model.graphs())
-        self._listed_are_constant = model.ir_version is not None and model.ir_version < 4
+        self._listed_are_constant = listed_are_constant(model)
         for graph in graphs:
             for same in self._equal(graph.initializers.values()):
                 _merge(same[0], same[1:])

@@ -46,7 +46,8 @@ import onnx_ir as ir
 from gcomp.passes.opsets import NON_DETERMINISTIC, model_opset
 from gcomp.passes.result import DetailedResult
 from gcomp.passes.rewire import bypass, take_interface
-from gcomp.passes.scopes import FreshNames, add_constant, all_scopes, initializer_scopes
+from gcomp.passes.scopes import (FreshNames, add_constant, all_scopes, initializer_scopes,
+                                 listed_are_constant)
 from gcomp.passes.symbolic import SymbolicShapes
 from gcomp.registry import PassContext, Runtime, register_pass
 
@@ -288,7 +289,7 @@ def _tensor(array: np.ndarray, name: str | None = None) -> ir.TensorProtocol:
 
 def constant_lookup(model: ir.Model):
     """``value -> array | None`` with the model's rule for initializers listed as inputs."""
-    ir3 = model.ir_version is not None and model.ir_version < 4
+    ir3 = listed_are_constant(model)
     return lambda value: _constant(value, inputs_are_constant=ir3)
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from gcomp.errors import GcompError
+from gcomp.passes.scopes import listed_are_constant
 from gcomp.registry import Runtime
 
 MAX_ANCESTORS = 5000  # nodes walked back from a mask before giving up
@@ -73,7 +74,7 @@ def mask_source(model: ir.Model, bias: ir.Value) -> ir.Value | str:
     (NonZero, ...). Control flow (If/Loop/Scan, whose bodies read outer values that are not
     node inputs) is refused."""
     graph = model.graph
-    defaults_are_constant = model.ir_version is not None and model.ir_version < 4
+    defaults_are_constant = listed_are_constant(model)
     inputs = {id(v) for v in graph.inputs}
     reached: dict[int, ir.Value] = {}
     seen: set[tuple[int, bool]] = set()

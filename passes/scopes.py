@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FreshNames", "add_constant", "all_scopes", "initializer_scopes"]
+__all__ = ["FreshNames", "add_constant", "all_scopes", "initializer_scopes", "listed_are_constant"]
 
 import numpy as np
 import onnx_ir as ir
@@ -34,9 +34,16 @@ def all_scopes(model: ir.Model) -> list[ir.Graph | ir.Function]:
     return scopes
 
 
+def listed_are_constant(model: ir.Model) -> bool:
+    """True for IR version < 4, where every initializer had to be listed as a graph input and
+    is a constant all the same (ONNX Runtime refuses a feed for one); from IR 4 a listed
+    initializer is a default a caller may override."""
+    return model.ir_version is not None and model.ir_version < 4
+
+
 def initializer_scopes(model: ir.Model) -> set[ir.Graph]:
     """The graphs of ``model`` that may hold initializers (see the module docstring)."""
-    if model.ir_version is not None and model.ir_version < 4:
+    if listed_are_constant(model):
         return {model.graph}
     return {model.graph, *model.graph.subgraphs()}
 

@@ -19,8 +19,9 @@ the node. Each is exact (bit-identical outputs) under the stated conditions:
 - identities: ``x*1``, ``1*x``, ``x+0``, ``0+x``, ``x-0``, ``x/1``, ``x**1`` when the constant
   is that value everywhere, the output has ``x``'s dtype and broadcasting cannot change
   ``x``'s shape (``x``'s rank is known and at least the constant's, and each dim of the
-  constant is 1 or ``x``'s static dim there: a zero bias ``[N]`` on ``[..., N]``). ``x+0`` maps ``-0.0`` to ``+0.0`` in IEEE arithmetic; dropping it keeps
-  ``-0.0``, which compares equal.
+  constant is 1 or ``x``'s static dim there: a zero bias ``[N]`` on ``[..., N]``). ``x+0``
+  maps ``-0.0`` to ``+0.0`` in IEEE arithmetic; dropping it keeps ``-0.0``, which compares
+  equal.
 - ``If`` with a constant condition: the taken branch's nodes move into the parent graph.
 
 Scopes: main graph, every If/Loop/Scan body, functions. Graph interfaces never change:

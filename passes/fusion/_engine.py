@@ -51,7 +51,7 @@ from onnxscript.rewriter import pattern
 from gcomp.passes.fold import _constant
 from gcomp.passes.fusion import _onnxscript
 from gcomp.passes.opsets import model_opset
-from gcomp.passes.scopes import all_scopes
+from gcomp.passes.scopes import all_scopes, listed_are_constant
 from gcomp.registry import Capabilities, Runtime
 
 MAX_ROUNDS = 4
@@ -81,8 +81,7 @@ class FusionRun:
         """Serve a run over ``model``: rules built for an earlier run of the same pass (same
         target) are reused, since building them (patterns, commuted variants) costs more
         than a run of them on a small model."""
-        # IR version < 4: every initializer had to be listed as a graph input, and is a constant.
-        self.inputs_are_constant = model.ir_version is not None and model.ir_version < 4
+        self.inputs_are_constant = listed_are_constant(model)
         self._taken = _all_names(model)
         self._counter = itertools.count()
 
